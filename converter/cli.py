@@ -1,0 +1,72 @@
+"""whisper-convert: turn a Whisper model into a compiled .maxpkg (thin wrapper over convert())."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+
+
+@app.command()
+def convert_cmd(
+    model: str = typer.Argument(..., help="openai-whisper name (tiny.en, base, ...), a .pt checkpoint, or a CTranslate2 model folder"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
+    skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
+    report: str = typer.Option("md", "--report", help="parity report format: md or html"),
+    print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if print_ir:
+        from . import ir, sources, trace
+
+        src = sources.resolve(model)
+        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict))), nl=False)
+        return
+    from .convert import convert
+
+    if out is None:
+        out = Path(Path(model).name.removesuffix(".pt") + ".maxpkg")
+    result = convert(model, out, skip_check=skip_check, report_format=report)
+    p = result.manifest["parity"]
+    t = result.timings
+    parity = (
+        f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"
+        if p["checked"]
+        else "parity NOT checked (--skip-check)"
+    )
+    typer.echo(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.package import PackageError
+
+    from .convert import ConvertError
+    from .lower import LoweringError
+    from .sources import ModelSourceError
+    from .trace import TraceError
+
+    try:
+        app(args=argv, prog_name="whisper-convert", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError) as e:
+        print(f"whisper-convert: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,199 @@
+"""whisper-convert's pipeline: resolve -> trace -> lower -> compile -> parity -> package."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from runtime import package
+
+from . import ir, onnx_io, report
+from .lower import lower_graph
+
+log = logging.getLogger(__name__)
+
+
+class ConvertError(RuntimeError):
+    pass
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    manifest: dict
+    parity: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def graph_signature(g: ir.Graph) -> dict:
+    """What a runtime needs to call a graph: inputs, outputs and weights by name, with types."""
+    types = g.types()
+    sig = lambda name, t: {"name": name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
+    return {
+        "inputs": [sig(v.name, v.type) for v in g.inputs],
+        "outputs": [sig(name, types[v]) for name, v in g.outputs],
+        "weights": [sig(w.name, w.type) for w in g.weights],
+        "dims": [{"name": d.name, "min": d.min, "max": d.max} for d in g.dims],
+    }
+
+
+def compile_module(program: ir.Program, session):
+    """Lower and compile the program's graphs as one MAX module."""
+    from max.graph import Module
+
+    mod = Module()
+    for g in program.graphs:
+        lower_graph(g, mod)
+    return session.compile(mod)
+
+
+def export_mef(compiled) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.mef"
+        compiled.export_mef(str(path))
+        return path.read_bytes()
+
+
+def tokenizer_assets(multilingual: bool, num_languages: int) -> dict[str, bytes]:
+    """openai-whisper's vocabulary and special tokens, so the runtime needs no openai-whisper."""
+    import whisper
+    from whisper.tokenizer import LANGUAGES, get_encoding
+
+    name = "multilingual" if multilingual else "gpt2"
+    enc = get_encoding(name, num_languages)
+    ranks = (Path(whisper.__file__).parent / "assets" / f"{name}.tiktoken").read_bytes()
+    meta = {
+        "encoding": name,
+        "num_languages": num_languages,
+        "languages": list(LANGUAGES)[:num_languages],
+        "pat_str": enc._pat_str,
+        "special_tokens": enc._special_tokens,
+        "n_vocab": enc.n_vocab,
+    }
+    return {f"assets/{name}.tiktoken": ranks, "assets/tokenizer.json": json.dumps(meta, indent=1).encode()}
+
+
+def mel_assets(n_mels: int) -> dict[str, bytes]:
+    import whisper
+
+    with np.load(Path(whisper.__file__).parent / "assets" / "mel_filters.npz", allow_pickle=False) as f:
+        filters = f[f"mel_{n_mels}"].astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, filters, allow_pickle=False)
+    return {"assets/mel_filters.npy": buf.getvalue()}
+
+
+def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md") -> ConvertResult:
+    import torch
+    import whisper
+    from max import engine
+    from max.engine import InferenceSession
+
+    import golden.capture as gc
+
+    from . import parity, sources, trace
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    src = sources.resolve(model_arg)
+    model = trace.model_from_state_dict(src.dims, src.state_dict)
+    timings["resolve"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    program = trace.trace_program(model)
+    timings["trace"] = time.perf_counter() - t
+    unused = sorted(set(src.state_dict) - set(program.weight_names()))
+    if unused:
+        raise ConvertError(f"traced program does not use checkpoint tensors {unused[:5]}: the trace is incomplete")
+    weights = {name: src.state_dict[name] for name in program.weight_names()}
+
+    session = InferenceSession()
+    t = time.perf_counter()
+    compiled = compile_module(program, session)
+    mef = export_mef(compiled)
+    timings["compile"] = time.perf_counter() - t
+    # what the runtime will load: the exported artifact, not the in-memory compile
+    models = session.init_all(engine.read(io.BytesIO(mef)), weights_registry=weights)
+
+    entries: list[parity.Entry] = []
+    parity_info: dict = {"checked": False}
+    if not skip_check:
+        t = time.perf_counter()
+        audio = gc.load_clip()
+        mel = gc.mel_for(model, audio)
+        tokens, prompt_len, text = gc.decode_tokens(model, mel)
+        ref = gc.capture(model, mel, tokens)
+        probe_compiled, taps = compile_module_probe(program, session)
+        probe = session.init_all(probe_compiled, weights_registry=weights)
+        entries = parity.check(program, models, probe, taps, ref, np.ascontiguousarray(mel.numpy()), tokens)
+        timings["parity"] = time.perf_counter() - t
+        failed = [e for e in entries if not e.ok]
+        parity_info = {
+            "checked": True,
+            "clip": gc.JFK_WAV.name,
+            "tokens": len(tokens),
+            "reference_text": text.strip(),
+            "entries": len(entries),
+            "all_ok": not failed,
+            "worst_rel_err": max(e.max_rel_err for e in entries),
+        }
+        if failed:
+            lines = "\n".join(f"  {e.name}: max_abs_err {e.max_abs_err:.3g}, max_rel_err {e.max_rel_err:.3g} > tol {e.tol:g}" for e in failed)
+            raise ConvertError(
+                f"parity failed for {len(failed)} of {len(entries)} tensors; no package written:\n{lines}\n"
+                "Bisect with WHISPER_MAX_STOP_AFTER=<IR node> (see `whisper-convert --print-ir`); "
+                "--skip-check writes the package anyway and records that in the manifest"
+            )
+
+    manifest = {
+        "model": {
+            "name": src.name,
+            "dims": src.dims,
+            "multilingual": src.multilingual,
+            "alignment_heads": src.alignment_heads,
+        },
+        "source": {"kind": src.kind, "location": src.location, "sha256": src.sha256},
+        "max_version": package.max_version(),
+        "target_cpu": package.cpu_target(),
+        "dtype": "float32",
+        "graphs": {g.name: graph_signature(g) for g in program.graphs},
+        "parity": parity_info,
+        "skip_check": skip_check,
+        "converter": {
+            "whisper_max": version("whisper-max"),
+            "torch": torch.__version__,
+            "openai_whisper": whisper.__version__,
+        },
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+    }
+    files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
+    files.update(onnx_io.to_onnx_files(program))
+    files["weights.json"], files["weights.bin"] = package.pack_weights(weights)
+    files.update(tokenizer_assets(src.multilingual, model.num_languages))
+    files.update(mel_assets(src.dims["n_mels"]))
+    files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()
+    files.update(report.render(manifest, entries, report_format))
+    package.write_package(out, manifest, files)
+    log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
+    return ConvertResult(Path(out), manifest, entries, timings)
+
+
+def compile_module_probe(program: ir.Program, session):
+    """The probe graphs alone: same lowering, module outputs as extra outputs."""
+    from max.graph import Module
+
+    from . import parity
+
+    mod = Module()
+    taps = parity.build_probe(program, mod)
+    return session.compile(mod), taps

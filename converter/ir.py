@@ -1,0 +1,169 @@
+"""whisper-max IR: a small, frozen, printable graph of source ops.
+
+A `Graph` is a list of `Node`s in topological order. Values are referred to by name: a graph
+input, a weight (its state-dict name), a constant, or a node. A node keeps the exact source op
+(`aten.linear.default`), its tensor inputs in the op schema's order ("" for an absent optional
+tensor), its other arguments as attributes, its output type, and the PyTorch module path (scope)
+it was traced in. A dim is an int or a symbolic expression over named dims ("batch",
+"n + past"), printed the way sympy prints it so that equal expressions print equally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+Dim = Union[int, str]
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[Dim, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    type: TensorType
+
+
+@dataclass(frozen=True, eq=False)
+class Constant:
+    """A small fixed tensor that is part of the program, not of the checkpoint (e.g. a mask)."""
+
+    name: str
+    data: np.ndarray
+
+    @property
+    def type(self) -> TensorType:
+        return TensorType(str(self.data.dtype), tuple(int(d) for d in self.data.shape))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: tuple[tuple[str, Any], ...]
+    type: TensorType
+    scope: str
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)
+
+
+@dataclass(frozen=True)
+class SymDim:
+    """A named symbolic dim and the values it may take at run time."""
+
+    name: str
+    min: int
+    max: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    name: str
+    inputs: tuple[Value, ...]
+    weights: tuple[Value, ...]
+    constants: tuple[Constant, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[tuple[str, str], ...]  # (output name, value name)
+    dims: tuple[SymDim, ...] = field(default=())
+
+    def types(self) -> dict[str, TensorType]:
+        t = {v.name: v.type for v in self.inputs + self.weights}
+        t.update({c.name: c.type for c in self.constants})
+        t.update({n.name: n.type for n in self.nodes})
+        return t
+
+    def validate(self) -> None:
+        """Names unique, every input defined before use, every output defined."""
+        seen: set[str] = set()
+        for v in list(self.inputs) + list(self.weights) + list(self.constants):
+            if v.name in seen:
+                raise ValueError(f"graph {self.name}: {v.name!r} defined twice")
+            seen.add(v.name)
+        for n in self.nodes:
+            for i in n.inputs:
+                if i and i not in seen:
+                    raise ValueError(f"graph {self.name}: node {n.name} ({n.scope}) uses undefined {i!r}")
+            if n.name in seen:
+                raise ValueError(f"graph {self.name}: {n.name!r} defined twice")
+            seen.add(n.name)
+        for out, v in self.outputs:
+            if v not in seen:
+                raise ValueError(f"graph {self.name}: output {out!r} refers to undefined {v!r}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+def format_graph(g: Graph) -> str:
+    """Deterministic text form, one line per value; used by snapshot tests and `--print-ir`."""
+    lines = [f"graph {g.name}("]
+    for d in g.dims:
+        lines.append(f"  dim {d.name} in [{d.min}, {d.max if d.max is not None else 'inf'}]")
+    for v in g.inputs:
+        lines.append(f"  input {v.name}: {v.type}")
+    for v in g.weights:
+        lines.append(f"  weight {v.name}: {v.type}")
+    for c in g.constants:
+        lines.append(f"  const {c.name}: {c.type}")
+    lines.append(") {")
+    for n in g.nodes:
+        args = ", ".join(i if i else "None" for i in n.inputs)
+        attrs = "".join(f", {k}={_fmt(v)}" for k, v in n.attrs)
+        lines.append(f"  {n.name}: {n.type} = {n.op}({args}{attrs})  # {n.scope}")
+    for out, v in g.outputs:
+        lines.append(f"  return {out} = {v}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """The graphs of one model, plus what a runtime needs to know about them."""
+
+    graphs: tuple[Graph, ...]
+    dims: dict  # openai-whisper ModelDimensions fields
+
+    def graph(self, name: str) -> Graph:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise KeyError(f"program has no graph {name!r} (has {[g.name for g in self.graphs]})")
+
+    def weight_names(self) -> list[str]:
+        return sorted({w.name for g in self.graphs for w in g.weights})
+
+
+def format_program(p: Program) -> str:
+    return "\n".join(format_graph(g) for g in p.graphs)
+
+
+def module_output(g: Graph, scope: str) -> str:
+    """The value a module hands on: the last node in its scope used outside it (or returned)."""
+    inside = lambda s: s == scope or s.startswith(scope + ".")  # noqa: E731
+    producer = {n.name: n for n in g.nodes}
+    escaping = {v for _, v in g.outputs}
+    for n in g.nodes:
+        if not inside(n.scope):
+            escaping.update(i for i in n.inputs if i in producer and inside(producer[i].scope))
+    found = [n.name for n in g.nodes if inside(n.scope) and n.name in escaping]
+    if not found:
+        raise KeyError(f"graph {g.name}: no value leaves module {scope!r}")
+    return found[-1]

@@ -1,0 +1,144 @@
+"""Lower whisper-max IR graphs to MAX Graph, one registered function per source op.
+
+A lowering is `fn(ctx, node, *inputs, **attrs) -> TensorValue`: `inputs` are the MAX values of
+the node's tensor inputs (None where the IR has ""), `attrs` its attributes. Registering an op
+twice is an error; an op with no lowering fails naming it and the module it came from.
+
+Bisection knobs (environment): WHISPER_MAX_LOWER_LOG=1 logs every node as it is lowered;
+WHISPER_MAX_STOP_AFTER=<node name> makes that node's value the graph's only output.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+from max.dtype import DType
+from max.graph import DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
+
+from .. import ir
+
+log = logging.getLogger(__name__)
+
+Lowering = Callable[..., TensorValue]
+_REGISTRY: dict[str, Lowering] = {}
+
+
+class LoweringError(RuntimeError):
+    pass
+
+
+def register(*op_names: str) -> Callable[[Lowering], Lowering]:
+    def deco(fn: Lowering) -> Lowering:
+        for op in op_names:
+            if op in _REGISTRY:
+                raise LoweringError(f"{op} registered twice ({_REGISTRY[op].__module__} and {fn.__module__})")
+            _REGISTRY[op] = fn
+        return fn
+
+    return deco
+
+
+def registered_ops() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
+
+
+def parse_dim(expr: ir.Dim) -> int | Dim:
+    """An IR dim ("n + past", 1500) as a MAX dim; symbols become named MAX dims."""
+    if isinstance(expr, int):
+        return expr
+
+    def ev(n: ast.AST):
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name):
+            return Dim(n.id)
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            return _BINOPS[type(n.op)](ev(n.left), ev(n.right))
+        raise LoweringError(f"dim expression {expr!r} has an unsupported part: {ast.dump(n)}")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+class LoweringContext:
+    def __init__(self, graph: ir.Graph, device: DeviceRef):
+        self.graph = graph
+        self.device = device
+        # values also held in channels-last form (conv stem), so a later permute back is free
+        self.nwc: dict[str, TensorValue] = {}
+
+    def shape(self, t: ir.TensorType) -> list:
+        return [parse_dim(d) for d in t.shape]
+
+    def index(self, d: ir.Dim | Dim) -> TensorValue:
+        """An int64 scalar holding a (possibly symbolic) size, for run-time slice bounds."""
+        if isinstance(d, int):
+            return ops.constant(np.int64(d), DType.int64, self.device)
+        return ops.reshape(ops.shape_to_tensor([parse_dim(d) if isinstance(d, str) else d]), [])
+
+    def const(self, value: float, like: TensorValue) -> TensorValue:
+        return ops.constant(np.array(value, dtype=like.dtype.to_numpy()), like.dtype, self.device)
+
+
+def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorValue:
+    """Check the lowered value against the IR type; give symbolic dims the IR's names."""
+    want_dtype = DType.from_numpy(np.dtype(node.type.dtype))
+    if out.dtype != want_dtype:
+        raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered dtype {out.dtype}, IR says {node.type.dtype}")
+    if len(out.shape) != len(node.type.shape):
+        raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered rank {len(out.shape)}, IR says {node.type}")
+    want = ctx.shape(node.type)
+    if [str(d) for d in out.shape] == [str(Dim(d)) for d in want]:
+        return out
+    for got, exp in zip(out.shape, want):
+        if isinstance(exp, int) and str(got).lstrip("-").isdigit() and int(str(got)) != exp:
+            raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered shape {out.shape}, IR says {node.type}")
+    return ops.rebind(out, want, message=f"{node.name}: shape differs from the traced {node.type}")
+
+
+def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None) -> Graph:
+    """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own."""
+    from . import activation, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
+
+    device = device or DeviceRef.CPU()
+    ctx = LoweringContext(g, device)
+    in_types = [TensorType(DType.from_numpy(np.dtype(v.type.dtype)), ctx.shape(v.type), device) for v in g.inputs]
+    stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")
+    verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
+    kwargs = {"module": module} if module is not None else {}
+    with Graph(name or g.name, input_types=in_types, **kwargs) as mg:
+        env: dict[str, TensorValue] = {v.name: mg.inputs[i].tensor for i, v in enumerate(g.inputs)}
+        for w in g.weights:
+            env[w.name] = mg.add_weight(Weight(w.name, DType.from_numpy(np.dtype(w.type.dtype)), ctx.shape(w.type), device))
+        for c in g.constants:
+            env[c.name] = ops.constant(c.data, DType.from_numpy(c.data.dtype), device)
+        for node in g.nodes:
+            fn = _REGISTRY.get(node.op)
+            if fn is None:
+                raise LoweringError(
+                    f"no lowering for {node.op} (node {node.name}, module {node.scope}, graph {g.name}); "
+                    f"add one with @register({node.op!r}) in converter/lower/"
+                )
+            if verbose:
+                log.info("lower %s = %s%s", node.name, node.op, node.inputs)
+            args = [env[i] if i else None for i in node.inputs]
+            try:
+                out = fn(ctx, node, *args, **dict(node.attrs))
+            except LoweringError:
+                raise
+            except Exception as e:  # MAX raises ValueError/TypeError from op builders
+                raise LoweringError(f"lowering {node.op} failed at {node.name} (module {node.scope}, graph {g.name}): {e}") from e
+            env[node.name] = _conform(out, node, ctx)
+            if node.name == stop_after:
+                mg.output(env[node.name])
+                return mg
+        mg.output(*[env[v] for _, v in g.outputs], *[env[t] for t in taps])
+    return mg

@@ -1,0 +1,134 @@
+"""Per-layer parity: MAX program vs PyTorch reference tensors, by module path.
+
+Intermediate tensors come from a probe build of the same IR graphs with module outputs as extra
+outputs (one compile, not one per layer); graph outputs (encoder, cross K/V, caches, logits) come
+from the compiled artifact that goes into the package.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+import golden
+
+from . import ir
+from .lower import lower_graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: list[int]
+    max_abs_err: float
+    max_rel_err: float  # max |got - ref| / max |ref|
+    tol: float
+    ok: bool
+    reason: str
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "reason"}
+
+
+def compare(name: str, got: np.ndarray, ref: np.ndarray, dtype: str = "float32") -> Entry:
+    tol, reason = golden.tolerance(name, dtype)
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        return Entry(name, list(ref.shape), float("inf"), float("inf"), tol, False, f"shape {got.shape} != reference {ref.shape}")
+    abs_err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    rel = abs_err / scale if scale > 0 else abs_err
+    ok = bool(np.isfinite(got).all()) and rel <= tol
+    return Entry(name, list(ref.shape), abs_err, rel, tol, ok, reason)
+
+
+def encoder_taps(dims: dict) -> list[str]:
+    return ["encoder.conv1", "encoder.conv2"] + [f"encoder.blocks.{i}" for i in range(dims["n_audio_layer"])]
+
+
+def decoder_taps(dims: dict) -> list[str]:
+    return [f"decoder.blocks.{i}" for i in range(dims["n_text_layer"])] + ["decoder.ln"]
+
+
+def build_probe(program: ir.Program, module) -> dict[str, list[str]]:
+    """Add `encoder_probe` and `decoder_probe` to `module`; returns each one's tapped modules."""
+    taps = {"encoder": encoder_taps(program.dims), "decoder": decoder_taps(program.dims)}
+    for gname, scopes in taps.items():
+        g = program.graph(gname)
+        lower_graph(g, module, name=f"{gname}_probe", taps=tuple(ir.module_output(g, s) for s in scopes))
+    return taps
+
+
+def run(model, g: ir.Graph, inputs: dict[str, object], n_taps: int = 0):
+    """Execute a compiled graph with inputs by IR name; returns (outputs by name, tap values)."""
+    missing = [v.name for v in g.inputs if v.name not in inputs]
+    if missing:
+        raise KeyError(f"graph {g.name}: inputs missing {missing}")
+    outs = model.execute(*[inputs[v.name] for v in g.inputs])
+    n = len(g.outputs)
+    named = {name: outs[i] for i, (name, _) in enumerate(g.outputs)}
+    return named, outs[n : n + n_taps]
+
+
+def _np(x) -> np.ndarray:
+    return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
+
+
+def empty_cache(g: ir.Graph, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length self-attention caches for a first decoder call."""
+    out = {}
+    for v in g.inputs:
+        if v.type.shape[1:2] == ("past",):
+            out[v.name] = np.zeros((batch, 0, v.type.shape[2]), np.dtype(v.type.dtype))
+    return out
+
+
+def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int]) -> list[Entry]:
+    enc_g, xkv_g, dec_g = program.graph("encoder"), program.graph("cross_kv"), program.graph("decoder")
+    entries: list[Entry] = []
+    t0 = time.perf_counter()
+
+    enc_out, _ = run(models["encoder"], enc_g, {"mel": mel})
+    _, enc_taps = run(probe["encoder_probe"], enc_g, {"mel": mel}, len(taps["encoder"]))
+    for name, val in zip(taps["encoder"], enc_taps):
+        entries.append(compare(name, _np(val), ref[name]))
+    entries.append(compare("encoder.ln_post", _np(enc_out["encoder"]), ref["encoder.ln_post"]))
+
+    # cross K/V from the reference encoder output, so this entry measures cross_kv alone
+    xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
+    cross, _ = run(models["cross_kv"], xkv_g, {"encoder": xa_ref})
+    for name, val in cross.items():
+        entries.append(compare(name, _np(val), ref[name]))
+
+    # decoder, whole prompt at once (past = 0), on reference cross K/V
+    cross_ref = {name: np.ascontiguousarray(ref[name], np.float32) for name in cross}
+    tok = np.array([tokens], np.int64)
+    dec_in = {"tokens": tok, **empty_cache(dec_g, 1), **cross_ref}
+    dec_out, _ = run(models["decoder"], dec_g, dec_in)
+    _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps["decoder"]))
+    for name, val in zip(taps["decoder"], dec_taps):
+        entries.append(compare(name, _np(val), ref[name]))
+    for name, val in dec_out.items():
+        if name != "logits":
+            entries.append(compare(name, _np(val), ref[name]))
+    entries.append(compare("logits", _np(dec_out["logits"]), ref["logits"]))
+
+    # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
+    # logits of each call's last position against the reference at that position
+    bounds = [0, 1, 3] + list(range(4, len(tokens) + 1))
+    bounds = [b for b in bounds if b <= len(tokens)]
+    cache = empty_cache(dec_g, 1)
+    got, positions = [], []
+    for lo, hi in zip(bounds, bounds[1:]):
+        out, _ = run(models["decoder"], dec_g, {"tokens": tok[:, lo:hi], **cache, **cross_ref})
+        cache = {k: v for k, v in out.items() if k != "logits"}
+        got.append(_np(out["logits"])[0])
+        positions.append(hi - 1)
+    entries.append(compare("logits.incremental", np.stack(got), ref["logits.all"][positions]))
+    log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
+    return entries

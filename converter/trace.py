@@ -1,0 +1,358 @@
+"""Trace openai-whisper's modules with torch.export into whisper-max IR.
+
+Three graphs, each traced from the real openai-whisper modules so that every node is scoped by
+its PyTorch module path and every weight keeps its state-dict name:
+
+- `encoder`:  mel (batch, n_mels, 2 * n_audio_ctx) -> `encoder` (batch, n_audio_ctx, d)
+- `cross_kv`: `encoder` -> `decoder.blocks.{i}.cross_attn.{key,value}`, once per audio window
+- `decoder`:  one incremental step: tokens (batch, n), the self-attention cache
+  `decoder.blocks.{i}.attn.{key,value}` (batch, past, d) and the cross K/V -> `logits` for the
+  last position (batch, n_vocab) and the grown cache (batch, past + n, d). The position offset
+  is the cache length `past`, exactly as openai-whisper's kv_cache defines it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from typing import Any, Iterator
+
+import numpy as np
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim, export
+from whisper.model import MultiHeadAttention, TextDecoder, Whisper, disable_sdpa
+
+from .ir import Constant, Graph, Node, Program, SymDim, TensorType, Value
+
+log = logging.getLogger(__name__)
+
+# Ops that only check metadata or change nothing numerically; they become aliases of their input.
+_DROPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default"}
+_ALIASES = {"aten.detach.default", "aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.lift_fresh_copy.default"}
+_CASTS = {"aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout"}
+
+
+class TraceError(RuntimeError):
+    pass
+
+
+def _np_dtype(dtype: torch.dtype) -> str:
+    return str(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+class _Namer:
+    """Symbolic sizes -> expressions over the user's dim names."""
+
+    def __init__(self) -> None:
+        self.subs: dict[sympy.Symbol, sympy.Symbol] = {}
+
+    def bind(self, size: Any, name: str) -> None:
+        if isinstance(size, torch.SymInt):
+            expr = size.node.expr
+            if not isinstance(expr, sympy.Symbol):
+                raise TraceError(f"dim {name!r} traced as {expr}, expected a plain symbol")
+            self.subs[expr] = sympy.Symbol(name, integer=True, positive=True)
+
+    def dim(self, size: Any) -> int | str:
+        if isinstance(size, int):
+            return size
+        if isinstance(size, torch.SymInt):
+            expr = sympy.sympify(size.node.expr).xreplace(self.subs)
+            if expr.is_Integer:
+                return int(expr)
+            unknown = expr.free_symbols - set(self.subs.values())
+            if unknown:
+                raise TraceError(f"size {expr} uses symbols {unknown} not bound to a named input dim")
+            return str(expr)
+        raise TraceError(f"unexpected size {size!r}")
+
+    def shape(self, t: torch.Tensor) -> tuple[int | str, ...]:
+        return tuple(self.dim(s) for s in t.shape)
+
+
+def _tensor_arg(arg: Any) -> str | None:
+    """'one', 'optional' or 'list' if a schema argument holds tensors, else None."""
+    t = arg.type
+    if isinstance(t, torch.TensorType):
+        return "one"
+    if isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.TensorType):
+        return "optional"
+    if isinstance(t, torch.ListType) and isinstance(t.getElementType(), (torch.TensorType, torch.OptionalType)):
+        return "list"
+    return None
+
+
+def _scope(node: torch.fx.Node, root: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [p for p, _ in stack.values() if p]
+    return paths[-1] if paths else root
+
+
+def _to_ir(
+    ep: torch.export.ExportedProgram,
+    name: str,
+    input_names: list[str],
+    dim_names: list[dict[int, str]],
+    output_names: list[str],
+    dim_ranges: dict[str, tuple[int, int | None]],
+) -> Graph:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    namer = _Namer()
+    gm = ep.graph_module
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    env: dict[str, str] = {}  # fx node name -> IR value name
+    inputs, weights, constants = [], [], []
+
+    user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    if len(user) != len(input_names):
+        raise TraceError(f"{name}: {len(user)} user inputs traced, {len(input_names)} names given")
+    for spec, in_name, dnames in zip(user, input_names, dim_names):
+        val = placeholders[spec.arg.name].meta["val"]
+        for axis, dname in dnames.items():
+            namer.bind(val.shape[axis], dname)
+    for spec in ep.graph_signature.input_specs:
+        val = placeholders[spec.arg.name].meta["val"]
+        if spec.kind == InputKind.USER_INPUT:
+            ir_name = input_names[user.index(spec)]
+            inputs.append(Value(ir_name, TensorType(_np_dtype(val.dtype), namer.shape(val))))
+        elif spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
+            ir_name = spec.target
+            weights.append(Value(ir_name, TensorType(_np_dtype(val.dtype), namer.shape(val))))
+        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            ir_name = spec.target
+            data = ep.constants[spec.target]
+            constants.append(Constant(ir_name, data.detach().numpy().copy()))
+        else:
+            raise TraceError(f"{name}: unsupported input kind {spec.kind} for {spec.arg.name}")
+        env[spec.arg.name] = ir_name
+
+    nodes: list[Node] = []
+    used_names: dict[str, int] = {}
+
+    def value_of(a: Any) -> str:
+        if isinstance(a, torch.fx.Node):
+            return env[a.name]
+        raise TraceError(f"{name}: expected a tensor, got {a!r}")
+
+    def attr_of(a: Any, op: str) -> Any:
+        if isinstance(a, torch.fx.Node):
+            v = a.meta.get("val")
+            if isinstance(v, (torch.SymInt, int)):
+                return namer.dim(v)
+            raise TraceError(f"{name}: op {op} has a tensor where an attribute was expected")
+        if isinstance(a, (list, tuple)):
+            return tuple(attr_of(x, op) for x in a)
+        if isinstance(a, torch.SymInt):
+            return namer.dim(a)
+        if isinstance(a, torch.dtype):
+            return _np_dtype(a)
+        if a is None or isinstance(a, (bool, int, float, str)):
+            return a
+        if isinstance(a, (torch.memory_format, torch.layout, torch.device)):
+            return str(a)
+        raise TraceError(f"{name}: op {op} has an attribute {a!r} of type {type(a).__name__}")
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            if isinstance(val, (torch.SymInt, int, type(None))) or str(n.target) in _DROPPED:
+                continue  # size arithmetic is inlined where it is used; asserts are dropped
+            raise TraceError(f"{name}: node {n.name} ({n.target}) produces {type(val).__name__}")
+        op = str(n.target)
+        if op in _ALIASES or (op in _CASTS and n.args[0].meta["val"].dtype == val.dtype):
+            env[n.name] = value_of(n.args[0])
+            continue
+        schema = getattr(n.target, "_schema", None)
+        if schema is None:
+            raise TraceError(f"{name}: {op} at {_scope(n, name)} is not an aten op")
+        ins: list[str] = []
+        attrs: list[tuple[str, Any]] = []
+        for i, arg in enumerate(schema.arguments):
+            if i < len(n.args):
+                a = n.args[i]
+            elif arg.name in n.kwargs:
+                a = n.kwargs[arg.name]
+            elif arg.has_default_value():
+                a = arg.default_value
+            else:
+                raise TraceError(f"{name}: {op} lacks argument {arg.name}")
+            kind = _tensor_arg(arg)
+            if kind is not None and isinstance(a, (bool, int, float)):
+                attrs.append((arg.name, a))  # a Python scalar in a tensor slot (`q * scale`)
+            elif kind == "list":
+                ins.extend(value_of(x) for x in a)
+            elif kind is not None:
+                ins.append("" if a is None else value_of(a))
+            else:
+                attrs.append((arg.name, attr_of(a, op)))
+        scope = _scope(n, name)
+        short = op.split(".")[1]
+        base = f"{scope}/{short}"
+        k = used_names.get(base, 0)
+        used_names[base] = k + 1
+        node_name = base if k == 0 else f"{base}.{k}"
+        nodes.append(Node(node_name, op, tuple(ins), tuple(attrs), TensorType(_np_dtype(val.dtype), namer.shape(val)), scope))
+        env[n.name] = node_name
+
+    outs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(outs) != len(output_names):
+        raise TraceError(f"{name}: {len(outs)} outputs traced, {len(output_names)} names given")
+    outputs = tuple((o_name, env[s.arg.name]) for s, o_name in zip(outs, output_names))
+
+    # drop weights/constants/inputs nothing uses (e.g. an input only read for its shape)
+    used = {i for nd in nodes for i in nd.inputs} | {v for _, v in outputs}
+    weights = [w for w in weights if w.name in used]
+    constants = [c for c in constants if c.name in used]
+    dims = tuple(SymDim(d, *dim_ranges[d]) for d in sorted({d for dn in dim_names for d in dn.values()}))
+    g = Graph(name, tuple(inputs), tuple(weights), tuple(constants), tuple(nodes), outputs, dims)
+    g.validate()
+    return g
+
+
+def _offset_qkv_attention(self: MultiHeadAttention, q, k, v, mask=None):
+    """openai-whisper's explicit attention with the causal mask taken at the cache offset.
+
+    openai-whisper slices `mask[:n_ctx, :n_ctx]`, which is right only when the cache is empty or
+    one token is decoded: the only two ways it calls the decoder. The traced step serves both
+    with one graph, so it takes rows [past, past + n) and columns [0, past + n): the same values
+    in those two cases, and the correct causal mask in any other.
+    """
+    n_batch, n_ctx, n_state = q.shape
+    scale = (n_state // self.n_head) ** -0.25
+    q = q.view(*q.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+    k = k.view(*k.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+    v = v.view(*v.shape[:2], self.n_head, -1).permute(0, 2, 1, 3)
+    qk = (q * scale) @ (k * scale).transpose(-1, -2)
+    if mask is not None:
+        past = k.shape[2] - n_ctx
+        qk = qk + mask[past : past + n_ctx, : past + n_ctx]
+    w = F.softmax(qk.float(), dim=-1).to(q.dtype)
+    out = (w @ v).permute(0, 2, 1, 3).flatten(start_dim=2)
+    return out, qk.detach()
+
+
+@contextlib.contextmanager
+def incremental_decoder(decoder: TextDecoder, self_k, self_v, cross_k, cross_v) -> Iterator[dict]:
+    """openai-whisper's kv_cache dict filled from explicit tensors, hooks growing the self cache.
+
+    The dict's first entry is block 0's self-attention key, so openai-whisper's
+    `offset = next(iter(kv_cache.values())).shape[1]` is the cache length `past`.
+    """
+    cache: dict[nn.Module, torch.Tensor] = {}
+    for i, b in enumerate(decoder.blocks):
+        cache[b.attn.key], cache[b.attn.value] = self_k[i], self_v[i]
+    for i, b in enumerate(decoder.blocks):
+        cache[b.cross_attn.key], cache[b.cross_attn.value] = cross_k[i], cross_v[i]
+
+    def grow(module, _, output):
+        cache[module] = torch.cat([cache[module], output], dim=1)
+        return cache[module]
+
+    hooks = []
+    try:
+        for b in decoder.blocks:
+            hooks += [b.attn.key.register_forward_hook(grow), b.attn.value.register_forward_hook(grow)]
+            b.attn.qkv_attention = types.MethodType(_offset_qkv_attention, b.attn)
+        yield cache
+    finally:
+        for h in hooks:
+            h.remove()
+        for b in decoder.blocks:
+            del b.attn.qkv_attention  # back to the class method
+
+
+class EncoderModule(nn.Module):
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, mel):
+        return self.encoder(mel)
+
+
+class CrossKVModule(nn.Module):
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, xa):
+        out = []
+        for b in self.decoder.blocks:
+            out += [b.cross_attn.key(xa), b.cross_attn.value(xa)]
+        return out
+
+
+class DecoderStepModule(nn.Module):
+    """One decoder call with an explicit cache: logits for the last position, grown cache."""
+
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, self_k: list, self_v: list, cross_k: list, cross_v: list):
+        with incremental_decoder(self.decoder, self_k, self_v, cross_k, cross_v) as cache:
+            # xa is read only for its dtype once every cross K/V is cached
+            logits = self.decoder(tokens, cross_k[0], kv_cache=cache)
+        blocks = self.decoder.blocks
+        return [logits[:, -1]] + [cache[m] for b in blocks for m in (b.attn.key, b.attn.value)]
+
+
+def cache_names(dims: dict, kind: str) -> list[str]:
+    """`attn` (self) or `cross_attn` K/V names, interleaved key, value per block."""
+    return [f"decoder.blocks.{i}.{kind}.{kv}" for i in range(dims["n_text_layer"]) for kv in ("key", "value")]
+
+
+def trace_program(model: Whisper) -> Program:
+    dims = vars(model.dims).copy()
+    L, d, d_a = dims["n_text_layer"], dims["n_text_state"], dims["n_audio_state"]
+    n_ctx = dims["n_text_ctx"]
+    model = model.eval()
+    # torch.export specialises sizes 0 and 1, so trace with 2..; the graphs are symbolic in
+    # these dims and the ranges recorded are the run-time contract (checked by parity on n=1, past=0).
+    ranges = {"batch": (1, None), "n": (1, n_ctx), "past": (0, n_ctx - 1)}
+    batch = Dim("batch", min=2)
+    with torch.no_grad(), disable_sdpa():
+        mel = torch.zeros(2, dims["n_mels"], 2 * dims["n_audio_ctx"])
+        ep = export(EncoderModule(model), (mel,), dynamic_shapes=({0: batch},))
+        enc = _to_ir(ep, "encoder", ["mel"], [{0: "batch"}], ["encoder"], ranges)
+
+        xa = torch.zeros(2, dims["n_audio_ctx"], d_a)
+        ep = export(CrossKVModule(model), (xa,), dynamic_shapes=({0: batch},))
+        xkv = _to_ir(ep, "cross_kv", ["encoder"], [{0: "batch"}], cache_names(dims, "cross_attn"), ranges)
+
+        n, past = Dim("n", min=2, max=n_ctx - 2), Dim("past", min=2, max=n_ctx - 2)
+        tokens = torch.zeros(2, 3, dtype=torch.long)
+        sk = [torch.zeros(2, 5, d) for _ in range(L)]
+        sv = [torch.zeros(2, 5, d) for _ in range(L)]
+        ck = [torch.zeros(2, dims["n_audio_ctx"], d) for _ in range(L)]
+        cv = [torch.zeros(2, dims["n_audio_ctx"], d) for _ in range(L)]
+        spec = ({0: batch, 1: n}, [{0: batch, 1: past}] * L, [{0: batch, 1: past}] * L, [{0: batch}] * L, [{0: batch}] * L)
+        ep = export(DecoderStepModule(model), (tokens, sk, sv, ck, cv), dynamic_shapes=spec)
+        self_names = cache_names(dims, "attn")
+        cross_names = cache_names(dims, "cross_attn")
+        in_names = ["tokens"] + self_names[0::2] + self_names[1::2] + cross_names[0::2] + cross_names[1::2]
+        in_dims = [{0: "batch", 1: "n"}] + [{0: "batch", 1: "past"}] * (2 * L) + [{0: "batch"}] * (2 * L)
+        dec = _to_ir(ep, "decoder", in_names, in_dims, ["logits"] + self_names, ranges)
+    return Program((enc, xkv, dec), dims)
+
+
+def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray]) -> Whisper:
+    from whisper.model import ModelDimensions
+
+    model = Whisper(ModelDimensions(**dims))
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(state_dict), set(state_dict) - set(expected)
+    if missing or extra:
+        raise TraceError(f"state dict does not fit openai-whisper: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+    for k, v in expected.items():
+        if tuple(v.shape) != state_dict[k].shape:
+            raise TraceError(f"{k}: shape {state_dict[k].shape}, openai-whisper expects {tuple(v.shape)}")
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()})
+    return model.eval()

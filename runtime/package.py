@@ -1,0 +1,194 @@
+"""The `.maxpkg` format: one zip (stored, not compressed) that a runtime loads without torch.
+
+Entries:
+  manifest.json     format version, model dims, source and its hash, MAX version, CPU target,
+                    dtype, graph signatures, sha256 of every other entry
+  weights.json      name -> dtype, shape, byte offset, byte count in weights.bin
+  weights.bin       raw little-endian tensors, 64-byte aligned; loading never unpickles
+  model.mef         compiled MAX module with the graphs encoder, cross_kv, decoder
+  ir/<graph>.onnx   the program in our IR, one ONNX model per graph; ir.txt printed
+  assets/...        tokenizer vocabulary and mel filters
+  parity.json, parity.md, MODEL_CARD.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "whisper-max"
+FORMAT_VERSION = 1
+_ALIGN = 64
+# CPU features a MEF compiled for this host may use; a package built where one is present
+# cannot run where it is absent.
+_TARGET_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+class PackageError(RuntimeError):
+    pass
+
+
+def cpu_target() -> dict:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"arch": platform.machine(), "features": [f for f in _TARGET_FEATURES if f in flags]}
+
+
+def max_version() -> str:
+    from importlib.metadata import version
+
+    return version("max")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pack_weights(weights: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
+    """(weights.json, weights.bin) for float32/int weights, names sorted, 64-byte aligned."""
+    index, buf = {}, io.BytesIO()
+    for name in sorted(weights):
+        a = np.ascontiguousarray(weights[name])
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        pad = (-buf.tell()) % _ALIGN
+        buf.write(b"\0" * pad)
+        index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": buf.tell(), "nbytes": a.nbytes}
+        buf.write(a.tobytes())
+    return json.dumps(index, indent=1, sort_keys=True).encode(), buf.getvalue()
+
+
+def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict[str, np.ndarray]:
+    """Views into `blob` (pass a bytearray for writable arrays); checks every extent."""
+    index = json.loads(index_json)
+    out = {}
+    for name, e in index.items():
+        dtype = np.dtype(e["dtype"])
+        count = int(np.prod(e["shape"], dtype=np.int64))
+        if e["nbytes"] != count * dtype.itemsize or e["offset"] + e["nbytes"] > len(blob):
+            raise PackageError(f"weights.json: entry {name!r} does not fit weights.bin")
+        out[name] = np.frombuffer(blob, dtype, count, e["offset"]).reshape(e["shape"])
+    return out
+
+
+def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> None:
+    """Write atomically: a temp file beside `path`, renamed over it only when complete."""
+    path = Path(path)
+    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
+    manifest["files"] = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            for name, data in sorted(files.items()):
+                z.writestr(name, data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Package:
+    path: Path
+    manifest: dict
+    _zip: zipfile.ZipFile
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Package":
+        path = Path(path)
+        if not path.is_file():
+            raise PackageError(f"{path}: no such package; create one with `whisper-convert tiny.en --out {path}`")
+        try:
+            z = zipfile.ZipFile(path)
+            manifest = json.loads(z.read("manifest.json"))
+        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+            raise PackageError(f"{path}: not a whisper-max package ({e})") from e
+        if manifest.get("format") != FORMAT:
+            raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format')!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise PackageError(
+                f"{path}: package format {manifest.get('format_version')}, this runtime reads {FORMAT_VERSION}; "
+                "convert the model again with this version's whisper-convert"
+            )
+        return cls(path, manifest, z)
+
+    def names(self) -> list[str]:
+        return sorted(self.manifest["files"])
+
+    def read(self, name: str, verify: bool = True) -> bytes:
+        entry = self.manifest["files"].get(name)
+        if entry is None:
+            raise PackageError(f"{self.path}: no entry {name!r} (has {self.names()})")
+        data = self._zip.read(name)  # zipfile checks the CRC
+        if verify and _sha256(data) != entry["sha256"]:
+            raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest")
+        return data
+
+    def weights(self) -> dict[str, np.ndarray]:
+        # the zip's CRC covers weights.bin; a bytearray keeps the arrays writable for MAX
+        blob = bytearray(self.read("weights.bin", verify=False))
+        return unpack_weights(self.read("weights.json"), blob)
+
+    def json(self, name: str):
+        return json.loads(self.read(name))
+
+    def check_compatible(self) -> None:
+        """Raise if this package's compiled artifact cannot run here (other MAX build or CPU)."""
+        want, have = self.manifest["max_version"], max_version()
+        if want != have:
+            raise PackageError(
+                f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that "
+                f"made it. Rebuild it here with `whisper-convert --rebuild {self.path}`, or install max=={want}"
+            )
+        here = cpu_target()
+        target = self.manifest["target_cpu"]
+        missing = sorted(set(target["features"]) - set(here["features"]))
+        if target["arch"] != here["arch"] or missing:
+            raise PackageError(
+                f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} "
+                f"lacking {missing}. Rebuild it here with `whisper-convert --rebuild {self.path}`"
+            )
+
+    def load_models(self, session=None) -> dict:
+        """The compiled graphs, initialised with this package's weights; never compiles."""
+        from max import engine
+        from max.engine import InferenceSession
+
+        self.check_compatible()
+        session = session or InferenceSession()
+        compiled = engine.read(io.BytesIO(self.read("model.mef")))
+        weights = self.weights()
+        self._check_weights(weights)
+        models = session.init_all(compiled, weights_registry=weights)
+        models["_weights"] = weights  # MAX binds these zero-copy: keep them alive with the models
+        return models
+
+    def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
+        # MAX does not check a bound weight's shape or dtype; the manifest says what each graph wants
+        for g in self.manifest["graphs"].values():
+            for w in g["weights"]:
+                a = weights.get(w["name"])
+                if a is None:
+                    raise PackageError(f"{self.path}: weight {w['name']!r} missing from weights.bin")
+                if list(a.shape) != w["shape"] or a.dtype.name != w["dtype"]:
+                    raise PackageError(
+                        f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, "
+                        f"the graphs want {w['dtype']}{w['shape']}"
+                    )

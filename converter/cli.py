@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
@@ -57,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app(args=argv, prog_name="whisper-convert", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except typer.Abort:
+        return 130
+    except typer.TyperException as e:  # usage errors: typer's (vendored click) ClickException
         e.show()
         return 2
     except (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError) as e:

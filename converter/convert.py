@@ -128,12 +128,14 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     parity_info: dict = {"checked": False}
     if not skip_check:
         t = time.perf_counter()
-        audio = gc.load_clip()
-        mel = gc.mel_for(model, audio)
-        tokens, prompt_len, text = gc.decode_tokens(model, mel)
-        ref = gc.capture(model, mel, tokens)
         probe_compiled, taps = compile_module_probe(program, session)
         probe = session.init_all(probe_compiled, weights_registry=weights)
+        timings["compile_probe"] = time.perf_counter() - t
+        t = time.perf_counter()
+        audio = gc.load_clip()
+        mel = gc.mel_for(model, audio)
+        tokens, text = gc.decode_tokens(model, mel)
+        ref = gc.capture(model, mel, tokens)
         entries = parity.check(program, models, probe, taps, ref, np.ascontiguousarray(mel.numpy()), tokens)
         timings["parity"] = time.perf_counter() - t
         failed = [e for e in entries if not e.ok]

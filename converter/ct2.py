@@ -155,6 +155,17 @@ def _split(weight: np.ndarray, bias: np.ndarray, parts: int, names: list[str], s
             sd[f"{prefix}.{name}.bias"] = b
 
 
+def _block(sd: dict, m: CT2Model, src: str, dst: str) -> None:
+    """Self-attention and MLP of one residual block (encoder and decoder alike)."""
+    sa = f"{src}/self_attention"
+    _split(m.get(f"{sa}/linear_0/weight"), m.get(f"{sa}/linear_0/bias"), 3, ["query", "key", "value"], sd, f"{dst}.attn")
+    _linear(sd, f"{dst}.attn.out", m, f"{sa}/linear_1")
+    _ln(sd, f"{dst}.attn_ln", m, f"{sa}/layer_norm")
+    _linear(sd, f"{dst}.mlp.0", m, f"{src}/ffn/linear_0")
+    _linear(sd, f"{dst}.mlp.2", m, f"{src}/ffn/linear_1")
+    _ln(sd, f"{dst}.mlp_ln", m, f"{src}/ffn/layer_norm")
+
+
 def to_whisper(m: CT2Model) -> tuple[dict, dict[str, np.ndarray]]:
     """(ModelDimensions fields, openai-whisper state dict in float32) from a CTranslate2 model."""
     n_audio_layer = _layer_count(m, "encoder")
@@ -167,31 +178,19 @@ def to_whisper(m: CT2Model) -> tuple[dict, dict[str, np.ndarray]]:
     sd["encoder.conv2.bias"] = _f32(m.get("encoder/conv2/bias"))
     sd["encoder.positional_embedding"] = _f32(m.get("encoder/position_encodings/encodings"))
     for i in range(n_audio_layer):
-        src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        sa = f"{src}/self_attention"
-        _split(m.get(f"{sa}/linear_0/weight"), m.get(f"{sa}/linear_0/bias"), 3, ["query", "key", "value"], sd, f"{dst}.attn")
-        _linear(sd, f"{dst}.attn.out", m, f"{sa}/linear_1")
-        _ln(sd, f"{dst}.attn_ln", m, f"{sa}/layer_norm")
-        _linear(sd, f"{dst}.mlp.0", m, f"{src}/ffn/linear_0")
-        _linear(sd, f"{dst}.mlp.2", m, f"{src}/ffn/linear_1")
-        _ln(sd, f"{dst}.mlp_ln", m, f"{src}/ffn/layer_norm")
+        _block(sd, m, f"encoder/layer_{i}", f"encoder.blocks.{i}")
     _ln(sd, "encoder.ln_post", m, "encoder/layer_norm")
 
     sd["decoder.token_embedding.weight"] = _f32(m.get("decoder/embeddings/weight"))
     sd["decoder.positional_embedding"] = _f32(m.get("decoder/position_encodings/encodings"))
     for i in range(n_text_layer):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        sa, ca = f"{src}/self_attention", f"{src}/attention"
-        _split(m.get(f"{sa}/linear_0/weight"), m.get(f"{sa}/linear_0/bias"), 3, ["query", "key", "value"], sd, f"{dst}.attn")
-        _linear(sd, f"{dst}.attn.out", m, f"{sa}/linear_1")
-        _ln(sd, f"{dst}.attn_ln", m, f"{sa}/layer_norm")
+        _block(sd, m, src, dst)
+        ca = f"{src}/attention"
         _linear(sd, f"{dst}.cross_attn.query", m, f"{ca}/linear_0")
         _split(m.get(f"{ca}/linear_1/weight"), m.get(f"{ca}/linear_1/bias"), 2, ["key", "value"], sd, f"{dst}.cross_attn")
         _linear(sd, f"{dst}.cross_attn.out", m, f"{ca}/linear_2")
         _ln(sd, f"{dst}.cross_attn_ln", m, f"{ca}/layer_norm")
-        _linear(sd, f"{dst}.mlp.0", m, f"{src}/ffn/linear_0")
-        _linear(sd, f"{dst}.mlp.2", m, f"{src}/ffn/linear_1")
-        _ln(sd, f"{dst}.mlp_ln", m, f"{src}/ffn/layer_norm")
     _ln(sd, "decoder.ln", m, "decoder/layer_norm")
 
     # whisper ties the output head to the token embedding; CT2 stores it as an alias (or a copy)

@@ -92,7 +92,7 @@ def _scope(node: torch.fx.Node, root: str) -> str:
     return paths[-1] if paths else root
 
 
-def _to_ir(
+def to_ir(
     ep: torch.export.ExportedProgram,
     name: str,
     input_names: list[str],
@@ -321,11 +321,11 @@ def trace_program(model: Whisper) -> Program:
     with torch.no_grad(), disable_sdpa():
         mel = torch.zeros(2, dims["n_mels"], 2 * dims["n_audio_ctx"])
         ep = export(EncoderModule(model), (mel,), dynamic_shapes=({0: batch},))
-        enc = _to_ir(ep, "encoder", ["mel"], [{0: "batch"}], ["encoder"], ranges)
+        enc = to_ir(ep, "encoder", ["mel"], [{0: "batch"}], ["encoder"], ranges)
 
         xa = torch.zeros(2, dims["n_audio_ctx"], d_a)
         ep = export(CrossKVModule(model), (xa,), dynamic_shapes=({0: batch},))
-        xkv = _to_ir(ep, "cross_kv", ["encoder"], [{0: "batch"}], cache_names(dims, "cross_attn"), ranges)
+        xkv = to_ir(ep, "cross_kv", ["encoder"], [{0: "batch"}], cache_names(dims, "cross_attn"), ranges)
 
         n, past = Dim("n", min=2, max=n_ctx - 2), Dim("past", min=2, max=n_ctx - 2)
         tokens = torch.zeros(2, 3, dtype=torch.long)
@@ -339,7 +339,7 @@ def trace_program(model: Whisper) -> Program:
         cross_names = cache_names(dims, "cross_attn")
         in_names = ["tokens"] + self_names[0::2] + self_names[1::2] + cross_names[0::2] + cross_names[1::2]
         in_dims = [{0: "batch", 1: "n"}] + [{0: "batch", 1: "past"}] * (2 * L) + [{0: "batch"}] * (2 * L)
-        dec = _to_ir(ep, "decoder", in_names, in_dims, ["logits"] + self_names, ranges)
+        dec = to_ir(ep, "decoder", in_names, in_dims, ["logits"] + self_names, ranges)
     return Program((enc, xkv, dec), dims)
 
 

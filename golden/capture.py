@@ -27,13 +27,12 @@ def mel_for(model: Whisper, audio: np.ndarray) -> torch.Tensor:
     return whisper.log_mel_spectrogram(window, n_mels=model.dims.n_mels)[None]
 
 
-def decode_tokens(model: Whisper, mel: torch.Tensor) -> tuple[list[int], int, str]:
-    """Prompt + greedy tokens openai-whisper decodes (with timestamps), and the prompt length."""
+def decode_tokens(model: Whisper, mel: torch.Tensor) -> tuple[list[int], str]:
+    """Prompt + greedy tokens openai-whisper decodes (with timestamps), and the text."""
     tok = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en", task="transcribe")
     opts = whisper.DecodingOptions(language="en", fp16=False, temperature=0.0)
     res = whisper.decode(model, mel[0], opts)
-    prompt = list(tok.sot_sequence)
-    return prompt + list(res.tokens), len(prompt), res.text
+    return list(tok.sot_sequence) + list(res.tokens), res.text
 
 
 @torch.no_grad()

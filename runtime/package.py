@@ -98,6 +98,9 @@ def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> None:
             z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
             for name, data in sorted(files.items()):
                 z.writestr(name, data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a package is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -151,20 +154,15 @@ class Package:
 
     def check_compatible(self) -> None:
         """Raise if this package's compiled artifact cannot run here (other MAX build or CPU)."""
+        redo = f"convert it again on this machine: `whisper-convert {self.manifest['model']['name']} --out {self.path}`"
         want, have = self.manifest["max_version"], max_version()
         if want != have:
-            raise PackageError(
-                f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that "
-                f"made it. Rebuild it here with `whisper-convert --rebuild {self.path}`, or install max=={want}"
-            )
+            raise PackageError(f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that made it. Install max=={want}, or {redo}")
         here = cpu_target()
         target = self.manifest["target_cpu"]
         missing = sorted(set(target["features"]) - set(here["features"]))
         if target["arch"] != here["arch"] or missing:
-            raise PackageError(
-                f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} "
-                f"lacking {missing}. Rebuild it here with `whisper-convert --rebuild {self.path}`"
-            )
+            raise PackageError(f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} lacking {missing}; {redo}")
 
     def load_models(self, session=None) -> dict:
         """The compiled graphs, initialised with this package's weights; never compiles."""

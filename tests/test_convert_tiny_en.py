@@ -1,0 +1,94 @@
+"""whisper-convert on the real tiny.en weights: parity per layer, package contents, loading."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from converter import ir, onnx_io
+from converter.cli import main
+from runtime.package import Package
+
+
+def test_parity_covers_every_layer_and_passes(tiny_en):
+    pkg = Package.open(tiny_en.path)
+    entries = pkg.json("parity.json")
+    names = [e["name"] for e in entries]
+    dims = pkg.manifest["model"]["dims"]
+    expected = (
+        ["encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln", "logits", "logits.incremental"]
+        + [f"encoder.blocks.{i}" for i in range(dims["n_audio_layer"])]
+        + [f"decoder.blocks.{i}" for i in range(dims["n_text_layer"])]
+        + [f"decoder.blocks.{i}.{a}.{kv}" for i in range(dims["n_text_layer"]) for a in ("attn", "cross_attn") for kv in ("key", "value")]
+    )
+    assert sorted(names) == sorted(expected)
+    bad = [e for e in entries if not e["ok"] or e["max_rel_err"] > e["tol"]]
+    assert not bad, bad
+    assert all(set(e) == {"name", "shape", "max_abs_err", "max_rel_err", "tol", "ok"} for e in entries)
+    assert pkg.manifest["parity"]["all_ok"] and not pkg.manifest["skip_check"]
+    assert "all 30 entries pass" in pkg.read("parity.md").decode()
+
+
+def test_manifest_describes_the_package(tiny_en):
+    m = Package.open(tiny_en.path).manifest
+    assert m["format"] == "whisper-max" and m["dtype"] == "float32"
+    assert m["model"]["dims"]["n_vocab"] == 51864 and not m["model"]["multilingual"]
+    assert m["source"]["kind"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
+    assert m["max_version"].startswith("26.7")
+    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder"}
+    assert {"model.mef", "weights.bin", "weights.json", "ir/decoder.onnx", "assets/gpt2.tiktoken", "assets/mel_filters.npy", "parity.json", "MODEL_CARD.md"} <= set(m["files"])
+
+
+def test_onnx_in_package_is_the_printed_ir(tiny_en):
+    pkg = Package.open(tiny_en.path)
+    onnx_files = {n: pkg.read(n) for n in pkg.names() if n.startswith("ir/")}
+    assert ir.format_program(onnx_io.from_onnx_files(onnx_files)) == pkg.read("ir.txt").decode()
+
+
+def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
+    cache = tmp_path / "modular-cache"
+    cache.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import sys, time, json
+        t = time.perf_counter()
+        import numpy as np
+        from runtime.package import Package
+        pkg = Package.open({str(tiny_en.path)!r})
+        models = pkg.load_models()
+        load = time.perf_counter() - t
+        dims = pkg.manifest["model"]["dims"]
+        mel = np.zeros((1, dims["n_mels"], 2 * dims["n_audio_ctx"]), np.float32)
+        xa = models["encoder"].execute(mel)[0]
+        kv = models["cross_kv"].execute(xa)
+        print(json.dumps({{"load_s": load, "torch": "torch" in sys.modules, "xa": list(xa.to_numpy().shape), "kv": len(kv)}}))
+        """
+    )
+    env = {"MODULAR_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tiny_en.path.parent)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"package load in a new process: {out['load_s']:.3f} s")
+    assert out["torch"] is False
+    assert out["xa"] == [1, 1500, 384] and out["kv"] == 8
+    # a compile would have filled the cache; loading a MEF writes nothing there
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_skip_check_is_recorded(tmp_path):
+    from converter.convert import convert
+
+    out = convert("tiny.en", tmp_path / "t.maxpkg", skip_check=True)
+    m = Package.open(out.path).manifest
+    assert m["skip_check"] is True and m["parity"] == {"checked": False}
+    assert json.loads(Package.open(out.path).read("parity.json")) == []
+
+
+def test_cli_errors_are_plain(capsys, tmp_path):
+    assert main(["tiny.xx", "--out", str(tmp_path / "x.maxpkg")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("whisper-convert: error: 'tiny.xx' is neither a model name") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["--bogus-flag"]) == 2

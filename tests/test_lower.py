@@ -1,0 +1,134 @@
+"""Op lowering on tiny random modules, compiled once per session as one MAX module.
+
+Tolerance: 1e-5 of the reference tensor's largest magnitude. These are fp32 graphs of a few
+16-wide layers; MAX and torch differ only by summation order (~1e-7 relative here), so 1e-5
+catches any wrong op while leaving room for order effects.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
+from torch import nn
+from torch.export import Dim, export
+from whisper.model import Conv1d, LayerNorm, Linear
+
+from converter import ir
+from converter.lower import LoweringError, lower_graph, register
+from converter.trace import to_ir, trace_program
+
+TOL = 1e-5
+
+
+def close(got, ref, tol=TOL):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= tol, f"max_rel_err {err:.3g} > {tol}"
+
+
+class Micro(nn.Module):
+    """Op variants whisper itself does not use: odd-length stride-2 conv, tanh GELU, no-bias linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = Conv1d(4, 6, kernel_size=3, stride=2, padding=1)
+        self.proj = Linear(6, 5, bias=False)
+        self.norm = LayerNorm(5)
+
+    def forward(self, x):
+        h = F.gelu(self.conv(x), approximate="tanh").permute(0, 2, 1)
+        y = self.norm(self.proj(h) * 0.5 + 1.0)
+        return F.softmax(y - 2.0, dim=-1) / 3.0
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    from max.engine import InferenceSession
+    from max.graph import Module
+
+    torch.manual_seed(0)
+    model = tiny_whisper()
+    program = trace_program(model)
+    micro = Micro().eval()
+    with torch.no_grad():
+        ep = export(micro, (torch.randn(2, 4, 9),), dynamic_shapes=({0: Dim("batch", min=2)},))
+    micro_ir = to_ir(ep, "micro", ["x"], [{0: "batch"}], ["y"], {"batch": (1, None)})
+    mod = Module()
+    for g in program.graphs + (micro_ir,):
+        lower_graph(g, mod)
+    weights = state_dict_np(model) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()}
+    session = InferenceSession()
+    models = session.init_all(session.compile(mod), weights_registry=weights)
+    return model, micro, program, models, weights
+
+
+def test_micro_ops(compiled):
+    _, micro, _, models, _ = compiled
+    for batch in (1, 3):  # traced at 2: the graph is symbolic in batch
+        x = np.random.default_rng(batch).standard_normal((batch, 4, 9)).astype(np.float32)
+        with torch.no_grad():
+            ref = micro(torch.from_numpy(x)).numpy()
+        close(models["micro"].execute(x)[0].to_numpy(), ref)
+
+
+def test_encoder_conv_stem_attention_mlp(compiled):
+    model, _, _, models, _ = compiled
+    mel = np.random.default_rng(0).standard_normal((2, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"])).astype(np.float32)
+    with torch.no_grad():
+        ref = model.encoder(torch.from_numpy(mel)).numpy()
+    close(models["encoder"].execute(mel)[0].to_numpy(), ref)
+
+
+def test_cross_kv(compiled):
+    model, _, _, models, _ = compiled
+    xa = np.random.default_rng(1).standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    outs = models["cross_kv"].execute(xa)
+    with torch.no_grad():
+        for i, b in enumerate(model.decoder.blocks):
+            close(outs[2 * i].to_numpy(), b.cross_attn.key(torch.from_numpy(xa)).numpy())
+            close(outs[2 * i + 1].to_numpy(), b.cross_attn.value(torch.from_numpy(xa)).numpy())
+
+
+@pytest.mark.parametrize("chunks", [[5], [1, 1, 1, 1, 1], [1, 2, 2], [3, 1, 1], [2, 3]])
+def test_decoder_step_with_cache(compiled, chunks):
+    """Prefill and incremental calls (embedding, offset positions, offset causal mask, cache concat)
+    give the logits of a full-sequence openai-whisper decoder pass, for batch 2."""
+    model, _, program, models, _ = compiled
+    g = program.graph("decoder")
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, TINY_DIMS["n_vocab"], (2, sum(chunks))).astype(np.int64)
+    xa = rng.standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    with torch.no_grad():
+        ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
+    cross = models["cross_kv"].execute(xa)
+    cross = {name: cross[i] for i, (name, _) in enumerate(program.graph("cross_kv").outputs)}
+    d = TINY_DIMS["n_text_state"]
+    cache = {v.name: np.zeros((2, 0, d), np.float32) for v in g.inputs if v.type.shape[1:2] == ("past",)}
+    pos = 0
+    for n in chunks:
+        feed = {"tokens": np.ascontiguousarray(tokens[:, pos : pos + n]), **cache, **cross}
+        outs = models["decoder"].execute(*[feed[v.name] for v in g.inputs])
+        pos += n
+        close(outs[0].to_numpy(), ref[:, pos - 1])
+        cache = {name: outs[i] for i, (name, _) in enumerate(g.outputs) if name != "logits"}
+        assert all(c.to_numpy().shape == (2, pos, d) for c in cache.values())
+
+
+def test_missing_lowering_names_op_and_module():
+    g = ir.Graph(
+        "g",
+        (ir.Value("x", ir.TensorType("float32", (2, 3))),),
+        (),
+        (),
+        (ir.Node("blocks.0.mlp/frob", "aten.frobnicate.default", ("x",), (), ir.TensorType("float32", (2, 3)), "blocks.0.mlp"),),
+        (("y", "blocks.0.mlp/frob"),),
+    )
+    with pytest.raises(LoweringError, match=r"no lowering for aten\.frobnicate\.default .*module blocks\.0\.mlp"):
+        lower_graph(g)
+
+
+def test_registering_an_op_twice_fails():
+    with pytest.raises(LoweringError, match="registered twice"):
+        register("aten.linear.default")(lambda ctx, node, *a: None)

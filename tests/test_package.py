@@ -1,0 +1,117 @@
+"""The .maxpkg container: weights round trip, atomic writes, integrity and compatibility checks."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from runtime import package
+from runtime.package import Package, PackageError
+
+
+def _manifest():
+    return {
+        "model": {"name": "tiny.en"},
+        "max_version": package.max_version(),
+        "target_cpu": package.cpu_target(),
+        "graphs": {"g": {"weights": [{"name": "a.weight", "dtype": "float32", "shape": [3, 5]}]}},
+    }
+
+
+def _files():
+    weights = {"a.weight": np.arange(15, dtype=np.float32).reshape(3, 5), "b.bias": np.array([1, 2, 3], np.int64)}
+    wj, wb = package.pack_weights(weights)
+    return {"weights.json": wj, "weights.bin": wb, "notes.txt": b"hello"}, weights
+
+
+def test_weights_round_trip_aligned_and_writable(tmp_path):
+    files, weights = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    pkg = Package.open(path)
+    got = pkg.weights()
+    for k, v in weights.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype and got[k].flags.writeable
+    assert all(e["offset"] % 64 == 0 for e in json.loads(files["weights.json"]).values())
+    assert pkg.read("notes.txt") == b"hello"
+    assert pkg.manifest["format_version"] == package.FORMAT_VERSION
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    real = zipfile.ZipFile.writestr
+
+    def failing(self, name, data, *a, **k):
+        if name == "weights.bin":
+            raise KeyboardInterrupt
+        return real(self, name, data, *a, **k)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", failing)
+    with pytest.raises(KeyboardInterrupt):
+        package.write_package(path, _manifest(), files)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_package_survives_a_failed_rewrite(tmp_path, monkeypatch):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    before = path.read_bytes()
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        package.write_package(path, _manifest(), files)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.maxpkg"]
+
+
+def _rewrite(path, edit_manifest):
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    m = json.loads(entries["manifest.json"])
+    edit_manifest(m)
+    entries["manifest.json"] = json.dumps(m).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, d in entries.items():
+            z.writestr(n, d)
+
+
+def test_integrity_and_version_checks(tmp_path):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    _rewrite(path, lambda m: m["files"]["notes.txt"].update(sha256="0" * 64))
+    with pytest.raises(PackageError, match="does not match its sha256"):
+        Package.open(path).read("notes.txt")
+    _rewrite(path, lambda m: m.update(format_version=99))
+    with pytest.raises(PackageError, match="package format 99"):
+        Package.open(path)
+    (tmp_path / "junk.maxpkg").write_bytes(b"junk")
+    with pytest.raises(PackageError, match="not a whisper-max package"):
+        Package.open(tmp_path / "junk.maxpkg")
+    with pytest.raises(PackageError, match="whisper-convert tiny.en"):
+        Package.open(tmp_path / "missing.maxpkg")
+
+
+def test_compatibility_check_names_the_fix(tmp_path):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, dict(_manifest(), max_version="0.0.1"), files)
+    with pytest.raises(PackageError, match=r"MAX 0\.0\.1.*whisper-convert tiny\.en"):
+        Package.open(path).check_compatible()
+    target = dict(package.cpu_target(), features=["avx9000"])
+    package.write_package(path, dict(_manifest(), target_cpu=target), files)
+    with pytest.raises(PackageError, match="lacking.*avx9000"):
+        Package.open(path).check_compatible()
+
+
+def test_weight_shape_mismatch_is_caught(tmp_path):
+    files, _ = _files()
+    m = _manifest()
+    m["graphs"]["g"]["weights"][0]["shape"] = [5, 3]
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, m, files)
+    pkg = Package.open(path)
+    with pytest.raises(PackageError, match="a.weight.*float32\\[3, 5\\].*float32\\[5, 3\\]"):
+        pkg._check_weights(pkg.weights())

@@ -74,7 +74,7 @@ def tokenizer_assets(multilingual: bool, num_languages: int) -> dict[str, bytes]
     meta = {
         "encoding": name,
         "num_languages": num_languages,
-        "languages": list(LANGUAGES)[:num_languages],
+        "languages": [[code, LANGUAGES[code]] for code in list(LANGUAGES)[:num_languages]],
         "pat_str": enc._pat_str,
         "special_tokens": enc._special_tokens,
         "n_vocab": enc.n_vocab,

@@ -1,0 +1,389 @@
+"""Decoding one 30 s window, with openai-whisper's options and semantics, in numpy.
+
+The decoder graph returns the logits of the last position and grows the self-attention cache by
+the tokens it is given; cross-attention K/V are computed once per window. The first call is
+split at <|startoftranscript|> so its logits (for no_speech_prob) are a last position too.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .audio import CHUNK_LENGTH
+from .model import WhisperModel
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"
+    language: str | None = None
+    temperature: float = 0.0
+    sample_len: int | None = None
+    best_of: int | None = None
+    beam_size: int | None = None
+    patience: float | None = None
+    length_penalty: float | None = None
+    prompt: str | list[int] | None = None
+    prefix: str | list[int] | None = None
+    suppress_tokens: str | Iterable[int] | None = "-1"
+    suppress_blank: bool = True
+    without_timestamps: bool = False
+    max_initial_timestamp: float | None = 1.0
+    fp16: bool = False  # accepted for compatibility; the package's dtype decides
+    seed: int | None = None  # for temperature sampling (numpy's generator)
+
+
+@dataclass
+class DecodingResult:
+    audio_features: object
+    language: str
+    language_probs: dict[str, float] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    avg_logprob: float = np.nan
+    no_speech_prob: float = np.nan
+    temperature: float = np.nan
+    compression_ratio: float = np.nan
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    m = np.max(x, axis=-1, keepdims=True)
+    shifted = x - m
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    m = np.max(x)
+    return float(m + np.log(np.sum(np.exp(x - m)))) if np.isfinite(m) else float(m)
+
+
+# --- logit filters: each masks logits (n_batch, n_vocab) in place given the tokens so far ---
+
+
+class SuppressBlank:
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int):
+        self.ids = tokenizer.encode(" ") + [tokenizer.eot]
+        self.sample_begin = sample_begin
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, self.ids] = -np.inf
+
+
+class SuppressTokens:
+    def __init__(self, ids: Sequence[int]):
+        self.ids = list(ids)
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        logits[:, self.ids] = -np.inf
+
+
+class ApplyTimestampRules:
+    """Timestamps come in pairs and never decrease; the first token is a timestamp (at most
+    max_initial_timestamp); a timestamp is forced when timestamps together outweigh any text token."""
+
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, max_initial_timestamp_index: int | None):
+        self.tk = tokenizer
+        self.sample_begin = sample_begin
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        tb, eot = self.tk.timestamp_begin, self.tk.eot
+        logits[:, self.tk.no_timestamps] = -np.inf
+        for k in range(tokens.shape[0]):
+            sampled = tokens[k, self.sample_begin :]
+            last_ts = len(sampled) >= 1 and sampled[-1] >= tb
+            penultimate_ts = len(sampled) < 2 or sampled[-2] >= tb
+            if last_ts:
+                if penultimate_ts:
+                    logits[k, tb:] = -np.inf  # a pair just closed: text (or eot) next
+                else:
+                    logits[k, :eot] = -np.inf  # an opened pair: a timestamp or eot next
+            stamps = sampled[sampled >= tb]
+            if stamps.size:
+                # non-decreasing; a segment must have nonzero length
+                last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
+                logits[k, tb:last] = -np.inf
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, :tb] = -np.inf
+            if self.max_initial_timestamp_index is not None:
+                logits[:, tb + self.max_initial_timestamp_index + 1 :] = -np.inf
+        logprobs = log_softmax(logits)
+        for k in range(tokens.shape[0]):
+            if _logsumexp(logprobs[k, tb:]) > logprobs[k, :tb].max():
+                logits[k, :tb] = -np.inf
+
+
+# --- token selection ---
+
+
+class GreedyDecoder:
+    def __init__(self, temperature: float, eot: int, rng: np.random.Generator):
+        self.temperature, self.eot, self.rng = temperature, eot, rng
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, tokens, logits, sum_logprobs):
+        if self.temperature == 0:
+            next_tokens = logits.argmax(axis=-1)
+        else:
+            p = np.exp(log_softmax(logits / self.temperature).astype(np.float64))
+            next_tokens = np.array([self.rng.choice(len(row), p=row / row.sum()) for row in p])
+        logprobs = log_softmax(logits)
+        current = logprobs[np.arange(len(next_tokens)), next_tokens]
+        live = tokens[:, -1] != self.eot
+        sum_logprobs += current * live
+        next_tokens[~live] = self.eot
+        tokens = np.concatenate([tokens, next_tokens[:, None]], axis=-1)
+        return tokens, bool((tokens[:, -1] == self.eot).all()), None
+
+    def finalize(self, tokens, sum_logprobs):
+        tokens = np.pad(tokens, [(0, 0), (0, 0), (0, 1)], constant_values=self.eot)
+        return tokens, sum_logprobs.tolist()
+
+
+class BeamSearchDecoder:
+    def __init__(self, beam_size: int, eot: int, patience: float | None = None):
+        self.beam_size, self.eot = beam_size, eot
+        self.patience = patience or 1.0
+        self.max_candidates = round(beam_size * self.patience)
+        if self.max_candidates <= 0:
+            raise ValueError(f"invalid beam size ({beam_size}) or patience ({patience})")
+        self.finished: list[dict] | None = None
+
+    def reset(self) -> None:
+        self.finished = None
+
+    def update(self, tokens, logits, sum_logprobs):
+        if tokens.shape[0] % self.beam_size:
+            raise ValueError(f"{tokens.shape[0]} sequences is not a multiple of beam_size {self.beam_size}")
+        n_audio = tokens.shape[0] // self.beam_size
+        if self.finished is None:
+            self.finished = [{} for _ in range(n_audio)]
+        logprobs = log_softmax(logits)
+        next_tokens, sources, newly_finished = [], [], []
+        for i in range(n_audio):
+            scores, source, finished = {}, {}, {}
+            for j in range(self.beam_size):
+                idx = i * self.beam_size + j
+                prefix = tokens[idx].tolist()
+                top = np.argsort(-logprobs[idx], kind="stable")[: self.beam_size + 1]
+                for token in top:
+                    seq = tuple(prefix + [int(token)])
+                    scores[seq] = float(sum_logprobs[idx] + logprobs[idx, token])
+                    source[seq] = idx
+            saved = 0
+            for seq in sorted(scores, key=scores.get, reverse=True):
+                if seq[-1] == self.eot:
+                    finished[seq] = scores[seq]
+                else:
+                    sum_logprobs[len(next_tokens)] = scores[seq]
+                    next_tokens.append(seq)
+                    sources.append(source[seq])
+                    saved += 1
+                    if saved == self.beam_size:
+                        break
+            newly_finished.append(finished)
+        for prev, new in zip(self.finished, newly_finished):
+            for seq in sorted(new, key=new.get, reverse=True):
+                if len(prev) >= self.max_candidates:
+                    break
+                prev[seq] = new[seq]
+        completed = all(len(f) >= self.max_candidates for f in self.finished)
+        return np.array(next_tokens, np.int64), completed, sources
+
+    def finalize(self, preceding, sum_logprobs):
+        for i, seqs in enumerate(self.finished):
+            if len(seqs) < self.beam_size:  # not enough finished: take the best unfinished
+                for j in np.argsort(sum_logprobs[i])[::-1]:
+                    seqs[tuple(preceding[i, j].tolist() + [self.eot])] = float(sum_logprobs[i][j])
+                    if len(seqs) >= self.beam_size:
+                        break
+        tokens = [[np.array(s) for s in seqs] for seqs in self.finished]
+        return tokens, [list(seqs.values()) for seqs in self.finished]
+
+
+def rank(tokens: list[list[np.ndarray]], sum_logprobs: list[list[float]], length_penalty: float | None) -> list[int]:
+    """Index of the best candidate per audio: log-probability over length (or a GNMT-style penalty)."""
+    out = []
+    for seqs, lps in zip(tokens, sum_logprobs):
+        scores = [lp / (len(t) if length_penalty is None else ((5 + len(t)) / 6) ** length_penalty) for t, lp in zip(seqs, lps)]
+        out.append(int(np.argmax(scores)))
+    return out
+
+
+# --- the task ---
+
+
+def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Most likely language token per audio and the probability of every language."""
+    if not tokenizer.multilingual:
+        raise ValueError("this model doesn't have language tokens so it can't perform lang id")
+    cross = model.cross_kv(audio_features)
+    n = int(audio_features.shape[0])
+    logits, _ = model.decoder_step(np.full((n, 1), tokenizer.sot, np.int64), model.empty_cache(n), cross)
+    lang_tokens = np.array(tokenizer.all_language_tokens)
+    mask = np.ones(logits.shape[-1], bool)
+    mask[lang_tokens] = False
+    logits = logits.copy()
+    logits[:, mask] = -np.inf
+    probs = np.exp(log_softmax(logits))
+    best = logits.argmax(axis=-1)
+    return best, [{code: float(probs[i, tok]) for tok, code in zip(lang_tokens, tokenizer.all_language_codes)} for i in range(n)]
+
+
+class DecodingTask:
+    def __init__(self, model: WhisperModel, options: DecodingOptions):
+        self.model = model
+        self.options = self._verify(options)
+        language = options.language or "en"
+        self.tokenizer = model.tokenizer.with_language(language, options.task)
+        self.n_group = options.beam_size or options.best_of or 1
+        self.n_ctx = model.dims["n_text_ctx"]
+        self.sample_len = options.sample_len or self.n_ctx // 2
+        self.sot_sequence = self.tokenizer.sot_sequence
+        if options.without_timestamps:
+            self.sot_sequence = self.tokenizer.sot_sequence_including_notimestamps
+        self.initial_tokens = self._initial_tokens()
+        self.sample_begin = len(self.initial_tokens)
+        self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
+        rng = np.random.default_rng(options.seed)
+        if options.beam_size is not None:
+            self.decoder = BeamSearchDecoder(options.beam_size, self.tokenizer.eot, options.patience)
+        else:
+            self.decoder = GreedyDecoder(options.temperature, self.tokenizer.eot, rng)
+        self.filters: list = []
+        if options.suppress_blank:
+            self.filters.append(SuppressBlank(self.tokenizer, self.sample_begin))
+        if options.suppress_tokens:
+            self.filters.append(SuppressTokens(self._suppress_tokens()))
+        if not options.without_timestamps:
+            precision = CHUNK_LENGTH / model.dims["n_audio_ctx"]  # 0.02 s per audio position
+            max_index = None if options.max_initial_timestamp is None else round(options.max_initial_timestamp / precision)
+            self.filters.append(ApplyTimestampRules(self.tokenizer, self.sample_begin, max_index))
+
+    @staticmethod
+    def _verify(o: DecodingOptions) -> DecodingOptions:
+        if o.beam_size is not None and o.best_of is not None:
+            raise ValueError("beam_size and best_of can't be given together")
+        if o.temperature == 0 and o.best_of is not None:
+            raise ValueError("best_of with greedy sampling (T=0) is not compatible")
+        if o.patience is not None and o.beam_size is None:
+            raise ValueError("patience requires beam_size to be given")
+        if o.length_penalty is not None and not 0 <= o.length_penalty <= 1:
+            raise ValueError("length_penalty (alpha) should be a value between 0 and 1")
+        return o
+
+    def _initial_tokens(self) -> tuple[int, ...]:
+        tk, o = self.tokenizer, self.options
+        tokens = list(self.sot_sequence)
+        if o.prefix:
+            prefix = tk.encode(" " + o.prefix.strip()) if isinstance(o.prefix, str) else list(o.prefix)
+            if self.sample_len is not None:
+                prefix = prefix[-(self.n_ctx // 2 - self.sample_len) :] if self.n_ctx // 2 - self.sample_len > 0 else []
+            tokens += prefix
+        if o.prompt:
+            prompt = tk.encode(" " + o.prompt.strip()) if isinstance(o.prompt, str) else list(o.prompt)
+            tokens = [tk.sot_prev] + prompt[-(self.n_ctx // 2 - 1) :] + tokens
+        return tuple(tokens)
+
+    def _suppress_tokens(self) -> tuple[int, ...]:
+        tk, s = self.tokenizer, self.options.suppress_tokens
+        if isinstance(s, str):
+            s = [int(t) for t in s.split(",") if t.strip()]
+        s = list(s or [])
+        if -1 in s:
+            s = [t for t in s if t >= 0] + list(tk.non_speech_tokens)
+        s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
+        return tuple(sorted(set(s)))
+
+    def _main_loop(self, cross: dict, tokens: np.ndarray):
+        n = tokens.shape[0]
+        sum_logprobs = np.zeros(n, np.float64)
+        cache = self.model.empty_cache(n)
+        # first call in two parts, so the logits at <|startoftranscript|> are a last position
+        split = self.sot_index + 1
+        logits_sot, cache = self.model.decoder_step(tokens[:, :split], cache, cross)
+        logits = logits_sot
+        if split < tokens.shape[1]:
+            logits, cache = self.model.decoder_step(tokens[:, split:], cache, cross)
+        no_speech = np.exp(log_softmax(logits_sot))[:, self.tokenizer.no_speech].astype(float).tolist()
+        for _ in range(self.sample_len):
+            logits = logits.copy()
+            for f in self.filters:
+                f.apply(logits, tokens)
+            tokens, completed, sources = self.decoder.update(tokens, logits, sum_logprobs)
+            if sources is not None:
+                cache = self.model.select(cache, sources)
+            if completed or tokens.shape[-1] > self.n_ctx:
+                break
+            logits, cache = self.model.decoder_step(tokens[:, -1:], cache, cross)
+        return tokens, sum_logprobs, no_speech
+
+    def run(self, mel: np.ndarray) -> list[DecodingResult]:
+        self.decoder.reset()
+        tk = self.tokenizer
+        n_audio = mel.shape[0]
+        features = self.model.embed_audio(mel)
+        tokens = np.tile(np.array([self.initial_tokens], np.int64), (n_audio, 1))
+        languages = [self.options.language] * n_audio
+        lang_probs = None
+        if self.options.language is None or self.options.task == "lang_id":
+            lang_tokens, lang_probs = detect_language(self.model, features, tk)
+            languages = [max(p, key=p.get) for p in lang_probs]
+            if self.options.language is None:
+                tokens[:, self.sot_index + 1] = lang_tokens
+        if self.options.task == "lang_id":
+            return [DecodingResult(audio_features=features, language=lang, language_probs=p) for lang, p in zip(languages, lang_probs)]
+
+        cross = self.model.cross_kv(features)
+        if self.n_group > 1:
+            cross = self.model.select(cross, np.repeat(np.arange(n_audio), self.n_group))
+        tokens = np.repeat(tokens, self.n_group, axis=0)
+        tokens, sum_logprobs, no_speech = self._main_loop(cross, tokens)
+        no_speech = no_speech[:: self.n_group]
+        tokens = tokens.reshape(n_audio, self.n_group, -1)
+        sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)
+        cand, cand_lp = self.decoder.finalize(tokens, sum_logprobs)
+        cand = [[t[self.sample_begin : int(np.nonzero(t == tk.eot)[0][0])] for t in s] for s in cand]
+        chosen = rank(cand, cand_lp, self.options.length_penalty)
+        out = []
+        for i in range(n_audio):
+            toks = [int(t) for t in cand[i][chosen[i]]]
+            text = tk.decode(toks).strip()
+            lp = cand_lp[i][chosen[i]]
+            out.append(
+                DecodingResult(
+                    audio_features=features,
+                    language=languages[i],
+                    language_probs=lang_probs[i] if lang_probs else None,
+                    tokens=toks,
+                    text=text,
+                    avg_logprob=lp / (len(toks) + 1),
+                    no_speech_prob=no_speech[i],
+                    temperature=self.options.temperature,
+                    compression_ratio=compression_ratio(text),
+                )
+            )
+        return out
+
+
+def decode(model: WhisperModel, mel: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs):
+    """Decode (n_mels, frames) or (batch, n_mels, frames) windows; one result or a list."""
+    if kwargs:
+        options = replace(options, **kwargs)
+    single = mel.ndim == 2
+    results = DecodingTask(model, options).run(mel[None] if single else mel)
+    return results[0] if single else results

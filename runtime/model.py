@@ -1,0 +1,64 @@
+"""A loaded .maxpkg as a callable Whisper: encoder, cross K/V and one decoder step."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+
+from .audio import N_FRAMES, log_mel_spectrogram
+from .package import Package
+from .tokenizer import Tokenizer
+
+
+class WhisperModel:
+    def __init__(self, pkg: Package):
+        self.package = pkg
+        m = pkg.manifest
+        self.dims: dict = m["model"]["dims"]
+        self.is_multilingual: bool = m["model"]["multilingual"]
+        self.alignment_heads = m["model"]["alignment_heads"]
+        self.num_languages: int = json.loads(pkg.read("assets/tokenizer.json"))["num_languages"]
+        self._sig = {name: g for name, g in m["graphs"].items()}
+        self._models = pkg.load_models()
+        self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
+        self.tokenizer = Tokenizer.from_package(pkg)
+
+    def _run(self, graph: str, inputs: dict) -> dict:
+        sig = self._sig[graph]
+        outs = self._models[graph].execute(*[inputs[i["name"]] for i in sig["inputs"]])
+        return {o["name"]: v for o, v in zip(sig["outputs"], outs)}
+
+    def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
+        return log_mel_spectrogram(audio, self.mel_filters, padding)
+
+    def embed_audio(self, mel: np.ndarray):
+        """(batch, n_mels, N_FRAMES) log-mel -> encoder output, kept as a device buffer."""
+        if mel.ndim == 2:
+            mel = mel[None]
+        if mel.shape[1:] != (self.dims["n_mels"], N_FRAMES):
+            raise ValueError(f"mel of shape {mel.shape}; the encoder takes (batch, {self.dims['n_mels']}, {N_FRAMES})")
+        return self._run("encoder", {"mel": np.ascontiguousarray(mel, np.float32)})["encoder"]
+
+    def cross_kv(self, audio_features) -> dict:
+        return self._run("cross_kv", {"encoder": audio_features})
+
+    def self_cache_names(self) -> list[str]:
+        return [o["name"] for o in self._sig["decoder"]["outputs"] if o["name"] != "logits"]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        d = self.dims["n_text_state"]
+        return {name: np.zeros((batch, 0, d), np.float32) for name in self.self_cache_names()}
+
+    def decoder_step(self, tokens: np.ndarray, cache: dict, cross: dict) -> tuple[np.ndarray, dict]:
+        """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens)."""
+        out = self._run("decoder", {"tokens": np.ascontiguousarray(tokens, np.int64), **cache, **cross})
+        logits = out.pop("logits").to_numpy()
+        return logits, out
+
+    @staticmethod
+    def select(state: dict, index) -> dict[str, np.ndarray]:
+        """Rows `index` of every batch-major buffer (beam reordering, repeating per beam)."""
+        return {k: np.ascontiguousarray((v.to_numpy() if hasattr(v, "to_numpy") else v)[index]) for k, v in state.items()}
+

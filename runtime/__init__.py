@@ -1,0 +1,18 @@
+"""whisper-max runtime: transcribe with a compiled .maxpkg; needs neither torch nor the converter.
+
+    import runtime
+    model = runtime.load("tiny.en.maxpkg")
+    result = model.transcribe("audio.wav")  # openai-whisper's result dict
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+def load(path: str | PathLike):
+    """Open a package and initialise its compiled graphs (no compilation happens here)."""
+    from .model import WhisperModel
+    from .package import Package
+
+    return WhisperModel(Package.open(path))

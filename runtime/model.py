@@ -57,6 +57,17 @@ class WhisperModel:
         logits = out.pop("logits").to_numpy()
         return logits, out
 
+    def transcribe(self, audio, **options) -> dict:
+        """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
+        from .transcribe import transcribe
+
+        return transcribe(self, audio, **options)
+
+    def decode(self, mel, options=None, **kwargs):
+        from .decoding import DecodingOptions, decode
+
+        return decode(self, mel, options or DecodingOptions(), **kwargs)
+
     @staticmethod
     def select(state: dict, index) -> dict[str, np.ndarray]:
         """Rows `index` of every batch-major buffer (beam reordering, repeating per beam)."""

@@ -18,12 +18,13 @@ import io
 import json
 import os
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_open
 
 FORMAT = "whisper-max"
 FORMAT_VERSION = 1
@@ -88,23 +89,12 @@ def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict[str, np.n
 
 def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> None:
     """Write atomically: a temp file beside `path`, renamed over it only when complete."""
-    path = Path(path)
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
     manifest["files"] = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-            z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-            for name, data in sorted(files.items()):
-                z.writestr(name, data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a package is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+        for name, data in sorted(files.items()):
+            z.writestr(name, data)
 
 
 @dataclass

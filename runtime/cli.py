@@ -1,0 +1,112 @@
+"""whisper-run: transcribe audio with a compiled .maxpkg (openai-whisper's flags and outputs)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+
+
+def _bool(value: str) -> bool:
+    # openai-whisper spells booleans as values: --verbose False
+    table = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    if value.lower() not in table:
+        raise typer.BadParameter(f"expected True or False, got {value!r}")
+    return table[value.lower()]
+
+
+def _optional(value: Optional[str], kind):
+    return None if value is None or value.lower() == "none" else kind(value)
+
+
+@app.command()
+def run_cmd(
+    package: Path = typer.Argument(..., help="a .maxpkg made by whisper-convert"),
+    audio: List[Path] = typer.Argument(..., help="audio file(s) to transcribe"),
+    output_dir: Path = typer.Option(Path("."), "--output_dir", "-o", help="directory to save the outputs"),
+    output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
+    verbose: str = typer.Option("True", "--verbose", help="print progress and debug messages"),
+    task: str = typer.Option("transcribe", "--task", help="transcribe, or translate to English"),
+    language: Optional[str] = typer.Option(None, "--language", help="language spoken; None detects it"),
+    temperature: float = typer.Option(0.0, "--temperature", help="temperature to use for sampling"),
+    best_of: str = typer.Option("5", "--best_of", help="candidates when sampling with non-zero temperature"),
+    beam_size: str = typer.Option("5", "--beam_size", help="beams in beam search, used when temperature is zero"),
+    patience: Optional[str] = typer.Option(None, "--patience", help="beam search patience factor"),
+    length_penalty: Optional[str] = typer.Option(None, "--length_penalty", help="length penalty alpha; None: simple length normalisation"),
+    suppress_tokens: str = typer.Option("-1", "--suppress_tokens", help="comma-separated token ids to suppress; -1: most special characters"),
+    initial_prompt: Optional[str] = typer.Option(None, "--initial_prompt", help="text to provide as a prompt for the first window"),
+    carry_initial_prompt: str = typer.Option("False", "--carry_initial_prompt", help="prepend initial_prompt to every window's prompt"),
+    condition_on_previous_text: str = typer.Option("True", "--condition_on_previous_text", help="prompt each window with the previous output"),
+    fp16: str = typer.Option("True", "--fp16", help="accepted for compatibility; the package's dtype decides"),
+    temperature_increment_on_fallback: Optional[str] = typer.Option("0.2", "--temperature_increment_on_fallback", help="temperature step when decoding fails the thresholds"),
+    compression_ratio_threshold: Optional[str] = typer.Option("2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"),
+    logprob_threshold: Optional[str] = typer.Option("-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"),
+    no_speech_threshold: Optional[str] = typer.Option("0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"),
+    word_timestamps: str = typer.Option("False", "--word_timestamps", help="word-level timestamps (not in this package format)"),
+    clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
+) -> None:
+    from . import load
+    from .audio import load_audio
+    from .transcribe import transcribe
+    from .writers import write_result
+
+    is_verbose = _bool(verbose)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if output_format not in ("txt", "vtt", "srt", "tsv", "json", "all"):
+        raise typer.BadParameter(f"--output_format {output_format!r}: use txt, vtt, srt, tsv, json or all")
+    model = load(package)
+    if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
+        print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
+        language, task = "en", "transcribe"
+    increment = _optional(temperature_increment_on_fallback, float)
+    temps = tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment is not None else temperature
+    options = dict(
+        task=task,
+        language=language,
+        best_of=_optional(best_of, int),
+        beam_size=_optional(beam_size, int),
+        patience=_optional(patience, float),
+        length_penalty=_optional(length_penalty, float),
+        suppress_tokens=suppress_tokens,
+        initial_prompt=initial_prompt,
+        carry_initial_prompt=_bool(carry_initial_prompt),
+        condition_on_previous_text=_bool(condition_on_previous_text),
+        fp16=_bool(fp16),
+        compression_ratio_threshold=_optional(compression_ratio_threshold, float),
+        logprob_threshold=_optional(logprob_threshold, float),
+        no_speech_threshold=_optional(no_speech_threshold, float),
+        word_timestamps=_bool(word_timestamps),
+        clip_timestamps=clip_timestamps,
+    )
+    for path in audio:
+        result = transcribe(model, load_audio(path), temperature=temps, verbose=is_verbose, **options)
+        write_result(result, path, output_dir, output_format)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+    from .package import PackageError
+
+    try:
+        app(args=argv, prog_name="whisper-run", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        return 130
+    except typer.TyperException as e:
+        e.show()
+        return 2
+    except (PackageError, AudioError, ValueError) as e:
+        print(f"whisper-run: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    sys.exit(main(sys.argv[1:]))

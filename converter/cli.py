@@ -47,6 +47,7 @@ def convert_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.cliutil import run_app
     from runtime.package import PackageError
 
     from .convert import ConvertError
@@ -54,19 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sources import ModelSourceError
     from .trace import TraceError
 
-    try:
-        app(args=argv, prog_name="whisper-convert", standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
-    except typer.Abort:
-        return 130
-    except typer.TyperException as e:  # usage errors: typer's (vendored click) ClickException
-        e.show()
-        return 2
-    except (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError) as e:
-        print(f"whisper-convert: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_app(app, argv, "whisper-convert", (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError))
 
 
 def run() -> None:

@@ -91,21 +91,10 @@ def run_cmd(
 
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
+    from .cliutil import run_app
     from .package import PackageError
 
-    try:
-        app(args=argv, prog_name="whisper-run", standalone_mode=False)
-    except typer.Exit as e:
-        return e.exit_code
-    except typer.Abort:
-        return 130
-    except typer.TyperException as e:
-        e.show()
-        return 2
-    except (PackageError, AudioError, ValueError) as e:
-        print(f"whisper-run: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_app(app, argv, "whisper-run", (PackageError, AudioError, ValueError))
 
 
 def run() -> None:

@@ -34,3 +34,40 @@ def tiny_en(tmp_path_factory):
 def clean_dir(tmp_path):
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_pkg(tmp_path_factory):
+    """whisper-convert base, once per session (slow tests only)."""
+    from converter.convert import convert
+
+    given = os.environ.get("WHISPER_MAX_TEST_BASE_PACKAGE")
+    if given:
+        return Path(given)
+    out = tmp_path_factory.mktemp("pkg") / "base.maxpkg"
+    convert("base", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_model():
+    """openai-whisper (PyTorch fp32) on the same weights as a package: the oracle."""
+    from converter.sources import resolve
+    from converter.trace import model_from_state_dict
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            src = resolve(name)
+            cache[name] = model_from_state_dict(src.dims, src.state_dict)
+        return cache[name]
+
+    return get
+
+
+def shared_audio(name: str) -> Path:
+    path = SHARED_AUDIO / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the team's dev set is expected at ../shared/audio beside the checkout")
+    return path

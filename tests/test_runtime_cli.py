@@ -1,0 +1,55 @@
+"""whisper-run end to end, and the runtime's promise: no torch, no converter, no compiling."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import golden
+from runtime.cli import main
+
+STORED = Path(golden.__file__).parent / "transcripts.json"
+
+
+def test_whisper_run_writes_every_format(tiny_en, tmp_path, capsys):
+    assert main([str(tiny_en.path), str(golden.JFK_WAV), "-o", str(tmp_path), "--beam_size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "[00:00.000 --> " in out and "ask what you can do for your country" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jfk.json", "jfk.srt", "jfk.tsv", "jfk.txt", "jfk.vtt"]
+    result = json.loads((tmp_path / "jfk.json").read_text())
+    assert set(result) == {"text", "segments", "language"} and result["language"] == "en"
+    assert set(result["segments"][0]) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"}
+
+
+def test_whisper_run_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.maxpkg"), str(golden.JFK_WAV)]) == 1
+    assert "whisper-convert" in capsys.readouterr().err
+    assert main(["x.maxpkg", "a.wav", "--verbose", "maybe"]) == 2
+
+
+def test_stored_golden_without_torch(tiny_en, tmp_path):
+    """Transcripts openai-whisper produced (stored by scripts/make_golden_transcripts.py), checked
+    in a process that must not import torch, openai-whisper or the converter."""
+    stored = json.loads(STORED.read_text())
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import runtime
+        model = runtime.load({str(tiny_en.path)!r})
+        src = model.package.manifest["source"]["sha256"]
+        out = {{}}
+        for case in json.loads(open({str(STORED)!r}).read())["tiny.en"]["cases"]:
+            r = model.transcribe({str(golden.DATA)!r} + "/" + case["clip"], **case["options"])
+            out[case["name"]] = [[s["tokens"], s["start"], s["end"]] for s in r["segments"]]
+        banned = [m for m in ("torch", "whisper", "converter") if m in sys.modules]
+        print(json.dumps({{"source": src, "out": out, "banned": banned}}))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["banned"] == []
+    assert got["source"] == stored["tiny.en"]["source_sha256"], "golden transcripts were made from other weights"
+    for case in stored["tiny.en"]["cases"]:
+        assert got["out"][case["name"]] == [[s["tokens"], s["start"], s["end"]] for s in case["segments"]], case["name"]

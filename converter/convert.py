@@ -105,7 +105,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     timings: dict[str, float] = {}
     t = time.perf_counter()
     src = sources.resolve(model_arg)
-    model = trace.model_from_state_dict(src.dims, src.state_dict)
+    model = trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
     timings["resolve"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -132,7 +132,7 @@ def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
         model = onnx.load_from_string(files[name])
         g, dims = graph_from_onnx(model)
         graphs.append(g)
-    order = {"encoder": 0, "cross_kv": 1, "decoder": 2}
+    order = {"encoder": 0, "cross_kv": 1, "decoder": 2, "alignment": 3}
     graphs.sort(key=lambda g: order.get(g.name, len(order)))
     return ir.Program(tuple(graphs), dims)
 

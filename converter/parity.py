@@ -130,5 +130,12 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         got.append(_np(out["logits"])[0])
         positions.append(hi - 1)
     entries.append(compare("logits.incremental", np.stack(got), ref["logits.all"][positions]))
+
+    # alignment (word timestamps): every position's logits and each layer's cross-attention scores
+    align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})
+    entries.append(compare("logits.all", _np(align["logits"])[0], ref["logits.all"]))
+    for name, val in align.items():
+        if name != "logits":
+            entries.append(compare(name, _np(val), ref[name]))
     log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
     return entries

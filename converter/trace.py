@@ -5,6 +5,8 @@ its PyTorch module path and every weight keeps its state-dict name:
 
 - `encoder`:  mel (batch, n_mels, 2 * n_audio_ctx) -> `encoder` (batch, n_audio_ctx, d)
 - `cross_kv`: `encoder` -> `decoder.blocks.{i}.cross_attn.{key,value}`, once per audio window
+- `alignment`: tokens (batch, n) and `encoder` -> logits at every position and each layer's
+  cross-attention scores `decoder.blocks.{i}.cross_attn.qk`, for word timestamps
 - `decoder`:  one incremental step: tokens (batch, n), the self-attention cache
   `decoder.blocks.{i}.attn.{key,value}` (batch, past, d) and the cross K/V -> `logits` for the
   last position (batch, n_vocab) and the grown cache (batch, past + n, d). The position offset
@@ -304,6 +306,28 @@ class DecoderStepModule(nn.Module):
         return [logits[:, -1]] + [cache[m] for b in blocks for m in (b.attn.key, b.attn.value)]
 
 
+class AlignmentModule(nn.Module):
+    """One full decoder pass (past = 0) as openai-whisper's find_alignment runs it: logits at
+    every position and each layer's cross-attention scores `qk` (batch, head, n, n_audio_ctx)."""
+
+    def __init__(self, model: Whisper):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, tokens, xa):
+        qks: list = [None] * len(self.decoder.blocks)
+        hooks = [
+            b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1]))
+            for i, b in enumerate(self.decoder.blocks)
+        ]
+        try:
+            logits = self.decoder(tokens, xa)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [logits] + qks
+
+
 def cache_names(dims: dict, kind: str) -> list[str]:
     """`attn` (self) or `cross_attn` K/V names, interleaved key, value per block."""
     return [f"decoder.blocks.{i}.{kind}.{kv}" for i in range(dims["n_text_layer"]) for kv in ("key", "value")]
@@ -340,10 +364,15 @@ def trace_program(model: Whisper) -> Program:
         in_names = ["tokens"] + self_names[0::2] + self_names[1::2] + cross_names[0::2] + cross_names[1::2]
         in_dims = [{0: "batch", 1: "n"}] + [{0: "batch", 1: "past"}] * (2 * L) + [{0: "batch"}] * (2 * L)
         dec = to_ir(ep, "decoder", in_names, in_dims, ["logits"] + self_names, ranges)
-    return Program((enc, xkv, dec), dims)
+
+        ep = export(AlignmentModule(model), (tokens, xa), dynamic_shapes=({0: batch, 1: n}, {0: batch}))
+        qk_names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(L)]
+        align = to_ir(ep, "alignment", ["tokens", "encoder"], [{0: "batch", 1: "n"}, {0: "batch"}], ["logits"] + qk_names, ranges)
+    return Program((enc, xkv, dec, align), dims)
 
 
-def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray]) -> Whisper:
+def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignment_heads: list[list[int]] | None = None) -> Whisper:
+    """openai-whisper's model on these weights, as whisper.load_model builds it (alignment heads set)."""
     from whisper.model import ModelDimensions
 
     model = Whisper(ModelDimensions(**dims))
@@ -355,4 +384,9 @@ def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray]) -> Whis
         if tuple(v.shape) != state_dict[k].shape:
             raise TraceError(f"{k}: shape {state_dict[k].shape}, openai-whisper expects {tuple(v.shape)}")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()})
+    if alignment_heads is not None:
+        mask = torch.zeros(dims["n_text_layer"], dims["n_text_head"], dtype=torch.bool)
+        for layer, head in alignment_heads:
+            mask[layer, head] = True
+        model.register_buffer("alignment_heads", mask.to_sparse(), persistent=False)
     return model.eval()

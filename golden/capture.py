@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import whisper
-from whisper.model import Whisper
+from whisper.model import Whisper, disable_sdpa
 
 from . import JFK_WAV
 
@@ -67,4 +67,16 @@ def capture(model: Whisper, mel: torch.Tensor, tokens: list[int]) -> dict[str, n
             h.remove()
     out["logits.all"] = logits[0].numpy().copy()  # (n, n_vocab): every position, for incremental checks
     out["logits"] = logits[:, -1].numpy().copy()
+
+    # cross-attention scores, from the explicit (non-SDPA) path as openai-whisper's find_alignment reads them
+    qk_hooks = [
+        b.cross_attn.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(f"decoder.blocks.{i}.cross_attn.qk", o[1].numpy().copy()))
+        for i, b in enumerate(dec.blocks)
+    ]
+    try:
+        with disable_sdpa():
+            dec(torch.tensor([tokens]), xa)
+    finally:
+        for h in qk_hooks:
+            h.remove()
     return out

@@ -48,8 +48,15 @@ def run_cmd(
     compression_ratio_threshold: Optional[str] = typer.Option("2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"),
     logprob_threshold: Optional[str] = typer.Option("-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"),
     no_speech_threshold: Optional[str] = typer.Option("0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"),
-    word_timestamps: str = typer.Option("False", "--word_timestamps", help="word-level timestamps (not in this package format)"),
+    word_timestamps: str = typer.Option("False", "--word_timestamps", help="word-level timestamps from cross-attention alignment"),
+    prepend_punctuations: str = typer.Option("\"'“¿([{-", "--prepend_punctuations", help="with word timestamps, merge these with the next word"),
+    append_punctuations: str = typer.Option("\"'.。,，!！?？:：”)]}、", "--append_punctuations", help="with word timestamps, merge these with the previous word"),
+    highlight_words: str = typer.Option("False", "--highlight_words", help="underline each word as it is spoken in srt and vtt"),
+    max_line_width: Optional[int] = typer.Option(None, "--max_line_width", help="characters in a subtitle line before a break"),
+    max_line_count: Optional[int] = typer.Option(None, "--max_line_count", help="lines in a subtitle cue"),
+    max_words_per_line: Optional[int] = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
     clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
+    hallucination_silence_threshold: Optional[float] = typer.Option(None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"),
 ) -> None:
     from . import load
     from .audio import load_audio
@@ -60,6 +67,16 @@ def run_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if output_format not in ("txt", "vtt", "srt", "tsv", "json", "all"):
         raise typer.BadParameter(f"--output_format {output_format!r}: use txt, vtt, srt, tsv, json or all")
+    words = _bool(word_timestamps)
+    writer_options = {"highlight_words": _bool(highlight_words), "max_line_width": max_line_width, "max_line_count": max_line_count, "max_words_per_line": max_words_per_line}
+    if not words:
+        for name, value in writer_options.items():
+            if value:
+                raise typer.BadParameter(f"--{name} requires --word_timestamps True")
+    if max_line_count and not max_line_width:
+        print("--max_line_count has no effect without --max_line_width", file=sys.stderr)
+    if max_words_per_line and max_line_width:
+        print("--max_words_per_line has no effect with --max_line_width", file=sys.stderr)
     model = load(package)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
         print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
@@ -81,12 +98,15 @@ def run_cmd(
         compression_ratio_threshold=_optional(compression_ratio_threshold, float),
         logprob_threshold=_optional(logprob_threshold, float),
         no_speech_threshold=_optional(no_speech_threshold, float),
-        word_timestamps=_bool(word_timestamps),
+        word_timestamps=words,
+        prepend_punctuations=prepend_punctuations,
+        append_punctuations=append_punctuations,
         clip_timestamps=clip_timestamps,
+        hallucination_silence_threshold=hallucination_silence_threshold,
     )
     for path in audio:
         result = transcribe(model, load_audio(path), temperature=temps, verbose=is_verbose, **options)
-        write_result(result, path, output_dir, output_format)
+        write_result(result, path, output_dir, output_format, writer_options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,14 @@ class WhisperModel:
         logits = out.pop("logits").to_numpy()
         return logits, out
 
+    def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""
+        if "alignment" not in self._sig:
+            raise ValueError(f"{self.package.path} has no alignment graph (made by an older whisper-convert); convert it again for word timestamps")
+        out = self._run("alignment", {"tokens": np.ascontiguousarray(tokens, np.int64), "encoder": audio_features})
+        n_layer = self.dims["n_text_layer"]
+        return out["logits"].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
+
     def transcribe(self, audio, **options) -> dict:
         """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
         from .transcribe import transcribe

@@ -11,6 +11,7 @@ import numpy as np
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, decode, detect_language
 from .model import WhisperModel
+from .timing import add_word_timestamps, get_end
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,6 @@ def transcribe(
     **decode_options,
 ) -> dict:
     """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict."""
-    if word_timestamps or hallucination_silence_threshold is not None:
-        raise ValueError(
-            "word_timestamps (and hallucination_silence_threshold, which needs them) require the decoder's "
-            "cross-attention weights, which packages of this format version do not export"
-        )
     unknown = set(decode_options) - _DECODE_FIELDS
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}")
@@ -141,6 +137,7 @@ def transcribe(
             "no_speech_prob": result.no_speech_prob,
         }
 
+    last_speech_timestamp = 0.0
     bar = _progress(content_frames, verbose)
     while clip_idx < len(seek_clips):
         clip_start, clip_end = seek_clips[clip_idx]
@@ -172,6 +169,7 @@ def transcribe(
                 continue
 
         previous_seek = seek
+        window_end_time = float((seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE)
         current_segments: list[dict] = []
         is_ts = [t >= tokenizer.timestamp_begin for t in tokens]
         single_timestamp_ending = is_ts[-2:] == [False, True]
@@ -199,12 +197,40 @@ def transcribe(
             current_segments.append(new_segment(start=time_offset, end=time_offset + duration, tokens=tokens, result=result))
             seek += segment_size
 
+        if word_timestamps:
+            add_word_timestamps(
+                segments=current_segments,
+                model=model,
+                tokenizer=tokenizer,
+                audio_features=result.audio_features,
+                num_frames=segment_size,
+                prepend_punctuations=prepend_punctuations,
+                append_punctuations=append_punctuations,
+                last_speech_timestamp=last_speech_timestamp,
+            )
+            if not single_timestamp_ending:
+                last_word_end = get_end(current_segments)
+                if last_word_end is not None and last_word_end > time_offset:
+                    seek = round(last_word_end * FRAMES_PER_SECOND)
+            if hallucination_silence_threshold is not None:
+                skip_to = _skip_hallucinations(
+                    current_segments, hallucination_silence_threshold, single_timestamp_ending, time_offset,
+                    window_end_time, segment_duration, content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp,
+                )
+                if skip_to is not None:
+                    seek, restart = skip_to
+                    if restart:
+                        continue
+            last_word_end = get_end(current_segments)
+            if last_word_end is not None:
+                last_speech_timestamp = last_word_end
+
         if verbose:
             for s in current_segments:
                 print(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}", flush=True)
         for s in current_segments:
             if s["start"] == s["end"] or s["text"].strip() == "":
-                s["text"], s["tokens"] = "", []
+                s["text"], s["tokens"], s["words"] = "", [], []
         all_segments.extend({"id": i, **s} for i, s in enumerate(current_segments, start=len(all_segments)))
         all_tokens.extend(t for s in current_segments for t in s["tokens"])
         if not condition_on_previous_text or result.temperature > 0.5:
@@ -215,6 +241,69 @@ def transcribe(
         bar.close()
     log.debug("transcribed %.1f s of audio", content_duration)
     return {"text": tokenizer.decode(all_tokens[len(initial_prompt_tokens) :]), "segments": all_segments, "language": language}
+
+
+_PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+
+
+def _word_anomaly(word: dict) -> float:
+    probability = word.get("probability", 0.0)
+    duration = word["end"] - word["start"]
+    score = 0.0
+    if probability < 0.15:
+        score += 1.0
+    if duration < 0.133:
+        score += (0.133 - duration) * 15
+    if duration > 2.0:
+        score += duration - 2.0
+    return score
+
+
+def _is_anomaly(segment: dict | None) -> bool:
+    if segment is None or not segment["words"]:
+        return False
+    words = [w for w in segment["words"] if w["word"] not in _PUNCTUATION][:8]
+    score = sum(_word_anomaly(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def _next_words_segment(segments: list[dict]) -> dict | None:
+    return next((s for s in segments if s["words"]), None)
+
+
+def _skip_hallucinations(segments, threshold, single_timestamp_ending, time_offset, window_end_time, segment_duration,
+                         content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp):
+    """openai-whisper's hallucination_silence_threshold: a new seek, and whether to redo the window.
+    Drops anomalous segments surrounded by silence from `segments` in place; None keeps the seek."""
+    seek = None
+    if not single_timestamp_ending:
+        last_word_end = get_end(segments)
+        if last_word_end is not None and last_word_end > time_offset:
+            remaining = window_end_time - last_word_end
+            seek = round(last_word_end * FRAMES_PER_SECOND) if remaining > threshold else previous_seek + segment_size
+    first = _next_words_segment(segments)
+    if first is not None and _is_anomaly(first):
+        gap = first["start"] - time_offset
+        if gap > threshold:
+            return previous_seek + round(gap * FRAMES_PER_SECOND), True
+    hal_last_end = last_speech_timestamp
+    for si in range(len(segments)):
+        segment = segments[si]
+        if not segment["words"]:
+            continue
+        if _is_anomaly(segment):
+            following = _next_words_segment(segments[si + 1 :])
+            hal_next_start = following["words"][0]["start"] if following is not None else time_offset + segment_duration
+            silence_before = segment["start"] - hal_last_end > threshold or segment["start"] < threshold or segment["start"] - time_offset < 2.0
+            silence_after = hal_next_start - segment["end"] > threshold or _is_anomaly(following) or window_end_time - segment["end"] < 2.0
+            if silence_before and silence_after:
+                seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
+                if content_duration - segment["end"] < threshold:
+                    seek = content_frames
+                segments[si:] = []
+                break
+        hal_last_end = segment["end"]
+    return None if seek is None else (seek, False)
 
 
 def _progress(total: int, verbose: bool | None):

@@ -26,7 +26,7 @@ CASES = [
 def main() -> None:
     torch.set_num_threads(2)
     src = resolve("tiny.en")
-    model = model_from_state_dict(src.dims, src.state_dict)
+    model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
     audio = load_audio(golden.JFK_WAV)
     cases = []
     for name, options in CASES:

@@ -60,7 +60,7 @@ def reference_model():
     def get(name: str):
         if name not in cache:
             src = resolve(name)
-            cache[name] = model_from_state_dict(src.dims, src.state_dict)
+            cache[name] = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
         return cache[name]
 
     return get

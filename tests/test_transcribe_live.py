@@ -48,6 +48,12 @@ def compare(ours: dict, ref: dict) -> None:
         assert (a["start"], a["end"], a["seek"]) == (b["start"], b["end"], b["seek"])
         assert a["text"] == b["text"] and a["temperature"] == b["temperature"]
         assert abs(a["avg_logprob"] - b["avg_logprob"]) < 1e-3 and abs(a["no_speech_prob"] - b["no_speech_prob"]) < 1e-3
+        if "words" in b:
+            # the bound: each word within 20 ms (one timestamp step) of openai-whisper's
+            assert [w["word"] for w in a["words"]] == [w["word"] for w in b["words"]]
+            for wa, wb in zip(a["words"], b["words"]):
+                assert abs(wa["start"] - wb["start"]) <= 0.02 + 1e-9 and abs(wa["end"] - wb["end"]) <= 0.02 + 1e-9, (wa, wb)
+                assert abs(wa["probability"] - wb["probability"]) < 1e-3
     assert ours["text"] == ref["text"]
 
 
@@ -90,9 +96,31 @@ def test_options_follow_openai_whisper(tiny, reference_model):
     compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", without_timestamps=True, suppress_tokens="", suppress_blank=False))
 
 
+@pytest.mark.parametrize("clip", ["jfk.wav", "ls_1221-135766-0001.wav"])
+def test_word_timestamps(tiny, reference_model, clip):
+    compare(*both(tiny, reference_model("tiny.en"), clip, temperature=0.0, language="en", word_timestamps=True))
+
+
+def test_hallucination_silence_threshold(tiny, reference_model):
+    compare(*both(tiny, reference_model("tiny.en"), "mfa_acoustic_corpus_spontaneous.wav", temperature=0.0, language="en", word_timestamps=True, hallucination_silence_threshold=1.0))
+
+
+def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
+    import whisper.utils as wu
+
+    from runtime.writers import write_result
+
+    result = tiny.transcribe(load_audio(shared_audio("jfk.wav")), temperature=0.0, word_timestamps=True)
+    for i, options in enumerate([{"highlight_words": True}, {"max_line_width": 20, "max_line_count": 2}, {"max_words_per_line": 3}]):
+        ours, ref = tmp_path / f"ours{i}", tmp_path / f"ref{i}"
+        ref.mkdir()
+        write_result(result, "jfk.wav", ours, "all", options)
+        wu.get_writer("all", str(ref))(result, "jfk.wav", options)
+        for fmt in ("srt", "vtt", "txt", "tsv", "json"):
+            assert (ours / f"jfk.{fmt}").read_text() == (ref / f"jfk.{fmt}").read_text(), (fmt, options)
+
+
 def test_unsupported_inputs_say_so(tiny, tmp_path):
-    with pytest.raises(ValueError, match="word_timestamps"):
-        tiny.transcribe(np.zeros(16000, np.float32), word_timestamps=True)
     with pytest.raises(TypeError, match="unknown decoding options"):
         tiny.transcribe(np.zeros(16000, np.float32), bogus=1)
     mp3 = tmp_path / "x.mp3"

@@ -19,14 +19,21 @@ def convert_cmd(
     skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if rebuild:
+        from .convert import rebuild as rebuild_package
+
+        result = rebuild_package(Path(model), out)
+        typer.echo(f"rebuilt {result.path} for MAX {result.manifest['max_version']} in {result.timings['compile']:.1f}s")
+        return
     if print_ir:
         from . import ir, sources, trace
 
         src = sources.resolve(model)
-        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict))), nl=False)
+        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads))), nl=False)
         return
     from .convert import convert
 
@@ -51,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.package import PackageError
 
     from .convert import ConvertError
+    from .ir import TraceError
     from .lower import LoweringError
     from .sources import ModelSourceError
-    from .trace import TraceError
 
     return run_app(app, argv, "whisper-convert", (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError))
 

@@ -199,3 +199,39 @@ def compile_module_probe(program: ir.Program, session):
     mod = Module()
     taps = parity.build_probe(program, mod)
     return session.compile(mod), taps
+
+
+def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
+    """Recompile a package for this machine from its own IR and weights; no torch, no source model.
+
+    Everything but the MEF and the target fields is kept. parity.json still describes the
+    original build: the program and weights are the same, only the kernels were compiled again.
+    """
+    from max.engine import InferenceSession
+
+    pkg = package.Package.open(pkg_path)
+    program = onnx_io.from_onnx_files({n: pkg.read(n) for n in pkg.names() if n.startswith("ir/")})
+    if {g.name for g in program.graphs} != set(pkg.manifest["graphs"]):
+        raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
+    weights = pkg.weights()
+    pkg._check_weights(weights)
+    t = time.perf_counter()
+    mef = export_mef(compile_module(program, InferenceSession()))
+    elapsed = time.perf_counter() - t
+    files = {n: pkg.read(n) for n in pkg.names()}
+    files["model.mef"] = mef
+    old = pkg.manifest
+    manifest = {k: v for k, v in old.items() if k not in ("files", "format", "format_version")}
+    manifest.update(
+        max_version=package.max_version(),
+        target_cpu=package.cpu_target(),
+        rebuilt={
+            "from_max_version": old["max_version"],
+            "from_target_cpu": old["target_cpu"],
+            "at_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "note": "recompiled from the package's IR and weights; parity.json describes the original build",
+        },
+    )
+    out = Path(out or pkg_path)
+    package.write_package(out, manifest, files)
+    return ConvertResult(out, manifest, [], {"compile": elapsed})

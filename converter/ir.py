@@ -18,6 +18,10 @@ import numpy as np
 Dim = Union[int, str]
 
 
+class TraceError(RuntimeError):
+    """A PyTorch module could not be turned into IR (raised by converter.trace)."""
+
+
 @dataclass(frozen=True)
 class TensorType:
     dtype: str  # numpy dtype name: "float32", "int64"

@@ -28,7 +28,7 @@ from torch import nn
 from torch.export import Dim, export
 from whisper.model import MultiHeadAttention, TextDecoder, Whisper, disable_sdpa
 
-from .ir import Constant, Graph, Node, Program, SymDim, TensorType, Value
+from .ir import Constant, Graph, Node, Program, SymDim, TensorType, TraceError, Value
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 _DROPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default"}
 _ALIASES = {"aten.detach.default", "aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.lift_fresh_copy.default"}
 _CASTS = {"aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout"}
-
-
-class TraceError(RuntimeError):
-    pass
 
 
 def _np_dtype(dtype: torch.dtype) -> str:

@@ -144,7 +144,7 @@ class Package:
 
     def check_compatible(self) -> None:
         """Raise if this package's compiled artifact cannot run here (other MAX build or CPU)."""
-        redo = f"convert it again on this machine: `whisper-convert {self.manifest['model']['name']} --out {self.path}`"
+        redo = f"rebuild it here from its own IR and weights: `whisper-convert --rebuild {self.path}`"
         want, have = self.manifest["max_version"], max_version()
         if want != have:
             raise PackageError(f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that made it. Install max=={want}, or {redo}")

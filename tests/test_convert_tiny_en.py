@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,28 @@ def test_cli_errors_are_plain(capsys, tmp_path):
     assert err.startswith("whisper-convert: error: 'tiny.xx' is neither a model name") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
     assert main(["--bogus-flag"]) == 2
+
+
+def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
+    """--rebuild recompiles from the package's IR and weights in a process where torch cannot load,
+    and the rebuilt package transcribes as openai-whisper did (stored golden transcripts)."""
+    out = tmp_path / "rebuilt.maxpkg"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # importing torch now fails
+        from converter.cli import main
+        sys.exit(main(["--rebuild", {str(tiny_en.path)!r}, "--out", {str(out)!r}]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rebuilt, original = Package.open(out), Package.open(tiny_en.path)
+    assert rebuilt.manifest["rebuilt"]["from_max_version"] == original.manifest["max_version"]
+    assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read("ir.txt")
+    import golden
+    import runtime
+
+    stored = json.loads((Path(golden.__file__).parent / "transcripts.json").read_text())["tiny.en"]["cases"][0]
+    result = runtime.load(out).transcribe(str(golden.JFK_WAV), **stored["options"])
+    assert [s["tokens"] for s in result["segments"]] == [s["tokens"] for s in stored["segments"]]

@@ -12,6 +12,7 @@ from runtime.audio import AudioError, load_audio
 
 ENGLISH = [
     "jfk.wav",
+    "jfk.flac",
     "ls_1089-134686-0001.wav",
     "ls_1221-135766-0001.wav",
     "ls_1221-135766-0002.wav",
@@ -84,11 +85,16 @@ def test_tiny_en_long_form_beam5(tiny, reference_model):
     compare(*both(tiny, reference_model("tiny.en"), "longform_lj001_0001-0032.wav", beam_size=5, best_of=5, language="en"))
 
 
+@pytest.fixture(scope="module")
+def base(base_pkg):
+    return runtime.load(base_pkg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("clip", ALL)
-def test_base_language_detected(base_pkg, reference_model, clip):
-    model = runtime.load(base_pkg)
-    compare(*both(model, reference_model("base"), clip, temperature=0.0))
+@pytest.mark.parametrize("temperature", [0.0, FALLBACK], ids=["greedy", "fallback"])
+def test_base_language_detected(base, reference_model, clip, temperature):
+    compare(*both(base, reference_model("base"), clip, temperature=temperature))
 
 
 def test_options_follow_openai_whisper(tiny, reference_model):

@@ -291,8 +291,8 @@ class DecodingTask:
         tokens = list(self.sot_sequence)
         if o.prefix:
             prefix = tk.encode(" " + o.prefix.strip()) if isinstance(o.prefix, str) else list(o.prefix)
-            if self.sample_len is not None:
-                prefix = prefix[-(self.n_ctx // 2 - self.sample_len) :] if self.n_ctx // 2 - self.sample_len > 0 else []
+            # as openai-whisper: with the default sample_len this is prefix[-0:], the whole prefix
+            prefix = prefix[-(self.n_ctx // 2 - self.sample_len) :]
             tokens += prefix
         if o.prompt:
             prompt = tk.encode(" " + o.prompt.strip()) if isinstance(o.prompt, str) else list(o.prompt)

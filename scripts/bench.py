@@ -1,0 +1,179 @@
+"""Benchmark whisper-run against openai-whisper and faster-whisper on the same audio and options.
+
+    python scripts/bench.py --package tiny.en.maxpkg [--audio FILE] [--repeats 3] [--out bench.json]
+
+Options for every engine: greedy (beam 1), temperature 0 without fallback, language en,
+timestamps on, condition on previous text, 2 threads. Each run is its own process (one engine
+per process), engines interleaved within each repeat. Reported: min/median wall time of
+transcription (load excluded, reported apart), real-time factor, peak RSS, the ratio of
+whisper-max to each peer from the same run, whisper-max's component split (log-mel, encoder per
+window, decoder ms/token, load), and whether its tokens equal openai-whisper's.
+
+Peers are optional benchmark dependencies: `pip install faster-whisper` (CTranslate2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav"
+ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
+
+
+def _child(engine: str, package: str, audio_path: str) -> dict:
+    """Runs in its own process: load, transcribe once, report times, tokens and peak RSS."""
+    from runtime.audio import load_audio
+
+    audio = load_audio(audio_path)
+    out: dict = {"engine": engine, "duration_s": len(audio) / 16000}
+    t = time.perf_counter()
+    if engine == "whisper-max":
+        import numpy as np
+
+        import runtime
+
+        model = runtime.load(package)
+        out["load_s"] = time.perf_counter() - t
+        calls = {"decoder_s": 0.0, "decoder_calls": 0, "encoder_s": 0.0, "windows": 0}
+        step, embed = model.decoder_step, model.embed_audio
+
+        def timed_step(*a, **k):
+            t0 = time.perf_counter()
+            r = step(*a, **k)
+            calls["decoder_s"] += time.perf_counter() - t0
+            calls["decoder_calls"] += 1
+            return r
+
+        def timed_embed(*a, **k):
+            t0 = time.perf_counter()
+            r = embed(*a, **k)
+            calls["encoder_s"] += time.perf_counter() - t0
+            calls["windows"] += 1
+            return r
+
+        model.decoder_step, model.embed_audio = timed_step, timed_embed
+        t0 = time.perf_counter()
+        model.log_mel(np.asarray(audio), padding=16000 * 30)
+        out["log_mel_s"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        result = model.transcribe(audio, temperature=0.0, language="en", condition_on_previous_text=True)
+        out["wall_s"] = time.perf_counter() - t
+        out["tokens"] = [s["tokens"] for s in result["segments"]]
+        n_tokens = sum(len(s) for s in out["tokens"])
+        out["components"] = {
+            "encoder_s_per_window": calls["encoder_s"] / max(calls["windows"], 1),
+            "windows": calls["windows"],
+            "decoder_calls": calls["decoder_calls"],
+            "decoder_ms_per_call": 1000 * calls["decoder_s"] / max(calls["decoder_calls"], 1),
+            "decoder_s": calls["decoder_s"],
+            "tokens": n_tokens,
+        }
+    elif engine == "openai-whisper":
+        import torch
+        import whisper
+
+        from converter.sources import resolve
+        from converter.trace import model_from_state_dict
+
+        torch.set_num_threads(2)
+        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
+        src = resolve(manifest["model"]["name"])
+        model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
+        out["load_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = whisper.transcribe(model, audio, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=None, best_of=None)
+        out["wall_s"] = time.perf_counter() - t
+        out["tokens"] = [s["tokens"] for s in result["segments"]]
+    elif engine.startswith("faster-whisper"):
+        from faster_whisper import WhisperModel
+
+        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
+        location = manifest["source"]["location"].split(" + ")[0]
+        if manifest["source"]["kind"] != "ctranslate2":
+            raise SystemExit(f"faster-whisper needs a CTranslate2 model; {package} came from {manifest['source']['kind']}")
+        model_dir = str(Path(location).parent if location.endswith(".bin") or ".bin." in location else location)
+        compute = "int8" if engine.endswith("int8") else "float32"
+        model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
+        out["load_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        segments, _ = model.transcribe(audio, beam_size=1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
+        out["tokens"] = [list(s.tokens) for s in segments]  # the generator decodes as it is consumed
+        out["wall_s"] = time.perf_counter() - t
+    else:
+        raise SystemExit(f"unknown engine {engine}")
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--package", required=True)
+    ap.add_argument("--audio", default=str(DEFAULT_AUDIO))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--out", default=None, help="write the JSON here (the Markdown goes to stdout)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.package, args.audio)))
+        return
+
+    engines = args.engines.split(",")
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    for r in range(args.repeats):
+        for e in engines:  # interleaved: machine noise hits every engine alike
+            proc = subprocess.run([sys.executable, __file__, "--child", e, "--package", args.package, "--audio", args.audio], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"{e} failed:\n{proc.stderr[-2000:]}")
+            runs[e].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+
+    duration = runs[engines[0]][0]["duration_s"]
+    summary = {}
+    for e, rs in runs.items():
+        walls = [x["wall_s"] for x in rs]
+        summary[e] = {
+            "min_s": min(walls),
+            "median_s": statistics.median(walls),
+            "rtf": statistics.median(walls) / duration,
+            "load_s": statistics.median(x["load_s"] for x in rs),
+            "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+        }
+    ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
+    lines = [
+        f"Audio: `{Path(args.audio).name}` ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
+        f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
+        "",
+        "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) | tokens = openai-whisper |",
+        "|---|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    mx = summary.get("whisper-max")
+    for e, s in summary.items():
+        ratio = f"{s['median_s'] / mx['median_s']:.2f}x" if mx and e != "whisper-max" else "—"
+        same = "—" if ref_tokens is None or e == "openai-whisper" else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
+        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio} | {same} |")
+    if "whisper-max" in runs:
+        c = runs["whisper-max"][-1]["components"]
+        lines += [
+            "",
+            f"whisper-max components (last run): log-mel {runs['whisper-max'][-1]['log_mel_s']:.2f} s, encoder "
+            f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder {c['decoder_ms_per_call']:.2f} ms/call "
+            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary['whisper-max']['load_s']:.2f} s.",
+        ]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -74,7 +74,10 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"package load in a new process: {out['load_s']:.3f} s")
     assert out["torch"] is False
-    assert out["xa"] == [1, 1500, 384] and out["kv"] == 8
+    xkv = [o["name"] for o in Package.open(tiny_en.path).manifest["graphs"]["cross_kv"]["outputs"]]
+    # the 2 per layer cross K/V, then the values hoisted out of the decoder step (head-split, scaled)
+    assert xkv[:8] == [f"decoder.blocks.{i}.cross_attn.{kv}" for i in range(4) for kv in ("key", "value")]
+    assert out["xa"] == [1, 1500, 384] and out["kv"] == len(xkv) == 16
     # a compile would have filled the cache; loading a MEF writes nothing there
     assert [p for p in cache.rglob("*") if p.is_file()] == []
 

@@ -108,9 +108,8 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
             entries.append(compare(name, _np(val), ref[name]))
 
     # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
-    cross_ref = dict(cross)
     tok = np.array([tokens], np.int64)
-    dec_in = {"tokens": tok, **empty_cache(dec_g, 1), **cross_ref}
+    dec_in = {"tokens": tok, **empty_cache(dec_g, 1), **cross}
     dec_out, _ = run(models["decoder"], dec_g, dec_in)
     _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps["decoder"]))
     for name, val in zip(taps["decoder"], dec_taps):
@@ -127,7 +126,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     cache = empty_cache(dec_g, 1)
     got, positions = [], []
     for lo, hi in zip(bounds, bounds[1:]):
-        out, _ = run(models["decoder"], dec_g, {"tokens": tok[:, lo:hi], **cache, **cross_ref})
+        out, _ = run(models["decoder"], dec_g, {"tokens": tok[:, lo:hi], **cache, **cross})
         cache = {k: v for k, v in out.items() if k != "logits"}
         got.append(_np(out["logits"])[0])
         positions.append(hi - 1)

@@ -41,11 +41,9 @@ def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cros
     kept = [n for n in src.nodes if n.name not in moved]
     read_by_kept = {i for n in kept for i in n.inputs} | {v for _, v in src.outputs}
     frontier = [n for n in moved.values() if n.name in read_by_kept]
-    frontier_names = {n.name for n in frontier}
 
     # target: its nodes, then the moved ones reading target values instead of source inputs
-    rename = dict(dst_values)
-    hoisted = [ir.Node(n.name, n.op, tuple(rename.get(i, i) for i in n.inputs), n.attrs, n.type, n.scope) for n in moved.values()]
+    hoisted = [ir.Node(n.name, n.op, tuple(dst_values.get(i, i) for i in n.inputs), n.attrs, n.type, n.scope) for n in moved.values()]
     used_static = {i for n in moved.values() for i in n.inputs if i in static}
     dst_weights = list(dst.weights) + [w for w in src.weights if w.name in used_static and w.name not in {x.name for x in dst.weights}]
     dst_consts = list(dst.constants) + [c for c in src.constants if c.name in used_static and c.name not in {x.name for x in dst.constants}]
@@ -59,6 +57,6 @@ def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cros
                        tuple(c for c in src.constants if c.name in still_read), tuple(kept), src.outputs, src.dims)
     new_src.validate()
     new_dst.validate()
-    log.info("hoisted %d nodes from %s into %s (%d new values per window)", len(moved), source, target, len(frontier_names))
+    log.info("hoisted %d nodes from %s into %s (%d new values per window)", len(moved), source, target, len(frontier))
     graphs = tuple(new_src if g.name == source else new_dst if g.name == target else g for g in p.graphs)
     return ir.Program(graphs, p.dims)

@@ -61,12 +61,12 @@ def run_cmd(
     from . import load
     from .audio import load_audio
     from .transcribe import transcribe
-    from .writers import write_result
+    from .writers import WRITERS, write_result
 
     is_verbose = _bool(verbose)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    if output_format not in ("txt", "vtt", "srt", "tsv", "json", "all"):
-        raise typer.BadParameter(f"--output_format {output_format!r}: use txt, vtt, srt, tsv, json or all")
+    if output_format not in (*WRITERS, "all"):
+        raise typer.BadParameter(f"--output_format {output_format!r}: use {', '.join(WRITERS)} or all")
     words = _bool(word_timestamps)
     writer_options = {"highlight_words": _bool(highlight_words), "max_line_width": max_line_width, "max_line_count": max_line_count, "max_words_per_line": max_words_per_line}
     if not words:

@@ -227,11 +227,13 @@ def rank(tokens: list[list[np.ndarray]], sum_logprobs: list[list[float]], length
 # --- the task ---
 
 
-def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """Most likely language token per audio and the probability of every language."""
+def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer, cross: dict | None = None) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Most likely language token per audio and the probability of every language.
+    `cross`: the window's cross_kv outputs, when the caller has them already."""
     if not tokenizer.multilingual:
         raise ValueError("this model doesn't have language tokens so it can't perform lang id")
-    cross = model.cross_kv(audio_features)
+    if cross is None:
+        cross = model.cross_kv(audio_features)
     n = int(audio_features.shape[0])
     logits, _ = model.decoder_step(np.full((n, 1), tokenizer.sot, np.int64), model.empty_cache(n), cross)
     lang_tokens = np.array(tokenizer.all_language_tokens)
@@ -337,18 +339,18 @@ class DecodingTask:
         tk = self.tokenizer
         n_audio = mel.shape[0]
         features = self.model.embed_audio(mel)
+        cross = self.model.cross_kv(features)
         tokens = np.tile(np.array([self.initial_tokens], np.int64), (n_audio, 1))
         languages = [self.options.language] * n_audio
         lang_probs = None
         if self.options.language is None or self.options.task == "lang_id":
-            lang_tokens, lang_probs = detect_language(self.model, features, tk)
+            lang_tokens, lang_probs = detect_language(self.model, features, tk, cross)
             languages = [max(p, key=p.get) for p in lang_probs]
             if self.options.language is None:
                 tokens[:, self.sot_index + 1] = lang_tokens
         if self.options.task == "lang_id":
             return [DecodingResult(audio_features=features, language=lang, language_probs=p) for lang, p in zip(languages, lang_probs)]
 
-        cross = self.model.cross_kv(features)
         if self.n_group > 1:
             cross = self.model.select(cross, np.repeat(np.arange(n_audio), self.n_group))
         tokens = np.repeat(tokens, self.n_group, axis=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 
@@ -19,11 +18,11 @@ class WhisperModel:
         self.dims: dict = m["model"]["dims"]
         self.is_multilingual: bool = m["model"]["multilingual"]
         self.alignment_heads = m["model"]["alignment_heads"]
-        self.num_languages: int = json.loads(pkg.read("assets/tokenizer.json"))["num_languages"]
-        self._sig = {name: g for name, g in m["graphs"].items()}
+        self._sig = m["graphs"]
         self._models = pkg.load_models()
         self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
         self.tokenizer = Tokenizer.from_package(pkg)
+        self.num_languages: int = len(self.tokenizer.languages)
 
     def _run(self, graph: str, inputs: dict) -> dict:
         sig = self._sig[graph]

@@ -44,23 +44,19 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         model = runtime.load(package)
         out["load_s"] = time.perf_counter() - t
         calls = {"decoder_s": 0.0, "decoder_calls": 0, "encoder_s": 0.0, "windows": 0}
-        step, embed = model.decoder_step, model.embed_audio
 
-        def timed_step(*a, **k):
-            t0 = time.perf_counter()
-            r = step(*a, **k)
-            calls["decoder_s"] += time.perf_counter() - t0
-            calls["decoder_calls"] += 1
-            return r
+        def timed(fn, seconds: str, count: str):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                r = fn(*a, **k)
+                calls[seconds] += time.perf_counter() - t0
+                calls[count] += 1
+                return r
 
-        def timed_embed(*a, **k):
-            t0 = time.perf_counter()
-            r = embed(*a, **k)
-            calls["encoder_s"] += time.perf_counter() - t0
-            calls["windows"] += 1
-            return r
+            return wrapper
 
-        model.decoder_step, model.embed_audio = timed_step, timed_embed
+        model.decoder_step = timed(model.decoder_step, "decoder_s", "decoder_calls")
+        model.embed_audio = timed(model.embed_audio, "encoder_s", "windows")
         t0 = time.perf_counter()
         model.log_mel(np.asarray(audio), padding=16000 * 30)
         out["log_mel_s"] = time.perf_counter() - t0

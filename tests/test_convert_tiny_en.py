@@ -6,7 +6,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from converter import ir, onnx_io
 from converter.cli import main

@@ -1,7 +1,5 @@
 """Elementwise arithmetic; a Python scalar operand arrives as the `other` attribute."""
 
-from max.graph import ops
-
 from . import register
 
 

@@ -214,7 +214,7 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
     if {g.name for g in program.graphs} != set(pkg.manifest["graphs"]):
         raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
     weights = pkg.weights()
-    pkg._check_weights(weights)
+    pkg.check_weights(weights)
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t

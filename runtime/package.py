@@ -163,12 +163,12 @@ class Package:
         session = session or InferenceSession()
         compiled = engine.read(io.BytesIO(self.read("model.mef")))
         weights = self.weights()
-        self._check_weights(weights)
+        self.check_weights(weights)
         models = session.init_all(compiled, weights_registry=weights)
         models["_weights"] = weights  # MAX binds these zero-copy: keep them alive with the models
         return models
 
-    def _check_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def check_weights(self, weights: dict[str, np.ndarray]) -> None:
         # MAX does not check a bound weight's shape or dtype; the manifest says what each graph wants
         for g in self.manifest["graphs"].values():
             for w in g["weights"]:

@@ -114,4 +114,4 @@ def test_weight_shape_mismatch_is_caught(tmp_path):
     package.write_package(path, m, files)
     pkg = Package.open(path)
     with pytest.raises(PackageError, match="a.weight.*float32\\[3, 5\\].*float32\\[5, 3\\]"):
-        pkg._check_weights(pkg.weights())
+        pkg.check_weights(pkg.weights())

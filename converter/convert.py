@@ -109,7 +109,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     timings["resolve"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    program = passes.hoist_invariants(trace.trace_program(model))
+    program = passes.optimise(trace.trace_program(model))
     timings["trace"] = time.perf_counter() - t
     unused = sorted(set(src.state_dict) - set(program.weight_names()))
     if unused:

@@ -122,7 +122,12 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[ir.Graph, dict]:
 
 
 def to_onnx_files(p: ir.Program) -> dict[str, bytes]:
-    return {f"ir/{g.name}.onnx": graph_to_onnx(g, p.dims).SerializeToString() for g in p.graphs}
+    files = {}
+    for position, g in enumerate(p.graphs):
+        model = graph_to_onnx(g, p.dims)
+        helper.set_model_props(model, {**{q.key: q.value for q in model.metadata_props}, _META + "position": str(position)})
+        files[f"ir/{g.name}.onnx"] = model.SerializeToString()
+    return files
 
 
 def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
@@ -130,8 +135,10 @@ def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
     for name in sorted(files):
         model = onnx.load_from_string(files[name])
         g, dims = graph_from_onnx(model)
-        graphs.append(g)
-    order = {"encoder": 0, "cross_kv": 1, "decoder": 2, "alignment": 3}
-    graphs.sort(key=lambda g: order.get(g.name, len(order)))
-    return ir.Program(tuple(graphs), dims)
+        props = {q.key: q.value for q in model.metadata_props}
+        # the program's graph order; packages from before it was recorded used this fixed one
+        position = int(props.get(_META + "position", {"encoder": 0, "cross_kv": 1, "decoder": 2, "alignment": 3}.get(g.name, 9)))
+        graphs.append((position, g))
+    graphs.sort(key=lambda pg: pg[0])
+    return ir.Program(tuple(g for _, g in graphs), dims)
 

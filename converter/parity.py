@@ -80,12 +80,36 @@ def _np(x) -> np.ndarray:
 
 
 def empty_cache(g: ir.Graph, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length self-attention caches for a first decoder call."""
+    """Zero-length self-attention caches for a first decoder call, in the graph's cache layout."""
     out = {}
     for v in g.inputs:
-        if v.type.shape[1:2] == ("past",):
-            out[v.name] = np.zeros((batch, 0, v.type.shape[2]), np.dtype(v.type.dtype))
+        if "past" in v.type.shape:
+            shape = [batch if d == "batch" else 0 if d == "past" else d for d in v.type.shape]
+            out[v.name] = np.zeros(shape, np.dtype(v.type.dtype))
     return out
+
+
+def cache_form(g: ir.Graph, cache_output: str, ref: np.ndarray) -> np.ndarray:
+    """The reference cache (batch, positions, d) in the form graph `g` stores it.
+
+    passes.sink_cache_layout moves the head split, permute and scale of the new rows in front of
+    the concatenation; this replays those nodes (view, permute, mul by a constant) on the
+    reference, so the stored cache is compared element for element."""
+    producer = {n.name: n for n in g.nodes}
+    cat = producer[dict(g.outputs)[cache_output]]
+    chain, cur = [], producer.get(cat.inputs[1])
+    while cur is not None and cur.op in ("aten.view.default", "aten.permute.default", "aten.mul.Tensor"):
+        chain.append(cur)
+        cur = producer.get(cur.inputs[0])
+    x = np.asarray(ref)
+    for n in reversed(chain):
+        if n.op == "aten.view.default":
+            x = x.reshape(x.shape[:2] + tuple(d for d in n.type.shape[2:]))
+        elif n.op == "aten.permute.default":
+            x = np.transpose(x, [d % x.ndim for d in n.attr("dims")])
+        else:
+            x = (x * np.float32(n.attr("other"))).astype(np.float32)
+    return x
 
 
 def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int]) -> list[Entry]:
@@ -116,21 +140,29 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         entries.append(compare(name, _np(val), ref[name]))
     for name, val in dec_out.items():
         if name != "logits":
-            entries.append(compare(name, _np(val), ref[name]))
+            entries.append(compare(name, _np(val), cache_form(dec_g, name, ref[name])))
     entries.append(compare("logits", _np(dec_out["logits"]), ref["logits"]))
 
     # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
-    # logits of each call's last position against the reference at that position
+    # logits of each call's last position against the reference at that position. Once through
+    # the general decoder alone (what beam search and batches run), once as the runtime calls it
+    # (single tokens through the specialised decoder_step when the program has one).
     bounds = [0, 1, 3] + list(range(4, len(tokens) + 1))
     bounds = [b for b in bounds if b <= len(tokens)]
-    cache = empty_cache(dec_g, 1)
-    got, positions = [], []
-    for lo, hi in zip(bounds, bounds[1:]):
-        out, _ = run(models["decoder"], dec_g, {"tokens": tok[:, lo:hi], **cache, **cross})
-        cache = {k: v for k, v in out.items() if k != "logits"}
-        got.append(_np(out["logits"])[0])
-        positions.append(hi - 1)
-    entries.append(compare("logits.incremental", np.stack(got), ref["logits.all"][positions]))
+    positions = [hi - 1 for hi in bounds[1:]]
+    names = [g.name for g in program.graphs]
+    routes = {"logits.incremental.decoder": False}
+    if "decoder_step" in names:
+        routes["logits.incremental"] = True
+    for entry_name, use_step in routes.items():
+        cache = empty_cache(dec_g, 1)
+        got = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            gname = "decoder_step" if use_step and hi - lo == 1 else "decoder"
+            out, _ = run(models[gname], program.graph(gname), {"tokens": tok[:, lo:hi], **cache, **cross})
+            cache = {k: v for k, v in out.items() if k != "logits"}
+            got.append(_np(out["logits"])[0])
+        entries.append(compare(entry_name, np.stack(got), ref["logits.all"][positions]))
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+
+import sympy
 
 from . import ir
 
@@ -60,3 +63,219 @@ def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cros
     log.info("hoisted %d nodes from %s into %s (%d new values per window)", len(moved), source, target, len(frontier))
     graphs = tuple(new_src if g.name == source else new_dst if g.name == target else g for g in p.graphs)
     return ir.Program(graphs, p.dims)
+
+
+def _consumers(g: ir.Graph) -> dict[str, list[ir.Node]]:
+    users: dict[str, list[ir.Node]] = {}
+    for n in g.nodes:
+        for i in dict.fromkeys(i for i in n.inputs if i):
+            users.setdefault(i, []).append(n)
+    return users
+
+
+def _replace_graph(p: ir.Program, g: ir.Graph) -> ir.Program:
+    g.validate()
+    return ir.Program(tuple(g if x.name == g.name else x for x in p.graphs), p.dims)
+
+
+def _drop_dead(nodes: list[ir.Node], outputs) -> list[ir.Node]:
+    live = {v for _, v in outputs}
+    kept = []
+    for n in reversed(nodes):
+        if n.name in live:
+            kept.append(n)
+            live.update(i for i in n.inputs if i)
+    return kept[::-1]
+
+
+_NO_OP_SLICE_END = 2**62
+
+
+def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
+    """`matmul(x, W)[:, -1]` -> `matmul(x[:, -1], W)`: project only the position that is returned.
+
+    The traced decoder projects every position onto the vocabulary and then keeps the last, so a
+    200-token prompt costs 200 vocabulary products instead of one. Selecting a row of the left
+    operand before a matrix product gives the same row of the result, computed by the same dot
+    products.
+    """
+    g = p.graph(graph)
+    producer = {n.name: n for n in g.nodes}
+    users = _consumers(g)
+    nodes = list(g.nodes)
+    renamed: dict[str, str] = {}
+    for sel in g.nodes:
+        if sel.op != "aten.select.int" or sel.attr("dim") != 1 or sel.attr("index") != -1:
+            continue
+        src = producer.get(sel.inputs[0])
+        # skip a whole-range slice on the batch axis (torch writes logits[:, -1] that way)
+        if src is not None and src.op == "aten.slice.Tensor" and src.attr("dim") == 0 and src.attr("start") in (0, None) \
+                and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= _NO_OP_SLICE_END)):
+            src = producer.get(src.inputs[0])
+        if src is None or src.op != "aten.matmul.default" or len(src.type.shape) != 3 or len(users.get(src.name, [])) != 1:
+            continue
+        x_name, w_name = src.inputs
+        w_type = g.types()[w_name]
+        if len(w_type.shape) != 2:
+            continue
+        x_type = g.types()[x_name]
+        row = ir.Node(f"{src.name}/row", "aten.select.int", (x_name,), (("dim", 1), ("index", -1)),
+                      ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])), src.scope)
+        mm = ir.Node(f"{src.name}/last", "aten.matmul.default", (row.name, w_name), (),
+                     ir.TensorType(src.type.dtype, (x_type.shape[0], w_type.shape[1])), src.scope)
+        nodes.insert(nodes.index(src), row)
+        nodes.insert(nodes.index(src), mm)
+        renamed[sel.name] = mm.name
+    if not renamed:
+        return p
+    outputs = tuple((o, renamed.get(v, v)) for o, v in g.outputs)
+    nodes = [ir.Node(n.name, n.op, tuple(renamed.get(i, i) for i in n.inputs), n.attrs, n.type, n.scope) for n in nodes]
+    nodes = _drop_dead(nodes, outputs)
+    log.info("last-position logits in %s: %d projection(s) narrowed to one row", graph, len(renamed))
+    return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), outputs, g.dims))
+
+
+def _row_local(n: ir.Node, in_type: ir.TensorType, axis: int) -> int | None:
+    """Where the sequence axis `axis` goes through `n`, if `n` treats every position alike and
+    independently (so it can run on each concatenated part alone); None if it does not."""
+    if n.op in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"):
+        out = n.type.shape
+        # only splits dims after the sequence axis: leading dims and the axis itself unchanged
+        if len(out) >= len(in_type.shape) and tuple(out[: axis + 1]) == tuple(in_type.shape[: axis + 1]):
+            return axis
+        return None
+    if n.op == "aten.permute.default":
+        dims = [d % len(in_type.shape) for d in n.attr("dims")]
+        return dims.index(axis)
+    if n.op == "aten.mul.Tensor" and len([i for i in n.inputs if i]) == 1 and isinstance(n.attr("other"), (int, float)):
+        return axis
+    return None
+
+
+def _subst(value, old: str, new: ir.Dim):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_subst(v, old, new) for v in value)
+    return new if value == old else value
+
+
+def sink_cache_layout(p: ir.Program, graph: str = "decoder") -> ir.Program:
+    """Store each self-attention cache in the form attention reads it (head-major, key pre-scaled).
+
+    The traced step appends the new keys to the cache, `cat(cache, new)`, then splits heads,
+    permutes and scales the whole result on every call: work that grows with the cache. When the
+    ops after the concatenation act on each position independently (a head split, a permute, a
+    multiplication by a constant), they give the same result applied to each part before it.
+    This pass moves them onto the new rows only; the cache input and output then hold the
+    transformed tensor, which the runtime treats as opaque state (zero-length at the start).
+    """
+    g = p.graph(graph)
+    users = _consumers(g)
+    output_of = {v: o for o, v in g.outputs}
+    types = g.types()
+    nodes = list(g.nodes)
+    new_inputs = {v.name: v for v in g.inputs}
+    changed = 0
+    for c in g.inputs:
+        cat_users = users.get(c.name, [])
+        if len(c.type.shape) != 3 or len(cat_users) != 1:
+            continue
+        cat = cat_users[0]
+        if cat.op != "aten.cat.default" or cat.inputs[0] != c.name or len(cat.inputs) != 2 or cat.attr("dim") % 3 != 1 or cat.name not in output_of:
+            continue
+        new = cat.inputs[1]
+        axis, chain, cur_type, cur = 1, [], cat.type, cat.name
+        while True:
+            nxt = users.get(cur, [])
+            if len(nxt) != 1:
+                break
+            moved_axis = _row_local(nxt[0], cur_type, axis)
+            if moved_axis is None:
+                break
+            chain.append(nxt[0])
+            axis, cur_type, cur = moved_axis, nxt[0].type, nxt[0].name
+        if not chain:
+            continue
+        total, part = cat.type.shape[1], types[new].shape[1]
+        past = c.type.shape[1]
+        # the new rows go through the chain; the concatenation moves to its end
+        moved = []
+        prev = new
+        for n in chain:
+            t = ir.TensorType(n.type.dtype, tuple(_subst(n.type.shape, total, part)))
+            ins = tuple(prev if i == (moved[-1].name if moved else cat.name) else i for i in n.inputs)
+            moved.append(ir.Node(n.name, n.op, ins, tuple((k, _subst(v, total, part)) for k, v in n.attrs), t, n.scope))
+            prev = n.name
+        last = chain[-1]
+        new_cat = ir.Node(cat.name, cat.op, (c.name, last.name), (("dim", axis),), last.type, cat.scope)
+        new_inputs[c.name] = ir.Value(c.name, ir.TensorType(c.type.dtype, tuple(_subst(last.type.shape, total, past))))
+        chain_names = {n.name for n in chain}
+        rebuilt = []
+        for n in nodes:
+            if n.name in chain_names:
+                continue
+            if n.name == cat.name:
+                rebuilt.extend(moved)
+                rebuilt.append(new_cat)
+                continue
+            rebuilt.append(ir.Node(n.name, n.op, tuple(cat.name if i == last.name else i for i in n.inputs), n.attrs, n.type, n.scope))
+        nodes = rebuilt
+        users = {k: v for k, v in _consumers(ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims)).items()}
+        changed += 1
+    if not changed:
+        return p
+    log.info("cache layout in %s: %d caches stored in the form attention reads", graph, changed)
+    inputs = tuple(new_inputs[v.name] for v in g.inputs)
+    return _replace_graph(p, ir.Graph(g.name, inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
+
+
+def _dim_subst(expr, values: dict[str, int], names: set[str]):
+    """A dim expression with some symbols fixed; other attributes pass through unchanged."""
+    if isinstance(expr, (list, tuple)):
+        return type(expr)(_dim_subst(e, values, names) for e in expr)
+    if not isinstance(expr, str) or not (set(re.findall(r"[A-Za-z_]\w*", expr)) & set(values)):
+        return expr
+    if not set(re.findall(r"[A-Za-z_]\w*", expr)) <= names:
+        return expr  # a string attribute that merely contains a dim's name
+    out = sympy.sympify(expr).subs({sympy.Symbol(k): v for k, v in values.items()})
+    return int(out) if out.is_Integer else str(out)
+
+
+def specialise(p: ir.Program, graph: str, values: dict[str, int], name: str) -> ir.Program:
+    """Add a copy of `graph` named `name` with symbolic dims fixed (`{"batch": 1, "n": 1}`).
+
+    Static sizes let lowering pick kernels for the shape at hand: a decoder step for one sequence
+    and one token is a chain of matrix-vector products, which are memory-bound and lower better
+    than general matrix products (see converter/lower/linear.py).
+    """
+    g = p.graph(graph)
+    names = {d.name for d in g.dims}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"graph {graph} has no dims {sorted(unknown)} (has {sorted(names)})")
+    for d in g.dims:
+        v = values.get(d.name)
+        if v is not None and (v < d.min or (d.max is not None and v > d.max)):
+            raise ValueError(f"{graph}: {d.name}={v} is outside [{d.min}, {d.max}]")
+    sub = lambda t: ir.TensorType(t.dtype, tuple(_dim_subst(d, values, names) for d in t.shape))  # noqa: E731
+    spec = ir.Graph(
+        name,
+        tuple(ir.Value(v.name, sub(v.type)) for v in g.inputs),
+        g.weights,
+        g.constants,
+        tuple(ir.Node(n.name, n.op, n.inputs, tuple((k, _dim_subst(v, values, names)) for k, v in n.attrs), sub(n.type), n.scope) for n in g.nodes),
+        g.outputs,
+        tuple(d for d in g.dims if d.name not in values),
+    )
+    spec.validate()
+    graphs = list(p.graphs)
+    graphs.insert(graphs.index(g) + 1, spec)
+    return ir.Program(tuple(graphs), p.dims)
+
+
+def optimise(p: ir.Program) -> ir.Program:
+    """The pipeline packages ship: hoist per-window work, narrow the logits, cache in attention's
+    layout, and a step graph specialised to one sequence and one token."""
+    p = hoist_invariants(p)
+    p = last_position_logits(p)
+    p = sink_cache_layout(p)
+    return specialise(p, "decoder", {"batch": 1, "n": 1}, "decoder_step")

@@ -20,6 +20,7 @@ class WhisperModel:
         self.alignment_heads = m["model"]["alignment_heads"]
         self._sig = m["graphs"]
         self._models = pkg.load_models()
+        self._has_step = "decoder_step" in self._sig
         self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
         self.tokenizer = Tokenizer.from_package(pkg)
         self.num_languages: int = len(self.tokenizer.languages)
@@ -47,12 +48,27 @@ class WhisperModel:
         return [o["name"] for o in self._sig["decoder"]["outputs"] if o["name"] != "logits"]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        d = self.dims["n_text_state"]
-        return {name: np.zeros((batch, 0, d), np.float32) for name in self.self_cache_names()}
+        """Zero-length self-attention caches, in the layout the decoder declares for them
+        (the converter may store them head-major; the runtime treats them as opaque state)."""
+        shapes = {i["name"]: i for i in self._sig["decoder"]["inputs"]}
+        cache = {}
+        for name in self.self_cache_names():
+            sig = shapes[name]
+            shape = [batch if d == "batch" else 0 if d == "past" else d for d in sig["shape"]]
+            if not all(isinstance(d, int) for d in shape):
+                raise ValueError(f"{self.package.path}: cache input {name} has shape {sig['shape']}; expected dims batch, past and sizes")
+            cache[name] = np.zeros(shape, np.dtype(sig["dtype"]))
+        return cache
 
     def decoder_step(self, tokens: np.ndarray, cache: dict, cross: dict) -> tuple[np.ndarray, dict]:
-        """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens)."""
-        out = self._run("decoder", {"tokens": np.ascontiguousarray(tokens, np.int64), **cache, **cross})
+        """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens).
+
+        One token of one sequence runs `decoder_step`, the graph specialised to that shape, when
+        the package has it; anything else runs the general `decoder`. Both read and write the
+        same cache layout."""
+        tokens = np.ascontiguousarray(tokens, np.int64)
+        graph = "decoder_step" if tokens.shape == (1, 1) and self._has_step else "decoder"
+        out = self._run(graph, {"tokens": tokens, **cache, **cross})
         logits = out.pop("logits").to_numpy()
         return logits, out
 

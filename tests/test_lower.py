@@ -16,7 +16,8 @@ from whisper.model import Conv1d, LayerNorm, Linear
 
 from converter import ir
 from converter.lower import LoweringError, lower_graph, register
-from converter.passes import hoist_invariants
+from converter.parity import empty_cache
+from converter.passes import optimise
 from converter.trace import to_ir, trace_program
 
 TOL = 1e-5
@@ -51,7 +52,7 @@ def compiled():
 
     torch.manual_seed(0)
     model = tiny_whisper()
-    program = hoist_invariants(trace_program(model))  # the form packages ship
+    program = optimise(trace_program(model))  # the form packages ship
     micro = Micro().eval()
     with torch.no_grad():
         ep = export(micro, (torch.randn(2, 4, 9),), dynamic_shapes=({0: Dim("batch", min=2)},))
@@ -92,29 +93,55 @@ def test_cross_kv(compiled):
             close(outs[2 * i + 1].to_numpy(), b.cross_attn.value(torch.from_numpy(xa)).numpy())
 
 
+def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=None):
+    """Logits of each chunk's last position, feeding each call's cache to the next; single-token
+    calls go to `step_graph` when given (the runtime's dispatch)."""
+    g = program.graph("decoder")
+    cross = models["cross_kv"].execute(xa)
+    cross = {name: cross[i] for i, (name, _) in enumerate(program.graph("cross_kv").outputs)}
+    cache = empty_cache(g, tokens.shape[0])
+    pos, got = 0, []
+    for n in chunks:
+        gname = step_graph if step_graph and n == 1 else "decoder"
+        gi = program.graph(gname)
+        feed = {"tokens": np.ascontiguousarray(tokens[:, pos : pos + n]), **cache, **cross}
+        outs = models[gname].execute(*[feed[v.name] for v in gi.inputs])
+        pos += n
+        got.append((pos, outs[0].to_numpy()))
+        cache = {name: outs[i] for i, (name, _) in enumerate(gi.outputs) if name != "logits"}
+        # head-major cache: (batch, heads, positions, head dim)
+        h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
+        assert all(c.to_numpy().shape == (tokens.shape[0], h, pos, d // h) for c in cache.values())
+    return got
+
+
 @pytest.mark.parametrize("chunks", [[5], [1, 1, 1, 1, 1], [1, 2, 2], [3, 1, 1], [2, 3]])
 def test_decoder_step_with_cache(compiled, chunks):
     """Prefill and incremental calls (embedding, offset positions, offset causal mask, cache concat)
     give the logits of a full-sequence openai-whisper decoder pass, for batch 2."""
     model, _, program, models, _ = compiled
-    g = program.graph("decoder")
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, TINY_DIMS["n_vocab"], (2, sum(chunks))).astype(np.int64)
     xa = rng.standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
     with torch.no_grad():
         ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
-    cross = models["cross_kv"].execute(xa)
-    cross = {name: cross[i] for i, (name, _) in enumerate(program.graph("cross_kv").outputs)}
-    d = TINY_DIMS["n_text_state"]
-    cache = {v.name: np.zeros((2, 0, d), np.float32) for v in g.inputs if v.type.shape[1:2] == ("past",)}
-    pos = 0
-    for n in chunks:
-        feed = {"tokens": np.ascontiguousarray(tokens[:, pos : pos + n]), **cache, **cross}
-        outs = models["decoder"].execute(*[feed[v.name] for v in g.inputs])
-        pos += n
-        close(outs[0].to_numpy(), ref[:, pos - 1])
-        cache = {name: outs[i] for i, (name, _) in enumerate(g.outputs) if name != "logits"}
-        assert all(c.to_numpy().shape == (2, pos, d) for c in cache.values())
+    for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks):
+        close(logits, ref[:, pos - 1])
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1, 1], [3, 1, 1, 1]])
+def test_specialised_single_token_step(compiled, chunks):
+    """decoder_step (batch 1, one token, matrix-vector lowering) continues the general decoder's
+    cache and gives openai-whisper's logits."""
+    model, _, program, models, _ = compiled
+    assert {v.type.shape[:2] for v in program.graph("decoder_step").inputs if v.name == "tokens"} == {(1, 1)}
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, TINY_DIMS["n_vocab"], (1, sum(chunks))).astype(np.int64)
+    xa = rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    with torch.no_grad():
+        ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
+    for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks, step_graph="decoder_step"):
+        close(logits, ref[:, pos - 1])
 
 
 def test_missing_lowering_names_op_and_module():

@@ -1,10 +1,11 @@
 """IR passes: what hoisting moves, and that the graphs stay well formed. (Numerical equality of the
-hoisted program with PyTorch is checked by test_lower, which compiles the hoisted form.)"""
+optimised program with PyTorch is checked by test_lower, which compiles the hoisted form.)"""
 
-from tiny_model import tiny_whisper
+import pytest
+from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir
-from converter.passes import hoist_invariants
+from converter.passes import hoist_invariants, optimise, specialise
 from converter.trace import trace_program
 
 
@@ -26,3 +27,45 @@ def test_hoist_moves_cross_kv_preparation_out_of_the_step():
     # other graphs untouched; idempotent
     assert ir.format_graph(after.graph("encoder")) == ir.format_graph(before.graph("encoder"))
     assert ir.format_program(hoist_invariants(after)) == ir.format_program(after)
+
+
+def _whole_cache_ops(g: ir.Graph) -> set[str]:
+    """Ops whose result spans the grown cache (n + past positions)."""
+    return {n.op for n in g.nodes if "n + past" in map(str, n.type.shape)}
+
+
+def test_optimise_pipeline():
+    before = hoist_invariants(trace_program(tiny_whisper()))
+    after = optimise(trace_program(tiny_whisper()))
+    dec, d0 = after.graph("decoder"), before.graph("decoder")
+    v = TINY_DIMS["n_vocab"]
+    # logits: one vocabulary product for the last position, none over every position
+    assert [t.shape for t in [d0.types()[dict(d0.outputs)["logits"]]]] == [("batch", v)]
+    assert any(n.type.shape == ("batch", "n", v) for n in d0.nodes)
+    assert not any(n.type.shape == ("batch", "n", v) for n in dec.nodes)
+    logits = dec.types()[dict(dec.outputs)["logits"]]
+    assert logits.shape == ("batch", v)
+    # caches: stored head-major, so the head split/permute/scale run on the new rows only
+    h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
+    caches = [x for x in dec.inputs if "past" in x.type.shape]
+    assert len(caches) == 2 * TINY_DIMS["n_text_layer"]
+    assert all(x.type.shape == ("batch", h, "past", d // h) for x in caches)
+    assert {"aten.view.default", "aten.permute.default", "aten.mul.Tensor"} <= _whole_cache_ops(d0)
+    # left: the concatenation, attention itself and the causal mask slice
+    assert _whole_cache_ops(dec) == {"aten.cat.default", "aten.transpose.int", "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.slice.Tensor"}
+    # the step graph: the decoder with batch = n = 1 and nothing else changed
+    step = after.graph("decoder_step")
+    assert [dm.name for dm in step.dims] == ["past"]
+    assert dict((x.name, x.type.shape) for x in step.inputs)["tokens"] == (1, 1)
+    assert [n.op for n in step.nodes] == [n.op for n in dec.nodes]
+    assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n "))
+    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_step", "alignment"]
+    assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
+
+
+def test_specialise_rejects_unknown_or_out_of_range_dims():
+    p = trace_program(tiny_whisper())
+    with pytest.raises(ValueError, match="no dims"):
+        specialise(p, "decoder", {"frames": 1}, "x")
+    with pytest.raises(ValueError, match="outside"):
+        specialise(p, "decoder", {"n": 0}, "x")

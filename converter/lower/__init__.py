@@ -74,6 +74,15 @@ class LoweringContext:
         self.device = device
         # values also held in channels-last form (conv stem), so a later permute back is free
         self.nwc: dict[str, TensorValue] = {}
+        self.env: dict[str, TensorValue] = {}  # IR value name -> MAX value, filled while lowering
+        self._producers = {n.name: n for n in graph.nodes}
+
+    def producer(self, name: str) -> ir.Node | None:
+        """The IR node that computes `name` (None for inputs, weights and constants)."""
+        return self._producers.get(name)
+
+    def value(self, name: str) -> TensorValue:
+        return self.env[name]
 
     def shape(self, t: ir.TensorType) -> list:
         return [parse_dim(d) for d in t.shape]
@@ -115,7 +124,8 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
     verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
     kwargs = {"module": module} if module is not None else {}
     with Graph(name or g.name, input_types=in_types, **kwargs) as mg:
-        env: dict[str, TensorValue] = {v.name: mg.inputs[i].tensor for i, v in enumerate(g.inputs)}
+        env = ctx.env
+        env.update({v.name: mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
         for w in g.weights:
             env[w.name] = mg.add_weight(Weight(w.name, DType.from_numpy(np.dtype(w.type.dtype)), ctx.shape(w.type), device))
         for c in g.constants:

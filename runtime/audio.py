@@ -71,20 +71,27 @@ def pad_or_trim(array: np.ndarray, length: int, axis: int = -1) -> np.ndarray:
     return array
 
 
+_MEL_BLOCK = 2048  # frames per block (20 s of audio; ~3 MB of spectrum)
+
+
 def log_mel_spectrogram(audio: np.ndarray, filters: np.ndarray, padding: int = 0) -> np.ndarray:
     """(n_mels, n_frames) float32: |STFT|² (periodic Hann, centre reflect-padded) through the
     mel filters, log10 clamped at 1e-10, floored 8 below the maximum, scaled to (x + 4) / 4.
 
-    The maximum is over the whole (padded) input, so a long file is transformed in one piece.
+    The maximum is over the whole (padded) input, so a long file is transformed in one piece, in
+    blocks of frames: each block's spectrum is reduced to mel bands while it is in cache, instead
+    of materialising (and page-faulting) the spectrum of the whole file. The result is identical.
     """
     x = np.pad(np.asarray(audio, np.float32), (0, padding))
     x = np.pad(x, (N_FFT // 2, N_FFT // 2), mode="reflect")
-    n_frames = 1 + (len(x) - N_FFT) // HOP_LENGTH
-    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH][:n_frames]
+    n_frames = (len(x) - N_FFT) // HOP_LENGTH  # the last frame is dropped, as openai-whisper does
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH]
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
-    spec = np.fft.rfft(frames * window, axis=-1)[:-1]  # drop the last frame, as openai-whisper does
-    magnitudes = (spec.real**2 + spec.imag**2).astype(np.float32).T
-    mel = filters @ magnitudes
+    mel = np.empty((filters.shape[0], n_frames), np.float32)
+    for start in range(0, n_frames, _MEL_BLOCK):
+        stop = min(start + _MEL_BLOCK, n_frames)
+        spec = np.fft.rfft(frames[start:stop] * window, axis=-1)
+        mel[:, start:stop] = filters @ (spec.real**2 + spec.imag**2).astype(np.float32).T
     log_spec = np.log10(np.maximum(mel, 1e-10))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)

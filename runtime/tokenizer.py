@@ -57,7 +57,8 @@ class Tokenizer:
     def with_language(self, language: str | None, task: str | None) -> "Tokenizer":
         """The same vocabulary with another language/task (shares the tiktoken encoding)."""
         new = object.__new__(Tokenizer)
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual")})
+        self.non_speech_tokens  # computed once here, not once per window by each copy
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "non_speech_tokens")})  # language-independent
         new._configure(language, task)
         return new
 

@@ -115,3 +115,17 @@ def test_weight_shape_mismatch_is_caught(tmp_path):
     pkg = Package.open(path)
     with pytest.raises(PackageError, match="a.weight.*float32\\[3, 5\\].*float32\\[5, 3\\]"):
         pkg.check_weights(pkg.weights())
+
+
+def test_damaged_weights_are_refused(tmp_path):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("weights.bin")
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    raw[start + 7] ^= 0xFF  # one bit pattern inside a.weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match="weights.bin is damaged"):
+        Package.open(path).weights()

@@ -51,6 +51,9 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
                 r = fn(*a, **k)
                 calls[seconds] += time.perf_counter() - t0
                 calls[count] += 1
+                if count == "decoder_calls" and "first_token_s" not in out and "WHISPER_MAX_BENCH_SPAWN" in os.environ:
+                    # process start (the parent's clock just before spawning) to the first token's logits
+                    out["first_token_s"] = time.time() - float(os.environ["WHISPER_MAX_BENCH_SPAWN"])
                 return r
 
             return wrapper
@@ -128,6 +131,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="2")
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
+            env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
             proc = subprocess.run([sys.executable, __file__, "--child", e, "--package", args.package, "--audio", args.audio], capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise SystemExit(f"{e} failed:\n{proc.stderr[-2000:]}")
@@ -145,6 +149,8 @@ def main() -> None:
             "load_s": statistics.median(x["load_s"] for x in rs),
             "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
         }
+        if all("first_token_s" in x for x in rs):
+            summary[e]["first_token_s"] = statistics.median(x["first_token_s"] for x in rs)
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
     lines = [
         f"Audio: `{Path(args.audio).name}` ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
@@ -164,7 +170,8 @@ def main() -> None:
             "",
             f"whisper-max components (last run): log-mel {runs['whisper-max'][-1]['log_mel_s']:.2f} s, encoder "
             f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder {c['decoder_ms_per_call']:.2f} ms/call "
-            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary['whisper-max']['load_s']:.2f} s.",
+            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary['whisper-max']['load_s']:.2f} s, "
+            f"start-up (process start to first token, median) {summary['whisper-max'].get('first_token_s', float('nan')):.2f} s.",
         ]
     print("\n".join(lines))
     if args.out:

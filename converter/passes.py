@@ -102,6 +102,7 @@ def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
     g = p.graph(graph)
     producer = {n.name: n for n in g.nodes}
     users = _consumers(g)
+    types = g.types()
     nodes = list(g.nodes)
     renamed: dict[str, str] = {}
     for sel in g.nodes:
@@ -115,10 +116,10 @@ def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
         if src is None or src.op != "aten.matmul.default" or len(src.type.shape) != 3 or len(users.get(src.name, [])) != 1:
             continue
         x_name, w_name = src.inputs
-        w_type = g.types()[w_name]
+        w_type = types[w_name]
         if len(w_type.shape) != 2:
             continue
-        x_type = g.types()[x_name]
+        x_type = types[x_name]
         row = ir.Node(f"{src.name}/row", "aten.select.int", (x_name,), (("dim", 1), ("index", -1)),
                       ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])), src.scope)
         mm = ir.Node(f"{src.name}/last", "aten.matmul.default", (row.name, w_name), (),
@@ -198,13 +199,12 @@ def sink_cache_layout(p: ir.Program, graph: str = "decoder") -> ir.Program:
         total, part = cat.type.shape[1], types[new].shape[1]
         past = c.type.shape[1]
         # the new rows go through the chain; the concatenation moves to its end
-        moved = []
-        prev = new
-        for n in chain:
-            t = ir.TensorType(n.type.dtype, tuple(_subst(n.type.shape, total, part)))
-            ins = tuple(prev if i == (moved[-1].name if moved else cat.name) else i for i in n.inputs)
-            moved.append(ir.Node(n.name, n.op, ins, tuple((k, _subst(v, total, part)) for k, v in n.attrs), t, n.scope))
-            prev = n.name
+        # (only the first chain node reads the concatenation; the rest keep their inputs)
+        moved = [
+            ir.Node(n.name, n.op, tuple(new if i == cat.name else i for i in n.inputs), tuple((k, _subst(v, total, part)) for k, v in n.attrs),
+                    ir.TensorType(n.type.dtype, tuple(_subst(n.type.shape, total, part))), n.scope)
+            for n in chain
+        ]
         last = chain[-1]
         new_cat = ir.Node(cat.name, cat.op, (c.name, last.name), (("dim", axis),), last.type, cat.scope)
         new_inputs[c.name] = ir.Value(c.name, ir.TensorType(c.type.dtype, tuple(_subst(last.type.shape, total, past))))
@@ -219,7 +219,7 @@ def sink_cache_layout(p: ir.Program, graph: str = "decoder") -> ir.Program:
                 continue
             rebuilt.append(ir.Node(n.name, n.op, tuple(cat.name if i == last.name else i for i in n.inputs), n.attrs, n.type, n.scope))
         nodes = rebuilt
-        users = {k: v for k, v in _consumers(ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims)).items()}
+        users = _consumers(ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
         changed += 1
     if not changed:
         return p

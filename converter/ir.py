@@ -17,6 +17,9 @@ import numpy as np
 
 Dim = Union[int, str]
 
+# torch writes an open slice end (`x[a:]`) as sys.maxsize; any end at least this large means "to the end"
+OPEN_END = 2**62
+
 
 class TraceError(RuntimeError):
     """A PyTorch module could not be turned into IR (raised by converter.trace)."""

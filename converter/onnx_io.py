@@ -57,7 +57,7 @@ def _attr_value(a: onnx.AttributeProto):
     return a.name, v
 
 
-def graph_to_onnx(g: ir.Graph, model_dims: dict) -> onnx.ModelProto:
+def graph_to_onnx(g: ir.Graph, model_dims: dict, position: int = 0) -> onnx.ModelProto:
     types = g.types()
     nodes = []
     for n in g.nodes:
@@ -84,6 +84,7 @@ def graph_to_onnx(g: ir.Graph, model_dims: dict) -> onnx.ModelProto:
             _META + "outputs": json.dumps([list(o) for o in g.outputs]),
             _META + "dims": json.dumps([[d.name, d.min, d.max] for d in g.dims]),
             _META + "model_dims": json.dumps(model_dims, sort_keys=True),
+            _META + "position": str(position),  # the graph's place in the program
         },
     )
     return model
@@ -122,12 +123,7 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[ir.Graph, dict]:
 
 
 def to_onnx_files(p: ir.Program) -> dict[str, bytes]:
-    files = {}
-    for position, g in enumerate(p.graphs):
-        model = graph_to_onnx(g, p.dims)
-        helper.set_model_props(model, {**{q.key: q.value for q in model.metadata_props}, _META + "position": str(position)})
-        files[f"ir/{g.name}.onnx"] = model.SerializeToString()
-    return files
+    return {f"ir/{g.name}.onnx": graph_to_onnx(g, p.dims, i).SerializeToString() for i, g in enumerate(p.graphs)}
 
 
 def from_onnx_files(files: dict[str, bytes]) -> ir.Program:

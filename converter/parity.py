@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import golden
+from runtime.model import empty_cache_shape
 
 from . import ir
 from .lower import lower_graph
@@ -84,8 +85,7 @@ def empty_cache(g: ir.Graph, batch: int) -> dict[str, np.ndarray]:
     out = {}
     for v in g.inputs:
         if "past" in v.type.shape:
-            shape = [batch if d == "batch" else 0 if d == "past" else d for d in v.type.shape]
-            out[v.name] = np.zeros(shape, np.dtype(v.type.dtype))
+            out[v.name] = np.zeros(empty_cache_shape(v.type.shape, batch), np.dtype(v.type.dtype))
     return out
 
 
@@ -150,9 +150,8 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     bounds = [0, 1, 3] + list(range(4, len(tokens) + 1))
     bounds = [b for b in bounds if b <= len(tokens)]
     positions = [hi - 1 for hi in bounds[1:]]
-    names = [g.name for g in program.graphs]
     routes = {"logits.incremental.decoder": False}
-    if "decoder_step" in names:
+    if "decoder_step" in {g.name for g in program.graphs}:
         routes["logits.incremental"] = True
     for entry_name, use_step in routes.items():
         cache = empty_cache(dec_g, 1)

@@ -88,9 +88,6 @@ def _drop_dead(nodes: list[ir.Node], outputs) -> list[ir.Node]:
     return kept[::-1]
 
 
-_NO_OP_SLICE_END = 2**62
-
-
 def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
     """`matmul(x, W)[:, -1]` -> `matmul(x[:, -1], W)`: project only the position that is returned.
 
@@ -111,7 +108,7 @@ def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
         src = producer.get(sel.inputs[0])
         # skip a whole-range slice on the batch axis (torch writes logits[:, -1] that way)
         if src is not None and src.op == "aten.slice.Tensor" and src.attr("dim") == 0 and src.attr("start") in (0, None) \
-                and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= _NO_OP_SLICE_END)):
+                and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= ir.OPEN_END)):
             src = producer.get(src.inputs[0])
         if src is None or src.op != "aten.matmul.default" or len(src.type.shape) != 3 or len(users.get(src.name, [])) != 1:
             continue

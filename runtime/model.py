@@ -11,6 +11,14 @@ from .package import Package
 from .tokenizer import Tokenizer
 
 
+def empty_cache_shape(shape, batch: int) -> list[int]:
+    """A cache input's declared shape (dims `batch`, `past`, sizes) at `batch` rows and no positions."""
+    out = [batch if d == "batch" else 0 if d == "past" else d for d in shape]
+    if not all(isinstance(d, int) for d in out):
+        raise ValueError(f"cache shape {list(shape)}: expected the dims batch and past, and sizes")
+    return out
+
+
 class WhisperModel:
     def __init__(self, pkg: Package):
         self.package = pkg
@@ -54,10 +62,7 @@ class WhisperModel:
         cache = {}
         for name in self.self_cache_names():
             sig = shapes[name]
-            shape = [batch if d == "batch" else 0 if d == "past" else d for d in sig["shape"]]
-            if not all(isinstance(d, int) for d in shape):
-                raise ValueError(f"{self.package.path}: cache input {name} has shape {sig['shape']}; expected dims batch, past and sizes")
-            cache[name] = np.zeros(shape, np.dtype(sig["dtype"]))
+            cache[name] = np.zeros(empty_cache_shape(sig["shape"], batch), np.dtype(sig["dtype"]))
         return cache
 
     def decoder_step(self, tokens: np.ndarray, cache: dict, cross: dict) -> tuple[np.ndarray, dict]:

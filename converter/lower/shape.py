@@ -2,9 +2,9 @@
 
 from max.graph import ops
 
+from .. import ir
 from . import parse_dim, register
 
-_BIG = 2**62  # torch writes an open slice end as sys.maxsize
 
 
 @register("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
@@ -45,7 +45,7 @@ def slice_(ctx, node, x, dim=0, start=None, end=None, step=1):
     start = 0 if start is None else start
     size = x.shape[dim]
     static_size = int(str(size)) if str(size).isdigit() else None
-    if isinstance(end, int) and end >= _BIG:
+    if isinstance(end, int) and end >= ir.OPEN_END:
         end = None
     if isinstance(start, int) and (end is None or isinstance(end, int)):
         index = slice(start, end if end is None or static_size is None else min(end, static_size))

@@ -38,8 +38,16 @@ def graph_signature(g: ir.Graph) -> dict:
     """What a runtime needs to call a graph: inputs, outputs and weights by name, with types."""
     types = g.types()
     sig = lambda name, t: {"name": name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
+    state = g.state_inputs()
+
+    def arg(v: ir.Value) -> dict:
+        out = sig(v.name, v.type)
+        if v.name in state:  # written in place at the position another input holds
+            out["state"] = {"axis": state[v.name].attr("axis"), "position": state[v.name].inputs[2]}
+        return out
+
     return {
-        "inputs": [sig(v.name, v.type) for v in g.inputs],
+        "inputs": [arg(v) for v in g.inputs],
         "outputs": [sig(name, types[v]) for name, v in g.outputs],
         "weights": [sig(w.name, w.type) for w in g.weights],
         "dims": [{"name": d.name, "min": d.min, "max": d.max} for d in g.dims],

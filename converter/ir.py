@@ -20,6 +20,15 @@ Dim = Union[int, str]
 # torch writes an open slice end (`x[a:]`) as sys.maxsize; any end at least this large means "to the end"
 OPEN_END = 2**62
 
+# Ops of whisper-max's own, made by passes rather than traced, live in this domain.
+# `cache_append(state, new, position, axis=a)` writes `new` into the graph input `state` at
+# `position` along axis `a`, in place, and is the filled prefix `state[..., :position + len(new)]`.
+# A graph input written in place (a "state" input) is read by nothing else, so the order of the
+# write and the reads is the node's own.
+OWN_DOMAIN = "whisper_max"
+CACHE_APPEND = f"{OWN_DOMAIN}.cache_append"
+IN_PLACE_OPS = {CACHE_APPEND: 0}  # op -> which operand it writes in place
+
 
 class TraceError(RuntimeError):
     """A PyTorch module could not be turned into IR (raised by converter.trace)."""
@@ -107,6 +116,27 @@ class Graph:
         for out, v in self.outputs:
             if v not in seen:
                 raise ValueError(f"graph {self.name}: output {out!r} refers to undefined {v!r}")
+        state = self.state_inputs()
+        inputs = {v.name for v in self.inputs}
+        for n in self.nodes:
+            for k, i in enumerate(n.inputs):
+                if i in state and state[i] is not n:
+                    raise ValueError(f"graph {self.name}: {n.name} reads {i!r}, which {state[i].name} writes in place; only the writer may read it")
+                if k == IN_PLACE_OPS.get(n.op) and i not in inputs:
+                    raise ValueError(f"graph {self.name}: {n.name} ({n.op}) writes {i!r} in place, which is not a graph input")
+        if state.keys() & {v for _, v in self.outputs}:
+            raise ValueError(f"graph {self.name}: a state input is also an output")
+
+    def state_inputs(self) -> dict[str, Node]:
+        """Graph inputs written in place, each with the node that writes it."""
+        out: dict[str, Node] = {}
+        for n in self.nodes:
+            k = IN_PLACE_OPS.get(n.op)
+            if k is not None:
+                if n.inputs[k] in out:
+                    raise ValueError(f"graph {self.name}: {n.inputs[k]!r} is written in place by {out[n.inputs[k]].name} and {n.name}")
+                out[n.inputs[k]] = n
+        return out
 
 
 def _fmt(v: Any) -> str:

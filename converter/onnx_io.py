@@ -1,8 +1,8 @@
 """IR <-> ONNX, losslessly: one ONNX model per IR graph, for inspection in standard tools.
 
 Each IR node becomes a node of the custom domain `aten` (op_type `linear.default` for
-`aten.linear.default`) whose metadata carries the module path; symbolic dims become dim_params
-("n + past"); weights are graph inputs named by their state-dict names (their data lives in
+`aten.linear.default`; `whisper_max` for the ops that passes make) whose metadata carries the
+module path; symbolic dims become dim_params ("n + past"); weights are graph inputs named by their state-dict names (their data lives in
 weights.bin); constants are initializers. Attributes that ONNX cannot hold exactly (floats are
 fp32 there, None, bools, mixed int/str lists) are stored as JSON strings under `json:<name>`.
 """
@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import ir
 
 DOMAIN = "aten"
+DOMAINS = (DOMAIN, ir.OWN_DOMAIN)  # traced PyTorch ops; whisper-max's own (made by passes)
 _META = "whisper_max."
 _DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "bool": TensorProto.BOOL, "int32": TensorProto.INT32}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -61,9 +62,10 @@ def graph_to_onnx(g: ir.Graph, model_dims: dict, position: int = 0) -> onnx.Mode
     types = g.types()
     nodes = []
     for n in g.nodes:
-        if not n.op.startswith(DOMAIN + "."):
-            raise ValueError(f"{n.name}: op {n.op} is outside the {DOMAIN} domain")
-        node = helper.make_node(n.op[len(DOMAIN) + 1 :], list(n.inputs), [n.name], name=n.name, domain=DOMAIN)
+        domain, _, op_type = n.op.partition(".")
+        if domain not in DOMAINS:
+            raise ValueError(f"{n.name}: op {n.op} is outside the domains {DOMAINS}")
+        node = helper.make_node(op_type, list(n.inputs), [n.name], name=n.name, domain=domain)
         node.attribute.extend(_attr(k, v) for k, v in n.attrs)
         helper.set_metadata_props(node, {"scope": n.scope})
         nodes.append(node)
@@ -75,7 +77,7 @@ def graph_to_onnx(g: ir.Graph, model_dims: dict, position: int = 0) -> onnx.Mode
         initializer=[numpy_helper.from_array(c.data, c.name) for c in g.constants],
         value_info=[_value_info(n.name, n.type) for n in g.nodes],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)], producer_name="whisper-max")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)] + [helper.make_opsetid(d, 1) for d in DOMAINS], producer_name="whisper-max")
     helper.set_model_props(
         model,
         {
@@ -104,11 +106,11 @@ def graph_from_onnx(model: onnx.ModelProto) -> tuple[ir.Graph, dict]:
     vi = {v.name: _type_of(v) for v in list(g.input) + list(g.value_info)}
     nodes = []
     for n in g.node:
-        if n.domain != DOMAIN:
-            raise ValueError(f"node {n.name}: domain {n.domain!r}, expected {DOMAIN!r}")
+        if n.domain not in DOMAINS:
+            raise ValueError(f"node {n.name}: domain {n.domain!r}, expected one of {DOMAINS}")
         scope = {p.key: p.value for p in n.metadata_props}["scope"]
         attrs = tuple(_attr_value(a) for a in n.attribute)
-        nodes.append(ir.Node(n.name, f"{DOMAIN}.{n.op_type}", tuple(n.input), attrs, vi[n.output[0]], scope))
+        nodes.append(ir.Node(n.name, f"{n.domain}.{n.op_type}", tuple(n.input), attrs, vi[n.output[0]], scope))
     graph = ir.Graph(
         g.name,
         tuple(ir.Value(name, vi[name]) for name in in_names),

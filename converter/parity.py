@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import golden
-from runtime.model import empty_cache_shape
+from runtime.model import decoder_call, empty_cache_shape
 
 from . import ir
+from .convert import graph_signature
 from .lower import lower_graph
 
 log = logging.getLogger(__name__)
@@ -153,14 +154,16 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     routes = {"logits.incremental.decoder": False}
     if "decoder_step" in {g.name for g in program.graphs}:
         routes["logits.incremental"] = True
+    def by_name(gname: str, inputs: dict) -> dict:
+        return run(models[gname], program.graph(gname), inputs)[0]
+
     for entry_name, use_step in routes.items():
+        step_state = [i for i in graph_signature(program.graph("decoder_step"))["inputs"] if "state" in i] if use_step else []
         cache = empty_cache(dec_g, 1)
         got = []
         for lo, hi in zip(bounds, bounds[1:]):
-            gname = "decoder_step" if use_step and hi - lo == 1 else "decoder"
-            out, _ = run(models[gname], program.graph(gname), {"tokens": tok[:, lo:hi], **cache, **cross})
-            cache = {k: v for k, v in out.items() if k != "logits"}
-            got.append(_np(out["logits"])[0])
+            logits, cache = decoder_call(by_name, step_state, tok[:, lo:hi], cache, cross)
+            got.append(logits[0])
         entries.append(compare(entry_name, np.stack(got), ref["logits.all"][positions]))
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -19,6 +20,75 @@ def empty_cache_shape(shape, batch: int) -> list[int]:
     return out
 
 
+class StepCache:
+    """Self-attention caches for a step graph that grows them in place: fixed-capacity buffers
+    the graph writes each new position into, and the count of positions filled.
+
+    `specs` are the graph's state inputs from the manifest (name, dtype, shape at capacity, and
+    `state`: the axis it grows along and the input that carries the position)."""
+
+    def __init__(self, specs: list[dict]):
+        from max.driver import Buffer
+
+        self.specs = specs
+        self.arrays = {s["name"]: np.zeros(s["shape"], np.dtype(s["dtype"])) for s in specs}
+        self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
+        self.axis = {s["name"]: s["state"]["axis"] for s in specs}
+        positions = {s["state"]["position"] for s in specs}
+        if len(positions) != 1:
+            raise ValueError(f"state inputs with positions {sorted(positions)}; expected one")
+        self.position = positions.pop()
+        self.capacity = min(s["shape"][s["state"]["axis"]] for s in specs)
+        self.length = 0
+
+    @classmethod
+    def holding(cls, specs: list[dict], cache: dict) -> "StepCache":
+        """A StepCache filled with `cache` (name -> (…, positions, …) from the general decoder)."""
+        out = cls(specs)
+        lengths = {np.shape(cache[k])[a] for k, a in out.axis.items()}
+        if len(lengths) != 1:
+            raise ValueError(f"caches of lengths {sorted(lengths)}; expected one")
+        out.length = lengths.pop()
+        for k, a in out.axis.items():
+            v = cache[k]
+            out._prefix(k)[...] = v.to_numpy() if hasattr(v, "to_numpy") else v
+        return out
+
+    def _prefix(self, name: str) -> np.ndarray:
+        idx = [slice(None)] * self.arrays[name].ndim
+        idx[self.axis[name]] = slice(0, self.length)
+        return self.arrays[name][tuple(idx)]
+
+    def feeds(self) -> dict:
+        """The step graph's state inputs and the position to write at; the call fills one more."""
+        if self.length >= self.capacity:
+            raise ValueError(f"the text context is full ({self.capacity} positions)")
+        return {**self.buffers, self.position: np.array(self.length, np.int64)}
+
+    def as_cache(self) -> dict[str, np.ndarray]:
+        """The filled positions as the general decoder takes them (copies)."""
+        return {k: np.ascontiguousarray(self._prefix(k)) for k in self.arrays}
+
+
+def decoder_call(run, step_state: list[dict], tokens: np.ndarray, cache, cross: dict):
+    """One decoder call as the runtime routes it (WhisperModel.decoder_step; parity replays it).
+
+    `run(graph, inputs)` executes a graph by name; `step_state` lists decoder_step's state
+    inputs (none: the program has no step graph). Returns the logits and the grown cache."""
+    tokens = np.ascontiguousarray(tokens, np.int64)
+    if tokens.shape == (1, 1) and step_state:
+        if not isinstance(cache, StepCache):
+            cache = StepCache.holding(step_state, cache)
+        logits = run("decoder_step", {"tokens": tokens, **cache.feeds(), **cross})["logits"].to_numpy()
+        cache.length += 1
+        return logits, cache
+    if isinstance(cache, StepCache):
+        cache = cache.as_cache()
+    out = run("decoder", {"tokens": tokens, **cache, **cross})
+    logits = out.pop("logits").to_numpy()
+    return logits, out
+
+
 class WhisperModel:
     def __init__(self, pkg: Package):
         self.package = pkg
@@ -27,10 +97,18 @@ class WhisperModel:
         self.is_multilingual: bool = m["model"]["multilingual"]
         self.alignment_heads = m["model"]["alignment_heads"]
         self._sig = m["graphs"]
-        self._models = pkg.load_models()
-        self._has_step = "decoder_step" in self._sig
-        self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
-        self.tokenizer = Tokenizer.from_package(pkg)
+        with ThreadPoolExecutor(2) as pool:
+            # weights.bin (most of the bytes) and the tokenizer are made in the background while
+            # this thread reads and initialises the compiled graphs; file reads, CRC and MAX's
+            # initialisation release the GIL
+            weights = pool.submit(pkg.weights)
+            tokenizer = pool.submit(Tokenizer.from_package, pkg)
+            self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
+            self._models = pkg.load_models(weights=weights)
+            self.tokenizer = tokenizer.result()
+        self._decoder_inputs = {i["name"] for i in self._sig["decoder"]["inputs"]}
+        # the step graph's caches, which it grows in place (empty: no step graph, all calls general)
+        self._step_state = [i for i in self._sig.get("decoder_step", {}).get("inputs", []) if "state" in i]
         self.num_languages: int = len(self.tokenizer.languages)
 
     def _run(self, graph: str, inputs: dict) -> dict:
@@ -69,13 +147,10 @@ class WhisperModel:
         """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens).
 
         One token of one sequence runs `decoder_step`, the graph specialised to that shape, when
-        the package has it; anything else runs the general `decoder`. Both read and write the
-        same cache layout."""
-        tokens = np.ascontiguousarray(tokens, np.int64)
-        graph = "decoder_step" if tokens.shape == (1, 1) and self._has_step else "decoder"
-        out = self._run(graph, {"tokens": tokens, **cache, **cross})
-        logits = out.pop("logits").to_numpy()
-        return logits, out
+        the package has it; anything else runs the general `decoder`. The general decoder returns
+        caches grown by concatenation; the step graph grows them in place, in a StepCache. Both
+        hold the same layout, and each takes the other's form."""
+        return decoder_call(self._run, self._step_state, tokens, cache, cross)
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""
@@ -99,5 +174,7 @@ class WhisperModel:
     @staticmethod
     def select(state: dict, index) -> dict[str, np.ndarray]:
         """Rows `index` of every batch-major buffer (beam reordering, repeating per beam)."""
+        if isinstance(state, StepCache):
+            state = state.as_cache()
         return {k: np.ascontiguousarray((v.to_numpy() if hasattr(v, "to_numpy") else v)[index]) for k, v in state.items()}
 

@@ -28,7 +28,7 @@ import numpy as np
 from .files import atomic_open
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder_step grows its caches in place (state inputs)
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.
@@ -173,15 +173,18 @@ class Package:
         if target["arch"] != here["arch"] or missing:
             raise PackageError(f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} lacking {missing}; {redo}")
 
-    def load_models(self, session=None) -> dict:
-        """The compiled graphs, initialised with this package's weights; never compiles."""
+    def load_models(self, session=None, weights=None) -> dict:
+        """The compiled graphs, initialised with this package's weights; never compiles.
+
+        `weights` may be a future of `self.weights()` started by the caller: reading and
+        CRC-checking weights.bin releases the GIL, so it overlaps the MEF read here."""
         from max import engine
         from max.engine import InferenceSession
 
         self.check_compatible()
         session = session or InferenceSession()
-        compiled = engine.read(io.BytesIO(self.read("model.mef")))
-        weights = self.weights()
+        compiled = engine.read(io.BytesIO(self._read_stored("model.mef")))  # CRC-checked, like weights.bin
+        weights = self.weights() if weights is None else weights.result()
         self.check_weights(weights)
         models = session.init_all(compiled, weights_registry=weights)
         models["_weights"] = weights  # MAX binds these zero-copy: keep them alive with the models

@@ -15,10 +15,12 @@ from torch.export import Dim, export
 from whisper.model import Conv1d, LayerNorm, Linear
 
 from converter import ir
+from converter.convert import graph_signature
 from converter.lower import LoweringError, lower_graph, register
 from converter.parity import empty_cache
 from converter.passes import optimise
 from converter.trace import to_ir, trace_program
+from runtime.model import StepCache, decoder_call
 
 TOL = 1e-5
 
@@ -93,25 +95,29 @@ def test_cross_kv(compiled):
             close(outs[2 * i + 1].to_numpy(), b.cross_attn.value(torch.from_numpy(xa)).numpy())
 
 
-def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=None):
-    """Logits of each chunk's last position, feeding each call's cache to the next; single-token
-    calls go to `step_graph` when given (the runtime's dispatch)."""
-    g = program.graph("decoder")
+def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
+    """Logits of each chunk's last position, feeding each call's cache to the next, routed as the
+    runtime routes them (runtime.model.decoder_call): with `step_graph`, single-token calls go
+    to decoder_step, which grows the cache in place."""
     cross = models["cross_kv"].execute(xa)
     cross = {name: cross[i] for i, (name, _) in enumerate(program.graph("cross_kv").outputs)}
-    cache = empty_cache(g, tokens.shape[0])
+
+    def run(gname, feed):
+        gi = program.graph(gname)
+        outs = models[gname].execute(*[feed[v.name] for v in gi.inputs])
+        return {name: outs[i] for i, (name, _) in enumerate(gi.outputs)}
+
+    step_state = [i for i in graph_signature(program.graph("decoder_step"))["inputs"] if "state" in i] if step_graph else []
+    cache = empty_cache(program.graph("decoder"), tokens.shape[0])
     pos, got = 0, []
     for n in chunks:
-        gname = step_graph if step_graph and n == 1 else "decoder"
-        gi = program.graph(gname)
-        feed = {"tokens": np.ascontiguousarray(tokens[:, pos : pos + n]), **cache, **cross}
-        outs = models[gname].execute(*[feed[v.name] for v in gi.inputs])
+        logits, cache = decoder_call(run, step_state, tokens[:, pos : pos + n], cache, cross)
         pos += n
-        got.append((pos, outs[0].to_numpy()))
-        cache = {name: outs[i] for i, (name, _) in enumerate(gi.outputs) if name != "logits"}
+        got.append((pos, logits))
         # head-major cache: (batch, heads, positions, head dim)
         h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
-        assert all(c.to_numpy().shape == (tokens.shape[0], h, pos, d // h) for c in cache.values())
+        held = cache.as_cache() if isinstance(cache, StepCache) else {k: v.to_numpy() for k, v in cache.items()}
+        assert all(c.shape == (tokens.shape[0], h, pos, d // h) for c in held.values())
     return got
 
 
@@ -140,7 +146,7 @@ def test_specialised_single_token_step(compiled, chunks):
     xa = rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
     with torch.no_grad():
         ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
-    for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks, step_graph="decoder_step"):
+    for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=True):
         close(logits, ref[:, pos - 1])
 
 

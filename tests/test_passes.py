@@ -1,11 +1,12 @@
 """IR passes: what hoisting moves, and that the graphs stay well formed. (Numerical equality of the
 optimised program with PyTorch is checked by test_lower, which compiles the hoisted form.)"""
 
+import onnx
 import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
-from converter import ir
-from converter.passes import hoist_invariants, optimise, specialise
+from converter import ir, onnx_io
+from converter.passes import hoist_invariants, in_place_cache, optimise, specialise
 from converter.trace import trace_program
 
 
@@ -53,12 +54,17 @@ def test_optimise_pipeline():
     assert {"aten.view.default", "aten.permute.default", "aten.mul.Tensor"} <= _whole_cache_ops(d0)
     # left: the concatenation, attention itself and the causal mask slice
     assert _whole_cache_ops(dec) == {"aten.cat.default", "aten.transpose.int", "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.slice.Tensor"}
-    # the step graph: the decoder with batch = n = 1 and nothing else changed
+    # the step graph: the decoder with batch = n = 1, its caches grown in place
     step = after.graph("decoder_step")
-    assert [dm.name for dm in step.dims] == ["past"]
-    assert dict((x.name, x.type.shape) for x in step.inputs)["tokens"] == (1, 1)
-    assert [n.op for n in step.nodes] == [n.op for n in dec.nodes]
-    assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n "))
+    assert [dm.name for dm in step.dims] == ["past", "kv_len"]
+    inputs = dict((x.name, x.type.shape) for x in step.inputs)
+    assert inputs["tokens"] == (1, 1) and inputs["past"] == ()
+    state = step.state_inputs()
+    assert set(state) == {x.name for x in caches}
+    assert all(inputs[k] == (1, h, TINY_DIMS["n_text_ctx"], d // h) for k in state)
+    assert [n.op for n in step.nodes] == [ir.CACHE_APPEND if n.op == "aten.cat.default" else n.op for n in dec.nodes]
+    assert [o for o, _ in step.outputs] == ["logits"]
+    assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
     assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_step", "alignment"]
     assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
 
@@ -69,3 +75,26 @@ def test_specialise_rejects_unknown_or_out_of_range_dims():
         specialise(p, "decoder", {"frames": 1}, "x")
     with pytest.raises(ValueError, match="outside"):
         specialise(p, "decoder", {"n": 0}, "x")
+
+
+def test_in_place_cache_needs_a_grown_cache_and_one_writer():
+    p = specialise(trace_program(tiny_whisper()), "decoder", {"batch": 1, "n": 1}, "step")
+    with pytest.raises(ValueError, match="no cache input grown"):
+        in_place_cache(p, "encoder")
+    step = in_place_cache(p, "step").graph("step")
+    with pytest.raises(ValueError, match="already has"):
+        in_place_cache(ir.Program((step,), p.dims), "step")
+    # a second reader of a state input would see it before or after the write: refused
+    state, writer = next(iter(step.state_inputs().items()))
+    reader = ir.Node("peek", "aten.mul.Tensor", (state,), (("other", 2.0),), step.types()[state], "x")
+    broken = ir.Graph(step.name, step.inputs, step.weights, step.constants, step.nodes + (reader,), step.outputs, step.dims)
+    with pytest.raises(ValueError, match="only the writer may read it"):
+        broken.validate()
+
+
+def test_optimised_program_round_trips_through_onnx():
+    p = optimise(trace_program(tiny_whisper()))
+    files = onnx_io.to_onnx_files(p)
+    for data in files.values():
+        onnx.checker.check_model(onnx.load_from_string(data))
+    assert ir.format_program(onnx_io.from_onnx_files(files)) == ir.format_program(p)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 from max.dtype import DType
-from max.graph import DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
+from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
 
 from .. import ir
 
@@ -49,6 +49,10 @@ def registered_ops() -> list[str]:
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
 
 
+def _symbols(expr: str) -> list[str]:
+    return [n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)]
+
+
 def parse_dim(expr: ir.Dim) -> int | Dim:
     """An IR dim ("n + past", 1500) as a MAX dim; symbols become named MAX dims."""
     if isinstance(expr, int):
@@ -76,6 +80,7 @@ class LoweringContext:
         self.nwc: dict[str, TensorValue] = {}
         self.env: dict[str, TensorValue] = {}  # IR value name -> MAX value, filled while lowering
         self._producers = {n.name: n for n in graph.nodes}
+        self._scalars = {v.name for v in graph.inputs if v.type.shape == () and v.type.dtype == "int64"}
 
     def producer(self, name: str) -> ir.Node | None:
         """The IR node that computes `name` (None for inputs, weights and constants)."""
@@ -88,10 +93,22 @@ class LoweringContext:
         return [parse_dim(d) for d in t.shape]
 
     def index(self, d: ir.Dim | Dim) -> TensorValue:
-        """An int64 scalar holding a (possibly symbolic) size, for run-time slice bounds."""
+        """An int64 scalar holding a (possibly symbolic) size, for run-time slice bounds. A
+        symbol that names an int64 scalar input of the graph (a cache position) is that input."""
         if isinstance(d, int):
             return ops.constant(np.int64(d), DType.int64, self.device)
+        if isinstance(d, str) and set(_symbols(d)) & self._scalars:
+            return self._eval_index(ast.parse(d, mode="eval").body, d)
         return ops.reshape(ops.shape_to_tensor([parse_dim(d) if isinstance(d, str) else d]), [])
+
+    def _eval_index(self, n: ast.AST, expr: str) -> TensorValue:
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return ops.constant(np.int64(n.value), DType.int64, self.device)
+        if isinstance(n, ast.Name):
+            return self.env[n.id] if n.id in self._scalars else ops.reshape(ops.shape_to_tensor([Dim(n.id)]), [])
+        if isinstance(n, ast.BinOp) and type(n.op) in _BINOPS:
+            return _BINOPS[type(n.op)](self._eval_index(n.left, expr), self._eval_index(n.right, expr))
+        raise LoweringError(f"index expression {expr!r} has an unsupported part: {ast.dump(n)}")
 
     def const(self, value: float, like: TensorValue) -> TensorValue:
         return ops.constant(np.array(value, dtype=like.dtype.to_numpy()), like.dtype, self.device)
@@ -115,17 +132,18 @@ def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorVal
 
 def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None) -> Graph:
     """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own."""
-    from . import activation, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
+    from . import activation, cache, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
 
     device = device or DeviceRef.CPU()
     ctx = LoweringContext(g, device)
-    in_types = [TensorType(DType.from_numpy(np.dtype(v.type.dtype)), ctx.shape(v.type), device) for v in g.inputs]
+    state = g.state_inputs()  # written in place: buffers, not values
+    in_types = [(BufferType if v.name in state else TensorType)(DType.from_numpy(np.dtype(v.type.dtype)), ctx.shape(v.type), device) for v in g.inputs]
     stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")
     verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
     kwargs = {"module": module} if module is not None else {}
     with Graph(name or g.name, input_types=in_types, **kwargs) as mg:
         env = ctx.env
-        env.update({v.name: mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
+        env.update({v.name: mg.inputs[i].buffer if v.name in state else mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
         for w in g.weights:
             env[w.name] = mg.add_weight(Weight(w.name, DType.from_numpy(np.dtype(w.type.dtype)), ctx.shape(w.type), device))
         for c in g.constants:

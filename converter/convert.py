@@ -74,10 +74,11 @@ def export_mef(compiled) -> bytes:
 def tokenizer_assets(multilingual: bool, num_languages: int) -> dict[str, bytes]:
     """openai-whisper's vocabulary and special tokens, so the runtime needs no openai-whisper."""
     import whisper
-    from whisper.tokenizer import LANGUAGES, get_encoding
+    from whisper.tokenizer import LANGUAGES, get_encoding, get_tokenizer
 
     name = "multilingual" if multilingual else "gpt2"
     enc = get_encoding(name, num_languages)
+    tokenizer = get_tokenizer(multilingual, num_languages=num_languages)
     ranks = (Path(whisper.__file__).parent / "assets" / f"{name}.tiktoken").read_bytes()
     meta = {
         "encoding": name,
@@ -86,6 +87,9 @@ def tokenizer_assets(multilingual: bool, num_languages: int) -> dict[str, bytes]
         "pat_str": enc._pat_str,
         "special_tokens": enc._special_tokens,
         "n_vocab": enc.n_vocab,
+        # what the default --suppress_tokens -1 adds; stored because computing it takes the
+        # first tiktoken encode of a run (~50 ms of start-up)
+        "non_speech_tokens": list(tokenizer.non_speech_tokens),
     }
     return {f"assets/{name}.tiktoken": ranks, "assets/tokenizer.json": json.dumps(meta, indent=1).encode()}
 

@@ -56,6 +56,16 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data))
 
 
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, largest first, ties to the lower index: what a stable
+    argsort of -x gives, in linear time (a full sort of the vocabulary was 3 ms per beam)."""
+    if k >= x.size:
+        return np.argsort(-x, kind="stable")
+    kth = np.partition(x, x.size - k)[x.size - k]
+    cand = np.flatnonzero(x >= kth)  # ascending: the stable sort below keeps ties in index order
+    return cand[np.argsort(-x[cand], kind="stable")[:k]]
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     m = np.max(x, axis=-1, keepdims=True)
@@ -179,7 +189,7 @@ class BeamSearchDecoder:
             for j in range(self.beam_size):
                 idx = i * self.beam_size + j
                 prefix = tokens[idx].tolist()
-                top = np.argsort(-logprobs[idx], kind="stable")[: self.beam_size + 1]
+                top = _top_k(logprobs[idx], self.beam_size + 1)
                 for token in top:
                     seq = tuple(prefix + [int(token)])
                     scores[seq] = float(sum_logprobs[idx] + logprobs[idx, token])

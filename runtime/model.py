@@ -128,7 +128,10 @@ class WhisperModel:
         return self._run("encoder", {"mel": np.ascontiguousarray(mel, np.float32)})["encoder"]
 
     def cross_kv(self, audio_features) -> dict:
-        return self._run("cross_kv", {"encoder": audio_features})
+        """The per-window values the decoder reads (cross_kv's other outputs, the unsplit K/V
+        that parity compares, are dropped: beam search copies what it is given per beam)."""
+        out = self._run("cross_kv", {"encoder": audio_features})
+        return {k: v for k, v in out.items() if k in self._decoder_inputs}
 
     def self_cache_names(self) -> list[str]:
         return [o["name"] for o in self._sig["decoder"]["outputs"] if o["name"] != "logits"]

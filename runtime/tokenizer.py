@@ -6,9 +6,9 @@ set of non-speech symbols, and decoding that drops timestamp tokens.
 
 from __future__ import annotations
 
-import base64
 import json
 import string
+from binascii import a2b_base64
 from functools import cached_property
 
 import tiktoken
@@ -20,7 +20,7 @@ _ALIASES = {"burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht"
 
 class Tokenizer:
     def __init__(self, ranks: bytes, meta: dict, language: str | None = None, task: str | None = None):
-        mergeable = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in ranks.decode().splitlines() if line)}
+        mergeable = {a2b_base64(tok): int(rank) for tok, rank in (line.split() for line in ranks.splitlines() if line)}
         self.encoding = tiktoken.Encoding(
             name=meta["encoding"],
             explicit_n_vocab=meta["n_vocab"],
@@ -31,6 +31,7 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = dict(meta["special_tokens"])
         self.languages: dict[str, str] = dict(meta["languages"])  # code -> name, in token order
         self.multilingual = meta["encoding"] == "multilingual"
+        self._non_speech = tuple(meta["non_speech_tokens"])
         self._configure(language, task)
 
     def _configure(self, language: str | None, task: str | None) -> None:
@@ -57,8 +58,7 @@ class Tokenizer:
     def with_language(self, language: str | None, task: str | None) -> "Tokenizer":
         """The same vocabulary with another language/task (shares the tiktoken encoding)."""
         new = object.__new__(Tokenizer)
-        self.non_speech_tokens  # computed once here, not once per window by each copy
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "non_speech_tokens")})  # language-independent
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech")})  # language-independent
         new._configure(language, task)
         return new
 
@@ -72,7 +72,9 @@ class Tokenizer:
         raise ValueError(f"unsupported language {language!r}; use one of {sorted(self.languages)} or their English names")
 
     def encode(self, text: str) -> list[int]:
-        return self.encoding.encode(text)
+        # tiktoken's check that `text` holds no special token compiles a regex of all of them on
+        # first use (~0.1 s of start-up); they all start with "<|", so without one it cannot fail
+        return self.encoding.encode(text) if "<|" in text else self.encoding.encode_ordinary(text)
 
     def decode(self, tokens) -> str:
         return self.encoding.decode([t for t in tokens if t < self.timestamp_begin])
@@ -114,20 +116,11 @@ class Tokenizer:
     def sot_sequence_including_notimestamps(self) -> tuple[int, ...]:
         return self.sot_sequence + (self.no_timestamps,)
 
-    @cached_property
+    @property
     def non_speech_tokens(self) -> tuple[int, ...]:
-        """Tokens of speaker tags and non-speech annotations (♪, [MUSIC], ...), as openai-whisper
-        suppresses them; hyphen and apostrophe only at the start of a word."""
-        symbols = list('"#()*+/:;<=>@[\\]^_`{|}~「」『』')
-        symbols += "<< >> <<< >>> -- --- -( -[ (' (\" (( )) ((( ))) [[ ]] {{ }} ♪♪ ♪♪♪".split()
-        # U+2640..U+267F symbols share their first two UTF-8 bytes: suppressing the first token is safe
-        misc = set("♩♪♫♬♭♮♯")
-        result = {self.encode(" -")[0], self.encode(" '")[0]}
-        for symbol in symbols + sorted(misc):
-            for tokens in (self.encode(symbol), self.encode(" " + symbol)):
-                if len(tokens) == 1 or symbol in misc:
-                    result.add(tokens[0])
-        return tuple(sorted(result))
+        """Tokens of speaker tags and non-speech annotations (♪, [MUSIC], ...) that openai-whisper
+        suppresses by default; its own list, stored in the package by the converter."""
+        return self._non_speech
 
     def split_to_word_tokens(self, tokens: list[int]) -> tuple[list[str], list[list[int]]]:
         if self.language in {"zh", "ja", "th", "lo", "my", "yue"}:

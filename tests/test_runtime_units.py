@@ -83,3 +83,16 @@ def test_writers_match_openai_whisper(tmp_path):
     wu.get_writer("all", str(tmp_path / "ref"))(result, "clip.wav", {})
     for fmt in WRITERS:
         assert (tmp_path / "ours" / f"clip.{fmt}").read_text() == (tmp_path / "ref" / f"clip.{fmt}").read_text(), fmt
+
+
+def test_beam_top_k_is_a_stable_argsort():
+    """Beam search's linear-time top-k picks what a stable argsort does, ties and -inf included."""
+    from runtime.decoding import _top_k
+
+    rng = np.random.default_rng(0)
+    for t in range(500):
+        n = int(rng.integers(1, 60))
+        x = rng.integers(-3, 3, n).astype(np.float32) if t % 2 else rng.standard_normal(n).astype(np.float32)
+        x[rng.integers(0, n, 2)] = -np.inf
+        k = int(rng.integers(1, 8))
+        np.testing.assert_array_equal(_top_k(x, k), np.argsort(-x, kind="stable")[:k])

@@ -2,8 +2,8 @@
 
 Each IR node becomes a node of the custom domain `aten` (op_type `linear.default` for
 `aten.linear.default`; `whisper_max` for the ops that passes make) whose metadata carries the
-module path; symbolic dims become dim_params ("n + past"); weights are graph inputs named by their state-dict names (their data lives in
-weights.bin); constants are initializers. Attributes that ONNX cannot hold exactly (floats are
+module path; symbolic dims become dim_params ("n + past"); weights are graph inputs named by
+their state-dict names (their data lives in weights.bin); constants are initializers. Attributes that ONNX cannot hold exactly (floats are
 fp32 there, None, bools, mixed int/str lists) are stored as JSON strings under `json:<name>`.
 """
 

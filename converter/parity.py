@@ -154,6 +154,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     routes = {"logits.incremental.decoder": False}
     if "decoder_step" in {g.name for g in program.graphs}:
         routes["logits.incremental"] = True
+
     def by_name(gname: str, inputs: dict) -> dict:
         return run(models[gname], program.graph(gname), inputs)[0]
 

@@ -287,6 +287,8 @@ def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "
     returned = {v for _, v in g.outputs}
     if position in inputs or any(d.name == length for d in g.dims):
         raise ValueError(f"{graph}: already has an input {position!r} or a dim {length!r}")
+    if any(d.name == position and d.max is None for d in g.dims):
+        raise ValueError(f"{graph}: {position!r} has no upper bound")
     appends: dict[str, ir.Node] = {}
     grown = None
     for n in g.nodes:
@@ -313,10 +315,7 @@ def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "
     new_inputs.insert(1, ir.Value(position, ir.TensorType("int64", ())))
     nodes = tuple(ir.Node(m.name, m.op, m.inputs, m.attrs, retype(m.type), m.scope) for m in (appends.get(n.name, n) for n in g.nodes))
     outputs = tuple((o, v) for o, v in g.outputs if v not in appends)
-    bounds = {d.name: d for d in g.dims}
     dims = tuple(g.dims) + (ir.SymDim(length, 1, capacity),)
-    if position in bounds and bounds[position].max is None:
-        raise ValueError(f"{graph}: {position!r} has no upper bound")
     out = ir.Graph(g.name, tuple(new_inputs), g.weights, g.constants, nodes, outputs, dims)
     log.info("%s: %d caches grown in place", graph, len(appends))
     return _replace_graph(p, out)

@@ -30,7 +30,6 @@ class StepCache:
     def __init__(self, specs: list[dict]):
         from max.driver import Buffer
 
-        self.specs = specs
         self.arrays = {s["name"]: np.zeros(s["shape"], np.dtype(s["dtype"])) for s in specs}
         self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
         self.axis = {s["name"]: s["state"]["axis"] for s in specs}
@@ -49,7 +48,7 @@ class StepCache:
         if len(lengths) != 1:
             raise ValueError(f"caches of lengths {sorted(lengths)}; expected one")
         out.length = lengths.pop()
-        for k, a in out.axis.items():
+        for k in out.axis:
             v = cache[k]
             out._prefix(k)[...] = v.to_numpy() if hasattr(v, "to_numpy") else v
         return out

@@ -32,6 +32,7 @@ class Tokenizer:
         self.languages: dict[str, str] = dict(meta["languages"])  # code -> name, in token order
         self.multilingual = meta["encoding"] == "multilingual"
         self._non_speech = tuple(meta["non_speech_tokens"])
+        self._specials_marked = all(k.startswith("<|") for k in self.special_tokens)
         self._configure(language, task)
 
     def _configure(self, language: str | None, task: str | None) -> None:
@@ -58,7 +59,7 @@ class Tokenizer:
     def with_language(self, language: str | None, task: str | None) -> "Tokenizer":
         """The same vocabulary with another language/task (shares the tiktoken encoding)."""
         new = object.__new__(Tokenizer)
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech")})  # language-independent
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech", "_specials_marked")})  # language-independent
         new._configure(language, task)
         return new
 
@@ -73,8 +74,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # tiktoken's check that `text` holds no special token compiles a regex of all of them on
-        # first use (~0.1 s of start-up); they all start with "<|", so without one it cannot fail
-        return self.encoding.encode(text) if "<|" in text else self.encoding.encode_ordinary(text)
+        # first use (~0.1 s of start-up); when they all start with "<|", text without it passes
+        return self.encoding.encode_ordinary(text) if self._specials_marked and "<|" not in text else self.encoding.encode(text)
 
     def decode(self, tokens) -> str:
         return self.encoding.decode([t for t in tokens if t < self.timestamp_begin])

@@ -172,20 +172,21 @@ def main() -> None:
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     startups: list[dict] = []
     env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def child(name: str) -> dict:
+        """One run in a new process; its clock starts just before the spawn."""
+        env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", args.package, "--audio", args.audio], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
-            env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
-            proc = subprocess.run([sys.executable, __file__, "--child", e, "--package", args.package, "--audio", args.audio], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"{e} failed:\n{proc.stderr[-2000:]}")
-            runs[e].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs[e].append(child(e))
             print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
         if "whisper-max" in engines:
-            env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
-            proc = subprocess.run([sys.executable, __file__, "--child", "startup", "--package", args.package], capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                raise SystemExit(f"whisper-run start-up failed:\n{proc.stderr[-2000:]}")
-            startups.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            startups.append(child("startup"))
 
     duration = runs[engines[0]][0]["duration_s"]
     summary = {}

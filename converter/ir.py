@@ -10,6 +10,7 @@ it was traced in. A dim is an int or a symbolic expression over named dims ("bat
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -25,6 +26,11 @@ OPEN_END = 2**62
 # `position` along axis `a`, in place, and is the filled prefix `state[..., :position + len(new)]`.
 # A graph input written in place (a "state" input) is read by nothing else, so the order of the
 # write and the reads is the node's own.
+def dim_symbols(d: Dim) -> set[str]:
+    """The named dims a dim expression mentions ("n + past" -> {"n", "past"}; 4 -> none)."""
+    return set(re.findall(r"[A-Za-z_]\w*", d)) if isinstance(d, str) else set()
+
+
 OWN_DOMAIN = "whisper_max"
 CACHE_APPEND = f"{OWN_DOMAIN}.cache_append"
 IN_PLACE_OPS = {CACHE_APPEND: 0}  # op -> which operand it writes in place

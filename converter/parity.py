@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import golden
-from runtime.model import decoder_call, empty_cache_shape
+from runtime.model import decoder_call, empty_cache_shape, host, state_specs
 
 from . import ir
 from .convert import graph_signature
@@ -77,10 +77,6 @@ def run(model, g: ir.Graph, inputs: dict[str, object], n_taps: int = 0):
     return named, outs[n : n + n_taps]
 
 
-def _np(x) -> np.ndarray:
-    return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
-
-
 def empty_cache(g: ir.Graph, batch: int) -> dict[str, np.ndarray]:
     """Zero-length self-attention caches for a first decoder call, in the graph's cache layout."""
     out = {}
@@ -121,8 +117,8 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     enc_out, _ = run(models["encoder"], enc_g, {"mel": mel})
     _, enc_taps = run(probe["encoder_probe"], enc_g, {"mel": mel}, len(taps["encoder"]))
     for name, val in zip(taps["encoder"], enc_taps):
-        entries.append(compare(name, _np(val), ref[name]))
-    entries.append(compare("encoder.ln_post", _np(enc_out["encoder"]), ref["encoder.ln_post"]))
+        entries.append(compare(name, host(val), ref[name]))
+    entries.append(compare("encoder.ln_post", host(enc_out["encoder"]), ref["encoder.ln_post"]))
 
     # cross K/V from the reference encoder output, so these entries measure cross_kv alone; the
     # values hoisted out of the decoder (head-split, scaled) have no module of their own
@@ -130,7 +126,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     cross, _ = run(models["cross_kv"], xkv_g, {"encoder": xa_ref})
     for name, val in cross.items():
         if name in ref:
-            entries.append(compare(name, _np(val), ref[name]))
+            entries.append(compare(name, host(val), ref[name]))
 
     # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
     tok = np.array([tokens], np.int64)
@@ -138,11 +134,11 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     dec_out, _ = run(models["decoder"], dec_g, dec_in)
     _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps["decoder"]))
     for name, val in zip(taps["decoder"], dec_taps):
-        entries.append(compare(name, _np(val), ref[name]))
+        entries.append(compare(name, host(val), ref[name]))
     for name, val in dec_out.items():
         if name != "logits":
-            entries.append(compare(name, _np(val), cache_form(dec_g, name, ref[name])))
-    entries.append(compare("logits", _np(dec_out["logits"]), ref["logits"]))
+            entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name])))
+    entries.append(compare("logits", host(dec_out["logits"]), ref["logits"]))
 
     # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
     # logits of each call's last position against the reference at that position. Once through
@@ -159,7 +155,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         return run(models[gname], program.graph(gname), inputs)[0]
 
     for entry_name, use_step in routes.items():
-        step_state = [i for i in graph_signature(program.graph("decoder_step"))["inputs"] if "state" in i] if use_step else []
+        step_state = state_specs(graph_signature(program.graph("decoder_step"))) if use_step else []
         cache = empty_cache(dec_g, 1)
         got = []
         for lo, hi in zip(bounds, bounds[1:]):
@@ -169,9 +165,9 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})
-    entries.append(compare("logits.all", _np(align["logits"])[0], ref["logits.all"]))
+    entries.append(compare("logits.all", host(align["logits"])[0], ref["logits.all"]))
     for name, val in align.items():
         if name != "logits":
-            entries.append(compare(name, _np(val), ref[name]))
+            entries.append(compare(name, host(val), ref[name]))
     log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
     return entries

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 import sympy
 
@@ -15,7 +14,7 @@ _PER_CALL_DIMS = ("n", "past")  # dims that change from one decoder call to the 
 
 
 def _per_call(t: ir.TensorType) -> bool:
-    return any(isinstance(d, str) and any(sym in d.replace("+", " ").split() for sym in _PER_CALL_DIMS) for d in t.shape)
+    return any(ir.dim_symbols(d) & set(_PER_CALL_DIMS) for d in t.shape)
 
 
 def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cross_kv") -> ir.Program:
@@ -229,9 +228,9 @@ def _dim_subst(expr, values: dict[str, int], names: set[str]):
     """A dim expression with some symbols fixed; other attributes pass through unchanged."""
     if isinstance(expr, (list, tuple)):
         return type(expr)(_dim_subst(e, values, names) for e in expr)
-    if not isinstance(expr, str) or not (set(re.findall(r"[A-Za-z_]\w*", expr)) & set(values)):
+    if not isinstance(expr, str) or not (ir.dim_symbols(expr) & set(values)):
         return expr
-    if not set(re.findall(r"[A-Za-z_]\w*", expr)) <= names:
+    if not ir.dim_symbols(expr) <= names:
         return expr  # a string attribute that merely contains a dim's name
     out = sympy.sympify(expr).subs({sympy.Symbol(k): v for k, v in values.items()})
     return int(out) if out.is_Integer else str(out)
@@ -305,7 +304,7 @@ def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "
 
     def retype(t: ir.TensorType, stored: bool = False) -> ir.TensorType:
         shape = tuple(capacity if stored and d == position else length if d == grown else d for d in t.shape)
-        left = [d for d in shape if isinstance(d, str) and position in re.findall(r"[A-Za-z_]\w*", d)]
+        left = [d for d in shape if position in ir.dim_symbols(d)]
         if left:
             raise ValueError(f"{graph}: a value of type {t} has a size in {position!r} other than {grown}; cannot cache in place")
         return ir.TensorType(t.dtype, shape)

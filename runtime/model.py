@@ -20,6 +20,16 @@ def empty_cache_shape(shape, batch: int) -> list[int]:
     return out
 
 
+def host(x) -> np.ndarray:
+    """A graph output (max.driver.Buffer) or array as numpy, without copying."""
+    return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
+
+
+def state_specs(signature: dict) -> list[dict]:
+    """A graph signature's state inputs (written in place), as StepCache takes them."""
+    return [i for i in signature.get("inputs", []) if "state" in i]
+
+
 class StepCache:
     """Self-attention caches for a step graph that grows them in place: fixed-capacity buffers
     the graph writes each new position into, and the count of positions filled.
@@ -49,8 +59,7 @@ class StepCache:
             raise ValueError(f"caches of lengths {sorted(lengths)}; expected one")
         out.length = lengths.pop()
         for k in out.axis:
-            v = cache[k]
-            out._prefix(k)[...] = v.to_numpy() if hasattr(v, "to_numpy") else v
+            out._prefix(k)[...] = host(cache[k])
         return out
 
     def _prefix(self, name: str) -> np.ndarray:
@@ -107,7 +116,7 @@ class WhisperModel:
             self.tokenizer = tokenizer.result()
         self._decoder_inputs = {i["name"] for i in self._sig["decoder"]["inputs"]}
         # the step graph's caches, which it grows in place (empty: no step graph, all calls general)
-        self._step_state = [i for i in self._sig.get("decoder_step", {}).get("inputs", []) if "state" in i]
+        self._step_state = state_specs(self._sig.get("decoder_step", {}))
         self.num_languages: int = len(self.tokenizer.languages)
 
     def _run(self, graph: str, inputs: dict) -> dict:
@@ -178,5 +187,5 @@ class WhisperModel:
         """Rows `index` of every batch-major buffer (beam reordering, repeating per beam)."""
         if isinstance(state, StepCache):
             state = state.as_cache()
-        return {k: np.ascontiguousarray((v.to_numpy() if hasattr(v, "to_numpy") else v)[index]) for k, v in state.items()}
+        return {k: np.ascontiguousarray(host(v)[index]) for k, v in state.items()}
 

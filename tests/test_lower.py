@@ -20,7 +20,7 @@ from converter.lower import LoweringError, lower_graph, register
 from converter.parity import empty_cache
 from converter.passes import optimise
 from converter.trace import to_ir, trace_program
-from runtime.model import StepCache, decoder_call
+from runtime.model import StepCache, decoder_call, state_specs
 
 TOL = 1e-5
 
@@ -107,7 +107,7 @@ def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
         outs = models[gname].execute(*[feed[v.name] for v in gi.inputs])
         return {name: outs[i] for i, (name, _) in enumerate(gi.outputs)}
 
-    step_state = [i for i in graph_signature(program.graph("decoder_step"))["inputs"] if "state" in i] if step_graph else []
+    step_state = state_specs(graph_signature(program.graph("decoder_step"))) if step_graph else []
     cache = empty_cache(program.graph("decoder"), tokens.shape[0])
     pos, got = 0, []
     for n in chunks:

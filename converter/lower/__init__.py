@@ -49,10 +49,6 @@ def registered_ops() -> list[str]:
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
 
 
-def _symbols(expr: str) -> list[str]:
-    return [n.id for n in ast.walk(ast.parse(expr, mode="eval")) if isinstance(n, ast.Name)]
-
-
 def parse_dim(expr: ir.Dim) -> int | Dim:
     """An IR dim ("n + past", 1500) as a MAX dim; symbols become named MAX dims."""
     if isinstance(expr, int):
@@ -97,7 +93,7 @@ class LoweringContext:
         symbol that names an int64 scalar input of the graph (a cache position) is that input."""
         if isinstance(d, int):
             return ops.constant(np.int64(d), DType.int64, self.device)
-        if isinstance(d, str) and set(_symbols(d)) & self._scalars:
+        if ir.dim_symbols(d) & self._scalars:
             return self._eval_index(ast.parse(d, mode="eval").body, d)
         return ops.reshape(ops.shape_to_tensor([parse_dim(d) if isinstance(d, str) else d]), [])
 

@@ -57,10 +57,10 @@ def run_cmd(
     max_words_per_line: Optional[int] = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
     clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
     hallucination_silence_threshold: Optional[float] = typer.Option(None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"),
+    batch_size: int = typer.Option(8, "--batch_size", help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
     from . import load
-    from .audio import load_audio
-    from .transcribe import transcribe
+    from .transcribe import transcribe_many
     from .writers import WRITERS, write_result
 
     is_verbose = _bool(verbose)
@@ -104,9 +104,11 @@ def run_cmd(
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
-    for path in audio:
-        result = transcribe(model, load_audio(path), temperature=temps, verbose=is_verbose, **options)
-        write_result(result, path, output_dir, output_format, writer_options)
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch_size {batch_size}: expected at least 1")
+    # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
+    for i, result in transcribe_many(model, audio, batch_size=batch_size, temperature=temps, verbose=is_verbose, **options):
+        write_result(result, audio[i], output_dir, output_format, writer_options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .audio import CHUNK_LENGTH
-from .model import WhisperModel
+from .model import WhisperModel, host
 from .tokenizer import Tokenizer
 
 
@@ -332,8 +332,17 @@ class DecodingTask:
         if split < tokens.shape[1]:
             logits, cache = self.model.decoder_step(tokens[:, split:], cache, cross)
         no_speech = np.exp(log_softmax(logits_sot))[:, self.tokenizer.no_speech].astype(float).tolist()
+        # greedy rows that have ended stop running once a quarter of those running have: the
+        # decoder then computes only `rows` (their logits are what an ended row ignores anyway)
+        shrink = isinstance(self.decoder, GreedyDecoder) and self.decoder.temperature == 0 and n > 1
+        rows = np.arange(n)
         for _ in range(self.sample_len):
-            logits = logits.copy()
+            if len(rows) < n:
+                everyone = np.zeros((n, logits.shape[-1]), logits.dtype)
+                everyone[rows] = logits
+                logits = everyone
+            else:
+                logits = logits.copy()
             for f in self.filters:
                 f.apply(logits, tokens)
             tokens, completed, sources = self.decoder.update(tokens, logits, sum_logprobs)
@@ -341,7 +350,12 @@ class DecodingTask:
                 cache = self.model.select(cache, sources)
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
-            logits, cache = self.model.decoder_step(tokens[:, -1:], cache, cross)
+            if shrink:
+                running = np.flatnonzero(tokens[:, -1] != self.tokenizer.eot)
+                if len(running) <= len(rows) * 3 // 4:
+                    keep = np.searchsorted(rows, running)  # where the running rows are held now
+                    cache, cross, rows = self.model.select(cache, keep), self.model.select(cross, keep), running
+            logits, cache = self.model.decoder_step(tokens[rows, -1:], cache, cross)
         return tokens, sum_logprobs, no_speech
 
     def run(self, mel: np.ndarray) -> list[DecodingResult]:
@@ -374,11 +388,13 @@ class DecodingTask:
         out = []
         for i in range(n_audio):
             toks = [int(t) for t in cand[i][chosen[i]]]
+            # each result carries its own window's features (word timestamps align against them)
+            row_features = features if n_audio == 1 else host(features)[i : i + 1]
             text = tk.decode(toks).strip()
             lp = cand_lp[i][chosen[i]]
             out.append(
                 DecodingResult(
-                    audio_features=features,
+                    audio_features=row_features,
                     language=languages[i],
                     language_probs=lang_probs[i] if lang_probs else None,
                     tokens=toks,

@@ -38,10 +38,86 @@ def _clips(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
     return list(zip(points[::2], points[1::2]))
 
 
-def transcribe(
+def transcribe(model: WhisperModel, audio, **options) -> dict:
+    """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict.
+    Options are openai-whisper's `transcribe()` keywords and DecodingOptions fields."""
+    steps = _transcribe_steps(model, audio, **options)
+    request = next(steps)
+    while True:
+        try:
+            request = steps.send(decode(model, *request))
+        except StopIteration as done:
+            return done.value
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, **options):
+    """Transcribe several files at once, yielding (index, result) in input order as each is done.
+
+    Up to `batch_size` files are in flight. Each runs openai-whisper's long-form loop on its own;
+    the greedy (temperature 0) windows they wait on are decoded together when their decoding
+    options are equal (the same prompt: in practice each file's first window, and windows after
+    a prompt reset). One encoder call and one decoder call per token then serve the whole batch.
+    Sampled windows (temperature > 0, the fallback) decode one by one, as they would alone.
+    Verbose lines print in input order, as a sequential run prints them: the first unfinished
+    file's as they come, later files' once every earlier file is done.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: expected at least 1")
+    held: list[list[str]] = [[] for _ in audios]
+    shown = 0  # the file whose lines print as they come; later files' lines wait their turn
+    steps, waiting, results = {}, {}, {}  # in flight: index -> generator, (segment, DecodingOptions)
+    queue = iter(range(len(audios)))
+
+    def start() -> None:
+        for i in queue:
+            steps[i] = _transcribe_steps(model, audios[i], say=lambda line, i=i: say(line) if i == shown else held[i].append(line), **options)
+            try:
+                waiting[i] = next(steps[i])
+            except StopIteration as done:  # nothing to decode (an empty clip)
+                del steps[i]
+                results[i] = done.value
+            if len(steps) >= batch_size:
+                return
+
+    start()
+    while waiting:
+        first = min(waiting)
+        segment, opts = waiting[first]
+        group = [first]
+        if opts.temperature == 0:
+            group += [i for i in sorted(waiting) if i != first and waiting[i][1] == opts]
+        if len(group) == 1:
+            decoded = [decode(model, segment, opts)]
+        else:
+            decoded = decode(model, np.stack([waiting[i][0] for i in group]), opts)
+        for i, result in zip(group, decoded):
+            try:
+                waiting[i] = steps[i].send(result)
+            except StopIteration as done:
+                del waiting[i], steps[i]
+                results[i] = done.value
+        while shown in results:
+            yield shown, results.pop(shown)
+            shown += 1
+            if shown < len(held):
+                for line in held[shown]:
+                    say(line)
+                held[shown].clear()
+        start()
+    while shown in results:  # files that ended without decoding anything
+        yield shown, results.pop(shown)
+        shown += 1
+
+
+def _transcribe_steps(
     model: WhisperModel,
     audio,
     *,
+    say=_say,
     verbose: bool | None = None,
     temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
     compression_ratio_threshold: float | None = 2.4,
@@ -56,8 +132,10 @@ def transcribe(
     clip_timestamps="0",
     hallucination_silence_threshold: float | None = None,
     **decode_options,
-) -> dict:
-    """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict."""
+):
+    """openai-whisper's long-form loop as a generator: it yields each window it needs decoded,
+    (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
+    `say` prints its verbose lines."""
     unknown = set(decode_options) - _DECODE_FIELDS
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}")
@@ -72,12 +150,12 @@ def transcribe(
             decode_options["language"] = "en"
         else:
             if verbose:
-                print("Detecting language using up to the first 30 seconds. Use `--language` to specify the language")
+                say("Detecting language using up to the first 30 seconds. Use `--language` to specify the language")
             features = model.embed_audio(pad_or_trim(mel, N_FRAMES)[None])
             _, probs = detect_language(model, features, model.tokenizer)
             decode_options["language"] = max(probs[0], key=probs[0].get)
             if verbose is not None:
-                print(f"Detected language: {model.tokenizer.languages[decode_options['language']].title()}")
+                say(f"Detected language: {model.tokenizer.languages[decode_options['language']].title()}")
     language = decode_options["language"]
     task = decode_options.get("task", "transcribe")
     tokenizer = model.tokenizer.with_language(language, task)
@@ -87,7 +165,7 @@ def transcribe(
     input_stride = N_FRAMES // model.dims["n_audio_ctx"]  # mel frames per output position: 2
     time_precision = input_stride * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timestamp step
 
-    def decode_with_fallback(segment: np.ndarray) -> DecodingResult:
+    def decode_with_fallback(segment: np.ndarray):
         temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
         result = None
         for t in temperatures:
@@ -97,7 +175,7 @@ def transcribe(
                 kwargs.pop("patience", None)
             else:
                 kwargs.pop("best_of", None)
-            result = decode(model, segment, DecodingOptions(**kwargs, temperature=t))
+            result = yield segment, DecodingOptions(**kwargs, temperature=t)
             needs_fallback = False
             if compression_ratio_threshold is not None and result.compression_ratio > compression_ratio_threshold:
                 needs_fallback = True  # too repetitive
@@ -157,7 +235,7 @@ def transcribe(
             decode_options["prompt"] = initial_prompt_tokens + all_tokens[ignored:][-remaining_prompt_length:]
         else:
             decode_options["prompt"] = all_tokens[prompt_reset_since:]
-        result = decode_with_fallback(mel_segment)
+        result = yield from decode_with_fallback(mel_segment)
         tokens = result.tokens
 
         if no_speech_threshold is not None:
@@ -227,7 +305,7 @@ def transcribe(
 
         if verbose:
             for s in current_segments:
-                print(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}", flush=True)
+                say(f"[{format_timestamp(s['start'])} --> {format_timestamp(s['end'])}] {s['text']}")
         for s in current_segments:
             if s["start"] == s["end"] or s["text"].strip() == "":
                 s["text"], s["tokens"], s["words"] = "", [], []

@@ -22,6 +22,24 @@ def test_whisper_run_writes_every_format(tiny_en, tmp_path, capsys):
     assert set(result["segments"][0]) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"}
 
 
+def test_whisper_run_several_files_in_input_order(tiny_en, tmp_path, capsys):
+    """Files decoded together still print and write as one after another would."""
+    from conftest import shared_audio
+
+    short = shared_audio("ls_1221-135766-0002.wav")
+    assert main([str(tiny_en.path), str(golden.JFK_WAV), str(short), "-o", str(tmp_path), "-f", "txt", "--beam_size", "None"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    jfk = [i for i, line in enumerate(out) if "country" in line or "fellow Americans" in line]
+    other = [i for i, line in enumerate(out) if line.startswith("[") and i not in jfk]
+    assert jfk and other and max(jfk) < min(other), out
+    for name in ("jfk.txt", "ls_1221-135766-0002.txt"):
+        single = tmp_path / "single"
+        src = golden.JFK_WAV if name.startswith("jfk") else short
+        assert main([str(tiny_en.path), str(src), "-o", str(single), "-f", "txt", "--beam_size", "None", "--batch_size", "1"]) == 0
+        assert (tmp_path / name).read_text() == (single / name).read_text()
+    assert main([str(tiny_en.path), str(short), "--batch_size", "0"]) == 2
+
+
 def test_whisper_run_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing.maxpkg"), str(golden.JFK_WAV)]) == 1
     assert "whisper-convert" in capsys.readouterr().err

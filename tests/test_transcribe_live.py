@@ -85,6 +85,28 @@ def test_tiny_en_long_form_beam5(tiny, reference_model):
     compare(*both(tiny, reference_model("tiny.en"), "longform_lj001_0001-0032.wav", beam_size=5, best_of=5, language="en"))
 
 
+@pytest.mark.parametrize("options", [{"temperature": FALLBACK}, {"beam_size": 5, "best_of": 5}, {"temperature": 0.0, "word_timestamps": True}], ids=["greedy", "beam5", "words"])
+def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, options):
+    """Several files at once: their first windows decode as one batch (rows that end stop
+    running), later windows alone; each file's result is still openai-whisper's."""
+    from runtime.transcribe import transcribe_many
+
+    clips = ["jfk.wav", "ls_1221-135766-0002.wav", "ls_2412-153948-0000.wav", "mfa_acoustic_corpus_spontaneous.wav"]
+    audios = [load_audio(shared_audio(c)) for c in clips]
+    calls = []
+    decoder = tiny._run
+    tiny._run = lambda graph, inputs: calls.append((graph, inputs["tokens"].shape[0] if "tokens" in inputs else None)) or decoder(graph, inputs)
+    try:
+        ours = list(transcribe_many(tiny, audios, batch_size=3, verbose=None, language="en", **options))
+    finally:
+        tiny._run = decoder
+    assert [i for i, _ in ours] == [0, 1, 2, 3]
+    assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder") >= 3 * options.get("beam_size", 1)
+    torch.set_num_threads(2)
+    for (_, result), audio in zip(ours, audios):
+        compare(result, whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options))
+
+
 @pytest.fixture(scope="module")
 def base(base_pkg):
     return runtime.load(base_pkg)

@@ -9,6 +9,11 @@ transcription (load excluded, reported apart), real-time factor, peak RSS, the r
 whisper-max to each peer from the same run, whisper-max's component split (log-mel, encoder per
 window, decoder ms/token, load), and whether its tokens equal openai-whisper's.
 
+With `--corpus`, every engine transcribes the English dev clips and the long-form file one after
+another in one process, except whisper-max, which gives them to `transcribe_many` (files in
+flight at once, their greedy windows with equal prompts decoded as one batch);
+`whisper-max-sequential` is the same package one file at a time.
+
 Peers are optional benchmark dependencies: `pip install faster-whisper` (CTranslate2).
 """
 
@@ -28,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav"
 CLIP = ROOT / "golden" / "data" / "jfk.wav"  # bundled; start-up is measured on it
 ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
+SHARED = ROOT.parent / "shared" / "audio"
+CORPUS = [SHARED / f for f in ("jfk.wav", "ls_1089-134686-0001.wav", "ls_1221-135766-0001.wav", "ls_1221-135766-0002.wav",
+                               "ls_2412-153948-0000.wav", "lj_LJ050-0131.wav", "mfa_acoustic_corpus_spontaneous.wav",
+                               "longform_lj001_0001-0032.wav")]
 
 
 def _startup(package: str) -> dict:
@@ -60,10 +69,11 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
     """Runs in its own process: load, transcribe once, report times, tokens and peak RSS."""
     from runtime.audio import load_audio
 
-    audio = load_audio(audio_path)
-    out: dict = {"engine": engine, "duration_s": len(audio) / 16000}
+    audios = [load_audio(p) for p in audio_path.split(",")]  # several: a corpus, one after another
+    audio = audios[0]
+    out: dict = {"engine": engine, "duration_s": sum(len(a) for a in audios) / 16000}
     t = time.perf_counter()
-    if engine == "whisper-max":
+    if engine.startswith("whisper-max"):
         import numpy as np
 
         import runtime
@@ -88,9 +98,12 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         model.log_mel(np.asarray(audio), padding=16000 * 30)
         out["log_mel_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        result = model.transcribe(audio, temperature=0.0, language="en", condition_on_previous_text=True)
+        from runtime.transcribe import transcribe_many
+
+        batch = 1 if engine.endswith("sequential") else 8
+        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None)]
         out["wall_s"] = time.perf_counter() - t
-        out["tokens"] = [s["tokens"] for s in result["segments"]]
+        out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
         n_tokens = sum(len(s) for s in out["tokens"])
         out["components"] = {
             "encoder_s_per_window": calls["encoder_s"] / max(calls["windows"], 1),
@@ -113,9 +126,9 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        result = whisper.transcribe(model, audio, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=None, best_of=None)
+        results = [whisper.transcribe(model, a, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=None, best_of=None) for a in audios]
         out["wall_s"] = time.perf_counter() - t
-        out["tokens"] = [s["tokens"] for s in result["segments"]]
+        out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
     elif engine.startswith("faster-whisper"):
         from faster_whisper import WhisperModel
 
@@ -128,8 +141,10 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        segments, _ = model.transcribe(audio, beam_size=1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
-        out["tokens"] = [list(s.tokens) for s in segments]  # the generator decodes as it is consumed
+        out["tokens"] = []
+        for a in audios:
+            segments, _ = model.transcribe(a, beam_size=1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
+            out["tokens"] += [list(s.tokens) for s in segments]  # the generator decodes as it is consumed
         out["wall_s"] = time.perf_counter() - t
     else:
         raise SystemExit(f"unknown engine {engine}")
@@ -138,11 +153,9 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
 
 
 README = ROOT / "README.md"
-BEGIN, END = "<!-- bench.py results: begin -->", "<!-- bench.py results: end -->"
-
-
-def _write_readme(table: str, command: str) -> None:
-    """Replace the README's results block (between the markers) with this run's table."""
+def _write_readme(table: str, command: str, block: str = "results") -> None:
+    """Replace the README's block `block` (between its markers) with this run's table."""
+    BEGIN, END = f"<!-- bench.py {block}: begin -->", f"<!-- bench.py {block}: end -->"
     text = README.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise SystemExit(f"{README}: expected one {BEGIN} ... {END} block to replace")
@@ -162,8 +175,13 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default=None, help="write the JSON here (the Markdown goes to stdout)")
     ap.add_argument("--readme", action="store_true", help="also replace the results block in README.md with this run's table")
+    ap.add_argument("--corpus", action="store_true", help="the English dev clips and the long-form file, in one process per engine; whisper-max batches them")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.corpus:
+        args.audio = ",".join(str(p) for p in CORPUS)
+        if args.engines == ",".join(ENGINES):
+            args.engines = ",".join(["whisper-max", "whisper-max-sequential", *ENGINES[1:]])
     if args.child:
         print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio)))
         return
@@ -185,7 +203,7 @@ def main() -> None:
         for e in engines:  # interleaved: machine noise hits every engine alike
             runs[e].append(child(e))
             print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
-        if "whisper-max" in engines:
+        if "whisper-max" in engines and not args.corpus:
             startups.append(child("startup"))
 
     duration = runs[engines[0]][0]["duration_s"]
@@ -202,8 +220,10 @@ def main() -> None:
     if startups:
         summary["whisper-run start-up"] = {k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")}
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
+    files = [Path(p).name for p in args.audio.split(",")]
+    what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
     lines = [
-        f"Audio: `{Path(args.audio).name}` ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
+        f"Audio: {what} ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
         "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) | tokens = openai-whisper |",
@@ -221,7 +241,7 @@ def main() -> None:
         lines += [
             "",
             f"whisper-max components (last run): log-mel {runs['whisper-max'][-1]['log_mel_s']:.2f} s, encoder "
-            f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder {c['decoder_ms_per_call']:.2f} ms/call "
+            f"{1000 * c['encoder_s_per_window']:.0f} ms/call ({c['windows']} calls, a batch of windows in one), decoder {c['decoder_ms_per_call']:.2f} ms/call "
             f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary['whisper-max']['load_s']:.2f} s.",
         ]
     if startups:
@@ -234,7 +254,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]))
+        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), "corpus results" if args.corpus else "results")
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
 

@@ -57,7 +57,7 @@ def run_cmd(
     max_words_per_line: Optional[int] = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
     clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
     hallucination_silence_threshold: Optional[float] = typer.Option(None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"),
-    batch_size: int = typer.Option(8, "--batch_size", help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
+    batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
     from . import load
     from .transcribe import transcribe_many
@@ -104,8 +104,6 @@ def run_cmd(
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
-    if batch_size < 1:
-        raise typer.BadParameter(f"--batch_size {batch_size}: expected at least 1")
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
     for i, result in transcribe_many(model, audio, batch_size=batch_size, temperature=temps, verbose=is_verbose, **options):
         write_result(result, audio[i], output_dir, output_format, writer_options)

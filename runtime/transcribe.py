@@ -41,13 +41,7 @@ def _clips(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
 def transcribe(model: WhisperModel, audio, **options) -> dict:
     """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict.
     Options are openai-whisper's `transcribe()` keywords and DecodingOptions fields."""
-    steps = _transcribe_steps(model, audio, **options)
-    request = next(steps)
-    while True:
-        try:
-            request = steps.send(decode(model, *request))
-        except StopIteration as done:
-            return done.value
+    return next(transcribe_many(model, [audio], batch_size=1, **options))[1]
 
 
 def _say(line: str) -> None:
@@ -84,7 +78,16 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
                 return
 
     start()
-    while waiting:
+    while True:
+        while shown in results:
+            yield shown, results.pop(shown)
+            shown += 1
+            if shown < len(held):
+                for line in held[shown]:
+                    say(line)
+                held[shown].clear()
+        if not waiting:  # start() has taken every file
+            return
         first = min(waiting)
         segment, opts = waiting[first]
         group = [first]
@@ -100,17 +103,7 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
             except StopIteration as done:
                 del waiting[i], steps[i]
                 results[i] = done.value
-        while shown in results:
-            yield shown, results.pop(shown)
-            shown += 1
-            if shown < len(held):
-                for line in held[shown]:
-                    say(line)
-                held[shown].clear()
         start()
-    while shown in results:  # files that ended without decoding anything
-        yield shown, results.pop(shown)
-        shown += 1
 
 
 def _transcribe_steps(

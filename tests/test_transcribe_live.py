@@ -94,12 +94,12 @@ def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, 
     clips = ["jfk.wav", "ls_1221-135766-0002.wav", "ls_2412-153948-0000.wav", "mfa_acoustic_corpus_spontaneous.wav"]
     audios = [load_audio(shared_audio(c)) for c in clips]
     calls = []
-    decoder = tiny._run
-    tiny._run = lambda graph, inputs: calls.append((graph, inputs["tokens"].shape[0] if "tokens" in inputs else None)) or decoder(graph, inputs)
+    run = tiny._run
+    tiny._run = lambda graph, inputs: calls.append((graph, inputs["tokens"].shape[0] if "tokens" in inputs else None)) or run(graph, inputs)
     try:
         ours = list(transcribe_many(tiny, audios, batch_size=3, verbose=None, language="en", **options))
     finally:
-        tiny._run = decoder
+        tiny._run = run
     assert [i for i, _ in ours] == [0, 1, 2, 3]
     assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder") >= 3 * options.get("beam_size", 1)
     torch.set_num_threads(2)

@@ -18,6 +18,7 @@ def convert_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
     skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
+    dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; the one-token decoder step multiplies in bfloat16, everything else in float32)"),
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
     rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
@@ -39,7 +40,7 @@ def convert_cmd(
 
     if out is None:
         out = Path(Path(model).name.removesuffix(".pt") + ".maxpkg")
-    result = convert(model, out, skip_check=skip_check, report_format=report)
+    result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype)
     p = result.manifest["parity"]
     t = result.timings
     parity = (

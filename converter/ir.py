@@ -21,18 +21,21 @@ Dim = Union[int, str]
 # torch writes an open slice end (`x[a:]`) as sys.maxsize; any end at least this large means "to the end"
 OPEN_END = 2**62
 
-# Ops of whisper-max's own, made by passes rather than traced, live in this domain.
-# `cache_append(state, new, position, axis=a)` writes `new` into the graph input `state` at
-# `position` along axis `a`, in place, and is the filled prefix `state[..., :position + len(new)]`.
-# A graph input written in place (a "state" input) is read by nothing else, so the order of the
-# write and the reads is the node's own.
+
 def dim_symbols(d: Dim) -> set[str]:
     """The named dims a dim expression mentions ("n + past" -> {"n", "past"}; 4 -> none)."""
     return set(re.findall(r"[A-Za-z_]\w*", d)) if isinstance(d, str) else set()
 
 
+# Ops of whisper-max's own, made by passes rather than traced, live in this domain.
+# `cache_append(state, new, position, axis=a)` writes `new` into the graph input `state` at
+# `position` along axis `a`, in place, and is the filled prefix `state[..., :position + len(new)]`.
+# A graph input written in place (a "state" input) is read by nothing else, so the order of the
+# write and the reads is the node's own.
 OWN_DOMAIN = "whisper_max"
 CACHE_APPEND = f"{OWN_DOMAIN}.cache_append"
+# `cast(x, dtype=d)`: x's values in dtype d (passes.store_weights reads stored weights through it)
+CAST = f"{OWN_DOMAIN}.cast"
 IN_PLACE_OPS = {CACHE_APPEND: 0}  # op -> which operand it writes in place
 
 
@@ -42,7 +45,7 @@ class TraceError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorType:
-    dtype: str  # numpy dtype name: "float32", "int64"
+    dtype: str  # numpy dtype name ("float32", "int64"), or "bfloat16" (a stored weight)
     shape: tuple[Dim, ...]
 
     def __str__(self) -> str:

@@ -109,7 +109,13 @@ def cache_form(g: ir.Graph, cache_output: str, ref: np.ndarray) -> np.ndarray:
     return x
 
 
-def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int]) -> list[Entry]:
+def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int], dtype: str = "float32") -> list[Entry]:
+    """Every tapped module, graph output and decoding route against the reference, within
+    `dtype`'s tolerances (golden/tolerances.json)."""
+
+    def compare_(name: str, got, ref) -> Entry:
+        return compare(name, got, ref, dtype)
+
     enc_g, xkv_g, dec_g = program.graph("encoder"), program.graph("cross_kv"), program.graph("decoder")
     entries: list[Entry] = []
     t0 = time.perf_counter()
@@ -117,8 +123,8 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     enc_out, _ = run(models["encoder"], enc_g, {"mel": mel})
     _, enc_taps = run(probe["encoder_probe"], enc_g, {"mel": mel}, len(taps["encoder"]))
     for name, val in zip(taps["encoder"], enc_taps):
-        entries.append(compare(name, host(val), ref[name]))
-    entries.append(compare("encoder.ln_post", host(enc_out["encoder"]), ref["encoder.ln_post"]))
+        entries.append(compare_(name, host(val), ref[name]))
+    entries.append(compare_("encoder.ln_post", host(enc_out["encoder"]), ref["encoder.ln_post"]))
 
     # cross K/V from the reference encoder output, so these entries measure cross_kv alone; the
     # values hoisted out of the decoder (head-split, scaled) have no module of their own
@@ -126,7 +132,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     cross, _ = run(models["cross_kv"], xkv_g, {"encoder": xa_ref})
     for name, val in cross.items():
         if name in ref:
-            entries.append(compare(name, host(val), ref[name]))
+            entries.append(compare_(name, host(val), ref[name]))
 
     # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
     tok = np.array([tokens], np.int64)
@@ -134,11 +140,11 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     dec_out, _ = run(models["decoder"], dec_g, dec_in)
     _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps["decoder"]))
     for name, val in zip(taps["decoder"], dec_taps):
-        entries.append(compare(name, host(val), ref[name]))
+        entries.append(compare_(name, host(val), ref[name]))
     for name, val in dec_out.items():
         if name != "logits":
-            entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name])))
-    entries.append(compare("logits", host(dec_out["logits"]), ref["logits"]))
+            entries.append(compare_(name, host(val), cache_form(dec_g, name, ref[name])))
+    entries.append(compare_("logits", host(dec_out["logits"]), ref["logits"]))
 
     # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
     # logits of each call's last position against the reference at that position. Once through
@@ -161,13 +167,13 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         for lo, hi in zip(bounds, bounds[1:]):
             logits, cache = decoder_call(by_name, step_state, tok[:, lo:hi], cache, cross)
             got.append(logits[0])
-        entries.append(compare(entry_name, np.stack(got), ref["logits.all"][positions]))
+        entries.append(compare_(entry_name, np.stack(got), ref["logits.all"][positions]))
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})
-    entries.append(compare("logits.all", host(align["logits"])[0], ref["logits.all"]))
+    entries.append(compare_("logits.all", host(align["logits"])[0], ref["logits.all"]))
     for name, val in align.items():
         if name != "logits":
-            entries.append(compare(name, host(val), ref[name]))
+            entries.append(compare_(name, host(val), ref[name]))
     log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
     return entries

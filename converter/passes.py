@@ -329,3 +329,44 @@ def optimise(p: ir.Program) -> ir.Program:
     p = sink_cache_layout(p)
     p = specialise(p, "decoder", {"batch": 1, "n": 1}, "decoder_step")
     return in_place_cache(p, "decoder_step")
+
+
+def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:
+    """Store the float32 weight matrices (rank >= `min_rank`: linear and conv weights, the
+    embedding tables) as `dtype`, and keep computing in float32.
+
+    Each graph reads a stored weight through one `cast` to float32; a table lookup (`embedding`)
+    gathers stored rows and casts only those. Lowering decides what a cast costs: a single row
+    times a stored weight becomes a bfloat16 matrix-vector product that reads the stored bytes
+    (the decoder step, which is bound by reading weights), and MAX evaluates any other cast of a
+    weight once, at initialisation, into a float32 copy. LayerNorm parameters and biases stay
+    float32 (0.2% of the bytes). A weight name has one stored dtype in every graph, so one
+    weights.bin serves them all.
+    """
+    if dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"store_weights: dtype {dtype!r}; expected bfloat16 or float16")
+    graphs = []
+    for g in p.graphs:
+        stored = {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank}
+        if not stored:
+            graphs.append(g)
+            continue
+        weights = tuple(ir.Value(w.name, ir.TensorType(dtype, w.type.shape)) if w.name in stored else w for w in g.weights)
+        shapes = {w.name: w.type.shape for w in g.weights}
+        casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
+        nodes: list[ir.Node] = []
+        for n in g.nodes:
+            if n.op == "aten.embedding.default" and n.inputs[0] in stored:
+                rows = ir.Node(f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope)
+                nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
+                continue
+            for i in n.inputs:
+                if i in stored and i not in casts:
+                    casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
+                    nodes.append(casts[i])
+            nodes.append(ir.Node(n.name, n.op, tuple(casts[i].name if i in casts else i for i in n.inputs), n.attrs, n.type, n.scope))
+        out = ir.Graph(g.name, g.inputs, weights, g.constants, tuple(nodes), g.outputs, g.dims)
+        out.validate()
+        log.info("%s: %d weights stored as %s", g.name, len(stored), dtype)
+        graphs.append(out)
+    return ir.Program(tuple(graphs), p.dims)

@@ -4,7 +4,9 @@ Entries:
   manifest.json     format version, model dims, source and its hash, MAX version, CPU target,
                     dtype, graph signatures, sha256 of every other entry
   weights.json      name -> dtype, shape, byte offset, byte count in weights.bin
-  weights.bin       raw little-endian tensors, 64-byte aligned; loading never unpickles
+  weights.bin       raw little-endian tensors, 64-byte aligned; loading never unpickles.
+                    A bfloat16 tensor is its 16-bit patterns (numpy has no bfloat16); it loads
+                    as a MAX Buffer of dtype bfloat16, every other tensor as a numpy array
   model.mef         compiled MAX module with the graphs encoder, cross_kv, decoder
   ir/<graph>.onnx   the program in our IR, one ONNX model per graph; ir.txt printed
   assets/...        tokenizer vocabulary and mel filters
@@ -28,7 +30,8 @@ import numpy as np
 from .files import atomic_open
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 2  # 2: decoder_step grows its caches in place (state inputs)
+FORMAT_VERSION = 3  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights
+READS = (2, 3)  # a format 2 package is a format 3 one whose weights are all float32
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.
@@ -61,30 +64,68 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def pack_weights(weights: dict[str, np.ndarray]) -> tuple[bytes, bytes]:
-    """(weights.json, weights.bin) for float32/int weights, names sorted, 64-byte aligned."""
+def to_bfloat16(a: np.ndarray):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as a MAX Buffer."""
+    from max.driver import Buffer
+    from max.dtype import DType
+
+    a = np.ascontiguousarray(a, np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError("to_bfloat16: the tensor has inf or nan values")
+    u = a.view(np.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return Buffer.from_numpy(bits).view(DType.bfloat16)
+
+
+def from_bfloat16(buffer) -> np.ndarray:
+    """A bfloat16 Buffer's values as float32, exactly (a bfloat16 is a float32's top 16 bits)."""
+    from max.dtype import DType
+
+    return (buffer.view(DType.uint16).to_numpy().astype(np.uint32) << 16).view(np.float32)
+
+
+def _bfloat16_buffer(bits: np.ndarray):
+    from max.driver import Buffer
+    from max.dtype import DType
+
+    return Buffer.from_numpy(bits).view(DType.bfloat16)
+
+
+def pack_weights(weights: dict) -> tuple[bytes, bytes]:
+    """(weights.json, weights.bin) for numpy arrays and bfloat16 Buffers (to_bfloat16), names
+    sorted, 64-byte aligned."""
     index, buf = {}, io.BytesIO()
     for name in sorted(weights):
-        a = np.ascontiguousarray(weights[name])
-        if a.dtype.byteorder == ">":
-            a = a.astype(a.dtype.newbyteorder("<"))
+        w = weights[name]
+        if getattr(w.dtype, "name", None) == "bfloat16":
+            from max.dtype import DType
+
+            dtype, a = "bfloat16", np.ascontiguousarray(w.view(DType.uint16).to_numpy())
+        else:
+            a = np.ascontiguousarray(w)
+            if a.dtype.byteorder == ">":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            dtype = a.dtype.name
         pad = (-buf.tell()) % _ALIGN
         buf.write(b"\0" * pad)
-        index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": buf.tell(), "nbytes": a.nbytes}
+        index[name] = {"dtype": dtype, "shape": list(a.shape), "offset": buf.tell(), "nbytes": a.nbytes}
         buf.write(a.tobytes())
     return json.dumps(index, indent=1, sort_keys=True).encode(), buf.getvalue()
 
 
-def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict[str, np.ndarray]:
-    """Views into `blob` (pass a bytearray for writable arrays); checks every extent."""
+def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict:
+    """Views into `blob` (pass a bytearray for writable arrays); checks every extent. bfloat16
+    tensors come back as MAX Buffers over the same bytes."""
     index = json.loads(index_json)
     out = {}
     for name, e in index.items():
-        dtype = np.dtype(e["dtype"])
+        bf16 = e["dtype"] == "bfloat16"
+        dtype = np.dtype(np.uint16 if bf16 else e["dtype"])
         count = int(np.prod(e["shape"], dtype=np.int64))
         if e["nbytes"] != count * dtype.itemsize or e["offset"] + e["nbytes"] > len(blob):
             raise PackageError(f"weights.json: entry {name!r} does not fit weights.bin")
-        out[name] = np.frombuffer(blob, dtype, count, e["offset"]).reshape(e["shape"])
+        a = np.frombuffer(blob, dtype, count, e["offset"]).reshape(e["shape"])
+        out[name] = _bfloat16_buffer(a) if bf16 else a
     return out
 
 
@@ -116,9 +157,9 @@ class Package:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
         if manifest.get("format") != FORMAT:
             raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format')!r})")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READS:
             raise PackageError(
-                f"{path}: package format {manifest.get('format_version')}, this runtime reads {FORMAT_VERSION}; "
+                f"{path}: package format {manifest.get('format_version')}, this runtime reads {' and '.join(map(str, READS))}; "
                 "convert the model again with this version's whisper-convert"
             )
         return cls(path, manifest, z)
@@ -135,7 +176,7 @@ class Package:
             raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest")
         return data
 
-    def weights(self) -> dict[str, np.ndarray]:
+    def weights(self) -> dict:
         # the zip's CRC covers weights.bin; a bytearray keeps the arrays writable for MAX
         return unpack_weights(self.read("weights.json"), self._read_stored("weights.bin"))
 
@@ -190,7 +231,7 @@ class Package:
         models["_weights"] = weights  # MAX binds these zero-copy: keep them alive with the models
         return models
 
-    def check_weights(self, weights: dict[str, np.ndarray]) -> None:
+    def check_weights(self, weights: dict) -> None:
         # MAX does not check a bound weight's shape or dtype; the manifest says what each graph wants
         for g in self.manifest["graphs"].values():
             for w in g["weights"]:

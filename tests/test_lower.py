@@ -18,9 +18,10 @@ from converter import ir
 from converter.convert import graph_signature
 from converter.lower import LoweringError, lower_graph, register
 from converter.parity import empty_cache
-from converter.passes import optimise
+from converter.passes import optimise, store_weights
 from converter.trace import to_ir, trace_program
 from runtime.model import StepCache, decoder_call, state_specs
+from runtime.package import from_bfloat16, to_bfloat16
 
 TOL = 1e-5
 
@@ -148,6 +149,52 @@ def test_specialised_single_token_step(compiled, chunks):
         ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
     for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=True):
         close(logits, ref[:, pos - 1])
+
+
+@pytest.fixture(scope="session")
+def compiled_bf16():
+    """The tiny program with bfloat16-stored weights, and openai-whisper on the same rounded weights."""
+    from max.engine import InferenceSession
+    from max.graph import Module
+
+    torch.manual_seed(0)
+    program = store_weights(optimise(trace_program(tiny_whisper())))
+    stored = {w.name for g in program.graphs for w in g.weights if w.type.dtype == "bfloat16"}
+    weights = {k: to_bfloat16(v) if k in stored else v for k, v in state_dict_np(tiny_whisper()).items()}
+    widened = {k: from_bfloat16(v) if k in stored else v for k, v in weights.items()}
+    model = tiny_whisper()
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in widened.items()})
+    mod = Module()
+    for g in program.graphs:
+        lower_graph(g, mod)
+    session = InferenceSession()
+    return model.eval(), program, session.init_all(session.compile(mod), weights_registry=weights)
+
+
+def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
+    """Stored bfloat16 weights are read through exact casts: the encoder and the general decoder
+    equal openai-whisper on the rounded weights to the fp32 tolerance (and are not the float32
+    model: the rounding shows). The single-token step multiplies in bfloat16, within its own
+    tolerance from golden/tolerances.json."""
+    import golden
+
+    model, program, models = compiled_bf16
+    rng = np.random.default_rng(4)
+    mel = rng.standard_normal((1, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"])).astype(np.float32)
+    with torch.no_grad():
+        xa_ref = model.encoder(torch.from_numpy(mel))
+        unrounded = tiny_whisper().encoder(torch.from_numpy(mel)).numpy()
+    xa = models["encoder"].execute(mel)[0].to_numpy()
+    close(xa, xa_ref.numpy())
+    assert np.abs(xa - unrounded).max() / np.abs(unrounded).max() > 10 * TOL
+    tokens = rng.integers(0, TINY_DIMS["n_vocab"], (1, 5)).astype(np.int64)
+    with torch.no_grad():
+        ref = model.decoder(torch.from_numpy(tokens), xa_ref).numpy()
+    for pos, logits in _decode_in_chunks(program, models, tokens, xa_ref.numpy(), [2, 3]):
+        close(logits, ref[:, pos - 1])
+    step_tol = golden.tolerance("logits.incremental", "bfloat16")[0]
+    for pos, logits in _decode_in_chunks(program, models, tokens, xa_ref.numpy(), [2, 1, 1, 1], step_graph=True):
+        close(logits, ref[:, pos - 1], step_tol)
 
 
 def test_missing_lowering_names_op_and_module():

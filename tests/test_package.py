@@ -129,3 +129,33 @@ def test_damaged_weights_are_refused(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(PackageError, match="weights.bin is damaged"):
         Package.open(path).weights()
+
+
+def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
+    import torch
+    from max.dtype import DType
+
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((4, 64)) * 10).astype(np.float32)
+    a[0, :4] = [1.00390625, 1.01171875, -3.0e-5, 65504.0]  # exact ties round to even
+    b = package.to_bfloat16(a)
+    bits = b.view(DType.uint16).to_numpy()
+    np.testing.assert_array_equal(bits, torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(package.from_bfloat16(b), torch.from_numpy(a).to(torch.bfloat16).float().numpy())
+    with pytest.raises(ValueError, match="inf or nan"):
+        package.to_bfloat16(np.array([np.inf], np.float32))
+    wj, wb = package.pack_weights({"m.weight": b, "m.bias": a[0]})
+    assert json.loads(wj)["m.weight"] == {"dtype": "bfloat16", "shape": [4, 64], "offset": 256, "nbytes": 512}
+    m = _manifest()
+    m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, {"name": "m.bias", "dtype": "float32", "shape": [64]}]
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    pkg = Package.open(path)
+    got = pkg.weights()
+    assert got["m.weight"].dtype == DType.bfloat16 and got["m.weight"].shape == (4, 64)
+    np.testing.assert_array_equal(got["m.weight"].view(DType.uint16).to_numpy(), bits)
+    pkg.check_weights(got)
+    m["graphs"]["g"]["weights"][0]["dtype"] = "float32"  # a float32 graph given bfloat16 weights
+    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    with pytest.raises(PackageError, match=r"m.weight.*bfloat16\[4, 64\].*float32\[4, 64\]"):
+        Package.open(path).check_weights(got)

@@ -6,7 +6,7 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import hoist_invariants, in_place_cache, optimise, specialise
+from converter.passes import hoist_invariants, in_place_cache, optimise, specialise, store_weights
 from converter.trace import trace_program
 
 
@@ -98,3 +98,33 @@ def test_optimised_program_round_trips_through_onnx():
     for data in files.values():
         onnx.checker.check_model(onnx.load_from_string(data))
     assert ir.format_program(onnx_io.from_onnx_files(files)) == ir.format_program(p)
+
+
+def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
+    before = optimise(trace_program(tiny_whisper()))
+    after = store_weights(before)
+    for g0, g in zip(before.graphs, after.graphs):
+        types = {w.name: w.type for w in g.weights}
+        for w in g0.weights:  # matrices stored; LayerNorm parameters and biases stay float32
+            assert types[w.name].dtype == ("bfloat16" if len(w.type.shape) >= 2 else "float32"), w.name
+        casts = [n for n in g.nodes if n.op == ir.CAST]
+        assert all(n.attr("dtype") == "float32" and n.type.dtype == "float32" for n in casts)
+        # only casts are new; every other node keeps its op and shape (a lookup's rows are renamed,
+        # its cast takes its name)
+        kept = [n for n in g.nodes if n.op != ir.CAST]
+        assert [(n.name.removesuffix("/bfloat16"), n.op, n.type.shape) for n in kept] == [(n.name, n.op, n.type.shape) for n in g0.nodes]
+        assert {n.name for n in g0.nodes} <= {n.name for n in g.nodes}
+        for n in g.nodes:  # the table lookup gathers stored rows, then casts those rows only
+            if n.op == "aten.embedding.default":
+                assert n.type.dtype == "bfloat16" and types[n.inputs[0]].dtype == "bfloat16"
+            elif n.op != ir.CAST:
+                assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
+    # every graph agrees on each weight's stored dtype; the ONNX form keeps it; a second run is a no-op
+    stored = {}
+    for g in after.graphs:
+        for w in g.weights:
+            assert stored.setdefault(w.name, w.type.dtype) == w.type.dtype
+    assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
+    assert ir.format_program(store_weights(after)) == ir.format_program(after)
+    with pytest.raises(ValueError, match="int8"):
+        store_weights(before, "int8")

@@ -49,6 +49,13 @@ def registered_ops() -> list[str]:
 _BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
 
 
+def max_dtype(name: str) -> DType:
+    """An IR dtype name ("float32", "int64", "bfloat16") as MAX's DType."""
+    if name == "bfloat16":  # numpy has no bfloat16
+        return DType.bfloat16
+    return DType.from_numpy(np.dtype(name))
+
+
 def parse_dim(expr: ir.Dim) -> int | Dim:
     """An IR dim ("n + past", 1500) as a MAX dim; symbols become named MAX dims."""
     if isinstance(expr, int):
@@ -112,7 +119,7 @@ class LoweringContext:
 
 def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorValue:
     """Check the lowered value against the IR type; give symbolic dims the IR's names."""
-    want_dtype = DType.from_numpy(np.dtype(node.type.dtype))
+    want_dtype = max_dtype(node.type.dtype)
     if out.dtype != want_dtype:
         raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered dtype {out.dtype}, IR says {node.type.dtype}")
     if len(out.shape) != len(node.type.shape):
@@ -128,12 +135,12 @@ def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorVal
 
 def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None) -> Graph:
     """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own."""
-    from . import activation, cache, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
+    from . import activation, cache, cast, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
 
     device = device or DeviceRef.CPU()
     ctx = LoweringContext(g, device)
     state = g.state_inputs()  # written in place: buffers, not values
-    in_types = [(BufferType if v.name in state else TensorType)(DType.from_numpy(np.dtype(v.type.dtype)), ctx.shape(v.type), device) for v in g.inputs]
+    in_types = [(BufferType if v.name in state else TensorType)(max_dtype(v.type.dtype), ctx.shape(v.type), device) for v in g.inputs]
     stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")
     verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
     kwargs = {"module": module} if module is not None else {}
@@ -141,7 +148,7 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
         env = ctx.env
         env.update({v.name: mg.inputs[i].buffer if v.name in state else mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
         for w in g.weights:
-            env[w.name] = mg.add_weight(Weight(w.name, DType.from_numpy(np.dtype(w.type.dtype)), ctx.shape(w.type), device))
+            env[w.name] = mg.add_weight(Weight(w.name, max_dtype(w.type.dtype), ctx.shape(w.type), device))
         for c in g.constants:
             env[c.name] = ops.constant(c.data, DType.from_numpy(c.data.dtype), device)
         for node in g.nodes:

@@ -7,10 +7,19 @@ dot products written as a broadcast multiply and a sum over `in`, which MAX fuse
 over the (out, in) weight, reach ~44 GB/s (1.8 ms), and the 1536x384 MLP weights go from 145 to
 67 us. With 5 rows the same form is 2.4x slower than matmul (it streams the weight once per row),
 so only single rows take it.
+
+A single row times a weight stored in bfloat16 (passes.store_weights) is a bfloat16 matrix
+product instead, `W @ x.T` with the row rounded to bfloat16 and the result widened back: it reads
+half the bytes, and it is the one form in which MAX reads a stored weight as stored. Everywhere
+else a stored weight goes through its cast, which MAX evaluates once when the graph is
+initialised (a float32 copy per graph), and computes in float32: MAX's bfloat16 matrix products
+of many rows are ~3x slower than float32 here, and the cast inside a fused product is folded too.
 """
 
+from max.dtype import DType
 from max.graph import ops
 
+from .. import ir
 from . import register
 
 
@@ -23,9 +32,28 @@ def gemv(x, weight_out_in):
     return ops.squeeze(ops.sum(ops.unsqueeze(x, -2) * weight_out_in, axis=-1), -1)
 
 
+def stored_weight(ctx, name: str):
+    """The reduced-precision weight that the IR value `name` widens (a cast of a weight), or None."""
+    src = ctx.producer(name)
+    if src is None or src.op != ir.CAST:
+        return None
+    w = ctx.value(src.inputs[0])
+    return w if w.dtype in (DType.bfloat16, DType.float16) and ctx.producer(src.inputs[0]) is None else None
+
+
+def gemv_stored(x, weight_out_in):
+    """x (..., in) float32 with one row, weight (out, in) bfloat16 -> (..., out) float32."""
+    row = ops.reshape(ops.cast(x, weight_out_in.dtype), [1, x.shape[-1]])
+    y = weight_out_in @ ops.transpose(row, 0, 1)  # (out, 1)
+    return ops.reshape(ops.cast(y, DType.float32), [*x.shape[:-1], weight_out_in.shape[0]])
+
+
 @register("aten.linear.default")
 def linear(ctx, node, x, weight, bias):
-    if _single_row(x):
+    stored = stored_weight(ctx, node.inputs[1])
+    if _single_row(x) and stored is not None:
+        y = gemv_stored(x, stored)
+    elif _single_row(x):
         y = gemv(x, weight)
     else:
         y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
@@ -37,5 +65,6 @@ def matmul(ctx, node, a, b):
     # x @ W.T with W an (out, in) weight (the tied vocabulary projection): a matrix-vector product
     src = ctx.producer(node.inputs[1])
     if src is not None and src.op == "aten.transpose.int" and b.rank == 2 and a.rank == 2 and _single_row(a):
-        return gemv(a, ctx.value(src.inputs[0]))
+        stored = stored_weight(ctx, src.inputs[0])
+        return gemv(a, ctx.value(src.inputs[0])) if stored is None else gemv_stored(a, stored)
     return a @ b

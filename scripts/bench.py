@@ -1,6 +1,7 @@
 """Benchmark whisper-run against openai-whisper and faster-whisper on the same audio and options.
 
-    python scripts/bench.py --package tiny.en.maxpkg [--audio FILE] [--repeats 3] [--out bench.json] [--readme]
+    python scripts/bench.py --package tiny.en.maxpkg [--package-bf16 tiny.en.bf16.maxpkg] [--audio FILE]
+                            [--repeats 3] [--out bench.json] [--readme]
 
 Options for every engine: greedy (beam 1), temperature 0 without fallback, language en,
 timestamps on, condition on previous text, 2 threads. Each run is its own process (one engine
@@ -13,6 +14,9 @@ With `--corpus`, every engine transcribes the English dev clips and the long-for
 another in one process, except whisper-max, which gives them to `transcribe_many` (files in
 flight at once, their greedy windows with equal prompts decoded as one batch);
 `whisper-max-sequential` is the same package one file at a time.
+
+`--package-bf16` adds `whisper-max-bfloat16`: the same runtime on a package converted with
+`--dtype bfloat16` (its tokens need not equal openai-whisper's; scripts/wer.py measures the cost).
 
 Peers are optional benchmark dependencies: `pip install faster-whisper` (CTranslate2).
 """
@@ -153,9 +157,11 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
 
 
 README = ROOT / "README.md"
-def _write_readme(table: str, command: str, block: str = "results") -> None:
-    """Replace the README's block `block` (between its markers) with this run's table."""
-    BEGIN, END = f"<!-- bench.py {block}: begin -->", f"<!-- bench.py {block}: end -->"
+def _write_readme(table: str, command: str, block: str = "results", marker: str | None = None) -> None:
+    """Replace the README's block `block` (between its markers; `marker` names them in full)
+    with this run's table."""
+    marker = marker or f"bench.py {block}"
+    BEGIN, END = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
     text = README.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise SystemExit(f"{README}: expected one {BEGIN} ... {END} block to replace")
@@ -170,6 +176,7 @@ def _write_readme(table: str, command: str, block: str = "results") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", required=True)
+    ap.add_argument("--package-bf16", default=None, help="also run whisper-max on this package (converted with --dtype bfloat16)")
     ap.add_argument("--audio", default=str(DEFAULT_AUDIO))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default=",".join(ENGINES))
@@ -182,6 +189,10 @@ def main() -> None:
         args.audio = ",".join(str(p) for p in CORPUS)
         if args.engines == ",".join(ENGINES):
             args.engines = ",".join(["whisper-max", "whisper-max-sequential", *ENGINES[1:]])
+    if args.package_bf16 and "whisper-max-bfloat16" not in args.engines.split(","):
+        names = args.engines.split(",")
+        names.insert(names.index("whisper-max") + 1 if "whisper-max" in names else 0, "whisper-max-bfloat16")
+        args.engines = ",".join(names)
     if args.child:
         print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio)))
         return
@@ -194,7 +205,10 @@ def main() -> None:
     def child(name: str) -> dict:
         """One run in a new process; its clock starts just before the spawn."""
         env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", args.package, "--audio", args.audio], capture_output=True, text=True, env=env)
+        package = args.package_bf16 if name == "whisper-max-bfloat16" else args.package
+        if package is None:
+            raise SystemExit(f"{name}: give its package with --package-bf16")
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", args.audio], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -220,29 +234,37 @@ def main() -> None:
     if startups:
         summary["whisper-run start-up"] = {k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")}
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
+    bf = summary.get("whisper-max-bfloat16")
     files = [Path(p).name for p in args.audio.split(",")]
     what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
     lines = [
         f"Audio: {what} ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
-        "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) | tokens = openai-whisper |",
-        "|---|---:|---:|---:|---:|---:|---:|:-:|",
+        "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) |"
+        + (" whisper-max-bfloat16 speed-up (median) |" if bf else "") + " tokens = openai-whisper |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + ":-:|",
     ]
     mx = summary.get("whisper-max")
+
+    def ratio(s: dict, ours: dict | None, own: bool) -> str:
+        return f"{s['median_s'] / ours['median_s']:.2f}x" if ours and not own else "—"
+
     for e, s in summary.items():
         if e not in runs:
             continue
-        ratio = f"{s['median_s'] / mx['median_s']:.2f}x" if mx and e != "whisper-max" else "—"
         same = "—" if ref_tokens is None or e == "openai-whisper" else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
-        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio} | {same} |")
-    if "whisper-max" in runs:
-        c = runs["whisper-max"][-1]["components"]
+        bf_col = f" {ratio(s, bf, e == 'whisper-max-bfloat16')} |" if bf else ""
+        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == 'whisper-max')} |{bf_col} {same} |")
+    for e in ("whisper-max", "whisper-max-bfloat16"):
+        if e not in runs:
+            continue
+        c = runs[e][-1]["components"]
         lines += [
             "",
-            f"whisper-max components (last run): log-mel {runs['whisper-max'][-1]['log_mel_s']:.2f} s, encoder "
+            f"{e} components (last run): log-mel {runs[e][-1]['log_mel_s']:.2f} s, encoder "
             f"{1000 * c['encoder_s_per_window']:.0f} ms/call ({c['windows']} calls, a batch of windows in one), decoder {c['decoder_ms_per_call']:.2f} ms/call "
-            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary['whisper-max']['load_s']:.2f} s.",
+            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary[e]['load_s']:.2f} s.",
         ]
     if startups:
         st = summary["whisper-run start-up"]

@@ -1,0 +1,111 @@
+"""Word error rate of packages on the English dev set, e.g. a bfloat16 package against float32.
+
+    python scripts/wer.py tiny.en.maxpkg tiny.en.bf16.maxpkg [--clips a.wav,b.wav] [--json out.json] [--readme]
+
+Every package transcribes every clip with openai-whisper's transcribe() defaults (greedy with
+temperature fallback, condition on previous text), language en. Hypotheses and references are
+normalised with openai-whisper's EnglishTextNormalizer (as in its evaluation), and WER is word
+edits over reference words, summed over the dev set. The first package is the baseline: the table
+gives each package's WER, its difference from the baseline in points, and on how many clips its
+tokens equal the baseline's. Prints Markdown; --json writes the rows too; --readme replaces the
+README's wer.py block with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from whisper.normalizers import EnglishTextNormalizer
+
+import runtime
+from runtime.audio import load_audio
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
+
+
+def dev_set(shared: Path = SHARED) -> list[dict]:
+    """The English clips with exact references (one encoding of each recording)."""
+    entries = json.loads((shared / "manifest.json").read_text())
+    return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
+
+
+def word_edits(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance over words (substitutions, deletions, insertions)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("packages", nargs="+", help="packages to compare; the first is the baseline")
+    ap.add_argument("--clips", help="comma-separated files in ../shared/audio (default: the English dev set)")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--readme", action="store_true", help="also replace the wer.py block in README.md with this table")
+    args = ap.parse_args()
+
+    clips = dev_set()
+    if args.clips:
+        wanted = args.clips.split(",")
+        clips = [e for e in clips if e["file"] in wanted]
+        if len(clips) != len(wanted):
+            raise SystemExit(f"--clips: not all of {wanted} are English dev clips with exact references")
+    norm = EnglishTextNormalizer()
+    audio = {e["file"]: load_audio(str(SHARED / e["file"])) for e in clips}
+    refs = {e["file"]: norm(e["reference"]).split() for e in clips}
+    n_words = sum(len(r) for r in refs.values())
+
+    rows = []
+    baseline_tokens = None
+    for path in args.packages:
+        model = runtime.load(path)
+        edits, tokens, seconds = {}, {}, 0.0
+        for e in clips:
+            t = time.perf_counter()
+            result = model.transcribe(audio[e["file"]], language="en")
+            seconds += time.perf_counter() - t
+            edits[e["file"]] = word_edits(refs[e["file"]], norm(result["text"]).split())
+            tokens[e["file"]] = [tok for s in result["segments"] for tok in s["tokens"]]
+        same = None if baseline_tokens is None else sum(tokens[f] == baseline_tokens[f] for f in tokens)
+        baseline_tokens = baseline_tokens or tokens
+        rows.append({
+            "package": path,
+            "dtype": model.package.manifest.get("dtype", "float32"),
+            "words": n_words,
+            "edits": sum(edits.values()),
+            "wer": 100.0 * sum(edits.values()) / n_words,
+            "edits_per_clip": edits,
+            "clips_with_baseline_tokens": same,
+            "transcribe_s": seconds,
+        })
+    base = rows[0]["wer"]
+    lines = [
+        f"English dev set: {len(clips)} clips, {n_words} reference words ({', '.join(e['file'] for e in clips)}); "
+        "transcribe() defaults, language en, EnglishTextNormalizer.",
+        "",
+        "| package | dtype | WER % | vs first (points) | word edits | clips with the first's tokens | transcribe s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        same = "—" if r["clips_with_baseline_tokens"] is None else f"{r['clips_with_baseline_tokens']}/{len(clips)}"
+        lines.append(f"| {Path(r['package']).name} | {r['dtype']} | {r['wer']:.2f} | {r['wer'] - base:+.2f} | {r['edits']} | {same} | {r['transcribe_s']:.1f} |")
+    print("\n".join(lines))
+    if args.readme:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench import _write_readme
+
+        _write_readme("\n".join(lines), " ".join(["python scripts/wer.py", *sys.argv[1:]]), marker="wer.py")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

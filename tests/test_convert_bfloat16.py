@@ -1,0 +1,38 @@
+"""whisper-convert --dtype bfloat16 on the real tiny.en weights: parity on the stored weights, half
+the weight bytes, and a word error rate on the English dev set within 0.5 points of float32."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.package import Package
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
+    from converter.cli import main
+
+    out = tmp_path / "tiny.en.bf16.maxpkg"
+    assert main(["tiny.en", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    pkg, fp32 = Package.open(out), Package.open(tiny_en.path)
+    m = pkg.manifest
+    assert m["dtype"] == "bfloat16" and m["parity"]["dtype"] == "bfloat16" and m["parity"]["all_ok"]
+    entries = pkg.json("parity.json")
+    assert len(entries) == len(fp32.json("parity.json")) and all(e["ok"] for e in entries)
+    assert "bfloat16" in pkg.read("MODEL_CARD.md").decode() and "rounded weights" in pkg.read("parity.md").decode()
+    index = json.loads(pkg.read("weights.json"))
+    assert index["decoder.token_embedding.weight"]["dtype"] == "bfloat16" and index["decoder.ln.weight"]["dtype"] == "float32"
+    assert m["files"]["weights.bin"]["bytes"] < 0.51 * fp32.manifest["files"]["weights.bin"]["bytes"]
+
+    rows_json = tmp_path / "wer.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "wer.py"), str(tiny_en.path), str(out), "--json", str(rows_json)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    f32, bf16 = json.loads(rows_json.read_text())
+    assert (f32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")
+    assert f32["words"] > 700 and f32["wer"] < 10, f32  # the dev set was transcribed, not skipped
+    assert bf16["wer"] - f32["wer"] <= 0.5, run.stdout

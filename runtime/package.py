@@ -66,15 +66,11 @@ def _sha256(data: bytes) -> str:
 
 def to_bfloat16(a: np.ndarray):
     """float32 values rounded to the nearest bfloat16 (ties to even), as a MAX Buffer."""
-    from max.driver import Buffer
-    from max.dtype import DType
-
     a = np.ascontiguousarray(a, np.float32)
     if not np.isfinite(a).all():
         raise ValueError("to_bfloat16: the tensor has inf or nan values")
     u = a.view(np.uint32)
-    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return Buffer.from_numpy(bits).view(DType.bfloat16)
+    return _bfloat16_buffer(((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16))
 
 
 def from_bfloat16(buffer) -> np.ndarray:
@@ -85,6 +81,7 @@ def from_bfloat16(buffer) -> np.ndarray:
 
 
 def _bfloat16_buffer(bits: np.ndarray):
+    """uint16 bit patterns as a MAX bfloat16 Buffer over the same memory."""
     from max.driver import Buffer
     from max.dtype import DType
 

@@ -141,7 +141,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         # the oracle for parity is openai-whisper (fp32) on the weights the package holds: the
         # program must compute what it computes (the bfloat16 step within its own tolerance);
         # what rounding the weights costs is measured on transcripts (scripts/wer.py)
-        widened = {k: package.from_bfloat16(w) if k in weights and stored[k] == "bfloat16" else w for k, w in src.state_dict.items()}
+        widened = {k: package.from_bfloat16(weights[k]) if k in weights and stored[k] == "bfloat16" else w for k, w in src.state_dict.items()}
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads)
 
     session = InferenceSession()

@@ -343,8 +343,8 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
     float32 (0.2% of the bytes). A weight name has one stored dtype in every graph, so one
     weights.bin serves them all.
     """
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"store_weights: dtype {dtype!r}; expected bfloat16 or float16")
+    if dtype != "bfloat16":
+        raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as bfloat16 only")
     graphs = []
     for g in p.graphs:
         stored = {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank}

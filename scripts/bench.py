@@ -38,9 +38,13 @@ DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav
 CLIP = ROOT / "golden" / "data" / "jfk.wav"  # bundled; start-up is measured on it
 ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
 SHARED = ROOT.parent / "shared" / "audio"
-CORPUS = [SHARED / f for f in ("jfk.wav", "ls_1089-134686-0001.wav", "ls_1221-135766-0001.wav", "ls_1221-135766-0002.wav",
-                               "ls_2412-153948-0000.wav", "lj_LJ050-0131.wav", "mfa_acoustic_corpus_spontaneous.wav",
-                               "longform_lj001_0001-0032.wav")]
+
+
+def dev_set(shared: Path = SHARED) -> list[dict]:
+    """The English clips of ../shared/audio with exact references, one encoding of each recording
+    (the 7 short dev clips and the long-form file), in the manifest's order."""
+    entries = json.loads((shared / "manifest.json").read_text())
+    return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
 
 
 def _startup(package: str) -> dict:
@@ -186,7 +190,7 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.corpus:
-        args.audio = ",".join(str(p) for p in CORPUS)
+        args.audio = ",".join(str(SHARED / e["file"]) for e in dev_set())
         if args.engines == ",".join(ENGINES):
             args.engines = ",".join(["whisper-max", "whisper-max-sequential", *ENGINES[1:]])
     if args.package_bf16 and "whisper-max-bfloat16" not in args.engines.split(","):

@@ -24,13 +24,8 @@ from whisper.normalizers import EnglishTextNormalizer
 import runtime
 from runtime.audio import load_audio
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
-
-
-def dev_set(shared: Path = SHARED) -> list[dict]:
-    """The English clips with exact references (one encoding of each recording)."""
-    entries = json.loads((shared / "manifest.json").read_text())
-    return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import SHARED, _write_readme, dev_set  # noqa: E402 (scripts/ is not a package)
 
 
 def word_edits(ref: list[str], hyp: list[str]) -> int:
@@ -99,9 +94,6 @@ def main() -> None:
         lines.append(f"| {Path(r['package']).name} | {r['dtype']} | {r['wer']:.2f} | {r['wer'] - base:+.2f} | {r['edits']} | {same} | {r['transcribe_s']:.1f} |")
     print("\n".join(lines))
     if args.readme:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench import _write_readme
-
         _write_readme("\n".join(lines), " ".join(["python scripts/wer.py", *sys.argv[1:]]), marker="wer.py")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

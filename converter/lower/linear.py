@@ -33,12 +33,12 @@ def gemv(x, weight_out_in):
 
 
 def stored_weight(ctx, name: str):
-    """The reduced-precision weight that the IR value `name` widens (a cast of a weight), or None."""
+    """The bfloat16 weight that the IR value `name` widens (a cast of a weight), or None."""
     src = ctx.producer(name)
     if src is None or src.op != ir.CAST:
         return None
     w = ctx.value(src.inputs[0])
-    return w if w.dtype in (DType.bfloat16, DType.float16) and ctx.producer(src.inputs[0]) is None else None
+    return w if w.dtype == DType.bfloat16 and ctx.producer(src.inputs[0]) is None else None
 
 
 def gemv_stored(x, weight_out_in):

@@ -109,6 +109,9 @@ def cache_form(g: ir.Graph, cache_output: str, ref: np.ndarray) -> np.ndarray:
     return x
 
 
+ROWS = 3  # rows (beams) the decoder_rows route decodes
+
+
 def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int], dtype: str = "float32") -> list[Entry]:
     """Every tapped module, graph output and decoding route against the reference, within
     `dtype`'s tolerances (golden/tolerances.json)."""
@@ -148,26 +151,33 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
 
     # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
     # logits of each call's last position against the reference at that position. Once through
-    # the general decoder alone (what beam search and batches run), once as the runtime calls it
-    # (single tokens through the specialised decoder_step when the program has one).
+    # the general decoder alone (what batches of windows run), once as the runtime calls one row
+    # (single tokens through the specialised decoder_step when the program has one), and once as
+    # it calls the rows of one window (beams: after the prompt, ROWS rows sharing the window's
+    # cross K/V through decoder_rows, every row against the reference).
     bounds = [0, 1, 3] + list(range(4, len(tokens) + 1))
     bounds = [b for b in bounds if b <= len(tokens)]
     positions = [hi - 1 for hi in bounds[1:]]
-    routes = {"logits.incremental.decoder": False}
-    if "decoder_step" in {g.name for g in program.graphs}:
-        routes["logits.incremental"] = True
+    graphs = {g.name for g in program.graphs}
+    steps = {g: state_specs(graph_signature(program.graph(g))) for g in ("decoder_step", "decoder_rows") if g in graphs}
+    routes = {"logits.incremental.decoder": ({}, 1)}
+    if "decoder_step" in steps:
+        routes["logits.incremental"] = ({"decoder_step": steps["decoder_step"]}, 1)
+    if "decoder_rows" in steps:
+        routes["logits.incremental.rows"] = (steps, ROWS)
 
     def by_name(gname: str, inputs: dict) -> dict:
         return run(models[gname], program.graph(gname), inputs)[0]
 
-    for entry_name, use_step in routes.items():
-        step_state = state_specs(graph_signature(program.graph("decoder_step"))) if use_step else []
+    for entry_name, (route, rows) in routes.items():
         cache = empty_cache(dec_g, 1)
         got = []
         for lo, hi in zip(bounds, bounds[1:]):
-            logits, cache = decoder_call(by_name, step_state, tok[:, lo:hi], cache, cross)
-            got.append(logits[0])
-        entries.append(compare_(entry_name, np.stack(got), ref["logits.all"][positions]))
+            part = tok[:, lo:hi] if lo < bounds[2] else np.repeat(tok[:, lo:hi], rows, axis=0)
+            logits, cache = decoder_call(by_name, route, part, cache, cross)
+            got.append(np.broadcast_to(logits, (rows, logits.shape[-1])))
+        want = ref["logits.all"][positions][:, None]
+        entries.append(compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1]))))
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})

@@ -320,15 +320,47 @@ def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "
     return _replace_graph(p, out)
 
 
+def share_window(p: ir.Program, graph: str, source: str = "cross_kv") -> ir.Program:
+    """Let every row of `graph` read one window's values: the inputs `source` computes per window
+    (cross-attention K/V) take a leading dim of 1 instead of `batch`.
+
+    Beam search and best-of sampling decode several rows of one window. Fed per row, the window's
+    K/V are copied once per row and read once per row on every call (18 MB per row for tiny.en);
+    shared, they are read once. Only matrix products may read them: a product broadcasts a
+    leading dim of 1 against `batch`, so each row computes exactly what it did from its own copy.
+    """
+    g = p.graph(graph)
+    per_window = {name for name, _ in p.graph(source).outputs}
+    shared = {v.name for v in g.inputs if v.name in per_window}
+    if not shared:
+        raise ValueError(f"{graph}: no inputs computed by {source}")
+    for n in g.nodes:
+        if set(n.inputs) & shared and n.op not in ("aten.matmul.default", "aten.bmm.default"):
+            raise ValueError(f"{graph}: {n.name} ({n.op}) reads a per-window value; only matrix products can share one across rows")
+    inputs = []
+    for v in g.inputs:
+        if v.name in shared:
+            if v.type.shape[:1] != ("batch",):
+                raise ValueError(f"{graph}: per-window input {v.name} is {v.type}; expected a leading dim batch")
+            v = ir.Value(v.name, ir.TensorType(v.type.dtype, (1,) + tuple(v.type.shape[1:])))
+        inputs.append(v)
+    log.info("%s: %d per-window inputs shared by all rows", graph, len(shared))
+    return _replace_graph(p, ir.Graph(g.name, tuple(inputs), g.weights, g.constants, g.nodes, g.outputs, g.dims))
+
+
 def optimise(p: ir.Program) -> ir.Program:
     """The pipeline packages ship: hoist per-window work, narrow the logits, cache in attention's
-    layout, and a step graph specialised to one sequence and one token that grows its caches in
-    place."""
+    layout; a step graph specialised to one sequence and one token that grows its caches in
+    place; and a rows graph, one token for each of several rows of one window (beams, best-of
+    samples), that grows its caches in place and shares the window's cross-attention K/V."""
     p = hoist_invariants(p)
     p = last_position_logits(p)
     p = sink_cache_layout(p)
     p = specialise(p, "decoder", {"batch": 1, "n": 1}, "decoder_step")
-    return in_place_cache(p, "decoder_step")
+    p = in_place_cache(p, "decoder_step")
+    p = specialise(p, "decoder", {"n": 1}, "decoder_rows")
+    p = in_place_cache(p, "decoder_rows")
+    return share_window(p, "decoder_rows")
 
 
 def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:

@@ -183,25 +183,30 @@ class BeamSearchDecoder:
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
         logprobs = log_softmax(logits)
-        next_tokens, sources, newly_finished = [], [], []
+        width = tokens.shape[1]
+        kept, sources, newly_finished = [], [], []  # kept: (source row, token) of each next row
         for i in range(n_audio):
+            rows = range(i * self.beam_size, (i + 1) * self.beam_size)
+            # a candidate is its prefix row and a token; equal prefixes (all rows, at the first
+            # step) are one prefix, so equal sequences are one candidate, as openai-whisper's
+            # dict of whole sequences makes them, without building each sequence
+            first: dict[bytes, int] = {}
+            prefix = {idx: first.setdefault(tokens[idx].tobytes(), idx) for idx in rows}
             scores, source, finished = {}, {}, {}
-            for j in range(self.beam_size):
-                idx = i * self.beam_size + j
-                prefix = tokens[idx].tolist()
-                top = _top_k(logprobs[idx], self.beam_size + 1)
-                for token in top:
-                    seq = tuple(prefix + [int(token)])
-                    scores[seq] = float(sum_logprobs[idx] + logprobs[idx, token])
-                    source[seq] = idx
+            for idx in rows:
+                row = logprobs[idx]
+                for token in _top_k(row, self.beam_size + 1).tolist():
+                    key = (prefix[idx], token)
+                    scores[key] = float(sum_logprobs[idx] + row[token])
+                    source[key] = idx
             saved = 0
-            for seq in sorted(scores, key=scores.get, reverse=True):
-                if seq[-1] == self.eot:
-                    finished[seq] = scores[seq]
+            for key in sorted(scores, key=scores.get, reverse=True):
+                if key[1] == self.eot:
+                    finished[tuple(tokens[key[0]].tolist()) + (self.eot,)] = scores[key]
                 else:
-                    sum_logprobs[len(next_tokens)] = scores[seq]
-                    next_tokens.append(seq)
-                    sources.append(source[seq])
+                    sum_logprobs[len(kept)] = scores[key]
+                    kept.append((source[key], key[1]))
+                    sources.append(source[key])
                     saved += 1
                     if saved == self.beam_size:
                         break
@@ -212,7 +217,9 @@ class BeamSearchDecoder:
                     break
                 prev[seq] = new[seq]
         completed = all(len(f) >= self.max_candidates for f in self.finished)
-        return np.array(next_tokens, np.int64), completed, sources
+        src = np.array([k[0] for k in kept], np.int64).reshape(-1)
+        new = np.array([k[1] for k in kept], np.int64).reshape(-1, 1)
+        return np.concatenate([tokens[src].reshape(len(kept), width), new], axis=1), completed, sources
 
     def finalize(self, preceding, sum_logprobs):
         for i, seqs in enumerate(self.finished):
@@ -321,16 +328,22 @@ class DecodingTask:
         s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
         return tuple(sorted(set(s)))
 
-    def _main_loop(self, cross: dict, tokens: np.ndarray):
+    def _main_loop(self, cross: dict, tokens: np.ndarray, shared: bool = False):
+        """`shared`: every row decodes the one window whose values `cross` holds once (all rows
+        start from the same prompt, so that is computed once, for the first row)."""
         n = tokens.shape[0]
         sum_logprobs = np.zeros(n, np.float64)
-        cache = self.model.empty_cache(n)
+        prompt = tokens[:1] if shared else tokens
+        cache = self.model.empty_cache(len(prompt))
         # first call in two parts, so the logits at <|startoftranscript|> are a last position
         split = self.sot_index + 1
-        logits_sot, cache = self.model.decoder_step(tokens[:, :split], cache, cross)
+        logits_sot, cache = self.model.decoder_step(prompt[:, :split], cache, cross)
         logits = logits_sot
         if split < tokens.shape[1]:
-            logits, cache = self.model.decoder_step(tokens[:, split:], cache, cross)
+            logits, cache = self.model.decoder_step(prompt[:, split:], cache, cross)
+        if shared:
+            logits_sot, logits = np.repeat(logits_sot, n, axis=0), np.repeat(logits, n, axis=0)
+            cache = self.model.share_rows(cache, n)
         no_speech = np.exp(log_softmax(logits_sot))[:, self.tokenizer.no_speech].astype(float).tolist()
         # greedy rows that have ended stop running once a quarter of those running have: the
         # decoder then computes only `rows` (their logits are what an ended row ignores anyway)
@@ -375,10 +388,13 @@ class DecodingTask:
         if self.options.task == "lang_id":
             return [DecodingResult(audio_features=features, language=lang, language_probs=p) for lang, p in zip(languages, lang_probs)]
 
-        if self.n_group > 1:
+        # the rows of one window share its cross-attention values when the package can (one copy
+        # read per step instead of one per row); otherwise each row gets a copy
+        shared = self.n_group > 1 and n_audio == 1 and self.model.shares_window
+        if self.n_group > 1 and not shared:
             cross = self.model.select(cross, np.repeat(np.arange(n_audio), self.n_group))
         tokens = np.repeat(tokens, self.n_group, axis=0)
-        tokens, sum_logprobs, no_speech = self._main_loop(cross, tokens)
+        tokens, sum_logprobs, no_speech = self._main_loop(cross, tokens, shared)
         no_speech = no_speech[:: self.n_group]
         tokens = tokens.reshape(n_audio, self.n_group, -1)
         sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)

@@ -31,16 +31,22 @@ def state_specs(signature: dict) -> list[dict]:
 
 
 class StepCache:
-    """Self-attention caches for a step graph that grows them in place: fixed-capacity buffers
-    the graph writes each new position into, and the count of positions filled.
+    """Self-attention caches for a graph that grows them in place (decoder_step, decoder_rows):
+    fixed-capacity buffers the graph writes each new position into, and the count of positions
+    filled.
 
     `specs` are the graph's state inputs from the manifest (name, dtype, shape at capacity, and
-    `state`: the axis it grows along and the input that carries the position)."""
+    `state`: the axis it grows along and the input that carries the position); a dim `batch`
+    becomes `rows`. `graph` names the graph the buffers are laid out for."""
 
-    def __init__(self, specs: list[dict]):
+    def __init__(self, specs: list[dict], rows: int = 1, graph: str = "decoder_step"):
         from max.driver import Buffer
 
-        self.arrays = {s["name"]: np.zeros(s["shape"], np.dtype(s["dtype"])) for s in specs}
+        shapes = {s["name"]: [rows if d == "batch" else d for d in s["shape"]] for s in specs}
+        if any(d != rows for v in shapes.values() for d in v[:1]):
+            raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
+        self.graph, self.rows = graph, rows
+        self.arrays = {s["name"]: np.zeros(shapes[s["name"]], np.dtype(s["dtype"])) for s in specs}
         self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
         self.axis = {s["name"]: s["state"]["axis"] for s in specs}
         positions = {s["state"]["position"] for s in specs}
@@ -51,15 +57,19 @@ class StepCache:
         self.length = 0
 
     @classmethod
-    def holding(cls, specs: list[dict], cache: dict) -> "StepCache":
-        """A StepCache filled with `cache` (name -> (…, positions, …) from the general decoder)."""
-        out = cls(specs)
+    def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = "decoder_step") -> "StepCache":
+        """A StepCache filled with `cache` (name -> (rows, …, positions, …) from the general
+        decoder, or another StepCache); a cache of one row is repeated into every row (all beams
+        share the prompt)."""
+        if isinstance(cache, StepCache):
+            cache = cache.as_cache()
+        out = cls(specs, rows, graph)
         lengths = {np.shape(cache[k])[a] for k, a in out.axis.items()}
         if len(lengths) != 1:
             raise ValueError(f"caches of lengths {sorted(lengths)}; expected one")
         out.length = lengths.pop()
         for k in out.axis:
-            out._prefix(k)[...] = host(cache[k])
+            out._prefix(k)[...] = host(cache[k])  # broadcasts one row over all
         return out
 
     def _prefix(self, name: str) -> np.ndarray:
@@ -68,26 +78,53 @@ class StepCache:
         return self.arrays[name][tuple(idx)]
 
     def feeds(self) -> dict:
-        """The step graph's state inputs and the position to write at; the call fills one more."""
+        """The graph's state inputs and the position to write at; the call fills one more."""
         if self.length >= self.capacity:
             raise ValueError(f"the text context is full ({self.capacity} positions)")
         return {**self.buffers, self.position: np.array(self.length, np.int64)}
+
+    def reorder(self, index) -> None:
+        """Row i becomes what row index[i] was (beam search), in place: only the rows that
+        change, and only their filled positions, are copied."""
+        index = np.asarray(index)
+        moved = np.flatnonzero(index != np.arange(self.rows))
+        if moved.size:
+            for k, a in self.arrays.items():
+                dst = [moved] + [slice(None)] * (a.ndim - 1)
+                src = [index[moved]] + [slice(None)] * (a.ndim - 1)
+                dst[self.axis[k]] = src[self.axis[k]] = slice(0, self.length)
+                a[tuple(dst)] = a[tuple(src)]  # the right side is gathered (a copy) first
 
     def as_cache(self) -> dict[str, np.ndarray]:
         """The filled positions as the general decoder takes them (copies)."""
         return {k: np.ascontiguousarray(self._prefix(k)) for k in self.arrays}
 
 
-def decoder_call(run, step_state: list[dict], tokens: np.ndarray, cache, cross: dict):
+def window_shared(cross: dict, rows: int) -> bool:
+    """Whether `rows` rows decode against one copy of the window's values (leading dim 1)."""
+    return rows > 1 and all(host(v).shape[0] == 1 for v in cross.values())
+
+
+def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict):
     """One decoder call as the runtime routes it (WhisperModel.decoder_step; parity replays it).
 
-    `run(graph, inputs)` executes a graph by name; `step_state` lists decoder_step's state
-    inputs (none: the program has no step graph). Returns the logits and the grown cache."""
+    `run(graph, inputs)` executes a graph by name; `steps` maps the in-place graphs the program
+    has (decoder_step, decoder_rows) to their state inputs. One token of one row runs
+    decoder_step; one token for each of several rows that share the window's values runs
+    decoder_rows; anything else runs the general decoder. Returns the logits and the grown cache."""
     tokens = np.ascontiguousarray(tokens, np.int64)
-    if tokens.shape == (1, 1) and step_state:
-        if not isinstance(cache, StepCache):
-            cache = StepCache.holding(step_state, cache)
-        logits = run("decoder_step", {"tokens": tokens, **cache.feeds(), **cross})["logits"].to_numpy()
+    rows, n = tokens.shape
+    graph = None
+    if n == 1 and rows == 1 and "decoder_step" in steps:
+        graph = "decoder_step"
+    elif n == 1 and window_shared(cross, rows):
+        if "decoder_rows" not in steps:
+            raise ValueError("rows sharing one window's values need the decoder_rows graph; this package has none")
+        graph = "decoder_rows"
+    if graph is not None:
+        if not isinstance(cache, StepCache) or cache.graph != graph or cache.rows != rows:
+            cache = StepCache.holding(steps[graph], cache, rows, graph)
+        logits = run(graph, {"tokens": tokens, **cache.feeds(), **cross})["logits"].to_numpy()
         cache.length += 1
         return logits, cache
     if isinstance(cache, StepCache):
@@ -115,8 +152,8 @@ class WhisperModel:
             self._models = pkg.load_models(weights=weights)
             self.tokenizer = tokenizer.result()
         self._decoder_inputs = {i["name"] for i in self._sig["decoder"]["inputs"]}
-        # the step graph's caches, which it grows in place (empty: no step graph, all calls general)
-        self._step_state = state_specs(self._sig.get("decoder_step", {}))
+        # the in-place graphs' caches (a package may have neither: then all calls are general)
+        self._steps = {g: state_specs(self._sig[g]) for g in ("decoder_step", "decoder_rows") if g in self._sig}
         self.num_languages: int = len(self.tokenizer.languages)
 
     def _run(self, graph: str, inputs: dict) -> dict:
@@ -158,10 +195,12 @@ class WhisperModel:
         """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens).
 
         One token of one sequence runs `decoder_step`, the graph specialised to that shape, when
-        the package has it; anything else runs the general `decoder`. The general decoder returns
-        caches grown by concatenation; the step graph grows them in place, in a StepCache. Both
-        hold the same layout, and each takes the other's form."""
-        return decoder_call(self._run, self._step_state, tokens, cache, cross)
+        the package has it; one token for each of several rows whose `cross` has one row (the
+        window's values, shared: see `shares_window`) runs `decoder_rows`; anything else runs the
+        general `decoder`. The general decoder returns caches grown by concatenation; the
+        in-place graphs grow them in a StepCache. All hold the same layout, and each takes the
+        others' form."""
+        return decoder_call(self._run, self._steps, tokens, cache, cross)
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""
@@ -182,10 +221,24 @@ class WhisperModel:
 
         return decode(self, mel, options or DecodingOptions(), **kwargs)
 
+    @property
+    def shares_window(self) -> bool:
+        """Whether rows of one window (beams, best-of samples) can decode against one copy of
+        its cross-attention values: the package has decoder_rows."""
+        return "decoder_rows" in self._steps
+
+    def share_rows(self, cache: dict, rows: int) -> StepCache:
+        """A one-row cache repeated into `rows` rows, laid out for decoder_rows."""
+        return StepCache.holding(self._steps["decoder_rows"], cache, rows, "decoder_rows")
+
     @staticmethod
-    def select(state: dict, index) -> dict[str, np.ndarray]:
-        """Rows `index` of every batch-major buffer (beam reordering, repeating per beam)."""
+    def select(state, index):
+        """Rows `index` of every batch-major buffer (beam reordering, repeating per beam). A
+        StepCache given a permutation of its rows is reordered in place and returned."""
         if isinstance(state, StepCache):
+            if len(index) == state.rows:
+                state.reorder(index)
+                return state
             state = state.as_cache()
         return {k: np.ascontiguousarray(host(v)[index]) for k, v in state.items()}
 

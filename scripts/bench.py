@@ -3,7 +3,7 @@
     python scripts/bench.py --package tiny.en.maxpkg [--package-bf16 tiny.en.bf16.maxpkg] [--audio FILE]
                             [--repeats 3] [--out bench.json] [--readme]
 
-Options for every engine: greedy (beam 1), temperature 0 without fallback, language en,
+Options for every engine: greedy (beam 1; `--beam-size N` for beam search), temperature 0 without fallback, language en,
 timestamps on, condition on previous text, 2 threads. Each run is its own process (one engine
 per process), engines interleaved within each repeat. Reported: min/median wall time of
 transcription (load excluded, reported apart), real-time factor, peak RSS, the ratio of
@@ -73,8 +73,9 @@ def _startup(package: str) -> dict:
     return out
 
 
-def _child(engine: str, package: str, audio_path: str) -> dict:
-    """Runs in its own process: load, transcribe once, report times, tokens and peak RSS."""
+def _child(engine: str, package: str, audio_path: str, beam: int | None = None) -> dict:
+    """Runs in its own process: load, transcribe once, report times, tokens and peak RSS.
+    `beam`: beam search of that width instead of greedy decoding."""
     from runtime.audio import load_audio
 
     audios = [load_audio(p) for p in audio_path.split(",")]  # several: a corpus, one after another
@@ -109,7 +110,7 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         from runtime.transcribe import transcribe_many
 
         batch = 1 if engine.endswith("sequential") else 8
-        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None)]
+        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam)]
         out["wall_s"] = time.perf_counter() - t
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
         n_tokens = sum(len(s) for s in out["tokens"])
@@ -134,7 +135,7 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        results = [whisper.transcribe(model, a, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=None, best_of=None) for a in audios]
+        results = [whisper.transcribe(model, a, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=beam, best_of=None) for a in audios]
         out["wall_s"] = time.perf_counter() - t
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
     elif engine.startswith("faster-whisper"):
@@ -151,7 +152,7 @@ def _child(engine: str, package: str, audio_path: str) -> dict:
         t = time.perf_counter()
         out["tokens"] = []
         for a in audios:
-            segments, _ = model.transcribe(a, beam_size=1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
+            segments, _ = model.transcribe(a, beam_size=beam or 1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
             out["tokens"] += [list(s.tokens) for s in segments]  # the generator decodes as it is consumed
         out["wall_s"] = time.perf_counter() - t
     else:
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the JSON here (the Markdown goes to stdout)")
     ap.add_argument("--readme", action="store_true", help="also replace the results block in README.md with this run's table")
     ap.add_argument("--corpus", action="store_true", help="the English dev clips and the long-form file, in one process per engine; whisper-max batches them")
+    ap.add_argument("--beam-size", type=int, default=None, help="beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) instead of greedy")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.corpus:
@@ -198,7 +200,7 @@ def main() -> None:
         names.insert(names.index("whisper-max") + 1 if "whisper-max" in names else 0, "whisper-max-bfloat16")
         args.engines = ",".join(names)
     if args.child:
-        print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio)))
+        print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio, args.beam_size)))
         return
 
     engines = args.engines.split(",")
@@ -212,7 +214,8 @@ def main() -> None:
         package = args.package_bf16 if name == "whisper-max-bfloat16" else args.package
         if package is None:
             raise SystemExit(f"{name}: give its package with --package-bf16")
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", args.audio], capture_output=True, text=True, env=env)
+        beam = [] if args.beam_size is None else ["--beam-size", str(args.beam_size)]
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", args.audio, *beam], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -221,7 +224,7 @@ def main() -> None:
         for e in engines:  # interleaved: machine noise hits every engine alike
             runs[e].append(child(e))
             print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
-        if "whisper-max" in engines and not args.corpus:
+        if "whisper-max" in engines and not args.corpus and args.beam_size is None:
             startups.append(child("startup"))
 
     duration = runs[engines[0]][0]["duration_s"]
@@ -242,7 +245,7 @@ def main() -> None:
     files = [Path(p).name for p in args.audio.split(",")]
     what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
     lines = [
-        f"Audio: {what} ({duration:.1f} s); greedy, temperature 0 (no fallback), language en, timestamps, "
+        f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
         "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) |"
@@ -280,7 +283,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), "corpus results" if args.corpus else "results")
+        block = "corpus results" if args.corpus else "results" if args.beam_size is None else "beam results"
+        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), block)
     if args.out:
         Path(args.out).write_text(json.dumps({"summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
 

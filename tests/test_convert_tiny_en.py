@@ -18,7 +18,7 @@ def test_parity_covers_every_layer_and_passes(tiny_en):
     names = [e["name"] for e in entries]
     dims = pkg.manifest["model"]["dims"]
     expected = (
-        ["encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln", "logits", "logits.incremental", "logits.incremental.decoder", "logits.all"]
+        ["encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln", "logits", "logits.incremental", "logits.incremental.decoder", "logits.incremental.rows", "logits.all"]
         + [f"decoder.blocks.{i}.cross_attn.qk" for i in range(dims["n_text_layer"])]
         + [f"encoder.blocks.{i}" for i in range(dims["n_audio_layer"])]
         + [f"decoder.blocks.{i}" for i in range(dims["n_text_layer"])]
@@ -38,7 +38,7 @@ def test_manifest_describes_the_package(tiny_en):
     assert m["model"]["dims"]["n_vocab"] == 51864 and not m["model"]["multilingual"]
     assert m["source"]["kind"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
     assert m["max_version"].startswith("26.7")
-    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_step", "alignment"}
+    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment"}
     assert {"model.mef", "weights.bin", "weights.json", "ir/decoder.onnx", "assets/gpt2.tiktoken", "assets/mel_filters.npy", "parity.json", "MODEL_CARD.md"} <= set(m["files"])
 
 

@@ -20,7 +20,7 @@ from converter.lower import LoweringError, lower_graph, register
 from converter.parity import empty_cache
 from converter.passes import optimise, store_weights
 from converter.trace import to_ir, trace_program
-from runtime.model import StepCache, decoder_call, state_specs
+from runtime.model import StepCache, WhisperModel, decoder_call, state_specs
 from runtime.package import from_bfloat16, to_bfloat16
 
 TOL = 1e-5
@@ -96,10 +96,8 @@ def test_cross_kv(compiled):
             close(outs[2 * i + 1].to_numpy(), b.cross_attn.value(torch.from_numpy(xa)).numpy())
 
 
-def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
-    """Logits of each chunk's last position, feeding each call's cache to the next, routed as the
-    runtime routes them (runtime.model.decoder_call): with `step_graph`, single-token calls go
-    to decoder_step, which grows the cache in place."""
+def _runner(program, models, xa):
+    """`run(graph, feeds)` over the compiled graphs, and cross_kv's outputs for `xa`."""
     cross = models["cross_kv"].execute(xa)
     cross = {name: cross[i] for i, (name, _) in enumerate(program.graph("cross_kv").outputs)}
 
@@ -108,11 +106,19 @@ def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
         outs = models[gname].execute(*[feed[v.name] for v in gi.inputs])
         return {name: outs[i] for i, (name, _) in enumerate(gi.outputs)}
 
-    step_state = state_specs(graph_signature(program.graph("decoder_step"))) if step_graph else []
+    return run, cross
+
+
+def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
+    """Logits of each chunk's last position, feeding each call's cache to the next, routed as the
+    runtime routes them (runtime.model.decoder_call): with `step_graph`, single-token calls go
+    to decoder_step, which grows the cache in place."""
+    run, cross = _runner(program, models, xa)
+    steps = {"decoder_step": state_specs(graph_signature(program.graph("decoder_step")))} if step_graph else {}
     cache = empty_cache(program.graph("decoder"), tokens.shape[0])
     pos, got = 0, []
     for n in chunks:
-        logits, cache = decoder_call(run, step_state, tokens[:, pos : pos + n], cache, cross)
+        logits, cache = decoder_call(run, steps, tokens[:, pos : pos + n], cache, cross)
         pos += n
         got.append((pos, logits))
         # head-major cache: (batch, heads, positions, head dim)
@@ -149,6 +155,33 @@ def test_specialised_single_token_step(compiled, chunks):
         ref = model.decoder(torch.from_numpy(tokens), torch.from_numpy(xa)).numpy()
     for pos, logits in _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=True):
         close(logits, ref[:, pos - 1])
+
+
+def test_rows_share_one_window_and_reorder_in_place(compiled):
+    """decoder_rows: rows of one window (beams) continue a one-row prompt against one copy of the
+    window's cross K/V, each row giving openai-whisper's logits for its own tokens; reordering
+    the rows (rows continue from any row, repeats allowed) moves their caches in place."""
+    model, _, program, models, _ = compiled
+    rng = np.random.default_rng(5)
+    rows, v = 3, TINY_DIMS["n_vocab"]
+    xa = rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    run, cross = _runner(program, models, xa)
+    assert all(c.shape[0] == 1 for c in cross.values())
+    steps = {"decoder_rows": state_specs(graph_signature(program.graph("decoder_rows")))}
+    seqs = rng.integers(0, v, (1, 3)).astype(np.int64)
+    _, cache = decoder_call(run, steps, seqs, empty_cache(program.graph("decoder"), 1), cross)
+    seqs = np.repeat(seqs, rows, axis=0)
+    for _ in range(4):
+        new = rng.integers(0, v, (rows, 1)).astype(np.int64)
+        logits, cache = decoder_call(run, steps, new, cache, cross)
+        assert isinstance(cache, StepCache) and (cache.graph, cache.rows) == ("decoder_rows", rows)
+        seqs = np.concatenate([seqs, new], axis=1)
+        with torch.no_grad():
+            ref = model.decoder(torch.from_numpy(seqs), torch.from_numpy(np.repeat(xa, rows, axis=0))).numpy()
+        close(logits, ref[:, -1])
+        order = rng.integers(0, rows, rows)
+        assert WhisperModel.select(cache, order) is cache
+        seqs = seqs[order]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import hoist_invariants, in_place_cache, optimise, specialise, store_weights
+from converter.passes import hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights
 from converter.trace import trace_program
 
 
@@ -65,8 +65,38 @@ def test_optimise_pipeline():
     assert [n.op for n in step.nodes] == [ir.CACHE_APPEND if n.op == "aten.cat.default" else n.op for n in dec.nodes]
     assert [o for o, _ in step.outputs] == ["logits"]
     assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
-    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_step", "alignment"]
+    # the rows graph: the decoder with n = 1 for any number of rows of one window, caches grown in
+    # place, the window's cross K/V (cross_kv outputs) one copy shared by every row
+    rows = after.graph("decoder_rows")
+    assert [dm.name for dm in rows.dims] == ["batch", "past", "kv_len"]
+    inputs = dict((x.name, x.type.shape) for x in rows.inputs)
+    assert inputs["tokens"] == ("batch", 1) and set(rows.state_inputs()) == {x.name for x in caches}
+    assert all(inputs[k] == ("batch", h, TINY_DIMS["n_text_ctx"], d // h) for k in rows.state_inputs())
+    per_window = {o for o, _ in after.graph("cross_kv").outputs} & set(inputs)
+    general = dict((x.name, x.type.shape) for x in dec.inputs)
+    assert per_window and all(inputs[k] == (1, *general[k][1:]) for k in per_window)
+    assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs) for n in step.nodes]
+    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment"]
     assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
+
+
+def test_share_window_only_under_matrix_products():
+    p = hoist_invariants(trace_program(tiny_whisper()))
+    shared = share_window(p, "decoder").graph("decoder")
+    dec = p.graph("decoder")
+    per_window = {o for o, _ in p.graph("cross_kv").outputs}
+    for before, after in zip(dec.inputs, shared.inputs):
+        want = (1, *before.type.shape[1:]) if before.name in per_window else before.type.shape
+        assert after.type.shape == want, before.name
+    assert shared.nodes == dec.nodes
+    with pytest.raises(ValueError, match="no inputs computed by"):
+        share_window(p, "encoder")
+    # anything but a matrix product (which broadcasts a leading 1) reading a shared value: refused
+    name = next(v.name for v in dec.inputs if v.name in per_window)
+    reader = ir.Node("peek", "aten.mul.Tensor", (name,), (("other", 2.0),), dec.types()[name], "x")
+    broken = ir.Graph(dec.name, dec.inputs, dec.weights, dec.constants, dec.nodes + (reader,), dec.outputs, dec.dims)
+    with pytest.raises(ValueError, match="only matrix products"):
+        share_window(ir.Program(tuple(broken if g.name == "decoder" else g for g in p.graphs), p.dims), "decoder")
 
 
 def test_specialise_rejects_unknown_or_out_of_range_dims():

@@ -60,6 +60,19 @@ def linear(ctx, node, x, weight, bias):
     return y if bias is None else y + bias
 
 
+def _rows_share_b(a, b) -> bool:
+    """a (rows, heads, 1, k) against b (1, heads, k, n): one position per row, every row against
+    the same b (decoder_rows' cross attention on the window's shared K/V)."""
+    return a.rank == 4 and b.rank == 4 and str(b.shape[0]) == "1" and str(a.shape[2]) == "1" and str(a.shape[0]) != "1"
+
+
+def rows_as_m(a, b):
+    """`a @ b` for _rows_share_b, as one product per head with the rows as its M dim: the
+    broadcast form runs a one-row product per row (10-15% of a 5-row step, measured)."""
+    y = ops.unsqueeze(ops.permute(ops.squeeze(a, 2), [1, 0, 2]), 0) @ b  # (1, heads, rows, n)
+    return ops.unsqueeze(ops.permute(ops.squeeze(y, 0), [1, 0, 2]), 2)  # (rows, heads, 1, n)
+
+
 @register("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
 def matmul(ctx, node, a, b):
     # x @ W.T with W an (out, in) weight (the tied vocabulary projection): a matrix-vector product
@@ -67,4 +80,6 @@ def matmul(ctx, node, a, b):
     if src is not None and src.op == "aten.transpose.int" and b.rank == 2 and a.rank == 2 and _single_row(a):
         stored = stored_weight(ctx, src.inputs[0])
         return gemv(a, ctx.value(src.inputs[0])) if stored is None else gemv_stored(a, stored)
+    if _rows_share_b(a, b):
+        return rows_as_m(a, b)
     return a @ b

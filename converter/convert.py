@@ -132,16 +132,18 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     if dtype != "float32":
         program = passes.store_weights(program, dtype)
     timings["trace"] = time.perf_counter() - t
-    unused = sorted(set(src.state_dict) - set(program.weight_names()))
+    stored = program.stored_weights()
+    unused = sorted(set(src.state_dict) - set(stored))
     if unused:
         raise ConvertError(f"traced program does not use checkpoint tensors {unused[:5]}: the trace is incomplete")
-    stored = {w.name: w.type.dtype for g in program.graphs for w in g.weights}
-    weights = {name: package.to_bfloat16(src.state_dict[name]) if stored[name] == "bfloat16" else src.state_dict[name] for name in program.weight_names()}
+    # what weights.bin holds; the graphs also bind the widened weights made from it at load
+    weights = {name: package.to_bfloat16(src.state_dict[name]) if dt == "bfloat16" else src.state_dict[name] for name, dt in stored.items()}
+    bound = package.with_widened(weights, program.weight_names())
     if dtype != "float32":
         # the oracle for parity is openai-whisper (fp32) on the weights the package holds: the
         # program must compute what it computes (the bfloat16 step within its own tolerance);
         # what rounding the weights costs is measured on transcripts (scripts/wer.py)
-        widened = {k: package.from_bfloat16(weights[k]) if k in weights and stored[k] == "bfloat16" else w for k, w in src.state_dict.items()}
+        widened = {k: package.from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w for k, w in src.state_dict.items()}
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads)
 
     session = InferenceSession()
@@ -150,14 +152,14 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     mef = export_mef(compiled)
     timings["compile"] = time.perf_counter() - t
     # what the runtime will load: the exported artifact, not the in-memory compile
-    models = session.init_all(engine.read(io.BytesIO(mef)), weights_registry=weights)
+    models = session.init_all(engine.read(io.BytesIO(mef)), weights_registry=bound)
 
     entries: list[parity.Entry] = []
     parity_info: dict = {"checked": False}
     if not skip_check:
         t = time.perf_counter()
         probe_compiled, taps = compile_module_probe(program, session)
-        probe = session.init_all(probe_compiled, weights_registry=weights)
+        probe = session.init_all(probe_compiled, weights_registry=bound)
         timings["compile_probe"] = time.perf_counter() - t
         t = time.perf_counter()
         audio = gc.load_clip()

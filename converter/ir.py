@@ -194,7 +194,22 @@ class Program:
         raise KeyError(f"program has no graph {name!r} (has {[g.name for g in self.graphs]})")
 
     def weight_names(self) -> list[str]:
+        """Every weight a graph binds (widened ones included)."""
         return sorted({w.name for g in self.graphs for w in g.weights})
+
+    def stored_weights(self) -> dict[str, str]:
+        """The weights a package stores, each with its stored dtype: every graph weight, except
+        that a widened one (`X/widened`, runtime.package.WIDENED) stands for its bfloat16 source X."""
+        from runtime.package import widened_source
+
+        out: dict[str, str] = {}
+        for g in self.graphs:
+            for w in g.weights:
+                src = widened_source(w.name)
+                name, dtype = (w.name, w.type.dtype) if src is None else (src, "bfloat16")
+                if out.setdefault(name, dtype) != dtype:
+                    raise ValueError(f"weight {name!r} is stored as {out[name]} and as {dtype}")
+        return dict(sorted(out.items()))
 
 
 def format_program(p: Program) -> str:

@@ -363,42 +363,73 @@ def optimise(p: ir.Program) -> ir.Program:
     return share_window(p, "decoder_rows")
 
 
+def _one_row(t: ir.TensorType) -> bool:
+    """A value of one row: every dim but the last is 1 (a decoder step for one sequence)."""
+    return all(d == 1 for d in t.shape[:-1])
+
+
 def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:
     """Store the float32 weight matrices (rank >= `min_rank`: linear and conv weights, the
     embedding tables) as `dtype`, and keep computing in float32.
 
-    Each graph reads a stored weight through one `cast` to float32; a table lookup (`embedding`)
-    gathers stored rows and casts only those. Lowering decides what a cast costs: a single row
-    times a stored weight becomes a bfloat16 matrix-vector product that reads the stored bytes
-    (the decoder step, which is bound by reading weights), and MAX evaluates any other cast of a
-    weight once, at initialisation, into a float32 copy. LayerNorm parameters and biases stay
-    float32 (0.2% of the bytes). A weight name has one stored dtype in every graph, so one
-    weights.bin serves them all.
+    Each use of a stored weight reads it in one of three ways. A table lookup (`embedding`)
+    gathers stored rows and casts only those. A product of one row with the weight (a linear
+    layer, or the vocabulary product through a transpose, in the one-token step) reads it through
+    a `cast`, which lowering turns into a bfloat16 matrix-vector product that reads the stored
+    bytes (the step is bound by reading weights). Every other use reads `X/widened`
+    (runtime.package.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
+    to every graph that names it: one float32 copy in all, where a cast would have MAX make one
+    per graph at initialisation. LayerNorm parameters and biases stay float32 (0.2% of the bytes).
     """
+    from runtime.package import WIDENED, widened_source
+
     if dtype != "bfloat16":
         raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as bfloat16 only")
     graphs = []
     for g in p.graphs:
-        stored = {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank}
+        stored = {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None}
         if not stored:
             graphs.append(g)
             continue
-        weights = tuple(ir.Value(w.name, ir.TensorType(dtype, w.type.shape)) if w.name in stored else w for w in g.weights)
         shapes = {w.name: w.type.shape for w in g.weights}
+        types = g.types()
+        users = _consumers(g)
+
+        def one_row_product(n: ir.Node, w: str) -> bool:
+            if n.op == "aten.linear.default":
+                return n.inputs[1] == w and _one_row(types[n.inputs[0]])
+            if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
+                after = users.get(n.name, [])
+                return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and _one_row(types[m.inputs[0]]) for m in after)
+            return False
+
         casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
+        read: dict[str, str] = {}  # weight -> the dtype a graph weight of that name is bound as
         nodes: list[ir.Node] = []
         for n in g.nodes:
             if n.op == "aten.embedding.default" and n.inputs[0] in stored:
                 rows = ir.Node(f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope)
                 nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
+                read[n.inputs[0]] = dtype
                 continue
+            inputs = []
             for i in n.inputs:
-                if i in stored and i not in casts:
-                    casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
-                    nodes.append(casts[i])
-            nodes.append(ir.Node(n.name, n.op, tuple(casts[i].name if i in casts else i for i in n.inputs), n.attrs, n.type, n.scope))
-        out = ir.Graph(g.name, g.inputs, weights, g.constants, tuple(nodes), g.outputs, g.dims)
+                if i not in stored:
+                    inputs.append(i)
+                elif one_row_product(n, i):
+                    if i not in casts:
+                        casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
+                        nodes.append(casts[i])
+                        read[i] = dtype
+                    inputs.append(casts[i].name)
+                else:
+                    read[i + WIDENED] = "float32"
+                    inputs.append(i + WIDENED)
+            nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
+        weights = [w for w in g.weights if w.name not in stored]
+        weights += [ir.Value(name, ir.TensorType(dt, shapes[name.removesuffix(WIDENED)])) for name, dt in sorted(read.items())]
+        out = ir.Graph(g.name, g.inputs, tuple(weights), g.constants, tuple(nodes), g.outputs, g.dims)
         out.validate()
-        log.info("%s: %d weights stored as %s", g.name, len(stored), dtype)
+        log.info("%s: %d weights stored as %s (%d read widened)", g.name, len(stored), dtype, sum(dt == "float32" for dt in read.values()))
         graphs.append(out)
     return ir.Program(tuple(graphs), p.dims)

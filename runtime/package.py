@@ -30,8 +30,11 @@ import numpy as np
 from .files import atomic_open
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 3  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights
-READS = (2, 3)  # a format 2 package is a format 3 one whose weights are all float32
+FORMAT_VERSION = 4  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights
+READS = (2, 3, 4)  # a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights
+# A graph weight named `X/widened` (float32) is the stored bfloat16 weight X widened, made once
+# when the package is loaded and bound to every graph that names it (not stored in weights.bin).
+WIDENED = "/widened"
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.
@@ -86,6 +89,27 @@ def _bfloat16_buffer(bits: np.ndarray):
     from max.dtype import DType
 
     return Buffer.from_numpy(bits).view(DType.bfloat16)
+
+
+def widened_source(name: str) -> str | None:
+    """X for a widened weight's name `X/widened`; None for any other name."""
+    return name[: -len(WIDENED)] if name.endswith(WIDENED) else None
+
+
+def with_widened(weights: dict, names) -> dict:
+    """`weights` plus, for each widened weight among `names`, its source's values as float32
+    (exact: a bfloat16 is a float32's top 16 bits). One array per weight, however many graphs
+    bind it."""
+    out = dict(weights)
+    for name in names:
+        src = widened_source(name)
+        if src is None or name in out:
+            continue
+        w = weights.get(src)
+        if getattr(getattr(w, "dtype", None), "name", None) != "bfloat16":
+            raise PackageError(f"widened weight {name!r}: its source {src!r} is {'missing' if w is None else w.dtype}, not a stored bfloat16 weight")
+        out[name] = from_bfloat16(w)
+    return out
 
 
 def pack_weights(weights: dict) -> tuple[bytes, bytes]:
@@ -174,8 +198,10 @@ class Package:
         return data
 
     def weights(self) -> dict:
+        """Every weight a graph binds: those in weights.bin, and the widened ones made from them."""
         # the zip's CRC covers weights.bin; a bytearray keeps the arrays writable for MAX
-        return unpack_weights(self.read("weights.json"), self._read_stored("weights.bin"))
+        stored = unpack_weights(self.read("weights.json"), self._read_stored("weights.bin"))
+        return with_widened(stored, (w["name"] for g in self.manifest["graphs"].values() for w in g["weights"]))
 
     def _read_stored(self, name: str) -> bytearray:
         """A stored (uncompressed) member read straight into one writable buffer, CRC-checked:

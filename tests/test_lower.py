@@ -21,7 +21,7 @@ from converter.parity import empty_cache
 from converter.passes import optimise, store_weights
 from converter.trace import to_ir, trace_program
 from runtime.model import StepCache, WhisperModel, decoder_call, state_specs
-from runtime.package import from_bfloat16, to_bfloat16
+from runtime.package import from_bfloat16, to_bfloat16, with_widened
 
 TOL = 1e-5
 
@@ -192,16 +192,17 @@ def compiled_bf16():
 
     torch.manual_seed(0)
     program = store_weights(optimise(trace_program(tiny_whisper())))
-    stored = {w.name for g in program.graphs for w in g.weights if w.type.dtype == "bfloat16"}
+    stored = {k for k, dt in program.stored_weights().items() if dt == "bfloat16"}
     weights = {k: to_bfloat16(v) if k in stored else v for k, v in state_dict_np(tiny_whisper()).items()}
     widened = {k: from_bfloat16(v) if k in stored else v for k, v in weights.items()}
+    bound = with_widened(weights, program.weight_names())
     model = tiny_whisper()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in widened.items()})
     mod = Module()
     for g in program.graphs:
         lower_graph(g, mod)
     session = InferenceSession()
-    return model.eval(), program, session.init_all(session.compile(mod), weights_registry=weights)
+    return model.eval(), program, session.init_all(session.compile(mod), weights_registry=bound)
 
 
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):

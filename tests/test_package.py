@@ -159,3 +159,32 @@ def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
     package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
     with pytest.raises(PackageError, match=r"m.weight.*bfloat16\[4, 64\].*float32\[4, 64\]"):
         Package.open(path).check_weights(got)
+
+
+def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_path):
+    """A graph weight `X/widened` is not stored: loading makes it from the stored bfloat16 X,
+    exactly, one array however many graphs bind it; a widened weight without a bfloat16 source
+    is refused by name."""
+    from max.dtype import DType
+
+    a = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    wj, wb = package.pack_weights({"m.weight": package.to_bfloat16(a), "m.bias": a[0]})
+    assert set(json.loads(wj)) == {"m.weight", "m.bias"}
+    m = _manifest()
+    widened = {"name": "m.weight" + package.WIDENED, "dtype": "float32", "shape": [4, 64]}
+    m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, widened]
+    m["graphs"]["h"] = {"inputs": [], "outputs": [], "weights": [widened, {"name": "m.bias", "dtype": "float32", "shape": [64]}]}
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    pkg = Package.open(path)
+    got = pkg.weights()
+    w = got["m.weight/widened"]
+    assert isinstance(w, np.ndarray) and w.dtype == np.float32 and w.flags.c_contiguous
+    np.testing.assert_array_equal(w, package.from_bfloat16(got["m.weight"]))
+    assert got["m.weight"].dtype == DType.bfloat16
+    pkg.check_weights(got)
+    assert package.widened_source("m.weight/widened") == "m.weight" and package.widened_source("m.weight") is None
+    with pytest.raises(PackageError, match=r"'m.bias/widened'.*'m.bias'.*float32"):
+        package.with_widened(got, ["m.bias/widened"])
+    with pytest.raises(PackageError, match=r"'x/widened'.*missing"):
+        package.with_widened(got, ["x/widened"])

@@ -8,6 +8,7 @@ from tiny_model import TINY_DIMS, tiny_whisper
 from converter import ir, onnx_io
 from converter.passes import hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights
 from converter.trace import trace_program
+from runtime.package import widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
@@ -133,10 +134,14 @@ def test_optimised_program_round_trips_through_onnx():
 def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
     before = optimise(trace_program(tiny_whisper()))
     after = store_weights(before)
+    matrices = {w.name for g in before.graphs for w in g.weights if len(w.type.shape) >= 2}
     for g0, g in zip(before.graphs, after.graphs):
         types = {w.name: w.type for w in g.weights}
-        for w in g0.weights:  # matrices stored; LayerNorm parameters and biases stay float32
-            assert types[w.name].dtype == ("bfloat16" if len(w.type.shape) >= 2 else "float32"), w.name
+        for name, t in types.items():  # stored matrices bfloat16; widened ones float32; the rest as before
+            src = widened_source(name)
+            assert t.dtype == ("float32" if src or name not in matrices else "bfloat16"), name
+            assert src is None or src in matrices
+        assert {widened_source(n) or n for n in types} == {w.name for w in g0.weights}
         casts = [n for n in g.nodes if n.op == ir.CAST]
         assert all(n.attr("dtype") == "float32" and n.type.dtype == "float32" for n in casts)
         # only casts are new; every other node keeps its op and shape (a lookup's rows are renamed,
@@ -149,11 +154,17 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
                 assert n.type.dtype == "bfloat16" and types[n.inputs[0]].dtype == "bfloat16"
             elif n.op != ir.CAST:
                 assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
-    # every graph agrees on each weight's stored dtype; the ONNX form keeps it; a second run is a no-op
-    stored = {}
-    for g in after.graphs:
-        for w in g.weights:
-            assert stored.setdefault(w.name, w.type.dtype) == w.type.dtype
+        # a stored matrix is read through a cast only by products of one row (the one-token step);
+        # everything else reads its widened copy
+        readers = {c.name: [m for m in g.nodes if c.name in m.inputs] for c in casts if c.inputs[0] in types}
+        for users in readers.values():
+            assert users and all(m.op in ("aten.linear.default", "aten.transpose.int") for m in users)
+        if g.name == "decoder_step":
+            assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
+        if g.name in ("encoder", "decoder", "decoder_rows", "alignment"):
+            assert not [c for c in casts if c.inputs[0] in types]
+    # one stored dtype per weight; widened weights stand for their bfloat16 source
+    assert after.stored_weights() == {n: ("bfloat16" if n in matrices else "float32") for n in before.weight_names()}
     assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
     assert ir.format_program(store_weights(after)) == ir.format_program(after)
     with pytest.raises(ValueError, match="int8"):

@@ -16,6 +16,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from runtime.package import widened_source
+
 Dim = Union[int, str]
 
 # torch writes an open slice end (`x[a:]`) as sys.maxsize; any end at least this large means "to the end"
@@ -200,8 +202,6 @@ class Program:
     def stored_weights(self) -> dict[str, str]:
         """The weights a package stores, each with its stored dtype: every graph weight, except
         that a widened one (`X/widened`, runtime.package.WIDENED) stands for its bfloat16 source X."""
-        from runtime.package import widened_source
-
         out: dict[str, str] = {}
         for g in self.graphs:
             for w in g.weights:

@@ -6,6 +6,8 @@ import logging
 
 import sympy
 
+from runtime.package import WIDENED, widened_source
+
 from . import ir
 
 log = logging.getLogger(__name__)
@@ -381,8 +383,6 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
     to every graph that names it: one float32 copy in all, where a cast would have MAX make one
     per graph at initialisation. LayerNorm parameters and biases stay float32 (0.2% of the bytes).
     """
-    from runtime.package import WIDENED, widened_source
-
     if dtype != "bfloat16":
         raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as bfloat16 only")
     graphs = []

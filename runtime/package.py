@@ -80,7 +80,9 @@ def from_bfloat16(buffer) -> np.ndarray:
     """A bfloat16 Buffer's values as float32, exactly (a bfloat16 is a float32's top 16 bits)."""
     from max.dtype import DType
 
-    return (buffer.view(DType.uint16).to_numpy().astype(np.uint32) << 16).view(np.float32)
+    wide = buffer.view(DType.uint16).to_numpy().astype(np.uint32)
+    wide <<= 16  # in place: one array of the float32 size, not two
+    return wide.view(np.float32)
 
 
 def _bfloat16_buffer(bits: np.ndarray):

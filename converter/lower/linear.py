@@ -8,12 +8,13 @@ over the (out, in) weight, reach ~44 GB/s (1.8 ms), and the 1536x384 MLP weights
 67 us. With 5 rows the same form is 2.4x slower than matmul (it streams the weight once per row),
 so only single rows take it.
 
-A single row times a weight stored in bfloat16 (passes.store_weights) is a bfloat16 matrix
-product instead, `W @ x.T` with the row rounded to bfloat16 and the result widened back: it reads
-half the bytes, and it is the one form in which MAX reads a stored weight as stored. Everywhere
-else a stored weight goes through its cast, which MAX evaluates once when the graph is
-initialised (a float32 copy per graph), and computes in float32: MAX's bfloat16 matrix products
-of many rows are ~3x slower than float32 here, and the cast inside a fused product is folded too.
+A single row times a weight stored in bfloat16 (passes.store_weights reads it through a cast
+there) is a bfloat16 matrix product instead, `W @ x.T` with the row rounded to bfloat16 and the
+result widened back: it reads half the bytes, and it is the one form in which MAX reads a stored
+weight as stored. Every other product of a stored weight binds its float32 widening (`X/widened`,
+made at load) and computes in float32: MAX's bfloat16 matrix products of several rows are slower
+than float32 here (~3x for many rows), and a cast of a weight would be folded by MAX into a
+float32 copy per graph.
 """
 
 from max.dtype import DType

@@ -17,7 +17,7 @@ import numpy as np
 from runtime import package
 
 from . import ir, onnx_io, passes, report
-from .lower import lower_graph
+from .lower import compile_with_kernels, lower_graph
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def graph_signature(g: ir.Graph) -> dict:
     def arg(v: ir.Value) -> dict:
         out = sig(v.name, v.type)
         if v.name in state:  # written in place at the position another input holds
-            out["state"] = {"axis": state[v.name].attr("axis"), "position": state[v.name].inputs[2]}
+            out["state"] = {"axis": state[v.name].attr("axis"), "position": ir.write_position(state[v.name])}
         return out
 
     return {
@@ -61,7 +61,7 @@ def compile_module(program: ir.Program, session):
     mod = Module()
     for g in program.graphs:
         lower_graph(g, mod)
-    return session.compile(mod)
+    return compile_with_kernels(session, mod)
 
 
 def export_mef(compiled) -> bytes:
@@ -229,7 +229,7 @@ def compile_module_probe(program: ir.Program, session):
 
     mod = Module()
     taps = parity.build_probe(program, mod)
-    return session.compile(mod), taps
+    return compile_with_kernels(session, mod), taps
 
 
 def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:

@@ -38,7 +38,18 @@ OWN_DOMAIN = "whisper_max"
 CACHE_APPEND = f"{OWN_DOMAIN}.cache_append"
 # `cast(x, dtype=d)`: x's values in dtype d (passes.store_weights reads stored weights through it)
 CAST = f"{OWN_DOMAIN}.cast"
-IN_PLACE_OPS = {CACHE_APPEND: 0}  # op -> which operand it writes in place
+# `decoder_layer(x, key_cache, value_cache, position, <the block's weights>, cross_keys,
+# cross_values, axis=2, heads=h, scale=s, eps=e)`: one residual attention block of the text
+# decoder for rows of one position each (passes.fuse_decoder_layers documents the operands);
+# writes the new token's key and value into the two caches at `position` along `axis`.
+DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
+# op -> (the operands it writes in place, the operand holding the position it writes at)
+IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
+
+
+def write_position(n: "Node") -> str:
+    """The value holding the position at which the in-place op `n` writes its state inputs."""
+    return n.inputs[IN_PLACE_OPS[n.op][1]]
 
 
 class TraceError(RuntimeError):
@@ -133,7 +144,7 @@ class Graph:
             for k, i in enumerate(n.inputs):
                 if i in state and state[i] is not n:
                     raise ValueError(f"graph {self.name}: {n.name} reads {i!r}, which {state[i].name} writes in place; only the writer may read it")
-                if k == IN_PLACE_OPS.get(n.op) and i not in inputs:
+                if k in IN_PLACE_OPS.get(n.op, ((), None))[0] and i not in inputs:
                     raise ValueError(f"graph {self.name}: {n.name} ({n.op}) writes {i!r} in place, which is not a graph input")
         if state.keys() & {v for _, v in self.outputs}:
             raise ValueError(f"graph {self.name}: a state input is also an output")
@@ -142,12 +153,27 @@ class Graph:
         """Graph inputs written in place, each with the node that writes it."""
         out: dict[str, Node] = {}
         for n in self.nodes:
-            k = IN_PLACE_OPS.get(n.op)
-            if k is not None:
+            for k in IN_PLACE_OPS.get(n.op, ((), None))[0]:
                 if n.inputs[k] in out:
                     raise ValueError(f"graph {self.name}: {n.inputs[k]!r} is written in place by {out[n.inputs[k]].name} and {n.name}")
                 out[n.inputs[k]] = n
         return out
+
+
+def one_position_per_row(g: "Graph", name: str) -> bool:
+    """Whether the value `name` holds one position per row: every dim between the rows and the
+    last is 1 (a decoder step, one token for each row), or it is the last position selected
+    from such a value (passes.last_position_logits). Lowering runs products of such values with
+    weights as its matrix-vector kernel, which reads stored bfloat16 weights as they are."""
+    types = g.types()
+    shape = types[name].shape
+    if len(shape) >= 3:
+        return all(d == 1 for d in shape[1:-1])
+    src = next((n for n in g.nodes if n.name == name), None)
+    if len(shape) == 2 and src is not None and src.op == "aten.select.int" and src.attr("dim") == 1:
+        inner = types[src.inputs[0]].shape
+        return len(inner) == 3 and inner[1] == 1
+    return False
 
 
 def _fmt(v: Any) -> str:

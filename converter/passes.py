@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import sympy
 
 from runtime.package import WIDENED, widened_source
@@ -350,11 +351,132 @@ def share_window(p: ir.Program, graph: str, source: str = "cross_kv") -> ir.Prog
     return _replace_graph(p, ir.Graph(g.name, tuple(inputs), g.weights, g.constants, g.nodes, g.outputs, g.dims))
 
 
-def optimise(p: ir.Program) -> ir.Program:
+# The ops of one traced residual attention block of the text decoder in a graph of one position
+# per row, after in_place_cache, in trace order: fuse_decoder_layers replaces exactly these.
+_LN, _LIN, _VIEW, _PERM, _MUL = "aten.layer_norm.default", "aten.linear.default", "aten.view.default", "aten.permute.default", "aten.mul.Tensor"
+_MM, _ADD, _SM, _FLAT, _SLICE = "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.flatten.using_ints", "aten.slice.Tensor"
+_BLOCK_OPS = (
+    _LN, _LIN, _LIN, _VIEW, _PERM, _MUL, ir.CACHE_APPEND, _LIN, _VIEW, _PERM, ir.CACHE_APPEND,  # ln, q, k, v; cache writes
+    _VIEW, _PERM, _MUL, "aten.transpose.int", _MM, _SLICE, _SLICE, _ADD, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # self-attention
+    _LN, _LIN, _VIEW, _PERM, _MUL, _MM, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # cross-attention
+    _LN, _LIN, "aten.gelu.default", _LIN, _ADD,  # MLP
+)
+
+
+def _causal_mask(c: ir.Constant | None) -> bool:
+    """A square mask of 0 on and below the diagonal and -inf above it (openai-whisper's)."""
+    if c is None or c.data.ndim != 2 or c.data.shape[0] != c.data.shape[1]:
+        return False
+    upper = np.triu(np.ones(c.data.shape, bool), 1)
+    return bool(np.all(c.data[~upper] == 0) and np.all(np.isneginf(c.data[upper])))
+
+
+def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
+    """Replace each residual attention block of `graph` (one position per row: decoder_step,
+    decoder_rows) by one `decoder_layer` node, which lowering runs as one kernel of ours.
+
+    The step reads ~13 MB per block on tiny.en and is bound by that, but as ~40 graph ops per
+    block it paid a launch and a pass over memory for each. Each block is checked to be exactly
+    the traced one (_BLOCK_OPS, wired as openai-whisper's ResidualAttentionBlock: pre-norm
+    residuals, q and k scaled by one constant, k without bias, exact GELU), reading its caches
+    at the position every cache write uses. The causal mask is checked to be 0 up to and
+    including the row's own position, so adding it changes nothing and the kernel omits it.
+    Nothing outside a block may read its inner values. The operands, in order: the residual
+    input, the key and value caches, the position, attn_ln (w, b), query (w, b), key (w),
+    value (w, b), out (w, b), cross_attn_ln (w, b), cross query (w, b), cross out (w, b),
+    mlp_ln (w, b), fc1 (w, b), fc2 (w, b), the window's scaled keys transposed (rows or 1,
+    heads, hd, frames) and values (rows or 1, heads, frames, hd)."""
+    g = p.graph(graph)
+    if any(d.name == "n" for d in g.dims):
+        raise ValueError(f"{graph}: has a dim n (positions per row); decoder_layer takes one position per row")
+    inputs = {v.name: v for v in g.inputs}
+    consts = {c.name: c for c in g.constants}
+    nodes = list(g.nodes)
+    fused = 0
+    while True:
+        prefix = f"decoder.blocks.{fused}"
+        region = [n for n in nodes if n.scope == prefix or n.scope.startswith(prefix + ".")]
+        if not region:
+            break
+        where = f"{graph}: {prefix}"
+        if tuple(n.op for n in region) != _BLOCK_OPS:
+            raise ValueError(f"{where} is not the residual attention block fuse_decoder_layers knows: ops {[n.op.split('.', 1)[-1] for n in region]}")
+        by = {n.name: n for n in region}
+
+        def node(local: str) -> ir.Node:
+            n = by.get(prefix + local)
+            if n is None:
+                raise ValueError(f"{where}: no node {prefix + local}")
+            return n
+
+        def expect(ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{where}: {what}; not fused")
+
+        ln1, ln2, ln3 = node(".attn_ln/layer_norm"), node(".cross_attn_ln/layer_norm"), node(".mlp_ln/layer_norm")
+        q, k, v, o = (node(f".attn.{m}/linear") for m in ("query", "key", "value", "out"))
+        cq, co = node(".cross_attn.query/linear"), node(".cross_attn.out/linear")
+        fc1, gelu, fc2 = node(".mlp.0/linear"), node(".mlp.1/gelu"), node(".mlp.2/linear")
+        add0, add1, add2 = node("/add"), node("/add.1"), node("/add.2")
+        kcat, vcat = node(".attn.key/cat"), node(".attn.value/cat")
+        x = ln1.inputs[0]
+        expect(add0.inputs[:2] == (x, o.name) and ln2.inputs[0] == add0.name and add1.inputs[:2] == (add0.name, co.name)
+               and ln3.inputs[0] == add1.name and add2.inputs[:2] == (add1.name, fc2.name), "residual wiring differs")
+        expect(all(a.attr("alpha") == 1 for a in (add0, add1, add2)), "a residual add has alpha != 1")
+        expect(q.inputs[0] == k.inputs[0] == v.inputs[0] == ln1.name and cq.inputs[0] == ln2.name and fc1.inputs[0] == ln3.name
+               and gelu.inputs[0] == fc1.name and fc2.inputs[0] == gelu.name and gelu.attr("approximate") == "none", "products wired differently")
+        expect(all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2], "biases differ (key has none, the rest have one)")
+        expect(all(ln.inputs[1] and ln.inputs[2] for ln in (ln1, ln2, ln3)), "a layer norm lacks weight or bias")
+        eps = {ln.attr("eps") for ln in (ln1, ln2, ln3)}
+        scales = {node(m).attr("other") for m in (".attn/mul", ".attn/mul.1", ".cross_attn/mul")}
+        expect(len(eps) == 1 and len(scales) == 1, f"layer norms' eps {eps} or attention scales {scales} differ")
+        expect(node(".attn/mul").inputs[0] == node(".attn/permute").name and node(".attn/permute").inputs[0] == node(".attn/view").name
+               and node(".attn/view").inputs[0] == q.name, "q is not scaled after its product")
+        expect(kcat.inputs[1] == node(".attn/mul.1").name and node(".attn/mul.1").inputs[0] == node(".attn/permute.1").name
+               and node(".attn/permute.1").inputs[0] == node(".attn/view.1").name and node(".attn/view.1").inputs[0] == k.name,
+               "the key cache does not store the scaled key")
+        expect(vcat.inputs[1] == node(".attn/permute.2").name and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name
+               and node(".attn/view.2").inputs[0] == v.name, "the value cache does not store the value")
+        position = kcat.inputs[2]
+        expect(vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs, "the caches are written elsewhere")
+        expect(node(".attn/transpose").inputs[0] == kcat.name and node(".attn/matmul").inputs == (node(".attn/mul").name, node(".attn/transpose").name)
+               and node(".attn/matmul.1").inputs == (node(".attn/softmax").name, vcat.name), "self-attention reads other values")
+        mask_add, row, cols = node(".attn/add"), node(".attn/slice"), node(".attn/slice.1")
+        expect(mask_add.inputs[:2] == (node(".attn/matmul").name, cols.name) and cols.inputs[0] == row.name
+               and _causal_mask(consts.get(row.inputs[0])) and row.attr("dim") == 0 and row.attr("start") == position
+               and cols.attr("dim") == 1 and cols.attr("start") in (None, 0) and cols.attr("end") == f"{position} + 1",
+               "the mask added is not row `position` of a causal mask up to that position")
+        ckt, cv = node(".cross_attn/matmul").inputs[1], node(".cross_attn/matmul.1").inputs[1]
+        expect(ckt in inputs and cv in inputs and node(".cross_attn/matmul").inputs[0] == node(".cross_attn/mul").name
+               and node(".cross_attn/mul").inputs[0] == node(".cross_attn/permute").name and node(".cross_attn/permute").inputs[0] == node(".cross_attn/view").name
+               and node(".cross_attn/view").inputs[0] == cq.name, "cross-attention reads other values")
+        outside = {i for n in nodes if n.name not in by for i in n.inputs} | {val for _, val in g.outputs}
+        expect(outside & set(by) == {add2.name}, f"values inside the block are read outside it: {sorted(outside & set(by) - {add2.name})}")
+        heads = node(".attn/view").type.shape[2]
+        operands = (x, kcat.inputs[0], vcat.inputs[0], position, ln1.inputs[1], ln1.inputs[2], q.inputs[1], q.inputs[2], k.inputs[1],
+                    v.inputs[1], v.inputs[2], o.inputs[1], o.inputs[2], ln2.inputs[1], ln2.inputs[2], cq.inputs[1], cq.inputs[2],
+                    co.inputs[1], co.inputs[2], ln3.inputs[1], ln3.inputs[2], fc1.inputs[1], fc1.inputs[2], fc2.inputs[1], fc2.inputs[2], ckt, cv)
+        layer = ir.Node(add2.name, ir.DECODER_LAYER, operands,
+                        (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())), add2.type, prefix)
+        at = nodes.index(region[0])
+        nodes = [n for n in nodes if n.name not in by]
+        nodes.insert(at, layer)
+        fused += 1
+    if not fused:
+        raise ValueError(f"{graph}: no decoder blocks to fuse")
+    read = {i for n in nodes for i in n.inputs}
+    out = ir.Graph(g.name, g.inputs, tuple(w for w in g.weights if w.name in read), tuple(c for c in g.constants if c.name in read),
+                   tuple(nodes), g.outputs, g.dims)
+    log.info("%s: %d decoder blocks fused into decoder_layer kernels", graph, fused)
+    return _replace_graph(p, out)
+
+
+def optimise(p: ir.Program, fuse: bool = True) -> ir.Program:
     """The pipeline packages ship: hoist per-window work, narrow the logits, cache in attention's
     layout; a step graph specialised to one sequence and one token that grows its caches in
     place; and a rows graph, one token for each of several rows of one window (beams, best-of
-    samples), that grows its caches in place and shares the window's cross-attention K/V."""
+    samples), that grows its caches in place and shares the window's cross-attention K/V. With
+    `fuse`, each residual block of those two graphs becomes one decoder_layer kernel."""
     p = hoist_invariants(p)
     p = last_position_logits(p)
     p = sink_cache_layout(p)
@@ -362,22 +484,22 @@ def optimise(p: ir.Program) -> ir.Program:
     p = in_place_cache(p, "decoder_step")
     p = specialise(p, "decoder", {"n": 1}, "decoder_rows")
     p = in_place_cache(p, "decoder_rows")
-    return share_window(p, "decoder_rows")
-
-
-def _one_row(t: ir.TensorType) -> bool:
-    """A value of one row: every dim but the last is 1 (a decoder step for one sequence)."""
-    return all(d == 1 for d in t.shape[:-1])
+    p = share_window(p, "decoder_rows")
+    if fuse:
+        for g in ("decoder_step", "decoder_rows"):
+            p = fuse_decoder_layers(p, g)
+    return p
 
 
 def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:
     """Store the float32 weight matrices (rank >= `min_rank`: linear and conv weights, the
     embedding tables) as `dtype`, and keep computing in float32.
 
-    Each use of a stored weight reads it in one of three ways. A table lookup (`embedding`)
-    gathers stored rows and casts only those. A product of one row with the weight (a linear
-    layer, or the vocabulary product through a transpose, in the one-token step) reads it through
-    a `cast`, which lowering turns into a bfloat16 matrix-vector product that reads the stored
+    Each use of a stored weight reads it in one of four ways. A table lookup (`embedding`)
+    gathers stored rows and casts only those. A decoder_layer (fuse_decoder_layers) reads its
+    block's matrices as stored. A product of rows of one position each with the weight (a linear
+    layer, or the vocabulary product through a transpose, in decoder_step and decoder_rows) reads
+    it through a `cast`, which lowering turns into our matrix-vector kernel reading the stored
     bytes (the step is bound by reading weights). Every other use reads `X/widened`
     (runtime.package.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
     to every graph that names it: one float32 copy in all, where a cast would have MAX make one
@@ -397,10 +519,10 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
 
         def one_row_product(n: ir.Node, w: str) -> bool:
             if n.op == "aten.linear.default":
-                return n.inputs[1] == w and _one_row(types[n.inputs[0]])
+                return n.inputs[1] == w and ir.one_position_per_row(g, n.inputs[0])
             if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
                 after = users.get(n.name, [])
-                return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and _one_row(types[m.inputs[0]]) for m in after)
+                return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0]) for m in after)
             return False
 
         casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
@@ -411,6 +533,10 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
                 rows = ir.Node(f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope)
                 nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
                 read[n.inputs[0]] = dtype
+                continue
+            if n.op == ir.DECODER_LAYER:  # its kernel reads stored weights as they are
+                read.update((i, dtype) for i in n.inputs if i in stored)
+                nodes.append(n)
                 continue
             inputs = []
             for i in n.inputs:

@@ -16,7 +16,7 @@ from whisper.model import Conv1d, LayerNorm, Linear
 
 from converter import ir
 from converter.convert import graph_signature
-from converter.lower import LoweringError, lower_graph, register
+from converter.lower import LoweringError, compile_with_kernels, lower_graph, register
 from converter.parity import empty_cache
 from converter.passes import optimise, store_weights
 from converter.trace import to_ir, trace_program
@@ -65,7 +65,7 @@ def compiled():
         lower_graph(g, mod)
     weights = state_dict_np(model) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()}
     session = InferenceSession()
-    models = session.init_all(session.compile(mod), weights_registry=weights)
+    models = session.init_all(compile_with_kernels(session, mod), weights_registry=weights)
     return model, micro, program, models, weights
 
 
@@ -202,7 +202,7 @@ def compiled_bf16():
     for g in program.graphs:
         lower_graph(g, mod)
     session = InferenceSession()
-    return model.eval(), program, session.init_all(session.compile(mod), weights_registry=bound)
+    return model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
 
 
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):

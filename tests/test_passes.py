@@ -1,12 +1,13 @@
 """IR passes: what hoisting moves, and that the graphs stay well formed. (Numerical equality of the
 optimised program with PyTorch is checked by test_lower, which compiles the hoisted form.)"""
 
+import numpy as np
 import onnx
 import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights
+from converter.passes import fuse_decoder_layers, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights
 from converter.trace import trace_program
 from runtime.package import widened_source
 
@@ -63,7 +64,12 @@ def test_optimise_pipeline():
     state = step.state_inputs()
     assert set(state) == {x.name for x in caches}
     assert all(inputs[k] == (1, h, TINY_DIMS["n_text_ctx"], d // h) for k in state)
-    assert [n.op for n in step.nodes] == [ir.CACHE_APPEND if n.op == "aten.cat.default" else n.op for n in dec.nodes]
+    # each residual block is one decoder_layer node, which writes that block's two caches
+    blocks = [n for n in step.nodes if n.op == ir.DECODER_LAYER]
+    assert [n.scope for n in blocks] == [f"decoder.blocks.{i}" for i in range(TINY_DIMS["n_text_layer"])]
+    assert {k: n.name for k, n in state.items()} == {n.inputs[i]: n.name for n in blocks for i in (1, 2)}
+    outside = lambda g: [n.op for n in g.nodes if not n.scope.startswith("decoder.blocks.")]  # noqa: E731
+    assert outside(step) == outside(dec) and len(step.nodes) == len(outside(dec)) + len(blocks)
     assert [o for o, _ in step.outputs] == ["logits"]
     assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
     # the rows graph: the decoder with n = 1 for any number of rows of one window, caches grown in
@@ -79,6 +85,31 @@ def test_optimise_pipeline():
     assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs) for n in step.nodes]
     assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment"]
     assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
+
+
+def test_fuse_decoder_layers_refuses_a_block_it_does_not_know():
+    p = optimise(trace_program(tiny_whisper()), fuse=False)
+    fused = fuse_decoder_layers(p, "decoder_step").graph("decoder_step")
+    assert sum(n.op == ir.DECODER_LAYER for n in fused.nodes) == TINY_DIMS["n_text_layer"]
+    with pytest.raises(ValueError, match="dim n"):
+        fuse_decoder_layers(p, "decoder")
+    step = p.graph("decoder_step")
+
+    def changed(edit) -> ir.Program:
+        g = ir.Graph(step.name, step.inputs, step.weights, step.constants, tuple(edit(n) for n in step.nodes), step.outputs, step.dims)
+        return ir.Program(tuple(g if x.name == step.name else x for x in p.graphs), p.dims)
+
+    # tanh GELU, another scale for the keys, a mask that is not causal: each a different block
+    tanh = changed(lambda n: ir.Node(n.name, n.op, n.inputs, (("approximate", "tanh"),), n.type, n.scope) if n.op == "aten.gelu.default" else n)
+    with pytest.raises(ValueError, match="products wired differently"):
+        fuse_decoder_layers(tanh, "decoder_step")
+    scaled = changed(lambda n: ir.Node(n.name, n.op, n.inputs, (("other", 0.5),), n.type, n.scope) if n.name.endswith("attn/mul.1") else n)
+    with pytest.raises(ValueError, match="attention scales"):
+        fuse_decoder_layers(scaled, "decoder_step")
+    open_mask = ir.Graph(step.name, step.inputs, step.weights, tuple(ir.Constant(c.name, np.zeros_like(c.data)) for c in step.constants),
+                         step.nodes, step.outputs, step.dims)
+    with pytest.raises(ValueError, match="causal mask"):
+        fuse_decoder_layers(ir.Program(tuple(open_mask if x.name == step.name else x for x in p.graphs), p.dims), "decoder_step")
 
 
 def test_share_window_only_under_matrix_products():
@@ -152,16 +183,18 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
         for n in g.nodes:  # the table lookup gathers stored rows, then casts those rows only
             if n.op == "aten.embedding.default":
                 assert n.type.dtype == "bfloat16" and types[n.inputs[0]].dtype == "bfloat16"
+            elif n.op == ir.DECODER_LAYER:  # its kernel reads the block's matrices as stored
+                assert all(types[i].dtype == ("bfloat16" if i in matrices else "float32") for i in n.inputs if i in types), n.name
             elif n.op != ir.CAST:
                 assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
-        # a stored matrix is read through a cast only by products of one row (the one-token step);
-        # everything else reads its widened copy
+        # a stored matrix is read through a cast only by products of rows of one position each
+        # (decoder_step, decoder_rows); everything else reads its widened copy
         readers = {c.name: [m for m in g.nodes if c.name in m.inputs] for c in casts if c.inputs[0] in types}
         for users in readers.values():
             assert users and all(m.op in ("aten.linear.default", "aten.transpose.int") for m in users)
-        if g.name == "decoder_step":
+        if g.name in ("decoder_step", "decoder_rows"):
             assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
-        if g.name in ("encoder", "decoder", "decoder_rows", "alignment"):
+        if g.name in ("encoder", "decoder", "alignment"):
             assert not [c for c in casts if c.inputs[0] in types]
     # one stored dtype per weight; widened weights stand for their bfloat16 source
     assert after.stored_weights() == {n: ("bfloat16" if n in matrices else "float32") for n in before.weight_names()}

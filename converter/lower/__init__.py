@@ -84,6 +84,7 @@ class LoweringContext:
         self.env: dict[str, TensorValue] = {}  # IR value name -> MAX value, filled while lowering
         self._producers = {n.name: n for n in graph.nodes}
         self._scalars = {v.name for v in graph.inputs if v.type.shape == () and v.type.dtype == "int64"}
+        self.weight_names = frozenset(w.name for w in graph.weights)
 
     def producer(self, name: str) -> ir.Node | None:
         """The IR node that computes `name` (None for inputs, weights and constants)."""
@@ -135,7 +136,7 @@ def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorVal
 
 def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None) -> Graph:
     """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own."""
-    from . import activation, cache, cast, conv, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
+    from . import activation, cache, cast, conv, custom, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
 
     device = device or DeviceRef.CPU()
     ctx = LoweringContext(g, device)
@@ -144,7 +145,7 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
     stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")
     verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
     kwargs = {"module": module} if module is not None else {}
-    with Graph(name or g.name, input_types=in_types, **kwargs) as mg:
+    with Graph(name or g.name, input_types=in_types, custom_extensions=[custom.kernel_library()], **kwargs) as mg:
         env = ctx.env
         env.update({v.name: mg.inputs[i].buffer if v.name in state else mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
         for w in g.weights:
@@ -173,3 +174,11 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
                 return mg
         mg.output(*[env[v] for _, v in g.outputs], *[env[t] for t in taps])
     return mg
+
+
+def compile_with_kernels(session, module):
+    """Compile a MAX module of lowered graphs with whisper-max's kernel library (the custom ops
+    lowering may have used; a module, unlike a graph, does not carry it)."""
+    from .custom import kernel_library
+
+    return session.compile(module, custom_extensions=[kernel_library()])

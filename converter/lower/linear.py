@@ -1,20 +1,19 @@
 """Linear layers and matrix products; weights stay in torch's (out, in) layout.
 
-A product whose left operand is a single row (every leading dim statically 1: a decoder step for
-one sequence and one token) is a matrix-vector product, bound by reading the weight once. MAX's
-general matmul reaches ~32 GB/s on it here (the 80 MB vocabulary projection: 2.5 ms); the same
-dot products written as a broadcast multiply and a sum over `in`, which MAX fuses into one pass
-over the (out, in) weight, reach ~44 GB/s (1.8 ms), and the 1536x384 MLP weights go from 145 to
-67 us. With 5 rows the same form is 2.4x slower than matmul (it streams the weight once per row),
-so only single rows take it.
+A product whose left operand has one position per row (every dim between the rows and `in` is
+statically 1: a decoder step, one token for each of one or several rows) is a matrix-vector
+product, bound by reading the weight. It runs as whisper-max's own kernel
+(custom.linear_rows), which reads each weight row once for all rows and splits the rows of the
+weight across the workers. On an AMD EPYC (Zen 4, 2 cores) the 80 MB vocabulary product of one
+row takes 2.2-2.5 ms there against 7.7-8.3 ms as MAX's fused broadcast-multiply-sum and 5.4-6 ms
+as MAX's matmul of 5 rows (3.0 ms with the kernel): /tmp measurements recorded in the README.
 
-A single row times a weight stored in bfloat16 (passes.store_weights reads it through a cast
-there) is a bfloat16 matrix product instead, `W @ x.T` with the row rounded to bfloat16 and the
-result widened back: it reads half the bytes, and it is the one form in which MAX reads a stored
-weight as stored. Every other product of a stored weight binds its float32 widening (`X/widened`,
-made at load) and computes in float32: MAX's bfloat16 matrix products of several rows are slower
-than float32 here (~3x for many rows), and a cast of a weight would be folded by MAX into a
-float32 copy per graph.
+A weight stored in bfloat16 (passes.store_weights reads it through a cast in such products) is
+read as stored by the same kernel, which widens each element exactly as it loads it: half the
+bytes, float32 arithmetic. Every other product of a stored weight binds its float32 widening
+(`X/widened`, made at load) and computes in float32: MAX's bfloat16 matrix products of many rows
+are slower than float32 here (~3x), and a cast of a weight would be folded by MAX into a float32
+copy per graph.
 """
 
 from max.dtype import DType
@@ -22,15 +21,20 @@ from max.graph import ops
 
 from .. import ir
 from . import register
+from .custom import linear_rows
 
 
-def _single_row(x) -> bool:
-    return all(str(d) == "1" for d in x.shape[:-1])
+def _one_position(ctx, name: str) -> bool:
+    return ir.one_position_per_row(ctx.graph, name)
 
 
-def gemv(x, weight_out_in):
-    """x (..., in) with one row, weight (out, in) -> (..., out): one fused pass over the weight."""
-    return ops.squeeze(ops.sum(ops.unsqueeze(x, -2) * weight_out_in, axis=-1), -1)
+def _weight(ctx, name: str):
+    """The weight the IR value `name` is, as MAX binds it: the stored bfloat16 weight when
+    `name` widens one (a cast), else the weight itself; None if `name` is not a weight."""
+    stored = stored_weight(ctx, name)
+    if stored is not None:
+        return stored
+    return ctx.value(name) if name in ctx.weight_names else None
 
 
 def stored_weight(ctx, name: str):
@@ -42,22 +46,12 @@ def stored_weight(ctx, name: str):
     return w if w.dtype == DType.bfloat16 and ctx.producer(src.inputs[0]) is None else None
 
 
-def gemv_stored(x, weight_out_in):
-    """x (..., in) float32 with one row, weight (out, in) bfloat16 -> (..., out) float32."""
-    row = ops.reshape(ops.cast(x, weight_out_in.dtype), [1, x.shape[-1]])
-    y = weight_out_in @ ops.transpose(row, 0, 1)  # (out, 1)
-    return ops.reshape(ops.cast(y, DType.float32), [*x.shape[:-1], weight_out_in.shape[0]])
-
-
 @register("aten.linear.default")
 def linear(ctx, node, x, weight, bias):
-    stored = stored_weight(ctx, node.inputs[1])
-    if _single_row(x) and stored is not None:
-        y = gemv_stored(x, stored)
-    elif _single_row(x):
-        y = gemv(x, weight)
-    else:
-        y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
+    w = _weight(ctx, node.inputs[1])
+    if w is not None and _one_position(ctx, node.inputs[0]):
+        return linear_rows(ctx, x, w, bias)
+    y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
     return y if bias is None else y + bias
 
 
@@ -78,9 +72,9 @@ def rows_as_m(a, b):
 def matmul(ctx, node, a, b):
     # x @ W.T with W an (out, in) weight (the tied vocabulary projection): a matrix-vector product
     src = ctx.producer(node.inputs[1])
-    if src is not None and src.op == "aten.transpose.int" and b.rank == 2 and a.rank == 2 and _single_row(a):
-        stored = stored_weight(ctx, src.inputs[0])
-        return gemv(a, ctx.value(src.inputs[0])) if stored is None else gemv_stored(a, stored)
+    w = _weight(ctx, src.inputs[0]) if src is not None and src.op == "aten.transpose.int" and b.rank == 2 else None
+    if w is not None and _one_position(ctx, node.inputs[0]):
+        return linear_rows(ctx, a, w)
     if _rows_share_b(a, b):
         return rows_as_m(a, b)
     return a @ b

@@ -1,0 +1,79 @@
+"""whisper-max's own kernels (Mojo, in kernels/), used through MAX custom ops.
+
+The kernel package is precompiled once per source version (`mojo precompile`, ~2 s) into a
+cache and given to every graph. MAX compiles the kernels a graph uses into it, and the exported
+MEF carries their machine code: a package runs without this source or a compile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from max.dtype import DType
+from max.graph import TensorType, ops
+
+from .. import ir
+from . import register
+
+KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
+LINEAR_ROWS = "whisper_max.linear_rows"
+
+
+@cache
+def kernel_library() -> Path:
+    """The kernel package precompiled (.mojoc), built on first use; keyed by its sources."""
+    from mojo.paths import subprocess_run_mojo
+
+    sources = sorted(KERNELS.glob("*.mojo"))
+    digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
+    out_dir = Path(os.environ.get("WHISPER_MAX_KERNEL_CACHE", Path(tempfile.gettempdir()) / f"whisper-max-kernels-{os.getuid()}"))
+    out = out_dir / digest / "whisper_max_kernels.mojoc"  # the file's stem is the module's name
+    if out.is_file():
+        return out
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{digest}.", dir=out_dir.mkdir(parents=True, exist_ok=True) or out_dir))
+    tmp = tmp_dir / out.name
+    proc = subprocess_run_mojo(["precompile", str(KERNELS), "-o", str(tmp)], capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise RuntimeError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        tmp_dir.rename(out.parent)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not out.is_file():
+            raise
+    return out
+
+
+def linear_rows(ctx, x, weight, bias=None):
+    """x (..., k) float32, one position per row, times weight (n, k) (float32 or bfloat16),
+    plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
+    reads each weight row once for all rows."""
+    k, n = x.shape[-1], weight.shape[0]
+    flat = ops.reshape(x, [-1, k])
+    if bias is None:
+        bias = ops.constant(np.zeros(int(n), np.float32), DType.float32, ctx.device)
+    out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
+    y = ops.custom(LINEAR_ROWS, device=ctx.device, values=[flat, weight, bias], out_types=[out_type])[0].tensor
+    return ops.reshape(y, [*x.shape[:-1], n])
+
+
+@register(ir.DECODER_LAYER)
+def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
+    """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
+    -> (rows, 1, d); writes the new key and value into the caches (rows, heads, capacity, hd)."""
+    if axis != 2:
+        raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
+    d = x.shape[-1]
+    flat = ops.reshape(x, [-1, d])
+    values = [key_cache, value_cache, flat, ops.reshape(position, [1]), *operands]
+    out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
+    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type],
+                           parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
+    return ops.reshape(y, x.shape)

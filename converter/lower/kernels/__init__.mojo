@@ -1,0 +1,309 @@
+# whisper-max's own CPU kernels, registered as MAX custom ops. The converter lowers graph ops to
+# them (converter/lower/custom.py); their machine code is compiled into the package's MEF, so
+# loading a package needs neither this source nor a compile.
+import extensibility
+from extensibility import InputTensor, OutputTensor, _MutableInputTensor as MutableInputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.math import erf, exp, sqrt
+from std.runtime import parallelism_level
+
+comptime V = 16  # float32 lanes of one AVX-512 register
+
+
+@extensibility.register("whisper_max.linear_rows")
+struct LinearRows:
+    """y (rows, n) = x (rows, k) @ w (n, k)^T + b (n), for a few rows (decoder steps).
+
+    Matrix-vector work is bound by reading w: each weight row is loaded from memory once and
+    multiplied with every row of x from cache, the n weight rows split across the runtime's
+    workers. w is float32, or bfloat16 widened exactly to float32 as it is read; x, b and the
+    sums are float32."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[rank=2, ...],
+        b: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var n = w.dim_size(0)
+        var k = w.dim_size(1)
+        if x.dim_size(1) != k or b.dim_size(0) != n or y.dim_size(0) != rows or y.dim_size(1) != n:
+            raise Error("whisper_max.linear_rows: operand shapes do not agree")
+        _linear[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)
+
+
+# --- one decoder layer for a few rows, one new token each ---------------------------------------
+
+comptime F32 = DType.float32
+
+
+def _layer_norm(
+    y: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], w: UnsafePointer[Float32, _],
+    b: UnsafePointer[Float32, _], d: Int, eps: Float32,
+):
+    """y = (x - mean) / sqrt(var + eps) * w + b over d values (biased variance, two passes)."""
+    var d16 = d - d % V
+    var s = SIMD[F32, V](0)
+    for c in range(0, d16, V):
+        s += x.unsafe_load[width=V](c)
+    var total = s.reduce_add()
+    for c in range(d16, d):
+        total += x.unsafe_load(c)
+    var mean = total / Float32(d)
+    var q = SIMD[F32, V](0)
+    for c in range(0, d16, V):
+        var t = x.unsafe_load[width=V](c) - mean
+        q += t * t
+    var sq = q.reduce_add()
+    for c in range(d16, d):
+        var t = x.unsafe_load(c) - mean
+        sq += t * t
+    var rstd = 1.0 / sqrt(sq / Float32(d) + eps)
+    for c in range(0, d16, V):
+        y.unsafe_store(c, (x.unsafe_load[width=V](c) - mean) * rstd * w.unsafe_load[width=V](c) + b.unsafe_load[width=V](c))
+    for c in range(d16, d):
+        y.unsafe_store(c, (x.unsafe_load(c) - mean) * rstd * w.unsafe_load(c) + b.unsafe_load(c))
+
+
+def _dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> Float32:
+    """sum(a[:k] * x[:k]) with a widened to float32: four vector sums over blocks of 64, then
+    16-wide and single tails."""
+    var k64 = k - k % 64
+    var k16 = k - k % V
+    var a0 = SIMD[F32, V](0)
+    var a1 = SIMD[F32, V](0)
+    var a2 = SIMD[F32, V](0)
+    var a3 = SIMD[F32, V](0)
+    for c in range(0, k64, 64):
+        a0 += a.unsafe_load[width=V](c).cast[F32]() * x.unsafe_load[width=V](c)
+        a1 += a.unsafe_load[width=V](c + 16).cast[F32]() * x.unsafe_load[width=V](c + 16)
+        a2 += a.unsafe_load[width=V](c + 32).cast[F32]() * x.unsafe_load[width=V](c + 32)
+        a3 += a.unsafe_load[width=V](c + 48).cast[F32]() * x.unsafe_load[width=V](c + 48)
+    for c in range(k64, k16, V):
+        a0 += a.unsafe_load[width=V](c).cast[F32]() * x.unsafe_load[width=V](c)
+    var s = ((a0 + a1) + (a2 + a3)).reduce_add()
+    for c in range(k16, k):
+        s += a.unsafe_load(c).cast[F32]() * x.unsafe_load(c)
+    return s
+
+
+comptime PLAIN = 0  # y = x @ w^T + b
+comptime SCALED = 1  # y = (x @ w^T + b) * scale
+comptime GELU = 2  # y = gelu(x @ w^T + b), exact (erf)
+comptime RESIDUAL = 3  # y = res + (x @ w^T + b)
+
+
+def _linear[dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+):
+    """rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`; the weight rows
+    are split across the workers and each is read once for all rows."""
+    var tasks = max(1, min(parallelism_level(), n // 64))
+    var chunk = (n + tasks - 1) // tasks
+
+    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var chunk}:
+        for j in range(t * chunk, min(n, (t + 1) * chunk)):
+            var row = w + j * k
+            var bias = b.unsafe_load(j) if has_bias else Float32(0)
+            for r in range(rows):
+                var s = _dot(row, x + r * k, k) + bias
+                comptime if mode == SCALED:
+                    s = s * scale
+                elif mode == GELU:
+                    s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
+                elif mode == RESIDUAL:
+                    s = res.unsafe_load(r * n + j) + s
+                y.unsafe_store(r * n + j, s)
+
+    parallelize(work, tasks)
+
+
+def _softmax_weighted_sum(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], s: UnsafePointer[Float32, MutUntrackedOrigin],
+    v: UnsafePointer[Float32, _], n: Int, hd: Int,
+):
+    """dst (hd) = softmax(s[:n]) @ v (n, hd): exp(s - max) / sum, then the weighted sum of the
+    rows of v."""
+    var hd16 = hd - hd % V
+    var m = s.unsafe_load(0)
+    for i in range(1, n):
+        m = max(m, s.unsafe_load(i))
+    var total = Float32(0)
+    for i in range(n):
+        var e = exp(s.unsafe_load(i) - m)
+        s.unsafe_store(i, e)
+        total += e
+    for c in range(hd):
+        dst.unsafe_store(c, Float32(0))
+    for i in range(n):
+        var p = s.unsafe_load(i) / total
+        var row = v + i * hd
+        for c in range(0, hd16, V):
+            dst.unsafe_store(c, dst.unsafe_load[width=V](c) + p * row.unsafe_load[width=V](c))
+        for c in range(hd16, hd):
+            dst.unsafe_store(c, dst.unsafe_load(c) + p * row.unsafe_load(c))
+
+
+def _self_attention(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
+    rows: Int, heads: Int, hd: Int, cap: Int, length: Int,
+):
+    """Each row and head attends to its cache's first `length` positions (rows, heads, cap, hd);
+    q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd)."""
+    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var heads, var hd, var cap, var length}:
+        var r = t // heads
+        var h = t % heads
+        var qh = q + (r * heads + h) * hd
+        var kh = kc + ((r * heads + h) * cap) * hd
+        var s = scores + t * cap
+        for i in range(length):
+            s.unsafe_store(i, _dot(kh + i * hd, qh, hd))
+        _softmax_weighted_sum(dst + (r * heads + h) * hd, s, vc + ((r * heads + h) * cap) * hd, length, hd)
+
+    parallelize(work, rows * heads)
+
+
+def _cross_attention(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
+    rows: Int, window_rows: Int, heads: Int, hd: Int, frames: Int,
+):
+    """Each row and head attends to the window's keys kt (window_rows, heads, hd, frames), stored
+    scaled and transposed, and values v (window_rows, heads, frames, hd); window_rows is 1 (one
+    window shared by every row) or rows."""
+    var tail = frames - frames % V
+
+    def work(t: Int) {var dst, var q, var kt, var v, var scores, var rows, var window_rows, var heads, var hd, var frames, var tail}:
+        var r = t // heads
+        var h = t % heads
+        var w = (r if window_rows == rows else 0) * heads + h
+        var qh = q + (r * heads + h) * hd
+        var kh = kt + w * hd * frames
+        var s = scores + t * frames
+        for l in range(0, tail, V):
+            var acc = SIMD[F32, V](0)
+            for c in range(hd):
+                acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load[width=V](l)
+            s.unsafe_store(l, acc)
+        for l in range(tail, frames):
+            var acc = Float32(0)
+            for c in range(hd):
+                acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load(l)
+            s.unsafe_store(l, acc)
+        _softmax_weighted_sum(dst + (r * heads + h) * hd, s, v + w * frames * hd, frames, hd)
+
+    parallelize(work, rows * heads)
+
+
+@extensibility.register("whisper_max.decoder_layer")
+struct DecoderLayer:
+    """One residual attention block of Whisper's text decoder for `rows` rows, one new token
+    each, at cache position `position` (the same for every row):
+
+        x1 = x + out(self_attention(ln1(x)))      keys and values of the new token written into
+                                                   the caches (rows, heads, capacity, hd) first
+        x2 = x1 + cross_out(cross_attention(ln2(x1)))   over the window's keys and values
+        y  = x2 + fc2(gelu(fc1(ln3(x2))))
+
+    as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
+    products, keys stored scaled; exact GELU; float32 throughout. Weight matrices are float32
+    or bfloat16 (widened exactly as they are read). One kernel instead of ~30 graph ops: the
+    step is bound by reading weights, and each of those ops paid a launch."""
+
+    @staticmethod
+    def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        kc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        vc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        position: InputTensor[dtype=DType.int64, rank=1, ...],
+        ln1_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln1_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        wq: InputTensor[rank=2, ...],
+        bq: InputTensor[dtype=DType.float32, rank=1, ...],
+        wk: InputTensor[rank=2, ...],
+        wv: InputTensor[rank=2, ...],
+        bv: InputTensor[dtype=DType.float32, rank=1, ...],
+        wo: InputTensor[rank=2, ...],
+        bo: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln2_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln2_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        wcq: InputTensor[rank=2, ...],
+        bcq: InputTensor[dtype=DType.float32, rank=1, ...],
+        wco: InputTensor[rank=2, ...],
+        bco: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln3_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln3_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        w1: InputTensor[rank=2, ...],
+        b1: InputTensor[dtype=DType.float32, rank=1, ...],
+        w2: InputTensor[rank=2, ...],
+        b2: InputTensor[dtype=DType.float32, rank=1, ...],
+        ckt: InputTensor[dtype=DType.float32, rank=4, ...],
+        cv: InputTensor[dtype=DType.float32, rank=4, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var d = x.dim_size(1)
+        var hd = d // heads
+        var cap = kc.dim_size(2)
+        var f = w1.dim_size(0)
+        var window_rows = ckt.dim_size(0)
+        var frames = ckt.dim_size(3)
+        var t = Int(position.unsafe_ptr().unsafe_load(0))
+        if hd * heads != d:
+            raise Error("whisper_max.decoder_layer: heads * head width != d")
+        if kc.dim_size(0) != rows or kc.dim_size(1) != heads or kc.dim_size(3) != hd or vc.dim_size(2) != cap:
+            raise Error("whisper_max.decoder_layer: the caches are not (rows, heads, capacity, head width)")
+        if (window_rows != 1 and window_rows != rows) or ckt.dim_size(2) != hd or cv.dim_size(2) != frames:
+            raise Error("whisper_max.decoder_layer: cross keys/values are not (1 or rows, heads, hd, frames) / (.., frames, hd)")
+        if t < 0 or t >= cap:
+            raise Error("whisper_max.decoder_layer: position outside the caches")
+        var s = Float32(scale)
+        var e = Float32(eps)
+        var rd = rows * d
+        var scratch = alloc[Float32](7 * rd + rows * f + rows * heads * max(cap, frames))
+        var h = scratch
+        var q = h + rd
+        var kn = q + rd
+        var vn = kn + rd
+        var att = vn + rd
+        var x1 = att + rd
+        var x2 = x1 + rd
+        var hid = x2 + rd
+        var sc = hid + rows * f
+        var kp = kc.unsafe_ptr()
+        var vp = vc.unsafe_ptr()
+        var xp = x.unsafe_ptr()
+
+        for r in range(rows):
+            _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
+        _linear[wq.dtype, SCALED](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[wk.dtype, SCALED](kn, h, wk.unsafe_ptr(), bq.unsafe_ptr(), xp, False, s, rows, d, d)
+        _linear[wv.dtype, PLAIN](vn, h, wv.unsafe_ptr(), bv.unsafe_ptr(), xp, True, s, rows, d, d)
+        for r in range(rows):
+            for i in range(heads):
+                var at = ((r * heads + i) * cap + t) * hd
+                for c in range(hd):
+                    (kp + at).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
+                    (vp + at).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
+        _self_attention(att, q, kp, vp, sc, rows, heads, hd, cap, t + 1)
+        _linear[wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
+
+        for r in range(rows):
+            _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
+        _linear[wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, rows, window_rows, heads, hd, frames)
+        _linear[wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+
+        for r in range(rows):
+            _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
+        _linear[w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
+        _linear[w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+        scratch.free()

@@ -56,14 +56,25 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data))
 
 
-def _top_k(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values, largest first, ties to the lower index: what a stable
-    argsort of -x gives, in linear time (a full sort of the vocabulary was 3 ms per beam)."""
-    if k >= x.size:
-        return np.argsort(-x, kind="stable")
-    kth = np.partition(x, x.size - k)[x.size - k]
-    cand = np.flatnonzero(x >= kth)  # ascending: the stable sort below keeps ties in index order
-    return cand[np.argsort(-x[cand], kind="stable")[:k]]
+def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
+    """Per row of x (rows, n), the indices of the k largest values, largest first, ties to the
+    lower index: what a stable argsort of -x gives. k passes of argmax over a copy, each taking
+    out what it found (np.partition of a 52k row took ~1.1 ms on an AMD EPYC Zen 4, five per
+    beam step); a row that runs out of finite values (or holds a NaN) is sorted instead."""
+    n = x.shape[-1]
+    if k >= n:
+        return np.argsort(-x, axis=-1, kind="stable")
+    work = np.array(x, dtype=np.float32)
+    rows = np.arange(work.shape[0])
+    out = np.empty((work.shape[0], k), np.int64)
+    exhausted = np.zeros(work.shape[0], bool)
+    for j in range(k):
+        out[:, j] = idx = np.argmax(work, axis=-1)
+        exhausted |= np.isneginf(work[rows, idx])  # only -inf (or values taken) left
+        work[rows, idx] = -np.inf
+    for r in np.flatnonzero(exhausted | np.isnan(x).any(axis=-1)):
+        out[r] = np.argsort(-x[r], kind="stable")[:k]
+    return out
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -183,6 +194,7 @@ class BeamSearchDecoder:
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
         logprobs = log_softmax(logits)
+        best = top_k_rows(logprobs, self.beam_size + 1)
         width = tokens.shape[1]
         kept, sources, newly_finished = [], [], []  # kept: (source row, token) of each next row
         for i in range(n_audio):
@@ -195,7 +207,7 @@ class BeamSearchDecoder:
             scores, source, finished = {}, {}, {}
             for idx in rows:
                 row = logprobs[idx]
-                for token in _top_k(row, self.beam_size + 1).tolist():
+                for token in best[idx].tolist():
                     key = (prefix[idx], token)
                     scores[key] = float(sum_logprobs[idx] + row[token])
                     source[key] = idx

@@ -86,13 +86,20 @@ def test_writers_match_openai_whisper(tmp_path):
 
 
 def test_beam_top_k_is_a_stable_argsort():
-    """Beam search's linear-time top-k picks what a stable argsort does, ties and -inf included."""
-    from runtime.decoding import _top_k
+    """Beam search's top-k picks what a stable argsort does, per row, ties and -inf included
+    (rows with fewer finite values than k, and rows of -inf only)."""
+    from runtime.decoding import top_k_rows
 
     rng = np.random.default_rng(0)
     for t in range(500):
-        n = int(rng.integers(1, 60))
-        x = rng.integers(-3, 3, n).astype(np.float32) if t % 2 else rng.standard_normal(n).astype(np.float32)
-        x[rng.integers(0, n, 2)] = -np.inf
+        n, rows = int(rng.integers(1, 60)), int(rng.integers(1, 6))
+        x = rng.integers(-3, 3, (rows, n)).astype(np.float32) if t % 2 else rng.standard_normal((rows, n)).astype(np.float32)
+        x[rng.integers(0, rows, 3), rng.integers(0, n, 3)] = -np.inf
+        if t % 7 == 0:
+            x[0, rng.integers(0, n, n // 2 + 1)] = -np.inf
+        if t % 11 == 0:
+            x[-1] = -np.inf
         k = int(rng.integers(1, 8))
-        np.testing.assert_array_equal(_top_k(x, k), np.argsort(-x, kind="stable")[:k])
+        before = x.copy()
+        np.testing.assert_array_equal(top_k_rows(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
+        np.testing.assert_array_equal(x, before)  # the input is left as it was

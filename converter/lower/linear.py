@@ -1,12 +1,13 @@
 """Linear layers and matrix products; weights stay in torch's (out, in) layout.
 
-A product whose left operand has one position per row (every dim between the rows and `in` is
-statically 1: a decoder step, one token for each of one or several rows) is a matrix-vector
-product, bound by reading the weight. It runs as whisper-max's own kernel
-(custom.linear_rows), which reads each weight row once for all rows and splits the rows of the
-weight across the workers. On an AMD EPYC (Zen 4, 2 cores) the 80 MB vocabulary product of one
-row takes 2.2-2.5 ms there against 7.7-8.3 ms as MAX's fused broadcast-multiply-sum and 5.4-6 ms
-as MAX's matmul of 5 rows (3.0 ms with the kernel): /tmp measurements recorded in the README.
+A product whose left operand holds one position per row (ir.one_position_per_row: a decoder
+step, one token for each of one or several rows) is a matrix-vector product, bound by reading
+the weight. It runs as our kernel whisper_max.linear_rows (custom.linear_rows), which reads each
+weight row once for all rows and splits the weight's rows across the workers. Measured on an AMD
+EPYC (Zen 4, 2 cores), the 80 MB vocabulary product of one row: 2.2-2.5 ms with the kernel,
+7.7-8.3 ms as MAX's fused broadcast-multiply-sum (the form used before); of 5 rows: 2.8-3.0 ms
+against 5.4-6.0 ms as MAX's matmul. (The decoder blocks of those graphs are fused whole:
+passes.fuse_decoder_layers.)
 
 A weight stored in bfloat16 (passes.store_weights reads it through a cast in such products) is
 read as stored by the same kernel, which widens each element exactly as it loads it: half the

@@ -124,13 +124,8 @@ def _linear[dt: DType, mode: Int, o: MutOrigin](
     parallelize(work, tasks)
 
 
-def _softmax_weighted_sum(
-    dst: UnsafePointer[Float32, MutUntrackedOrigin], s: UnsafePointer[Float32, MutUntrackedOrigin],
-    v: UnsafePointer[Float32, _], n: Int, hd: Int,
-):
-    """dst (hd) = softmax(s[:n]) @ v (n, hd): exp(s - max) / sum, then the weighted sum of the
-    rows of v."""
-    var hd16 = hd - hd % V
+def _softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
+    """s[:n] = softmax(s[:n]) in place: exp(s - max) / sum."""
     var m = s.unsafe_load(0)
     for i in range(1, n):
         m = max(m, s.unsafe_load(i))
@@ -139,15 +134,24 @@ def _softmax_weighted_sum(
         var e = exp(s.unsafe_load(i) - m)
         s.unsafe_store(i, e)
         total += e
+    for i in range(n):
+        s.unsafe_store(i, s.unsafe_load(i) / total)
+
+
+def _weighted_rows(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], p: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], n: Int, hd: Int,
+):
+    """dst (hd) = p[:n] @ v (n, hd): the rows of v weighted by p, summed in row order."""
+    var hd16 = hd - hd % V
     for c in range(hd):
         dst.unsafe_store(c, Float32(0))
     for i in range(n):
-        var p = s.unsafe_load(i) / total
+        var w = p.unsafe_load(i)
         var row = v + i * hd
         for c in range(0, hd16, V):
-            dst.unsafe_store(c, dst.unsafe_load[width=V](c) + p * row.unsafe_load[width=V](c))
+            dst.unsafe_store(c, dst.unsafe_load[width=V](c) + w * row.unsafe_load[width=V](c))
         for c in range(hd16, hd):
-            dst.unsafe_store(c, dst.unsafe_load(c) + p * row.unsafe_load(c))
+            dst.unsafe_store(c, dst.unsafe_load(c) + w * row.unsafe_load(c))
 
 
 def _self_attention(
@@ -165,7 +169,8 @@ def _self_attention(
         var s = scores + t * cap
         for i in range(length):
             s.unsafe_store(i, _dot(kh + i * hd, qh, hd))
-        _softmax_weighted_sum(dst + (r * heads + h) * hd, s, vc + ((r * heads + h) * cap) * hd, length, hd)
+        _softmax(s, length)
+        _weighted_rows(dst + (r * heads + h) * hd, s, vc + ((r * heads + h) * cap) * hd, length, hd)
 
     parallelize(work, rows * heads)
 
@@ -177,29 +182,49 @@ def _cross_attention(
 ):
     """Each row and head attends to the window's keys kt (window_rows, heads, hd, frames), stored
     scaled and transposed, and values v (window_rows, heads, frames, hd); window_rows is 1 (one
-    window shared by every row) or rows."""
+    window shared by every row: beams) or rows. The rows of one window are done together, block
+    of frames by block, so each block of keys and each value row is read from memory once for
+    all of them; every row's sums run in the same order as alone."""
     var tail = frames - frames % V
+    var per_window = 1 if window_rows == rows else rows
 
-    def work(t: Int) {var dst, var q, var kt, var v, var scores, var rows, var window_rows, var heads, var hd, var frames, var tail}:
-        var r = t // heads
+    def work(t: Int) {var dst, var q, var kt, var v, var scores, var per_window, var heads, var hd, var frames, var tail}:
+        var w = t // heads
         var h = t % heads
-        var w = (r if window_rows == rows else 0) * heads + h
-        var qh = q + (r * heads + h) * hd
-        var kh = kt + w * hd * frames
-        var s = scores + t * frames
+        var kh = kt + t * hd * frames
+        var first = w * per_window  # the rows of window w: first ..< first + per_window
         for l in range(0, tail, V):
-            var acc = SIMD[F32, V](0)
-            for c in range(hd):
-                acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load[width=V](l)
-            s.unsafe_store(l, acc)
+            for r in range(first, first + per_window):
+                var qh = q + (r * heads + h) * hd
+                var acc = SIMD[F32, V](0)
+                for c in range(hd):
+                    acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load[width=V](l)
+                (scores + (r * heads + h) * frames).unsafe_store(l, acc)
         for l in range(tail, frames):
-            var acc = Float32(0)
+            for r in range(first, first + per_window):
+                var qh = q + (r * heads + h) * hd
+                var acc = Float32(0)
+                for c in range(hd):
+                    acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load(l)
+                (scores + (r * heads + h) * frames).unsafe_store(l, acc)
+        for r in range(first, first + per_window):
+            _softmax(scores + (r * heads + h) * frames, frames)
+        var vh = v + t * frames * hd
+        var hd16 = hd - hd % V
+        for r in range(first, first + per_window):
             for c in range(hd):
-                acc += qh.unsafe_load(c) * (kh + c * frames).unsafe_load(l)
-            s.unsafe_store(l, acc)
-        _softmax_weighted_sum(dst + (r * heads + h) * hd, s, v + w * frames * hd, frames, hd)
+                (dst + (r * heads + h) * hd).unsafe_store(c, Float32(0))
+        for i in range(frames):
+            var row = vh + i * hd
+            for r in range(first, first + per_window):
+                var p = (scores + (r * heads + h) * frames).unsafe_load(i)
+                var o = dst + (r * heads + h) * hd
+                for c in range(0, hd16, V):
+                    o.unsafe_store(c, o.unsafe_load[width=V](c) + p * row.unsafe_load[width=V](c))
+                for c in range(hd16, hd):
+                    o.unsafe_store(c, o.unsafe_load(c) + p * row.unsafe_load(c))
 
-    parallelize(work, rows * heads)
+    parallelize(work, window_rows * heads)
 
 
 @extensibility.register("whisper_max.decoder_layer")

@@ -40,6 +40,69 @@ ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisp
 SHARED = ROOT.parent / "shared" / "audio"
 
 
+def machine() -> dict:
+    """The CPU this run is on: model, kind (the README keeps one table per kind), cores, the
+    instruction sets that matter here, and its read bandwidth as measured now."""
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    model, vendor = info.get("model name", "unknown CPU"), info.get("vendor_id", "")
+    family, number = int(info.get("cpu family", 0)), int(info.get("model", 0))
+    if vendor == "AuthenticAMD" and family == 0x19 and (0x10 <= number <= 0x1F or 0x60 <= number <= 0x7F or 0xA0 <= number <= 0xAF):
+        kind = "AMD EPYC (Zen 4)"
+    elif vendor == "AuthenticAMD" and family == 0x1A:
+        kind = "AMD EPYC (Zen 5)"
+    elif vendor == "GenuineIntel" and "amx_tile" in flags:
+        kind = "Intel Xeon (AMX)"
+    else:
+        kind = f"{model} (family {family}, model {number})"
+    return {
+        "cpu": model,
+        "kind": kind,
+        "cores": len(os.sched_getaffinity(0)),
+        "isa": sorted(flags & {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
+        "read_gb_s": read_bandwidth(),
+    }
+
+
+def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """GB/s read by two threads summing halves of a 1 GiB float32 array (numpy releases the GIL):
+    the best of `repeats`, so the bandwidth floor it gives is the strictest this run saw."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(mib * 2**20 // 4, np.float32)
+    halves = np.array_split(a, 2)
+    best = float("inf")
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.add.reduce, halves))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def step_bytes(manifest: dict) -> int:
+    """Bytes one single-row decoder step must read: the weights decoder_step binds (one row of
+    the positional table) and the window's cross-attention keys and values; the self-attention
+    caches (under 1 MB on average here) are left out, which makes the floor lower, not higher."""
+    import numpy as np
+
+    size = {"float32": 4, "bfloat16": 2}
+    sig = manifest["graphs"]["decoder_step"]
+    per_window = {o["name"] for o in manifest["graphs"]["cross_kv"]["outputs"]}
+    total = 0
+    for w in sig["weights"]:
+        shape = w["shape"][1:] if w["name"] == "decoder.positional_embedding" else w["shape"]
+        total += int(np.prod(shape)) * size[w["dtype"]]
+    for i in sig["inputs"]:
+        if i["name"] in per_window:
+            total += int(np.prod(i["shape"])) * size[i["dtype"]]
+    return total
+
+
 def dev_set(shared: Path = SHARED) -> list[dict]:
     """The English clips of ../shared/audio with exact references, one encoding of each recording
     (the 7 short dev clips and the long-form file), in the manifest's order."""
@@ -89,6 +152,8 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         model = runtime.load(package)
         out["load_s"] = time.perf_counter() - t
         calls = {"decoder_s": 0.0, "decoder_calls": 0, "encoder_s": 0.0, "windows": 0}
+        graph_s: dict[str, float] = {}
+        steps: dict[str, list[float]] = {"decoder_step": [], "decoder_rows": []}  # one token per row
 
         def timed(fn, seconds: str, count: str):
             def wrapper(*a, **k):
@@ -100,6 +165,17 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
 
             return wrapper
 
+        run = model._run
+
+        def timed_run(graph, inputs):
+            t0 = time.perf_counter()
+            r = run(graph, inputs)
+            graph_s[graph] = graph_s.get(graph, 0.0) + time.perf_counter() - t0
+            if graph in steps:
+                steps[graph].append(time.perf_counter() - t0)
+            return r
+
+        model._run = timed_run
         model.decoder_step = timed(model.decoder_step, "decoder_s", "decoder_calls")
         model.embed_audio = timed(model.embed_audio, "encoder_s", "windows")
         t0 = time.perf_counter()
@@ -121,6 +197,10 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
             "decoder_ms_per_call": 1000 * calls["decoder_s"] / max(calls["decoder_calls"], 1),
             "decoder_s": calls["decoder_s"],
             "tokens": n_tokens,
+            "graph_s": graph_s,
+            "outside_graphs_s": out["wall_s"] - sum(graph_s.values()),
+            **{f"{g}_ms_median": 1000 * statistics.median(v) for g, v in steps.items() if v},
+            **{f"{g}_calls": len(v) for g, v in steps.items()},
         }
     elif engine == "openai-whisper":
         import torch
@@ -169,7 +249,8 @@ def _write_readme(table: str, command: str, block: str = "results", marker: str 
     BEGIN, END = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
     text = README.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise SystemExit(f"{README}: expected one {BEGIN} ... {END} block to replace")
+        raise SystemExit(f"{README}: expected one {BEGIN} ... {END} block to replace (a machine kind measured for "
+                         "the first time: add that pair of lines under its own heading in the Benchmark section)")
     head, rest = text.split(BEGIN)
     tail = rest.split(END)[1]
     block = f"{BEGIN}\nGenerated by `{command}` ({time.strftime('%Y-%m-%d')}).\n\n{table}\n{END}"
@@ -204,6 +285,8 @@ def main() -> None:
         return
 
     engines = args.engines.split(",")
+    host = machine()
+    print(f"machine: {host['cpu']} ({host['kind']}), {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     startups: list[dict] = []
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -245,6 +328,9 @@ def main() -> None:
     files = [Path(p).name for p in args.audio.split(",")]
     what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
     lines = [
+        f"Machine: {host['cpu']} ({host['kind']}), {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth "
+        f"{host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",
+        "",
         f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
@@ -271,8 +357,25 @@ def main() -> None:
             "",
             f"{e} components (last run): log-mel {runs[e][-1]['log_mel_s']:.2f} s, encoder "
             f"{1000 * c['encoder_s_per_window']:.0f} ms/call ({c['windows']} calls, a batch of windows in one), decoder {c['decoder_ms_per_call']:.2f} ms/call "
-            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary[e]['load_s']:.2f} s.",
+            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary[e]['load_s']:.2f} s; "
+            f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s.",
         ]
+        package = args.package_bf16 if e == "whisper-max-bfloat16" else args.package
+        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
+        nbytes = step_bytes(manifest)
+        floor_ms = nbytes / host["read_gb_s"] / 1e6
+        for g, rows in (("decoder_step", "one row"), ("decoder_rows", "rows of one window")):
+            medians = [x["components"][f"{g}_ms_median"] for x in runs[e] if f"{g}_ms_median" in x["components"]]
+            if not medians:
+                continue
+            ms = statistics.median(medians)
+            lines.append(f"{e} {g} ({rows}, one token each): median {ms:.2f} ms ({runs[e][-1]['components'][f'{g}_calls']} calls in the last run); "
+                         f"{ms / floor_ms:.2f}x the bandwidth floor of one row, {floor_ms:.2f} ms ({nbytes / 1e6:.0f} MB of weights and the "
+                         f"window's cross K/V at {host['read_gb_s']:.1f} GB/s).")
+        timings = manifest.get("timings_s", {})
+        lines.append(f"{e} package: converted by whisper-max {manifest['converter']['whisper_max']} in "
+                     f"{sum(timings.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
+                     "the compile times depend on MAX's cache being cold or warm).")
     if startups:
         st = summary["whisper-run start-up"]
         lines += [
@@ -284,9 +387,9 @@ def main() -> None:
     print(table)
     if args.readme:
         block = "corpus results" if args.corpus else "results" if args.beam_size is None else "beam results"
-        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), block)
+        _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), f"{block}: {host['kind']}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
+        Path(args.out).write_text(json.dumps({"machine": host, "summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def _logsumexp(x: np.ndarray) -> float:
     return float(m + np.log(np.sum(np.exp(x - m)))) if np.isfinite(m) else float(m)
 
 
-# --- logit filters: each masks logits (n_batch, n_vocab) in place given the tokens so far ---
+# --- logit filters: each masks logits (n_batch, n_vocab) in place given the tokens so far, and
+# returns the log-softmax of the logits as it leaves them when it has it (else None) ---
 
 
 class SuppressBlank:
@@ -119,7 +120,7 @@ class ApplyTimestampRules:
         self.sample_begin = sample_begin
         self.max_initial_timestamp_index = max_initial_timestamp_index
 
-    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         tb, eot = self.tk.timestamp_begin, self.tk.eot
         logits[:, self.tk.no_timestamps] = -np.inf
         for k in range(tokens.shape[0]):
@@ -141,9 +142,11 @@ class ApplyTimestampRules:
             if self.max_initial_timestamp_index is not None:
                 logits[:, tb + self.max_initial_timestamp_index + 1 :] = -np.inf
         logprobs = log_softmax(logits)
-        for k in range(tokens.shape[0]):
-            if _logsumexp(logprobs[k, tb:]) > logprobs[k, :tb].max():
-                logits[k, :tb] = -np.inf
+        forced = [k for k in range(tokens.shape[0]) if _logsumexp(logprobs[k, tb:]) > logprobs[k, :tb].max()]
+        if forced:
+            logits[forced, :tb] = -np.inf
+            logprobs[forced] = log_softmax(logits[forced])  # the same per-row sums as over all rows
+        return logprobs
 
 
 # --- token selection ---
@@ -156,13 +159,15 @@ class GreedyDecoder:
     def reset(self) -> None:
         pass
 
-    def update(self, tokens, logits, sum_logprobs):
+    def update(self, tokens, logits, sum_logprobs, logprobs=None):
+        """`logprobs`: log_softmax(logits), when the caller has it."""
         if self.temperature == 0:
             next_tokens = logits.argmax(axis=-1)
         else:
             p = np.exp(log_softmax(logits / self.temperature).astype(np.float64))
             next_tokens = np.array([self.rng.choice(len(row), p=row / row.sum()) for row in p])
-        logprobs = log_softmax(logits)
+        if logprobs is None:
+            logprobs = log_softmax(logits)
         current = logprobs[np.arange(len(next_tokens)), next_tokens]
         live = tokens[:, -1] != self.eot
         sum_logprobs += current * live
@@ -187,13 +192,15 @@ class BeamSearchDecoder:
     def reset(self) -> None:
         self.finished = None
 
-    def update(self, tokens, logits, sum_logprobs):
+    def update(self, tokens, logits, sum_logprobs, logprobs=None):
+        """`logprobs`: log_softmax(logits), when the caller has it."""
         if tokens.shape[0] % self.beam_size:
             raise ValueError(f"{tokens.shape[0]} sequences is not a multiple of beam_size {self.beam_size}")
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
-        logprobs = log_softmax(logits)
+        if logprobs is None:
+            logprobs = log_softmax(logits)
         best = top_k_rows(logprobs, self.beam_size + 1)
         width = tokens.shape[1]
         kept, sources, newly_finished = [], [], []  # kept: (source row, token) of each next row
@@ -368,9 +375,10 @@ class DecodingTask:
                 logits = everyone
             else:
                 logits = logits.copy()
+            logprobs = None  # what the last filter leaves, if it has it
             for f in self.filters:
-                f.apply(logits, tokens)
-            tokens, completed, sources = self.decoder.update(tokens, logits, sum_logprobs)
+                logprobs = f.apply(logits, tokens)
+            tokens, completed, sources = self.decoder.update(tokens, logits, sum_logprobs, logprobs)
             if sources is not None:
                 cache = self.model.select(cache, sources)
             if completed or tokens.shape[-1] > self.n_ctx:

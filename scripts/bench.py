@@ -281,12 +281,13 @@ def main() -> None:
         names.insert(names.index("whisper-max") + 1 if "whisper-max" in names else 0, "whisper-max-bfloat16")
         args.engines = ",".join(names)
     if args.child:
-        print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio, args.beam_size)))
+        if args.child == "machine":
+            print(json.dumps(machine()))
+        else:
+            print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio, args.beam_size)))
         return
 
     engines = args.engines.split(",")
-    host = machine()
-    print(f"machine: {host['cpu']} ({host['kind']}), {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     startups: list[dict] = []
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -303,6 +304,10 @@ def main() -> None:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    # in a child: the 1 GiB it reads would otherwise count in every later child's peak RSS (Linux
+    # keeps ru_maxrss across exec)
+    host = child("machine")
+    print(f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
             runs[e].append(child(e))
@@ -328,7 +333,7 @@ def main() -> None:
     files = [Path(p).name for p in args.audio.split(",")]
     what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
     lines = [
-        f"Machine: {host['cpu']} ({host['kind']}), {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth "
+        f"Machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth "
         f"{host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",
         "",
         f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "

@@ -103,3 +103,27 @@ def test_beam_top_k_is_a_stable_argsort():
         before = x.copy()
         np.testing.assert_array_equal(top_k_rows(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
         np.testing.assert_array_equal(x, before)  # the input is left as it was
+
+
+def test_timestamp_rules_return_the_log_softmax_of_what_they_leave():
+    """Decoding reuses the log-softmax the timestamp rules compute instead of computing it again:
+    it must be, bit for bit, log_softmax of the logits as the rules leave them, rows whose text
+    the rules suppress included (those are recomputed alone: the same per-row sums)."""
+    from runtime.decoding import ApplyTimestampRules, log_softmax
+
+    class Tk:  # the rules read these four ids only
+        timestamp_begin, eot, no_timestamps = 50, 40, 45
+
+    rng = np.random.default_rng(0)
+    rules = ApplyTimestampRules(Tk(), sample_begin=2, max_initial_timestamp_index=3)
+    forced = 0
+    for t in range(300):
+        rows = int(rng.integers(1, 6))
+        logits = rng.standard_normal((rows, 80)).astype(np.float32) * 3
+        logits[:, 50:] += rng.uniform(-4, 4, (rows, 1)).astype(np.float32)  # sometimes timestamps outweigh text
+        tokens = np.concatenate([np.zeros((rows, 2), np.int64), rng.integers(0, 80, (rows, int(rng.integers(0, 4))))], axis=1)
+        before = logits.copy()
+        got = rules.apply(logits, tokens)
+        np.testing.assert_array_equal(got, log_softmax(logits))
+        forced += int(np.sum(np.isneginf(logits[:, :50]).all(axis=1) & ~np.isneginf(before[:, :50]).all(axis=1)))
+    assert forced > 20  # the recomputed rows were exercised

@@ -19,7 +19,7 @@ from max.dtype import DType
 from max.graph import TensorType, ops
 
 from .. import ir
-from . import register
+from . import LoweringError, register
 
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
 LINEAR_ROWS = "whisper_max.linear_rows"
@@ -36,12 +36,14 @@ def kernel_library() -> Path:
     out = out_dir / digest / "whisper_max_kernels.mojoc"  # the file's stem is the module's name
     if out.is_file():
         return out
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{digest}.", dir=out_dir.mkdir(parents=True, exist_ok=True) or out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{digest}.", dir=out_dir))  # built aside, then renamed
     tmp = tmp_dir / out.name
     proc = subprocess_run_mojo(["precompile", str(KERNELS), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise RuntimeError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); "
+                            f"is the mojo-compiler wheel that max installs present?\n{proc.stderr[-3000:]}")
     try:
         tmp_dir.rename(out.parent)  # atomic; another process may have won the race
     except OSError:

@@ -25,10 +25,6 @@ from . import register
 from .custom import linear_rows
 
 
-def _one_position(ctx, name: str) -> bool:
-    return ir.one_position_per_row(ctx.graph, name)
-
-
 def _weight(ctx, name: str):
     """The weight the IR value `name` is, as MAX binds it: the stored bfloat16 weight when
     `name` widens one (a cast), else the weight itself; None if `name` is not a weight."""
@@ -50,7 +46,7 @@ def stored_weight(ctx, name: str):
 @register("aten.linear.default")
 def linear(ctx, node, x, weight, bias):
     w = _weight(ctx, node.inputs[1])
-    if w is not None and _one_position(ctx, node.inputs[0]):
+    if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
         return linear_rows(ctx, x, w, bias)
     y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
     return y if bias is None else y + bias
@@ -58,7 +54,8 @@ def linear(ctx, node, x, weight, bias):
 
 def _rows_share_b(a, b) -> bool:
     """a (rows, heads, 1, k) against b (1, heads, k, n): one position per row, every row against
-    the same b (decoder_rows' cross attention on the window's shared K/V)."""
+    the same b (the cross attention of an unfused decoder_rows on the window's shared K/V: the IR
+    of packages converted before fuse_decoder_layers, which `rebuild` recompiles)."""
     return a.rank == 4 and b.rank == 4 and str(b.shape[0]) == "1" and str(a.shape[2]) == "1" and str(a.shape[0]) != "1"
 
 
@@ -74,7 +71,7 @@ def matmul(ctx, node, a, b):
     # x @ W.T with W an (out, in) weight (the tied vocabulary projection): a matrix-vector product
     src = ctx.producer(node.inputs[1])
     w = _weight(ctx, src.inputs[0]) if src is not None and src.op == "aten.transpose.int" and b.rank == 2 else None
-    if w is not None and _one_position(ctx, node.inputs[0]):
+    if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
         return linear_rows(ctx, a, w)
     if _rows_share_b(a, b):
         return rows_as_m(a, b)

@@ -91,10 +91,44 @@ def _dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _
     return s
 
 
+def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> SIMD[F32, 4]:
+    """sum(a[:k] * x[i * k : i * k + k]) for four consecutive rows i of x: each 16-wide block of a
+    is loaded and widened once for the four (a beam step's rows share every weight row)."""
+    var k16 = k - k % V
+    var a0 = SIMD[F32, V](0)
+    var a1 = SIMD[F32, V](0)
+    var a2 = SIMD[F32, V](0)
+    var a3 = SIMD[F32, V](0)
+    for c in range(0, k16, V):
+        var wv = a.unsafe_load[width=V](c).cast[F32]()
+        a0 += wv * x.unsafe_load[width=V](c)
+        a1 += wv * (x + k).unsafe_load[width=V](c)
+        a2 += wv * (x + 2 * k).unsafe_load[width=V](c)
+        a3 += wv * (x + 3 * k).unsafe_load[width=V](c)
+    var s = SIMD[F32, 4](a0.reduce_add(), a1.reduce_add(), a2.reduce_add(), a3.reduce_add())
+    for c in range(k16, k):
+        var wc = a.unsafe_load(c).cast[F32]()
+        s += SIMD[F32, 4](wc * x.unsafe_load(c), wc * (x + k).unsafe_load(c), wc * (x + 2 * k).unsafe_load(c), wc * (x + 3 * k).unsafe_load(c))
+    return s
+
+
 comptime PLAIN = 0  # y = x @ w^T + b
 comptime SCALED = 1  # y = (x @ w^T + b) * scale
 comptime GELU = 2  # y = gelu(x @ w^T + b), exact (erf)
 comptime RESIDUAL = 3  # y = res + (x @ w^T + b)
+
+
+@always_inline
+def _store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], r: Int, j: Int, n: Int, sum: Float32, scale: Float32):
+    """y[r, j] = the epilogue `mode` of sum (x @ w^T + b at row r, column j)."""
+    var s = sum
+    comptime if mode == SCALED:
+        s = s * scale
+    elif mode == GELU:
+        s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
+    elif mode == RESIDUAL:
+        s = res.unsafe_load(r * n + j) + s
+    y.unsafe_store(r * n + j, s)
 
 
 def _linear[dt: DType, mode: Int, o: MutOrigin](
@@ -111,15 +145,13 @@ def _linear[dt: DType, mode: Int, o: MutOrigin](
         for j in range(t * chunk, min(n, (t + 1) * chunk)):
             var row = w + j * k
             var bias = b.unsafe_load(j) if has_bias else Float32(0)
-            for r in range(rows):
-                var s = _dot(row, x + r * k, k) + bias
-                comptime if mode == SCALED:
-                    s = s * scale
-                elif mode == GELU:
-                    s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
-                elif mode == RESIDUAL:
-                    s = res.unsafe_load(r * n + j) + s
-                y.unsafe_store(r * n + j, s)
+            var r4 = rows - rows % 4
+            for r0 in range(0, r4, 4):
+                var s4 = _dot4(row, x + r0 * k, k)
+                for i in range(4):
+                    _store[mode](y, res, r0 + i, j, n, s4[i] + bias, scale)
+            for r in range(r4, rows):
+                _store[mode](y, res, r, j, n, _dot(row, x + r * k, k) + bias, scale)
 
     parallelize(work, tasks)
 

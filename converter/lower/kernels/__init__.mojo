@@ -313,7 +313,7 @@ struct DecoderLayer:
 
     as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
     products, keys stored scaled; exact GELU; float32 throughout. Weight matrices are float32
-    or bfloat16 (widened exactly as they are read). One kernel instead of ~30 graph ops: the
+    or bfloat16 (widened exactly as they are read). One kernel instead of ~40 graph ops: the
     step is bound by reading weights, and each of those ops paid a launch."""
 
     @staticmethod

@@ -131,6 +131,21 @@ def _store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePoi
     y.unsafe_store(r * n + j, s)
 
 
+def _weight_row[dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], row: UnsafePointer[Scalar[dt], _], bias: Float32,
+    res: UnsafePointer[Float32, _], scale: Float32, rows: Int, j: Int, n: Int, k: Int,
+):
+    """Column j of y (rows, n): weight row `row` (k) times every row of x (rows, k), plus bias,
+    through the epilogue `mode`; four rows per pass over the weight row, then one at a time."""
+    var r4 = rows - rows % 4
+    for r0 in range(0, r4, 4):
+        var s4 = _dot4(row, x + r0 * k, k)
+        for i in range(4):
+            _store[mode](y, res, r0 + i, j, n, s4[i] + bias, scale)
+    for r in range(r4, rows):
+        _store[mode](y, res, r, j, n, _dot(row, x + r * k, k) + bias, scale)
+
+
 def _linear[dt: DType, mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
@@ -143,15 +158,7 @@ def _linear[dt: DType, mode: Int, o: MutOrigin](
 
     def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var chunk}:
         for j in range(t * chunk, min(n, (t + 1) * chunk)):
-            var row = w + j * k
-            var bias = b.unsafe_load(j) if has_bias else Float32(0)
-            var r4 = rows - rows % 4
-            for r0 in range(0, r4, 4):
-                var s4 = _dot4(row, x + r0 * k, k)
-                for i in range(4):
-                    _store[mode](y, res, r0 + i, j, n, s4[i] + bias, scale)
-            for r in range(r4, rows):
-                _store[mode](y, res, r, j, n, _dot(row, x + r * k, k) + bias, scale)
+            _weight_row[dt, mode](y, x, w + j * k, b.unsafe_load(j) if has_bias else Float32(0), res, scale, rows, j, n, k)
 
     parallelize(work, tasks)
 
@@ -172,14 +179,13 @@ def _qkv[dq: DType, dk: DType, dv: DType](
         for jj in range(t * chunk, min(n, (t + 1) * chunk)):
             var which = jj // d
             var j = jj % d
-            for r in range(rows):
-                var dst = qkv + (which * rows + r) * d + j
-                if which == 0:
-                    dst.unsafe_store(0, (_dot(wq + j * d, x + r * d, d) + bq.unsafe_load(j)) * scale)
-                elif which == 1:
-                    dst.unsafe_store(0, _dot(wk + j * d, x + r * d, d) * scale)
-                else:
-                    dst.unsafe_store(0, _dot(wv + j * d, x + r * d, d) + bv.unsafe_load(j))
+            var dst = qkv + which * rows * d  # q, k or v (rows, d); bq stands in for the unused residual
+            if which == 0:
+                _weight_row[dq, SCALED](dst, x, wq + j * d, bq.unsafe_load(j), bq, scale, rows, j, d, d)
+            elif which == 1:
+                _weight_row[dk, SCALED](dst, x, wk + j * d, Float32(0), bq, scale, rows, j, d, d)
+            else:
+                _weight_row[dv, PLAIN](dst, x, wv + j * d, bv.unsafe_load(j), bq, scale, rows, j, d, d)
 
     parallelize(work, tasks)
 

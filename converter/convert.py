@@ -246,13 +246,18 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
         raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
     weights = pkg.weights()
     pkg.check_weights(weights)
+    # graphs later converters add that need no source model (a package made before them gets them)
+    program = passes.token_selection(program)
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t
     files = {n: pkg.read(n) for n in pkg.names()}
     files["model.mef"] = mef
+    files["ir.txt"] = ir.format_program(program).encode()
+    files.update(onnx_io.to_onnx_files(program))
     old = pkg.manifest
     manifest = {k: v for k, v in old.items() if k not in ("files", "format", "format_version")}
+    manifest["graphs"] = {g.name: graph_signature(g) for g in program.graphs}
     manifest.update(
         max_version=package.max_version(),
         target_cpu=package.cpu_target(),

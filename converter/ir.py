@@ -43,6 +43,13 @@ CAST = f"{OWN_DOMAIN}.cast"
 # decoder for rows of one position each (passes.fuse_decoder_layers documents the operands);
 # writes the new token's key and value into the two caches at `position` along `axis`.
 DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
+# `select_tokens(logits, rules, suppress, sampling, slots)`: the next-token choice of each row of
+# logits (rows, n_vocab) after openai-whisper's logit filters -> (rows, k, 2) float32 (token,
+# log-probability) pairs, k the length of `slots` (its values are not read). The kernel
+# whisper_max.select_tokens documents the operands; passes.token_selection makes its graph.
+SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
+# the width of select_tokens' `rules`: four banned token ranges [lo, hi), then timestamp_begin
+SELECT_RULES = 9
 # op -> (the operands it writes in place, the operand holding the position it writes at)
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 

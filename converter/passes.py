@@ -488,7 +488,34 @@ def optimise(p: ir.Program, fuse: bool = True) -> ir.Program:
     if fuse:
         for g in ("decoder_step", "decoder_rows"):
             p = fuse_decoder_layers(p, g)
-    return p
+    return token_selection(p)
+
+
+SELECT = "select"
+
+
+def token_selection(p: ir.Program) -> ir.Program:
+    """Add the graph `select`: the next-token choice after a decoder call (ir.SELECT_TOKENS),
+    so that a decoding step hands back a few (token, log-probability) pairs per row, not the
+    logits. Inputs: logits (batch, n_vocab), rules (batch, 9) int32, suppress (n_suppress,)
+    int32, sampling (batch, 2) float32 and slots (k,) int32; output choice (batch, k, 2).
+    A program that has it already is returned as it is."""
+    if any(g.name == SELECT for g in p.graphs):
+        return p
+    n_vocab = p.dims["n_vocab"]
+    f32, i32 = "float32", "int32"
+    inputs = (
+        ir.Value("logits", ir.TensorType(f32, ("batch", n_vocab))),
+        ir.Value("rules", ir.TensorType(i32, ("batch", ir.SELECT_RULES))),
+        ir.Value("suppress", ir.TensorType(i32, ("n_suppress",))),
+        ir.Value("sampling", ir.TensorType(f32, ("batch", 2))),
+        ir.Value("slots", ir.TensorType(i32, ("k",))),
+    )
+    node = ir.Node("choice", ir.SELECT_TOKENS, tuple(v.name for v in inputs), (), ir.TensorType(f32, ("batch", "k", 2)), SELECT)
+    dims = (ir.SymDim("batch", 1, None), ir.SymDim("n_suppress", 0, n_vocab), ir.SymDim("k", 1, n_vocab))
+    g = ir.Graph(SELECT, inputs, (), (), (node,), (("choice", "choice"),), dims)
+    g.validate()
+    return ir.Program(p.graphs + (g,), p.dims)
 
 
 def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:

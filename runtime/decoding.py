@@ -56,27 +56,6 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data))
 
 
-def top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
-    """Per row of x (rows, n), the indices of the k largest values, largest first, ties to the
-    lower index: what a stable argsort of -x gives. k passes of argmax over a copy, each taking
-    out what it found (np.partition of a 52k row took ~1.1 ms on an AMD EPYC Zen 4, five per
-    beam step); a row that runs out of finite values (or holds a NaN) is sorted instead."""
-    n = x.shape[-1]
-    if k >= n:
-        return np.argsort(-x, axis=-1, kind="stable")
-    work = np.array(x, dtype=np.float32)
-    rows = np.arange(work.shape[0])
-    out = np.empty((work.shape[0], k), np.int64)
-    exhausted = np.zeros(work.shape[0], bool)
-    for j in range(k):
-        out[:, j] = idx = np.argmax(work, axis=-1)
-        exhausted |= np.isneginf(work[rows, idx])  # only -inf (or values taken) left
-        work[rows, idx] = -np.inf
-    for r in np.flatnonzero(exhausted | np.isnan(x).any(axis=-1)):
-        out[r] = np.argsort(-x[r], kind="stable")[:k]
-    return out
-
-
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     m = np.max(x, axis=-1, keepdims=True)
@@ -84,93 +63,98 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def _logsumexp(x: np.ndarray) -> float:
-    m = np.max(x)
-    return float(m + np.log(np.sum(np.exp(x - m)))) if np.isfinite(m) else float(m)
+# --- the logit filters, as the package's select graph applies them ---
+
+_END = np.iinfo(np.int32).max  # a range's end past the last token
 
 
-# --- logit filters: each masks logits (n_batch, n_vocab) in place given the tokens so far, and
-# returns the log-softmax of the logits as it leaves them when it has it (else None) ---
+class TokenRules:
+    """openai-whisper's logit filters (SuppressBlank, SuppressTokens, ApplyTimestampRules) as
+    the select graph takes them (kernel whisper_max.select_tokens): one list of tokens every row
+    suppresses, and per row (`rows`) the token ranges its tokens so far ban, plus the switch of
+    the rule that bans text when the timestamps together outweigh it. The filters only set
+    logits to -inf before that last rule, so their order does not matter until it."""
 
+    RANGES = 4  # ranges per row the graph takes
+    WIDTH = 2 * RANGES + 1  # (lo, hi) * RANGES, timestamp_begin (0: no timestamp rules)
 
-class SuppressBlank:
-    def __init__(self, tokenizer: Tokenizer, sample_begin: int):
-        self.ids = tokenizer.encode(" ") + [tokenizer.eot]
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, suppress_blank: bool, suppress_tokens: Sequence[int],
+                 timestamps: bool, max_initial_timestamp_index: int | None):
         self.sample_begin = sample_begin
+        self.eot = tokenizer.eot
+        self.blank = tokenizer.encode(" ") + [tokenizer.eot] if suppress_blank else []
+        self.tb = tokenizer.timestamp_begin if timestamps else 0
+        self.max_initial = max_initial_timestamp_index
+        ids = set(suppress_tokens) | ({tokenizer.no_timestamps} if timestamps else set())
+        self.suppress = np.array(sorted(ids), np.int32)
 
-    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
-        if tokens.shape[1] == self.sample_begin:
-            logits[:, self.ids] = -np.inf
-
-
-class SuppressTokens:
-    def __init__(self, ids: Sequence[int]):
-        self.ids = list(ids)
-
-    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
-        logits[:, self.ids] = -np.inf
-
-
-class ApplyTimestampRules:
-    """Timestamps come in pairs and never decrease; the first token is a timestamp (at most
-    max_initial_timestamp); a timestamp is forced when timestamps together outweigh any text token."""
-
-    def __init__(self, tokenizer: Tokenizer, sample_begin: int, max_initial_timestamp_index: int | None):
-        self.tk = tokenizer
-        self.sample_begin = sample_begin
-        self.max_initial_timestamp_index = max_initial_timestamp_index
-
-    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        tb, eot = self.tk.timestamp_begin, self.tk.eot
-        logits[:, self.tk.no_timestamps] = -np.inf
-        for k in range(tokens.shape[0]):
-            sampled = tokens[k, self.sample_begin :]
-            last_ts = len(sampled) >= 1 and sampled[-1] >= tb
-            penultimate_ts = len(sampled) < 2 or sampled[-2] >= tb
-            if last_ts:
-                if penultimate_ts:
-                    logits[k, tb:] = -np.inf  # a pair just closed: text (or eot) next
+    def rows(self, tokens: np.ndarray) -> np.ndarray:
+        """(rows, WIDTH) int32 for the rows of `tokens` (rows, positions so far)."""
+        n, width = tokens.shape
+        out = np.zeros((n, self.WIDTH), np.int32)
+        first = width == self.sample_begin
+        tb = self.tb
+        for k in range(n):
+            ranges = [(t, t + 1) for t in self.blank] if first else []
+            if tb:
+                sampled = tokens[k, self.sample_begin :]
+                last_ts = len(sampled) >= 1 and sampled[-1] >= tb
+                penultimate_ts = len(sampled) < 2 or sampled[-2] >= tb
+                if last_ts:
+                    # timestamps come in pairs: after a closed pair text (or eot), after an open one a timestamp or eot
+                    ranges.append((tb, _END) if penultimate_ts else (0, self.eot))
+                stamps = sampled[sampled >= tb]
+                if stamps.size:
+                    # non-decreasing; a segment must have nonzero length
+                    last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
+                    ranges.append((tb, int(last)))
+                if first:  # a timestamp first, at most max_initial_timestamp
+                    ranges.append((0, tb))
+                    if self.max_initial is not None:
+                        ranges.append((tb + self.max_initial + 1, _END))
+                out[k, -1] = tb
+            merged: list[list[int]] = []
+            for lo, hi in sorted(r for r in ranges if r[0] < r[1]):
+                if merged and lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
                 else:
-                    logits[k, :eot] = -np.inf  # an opened pair: a timestamp or eot next
-            stamps = sampled[sampled >= tb]
-            if stamps.size:
-                # non-decreasing; a segment must have nonzero length
-                last = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
-                logits[k, tb:last] = -np.inf
-        if tokens.shape[1] == self.sample_begin:
-            logits[:, :tb] = -np.inf
-            if self.max_initial_timestamp_index is not None:
-                logits[:, tb + self.max_initial_timestamp_index + 1 :] = -np.inf
-        logprobs = log_softmax(logits)
-        forced = [k for k in range(tokens.shape[0]) if _logsumexp(logprobs[k, tb:]) > logprobs[k, :tb].max()]
-        if forced:
-            logits[forced, :tb] = -np.inf
-            logprobs[forced] = log_softmax(logits[forced])  # the same per-row sums as over all rows
-        return logprobs
+                    merged.append([lo, hi])
+            if len(merged) > self.RANGES:
+                raise ValueError(f"{len(merged)} banned token ranges in one row; the select graph takes {self.RANGES}")
+            out[k, : 2 * len(merged)] = np.array(merged, np.int32).reshape(-1) if merged else ()
+        return out
 
 
-# --- token selection ---
+# --- token selection: each decoder takes the select graph's choice, (rows, k, 2) (token,
+# log-probability) pairs, best first ---
+
+
+def _check(choice: np.ndarray) -> np.ndarray:
+    if np.isnan(choice[:, 0, 1]).any():
+        raise FloatingPointError("the decoder's logits hold NaN (no token can be chosen): the package's graphs computed NaN; check its parity report")
+    return choice
 
 
 class GreedyDecoder:
     def __init__(self, temperature: float, eot: int, rng: np.random.Generator):
         self.temperature, self.eot, self.rng = temperature, eot, rng
+        self.slots = 1
 
     def reset(self) -> None:
         pass
 
-    def update(self, tokens, logits, sum_logprobs, logprobs=None):
-        """`logprobs`: log_softmax(logits), when the caller has it."""
-        if self.temperature == 0:
-            next_tokens = logits.argmax(axis=-1)
-        else:
-            p = np.exp(log_softmax(logits / self.temperature).astype(np.float64))
-            next_tokens = np.array([self.rng.choice(len(row), p=row / row.sum()) for row in p])
-        if logprobs is None:
-            logprobs = log_softmax(logits)
-        current = logprobs[np.arange(len(next_tokens)), next_tokens]
+    def sampling(self, rows: int) -> np.ndarray:
+        """(temperature, u) per row: the argmax at temperature 0, else a sample drawn with u."""
+        out = np.zeros((rows, 2), np.float32)
+        if self.temperature > 0:
+            out[:, 0] = self.temperature
+            out[:, 1] = self.rng.random(rows)
+        return out
+
+    def update(self, tokens, choice, sum_logprobs):
+        next_tokens = choice[:, 0, 0].astype(np.int64)
         live = tokens[:, -1] != self.eot
-        sum_logprobs += current * live
+        sum_logprobs += np.where(live, choice[:, 0, 1], np.float32(0))
         next_tokens[~live] = self.eot
         tokens = np.concatenate([tokens, next_tokens[:, None]], axis=-1)
         return tokens, bool((tokens[:, -1] == self.eot).all()), None
@@ -188,20 +172,24 @@ class BeamSearchDecoder:
         if self.max_candidates <= 0:
             raise ValueError(f"invalid beam size ({beam_size}) or patience ({patience})")
         self.finished: list[dict] | None = None
+        self.slots = beam_size + 1
 
     def reset(self) -> None:
         self.finished = None
 
-    def update(self, tokens, logits, sum_logprobs, logprobs=None):
-        """`logprobs`: log_softmax(logits), when the caller has it."""
+    def sampling(self, rows: int) -> np.ndarray:
+        return np.zeros((rows, 2), np.float32)
+
+    def update(self, tokens, choice, sum_logprobs):
+        """`choice`: each row's beam_size + 1 best (token, log-probability); `sum_logprobs`
+        float32, as openai-whisper's sums are."""
         if tokens.shape[0] % self.beam_size:
             raise ValueError(f"{tokens.shape[0]} sequences is not a multiple of beam_size {self.beam_size}")
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
-        if logprobs is None:
-            logprobs = log_softmax(logits)
-        best = top_k_rows(logprobs, self.beam_size + 1)
+        best = choice[:, :, 0].astype(np.int64).tolist()
+        lps = choice[:, :, 1]
         width = tokens.shape[1]
         kept, sources, newly_finished = [], [], []  # kept: (source row, token) of each next row
         for i in range(n_audio):
@@ -213,10 +201,10 @@ class BeamSearchDecoder:
             prefix = {idx: first.setdefault(tokens[idx].tobytes(), idx) for idx in rows}
             scores, source, finished = {}, {}, {}
             for idx in rows:
-                row = logprobs[idx]
-                for token in best[idx].tolist():
+                new = sum_logprobs[idx] + lps[idx]  # float32 sums, as openai-whisper's
+                for j, token in enumerate(best[idx]):
                     key = (prefix[idx], token)
-                    scores[key] = float(sum_logprobs[idx] + row[token])
+                    scores[key] = float(new[j])
                     source[key] = idx
             saved = 0
             for key in sorted(scores, key=scores.get, reverse=True):
@@ -302,15 +290,11 @@ class DecodingTask:
             self.decoder = BeamSearchDecoder(options.beam_size, self.tokenizer.eot, options.patience)
         else:
             self.decoder = GreedyDecoder(options.temperature, self.tokenizer.eot, rng)
-        self.filters: list = []
-        if options.suppress_blank:
-            self.filters.append(SuppressBlank(self.tokenizer, self.sample_begin))
-        if options.suppress_tokens:
-            self.filters.append(SuppressTokens(self._suppress_tokens()))
-        if not options.without_timestamps:
-            precision = CHUNK_LENGTH / model.dims["n_audio_ctx"]  # 0.02 s per audio position
-            max_index = None if options.max_initial_timestamp is None else round(options.max_initial_timestamp / precision)
-            self.filters.append(ApplyTimestampRules(self.tokenizer, self.sample_begin, max_index))
+        precision = CHUNK_LENGTH / model.dims["n_audio_ctx"]  # 0.02 s per audio position
+        max_index = None if options.max_initial_timestamp is None else round(options.max_initial_timestamp / precision)
+        self.rules = TokenRules(self.tokenizer, self.sample_begin, options.suppress_blank,
+                                self._suppress_tokens() if options.suppress_tokens else (),
+                                not options.without_timestamps, max_index)
 
     @staticmethod
     def _verify(o: DecodingOptions) -> DecodingOptions:
@@ -347,11 +331,17 @@ class DecodingTask:
         s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
         return tuple(sorted(set(s)))
 
+    def _choose(self, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The select graph's choice for `logits` (rows, n_vocab) of rows holding `tokens`."""
+        rows = tokens.shape[0]
+        choice = self.model.select_tokens(logits, self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(rows), self.decoder.slots)
+        return _check(choice)
+
     def _main_loop(self, cross: dict, tokens: np.ndarray, shared: bool = False):
         """`shared`: every row decodes the one window whose values `cross` holds once (all rows
         start from the same prompt, so that is computed once, for the first row)."""
         n = tokens.shape[0]
-        sum_logprobs = np.zeros(n, np.float64)
+        sum_logprobs = np.zeros(n, np.float32)
         prompt = tokens[:1] if shared else tokens
         cache = self.model.empty_cache(len(prompt))
         # first call in two parts, so the logits at <|startoftranscript|> are a last position
@@ -360,25 +350,22 @@ class DecodingTask:
         logits = logits_sot
         if split < tokens.shape[1]:
             logits, cache = self.model.decoder_step(prompt[:, split:], cache, cross)
-        if shared:
-            logits_sot, logits = np.repeat(logits_sot, n, axis=0), np.repeat(logits, n, axis=0)
-            cache = self.model.share_rows(cache, n)
         no_speech = np.exp(log_softmax(logits_sot))[:, self.tokenizer.no_speech].astype(float).tolist()
+        if shared:
+            no_speech, logits = no_speech * n, np.repeat(logits, n, axis=0)  # each row chooses (samples) its own
+            cache = self.model.share_rows(cache, n)
+        choice = self._choose(logits, tokens)
         # greedy rows that have ended stop running once a quarter of those running have: the
-        # decoder then computes only `rows` (their logits are what an ended row ignores anyway)
+        # decoder then computes only `rows` (an ended row's next token is eot whatever it computes)
         shrink = isinstance(self.decoder, GreedyDecoder) and self.decoder.temperature == 0 and n > 1
         rows = np.arange(n)
         for _ in range(self.sample_len):
             if len(rows) < n:
-                everyone = np.zeros((n, logits.shape[-1]), logits.dtype)
-                everyone[rows] = logits
-                logits = everyone
-            else:
-                logits = logits.copy()
-            logprobs = None  # what the last filter leaves, if it has it
-            for f in self.filters:
-                logprobs = f.apply(logits, tokens)
-            tokens, completed, sources = self.decoder.update(tokens, logits, sum_logprobs, logprobs)
+                everyone = np.zeros((n, *choice.shape[1:]), np.float32)
+                everyone[:, :, 0] = self.tokenizer.eot
+                everyone[rows] = choice
+                choice = everyone
+            tokens, completed, sources = self.decoder.update(tokens, choice, sum_logprobs)
             if sources is not None:
                 cache = self.model.select(cache, sources)
             if completed or tokens.shape[-1] > self.n_ctx:
@@ -389,6 +376,7 @@ class DecodingTask:
                     keep = np.searchsorted(rows, running)  # where the running rows are held now
                     cache, cross, rows = self.model.select(cache, keep), self.model.select(cross, keep), running
             logits, cache = self.model.decoder_step(tokens[rows, -1:], cache, cross)
+            choice = self._choose(logits, tokens[rows])
         return tokens, sum_logprobs, no_speech
 
     def run(self, mel: np.ndarray) -> list[DecodingResult]:

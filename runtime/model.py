@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .audio import N_FRAMES, log_mel_spectrogram
-from .package import Package
+from .package import Package, PackageError
 from .tokenizer import Tokenizer
 
 
@@ -142,6 +142,9 @@ class WhisperModel:
         self.is_multilingual: bool = m["model"]["multilingual"]
         self.alignment_heads = m["model"]["alignment_heads"]
         self._sig = m["graphs"]
+        if "select" not in self._sig:
+            raise PackageError(f"{pkg.path} has no select graph (made by an older whisper-convert); "
+                               f"`whisper-convert --rebuild {pkg.path}` adds it")
         with ThreadPoolExecutor(2) as pool:
             # weights.bin (most of the bytes) and the tokenizer are made in the background while
             # this thread reads and initialises the compiled graphs; file reads, CRC and MAX's
@@ -151,6 +154,7 @@ class WhisperModel:
             self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
             self._models = pkg.load_models(weights=weights)
             self.tokenizer = tokenizer.result()
+        self._slots: dict[int, np.ndarray] = {}
         self._decoder_inputs = {i["name"] for i in self._sig["decoder"]["inputs"]}
         # the in-place graphs' caches (a package may have neither: then all calls are general)
         self._steps = {g: state_specs(self._sig[g]) for g in ("decoder_step", "decoder_rows") if g in self._sig}
@@ -201,6 +205,16 @@ class WhisperModel:
         in-place graphs grow them in a StepCache. All hold the same layout, and each takes the
         others' form."""
         return decoder_call(self._run, self._steps, tokens, cache, cross)
+
+    def select_tokens(self, logits, rules: np.ndarray, suppress: np.ndarray, sampling: np.ndarray, k: int) -> np.ndarray:
+        """The next-token choice for each row of `logits` (rows, n_vocab), by the select graph
+        (kernel whisper_max.select_tokens): (rows, k, 2) (token, log-probability) pairs, best
+        first, after the suppressed tokens and each row's `rules` (decoding.TokenRules);
+        `sampling` (rows, 2) is (temperature, u) per row."""
+        if k not in self._slots:
+            self._slots[k] = np.zeros(k, np.int32)
+        out = self._run("select", {"logits": logits, "rules": rules, "suppress": suppress, "sampling": sampling, "slots": self._slots[k]})
+        return out["choice"].to_numpy()
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""

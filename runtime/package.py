@@ -30,8 +30,10 @@ import numpy as np
 from .files import atomic_open
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 4  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights
-READS = (2, 3, 4)  # a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights
+FORMAT_VERSION = 5  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights; 5: the select graph
+# a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights;
+# before 5 there is no select graph: those open, and `whisper-convert --rebuild` adds it
+READS = (2, 3, 4, 5)
 # A graph weight named `X/widened` (float32) is the stored bfloat16 weight X widened, made once
 # when the package is loaded and bound to every graph that names it (not stored in weights.bin).
 WIDENED = "/widened"

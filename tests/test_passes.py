@@ -7,7 +7,7 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import fuse_decoder_layers, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights
+from converter.passes import fuse_decoder_layers, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
 from converter.trace import trace_program
 from runtime.package import widened_source
 
@@ -83,7 +83,12 @@ def test_optimise_pipeline():
     general = dict((x.name, x.type.shape) for x in dec.inputs)
     assert per_window and all(inputs[k] == (1, *general[k][1:]) for k in per_window)
     assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs) for n in step.nodes]
-    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment"]
+    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"]
+    select = after.graph("select")  # the next-token choice, after any decoder call
+    assert [n.op for n in select.nodes] == [ir.SELECT_TOKENS] and select.outputs == (("choice", "choice"),)
+    assert str(select.nodes[0].type) == "float32[batch, k, 2]"
+    assert [str(v.type) for v in select.inputs] == [f"float32[batch, {TINY_DIMS['n_vocab']}]", "int32[batch, 9]", "int32[n_suppress]", "float32[batch, 2]", "int32[k]"]
+    assert token_selection(after) is after  # added once
     assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
 
 

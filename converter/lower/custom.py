@@ -79,3 +79,10 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type],
                            parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
     return ops.reshape(y, x.shape)
+
+
+@register(ir.SELECT_TOKENS)
+def select_tokens(ctx, node, logits, rules, suppress, sampling, slots):
+    """The kernel whisper_max.select_tokens; its output's middle dim is the length of `slots`."""
+    out_type = TensorType(DType.float32, [logits.shape[0], slots.shape[0], 2], ctx.device)
+    return ops.custom(ir.SELECT_TOKENS, device=ctx.device, values=[logits, rules, suppress, sampling], out_types=[out_type])[0].tensor

@@ -174,7 +174,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         got = []
         for lo, hi in zip(bounds, bounds[1:]):
             part = tok[:, lo:hi] if lo < bounds[2] else np.repeat(tok[:, lo:hi], rows, axis=0)
-            logits, cache = decoder_call(by_name, route, part, cache, cross)
+            logits, cache, _ = decoder_call(by_name, route, part, cache, cross)
             got.append(np.broadcast_to(logits, (rows, logits.shape[-1])))
         want = ref["logits.all"][positions][:, None]
         entries.append(compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1]))))

@@ -331,11 +331,9 @@ class DecodingTask:
         s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
         return tuple(sorted(set(s)))
 
-    def _choose(self, logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """The select graph's choice for `logits` (rows, n_vocab) of rows holding `tokens`."""
-        rows = tokens.shape[0]
-        choice = self.model.select_tokens(logits, self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(rows), self.decoder.slots)
-        return _check(choice)
+    def _selection(self, tokens: np.ndarray) -> dict:
+        """What the next-token choice takes for rows holding `tokens`, besides their logits."""
+        return self.model.selection(self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(tokens.shape[0]), self.decoder.slots)
 
     def _main_loop(self, cross: dict, tokens: np.ndarray, shared: bool = False):
         """`shared`: every row decodes the one window whose values `cross` holds once (all rows
@@ -354,7 +352,7 @@ class DecodingTask:
         if shared:
             no_speech, logits = no_speech * n, np.repeat(logits, n, axis=0)  # each row chooses (samples) its own
             cache = self.model.share_rows(cache, n)
-        choice = self._choose(logits, tokens)
+        choice = _check(self.model.select_tokens(logits, self._selection(tokens)))
         # greedy rows that have ended stop running once a quarter of those running have: the
         # decoder then computes only `rows` (an ended row's next token is eot whatever it computes)
         shrink = isinstance(self.decoder, GreedyDecoder) and self.decoder.temperature == 0 and n > 1
@@ -375,8 +373,8 @@ class DecodingTask:
                 if len(running) <= len(rows) * 3 // 4:
                     keep = np.searchsorted(rows, running)  # where the running rows are held now
                     cache, cross, rows = self.model.select(cache, keep), self.model.select(cross, keep), running
-            logits, cache = self.model.decoder_step(tokens[rows, -1:], cache, cross)
-            choice = self._choose(logits, tokens[rows])
+            choice, cache = self.model.decoder_choose(tokens[rows, -1:], cache, cross, self._selection(tokens[rows]))
+            choice = _check(choice)
         return tokens, sum_logprobs, no_speech
 
     def run(self, mel: np.ndarray) -> list[DecodingResult]:

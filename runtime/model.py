@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .audio import N_FRAMES, log_mel_spectrogram
-from .package import Package, PackageError
+from .package import LINEAGE, Package, PackageError
 from .tokenizer import Tokenizer
 
 
@@ -26,8 +26,9 @@ def host(x) -> np.ndarray:
 
 
 def state_specs(signature: dict) -> list[dict]:
-    """A graph signature's state inputs (written in place), as StepCache takes them."""
-    return [i for i in signature.get("inputs", []) if "state" in i]
+    """A graph signature's state inputs (written in place), and its rows' lineage if it takes
+    one (package.LINEAGE), as StepCache takes them."""
+    return [i for i in signature.get("inputs", []) if "state" in i or i["name"] == LINEAGE]
 
 
 class StepCache:
@@ -36,12 +37,15 @@ class StepCache:
     filled.
 
     `specs` are the graph's state inputs from the manifest (name, dtype, shape at capacity, and
-    `state`: the axis it grows along and the input that carries the position); a dim `batch`
-    becomes `rows`. `graph` names the graph the buffers are laid out for."""
+    `state`: the axis it grows along and the input that carries the position), and the
+    graph's LINEAGE input if it has one; a dim `batch` becomes `rows`. `graph` names the graph
+    the buffers are laid out for."""
 
     def __init__(self, specs: list[dict], rows: int = 1, graph: str = "decoder_step"):
         from max.driver import Buffer
 
+        lineage = any(s["name"] == LINEAGE for s in specs)
+        specs = [s for s in specs if s["name"] != LINEAGE]
         shapes = {s["name"]: [rows if d == "batch" else d for d in s["shape"]] for s in specs}
         if any(d != rows for v in shapes.values() for d in v[:1]):
             raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
@@ -55,6 +59,12 @@ class StepCache:
         self.position = positions.pop()
         self.capacity = min(s["shape"][s["state"]["axis"]] for s in specs)
         self.length = 0
+        # with a lineage (the graph's input LINEAGE), row r's position i is in cache row
+        # lineage[r, i]: reordering rewrites these ints, not the caches. Positions not yet
+        # written stay the row's own (the graph writes there)
+        self.lineage = np.repeat(np.arange(rows, dtype=np.int32)[:, None], self.capacity, axis=1) if lineage else None
+        if lineage:
+            self.buffers[LINEAGE] = Buffer.from_numpy(self.lineage)
 
     @classmethod
     def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = "decoder_step") -> "StepCache":
@@ -88,7 +98,9 @@ class StepCache:
         change, and only their filled positions, are copied."""
         index = np.asarray(index)
         moved = np.flatnonzero(index != np.arange(self.rows))
-        if moved.size:
+        if moved.size and self.lineage is not None:
+            self.lineage[:, : self.length] = self.lineage[index, : self.length]
+        elif moved.size:
             for k, a in self.arrays.items():
                 dst = [moved] + [slice(None)] * (a.ndim - 1)
                 src = [index[moved]] + [slice(None)] * (a.ndim - 1)
@@ -97,7 +109,17 @@ class StepCache:
 
     def as_cache(self) -> dict[str, np.ndarray]:
         """The filled positions as the general decoder takes them (copies)."""
-        return {k: np.ascontiguousarray(self._prefix(k)) for k in self.arrays}
+        if self.lineage is None:
+            return {k: np.ascontiguousarray(self._prefix(k)) for k in self.arrays}
+        out = {}
+        src, pos = self.lineage[:, : self.length], np.arange(self.length)[None, :]
+        for k, a in self.arrays.items():
+            if self.axis[k] < 1:
+                raise ValueError(f"cache {k}: positions along axis {self.axis[k]}; a lineage needs them after the rows")
+            # (rows, ..., positions, ...): each row's position i from row src[r, i]
+            moved = np.moveaxis(a, self.axis[k], 1)[src, pos]  # (rows, positions, ...)
+            out[k] = np.ascontiguousarray(np.moveaxis(moved, 1, self.axis[k]))
+        return out
 
 
 def window_shared(cross: dict, rows: int) -> bool:
@@ -105,13 +127,26 @@ def window_shared(cross: dict, rows: int) -> bool:
     return rows > 1 and all(host(v).shape[0] == 1 for v in cross.values())
 
 
-def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict):
+_NO_SUPPRESS = np.zeros(0, np.int32)
+_ONE_SLOT = np.zeros(1, np.int32)
+
+
+def _no_selection(rows: int) -> dict:
+    """select inputs that filter nothing, for calls whose choice nobody reads (parity, language
+    detection): the step graphs compute one anyway."""
+    return {"rules": np.zeros((rows, 9), np.int32), "suppress": _NO_SUPPRESS, "sampling": np.zeros((rows, 2), np.float32), "slots": _ONE_SLOT}
+
+
+def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict, select: dict | None = None):
     """One decoder call as the runtime routes it (WhisperModel.decoder_step; parity replays it).
 
     `run(graph, inputs)` executes a graph by name; `steps` maps the in-place graphs the program
     has (decoder_step, decoder_rows) to their state inputs. One token of one row runs
     decoder_step; one token for each of several rows that share the window's values runs
-    decoder_rows; anything else runs the general decoder. Returns the logits and the grown cache."""
+    decoder_rows; anything else runs the general decoder. `select`: the select graph's inputs
+    but the logits (rules, suppress, sampling, slots): the step graphs choose the next tokens in
+    the same call, after the general decoder the select graph does. Returns the logits, the
+    grown cache and the choice (None without `select`)."""
     tokens = np.ascontiguousarray(tokens, np.int64)
     rows, n = tokens.shape
     graph = None
@@ -124,14 +159,15 @@ def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, c
     if graph is not None:
         if not isinstance(cache, StepCache) or cache.graph != graph or cache.rows != rows:
             cache = StepCache.holding(steps[graph], cache, rows, graph)
-        logits = run(graph, {"tokens": tokens, **cache.feeds(), **cross})["logits"].to_numpy()
+        out = run(graph, {"tokens": tokens, **cache.feeds(), **cross, **(select or _no_selection(rows))})
         cache.length += 1
-        return logits, cache
+        return out["logits"].to_numpy(), cache, out["choice"].to_numpy() if select else None
     if isinstance(cache, StepCache):
         cache = cache.as_cache()
     out = run("decoder", {"tokens": tokens, **cache, **cross})
     logits = out.pop("logits").to_numpy()
-    return logits, out
+    choice = run("select", {"logits": logits, **select})["choice"].to_numpy() if select else None
+    return logits, out, choice
 
 
 class WhisperModel:
@@ -204,17 +240,27 @@ class WhisperModel:
         general `decoder`. The general decoder returns caches grown by concatenation; the
         in-place graphs grow them in a StepCache. All hold the same layout, and each takes the
         others' form."""
-        return decoder_call(self._run, self._steps, tokens, cache, cross)
+        return decoder_call(self._run, self._steps, tokens, cache, cross)[:2]
 
-    def select_tokens(self, logits, rules: np.ndarray, suppress: np.ndarray, sampling: np.ndarray, k: int) -> np.ndarray:
-        """The next-token choice for each row of `logits` (rows, n_vocab), by the select graph
-        (kernel whisper_max.select_tokens): (rows, k, 2) (token, log-probability) pairs, best
-        first, after the suppressed tokens and each row's `rules` (decoding.TokenRules);
-        `sampling` (rows, 2) is (temperature, u) per row."""
+    def decoder_choose(self, tokens: np.ndarray, cache: dict, cross: dict, select: dict) -> tuple[np.ndarray, dict]:
+        """decoder_step and then the next-token choice (see select_tokens) in one graph call
+        where the package fuses them (decoder_step, decoder_rows): the choice and the cache."""
+        _, cache, choice = decoder_call(self._run, self._steps, tokens, cache, cross, select)
+        return choice, cache
+
+    def selection(self, rules: np.ndarray, suppress: np.ndarray, sampling: np.ndarray, k: int) -> dict:
+        """The inputs of a next-token choice besides the logits: each row's `rules` and the
+        tokens every row suppresses (decoding.TokenRules), (temperature, u) per row, and k the
+        number of (token, log-probability) pairs per row to return."""
         if k not in self._slots:
             self._slots[k] = np.zeros(k, np.int32)
-        out = self._run("select", {"logits": logits, "rules": rules, "suppress": suppress, "sampling": sampling, "slots": self._slots[k]})
-        return out["choice"].to_numpy()
+        return {"rules": rules, "suppress": suppress, "sampling": sampling, "slots": self._slots[k]}
+
+    def select_tokens(self, logits, select: dict) -> np.ndarray:
+        """The next-token choice for each row of `logits` (rows, n_vocab), by the select graph
+        (kernel whisper_max.select_tokens): (rows, k, 2) (token, log-probability) pairs, best
+        first. `select`: from `selection`."""
+        return self._run("select", {"logits": logits, **select})["choice"].to_numpy()
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""

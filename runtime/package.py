@@ -37,6 +37,9 @@ READS = (2, 3, 4, 5)
 # A graph weight named `X/widened` (float32) is the stored bfloat16 weight X widened, made once
 # when the package is loaded and bound to every graph that names it (not stored in weights.bin).
 WIDENED = "/widened"
+# The input of a step graph that maps each row's cached positions to the cache rows holding
+# them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
+LINEAGE = "lineage"
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.

@@ -177,6 +177,7 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
 
         model._run = timed_run
         model.decoder_step = timed(model.decoder_step, "decoder_s", "decoder_calls")
+        model.decoder_choose = timed(model.decoder_choose, "decoder_s", "decoder_calls")  # a step and its token choice
         model.embed_audio = timed(model.embed_audio, "encoder_s", "windows")
         t0 = time.perf_counter()
         for a in audios:

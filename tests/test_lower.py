@@ -118,7 +118,7 @@ def _decode_in_chunks(program, models, tokens, xa, chunks, step_graph=False):
     cache = empty_cache(program.graph("decoder"), tokens.shape[0])
     pos, got = 0, []
     for n in chunks:
-        logits, cache = decoder_call(run, steps, tokens[:, pos : pos + n], cache, cross)
+        logits, cache, _ = decoder_call(run, steps, tokens[:, pos : pos + n], cache, cross)
         pos += n
         got.append((pos, logits))
         # head-major cache: (batch, heads, positions, head dim)
@@ -169,12 +169,15 @@ def test_rows_share_one_window_and_reorder_in_place(compiled):
     assert all(c.shape[0] == 1 for c in cross.values())
     steps = {"decoder_rows": state_specs(graph_signature(program.graph("decoder_rows")))}
     seqs = rng.integers(0, v, (1, 3)).astype(np.int64)
-    _, cache = decoder_call(run, steps, seqs, empty_cache(program.graph("decoder"), 1), cross)
+    _, cache, _ = decoder_call(run, steps, seqs, empty_cache(program.graph("decoder"), 1), cross)
     seqs = np.repeat(seqs, rows, axis=0)
     for _ in range(4):
         new = rng.integers(0, v, (rows, 1)).astype(np.int64)
-        logits, cache = decoder_call(run, steps, new, cache, cross)
+        select = {"rules": np.zeros((rows, 9), np.int32), "suppress": np.array([3, 7], np.int32), "sampling": np.zeros((rows, 2), np.float32), "slots": np.zeros(4, np.int32)}
+        logits, cache, choice = decoder_call(run, steps, new, cache, cross, select)
         assert isinstance(cache, StepCache) and (cache.graph, cache.rows) == ("decoder_rows", rows)
+        # the choice made in the same graph call is the select graph's on those logits
+        np.testing.assert_array_equal(choice, run("select", {"logits": logits, **select})["choice"].to_numpy())
         seqs = np.concatenate([seqs, new], axis=1)
         with torch.no_grad():
             ref = model.decoder(torch.from_numpy(seqs), torch.from_numpy(np.repeat(xa, rows, axis=0))).numpy()

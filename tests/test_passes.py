@@ -9,7 +9,7 @@ from tiny_model import TINY_DIMS, tiny_whisper
 from converter import ir, onnx_io
 from converter.passes import fuse_decoder_layers, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
 from converter.trace import trace_program
-from runtime.package import widened_source
+from runtime.package import LINEAGE, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
@@ -58,7 +58,7 @@ def test_optimise_pipeline():
     assert _whole_cache_ops(dec) == {"aten.cat.default", "aten.transpose.int", "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.slice.Tensor"}
     # the step graph: the decoder with batch = n = 1, its caches grown in place
     step = after.graph("decoder_step")
-    assert [dm.name for dm in step.dims] == ["past", "kv_len"]
+    assert [dm.name for dm in step.dims] == ["past", "kv_len", "n_suppress", "k"]
     inputs = dict((x.name, x.type.shape) for x in step.inputs)
     assert inputs["tokens"] == (1, 1) and inputs["past"] == ()
     state = step.state_inputs()
@@ -69,20 +69,25 @@ def test_optimise_pipeline():
     assert [n.scope for n in blocks] == [f"decoder.blocks.{i}" for i in range(TINY_DIMS["n_text_layer"])]
     assert {k: n.name for k, n in state.items()} == {n.inputs[i]: n.name for n in blocks for i in (1, 2)}
     outside = lambda g: [n.op for n in g.nodes if not n.scope.startswith("decoder.blocks.")]  # noqa: E731
-    assert outside(step) == outside(dec) and len(step.nodes) == len(outside(dec)) + len(blocks)
-    assert [o for o, _ in step.outputs] == ["logits"]
+    assert outside(step) == outside(dec) + [ir.SELECT_TOKENS] and len(step.nodes) == len(outside(dec)) + len(blocks) + 1
+    # and the next-token choice on its logits, in the same graph (passes.token_selection)
+    assert [o for o, _ in step.outputs] == ["logits", "choice"] and step.nodes[-1].op == ir.SELECT_TOKENS
+    assert step.nodes[-1].inputs == (dict(step.outputs)["logits"], "rules", "suppress", "sampling", "slots")
     assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
+    assert LINEAGE not in inputs and all(len(n.inputs) == 27 for n in blocks)  # one row: its own cache row
     # the rows graph: the decoder with n = 1 for any number of rows of one window, caches grown in
     # place, the window's cross K/V (cross_kv outputs) one copy shared by every row
     rows = after.graph("decoder_rows")
-    assert [dm.name for dm in rows.dims] == ["batch", "past", "kv_len"]
+    assert [dm.name for dm in rows.dims] == ["batch", "past", "kv_len", "n_suppress", "k"]
     inputs = dict((x.name, x.type.shape) for x in rows.inputs)
     assert inputs["tokens"] == ("batch", 1) and set(rows.state_inputs()) == {x.name for x in caches}
     assert all(inputs[k] == ("batch", h, TINY_DIMS["n_text_ctx"], d // h) for k in rows.state_inputs())
     per_window = {o for o, _ in after.graph("cross_kv").outputs} & set(inputs)
     general = dict((x.name, x.type.shape) for x in dec.inputs)
     assert per_window and all(inputs[k] == (1, *general[k][1:]) for k in per_window)
-    assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs) for n in step.nodes]
+    # beams: each block reads the rows' lineage (passes.row_lineage), so reordering moves no cache
+    assert inputs[LINEAGE] == ("batch", TINY_DIMS["n_text_ctx"])
+    assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs + ((LINEAGE,) if n.op == ir.DECODER_LAYER else ())) for n in step.nodes]
     assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"]
     select = after.graph("select")  # the next-token choice, after any decoder call
     assert [n.op for n in select.nodes] == [ir.SELECT_TOKENS] and select.outputs == (("choice", "choice"),)

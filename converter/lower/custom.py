@@ -69,11 +69,14 @@ def linear_rows(ctx, x, weight, bias=None):
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
-    -> (rows, 1, d); writes the new key and value into the caches (rows, heads, capacity, hd)."""
+    -> (rows, 1, d); writes the new key and value into the caches (rows, heads, capacity, hd).
+    The last operand may be the rows' lineage (passes.row_lineage)."""
     if axis != 2:
         raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
     d = x.shape[-1]
     flat = ops.reshape(x, [-1, d])
+    if len(operands) == 23:  # no lineage operand (passes.row_lineage): every row reads its own cache row
+        operands = (*operands, ops.constant(np.zeros((0, int(key_cache.shape[2])), np.int32), DType.int32, ctx.device))
     values = [key_cache, value_cache, flat, ops.reshape(position, [1]), *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type],

@@ -236,20 +236,38 @@ def _weighted_rows(
 def _self_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
-    rows: Int, heads: Int, hd: Int, cap: Int, length: Int,
+    lineage: UnsafePointer[Int32, _], has_lineage: Bool, rows: Int, heads: Int, hd: Int, cap: Int, length: Int,
 ):
-    """Each row and head attends to its cache's first `length` positions (rows, heads, cap, hd);
-    q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd)."""
-    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var heads, var hd, var cap, var length}:
+    """Each row and head attends to the first `length` positions of its cache (rows, heads, cap,
+    hd): position i of row r is in cache row lineage[r, i] (rows, cap) when `has_lineage`, else
+    in row r; q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd)."""
+    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var heads, var hd, var cap, var length}:
         var r = t // heads
         var h = t % heads
         var qh = q + (r * heads + h) * hd
-        var kh = kc + ((r * heads + h) * cap) * hd
         var s = scores + t * cap
+        var o = dst + (r * heads + h) * hd
+        if not has_lineage:
+            var kh = kc + ((r * heads + h) * cap) * hd
+            for i in range(length):
+                s.unsafe_store(i, _dot(kh + i * hd, qh, hd))
+            _softmax(s, length)
+            _weighted_rows(o, s, vc + ((r * heads + h) * cap) * hd, length, hd)
+            return
+        var line = lineage + r * cap
         for i in range(length):
-            s.unsafe_store(i, _dot(kh + i * hd, qh, hd))
+            s.unsafe_store(i, _dot(kc + ((Int(line.unsafe_load(i)) * heads + h) * cap + i) * hd, qh, hd))
         _softmax(s, length)
-        _weighted_rows(dst + (r * heads + h) * hd, s, vc + ((r * heads + h) * cap) * hd, length, hd)
+        var hd16 = hd - hd % V
+        for c in range(hd):
+            o.unsafe_store(c, Float32(0))
+        for i in range(length):  # _weighted_rows, each value row from its own cache row
+            var w = s.unsafe_load(i)
+            var row = vc + ((Int(line.unsafe_load(i)) * heads + h) * cap + i) * hd
+            for c in range(0, hd16, V):
+                o.unsafe_store(c, o.unsafe_load[width=V](c) + w * row.unsafe_load[width=V](c))
+            for c in range(hd16, hd):
+                o.unsafe_store(c, o.unsafe_load(c) + w * row.unsafe_load(c))
 
     parallelize(work, rows * heads)
 
@@ -319,7 +337,10 @@ struct DecoderLayer:
         y  = x2 + fc2(gelu(fc1(ln3(x2))))
 
     as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
-    products, keys stored scaled; exact GELU; float32 throughout. Weight matrices are float32
+    products, keys stored scaled; exact GELU; float32 throughout. `lineage` (rows, capacity)
+    int32, when not empty, says which cache row holds each earlier position of each row (beam
+    search reorders rows after every step: the caller rewrites this map instead of moving
+    caches); the new position is written in the row's own cache row. Weight matrices are float32
     or bfloat16 (widened exactly as they are read). One kernel instead of ~40 graph ops: the
     step is bound by reading weights, and each of those ops paid a launch."""
 
@@ -353,6 +374,7 @@ struct DecoderLayer:
         b2: InputTensor[dtype=DType.float32, rank=1, ...],
         ckt: InputTensor[dtype=DType.float32, rank=4, ...],
         cv: InputTensor[dtype=DType.float32, rank=4, ...],
+        lineage: InputTensor[dtype=DType.int32, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
         var rows = x.dim_size(0)
@@ -371,6 +393,15 @@ struct DecoderLayer:
             raise Error("whisper_max.decoder_layer: cross keys/values are not (1 or rows, heads, hd, frames) / (.., frames, hd)")
         if t < 0 or t >= cap:
             raise Error("whisper_max.decoder_layer: position outside the caches")
+        var has_lineage = lineage.dim_size(0) != 0
+        if has_lineage and (lineage.dim_size(0) != rows or lineage.dim_size(1) != cap):
+            raise Error("whisper_max.decoder_layer: lineage is not (rows, capacity)")
+        if has_lineage:
+            for r in range(rows):
+                for i in range(t + 1):
+                    var src = Int(lineage.unsafe_ptr().unsafe_load(r * cap + i))
+                    if src < 0 or src >= rows or (i == t and src != r):
+                        raise Error("whisper_max.decoder_layer: lineage names a row outside the caches, or not the row itself at the position written")
         var s = Float32(scale)
         var e = Float32(eps)
         var rd = rows * d
@@ -397,7 +428,7 @@ struct DecoderLayer:
                 for c in range(hd):
                     (kp + at).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
                     (vp + at).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
-        _self_attention(att, q, kp, vp, sc, rows, heads, hd, cap, t + 1)
+        _self_attention(att, q, kp, vp, sc, lineage.unsafe_ptr(), has_lineage, rows, heads, hd, cap, t + 1)
         _linear[wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
         for r in range(rows):

@@ -156,6 +156,9 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
 
         model = runtime.load(package)
         out["load_s"] = time.perf_counter() - t
+        # how much of this process the kernel backs with 2 MiB pages (the weights ask for them)
+        smaps = Path("/proc/self/smaps")
+        out["huge_pages_mb"] = sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:")) / 1024 if smaps.exists() else None
         calls = {"decoder_s": 0.0, "decoder_calls": 0, "encoder_s": 0.0, "windows": 0}
         graph_s: dict[str, float] = {}
         steps: dict[str, list[float]] = {"decoder_step": [], "decoder_rows": []}  # one token per row
@@ -364,12 +367,14 @@ def main() -> None:
         if e not in runs:
             continue
         c = runs[e][-1]["components"]
+        huge = ", ".join(f"{x.get('huge_pages_mb') or 0:.0f}" for x in runs[e])
         lines += [
             "",
             f"{e} components (last run): log-mel {runs[e][-1]['log_mel_s']:.2f} s, encoder "
             f"{1000 * c['encoder_s_per_window']:.0f} ms/call ({c['windows']} calls, a batch of windows in one), decoder {c['decoder_ms_per_call']:.2f} ms/call "
             f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary[e]['load_s']:.2f} s; "
-            f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s.",
+            f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s; "
+            f"memory in 2 MiB pages after load {huge} MB (each run).",
         ]
         package = args.package_bf16 if e == "whisper-max-bfloat16" else args.package
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))

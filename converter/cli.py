@@ -18,7 +18,7 @@ def convert_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
     skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
-    dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; the one-token decoder step multiplies in bfloat16, everything else in float32)"),
+    dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; every product widens them exactly and sums in float32)"),
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
     rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),

@@ -38,7 +38,10 @@ def test_manifest_describes_the_package(tiny_en):
     assert m["model"]["dims"]["n_vocab"] == 51864 and not m["model"]["multilingual"]
     assert m["source"]["kind"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
     assert m["max_version"].startswith("26.7")
-    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment"}
+    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"}
+    # the one-token graphs choose the next tokens in the same call; beams carry a lineage
+    assert all([o["name"] for o in m["graphs"][g]["outputs"]] == ["logits", "choice"] for g in ("decoder_step", "decoder_rows"))
+    assert "lineage" in {i["name"] for i in m["graphs"]["decoder_rows"]["inputs"]} - {i["name"] for i in m["graphs"]["decoder_step"]["inputs"]}
     assert {"model.mef", "weights.bin", "weights.json", "ir/decoder.onnx", "assets/gpt2.tiktoken", "assets/mel_filters.npy", "parity.json", "MODEL_CARD.md"} <= set(m["files"])
 
 

@@ -586,7 +586,6 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
 
 
 SELECT = "select"
-SELECT_INPUTS = ("rules", "suppress", "sampling", "slots")  # what select_tokens takes after the logits
 
 
 def _selection_inputs(rows: ir.Dim) -> tuple[ir.Value, ...]:

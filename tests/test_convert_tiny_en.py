@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 
 from converter import ir, onnx_io
 from converter.cli import main
@@ -101,22 +102,46 @@ def test_cli_errors_are_plain(capsys, tmp_path):
     assert main(["--bogus-flag"]) == 2
 
 
+def _without_select(src: Path, out: Path) -> Path:
+    """A copy of the package `src` as a converter before the select graph made it: no graph
+    `select` in its manifest, IR or ir.txt."""
+    from runtime.package import write_package
+
+    pkg = Package.open(src)
+    files = {n: pkg.read(n) for n in pkg.names() if n not in ("manifest.json", "ir/select.onnx")}
+    program = onnx_io.from_onnx_files({n: d for n, d in files.items() if n.startswith("ir/")})
+    files["ir.txt"] = ir.format_program(program).encode()
+    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "format", "format_version")}
+    manifest["graphs"] = {g: sig for g, sig in manifest["graphs"].items() if g != "select"}
+    write_package(out, manifest, files)
+    return out
+
+
 def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
     """--rebuild recompiles from the package's IR and weights in a process where torch cannot load,
-    and the rebuilt package transcribes as openai-whisper did (stored golden transcripts)."""
+    and the rebuilt package transcribes as openai-whisper did (stored golden transcripts). The
+    package given lacks the select graph (made before it existed): the runtime refuses it, saying
+    to rebuild, and the rebuild adds the graph the converter makes today."""
+    from runtime.model import WhisperModel
+    from runtime.package import PackageError
+
+    older = _without_select(tiny_en.path, tmp_path / "older.maxpkg")
+    with pytest.raises(PackageError, match="has no select graph.*--rebuild"):
+        WhisperModel(Package.open(older))
     out = tmp_path / "rebuilt.maxpkg"
     script = textwrap.dedent(
         f"""
         import sys
         sys.modules["torch"] = None  # importing torch now fails
         from converter.cli import main
-        sys.exit(main(["--rebuild", {str(tiny_en.path)!r}, "--out", {str(out)!r}]))
+        sys.exit(main(["--rebuild", {str(older)!r}, "--out", {str(out)!r}]))
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rebuilt, original = Package.open(out), Package.open(tiny_en.path)
     assert rebuilt.manifest["rebuilt"]["from_max_version"] == original.manifest["max_version"]
+    assert rebuilt.manifest["graphs"] == original.manifest["graphs"] and rebuilt.read("ir/select.onnx") == original.read("ir/select.onnx")
     assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read("ir.txt")
     import golden
     import runtime

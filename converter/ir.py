@@ -39,7 +39,7 @@ CACHE_APPEND = f"{OWN_DOMAIN}.cache_append"
 # `cast(x, dtype=d)`: x's values in dtype d (passes.store_weights reads stored weights through it)
 CAST = f"{OWN_DOMAIN}.cast"
 # `decoder_layer(x, key_cache, value_cache, position, <the block's weights>, cross_keys,
-# cross_values, axis=2, heads=h, scale=s, eps=e)`: one residual attention block of the text
+# cross_values[, lineage], axis=2, heads=h, scale=s, eps=e)`: one residual attention block of the text
 # decoder for rows of one position each (passes.fuse_decoder_layers documents the operands);
 # writes the new token's key and value into the two caches at `position` along `axis`.
 DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
@@ -48,8 +48,6 @@ DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
 # log-probability) pairs, k the length of `slots` (its values are not read). The kernel
 # whisper_max.select_tokens documents the operands; passes.token_selection makes its graph.
 SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
-# the width of select_tokens' `rules`: four banned token ranges [lo, hi), then timestamp_begin
-SELECT_RULES = 9
 # op -> (the operands it writes in place, the operand holding the position it writes at)
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 

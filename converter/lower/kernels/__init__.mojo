@@ -195,12 +195,7 @@ def _softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
     """s[:n] = softmax(s[:n]) in place: exp(s - max) / sum, 16 lanes at a time (the cross
     attention of a beam step takes ~45k exponentials per layer)."""
     var n16 = n - n % V
-    var mv = SIMD[F32, V](s.unsafe_load(0))
-    for i in range(0, n16, V):
-        mv = max(mv, s.unsafe_load[width=V](i))
-    var m = mv.reduce_max()
-    for i in range(n16, n):
-        m = max(m, s.unsafe_load(i))
+    var m = _range_max(s, 0, n)
     var tv = SIMD[F32, V](0)
     for i in range(0, n16, V):
         var e = exp(s.unsafe_load[width=V](i) - m)
@@ -217,22 +212,6 @@ def _softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
         s.unsafe_store(i, s.unsafe_load(i) / total)
 
 
-def _weighted_rows(
-    dst: UnsafePointer[Float32, MutUntrackedOrigin], p: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], n: Int, hd: Int,
-):
-    """dst (hd) = p[:n] @ v (n, hd): the rows of v weighted by p, summed in row order."""
-    var hd16 = hd - hd % V
-    for c in range(hd):
-        dst.unsafe_store(c, Float32(0))
-    for i in range(n):
-        var w = p.unsafe_load(i)
-        var row = v + i * hd
-        for c in range(0, hd16, V):
-            dst.unsafe_store(c, dst.unsafe_load[width=V](c) + w * row.unsafe_load[width=V](c))
-        for c in range(hd16, hd):
-            dst.unsafe_store(c, dst.unsafe_load(c) + w * row.unsafe_load(c))
-
-
 def _self_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
@@ -240,30 +219,31 @@ def _self_attention(
 ):
     """Each row and head attends to the first `length` positions of its cache (rows, heads, cap,
     hd): position i of row r is in cache row lineage[r, i] (rows, cap) when `has_lineage`, else
-    in row r; q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd)."""
+    in row r; q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd), the value
+    rows weighted by the softmax, summed in position order."""
     def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var heads, var hd, var cap, var length}:
         var r = t // heads
         var h = t % heads
         var qh = q + (r * heads + h) * hd
         var s = scores + t * cap
         var o = dst + (r * heads + h) * hd
-        if not has_lineage:
-            var kh = kc + ((r * heads + h) * cap) * hd
-            for i in range(length):
-                s.unsafe_store(i, _dot(kh + i * hd, qh, hd))
-            _softmax(s, length)
-            _weighted_rows(o, s, vc + ((r * heads + h) * cap) * hd, length, hd)
-            return
         var line = lineage + r * cap
+
+        @always_inline
+        def at(i: Int) {var line, var has_lineage, var r, var heads, var h, var cap, var hd} -> Int:
+            """Offset of position i's key (and value) row in the caches."""
+            var src = Int(line.unsafe_load(i)) if has_lineage else r
+            return ((src * heads + h) * cap + i) * hd
+
         for i in range(length):
-            s.unsafe_store(i, _dot(kc + ((Int(line.unsafe_load(i)) * heads + h) * cap + i) * hd, qh, hd))
+            s.unsafe_store(i, _dot(kc + at(i), qh, hd))
         _softmax(s, length)
         var hd16 = hd - hd % V
         for c in range(hd):
             o.unsafe_store(c, Float32(0))
-        for i in range(length):  # _weighted_rows, each value row from its own cache row
+        for i in range(length):
             var w = s.unsafe_load(i)
-            var row = vc + ((Int(line.unsafe_load(i)) * heads + h) * cap + i) * hd
+            var row = vc + at(i)
             for c in range(0, hd16, V):
                 o.unsafe_store(c, o.unsafe_load[width=V](c) + w * row.unsafe_load[width=V](c))
             for c in range(hd16, hd):
@@ -466,21 +446,10 @@ def _range_max(s: UnsafePointer[Float32, _], lo: Int, hi: Int) -> Float32:
     return m
 
 
-def _log_sum_exp_shifted(s: UnsafePointer[Float32, _], lo: Int, hi: Int, m: Float32, shift: Float32) -> Float32:
-    """log(sum(exp((s[lo:hi] - m) - shift))), 16 lanes at a time."""
-    var v16 = lo + max(0, hi - lo) // V * V
-    var tv = SIMD[F32, V](0)
-    for i in range(lo, v16, V):
-        tv += exp((s.unsafe_load[width=V](i) - m) - shift)
-    var total = tv.reduce_add()
-    for i in range(v16, hi):
-        total += exp((s.unsafe_load(i) - m) - shift)
-    return log(total)
-
-
-def _ts_log_sum(s: UnsafePointer[Float32, _], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32) -> Float32:
-    """log(sum(exp(lp - top))) over lp = (s[lo:hi] - m) - lse, the log-probabilities, as
-    logsumexp computes it after taking out their max `top`."""
+def _log_sum_exp(s: UnsafePointer[Float32, _], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32) -> Float32:
+    """log(sum(exp(((s[lo:hi] - m) - lse) - top))), 16 lanes at a time: with lse = top = 0 the
+    log of softmax's sum (subtracting 0 is exact); with the log-probabilities' lse and their max
+    `top`, logsumexp of those log-probabilities less `top`."""
     var v16 = lo + max(0, hi - lo) // V * V
     var tv = SIMD[F32, V](0)
     for i in range(lo, v16, V):
@@ -538,18 +507,18 @@ def _select_row[o: MutOrigin](
     var text_max = _range_max(s, 0, tb)
     var ts_max = _range_max(s, tb, n)
     var m = max(text_max, ts_max)
-    var lse = _log_sum_exp_shifted(s, 0, n, m, 0) + bad  # NaN (so every log-probability is) when a logit is not finite
+    var lse = _log_sum_exp(s, 0, n, m, 0, 0) + bad  # NaN (so every log-probability is) when a logit is not finite
     if tb > 0:
         # openai-whisper's ApplyTimestampRules, last: if the timestamps' probabilities together
         # (logsumexp of their log-probabilities) outweigh the most likely text token, text is banned
         var ts_top = (ts_max - m) - lse
         var ts = ts_top
         if ts_top > ninf:
-            ts = ts_top + _ts_log_sum(s, tb, n, m, lse, ts_top)
+            ts = ts_top + _log_sum_exp(s, tb, n, m, lse, ts_top)
         if ts > (text_max - m) - lse:
             _fill(s, 0, tb, ninf)
             m = ts_max
-            lse = _log_sum_exp_shifted(s, 0, n, m, 0) + bad
+            lse = _log_sum_exp(s, 0, n, m, 0, 0) + bad
     if temperature > 0:
         # a sample of softmax(logits / temperature): the first token whose running sum of
         # probabilities passes u * total (float64 sums, in token order)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import sympy
 
-from runtime.package import LINEAGE, WIDENED, widened_source
+from runtime.package import LINEAGE, SELECT_RULES, WIDENED, widened_source
 
 from . import ir
 
@@ -590,7 +590,7 @@ SELECT = "select"
 
 def _selection_inputs(rows: ir.Dim) -> tuple[ir.Value, ...]:
     return (
-        ir.Value("rules", ir.TensorType("int32", (rows, ir.SELECT_RULES))),
+        ir.Value("rules", ir.TensorType("int32", (rows, SELECT_RULES))),
         ir.Value("suppress", ir.TensorType("int32", ("n_suppress",))),
         ir.Value("sampling", ir.TensorType("float32", (rows, 2))),
         ir.Value("slots", ir.TensorType("int32", ("k",))),

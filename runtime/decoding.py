@@ -15,6 +15,7 @@ import numpy as np
 
 from .audio import CHUNK_LENGTH
 from .model import WhisperModel, host
+from .package import SELECT_RANGES, SELECT_RULES
 from .tokenizer import Tokenizer
 
 
@@ -75,8 +76,6 @@ class TokenRules:
     the rule that bans text when the timestamps together outweigh it. The filters only set
     logits to -inf before that last rule, so their order does not matter until it."""
 
-    RANGES = 4  # ranges per row the graph takes
-    WIDTH = 2 * RANGES + 1  # (lo, hi) * RANGES, timestamp_begin (0: no timestamp rules)
 
     def __init__(self, tokenizer: Tokenizer, sample_begin: int, suppress_blank: bool, suppress_tokens: Sequence[int],
                  timestamps: bool, max_initial_timestamp_index: int | None):
@@ -89,9 +88,9 @@ class TokenRules:
         self.suppress = np.array(sorted(ids), np.int32)
 
     def rows(self, tokens: np.ndarray) -> np.ndarray:
-        """(rows, WIDTH) int32 for the rows of `tokens` (rows, positions so far)."""
+        """(rows, SELECT_RULES) int32 for the rows of `tokens` (rows, positions so far)."""
         n, width = tokens.shape
-        out = np.zeros((n, self.WIDTH), np.int32)
+        out = np.zeros((n, SELECT_RULES), np.int32)
         first = width == self.sample_begin
         tb = self.tb
         for k in range(n):
@@ -119,8 +118,8 @@ class TokenRules:
                     merged[-1][1] = max(merged[-1][1], hi)
                 else:
                     merged.append([lo, hi])
-            if len(merged) > self.RANGES:
-                raise ValueError(f"{len(merged)} banned token ranges in one row; the select graph takes {self.RANGES}")
+            if len(merged) > SELECT_RANGES:
+                raise ValueError(f"{len(merged)} banned token ranges in one row; the select graph takes {SELECT_RANGES}")
             out[k, : 2 * len(merged)] = np.array(merged, np.int32).reshape(-1) if merged else ()
         return out
 

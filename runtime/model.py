@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .audio import N_FRAMES, log_mel_spectrogram
-from .package import LINEAGE, Package, PackageError
+from .package import LINEAGE, SELECT_RULES, Package, PackageError
 from .tokenizer import Tokenizer
 
 
@@ -134,7 +134,13 @@ _ONE_SLOT = np.zeros(1, np.int32)
 def _no_selection(rows: int) -> dict:
     """select inputs that filter nothing, for calls whose choice nobody reads (parity, language
     detection): the step graphs compute one anyway."""
-    return {"rules": np.zeros((rows, 9), np.int32), "suppress": _NO_SUPPRESS, "sampling": np.zeros((rows, 2), np.float32), "slots": _ONE_SLOT}
+    return {"rules": np.zeros((rows, SELECT_RULES), np.int32), "suppress": _NO_SUPPRESS, "sampling": np.zeros((rows, 2), np.float32), "slots": _ONE_SLOT}
+
+
+def select_call(run, logits, select: dict) -> np.ndarray:
+    """The select graph's choice for `logits` (rows, n_vocab): (rows, k, 2) (token,
+    log-probability) pairs, best first. `run` and `select` as decoder_call takes them."""
+    return run("select", {"logits": logits, **select})["choice"].to_numpy()
 
 
 def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict, select: dict | None = None):
@@ -166,7 +172,7 @@ def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, c
         cache = cache.as_cache()
     out = run("decoder", {"tokens": tokens, **cache, **cross})
     logits = out.pop("logits").to_numpy()
-    choice = run("select", {"logits": logits, **select})["choice"].to_numpy() if select else None
+    choice = select_call(run, logits, select) if select else None
     return logits, out, choice
 
 
@@ -260,7 +266,7 @@ class WhisperModel:
         """The next-token choice for each row of `logits` (rows, n_vocab), by the select graph
         (kernel whisper_max.select_tokens): (rows, k, 2) (token, log-probability) pairs, best
         first. `select`: from `selection`."""
-        return self._run("select", {"logits": logits, **select})["choice"].to_numpy()
+        return select_call(self._run, logits, select)
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""

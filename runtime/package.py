@@ -40,6 +40,10 @@ WIDENED = "/widened"
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
 LINEAGE = "lineage"
+# The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
+# token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
+SELECT_RANGES = 4
+SELECT_RULES = 2 * SELECT_RANGES + 1
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.

@@ -34,26 +34,6 @@ class ConvertResult:
     timings: dict = field(default_factory=dict)
 
 
-def graph_signature(g: ir.Graph) -> dict:
-    """What a runtime needs to call a graph: inputs, outputs and weights by name, with types."""
-    types = g.types()
-    sig = lambda name, t: {"name": name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
-    state = g.state_inputs()
-
-    def arg(v: ir.Value) -> dict:
-        out = sig(v.name, v.type)
-        if v.name in state:  # written in place at the position another input holds
-            out["state"] = {"axis": state[v.name].attr("axis"), "position": ir.write_position(state[v.name])}
-        return out
-
-    return {
-        "inputs": [arg(v) for v in g.inputs],
-        "outputs": [sig(name, types[v]) for name, v in g.outputs],
-        "weights": [sig(w.name, w.type) for w in g.weights],
-        "dims": [{"name": d.name, "min": d.min, "max": d.max} for d in g.dims],
-    }
-
-
 def compile_module(program: ir.Program, session):
     """Lower and compile the program's graphs as one MAX module."""
     from max.graph import Module
@@ -198,7 +178,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         "max_version": package.max_version(),
         "target_cpu": package.cpu_target(),
         "dtype": dtype,
-        "graphs": {g.name: graph_signature(g) for g in program.graphs},
+        "graphs": {g.name: ir.graph_signature(g) for g in program.graphs},
         "parity": parity_info,
         "skip_check": skip_check,
         "converter": {
@@ -257,7 +237,7 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
     files.update(onnx_io.to_onnx_files(program))
     old = pkg.manifest
     manifest = {k: v for k, v in old.items() if k not in ("files", "format", "format_version")}
-    manifest["graphs"] = {g.name: graph_signature(g) for g in program.graphs}
+    manifest["graphs"] = {g.name: ir.graph_signature(g) for g in program.graphs}
     manifest.update(
         max_version=package.max_version(),
         target_cpu=package.cpu_target(),

@@ -165,6 +165,26 @@ class Graph:
         return out
 
 
+def graph_signature(g: Graph) -> dict:
+    """What a runtime needs to call a graph: inputs, outputs and weights by name, with types."""
+    types = g.types()
+    sig = lambda name, t: {"name": name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
+    state = g.state_inputs()
+
+    def arg(v: Value) -> dict:
+        out = sig(v.name, v.type)
+        if v.name in state:  # written in place at the position another input holds
+            out["state"] = {"axis": state[v.name].attr("axis"), "position": write_position(state[v.name])}
+        return out
+
+    return {
+        "inputs": [arg(v) for v in g.inputs],
+        "outputs": [sig(name, types[v]) for name, v in g.outputs],
+        "weights": [sig(w.name, w.type) for w in g.weights],
+        "dims": [{"name": d.name, "min": d.min, "max": d.max} for d in g.dims],
+    }
+
+
 def one_position_per_row(g: "Graph", name: str) -> bool:
     """Whether the value `name` holds one position per row: every dim between the rows and the
     last is 1 (a decoder step, one token for each row), or it is the last position selected

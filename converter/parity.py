@@ -17,7 +17,6 @@ import golden
 from runtime.model import decoder_call, empty_cache_shape, host, state_specs
 
 from . import ir
-from .convert import graph_signature
 from .lower import lower_graph
 
 log = logging.getLogger(__name__)
@@ -159,7 +158,7 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     bounds = [b for b in bounds if b <= len(tokens)]
     positions = [hi - 1 for hi in bounds[1:]]
     graphs = {g.name for g in program.graphs}
-    steps = {g: state_specs(graph_signature(program.graph(g))) for g in ("decoder_step", "decoder_rows") if g in graphs}
+    steps = {g: state_specs(ir.graph_signature(program.graph(g))) for g in ("decoder_step", "decoder_rows") if g in graphs}
     routes = {"logits.incremental.decoder": ({}, 1)}
     if "decoder_step" in steps:
         routes["logits.incremental"] = ({"decoder_step": steps["decoder_step"]}, 1)

@@ -15,7 +15,7 @@ from torch.export import Dim, export
 from whisper.model import Conv1d, LayerNorm, Linear
 
 from converter import ir
-from converter.convert import graph_signature
+from converter.ir import graph_signature
 from converter.lower import LoweringError, compile_with_kernels, lower_graph, register
 from converter.parity import empty_cache
 from converter.passes import optimise, store_weights

@@ -48,6 +48,11 @@ DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
 # log-probability) pairs, k the length of `slots` (its values are not read). The kernel
 # whisper_max.select_tokens documents the operands; passes.token_selection makes its graph.
 SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
+# `attention_bf16(q, k, v, heads=h, scale=s)`: multi-head attention without a mask over
+# (batch, t, d) inputs, softmax((q s)(k s)^T) v per head, in bfloat16 arithmetic with float32
+# sums (the kernel whisper_max.attention_bf16); passes.fuse_encoder_attention makes it in the
+# encoder of a bfloat16 package.
+ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
 # op -> (the operands it writes in place, the operand holding the position it writes at)
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 
@@ -199,6 +204,13 @@ def one_position_per_row(g: "Graph", name: str) -> bool:
         inner = types[src.inputs[0]].shape
         return len(inner) == 3 and inner[1] == 1
     return False
+
+
+def bfloat16_product_fits(weight_shape) -> bool:
+    """Whether a product of many rows with a bfloat16 weight (n, k) can run as our bfloat16
+    kernel (whisper_max.linear_bf16): n a multiple of 64 (its column panels), k even (its
+    pairs). Every Whisper size's linear layers fit."""
+    return len(weight_shape) == 2 and all(isinstance(d, int) for d in weight_shape) and weight_shape[0] % 64 == 0 and weight_shape[1] % 2 == 0
 
 
 def _fmt(v: Any) -> str:

@@ -524,7 +524,10 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
     block's matrices as stored. A product of rows of one position each with the weight (a linear
     layer, or the vocabulary product through a transpose, in decoder_step and decoder_rows) reads
     it through a `cast`, which lowering turns into our matrix-vector kernel reading the stored
-    bytes (the step is bound by reading weights). Every other use reads `X/widened`
+    bytes (the step is bound by reading weights). A linear layer of many rows (the encoder,
+    cross K/V, prompts) reads it through a cast too, which lowering runs as our bfloat16 product
+    (whisper_max.linear_bf16: the rows are rounded to bfloat16, the sums are float32) when the
+    weight's shape fits it (ir.bfloat16_product_fits). Every other use reads `X/widened`
     (runtime.package.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
     to every graph that names it: one float32 copy in all, where a cast would have MAX make one
     per graph at initialisation. LayerNorm parameters and biases stay float32 (0.2% of the bytes).
@@ -541,9 +544,9 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
         types = g.types()
         users = _consumers(g)
 
-        def one_row_product(n: ir.Node, w: str) -> bool:
+        def reads_stored(n: ir.Node, w: str) -> bool:
             if n.op == "aten.linear.default":
-                return n.inputs[1] == w and ir.one_position_per_row(g, n.inputs[0])
+                return n.inputs[1] == w and (ir.one_position_per_row(g, n.inputs[0]) or ir.bfloat16_product_fits(shapes[w]))
             if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
                 after = users.get(n.name, [])
                 return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0]) for m in after)
@@ -566,7 +569,7 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
             for i in n.inputs:
                 if i not in stored:
                     inputs.append(i)
-                elif one_row_product(n, i):
+                elif reads_stored(n, i):
                     if i not in casts:
                         casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
                         nodes.append(casts[i])
@@ -583,6 +586,83 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
         log.info("%s: %d weights stored as %s (%d read widened)", g.name, len(stored), dtype, sum(dt == "float32" for dt in read.values()))
         graphs.append(out)
     return ir.Program(tuple(graphs), p.dims)
+
+
+def fuse_encoder_attention(p: ir.Program, graph: str = "encoder", head_dim: int = 64) -> ir.Program:
+    """Replace the attention of each block of `graph` (the encoder: no mask) by one
+    `attention_bf16(q, k, v)` node, which lowering runs as our bfloat16 kernel. Only for
+    bfloat16 packages: the kernel rounds q, k, v and the softmax's numerators to bfloat16.
+
+    The traced chain, from the three linear outputs (batch, t, d) to the flattened heads, must
+    be exactly openai-whisper's qkv_attention with no mask: each of q, k, v viewed as
+    (batch, t, heads, hd) and permuted to (batch, heads, t, hd); q and k multiplied by one
+    constant s; k transposed; q @ k^T; softmax over the last dim; @ v; permuted back and
+    flattened. Every value of the chain has no other reader. hd must be `head_dim` (the kernel's
+    panel; every Whisper size has 64). Blocks that differ are left as they are and named in
+    the error if none matched."""
+    g = p.graph(graph)
+    prod = {n.name: n for n in g.nodes}
+    users = _consumers(g)
+    types = g.types()
+    outputs = {v for _, v in g.outputs}
+
+    def only(name: str, op: str, **attrs) -> ir.Node | None:
+        n = prod.get(name)
+        if n is None or n.op != op or any(n.attr(k) != v for k, v in attrs.items()):
+            return None
+        if len(users.get(name, [])) != 1 or name in outputs:
+            return None
+        return n
+
+    def head_view(name: str) -> tuple[ir.Node, ir.Node] | None:
+        perm = only(name, "aten.permute.default", dims=(0, 2, 1, 3))
+        view = perm and only(perm.inputs[0], "aten.view.default")
+        if view is None:
+            return None
+        size = view.attr("size")
+        if len(size) != 4 or size[3] != -1 or perm.type.shape[3] != head_dim:
+            return None
+        return view, perm
+
+    replace: dict[str, ir.Node] = {}  # the flatten's name -> the fused node
+    drop: set[str] = set()
+    for sm in g.nodes:
+        if sm.op != "aten.softmax.int" or sm.attr("dim") != -1 or sm.attr("dtype") is not None:
+            continue
+        qk = only(sm.inputs[0], "aten.matmul.default")
+        pv = users.get(sm.name, [])
+        if qk is None or len(pv) != 1 or pv[0].op != "aten.matmul.default" or pv[0].inputs[0] != sm.name or sm.name in outputs:
+            continue
+        pv = pv[0]
+        mq = only(qk.inputs[0], "aten.mul.Tensor")
+        tr = only(qk.inputs[1], "aten.transpose.int")
+        mk = tr and only(tr.inputs[0], "aten.mul.Tensor")
+        if mq is None or mk is None or {tr.attr("dim0"), tr.attr("dim1")} != {-1, -2}:
+            continue
+        scale = mq.attr("other")
+        if not isinstance(scale, float) or mk.attr("other") != scale:
+            continue
+        q, k, v = head_view(mq.inputs[0]), head_view(mk.inputs[0]), head_view(pv.inputs[1])
+        after = users.get(pv.name, [])
+        back = only(after[0].name, "aten.permute.default", dims=(0, 2, 1, 3)) if len(after) == 1 and pv.name not in outputs else None
+        flat = users.get(back.name, []) if back is not None else []
+        if q is None or k is None or v is None or len(flat) != 1:
+            continue
+        flat = flat[0]
+        if flat.op != "aten.flatten.using_ints" or flat.attr("start_dim") != 2 or flat.attr("end_dim") != -1:
+            continue
+        heads = q[1].type.shape[1]
+        sources = (q[0].inputs[0], k[0].inputs[0], v[0].inputs[0])
+        if not isinstance(heads, int) or any(types[x] != flat.type for x in sources):
+            continue
+        replace[flat.name] = ir.Node(flat.name, ir.ATTENTION_BF16, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope)
+        drop |= {q[0].name, q[1].name, k[0].name, k[1].name, v[0].name, v[1].name, mq.name, mk.name, tr.name, qk.name, sm.name, pv.name, back.name}
+    if not replace:
+        raise ValueError(f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, "
+                         f"matmul, softmax, matmul, permute, flatten; heads of {head_dim})")
+    nodes = [replace.get(n.name, n) for n in g.nodes if n.name not in drop]
+    log.info("%s: %d attentions fused (bfloat16)", graph, len(replace))
+    return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
 
 
 SELECT = "select"

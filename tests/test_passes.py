@@ -7,7 +7,7 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import fuse_decoder_layers, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
+from converter.passes import fuse_decoder_layers, fuse_encoder_attention, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
 from converter.trace import trace_program
 from runtime.package import LINEAGE, widened_source
 
@@ -198,17 +198,42 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
             elif n.op != ir.CAST:
                 assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
         # a stored matrix is read through a cast only by products of rows of one position each
-        # (decoder_step, decoder_rows); everything else reads its widened copy
+        # (decoder_step, decoder_rows) and by linear layers of many rows whose weight fits the
+        # bfloat16 kernel; everything else reads its widened copy
         readers = {c.name: [m for m in g.nodes if c.name in m.inputs] for c in casts if c.inputs[0] in types}
         for users in readers.values():
             assert users and all(m.op in ("aten.linear.default", "aten.transpose.int") for m in users)
         if g.name in ("decoder_step", "decoder_rows"):
             assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
         if g.name in ("encoder", "decoder", "alignment"):
-            assert not [c for c in casts if c.inputs[0] in types]
+            many_rows = {c.inputs[0] for c in casts if c.inputs[0] in types}
+            assert many_rows == {w for w in types if ir.bfloat16_product_fits(types[w].shape) and any(
+                m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)}
+            assert many_rows and all(types[w].shape[0] % 64 == 0 for w in many_rows)  # the tiny MLP's fc1 (64, 16)
     # one stored dtype per weight; widened weights stand for their bfloat16 source
     assert after.stored_weights() == {n: ("bfloat16" if n in matrices else "float32") for n in before.weight_names()}
     assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
     assert ir.format_program(store_weights(after)) == ir.format_program(after)
     with pytest.raises(ValueError, match="int8"):
         store_weights(before, "int8")
+
+
+def test_fuse_encoder_attention_replaces_each_blocks_chain():
+    """Each encoder block's qkv_attention (view, permute, scale, matmul, softmax, matmul, permute,
+    flatten) becomes one attention_bf16 node on the three linear outputs, nothing else changes;
+    a chain that differs (here: another head size) is refused with the reason."""
+    p = store_weights(optimise(trace_program(tiny_whisper())))
+    hd = TINY_DIMS["n_audio_state"] // TINY_DIMS["n_audio_head"]
+    fused = fuse_encoder_attention(p, head_dim=hd)
+    before, after = p.graph("encoder"), fused.graph("encoder")
+    att = [n for n in after.nodes if n.op == ir.ATTENTION_BF16]
+    assert len(att) == TINY_DIMS["n_audio_layer"]
+    assert not any(n.op in ("aten.softmax.int", "aten.matmul.default") for n in after.nodes)
+    for i, n in enumerate(att):
+        assert n.inputs == tuple(f"encoder.blocks.{i}.attn.{w}/linear" for w in ("query", "key", "value"))
+        assert n.attr("heads") == TINY_DIMS["n_audio_head"] and n.attr("scale") == pytest.approx(hd ** -0.25)
+        assert n.name == f"encoder.blocks.{i}.attn/flatten"  # its readers are unchanged
+    assert len(before.nodes) - len(after.nodes) == 13 * len(att)
+    assert [g for g in fused.graphs if g.name != "encoder"] == [g for g in p.graphs if g.name != "encoder"]
+    with pytest.raises(ValueError, match="no attention matched"):
+        fuse_encoder_attention(p, head_dim=64)

@@ -23,6 +23,7 @@ from . import LoweringError, register
 
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
 LINEAR_ROWS = "whisper_max.linear_rows"
+LINEAR_BF16 = "whisper_max.linear_bf16"
 
 
 @cache
@@ -66,6 +67,18 @@ def linear_rows(ctx, x, weight, bias=None):
     return ops.reshape(y, [*x.shape[:-1], n])
 
 
+def linear_bf16(ctx, x, weight, bias=None):
+    """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32, by
+    whisper_max.linear_bf16: x rounded to bfloat16, pair products summed in float32."""
+    k, n = x.shape[-1], weight.shape[0]
+    flat = ops.reshape(x, [-1, k])
+    if bias is None:
+        bias = ops.constant(np.zeros(int(n), np.float32), DType.float32, ctx.device)
+    out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
+    y = ops.custom(LINEAR_BF16, device=ctx.device, values=[flat, weight, bias], out_types=[out_type])[0].tensor
+    return ops.reshape(y, [*x.shape[:-1], n])
+
+
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
@@ -82,6 +95,14 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type],
                            parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
     return ops.reshape(y, x.shape)
+
+
+@register(ir.ATTENTION_BF16)
+def attention_bf16(ctx, node, q, k, v, heads, scale):
+    """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_bf16."""
+    out_type = TensorType(DType.float32, list(q.shape), ctx.device)
+    return ops.custom(ir.ATTENTION_BF16, device=ctx.device, values=[q, k, v], out_types=[out_type],
+                      parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
 
 
 @register(ir.SELECT_TOKENS)

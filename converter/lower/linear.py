@@ -11,18 +11,20 @@ passes.fuse_decoder_layers.)
 
 A weight stored in bfloat16 (passes.store_weights reads it through a cast in such products) is
 read as stored by the same kernel, which widens each element exactly as it loads it: half the
-bytes, float32 arithmetic. Every other product of a stored weight binds its float32 widening
-(`X/widened`, made at load) and computes in float32: MAX's bfloat16 matrix products of many rows
-are slower than float32 here (~3x), and a cast of a weight would be folded by MAX into a float32
-copy per graph.
+bytes, float32 arithmetic. A linear layer of many rows with a stored weight (the encoder, cross
+K/V, a prompt) runs as our kernel whisper_max.linear_bf16 (custom.linear_bf16): rows rounded to
+bfloat16, AVX512_BF16 pair products summed in float32, ~2.5x MAX's float32 matmul on an AMD EPYC
+(Zen 4); MAX's own bfloat16 matmul was no faster than its float32 one there. Every other product
+of a stored weight binds its float32 widening (`X/widened`, made at load) and computes in
+float32; a cast of a weight would be folded by MAX into a float32 copy per graph.
 """
 
 from max.dtype import DType
 from max.graph import ops
 
 from .. import ir
-from . import register
-from .custom import linear_rows
+from . import LoweringError, register
+from .custom import linear_bf16, linear_rows
 
 
 def _weight(ctx, name: str):
@@ -48,6 +50,12 @@ def linear(ctx, node, x, weight, bias):
     w = _weight(ctx, node.inputs[1])
     if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
         return linear_rows(ctx, x, w, bias)
+    if w is not None and w.dtype == DType.bfloat16:
+        if not ir.bfloat16_product_fits([int(d) for d in w.shape]):
+            raise LoweringError(f"{node.name}: a product of many rows reads the bfloat16 weight {node.inputs[1]!r} of shape "
+                                f"{[int(d) for d in w.shape]}, which whisper_max.linear_bf16 cannot take (rows a multiple of 64, "
+                                f"even columns); passes.store_weights should have bound its widened copy")
+        return linear_bf16(ctx, x, w, bias)
     y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
     return y if bias is None else y + bias
 

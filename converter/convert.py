@@ -34,6 +34,14 @@ class ConvertResult:
     timings: dict = field(default_factory=dict)
 
 
+def require_cpu_features(program: ir.Program) -> None:
+    """Raise unless this CPU has the instructions the program's kernels are compiled to: the
+    bfloat16 products and attention of a bfloat16 package use AVX512_BF16."""
+    if ir.uses_bfloat16_arithmetic(program) and "avx512_bf16" not in package.cpu_target()["features"]:
+        raise ConvertError("this program computes products in bfloat16 (whisper_max.linear_bf16, attention_bf16), which need "
+                           f"AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here")
+
+
 def compile_module(program: ir.Program, session):
     """Lower and compile the program's graphs as one MAX module."""
     from max.graph import Module
@@ -111,6 +119,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     program = passes.optimise(trace.trace_program(model))
     if dtype != "float32":
         program = passes.fuse_encoder_attention(passes.store_weights(program, dtype))
+        require_cpu_features(program)
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -228,6 +237,7 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
     pkg.check_weights(weights)
     # graphs later converters add that need no source model (a package made before them gets them)
     program = passes.token_selection(program)
+    require_cpu_features(program)
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t

@@ -213,6 +213,21 @@ def bfloat16_product_fits(weight_shape) -> bool:
     return len(weight_shape) == 2 and all(isinstance(d, int) for d in weight_shape) and weight_shape[0] % 64 == 0 and weight_shape[1] % 2 == 0
 
 
+def uses_bfloat16_arithmetic(p: "Program") -> bool:
+    """Whether lowering runs any of the program's products in bfloat16 arithmetic: a fused
+    bfloat16 attention, or a linear layer of many rows reading a stored bfloat16 weight through
+    a cast (lowering: whisper_max.linear_bf16)."""
+    for g in p.graphs:
+        stored = {w.name for w in g.weights if w.type.dtype == "bfloat16"}
+        casts = {n.name for n in g.nodes if n.op == CAST and n.inputs[0] in stored}
+        for n in g.nodes:
+            if n.op == ATTENTION_BF16:
+                return True
+            if n.op == "aten.linear.default" and n.inputs[1] in casts and not one_position_per_row(g, n.inputs[0]):
+                return True
+    return False
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)

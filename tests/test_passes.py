@@ -237,3 +237,6 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
     assert [g for g in fused.graphs if g.name != "encoder"] == [g for g in p.graphs if g.name != "encoder"]
     with pytest.raises(ValueError, match="no attention matched"):
         fuse_encoder_attention(p, head_dim=64)
+    # what needs AVX512_BF16 (convert.require_cpu_features): bfloat16 products of many rows, the attention
+    assert ir.uses_bfloat16_arithmetic(p) and ir.uses_bfloat16_arithmetic(fused)
+    assert not ir.uses_bfloat16_arithmetic(optimise(trace_program(tiny_whisper())))

@@ -11,8 +11,8 @@ from os import PathLike
 
 
 def load(path: str | PathLike):
-    """Open a package and initialise its compiled graphs (no compilation happens here)."""
-    from .model import WhisperModel
-    from .package import Package
+    """Open a package and initialise its compiled graphs (no compilation happens here): a
+    runtime.api.Whisper, with openai-whisper's `transcribe` and `decode` methods."""
+    from .api import load
 
-    return WhisperModel(Package.open(path))
+    return load(path)

@@ -276,17 +276,6 @@ class WhisperModel:
         n_layer = self.dims["n_text_layer"]
         return out["logits"].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
 
-    def transcribe(self, audio, **options) -> dict:
-        """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
-        from .transcribe import transcribe
-
-        return transcribe(self, audio, **options)
-
-    def decode(self, mel, options=None, **kwargs):
-        from .decoding import DecodingOptions, decode
-
-        return decode(self, mel, options or DecodingOptions(), **kwargs)
-
     @property
     def shares_window(self) -> bool:
         """Whether rows of one window (beams, best-of samples) can decode against one copy of

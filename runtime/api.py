@@ -1,0 +1,31 @@
+"""The Python API: a loaded package with openai-whisper's `model.transcribe` and `model.decode`.
+
+It sits above the decoding and long-form modules so that the model (runtime.model) does not
+import them: dependencies point one way, model <- decoding <- timing <- transcribe <- api.
+"""
+
+from __future__ import annotations
+
+from os import PathLike
+
+from .decoding import DecodingOptions, decode
+from .model import WhisperModel
+from .package import Package
+from .transcribe import transcribe
+
+
+class Whisper(WhisperModel):
+    """A package's compiled program with openai-whisper's model methods."""
+
+    def transcribe(self, audio, **options) -> dict:
+        """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
+        return transcribe(self, audio, **options)
+
+    def decode(self, mel, options: DecodingOptions | None = None, **kwargs):
+        """openai-whisper's `model.decode`: a log-mel window (or a batch) -> DecodingResult(s)."""
+        return decode(self, mel, options or DecodingOptions(), **kwargs)
+
+
+def load(path: str | PathLike) -> Whisper:
+    """Open a package and initialise its compiled graphs (no compilation happens here)."""
+    return Whisper(Package.open(path))

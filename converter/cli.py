@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,7 +14,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 @app.command()
 def convert_cmd(
     model: str = typer.Argument(..., help="openai-whisper name (tiny.en, base, ...), a .pt checkpoint, or a CTranslate2 model folder"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
     skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
     dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; every product widens them exactly and sums in float32)"),
@@ -43,15 +42,8 @@ def convert_cmd(
     result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype)
     p = result.manifest["parity"]
     t = result.timings
-    parity = (
-        f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"
-        if p["checked"]
-        else "parity NOT checked (--skip-check)"
-    )
-    typer.echo(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
-    )
+    parity = f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}" if p["checked"] else "parity NOT checked (--skip-check)"
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

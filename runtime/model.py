@@ -67,7 +67,7 @@ class StepCache:
             self.buffers[LINEAGE] = Buffer.from_numpy(self.lineage)
 
     @classmethod
-    def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = "decoder_step") -> "StepCache":
+    def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = "decoder_step") -> StepCache:
         """A StepCache filled with `cache` (name -> (rows, …, positions, …) from the general
         decoder, or another StepCache); a cache of one row is repeated into every row (all beams
         share the prompt)."""
@@ -185,8 +185,7 @@ class WhisperModel:
         self.alignment_heads = m["model"]["alignment_heads"]
         self._sig = m["graphs"]
         if "select" not in self._sig:
-            raise PackageError(f"{pkg.path} has no select graph (made by an older whisper-convert); "
-                               f"`whisper-convert --rebuild {pkg.path}` adds it")
+            raise PackageError(f"{pkg.path} has no select graph (made by an older whisper-convert); `whisper-convert --rebuild {pkg.path}` adds it")
         with ThreadPoolExecutor(2) as pool:
             # weights.bin (most of the bytes) and the tokenizer are made in the background while
             # this thread reads and initialises the compiled graphs; file reads, CRC and MAX's
@@ -296,4 +295,3 @@ class WhisperModel:
                 return state
             state = state.as_cache()
         return {k: np.ascontiguousarray(host(v)[index]) for k, v in state.items()}
-

@@ -194,7 +194,7 @@ class Package:
     _zip: zipfile.ZipFile
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Package":
+    def open(cls, path: str | os.PathLike) -> Package:
         path = Path(path)
         if not path.is_file():
             raise PackageError(f"{path}: no such package; create one with `whisper-convert tiny.en --out {path}`")
@@ -207,8 +207,7 @@ class Package:
             raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format')!r})")
         if manifest.get("format_version") not in READS:
             raise PackageError(
-                f"{path}: package format {manifest.get('format_version')}, this runtime reads {' and '.join(map(str, READS))}; "
-                "convert the model again with this version's whisper-convert"
+                f"{path}: package format {manifest.get('format_version')}, this runtime reads {' and '.join(map(str, READS))}; convert the model again with this version's whisper-convert"
             )
         return cls(path, manifest, z)
 
@@ -289,7 +288,4 @@ class Package:
                 if a is None:
                     raise PackageError(f"{self.path}: weight {w['name']!r} missing from weights.bin")
                 if list(a.shape) != w["shape"] or a.dtype.name != w["dtype"]:
-                    raise PackageError(
-                        f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, "
-                        f"the graphs want {w['dtype']}{w['shape']}"
-                    )
+                    raise PackageError(f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, the graphs want {w['dtype']}{w['shape']}")

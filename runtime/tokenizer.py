@@ -14,8 +14,20 @@ from functools import cached_property
 import tiktoken
 
 # language names that are not in the table but that openai-whisper also accepts
-_ALIASES = {"burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb", "pushto": "ps",
-            "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si", "castilian": "es", "mandarin": "zh"}
+_ALIASES = {
+    "burmese": "my",
+    "valencian": "ca",
+    "flemish": "nl",
+    "haitian": "ht",
+    "letzeburgesch": "lb",
+    "pushto": "ps",
+    "panjabi": "pa",
+    "moldavian": "ro",
+    "moldovan": "ro",
+    "sinhalese": "si",
+    "castilian": "es",
+    "mandarin": "zh",
+}
 
 
 class Tokenizer:
@@ -52,11 +64,11 @@ class Tokenizer:
         self.sot_sequence = tuple(seq)
 
     @classmethod
-    def from_package(cls, pkg, language: str | None = None, task: str | None = None) -> "Tokenizer":
+    def from_package(cls, pkg, language: str | None = None, task: str | None = None) -> Tokenizer:
         meta = json.loads(pkg.read("assets/tokenizer.json"))
         return cls(pkg.read(f"assets/{meta['encoding']}.tiktoken"), meta, language, task)
 
-    def with_language(self, language: str | None, task: str | None) -> "Tokenizer":
+    def with_language(self, language: str | None, task: str | None) -> Tokenizer:
         """The same vocabulary with another language/task (shares the tiktoken encoding)."""
         new = object.__new__(Tokenizer)
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech", "_specials_marked")})  # language-independent

@@ -174,12 +174,7 @@ def _transcribe_steps(
                 needs_fallback = True  # too repetitive
             if logprob_threshold is not None and result.avg_logprob < logprob_threshold:
                 needs_fallback = True  # average log probability too low
-            if (
-                no_speech_threshold is not None
-                and result.no_speech_prob > no_speech_threshold
-                and logprob_threshold is not None
-                and result.avg_logprob < logprob_threshold
-            ):
+            if no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold and logprob_threshold is not None and result.avg_logprob < logprob_threshold:
                 needs_fallback = False  # silence
             if not needs_fallback:
                 break
@@ -252,9 +247,7 @@ def _transcribe_steps(
                 piece = tokens[last_slice:current]
                 start_pos = piece[0] - tokenizer.timestamp_begin
                 end_pos = piece[-1] - tokenizer.timestamp_begin
-                current_segments.append(
-                    new_segment(start=time_offset + start_pos * time_precision, end=time_offset + end_pos * time_precision, tokens=piece, result=result)
-                )
+                current_segments.append(new_segment(start=time_offset + start_pos * time_precision, end=time_offset + end_pos * time_precision, tokens=piece, result=result))
                 last_slice = current
             if single_timestamp_ending:
                 seek += segment_size  # no speech after the last timestamp: go to the window's end
@@ -285,8 +278,17 @@ def _transcribe_steps(
                     seek = round(last_word_end * FRAMES_PER_SECOND)
             if hallucination_silence_threshold is not None:
                 skip_to = _skip_hallucinations(
-                    current_segments, hallucination_silence_threshold, single_timestamp_ending, time_offset,
-                    window_end_time, segment_duration, content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp,
+                    current_segments,
+                    hallucination_silence_threshold,
+                    single_timestamp_ending,
+                    time_offset,
+                    window_end_time,
+                    segment_duration,
+                    content_duration,
+                    content_frames,
+                    previous_seek,
+                    segment_size,
+                    last_speech_timestamp,
                 )
                 if skip_to is not None:
                     seek, restart = skip_to
@@ -342,8 +344,9 @@ def _next_words_segment(segments: list[dict]) -> dict | None:
     return next((s for s in segments if s["words"]), None)
 
 
-def _skip_hallucinations(segments, threshold, single_timestamp_ending, time_offset, window_end_time, segment_duration,
-                         content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp):
+def _skip_hallucinations(
+    segments, threshold, single_timestamp_ending, time_offset, window_end_time, segment_duration, content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp
+):
     """openai-whisper's hallucination_silence_threshold: a new seek, and whether to redo the window.
     Drops anomalous segments surrounded by silence from `segments` in place; None keeps the seek."""
     seek = None

@@ -1,6 +1,6 @@
 """Store openai-whisper's transcripts of the bundled clip, for the runtime's torch-free test.
 
-    python scripts/make_golden_transcripts.py    # rewrites golden/transcripts.json
+python scripts/make_golden_transcripts.py    # rewrites golden/transcripts.json
 """
 
 from __future__ import annotations

@@ -71,20 +71,21 @@ def main() -> None:
             tokens[e["file"]] = [tok for s in result["segments"] for tok in s["tokens"]]
         same = None if baseline_tokens is None else sum(tokens[f] == baseline_tokens[f] for f in tokens)
         baseline_tokens = baseline_tokens or tokens
-        rows.append({
-            "package": path,
-            "dtype": model.package.manifest.get("dtype", "float32"),
-            "words": n_words,
-            "edits": sum(edits.values()),
-            "wer": 100.0 * sum(edits.values()) / n_words,
-            "edits_per_clip": edits,
-            "clips_with_baseline_tokens": same,
-            "transcribe_s": seconds,
-        })
+        rows.append(
+            {
+                "package": path,
+                "dtype": model.package.manifest.get("dtype", "float32"),
+                "words": n_words,
+                "edits": sum(edits.values()),
+                "wer": 100.0 * sum(edits.values()) / n_words,
+                "edits_per_clip": edits,
+                "clips_with_baseline_tokens": same,
+                "transcribe_s": seconds,
+            }
+        )
     base = rows[0]["wer"]
     lines = [
-        f"English dev set: {len(clips)} clips, {n_words} reference words ({', '.join(e['file'] for e in clips)}); "
-        "transcribe() defaults, language en, EnglishTextNormalizer.",
+        f"English dev set: {len(clips)} clips, {n_words} reference words ({', '.join(e['file'] for e in clips)}); transcribe() defaults, language en, EnglishTextNormalizer.",
         "",
         "| package | dtype | WER % | vs first (points) | word edits | clips with the first's tokens | transcribe s |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -76,8 +76,9 @@ def test_malformed_model_bin(ct2_dir, mutate, message):
 
 
 def test_real_tiny_en_maps_to_openai_whisper_names():
-    from converter.sources import resolve
     from whisper.model import ModelDimensions, Whisper
+
+    from converter.sources import resolve
 
     src = resolve("tiny.en")
     expected = Whisper(ModelDimensions(**src.dims)).state_dict()

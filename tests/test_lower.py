@@ -77,16 +77,21 @@ def _bf16_products():
     """A graph `products` of two linear layers of many rows whose weights store_weights makes
     bfloat16: (128, 96) fits whisper_max.linear_bf16, (48, 96) does not (read widened). Returns
     the program and the weights bound to it."""
-    f32 = lambda *shape: ir.TensorType("float32", shape)
+
+    def f32(*shape):
+        return ir.TensorType("float32", shape)
+
     qkv = f32(*_ATTENTION_SHAPE)
     g = ir.Graph(
         "products",
         (ir.Value("x", f32(2, 7, 96)), ir.Value("q", qkv), ir.Value("k", qkv), ir.Value("v", qkv)),
         (ir.Value("w", f32(128, 96)), ir.Value("b", f32(128)), ir.Value("w2", f32(48, 96))),
         (),
-        (ir.Node("fits", "aten.linear.default", ("x", "w", "b"), (), f32(2, 7, 128), "fits"),
-         ir.Node("widened", "aten.linear.default", ("x", "w2", ""), (), f32(2, 7, 48), "widened"),
-         ir.Node("attention", ir.ATTENTION_BF16, ("q", "k", "v"), (("heads", 2), ("scale", 0.125)), qkv, "attention")),
+        (
+            ir.Node("fits", "aten.linear.default", ("x", "w", "b"), (), f32(2, 7, 128), "fits"),
+            ir.Node("widened", "aten.linear.default", ("x", "w2", ""), (), f32(2, 7, 48), "widened"),
+            ir.Node("attention", ir.ATTENTION_BF16, ("q", "k", "v"), (("heads", 2), ("scale", 0.125)), qkv, "attention"),
+        ),
         (("y", "fits"), ("y2", "widened"), ("att", "attention")),
     )
     program = store_weights(ir.Program((g,), {}))

@@ -116,8 +116,7 @@ def test_fuse_decoder_layers_refuses_a_block_it_does_not_know():
     scaled = changed(lambda n: ir.Node(n.name, n.op, n.inputs, (("other", 0.5),), n.type, n.scope) if n.name.endswith("attn/mul.1") else n)
     with pytest.raises(ValueError, match="attention scales"):
         fuse_decoder_layers(scaled, "decoder_step")
-    open_mask = ir.Graph(step.name, step.inputs, step.weights, tuple(ir.Constant(c.name, np.zeros_like(c.data)) for c in step.constants),
-                         step.nodes, step.outputs, step.dims)
+    open_mask = ir.Graph(step.name, step.inputs, step.weights, tuple(ir.Constant(c.name, np.zeros_like(c.data)) for c in step.constants), step.nodes, step.outputs, step.dims)
     with pytest.raises(ValueError, match="causal mask"):
         fuse_decoder_layers(ir.Program(tuple(open_mask if x.name == step.name else x for x in p.graphs), p.dims), "decoder_step")
 
@@ -207,8 +206,7 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
             assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
         if g.name in ("encoder", "decoder", "alignment"):
             many_rows = {c.inputs[0] for c in casts if c.inputs[0] in types}
-            assert many_rows == {w for w in types if ir.bfloat16_product_fits(types[w].shape) and any(
-                m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)}
+            assert many_rows == {w for w in types if ir.bfloat16_product_fits(types[w].shape) and any(m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)}
             assert many_rows and all(types[w].shape[0] % 64 == 0 for w in many_rows)  # the tiny MLP's fc1 (64, 16)
     # one stored dtype per weight; widened weights stand for their bfloat16 source
     assert after.stored_weights() == {n: ("bfloat16" if n in matrices else "float32") for n in before.weight_names()}
@@ -231,7 +229,7 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
     assert not any(n.op in ("aten.softmax.int", "aten.matmul.default") for n in after.nodes)
     for i, n in enumerate(att):
         assert n.inputs == tuple(f"encoder.blocks.{i}.attn.{w}/linear" for w in ("query", "key", "value"))
-        assert n.attr("heads") == TINY_DIMS["n_audio_head"] and n.attr("scale") == pytest.approx(hd ** -0.25)
+        assert n.attr("heads") == TINY_DIMS["n_audio_head"] and n.attr("scale") == pytest.approx(hd**-0.25)
         assert n.name == f"encoder.blocks.{i}.attn/flatten"  # its readers are unchanged
     assert len(before.nodes) - len(after.nodes) == 13 * len(att)
     assert [g for g in fused.graphs if g.name != "encoder"] == [g for g in p.graphs if g.name != "encoder"]

@@ -120,7 +120,8 @@ def test_base_language_detected(base, reference_model, clip, temperature):
 
 
 def test_options_follow_openai_whisper(tiny, reference_model):
-    compare(*both(tiny, reference_model("tiny.en"), "ls_1221-135766-0001.wav", temperature=0.0, language="en", initial_prompt="Sherlock Holmes.", clip_timestamps="1.5,9", condition_on_previous_text=False))
+    options = dict(temperature=0.0, language="en", initial_prompt="Sherlock Holmes.", clip_timestamps="1.5,9", condition_on_previous_text=False)
+    compare(*both(tiny, reference_model("tiny.en"), "ls_1221-135766-0001.wav", **options))
     compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", without_timestamps=True, suppress_tokens="", suppress_blank=False))
     compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", prefix="And so, my fellow"))
     compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", sample_len=10, patience=None))

@@ -9,8 +9,16 @@ import torch
 from whisper.model import ModelDimensions, Whisper
 
 TINY_DIMS = dict(
-    n_mels=8, n_audio_ctx=10, n_audio_state=16, n_audio_head=2, n_audio_layer=2,
-    n_vocab=50, n_text_ctx=12, n_text_state=16, n_text_head=2, n_text_layer=2,
+    n_mels=8,
+    n_audio_ctx=10,
+    n_audio_state=16,
+    n_audio_head=2,
+    n_audio_layer=2,
+    n_vocab=50,
+    n_text_ctx=12,
+    n_text_state=16,
+    n_text_head=2,
+    n_text_layer=2,
 )
 
 
@@ -54,13 +62,17 @@ def to_ct2_variables(sd: dict[str, np.ndarray], dims: dict) -> dict[str, np.ndar
     v: dict[str, np.ndarray] = {
         "encoder/num_heads": np.array(dims["n_audio_head"], np.int16),
         "decoder/num_heads": np.array(dims["n_text_head"], np.int16),
-        "encoder/conv1/weight": h(sd["encoder.conv1.weight"]), "encoder/conv1/bias": h(sd["encoder.conv1.bias"]),
-        "encoder/conv2/weight": h(sd["encoder.conv2.weight"]), "encoder/conv2/bias": h(sd["encoder.conv2.bias"]),
+        "encoder/conv1/weight": h(sd["encoder.conv1.weight"]),
+        "encoder/conv1/bias": h(sd["encoder.conv1.bias"]),
+        "encoder/conv2/weight": h(sd["encoder.conv2.weight"]),
+        "encoder/conv2/bias": h(sd["encoder.conv2.bias"]),
         "encoder/position_encodings/encodings": h(sd["encoder.positional_embedding"]),
-        "encoder/layer_norm/gamma": h(sd["encoder.ln_post.weight"]), "encoder/layer_norm/beta": h(sd["encoder.ln_post.bias"]),
+        "encoder/layer_norm/gamma": h(sd["encoder.ln_post.weight"]),
+        "encoder/layer_norm/beta": h(sd["encoder.ln_post.bias"]),
         "decoder/embeddings/weight": h(sd["decoder.token_embedding.weight"]),
         "decoder/position_encodings/encodings": h(sd["decoder.positional_embedding"]),
-        "decoder/layer_norm/gamma": h(sd["decoder.ln.weight"]), "decoder/layer_norm/beta": h(sd["decoder.ln.bias"]),
+        "decoder/layer_norm/gamma": h(sd["decoder.ln.weight"]),
+        "decoder/layer_norm/beta": h(sd["decoder.ln.bias"]),
     }
 
     def ln(dst, src):

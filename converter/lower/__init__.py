@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from max.dtype import DType
@@ -155,10 +155,7 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
         for node in g.nodes:
             fn = _REGISTRY.get(node.op)
             if fn is None:
-                raise LoweringError(
-                    f"no lowering for {node.op} (node {node.name}, module {node.scope}, graph {g.name}); "
-                    f"add one with @register({node.op!r}) in converter/lower/"
-                )
+                raise LoweringError(f"no lowering for {node.op} (node {node.name}, module {node.scope}, graph {g.name}); add one with @register({node.op!r}) in converter/lower/")
             if verbose:
                 log.info("lower %s = %s%s", node.name, node.op, node.inputs)
             args = [env[i] if i else None for i in node.inputs]

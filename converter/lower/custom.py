@@ -43,8 +43,7 @@ def kernel_library() -> Path:
     proc = subprocess_run_mojo(["precompile", str(KERNELS), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); "
-                            f"is the mojo-compiler wheel that max installs present?\n{proc.stderr[-3000:]}")
+        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); is the mojo-compiler wheel that max installs present?\n{proc.stderr[-3000:]}")
     try:
         tmp_dir.rename(out.parent)  # atomic; another process may have won the race
     except OSError:
@@ -92,8 +91,7 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
         operands = (*operands, ops.constant(np.zeros((0, int(key_cache.shape[2])), np.int32), DType.int32, ctx.device))
     values = [key_cache, value_cache, flat, ops.reshape(position, [1]), *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
-    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type],
-                           parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
+    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
     return ops.reshape(y, x.shape)
 
 
@@ -101,8 +99,7 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
 def attention_bf16(ctx, node, q, k, v, heads, scale):
     """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_bf16."""
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
-    return ops.custom(ir.ATTENTION_BF16, device=ctx.device, values=[q, k, v], out_types=[out_type],
-                      parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
+    return ops.custom(ir.ATTENTION_BF16, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
 
 
 @register(ir.SELECT_TOKENS)

@@ -52,9 +52,11 @@ def linear(ctx, node, x, weight, bias):
         return linear_rows(ctx, x, w, bias)
     if w is not None and w.dtype == DType.bfloat16:
         if not ir.bfloat16_product_fits([int(d) for d in w.shape]):
-            raise LoweringError(f"{node.name}: a product of many rows reads the bfloat16 weight {node.inputs[1]!r} of shape "
-                                f"{[int(d) for d in w.shape]}, which whisper_max.linear_bf16 cannot take (rows a multiple of 64, "
-                                f"even columns); passes.store_weights should have bound its widened copy")
+            raise LoweringError(
+                f"{node.name}: a product of many rows reads the bfloat16 weight {node.inputs[1]!r} of shape "
+                f"{[int(d) for d in w.shape]}, which whisper_max.linear_bf16 cannot take (rows a multiple of 64, "
+                f"even columns); passes.store_weights should have bound its widened copy"
+            )
         return linear_bf16(ctx, x, w, bias)
     y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
     return y if bias is None else y + bias

@@ -6,7 +6,6 @@ from .. import ir
 from . import parse_dim, register
 
 
-
 @register("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 def view(ctx, node, x, size):
     # the traced output shape, not `size`: MAX cannot infer -1 against an algebraic dim

@@ -1,0 +1,101 @@
+"""runtime.decoding on a fake engine (tests/fake_engine.py): no MAX, no package, a few seconds.
+
+Each case decodes the same scripted logits twice: with our DecodingTask on the fake engine, and
+with openai-whisper's own DecodingTask on a fake torch model. The tokens must be equal, and
+avg_logprob and no_speech_prob equal to float32 rounding (1e-5: our sums are float32 as
+openai-whisper's; the log-softmax is summed in a different order). The logits are random but
+structured so that runs end, carry timestamps, and meet every filter (a blank first, timestamps
+that outweigh text, the pairing and monotonic rules).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import whisper
+from fake_engine import FakeEngine, torch_model
+
+from converter.convert import tokenizer_assets
+from runtime.decoding import DecodingOptions, decode
+from runtime.tokenizer import Tokenizer
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    assets = tokenizer_assets(False, 99)  # tiny.en's
+    return Tokenizer(assets["assets/gpt2.tiktoken"], json.loads(assets["assets/tokenizer.json"]))
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer):
+    return torch_model(tokenizer)
+
+
+CASES = {
+    "greedy, three windows in one batch": ([1, 2, 3], {}),
+    "greedy, no limit on the first timestamp": ([4], {"max_initial_timestamp": None}),
+    "greedy, first timestamp at most 0.1 s": ([5], {"max_initial_timestamp": 0.1}),
+    "greedy, without timestamps": ([1, 2], {"without_timestamps": True}),
+    "greedy, prompt and prefix": ([7, 8], {"prompt": "hello there", "prefix": "So"}),
+    "no suppression at all": ([9], {"suppress_tokens": "", "suppress_blank": False}),
+    "a listed suppression": ([10], {"suppress_tokens": "11,13,30,262,290"}),
+    "sample_len reached": ([11], {"sample_len": 6}),
+    "beam 5": ([4], {"beam_size": 5}),
+    "beam 5, patience 2, length penalty 0.6": ([5], {"beam_size": 5, "patience": 2.0, "length_penalty": 0.6}),
+    "beam 3 without timestamps, prompt": ([6], {"beam_size": 3, "without_timestamps": True, "prompt": "a prompt"}),
+}
+
+
+# beams decode the rows of one window: against one copy of its values, or a copy per row
+RUNS = [(case, True) for case in CASES] + [(case, False) for case, (_, o) in CASES.items() if "beam_size" in o]
+
+
+@pytest.mark.parametrize(("case", "shares_window"), RUNS, ids=[f"{c} ({'shared' if s else 'copied'} window)" for c, s in RUNS])
+def test_decoding_matches_openai_whisper(tokenizer, reference, case, shares_window):
+    ids, options = CASES[case]
+    features = FakeEngine.features(ids)
+    ours = decode(FakeEngine(tokenizer, shares_window), features, DecodingOptions(language="en", **options))
+    ref = whisper.decoding.decode(reference, torch.from_numpy(features), whisper.DecodingOptions(language="en", fp16=False, **options))
+    assert len(ours) == len(ref) == len(ids)
+    for o, r in zip(ours, ref):
+        assert o.tokens == r.tokens, f"{case}: window {ids}\nours {o.tokens}\nopenai-whisper {r.tokens}"
+        assert o.text == r.text
+        assert abs(o.avg_logprob - r.avg_logprob) <= TOL * abs(r.avg_logprob)
+        assert abs(o.no_speech_prob - r.no_speech_prob) <= TOL
+    if not options.get("without_timestamps"):
+        assert all(sum(t >= tokenizer.timestamp_begin for t in o.tokens) >= 2 for o in ours)  # the rules had work
+
+
+def test_a_batch_decodes_as_its_windows_alone(tokenizer):
+    engine = FakeEngine(tokenizer)
+    together = decode(engine, FakeEngine.features([1, 2, 3]), DecodingOptions(language="en"))
+    alone = [decode(engine, FakeEngine.features([i]), DecodingOptions(language="en"))[0] for i in (1, 2, 3)]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+
+
+def test_best_of_sampling(tokenizer):
+    """best_of samples at temperature > 0: reproducible with a seed, different across seeds, and
+    every sample obeys the filters (a timestamp first, timestamps non-decreasing, nothing
+    suppressed)."""
+    engine = FakeEngine(tokenizer)
+    features = FakeEngine.features([12])
+
+    def run(seed):
+        return decode(engine, features, DecodingOptions(language="en", temperature=0.7, best_of=5, seed=seed))[0]
+
+    a, b, c = run(1), run(1), run(2)
+    assert a.tokens == b.tokens and a.avg_logprob == b.avg_logprob and a.temperature == 0.7
+    assert a.tokens != c.tokens
+    tb = tokenizer.timestamp_begin
+    banned = set(tokenizer.non_speech_tokens) | {tokenizer.no_timestamps, tokenizer.sot, tokenizer.eot}
+    for r in (a, c):
+        assert r.tokens[0] >= tb
+        stamps = [t for t in r.tokens if t >= tb]
+        assert stamps == sorted(stamps)
+        assert not banned & set(r.tokens)
+    with pytest.raises(ValueError, match="best_of with greedy sampling"):
+        decode(engine, features, DecodingOptions(language="en", temperature=0.0, best_of=5))

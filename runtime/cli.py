@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def run_cmd(
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
     from . import load
+    from .options import TranscribeOptions
     from .transcribe import transcribe_many
     from .writers import WRITERS, write_result
 
@@ -78,13 +80,11 @@ def run_cmd(
         print("--max_line_count has no effect without --max_line_width", file=sys.stderr)
     if max_words_per_line and max_line_width:
         print("--max_words_per_line has no effect with --max_line_width", file=sys.stderr)
-    model = load(package)
-    if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
-        print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
-        language, task = "en", "transcribe"
     increment = _optional(temperature_increment_on_fallback, float)
     temps = tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment is not None else temperature
-    options = dict(
+    options = TranscribeOptions.from_kwargs(  # checked before anything is loaded
+        verbose=is_verbose,
+        temperature=temps,
         task=task,
         language=language,
         best_of=_optional(best_of, int),
@@ -105,8 +105,12 @@ def run_cmd(
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
+    model = load(package)
+    if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
+        print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
+        options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
-    for i, result in transcribe_many(model, audio, batch_size=batch_size, temperature=temps, verbose=is_verbose, **options):
+    for i, result in transcribe_many(model, audio, batch_size=batch_size, options=options):
         write_result(result, audio[i], output_dir, output_format, writer_options)
 
 

@@ -152,7 +152,7 @@ def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
 
 
 def test_unsupported_inputs_say_so(tiny, tmp_path):
-    with pytest.raises(TypeError, match="unknown decoding options"):
+    with pytest.raises(TypeError, match=r"unknown transcribe options \[.bogus.\]"):
         tiny.transcribe(np.zeros(16000, np.float32), bogus=1)
     mp3 = tmp_path / "x.mp3"
     mp3.write_bytes(b"\xff\xfb")
@@ -161,3 +161,29 @@ def test_unsupported_inputs_say_so(tiny, tmp_path):
     if shutil.which("ffmpeg") is None:
         with pytest.raises(AudioError, match="need ffmpeg"):
             load_audio(mp3)
+
+
+def test_stream_is_transcribe_with_events(tiny):
+    """The long-form loop as a public stream: next_window / feed until done gives transcribe()'s
+    result, and the events say what openai-whisper would print."""
+    from runtime.decoding import decode
+    from runtime.options import TranscribeOptions
+    from runtime.stream import Progress, SegmentDone, TranscriptionStream
+    from runtime.transcribe import transcribe
+
+    audio = load_audio(shared_audio("longform_lj001_0001-0032.wav"))[: 16000 * 75]  # three windows
+    events = []
+    stream = TranscriptionStream(tiny, audio, TranscribeOptions.from_kwargs(language="en"), events.append)
+    windows = 0
+    while (window := stream.next_window()) is not None:
+        stream.feed(decode(tiny, window.mel, window.options))
+        windows += 1
+    assert stream.done and windows >= 3
+    assert stream.result == transcribe(tiny, audio, language="en")
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress[0].frames == 0 and progress[-1].frames == progress[0].total
+    assert [e.frames for e in progress] == sorted(e.frames for e in progress) and len(progress) <= windows + 1
+    lines = [(e.start, e.end, e.text) for e in events if isinstance(e, SegmentDone)]
+    assert lines == [(s["start"], s["end"], s["text"]) for s in stream.result["segments"]]
+    with pytest.raises(RuntimeError, match="the stream is done"):
+        stream.feed(None)

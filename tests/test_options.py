@@ -1,0 +1,58 @@
+"""TranscribeOptions: openai-whisper's transcribe() defaults written once, checked once."""
+
+import inspect
+
+import pytest
+import whisper
+
+from runtime.decoding import DecodingOptions
+from runtime.options import TranscribeOptions
+
+
+def test_defaults_are_openai_whispers():
+    ours = TranscribeOptions()
+    theirs = inspect.signature(whisper.transcribe).parameters
+    for name, p in theirs.items():
+        if name in ("model", "audio", "decode_options"):
+            continue
+        want = p.default
+        if name == "temperature":
+            want = tuple(want)
+        if name == "clip_timestamps":
+            want = (0.0,)  # openai-whisper's "0", parsed
+        assert getattr(ours, name) == want, name
+    defaults = whisper.DecodingOptions()
+    for name in ("task", "language", "sample_len", "best_of", "beam_size", "patience", "length_penalty", "prefix", "suppress_tokens", "suppress_blank", "without_timestamps", "max_initial_timestamp"):
+        assert getattr(ours.decode, name) == getattr(defaults, name), name
+
+
+def test_from_keywords_cli_or_json():
+    o = TranscribeOptions.from_kwargs(temperature=0.0, beam_size=5, best_of=5, language="en", clip_timestamps="1.5,9", suppress_tokens=[1, 2])
+    assert o.temperature == (0.0,) and o.clip_timestamps == (1.5, 9.0)
+    assert o.decode == DecodingOptions(language="en", beam_size=5, best_of=5, suppress_tokens=(1, 2))
+    assert TranscribeOptions.from_kwargs(temperature=[0, 0.5], clip_timestamps=[0, 3]) == TranscribeOptions(temperature=(0.0, 0.5), clip_timestamps=(0.0, 3.0))
+    assert TranscribeOptions.from_kwargs(clip_timestamps="").clip_timestamps == ()
+    # each window: beams only at temperature 0, best-of only above it; the prompt is the window's
+    assert o.window(0.0, [7]) == DecodingOptions(language="en", beam_size=5, suppress_tokens=(1, 2), temperature=0.0, prompt=[7])
+    assert o.window(0.4, []) == DecodingOptions(language="en", best_of=5, suppress_tokens=(1, 2), temperature=0.4, prompt=[])
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"beam_sise": 5}, TypeError, r"unknown transcribe options \['beam_sise'\]"),
+        ({"prompt": "x"}, ValueError, "give initial_prompt"),
+        ({"temperature": -0.1}, ValueError, "temperature"),
+        ({"temperature": []}, ValueError, "temperature"),
+        ({"beam_size": 0}, ValueError, "beam_size 0"),
+        ({"best_of": 2.5}, ValueError, "best_of 2.5"),
+        ({"patience": 0.0}, ValueError, "patience"),
+        ({"length_penalty": 2.0}, ValueError, "length_penalty"),
+        ({"task": "summarise"}, ValueError, "task 'summarise'"),
+        ({"clip_timestamps": "-1"}, ValueError, "clip_timestamps"),
+        ({"temperature": "hot"}, TypeError, "'hot'"),
+    ],
+)
+def test_bad_options_are_refused_once(options, error, match):
+    with pytest.raises(error, match=match):
+        TranscribeOptions.from_kwargs(**options)

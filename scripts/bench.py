@@ -10,10 +10,11 @@ transcription (load excluded, reported apart), real-time factor, peak RSS, the r
 whisper-max to each peer from the same run, whisper-max's component split (log-mel, encoder per
 window, decoder ms/token, load), and whether its tokens equal openai-whisper's.
 
-With `--corpus`, every engine transcribes the English dev clips and the long-form file one after
-another in one process, except whisper-max, which gives them to `transcribe_many` (files in
-flight at once, their greedy windows with equal prompts decoded as one batch);
-`whisper-max-sequential` is the same package one file at a time.
+With `--corpus`, every engine transcribes the benchmark corpus (scripts/make_corpus.py: 8 files of
+2-4 minutes of real English speech, built reproducibly from ../shared/audio) and the long-form
+file one after another in one process, except whisper-max, which gives them to
+`transcribe_many` (files in flight at once, their greedy windows with equal prompts decoded as
+one batch); `whisper-max-sequential` is the same package one file at a time.
 
 `--package-bf16` adds `whisper-max-bfloat16`: the same runtime on a package converted with
 `--dtype bfloat16` (its tokens need not equal openai-whisper's; scripts/wer.py measures the cost).
@@ -114,6 +115,20 @@ def dev_set(shared: Path = SHARED) -> list[dict]:
     (the 7 short dev clips and the long-form file), in the manifest's order."""
     entries = json.loads((shared / "manifest.json").read_text())
     return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
+
+
+def corpus_files() -> list[str]:
+    """The benchmark corpus's files, built (scripts/make_corpus.py) into the temp dir once."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_corpus
+
+    out = Path(tempfile.gettempdir()) / f"whisper-max-corpus-{os.getuid()}"
+    index = out / "corpus.json"
+    if not index.is_file():
+        make_corpus.build(out)
+    return [str(out / e["file"]) for e in json.loads(index.read_text())["files"]]
 
 
 def _startup(package: str) -> dict:
@@ -281,12 +296,12 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default=None, help="write the JSON here (the Markdown goes to stdout)")
     ap.add_argument("--readme", action="store_true", help="also replace the results block in README.md with this run's table")
-    ap.add_argument("--corpus", action="store_true", help="the English dev clips and the long-form file, in one process per engine; whisper-max batches them")
+    ap.add_argument("--corpus", action="store_true", help="the benchmark corpus (scripts/make_corpus.py) and the long-form file, in one process per engine; whisper-max batches them")
     ap.add_argument("--beam-size", type=int, default=None, help="beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) instead of greedy")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.corpus:
-        args.audio = ",".join(str(SHARED / e["file"]) for e in dev_set())
+        args.audio = ",".join([*corpus_files(), str(DEFAULT_AUDIO)])
         if args.engines == ",".join(ENGINES):
             args.engines = ",".join(["whisper-max", "whisper-max-sequential", *ENGINES[1:]])
     if args.package_bf16 and "whisper-max-bfloat16" not in args.engines.split(","):

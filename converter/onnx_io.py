@@ -14,6 +14,8 @@ import json
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from runtime.program import Role
+
 from . import ir
 
 DOMAIN = "aten"
@@ -135,7 +137,7 @@ def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
         g, dims = graph_from_onnx(model)
         props = {q.key: q.value for q in model.metadata_props}
         # the program's graph order; packages from before it was recorded used this fixed one
-        position = int(props.get(_META + "position", {"encoder": 0, "cross_kv": 1, "decoder": 2, "alignment": 3}.get(g.name, 9)))
+        position = int(props.get(_META + "position", {Role.ENCODER: 0, Role.CROSS_KV: 1, Role.DECODER: 2, Role.ALIGNMENT: 3}.get(g.name, 9)))
         graphs.append((position, g))
     graphs.sort(key=lambda pg: pg[0])
     return ir.Program(tuple(g for _, g in graphs), dims)

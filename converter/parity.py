@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 import golden
-from runtime.model import decoder_call, empty_cache_shape, host, state_specs
+from runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
 
 from . import ir
 from .lower import lower_graph
@@ -58,7 +58,7 @@ def decoder_taps(dims: dict) -> list[str]:
 
 def build_probe(program: ir.Program, module) -> dict[str, list[str]]:
     """Add `encoder_probe` and `decoder_probe` to `module`; returns each one's tapped modules."""
-    taps = {"encoder": encoder_taps(program.dims), "decoder": decoder_taps(program.dims)}
+    taps = {Role.ENCODER: encoder_taps(program.dims), Role.DECODER: decoder_taps(program.dims)}
     for gname, scopes in taps.items():
         g = program.graph(gname)
         lower_graph(g, module, name=f"{gname}_probe", taps=tuple(ir.module_output(g, s) for s in scopes))
@@ -118,35 +118,35 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     def compare_(name: str, got, ref) -> Entry:
         return compare(name, got, ref, dtype)
 
-    enc_g, xkv_g, dec_g = program.graph("encoder"), program.graph("cross_kv"), program.graph("decoder")
+    enc_g, xkv_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.CROSS_KV), program.graph(Role.DECODER)
     entries: list[Entry] = []
     t0 = time.perf_counter()
 
-    enc_out, _ = run(models["encoder"], enc_g, {"mel": mel})
-    _, enc_taps = run(probe["encoder_probe"], enc_g, {"mel": mel}, len(taps["encoder"]))
-    for name, val in zip(taps["encoder"], enc_taps):
+    enc_out, _ = run(models[Role.ENCODER], enc_g, {MEL: mel})
+    _, enc_taps = run(probe["encoder_probe"], enc_g, {MEL: mel}, len(taps[Role.ENCODER]))
+    for name, val in zip(taps[Role.ENCODER], enc_taps):
         entries.append(compare_(name, host(val), ref[name]))
-    entries.append(compare_("encoder.ln_post", host(enc_out["encoder"]), ref["encoder.ln_post"]))
+    entries.append(compare_("encoder.ln_post", host(enc_out[AUDIO_FEATURES]), ref["encoder.ln_post"]))
 
     # cross K/V from the reference encoder output, so these entries measure cross_kv alone; the
     # values hoisted out of the decoder (head-split, scaled) have no module of their own
     xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
-    cross, _ = run(models["cross_kv"], xkv_g, {"encoder": xa_ref})
+    cross, _ = run(models[Role.CROSS_KV], xkv_g, {AUDIO_FEATURES: xa_ref})
     for name, val in cross.items():
         if name in ref:
             entries.append(compare_(name, host(val), ref[name]))
 
     # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
     tok = np.array([tokens], np.int64)
-    dec_in = {"tokens": tok, **empty_cache(dec_g, 1), **cross}
-    dec_out, _ = run(models["decoder"], dec_g, dec_in)
-    _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps["decoder"]))
-    for name, val in zip(taps["decoder"], dec_taps):
+    dec_in = {TOKENS: tok, **empty_cache(dec_g, 1), **cross}
+    dec_out, _ = run(models[Role.DECODER], dec_g, dec_in)
+    _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps[Role.DECODER]))
+    for name, val in zip(taps[Role.DECODER], dec_taps):
         entries.append(compare_(name, host(val), ref[name]))
     for name, val in dec_out.items():
-        if name != "logits":
+        if name != LOGITS:
             entries.append(compare_(name, host(val), cache_form(dec_g, name, ref[name])))
-    entries.append(compare_("logits", host(dec_out["logits"]), ref["logits"]))
+    entries.append(compare_("logits", host(dec_out[LOGITS]), ref["logits"]))
 
     # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
     # logits of each call's last position against the reference at that position. Once through
@@ -158,11 +158,11 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
     bounds = [b for b in bounds if b <= len(tokens)]
     positions = [hi - 1 for hi in bounds[1:]]
     graphs = {g.name for g in program.graphs}
-    steps = {g: state_specs(ir.graph_signature(program.graph(g))) for g in ("decoder_step", "decoder_rows") if g in graphs}
+    steps = {g: state_specs(ir.graph_signature(program.graph(g))) for g in STEP_GRAPHS if g in graphs}
     routes = {"logits.incremental.decoder": ({}, 1)}
-    if "decoder_step" in steps:
-        routes["logits.incremental"] = ({"decoder_step": steps["decoder_step"]}, 1)
-    if "decoder_rows" in steps:
+    if Role.DECODER_STEP in steps:
+        routes["logits.incremental"] = ({Role.DECODER_STEP: steps[Role.DECODER_STEP]}, 1)
+    if Role.DECODER_ROWS in steps:
         routes["logits.incremental.rows"] = (steps, ROWS)
 
     def by_name(gname: str, inputs: dict) -> dict:
@@ -179,10 +179,10 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
         entries.append(compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1]))))
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
-    align, _ = run(models["alignment"], program.graph("alignment"), {"tokens": tok, "encoder": xa_ref})
-    entries.append(compare_("logits.all", host(align["logits"])[0], ref["logits.all"]))
+    align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})
+    entries.append(compare_("logits.all", host(align[LOGITS])[0], ref["logits.all"]))
     for name, val in align.items():
-        if name != "logits":
+        if name != LOGITS:
             entries.append(compare_(name, host(val), ref[name]))
     log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
     return entries

@@ -8,6 +8,7 @@ import numpy as np
 import sympy
 
 from runtime.package import LINEAGE, SELECT_RULES, WIDENED, widened_source
+from runtime.program import STEP_GRAPHS, Role
 
 from . import ir
 
@@ -20,7 +21,7 @@ def _per_call(t: ir.TensorType) -> bool:
     return any(ir.dim_symbols(d) & set(_PER_CALL_DIMS) for d in t.shape)
 
 
-def hoist_invariants(p: ir.Program, source: str = "decoder", target: str = "cross_kv") -> ir.Program:
+def hoist_invariants(p: ir.Program, source: str = Role.DECODER, target: str = Role.CROSS_KV) -> ir.Program:
     """Move `source` nodes that depend only on `target`'s outputs (plus weights and constants)
     into `target`, which runs once per audio window instead of once per token.
 
@@ -88,7 +89,7 @@ def _drop_dead(nodes: list[ir.Node], outputs) -> list[ir.Node]:
     return kept[::-1]
 
 
-def last_position_logits(p: ir.Program, graph: str = "decoder") -> ir.Program:
+def last_position_logits(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
     """`matmul(x, W)[:, -1]` -> `matmul(x[:, -1], W)`: project only the position that is returned.
 
     The traced decoder projects every position onto the vocabulary and then keeps the last, so a
@@ -159,7 +160,7 @@ def _subst(value, old: str, new: ir.Dim):
     return new if value == old else value
 
 
-def sink_cache_layout(p: ir.Program, graph: str = "decoder") -> ir.Program:
+def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
     """Store each self-attention cache in the form attention reads it (head-major, key pre-scaled).
 
     The traced step appends the new keys to the cache, `cat(cache, new)`, then splits heads,
@@ -278,7 +279,7 @@ def specialise(p: ir.Program, graph: str, values: dict[str, int], name: str) -> 
     return ir.Program(tuple(graphs), p.dims)
 
 
-def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "past", length: str = "kv_len") -> ir.Program:
+def in_place_cache(p: ir.Program, graph: str = Role.DECODER_STEP, position: str = "past", length: str = "kv_len") -> ir.Program:
     """Grow `graph`'s self-attention caches in place instead of by concatenation.
 
     Each cache input `X` (…, past, …) that one `cat(X, new)` extends and that is returned becomes
@@ -330,7 +331,7 @@ def in_place_cache(p: ir.Program, graph: str = "decoder_step", position: str = "
     return _replace_graph(p, out)
 
 
-def share_window(p: ir.Program, graph: str, source: str = "cross_kv") -> ir.Program:
+def share_window(p: ir.Program, graph: str, source: str = Role.CROSS_KV) -> ir.Program:
     """Let every row of `graph` read one window's values: the inputs `source` computes per window
     (cross-attention K/V) take a leading dim of 1 instead of `batch`.
 
@@ -583,15 +584,15 @@ def optimise(p: ir.Program, fuse: bool = True) -> ir.Program:
     p = hoist_invariants(p)
     p = last_position_logits(p)
     p = sink_cache_layout(p)
-    p = specialise(p, "decoder", {"batch": 1, "n": 1}, "decoder_step")
-    p = in_place_cache(p, "decoder_step")
-    p = specialise(p, "decoder", {"n": 1}, "decoder_rows")
-    p = in_place_cache(p, "decoder_rows")
-    p = share_window(p, "decoder_rows")
+    p = specialise(p, Role.DECODER, {"batch": 1, "n": 1}, Role.DECODER_STEP)
+    p = in_place_cache(p, Role.DECODER_STEP)
+    p = specialise(p, Role.DECODER, {"n": 1}, Role.DECODER_ROWS)
+    p = in_place_cache(p, Role.DECODER_ROWS)
+    p = share_window(p, Role.DECODER_ROWS)
     if fuse:
-        for g in ("decoder_step", "decoder_rows"):
+        for g in STEP_GRAPHS:
             p = fuse_decoder_layers(p, g)
-        p = row_lineage(p, "decoder_rows")
+        p = row_lineage(p, Role.DECODER_ROWS)
     return token_selection(p)
 
 
@@ -690,7 +691,7 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
     return ir.Program(tuple(graphs), p.dims)
 
 
-def fuse_encoder_attention(p: ir.Program, graph: str = "encoder", head_dim: int = 64) -> ir.Program:
+def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: int = 64) -> ir.Program:
     """Replace the attention of each block of `graph` (the encoder: no mask) by one
     `attention_bf16(q, k, v)` node, which lowering runs as our bfloat16 kernel. Only for
     bfloat16 packages: the kernel rounds q, k, v and the softmax's numerators to bfloat16.
@@ -766,7 +767,7 @@ def fuse_encoder_attention(p: ir.Program, graph: str = "encoder", head_dim: int 
     return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
 
 
-SELECT = "select"
+SELECT = Role.SELECT
 
 
 def _selection_inputs(rows: ir.Dim) -> tuple[ir.Value, ...]:
@@ -782,7 +783,7 @@ def _selection_dims(n_vocab: int) -> tuple[ir.SymDim, ...]:
     return (ir.SymDim("n_suppress", 0, n_vocab), ir.SymDim("k", 1, n_vocab))
 
 
-def token_selection(p: ir.Program, steps: tuple[str, ...] = ("decoder_step", "decoder_rows")) -> ir.Program:
+def token_selection(p: ir.Program, steps: tuple[str, ...] = STEP_GRAPHS) -> ir.Program:
     """The next-token choice after a decoder call (ir.SELECT_TOKENS), so that a decoding step
     hands back a few (token, log-probability) pairs per row instead of the logits.
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .audio import CHUNK_LENGTH
-from .model import WhisperModel, host
+from .model import WhisperModel
 from .package import SELECT_RANGES, SELECT_RULES
+from .program import host
 from .tokenizer import Tokenizer
 
 

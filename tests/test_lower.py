@@ -20,8 +20,9 @@ from converter.lower import LoweringError, compile_with_kernels, lower_graph, re
 from converter.parity import empty_cache
 from converter.passes import optimise, store_weights
 from converter.trace import to_ir, trace_program
-from runtime.model import StepCache, WhisperModel, decoder_call, state_specs
+from runtime.model import WhisperModel
 from runtime.package import from_bfloat16, to_bfloat16, with_widened
+from runtime.program import StepCache, decoder_call, state_specs
 
 TOL = 1e-5
 

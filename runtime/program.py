@@ -1,0 +1,207 @@
+"""The program contract: what a package's compiled program is and how it is called.
+
+Torch-free and MAX-light; the converter (which builds and checks the program) and the runtime
+(which runs it) both import it, and nothing else of each other. It names the graphs by role
+(`Role`), the graph values the runtime feeds and reads, and the calling convention of the
+decoder: which graph a call runs (`decoder_call`), the in-place caches of the step graphs
+(`StepCache`), the next-token choice (`select_call`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from .package import LINEAGE, SELECT_RULES
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
+
+
+class Role(StrEnum):
+    """The graphs of a package's program, by role. Members are their names (str)."""
+
+    ENCODER = "encoder"  # mel (batch, n_mels, 3000) -> encoder (batch, 1500, d)
+    CROSS_KV = "cross_kv"  # encoder -> each layer's cross-attention keys and values
+    DECODER = "decoder"  # tokens (batch, n) after a cache of `past` positions -> last logits, grown caches
+    DECODER_STEP = "decoder_step"  # one token of one row, caches grown in place, and the choice
+    DECODER_ROWS = "decoder_rows"  # one token for each row of one window, caches in place, lineage, choice
+    ALIGNMENT = "alignment"  # tokens and encoder -> logits and cross-attention weights (word timestamps)
+    SELECT = "select"  # logits -> the next-token choice (after the general decoder)
+
+
+# graph values the runtime feeds or reads by name
+MEL, AUDIO_FEATURES, TOKENS, LOGITS, CHOICE = "mel", "encoder", "tokens", "logits", "choice"
+RULES, SUPPRESS, SAMPLING, SLOTS = "rules", "suppress", "sampling", "slots"  # the choice's inputs besides the logits
+STEP_GRAPHS = (Role.DECODER_STEP, Role.DECODER_ROWS)  # the graphs that grow their caches in place
+
+
+def empty_cache_shape(shape, batch: int) -> list[int]:
+    """A cache input's declared shape (dims `batch`, `past`, sizes) at `batch` rows and no positions."""
+    out = [batch if d == "batch" else 0 if d == "past" else d for d in shape]
+    if not all(isinstance(d, int) for d in out):
+        raise ValueError(f"cache shape {list(shape)}: expected the dims batch and past, and sizes")
+    return out
+
+
+def host(x) -> np.ndarray:
+    """A graph output (max.driver.Buffer) or array as numpy, without copying."""
+    return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
+
+
+def state_specs(signature: dict) -> list[dict]:
+    """A graph signature's state inputs (written in place), and its rows' lineage if it takes
+    one (package.LINEAGE), as StepCache takes them."""
+    return [i for i in signature.get("inputs", []) if "state" in i or i["name"] == LINEAGE]
+
+
+class StepCache:
+    """Self-attention caches for a graph that grows them in place (decoder_step, decoder_rows):
+    fixed-capacity buffers the graph writes each new position into, and the count of positions
+    filled.
+
+    `specs` are the graph's state inputs from the manifest (name, dtype, shape at capacity, and
+    `state`: the axis it grows along and the input that carries the position), and the
+    graph's LINEAGE input if it has one; a dim `batch` becomes `rows`. `graph` names the graph
+    the buffers are laid out for."""
+
+    def __init__(self, specs: list[dict], rows: int = 1, graph: str = Role.DECODER_STEP):
+        from max.driver import Buffer
+
+        lineage = any(s["name"] == LINEAGE for s in specs)
+        specs = [s for s in specs if s["name"] != LINEAGE]
+        shapes = {s["name"]: [rows if d == "batch" else d for d in s["shape"]] for s in specs}
+        if any(d != rows for v in shapes.values() for d in v[:1]):
+            raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
+        self.graph, self.rows = graph, rows
+        self.arrays = {s["name"]: np.zeros(shapes[s["name"]], np.dtype(s["dtype"])) for s in specs}
+        self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
+        self.axis = {s["name"]: s["state"]["axis"] for s in specs}
+        positions = {s["state"]["position"] for s in specs}
+        if len(positions) != 1:
+            raise ValueError(f"state inputs with positions {sorted(positions)}; expected one")
+        self.position = positions.pop()
+        self.capacity = min(s["shape"][s["state"]["axis"]] for s in specs)
+        self.length = 0
+        # with a lineage (the graph's input LINEAGE), row r's position i is in cache row
+        # lineage[r, i]: reordering rewrites these ints, not the caches. Positions not yet
+        # written stay the row's own (the graph writes there)
+        self.lineage = np.repeat(np.arange(rows, dtype=np.int32)[:, None], self.capacity, axis=1) if lineage else None
+        if lineage:
+            self.buffers[LINEAGE] = Buffer.from_numpy(self.lineage)
+
+    @classmethod
+    def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = Role.DECODER_STEP) -> StepCache:
+        """A StepCache filled with `cache` (name -> (rows, …, positions, …) from the general
+        decoder, or another StepCache); a cache of one row is repeated into every row (all beams
+        share the prompt)."""
+        if isinstance(cache, StepCache):
+            cache = cache.as_cache()
+        out = cls(specs, rows, graph)
+        lengths = {np.shape(cache[k])[a] for k, a in out.axis.items()}
+        if len(lengths) != 1:
+            raise ValueError(f"caches of lengths {sorted(lengths)}; expected one")
+        out.length = lengths.pop()
+        for k in out.axis:
+            out._prefix(k)[...] = host(cache[k])  # broadcasts one row over all
+        return out
+
+    def _prefix(self, name: str) -> np.ndarray:
+        idx = [slice(None)] * self.arrays[name].ndim
+        idx[self.axis[name]] = slice(0, self.length)
+        return self.arrays[name][tuple(idx)]
+
+    def feeds(self) -> dict:
+        """The graph's state inputs and the position to write at; the call fills one more."""
+        if self.length >= self.capacity:
+            raise ValueError(f"the text context is full ({self.capacity} positions)")
+        return {**self.buffers, self.position: np.array(self.length, np.int64)}
+
+    def reorder(self, index) -> None:
+        """Row i becomes what row index[i] was (beam search), in place: only the rows that
+        change, and only their filled positions, are copied."""
+        index = np.asarray(index)
+        moved = np.flatnonzero(index != np.arange(self.rows))
+        if moved.size and self.lineage is not None:
+            self.lineage[:, : self.length] = self.lineage[index, : self.length]
+        elif moved.size:
+            for k, a in self.arrays.items():
+                dst = [moved] + [slice(None)] * (a.ndim - 1)
+                src = [index[moved]] + [slice(None)] * (a.ndim - 1)
+                dst[self.axis[k]] = src[self.axis[k]] = slice(0, self.length)
+                a[tuple(dst)] = a[tuple(src)]  # the right side is gathered (a copy) first
+
+    def as_cache(self) -> dict[str, np.ndarray]:
+        """The filled positions as the general decoder takes them (copies)."""
+        if self.lineage is None:
+            return {k: np.ascontiguousarray(self._prefix(k)) for k in self.arrays}
+        out = {}
+        src, pos = self.lineage[:, : self.length], np.arange(self.length)[None, :]
+        for k, a in self.arrays.items():
+            if self.axis[k] < 1:
+                raise ValueError(f"cache {k}: positions along axis {self.axis[k]}; a lineage needs them after the rows")
+            # (rows, ..., positions, ...): each row's position i from row src[r, i]
+            moved = np.moveaxis(a, self.axis[k], 1)[src, pos]  # (rows, positions, ...)
+            out[k] = np.ascontiguousarray(np.moveaxis(moved, 1, self.axis[k]))
+        return out
+
+
+def window_shared(cross: dict, rows: int) -> bool:
+    """Whether `rows` rows decode against one copy of the window's values (leading dim 1)."""
+    return rows > 1 and all(host(v).shape[0] == 1 for v in cross.values())
+
+
+_NO_SUPPRESS = np.zeros(0, np.int32)
+_ONE_SLOT = np.zeros(1, np.int32)
+
+
+def no_selection(rows: int) -> dict:
+    """select inputs that filter nothing, for calls whose choice nobody reads (parity, language
+    detection): the step graphs compute one anyway."""
+    return {RULES: np.zeros((rows, SELECT_RULES), np.int32), SUPPRESS: _NO_SUPPRESS, SAMPLING: np.zeros((rows, 2), np.float32), SLOTS: _ONE_SLOT}
+
+
+def select_call(run, logits, select: dict) -> np.ndarray:
+    """The select graph's choice for `logits` (rows, n_vocab): (rows, k, 2) (token,
+    log-probability) pairs, best first. `run` and `select` as decoder_call takes them."""
+    return run(Role.SELECT, {LOGITS: logits, **select})[CHOICE].to_numpy()
+
+
+def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict, select: dict | None = None):
+    """One decoder call as the runtime routes it (WhisperModel.decoder_step; parity replays it).
+
+    `run(graph, inputs)` executes a graph by name; `steps` maps the in-place graphs the program
+    has (decoder_step, decoder_rows) to their state inputs. One token of one row runs
+    decoder_step; one token for each of several rows that share the window's values runs
+    decoder_rows; anything else runs the general decoder. `select`: the select graph's inputs
+    but the logits (rules, suppress, sampling, slots): the step graphs choose the next tokens in
+    the same call, after the general decoder the select graph does. Returns the logits, the
+    grown cache and the choice (None without `select`)."""
+    tokens = np.ascontiguousarray(tokens, np.int64)
+    rows, n = tokens.shape
+    graph = None
+    if n == 1 and rows == 1 and Role.DECODER_STEP in steps:
+        graph = Role.DECODER_STEP
+    elif n == 1 and window_shared(cross, rows):
+        if Role.DECODER_ROWS not in steps:
+            raise ValueError("rows sharing one window's values need the decoder_rows graph; this package has none")
+        graph = Role.DECODER_ROWS
+    if graph is not None:
+        if not isinstance(cache, StepCache) or cache.graph != graph or cache.rows != rows:
+            cache = StepCache.holding(steps[graph], cache, rows, graph)
+        out = run(graph, {TOKENS: tokens, **cache.feeds(), **cross, **(select or no_selection(rows))})
+        cache.length += 1
+        return out[LOGITS].to_numpy(), cache, out[CHOICE].to_numpy() if select else None
+    if isinstance(cache, StepCache):
+        cache = cache.as_cache()
+    out = run(Role.DECODER, {TOKENS: tokens, **cache, **cross})
+    logits = out.pop(LOGITS).to_numpy()
+    choice = select_call(run, logits, select) if select else None
+    return logits, out, choice

@@ -131,6 +131,24 @@ def test_damaged_weights_are_refused(tmp_path):
         Package.open(path).weights()
 
 
+def test_changed_weights_are_refused_even_with_a_good_crc(tmp_path):
+    """weights.bin with one byte changed and the zip rewritten around it (so its CRC matches):
+    the manifest's sha256 catches it, for weights.bin and for any other entry read."""
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    changed = bytearray(entries["weights.bin"])
+    changed[7] ^= 0x01
+    entries["weights.bin"] = bytes(changed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    with pytest.raises(PackageError, match="weights.bin does not match its sha256"):
+        Package.open(path).weights()
+
+
 def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
     import torch
     from max.dtype import DType

@@ -127,7 +127,7 @@ def test_damaged_weights_are_refused(tmp_path):
     start = info.header_offset + 30 + len(info.filename.encode()) + int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
     raw[start + 7] ^= 0xFF  # one bit pattern inside a.weight
     path.write_bytes(bytes(raw))
-    with pytest.raises(PackageError, match="weights.bin is damaged"):
+    with pytest.raises(PackageError, match="weights.bin does not match its sha256 in the manifest: damaged"):
         Package.open(path).weights()
 
 

@@ -186,6 +186,28 @@ def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> None:
             z.writestr(name, data)
 
 
+def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
+    """Refuse a zip that write_package would not have made, before anything in it is read:
+    names that are not plain relative paths (absolute, `..`, backslashes), the same name twice,
+    symlinks, and entries that are compressed or declare more bytes than the file holds (a zip
+    bomb). Packages are read in place and never extracted; these make a hostile file fail early
+    and say why."""
+    size = path.stat().st_size
+    seen: set[str] = set()
+    for info in z.infolist():
+        name = info.filename
+        parts = name.split("/")
+        if not name or name.startswith("/") or "\\" in name or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
+            raise PackageError(f"{path}: entry {name!r} is not a plain relative name; not a package whisper-convert wrote")
+        if name in seen:
+            raise PackageError(f"{path}: entry {name!r} appears twice; not a package whisper-convert wrote")
+        seen.add(name)
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise PackageError(f"{path}: entry {name!r} is a symlink; not a package whisper-convert wrote")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+            raise PackageError(f"{path}: entry {name!r} is compressed or declares {info.file_size} bytes the file does not hold; not a package whisper-convert wrote")
+
+
 @dataclass
 class Package:
     path: Path
@@ -199,11 +221,16 @@ class Package:
             raise PackageError(f"{path}: no such package; create one with `whisper-convert tiny.en --out {path}`")
         try:
             z = zipfile.ZipFile(path)
+            _check_entries(path, z)
             manifest = json.loads(z.read("manifest.json"))
         except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
         if manifest.get("format") != FORMAT:
             raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format')!r})")
+        listed = set(manifest.get("files", {})) | {"manifest.json"}
+        if listed != set(z.namelist()):
+            extra, missing = sorted(set(z.namelist()) - listed), sorted(listed - set(z.namelist()))
+            raise PackageError(f"{path}: the zip's entries and the manifest's differ (not listed: {extra[:5]}; missing: {missing[:5]}); convert the model again")
         if manifest.get("format_version") not in READS:
             raise PackageError(
                 f"{path}: package format {manifest.get('format_version')}, this runtime reads {' and '.join(map(str, READS))}; convert the model again with this version's whisper-convert"

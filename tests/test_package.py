@@ -206,3 +206,77 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
         package.with_widened(got, ["m.bias/widened"])
     with pytest.raises(PackageError, match=r"'x/widened'.*missing"):
         package.with_widened(got, ["x/widened"])
+
+
+def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):
+    with zipfile.ZipFile(path, "w", compress) as z:
+        for name, data in entries:
+            info = zipfile.ZipInfo(name)
+            info.compress_type = compress
+            if name == symlink:
+                info.external_attr = 0o120777 << 16
+            z.writestr(info, data)
+
+
+@pytest.mark.parametrize(
+    ("name", "mangle", "match"),
+    [
+        ("traversal", lambda e: e + [("../evil.txt", b"x")], "not a plain relative name"),
+        ("absolute", lambda e: e + [("/etc/evil", b"x")], "not a plain relative name"),
+        ("backslash", lambda e: e + [("..\\evil", b"x")], "not a plain relative name"),
+        ("duplicate", lambda e: e + [e[1]], "appears twice"),
+        ("unlisted", lambda e: e + [("extra.bin", b"x")], r"not listed: \['extra.bin'\]"),
+        ("missing", lambda e: [x for x in e if x[0] != "notes.txt"], r"missing: \['notes.txt'\]"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " not in v and "\\" not in v else "",
+)
+def test_hostile_zips_are_refused_before_use(tmp_path, name, mangle, match):
+    """A package is read in place, never extracted, but a zip whisper-convert would not have
+    written (odd names, duplicates, entries the manifest does not list) is refused at open."""
+    files, _ = _files()
+    good = tmp_path / "good.maxpkg"
+    package.write_package(good, _manifest(), files)
+    with zipfile.ZipFile(good) as z:
+        entries = [(n, z.read(n)) for n in z.namelist()]
+    path = tmp_path / f"{name}.maxpkg"
+    with pytest.warns(UserWarning) if name == "duplicate" else _no_warning():
+        _zip_with(path, mangle(entries))
+    with pytest.raises(PackageError, match=match):
+        Package.open(path)
+
+
+def test_symlinks_compression_and_zip_bombs_are_refused(tmp_path):
+    files, _ = _files()
+    good = tmp_path / "good.maxpkg"
+    package.write_package(good, _manifest(), files)
+    with zipfile.ZipFile(good) as z:
+        entries = [(n, z.read(n)) for n in z.namelist()]
+    link = tmp_path / "link.maxpkg"
+    _zip_with(link, entries, symlink="notes.txt")
+    with pytest.raises(PackageError, match="'notes.txt' is a symlink"):
+        Package.open(link)
+    deflated = tmp_path / "deflated.maxpkg"
+    _zip_with(deflated, entries, zipfile.ZIP_DEFLATED)
+    with pytest.raises(PackageError, match="is compressed or declares"):
+        Package.open(deflated)
+    # a member whose declared size runs past the end of the file (as a zip bomb's would)
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        info = z.getinfo("weights.bin")
+    pos = raw.find(b"weights.bin", raw.find(b"PK\x01\x02"))  # the name in its central directory record
+    record = raw.rfind(b"PK\x01\x02", 0, pos)
+    assert record >= 0
+    for off in (20, 24):  # compressed and uncompressed sizes
+        raw[record + off : record + off + 4] = (info.file_size + 10**9).to_bytes(4, "little")
+    bomb = tmp_path / "bomb.maxpkg"
+    bomb.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match="'weights.bin' is compressed or declares 10000"):
+        Package.open(bomb)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

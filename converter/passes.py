@@ -8,7 +8,7 @@ import numpy as np
 import sympy
 
 from runtime.package import LINEAGE, SELECT_RULES, WIDENED, widened_source
-from runtime.program import STEP_GRAPHS, Role
+from runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 
 from . import ir
 
@@ -363,50 +363,14 @@ def share_window(p: ir.Program, graph: str, source: str = Role.CROSS_KV) -> ir.P
 # per row, after in_place_cache, in trace order: fuse_decoder_layers replaces exactly these.
 _LN, _LIN, _VIEW, _PERM, _MUL = "aten.layer_norm.default", "aten.linear.default", "aten.view.default", "aten.permute.default", "aten.mul.Tensor"
 _MM, _ADD, _SM, _FLAT, _SLICE = "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.flatten.using_ints", "aten.slice.Tensor"
+# fmt: off
 _BLOCK_OPS = (
-    _LN,
-    _LIN,
-    _LIN,
-    _VIEW,
-    _PERM,
-    _MUL,
-    ir.CACHE_APPEND,
-    _LIN,
-    _VIEW,
-    _PERM,
-    ir.CACHE_APPEND,  # ln, q, k, v; cache writes
-    _VIEW,
-    _PERM,
-    _MUL,
-    "aten.transpose.int",
-    _MM,
-    _SLICE,
-    _SLICE,
-    _ADD,
-    _SM,
-    _MM,
-    _PERM,
-    _FLAT,
-    _LIN,
-    _ADD,  # self-attention
-    _LN,
-    _LIN,
-    _VIEW,
-    _PERM,
-    _MUL,
-    _MM,
-    _SM,
-    _MM,
-    _PERM,
-    _FLAT,
-    _LIN,
-    _ADD,  # cross-attention
-    _LN,
-    _LIN,
-    "aten.gelu.default",
-    _LIN,
-    _ADD,  # MLP
+    _LN, _LIN, _LIN, _VIEW, _PERM, _MUL, ir.CACHE_APPEND, _LIN, _VIEW, _PERM, ir.CACHE_APPEND,  # ln, q, k, v; cache writes
+    _VIEW, _PERM, _MUL, "aten.transpose.int", _MM, _SLICE, _SLICE, _ADD, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # self-attention
+    _LN, _LIN, _VIEW, _PERM, _MUL, _MM, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # cross-attention
+    _LN, _LIN, "aten.gelu.default", _LIN, _ADD,  # MLP
 )
+# fmt: on
 
 
 def _causal_mask(c: ir.Constant | None) -> bool:
@@ -767,15 +731,12 @@ def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: i
     return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
 
 
-SELECT = Role.SELECT
-
-
 def _selection_inputs(rows: ir.Dim) -> tuple[ir.Value, ...]:
     return (
-        ir.Value("rules", ir.TensorType("int32", (rows, SELECT_RULES))),
-        ir.Value("suppress", ir.TensorType("int32", ("n_suppress",))),
-        ir.Value("sampling", ir.TensorType("float32", (rows, 2))),
-        ir.Value("slots", ir.TensorType("int32", ("k",))),
+        ir.Value(RULES, ir.TensorType("int32", (rows, SELECT_RULES))),
+        ir.Value(SUPPRESS, ir.TensorType("int32", ("n_suppress",))),
+        ir.Value(SAMPLING, ir.TensorType("float32", (rows, 2))),
+        ir.Value(SLOTS, ir.TensorType("int32", ("k",))),
     )
 
 
@@ -797,17 +758,17 @@ def token_selection(p: ir.Program, steps: tuple[str, ...] = STEP_GRAPHS) -> ir.P
     for i, g in enumerate(graphs):
         if g.name not in steps or any(n.op == ir.SELECT_TOKENS for n in g.nodes):
             continue
-        logits = dict(g.outputs)["logits"]
+        logits = dict(g.outputs)[LOGITS]
         rows = g.types()[logits].shape[0]
         extra = _selection_inputs(rows)
-        node = ir.Node("choice", ir.SELECT_TOKENS, (logits, *(v.name for v in extra)), (), ir.TensorType("float32", (rows, "k", 2)), SELECT)
-        out = ir.Graph(g.name, g.inputs + extra, g.weights, g.constants, g.nodes + (node,), g.outputs + (("choice", "choice"),), g.dims + _selection_dims(n_vocab))
+        node = ir.Node(CHOICE, ir.SELECT_TOKENS, (logits, *(v.name for v in extra)), (), ir.TensorType("float32", (rows, "k", 2)), Role.SELECT)
+        out = ir.Graph(g.name, g.inputs + extra, g.weights, g.constants, g.nodes + (node,), g.outputs + ((CHOICE, CHOICE),), g.dims + _selection_dims(n_vocab))
         out.validate()
         graphs[i] = out
-    if not any(g.name == SELECT for g in graphs):
-        inputs = (ir.Value("logits", ir.TensorType("float32", ("batch", n_vocab))),) + _selection_inputs("batch")
-        node = ir.Node("choice", ir.SELECT_TOKENS, tuple(v.name for v in inputs), (), ir.TensorType("float32", ("batch", "k", 2)), SELECT)
-        g = ir.Graph(SELECT, inputs, (), (), (node,), (("choice", "choice"),), (ir.SymDim("batch", 1, None),) + _selection_dims(n_vocab))
+    if not any(g.name == Role.SELECT for g in graphs):
+        inputs = (ir.Value(LOGITS, ir.TensorType("float32", ("batch", n_vocab))),) + _selection_inputs("batch")
+        node = ir.Node(CHOICE, ir.SELECT_TOKENS, tuple(v.name for v in inputs), (), ir.TensorType("float32", ("batch", "k", 2)), Role.SELECT)
+        g = ir.Graph(Role.SELECT, inputs, (), (), (node,), ((CHOICE, CHOICE),), (ir.SymDim("batch", 1, None),) + _selection_dims(n_vocab))
         g.validate()
         graphs.append(g)
     return ir.Program(tuple(graphs), p.dims) if graphs != list(p.graphs) else p

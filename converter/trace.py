@@ -29,7 +29,7 @@ from torch import nn
 from torch.export import Dim, export
 from whisper.model import MultiHeadAttention, TextDecoder, Whisper, disable_sdpa
 
-from runtime.program import Role
+from runtime.program import AUDIO_FEATURES, LOGITS, MEL, TOKENS, Role
 
 from .ir import Constant, Graph, Node, Program, SymDim, TensorType, TraceError, Value
 
@@ -341,11 +341,11 @@ def trace_program(model: Whisper) -> Program:
     with torch.no_grad(), disable_sdpa():
         mel = torch.zeros(2, dims["n_mels"], 2 * dims["n_audio_ctx"])
         ep = export(EncoderModule(model), (mel,), dynamic_shapes=({0: batch},))
-        enc = to_ir(ep, Role.ENCODER, ["mel"], [{0: "batch"}], ["encoder"], ranges)
+        enc = to_ir(ep, Role.ENCODER, [MEL], [{0: "batch"}], [AUDIO_FEATURES], ranges)
 
         xa = torch.zeros(2, dims["n_audio_ctx"], d_a)
         ep = export(CrossKVModule(model), (xa,), dynamic_shapes=({0: batch},))
-        xkv = to_ir(ep, Role.CROSS_KV, ["encoder"], [{0: "batch"}], cache_names(dims, "cross_attn"), ranges)
+        xkv = to_ir(ep, Role.CROSS_KV, [AUDIO_FEATURES], [{0: "batch"}], cache_names(dims, "cross_attn"), ranges)
 
         n, past = Dim("n", min=2, max=n_ctx - 2), Dim("past", min=2, max=n_ctx - 2)
         tokens = torch.zeros(2, 3, dtype=torch.long)
@@ -357,13 +357,13 @@ def trace_program(model: Whisper) -> Program:
         ep = export(DecoderStepModule(model), (tokens, sk, sv, ck, cv), dynamic_shapes=spec)
         self_names = cache_names(dims, "attn")
         cross_names = cache_names(dims, "cross_attn")
-        in_names = ["tokens"] + self_names[0::2] + self_names[1::2] + cross_names[0::2] + cross_names[1::2]
+        in_names = [TOKENS] + self_names[0::2] + self_names[1::2] + cross_names[0::2] + cross_names[1::2]
         in_dims = [{0: "batch", 1: "n"}] + [{0: "batch", 1: "past"}] * (2 * L) + [{0: "batch"}] * (2 * L)
-        dec = to_ir(ep, Role.DECODER, in_names, in_dims, ["logits"] + self_names, ranges)
+        dec = to_ir(ep, Role.DECODER, in_names, in_dims, [LOGITS] + self_names, ranges)
 
         ep = export(AlignmentModule(model), (tokens, xa), dynamic_shapes=({0: batch, 1: n}, {0: batch}))
         qk_names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(L)]
-        align = to_ir(ep, Role.ALIGNMENT, ["tokens", "encoder"], [{0: "batch", 1: "n"}, {0: "batch"}], ["logits"] + qk_names, ranges)
+        align = to_ir(ep, Role.ALIGNMENT, [TOKENS, AUDIO_FEATURES], [{0: "batch", 1: "n"}, {0: "batch"}], [LOGITS] + qk_names, ranges)
     return Program((enc, xkv, dec, align), dims)
 
 

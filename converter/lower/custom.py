@@ -53,29 +53,29 @@ def kernel_library() -> Path:
     return out
 
 
-def linear_rows(ctx, x, weight, bias=None):
-    """x (..., k) float32, one position per row, times weight (n, k) (float32 or bfloat16),
-    plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
-    reads each weight row once for all rows."""
+def _product(ctx, op: str, x, weight, bias):
+    """x (..., k) float32 times weight (n, k), plus bias (n) (zeros if None) -> (..., n) float32,
+    as the custom op `op` on x's rows flattened to (rows, k)."""
     k, n = x.shape[-1], weight.shape[0]
     flat = ops.reshape(x, [-1, k])
     if bias is None:
         bias = ops.constant(np.zeros(int(n), np.float32), DType.float32, ctx.device)
     out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
-    y = ops.custom(LINEAR_ROWS, device=ctx.device, values=[flat, weight, bias], out_types=[out_type])[0].tensor
+    y = ops.custom(op, device=ctx.device, values=[flat, weight, bias], out_types=[out_type])[0].tensor
     return ops.reshape(y, [*x.shape[:-1], n])
+
+
+def linear_rows(ctx, x, weight, bias=None):
+    """x (..., k) float32, one position per row, times weight (n, k) (float32 or bfloat16),
+    plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
+    reads each weight row once for all rows."""
+    return _product(ctx, LINEAR_ROWS, x, weight, bias)
 
 
 def linear_bf16(ctx, x, weight, bias=None):
     """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32, by
     whisper_max.linear_bf16: x rounded to bfloat16, pair products summed in float32."""
-    k, n = x.shape[-1], weight.shape[0]
-    flat = ops.reshape(x, [-1, k])
-    if bias is None:
-        bias = ops.constant(np.zeros(int(n), np.float32), DType.float32, ctx.device)
-    out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
-    y = ops.custom(LINEAR_BF16, device=ctx.device, values=[flat, weight, bias], out_types=[out_type])[0].tensor
-    return ops.reshape(y, [*x.shape[:-1], n])
+    return _product(ctx, LINEAR_BF16, x, weight, bias)
 
 
 @register(ir.DECODER_LAYER)

@@ -81,15 +81,20 @@ def linear_bf16(ctx, x, weight, bias=None):
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
-    -> (rows, 1, d); writes the new key and value into the caches (rows, heads, capacity, hd).
-    The last operand may be the rows' lineage (passes.row_lineage)."""
+    -> (rows, 1, d); writes the new key and value into the caches (slots, heads, capacity, hd).
+    After the block's 23 operands may come the rows' lineage (passes.row_lineage) and then
+    their windows (passes.engine_rows); the kernel takes both, empty when absent. `position` is
+    a scalar (every row's) or one per row."""
     if axis != 2:
         raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
+    if not 23 <= len(operands) <= 25:
+        raise ValueError(f"{node.name}: {len(operands) + 4} operands; decoder_layer takes 27 to 29")
     d = x.shape[-1]
     flat = ops.reshape(x, [-1, d])
-    if len(operands) == 23:  # no lineage operand (passes.row_lineage): every row reads its own cache row
-        operands = (*operands, ops.constant(np.zeros((0, int(key_cache.shape[2])), np.int32), DType.int32, ctx.device))
-    values = [key_cache, value_cache, flat, ops.reshape(position, [1]), *operands]
+    absent = (np.zeros((0, int(key_cache.shape[2])), np.int32), np.zeros(0, np.int32))
+    operands = (*operands, *(ops.constant(a, DType.int32, ctx.device) for a in absent[len(operands) - 23 :]))
+    position = ops.reshape(position, [1]) if position.rank == 0 else position
+    values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
     return ops.reshape(y, x.shape)

@@ -336,6 +336,18 @@ def _layer_norm(
         y.unsafe_store(c, (x.unsafe_load(c) - mean) * rstd * w.unsafe_load(c) + b.unsafe_load(c))
 
 
+@always_inline
+def _wide[dt: DType](a: UnsafePointer[Scalar[dt], _], c: Int) -> SIMD[F32, V]:
+    """a[c : c + 16] as float32: float32 as it is; bfloat16 widened exactly, its 16 bits made the
+    upper half of a float32's (what a conversion does, without LLVM's bfloat16 vector lowering,
+    which cannot split some widths)."""
+    comptime if dt == DType.bfloat16:
+        var bits = a.bitcast[UInt16]().unsafe_load[width=V](c).cast[DType.uint32]() << 16
+        return bitcast[F32, V](bits)
+    else:
+        return a.unsafe_load[width=V](c).cast[F32]()
+
+
 def _dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> Float32:
     """sum(a[:k] * x[:k]) with a widened to float32: four vector sums over blocks of 64, then
     16-wide and single tails."""
@@ -346,12 +358,12 @@ def _dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _
     var a2 = SIMD[F32, V](0)
     var a3 = SIMD[F32, V](0)
     for c in range(0, k64, 64):
-        a0 += a.unsafe_load[width=V](c).cast[F32]() * x.unsafe_load[width=V](c)
-        a1 += a.unsafe_load[width=V](c + 16).cast[F32]() * x.unsafe_load[width=V](c + 16)
-        a2 += a.unsafe_load[width=V](c + 32).cast[F32]() * x.unsafe_load[width=V](c + 32)
-        a3 += a.unsafe_load[width=V](c + 48).cast[F32]() * x.unsafe_load[width=V](c + 48)
+        a0 += _wide(a, c) * x.unsafe_load[width=V](c)
+        a1 += _wide(a, c + 16) * x.unsafe_load[width=V](c + 16)
+        a2 += _wide(a, c + 32) * x.unsafe_load[width=V](c + 32)
+        a3 += _wide(a, c + 48) * x.unsafe_load[width=V](c + 48)
     for c in range(k64, k16, V):
-        a0 += a.unsafe_load[width=V](c).cast[F32]() * x.unsafe_load[width=V](c)
+        a0 += _wide(a, c) * x.unsafe_load[width=V](c)
     var s = ((a0 + a1) + (a2 + a3)).reduce_add()
     for c in range(k16, k):
         s += a.unsafe_load(c).cast[F32]() * x.unsafe_load(c)
@@ -360,23 +372,69 @@ def _dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _
 
 def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> SIMD[F32, 4]:
     """sum(a[:k] * x[i * k : i * k + k]) for four consecutive rows i of x: each 16-wide block of a
-    is loaded and widened once for the four (a beam step's rows share every weight row)."""
+    is loaded and widened once for the four (a beam step's rows share every weight row). Each
+    row is summed exactly as _dot sums it (the same blocks, accumulators, order and tail), so a
+    row's result does not depend on the rows it is decoded with: alone, in a group of four, or
+    among the remainder."""
+    var k64 = k - k % 64
     var k16 = k - k % V
-    var a0 = SIMD[F32, V](0)
-    var a1 = SIMD[F32, V](0)
-    var a2 = SIMD[F32, V](0)
-    var a3 = SIMD[F32, V](0)
-    for c in range(0, k16, V):
-        var wv = a.unsafe_load[width=V](c).cast[F32]()
-        a0 += wv * x.unsafe_load[width=V](c)
-        a1 += wv * (x + k).unsafe_load[width=V](c)
-        a2 += wv * (x + 2 * k).unsafe_load[width=V](c)
-        a3 += wv * (x + 3 * k).unsafe_load[width=V](c)
-    var s = SIMD[F32, 4](a0.reduce_add(), a1.reduce_add(), a2.reduce_add(), a3.reduce_add())
+    var x1 = x + k
+    var x2 = x + 2 * k
+    var x3 = x + 3 * k
+    var p0 = SIMD[F32, V](0)
+    var p1 = SIMD[F32, V](0)
+    var p2 = SIMD[F32, V](0)
+    var p3 = SIMD[F32, V](0)
+    var q0 = SIMD[F32, V](0)
+    var q1 = SIMD[F32, V](0)
+    var q2 = SIMD[F32, V](0)
+    var q3 = SIMD[F32, V](0)
+    var r0 = SIMD[F32, V](0)
+    var r1 = SIMD[F32, V](0)
+    var r2 = SIMD[F32, V](0)
+    var r3 = SIMD[F32, V](0)
+    var t0 = SIMD[F32, V](0)
+    var t1 = SIMD[F32, V](0)
+    var t2 = SIMD[F32, V](0)
+    var t3 = SIMD[F32, V](0)
+    for c in range(0, k64, 64):
+        var w0 = _wide(a, c)
+        var w1 = _wide(a, c + 16)
+        var w2 = _wide(a, c + 32)
+        var w3 = _wide(a, c + 48)
+        p0 += w0 * x.unsafe_load[width=V](c)
+        p1 += w1 * x.unsafe_load[width=V](c + 16)
+        p2 += w2 * x.unsafe_load[width=V](c + 32)
+        p3 += w3 * x.unsafe_load[width=V](c + 48)
+        q0 += w0 * x1.unsafe_load[width=V](c)
+        q1 += w1 * x1.unsafe_load[width=V](c + 16)
+        q2 += w2 * x1.unsafe_load[width=V](c + 32)
+        q3 += w3 * x1.unsafe_load[width=V](c + 48)
+        r0 += w0 * x2.unsafe_load[width=V](c)
+        r1 += w1 * x2.unsafe_load[width=V](c + 16)
+        r2 += w2 * x2.unsafe_load[width=V](c + 32)
+        r3 += w3 * x2.unsafe_load[width=V](c + 48)
+        t0 += w0 * x3.unsafe_load[width=V](c)
+        t1 += w1 * x3.unsafe_load[width=V](c + 16)
+        t2 += w2 * x3.unsafe_load[width=V](c + 32)
+        t3 += w3 * x3.unsafe_load[width=V](c + 48)
+    for c in range(k64, k16, V):
+        var w = _wide(a, c)
+        p0 += w * x.unsafe_load[width=V](c)
+        q0 += w * x1.unsafe_load[width=V](c)
+        r0 += w * x2.unsafe_load[width=V](c)
+        t0 += w * x3.unsafe_load[width=V](c)
+    var s0 = ((p0 + p1) + (p2 + p3)).reduce_add()
+    var s1 = ((q0 + q1) + (q2 + q3)).reduce_add()
+    var s2 = ((r0 + r1) + (r2 + r3)).reduce_add()
+    var s3 = ((t0 + t1) + (t2 + t3)).reduce_add()
     for c in range(k16, k):
         var wc = a.unsafe_load(c).cast[F32]()
-        s += SIMD[F32, 4](wc * x.unsafe_load(c), wc * (x + k).unsafe_load(c), wc * (x + 2 * k).unsafe_load(c), wc * (x + 3 * k).unsafe_load(c))
-    return s
+        s0 += wc * x.unsafe_load(c)
+        s1 += wc * x1.unsafe_load(c)
+        s2 += wc * x2.unsafe_load(c)
+        s3 += wc * x3.unsafe_load(c)
+    return SIMD[F32, 4](s0, s1, s2, s3)
 
 
 comptime PLAIN = 0  # y = x @ w^T + b
@@ -481,19 +539,20 @@ def _softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
 def _self_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
-    lineage: UnsafePointer[Int32, _], has_lineage: Bool, rows: Int, heads: Int, hd: Int, cap: Int, length: Int,
+    lineage: UnsafePointer[Int32, _], has_lineage: Bool, pos: UnsafePointer[Int, MutUntrackedOrigin], rows: Int, heads: Int, hd: Int, cap: Int,
 ):
-    """Each row and head attends to the first `length` positions of its cache (rows, heads, cap,
-    hd): position i of row r is in cache row lineage[r, i] (rows, cap) when `has_lineage`, else
-    in row r; q (rows, heads * hd) scaled, keys stored scaled; out (rows, heads * hd), the value
-    rows weighted by the softmax, summed in position order."""
-    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var heads, var hd, var cap, var length}:
+    """Each row r and head attends to the first pos[r] + 1 positions of the caches (slots,
+    heads, cap, hd): position i of row r is in cache slot lineage[r, i] (rows, cap) when
+    `has_lineage`, else in slot r; q (rows, heads * hd) scaled, keys stored scaled; out (rows,
+    heads * hd), the value rows weighted by the softmax, summed in position order."""
+    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var pos, var heads, var hd, var cap}:
         var r = t // heads
         var h = t % heads
         var qh = q + (r * heads + h) * hd
         var s = scores + t * cap
         var o = dst + (r * heads + h) * hd
         var line = lineage + r * cap
+        var length = pos.unsafe_load(r) + 1
 
         @always_inline
         def at(i: Int) {var line, var has_lineage, var r, var heads, var h, var cap, var hd} -> Int:
@@ -521,23 +580,26 @@ def _self_attention(
 def _cross_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
-    rows: Int, window_rows: Int, heads: Int, hd: Int, frames: Int,
+    order: UnsafePointer[Int, MutUntrackedOrigin], starts: UnsafePointer[Int, MutUntrackedOrigin], wins: UnsafePointer[Int, MutUntrackedOrigin],
+    groups: Int, heads: Int, hd: Int, frames: Int,
 ):
-    """Each row and head attends to the window's keys kt (window_rows, heads, hd, frames), stored
-    scaled and transposed, and values v (window_rows, heads, frames, hd); window_rows is 1 (one
-    window shared by every row: beams) or rows. The rows of one window are done together, so
-    each row of keys and each row of values is read from memory once for all of them; every
-    row's sums run in the same order as alone."""
+    """Each row and head attends to its window's keys kt (windows, heads, hd, frames), stored
+    scaled and transposed, and values v (windows, heads, frames, hd). The rows are in `groups`
+    groups, one per window: group g is window wins[g] and the rows order[starts[g] ..<
+    starts[g + 1]]. The rows of one window are done together, so each row of its keys and of its
+    values is read from memory once for all of them; every row's sums run in the same order as
+    alone."""
     var tail = frames - frames % V
-    var per_window = 1 if window_rows == rows else rows
 
-    def work(t: Int) {var dst, var q, var kt, var v, var scores, var per_window, var heads, var hd, var frames, var tail}:
-        var w = t // heads
+    def work(t: Int) {var dst, var q, var kt, var v, var scores, var order, var starts, var wins, var heads, var hd, var frames, var tail}:
+        var g = t // heads
         var h = t % heads
-        var kh = kt + t * hd * frames
-        var first = w * per_window  # the rows of window w: first ..< first + per_window
-        for r in range(first, first + per_window):
-            var sr = scores + (r * heads + h) * frames
+        var w = wins.unsafe_load(g)
+        var kh = kt + (w * heads + h) * hd * frames
+        var lo = starts.unsafe_load(g)
+        var hi = starts.unsafe_load(g + 1)
+        for j in range(lo, hi):
+            var sr = scores + (order.unsafe_load(j) * heads + h) * frames
             for l in range(frames):
                 sr.unsafe_store(l, Float32(0))
         # scores += q[c] * keys[c, :], c ascending: each row of keys is streamed once, in order
@@ -545,23 +607,25 @@ def _cross_attention(
         # prefetchers), and every score sums its hd products in the same order as a dot product
         for c in range(hd):
             var krow = kh + c * frames
-            for r in range(first, first + per_window):
+            for j in range(lo, hi):
+                var r = order.unsafe_load(j)
                 var qc = (q + (r * heads + h) * hd).unsafe_load(c)
                 var sr = scores + (r * heads + h) * frames
                 for l in range(0, tail, V):
                     sr.unsafe_store(l, sr.unsafe_load[width=V](l) + qc * krow.unsafe_load[width=V](l))
                 for l in range(tail, frames):
                     sr.unsafe_store(l, sr.unsafe_load(l) + qc * krow.unsafe_load(l))
-        for r in range(first, first + per_window):
-            _softmax(scores + (r * heads + h) * frames, frames)
-        var vh = v + t * frames * hd
+        for j in range(lo, hi):
+            _softmax(scores + (order.unsafe_load(j) * heads + h) * frames, frames)
+        var vh = v + (w * heads + h) * frames * hd
         var hd16 = hd - hd % V
-        for r in range(first, first + per_window):
+        for j in range(lo, hi):
             for c in range(hd):
-                (dst + (r * heads + h) * hd).unsafe_store(c, Float32(0))
+                (dst + (order.unsafe_load(j) * heads + h) * hd).unsafe_store(c, Float32(0))
         for i in range(frames):
             var row = vh + i * hd
-            for r in range(first, first + per_window):
+            for j in range(lo, hi):
+                var r = order.unsafe_load(j)
                 var p = (scores + (r * heads + h) * frames).unsafe_load(i)
                 var o = dst + (r * heads + h) * hd
                 for c in range(0, hd16, V):
@@ -569,26 +633,33 @@ def _cross_attention(
                 for c in range(hd16, hd):
                     o.unsafe_store(c, o.unsafe_load(c) + p * row.unsafe_load(c))
 
-    parallelize(work, window_rows * heads)
+    parallelize(work, groups * heads)
 
 
 @extensibility.register("whisper_max.decoder_layer")
 struct DecoderLayer:
     """One residual attention block of Whisper's text decoder for `rows` rows, one new token
-    each, at cache position `position` (the same for every row):
+    each, row r at cache position position[r] (`position` holds one value for every row, or one
+    per row):
 
         x1 = x + out(self_attention(ln1(x)))      keys and values of the new token written into
-                                                   the caches (rows, heads, capacity, hd) first
-        x2 = x1 + cross_out(cross_attention(ln2(x1)))   over the window's keys and values
+                                                   the caches (slots, heads, capacity, hd) first
+        x2 = x1 + cross_out(cross_attention(ln2(x1)))   over the row's window's keys and values
         y  = x2 + fc2(gelu(fc1(ln3(x2))))
 
     as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
-    products, keys stored scaled; exact GELU; float32 throughout. `lineage` (rows, capacity)
-    int32, when not empty, says which cache row holds each earlier position of each row (beam
-    search reorders rows after every step: the caller rewrites this map instead of moving
-    caches); the new position is written in the row's own cache row. Weight matrices are float32
-    or bfloat16 (widened exactly as they are read). One kernel instead of ~40 graph ops: the
-    step is bound by reading weights, and each of those ops paid a launch."""
+    products, keys stored scaled; exact GELU; float32 throughout.
+
+    Where rows keep their state: without a lineage, row r is cache slot r (slots == rows). With
+    `lineage` (rows, capacity) int32, position i of row r is in slot lineage[r, i], and the new
+    token is written into slot lineage[r, position[r]]: beam search reorders rows after every
+    step by rewriting this map instead of moving caches, and an engine decoding rows of many
+    streams keeps each row's positions in slots of a pool. No two rows may write the same
+    (slot, position). Which window a row reads: `window` (rows) int32 names its window in the
+    cross keys/values (windows, ...); without it there is one window for all rows or one per row.
+    Weight matrices are float32 or bfloat16 (widened exactly as they are read). One kernel
+    instead of ~40 graph ops: the step is bound by reading weights, and each of those ops paid a
+    launch."""
 
     @staticmethod
     def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64](
@@ -621,33 +692,90 @@ struct DecoderLayer:
         ckt: InputTensor[dtype=DType.float32, rank=4, ...],
         cv: InputTensor[dtype=DType.float32, rank=4, ...],
         lineage: InputTensor[dtype=DType.int32, rank=2, ...],
+        window: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
         var rows = x.dim_size(0)
         var d = x.dim_size(1)
         var hd = d // heads
+        var slots = kc.dim_size(0)
         var cap = kc.dim_size(2)
         var f = w1.dim_size(0)
-        var window_rows = ckt.dim_size(0)
+        var windows = ckt.dim_size(0)
         var frames = ckt.dim_size(3)
-        var t = Int(position.unsafe_ptr().unsafe_load(0))
+        var has_lineage = lineage.dim_size(0) != 0
+        var has_window = window.dim_size(0) != 0
         if hd * heads != d:
             raise Error("whisper_max.decoder_layer: heads * head width != d")
-        if kc.dim_size(0) != rows or kc.dim_size(1) != heads or kc.dim_size(3) != hd or vc.dim_size(2) != cap:
-            raise Error("whisper_max.decoder_layer: the caches are not (rows, heads, capacity, head width)")
-        if (window_rows != 1 and window_rows != rows) or ckt.dim_size(2) != hd or cv.dim_size(2) != frames:
-            raise Error("whisper_max.decoder_layer: cross keys/values are not (1 or rows, heads, hd, frames) / (.., frames, hd)")
-        if t < 0 or t >= cap:
-            raise Error("whisper_max.decoder_layer: position outside the caches")
-        var has_lineage = lineage.dim_size(0) != 0
+        if kc.dim_size(1) != heads or kc.dim_size(3) != hd or vc.dim_size(0) != slots or vc.dim_size(2) != cap:
+            raise Error("whisper_max.decoder_layer: the caches are not (slots, heads, capacity, head width)")
+        if not has_lineage and slots != rows:
+            raise Error("whisper_max.decoder_layer: caches of another number of rows than x, and no lineage to map rows to them")
+        if ckt.dim_size(2) != hd or cv.dim_size(0) != windows or cv.dim_size(2) != frames:
+            raise Error("whisper_max.decoder_layer: cross keys/values are not (windows, heads, hd, frames) / (.., frames, hd)")
+        if not has_window and windows != 1 and windows != rows:
+            raise Error("whisper_max.decoder_layer: cross keys/values for neither one window nor one per row, and no window input")
+        if has_window and window.dim_size(0) != rows:
+            raise Error("whisper_max.decoder_layer: window is not one index per row")
+        if position.dim_size(0) != 1 and position.dim_size(0) != rows:
+            raise Error("whisper_max.decoder_layer: position is neither one value nor one per row")
         if has_lineage and (lineage.dim_size(0) != rows or lineage.dim_size(1) != cap):
             raise Error("whisper_max.decoder_layer: lineage is not (rows, capacity)")
-        if has_lineage:
-            for r in range(rows):
+        # per row: position, the slot it writes, its window; the rows grouped by window
+        var ints = alloc[Int](4 * rows + 3 * windows + 1)
+        var pos = ints  # rows
+        var dst_slot = pos + rows  # rows
+        var win = dst_slot + rows  # rows
+        var order = win + rows  # rows
+        var wins = order + rows  # windows: each group's window
+        var count = wins + windows  # windows
+        var starts = count + windows  # groups + 1 <= windows + 1
+        var per_row = position.dim_size(0) == rows
+        var lp = lineage.unsafe_ptr()
+        for r in range(rows):
+            var t = Int(position.unsafe_ptr().unsafe_load(r if per_row else 0))
+            if t < 0 or t >= cap:
+                ints.free()
+                raise Error("whisper_max.decoder_layer: position outside the caches")
+            pos.unsafe_store(r, t)
+            dst_slot.unsafe_store(r, Int(lp.unsafe_load(r * cap + t)) if has_lineage else r)
+            if has_lineage:
                 for i in range(t + 1):
-                    var src = Int(lineage.unsafe_ptr().unsafe_load(r * cap + i))
-                    if src < 0 or src >= rows or (i == t and src != r):
-                        raise Error("whisper_max.decoder_layer: lineage names a row outside the caches, or not the row itself at the position written")
+                    var src = Int(lp.unsafe_load(r * cap + i))
+                    if src < 0 or src >= slots:
+                        ints.free()
+                        raise Error("whisper_max.decoder_layer: lineage names a slot outside the caches")
+            var w = Int(window.unsafe_ptr().unsafe_load(r)) if has_window else (0 if windows == 1 else r)
+            if w < 0 or w >= windows:
+                ints.free()
+                raise Error("whisper_max.decoder_layer: window outside the cross keys/values")
+            win.unsafe_store(r, w)
+        for r in range(rows):
+            for o in range(r):
+                if dst_slot.unsafe_load(o) == dst_slot.unsafe_load(r) and pos.unsafe_load(o) == pos.unsafe_load(r):
+                    ints.free()
+                    raise Error("whisper_max.decoder_layer: two rows write the same cache slot and position")
+        # a counting sort of the rows by window: groups in window order, rows in row order
+        for w in range(windows):
+            count.unsafe_store(w, 0)
+        for r in range(rows):
+            count.unsafe_store(win.unsafe_load(r), count.unsafe_load(win.unsafe_load(r)) + 1)
+        var groups = 0
+        var at = 0
+        for w in range(windows):
+            var c = count.unsafe_load(w)
+            count.unsafe_store(w, at)  # where window w's rows start in `order`
+            if c > 0:
+                wins.unsafe_store(groups, w)
+                starts.unsafe_store(groups, at)
+                groups += 1
+            at += c
+        starts.unsafe_store(groups, rows)
+        for r in range(rows):
+            var w = win.unsafe_load(r)
+            order.unsafe_store(count.unsafe_load(w), r)
+            count.unsafe_store(w, count.unsafe_load(w) + 1)
+
         var s = Float32(scale)
         var e = Float32(eps)
         var rd = rows * d
@@ -670,17 +798,17 @@ struct DecoderLayer:
         _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
         for r in range(rows):
             for i in range(heads):
-                var at = ((r * heads + i) * cap + t) * hd
+                var dst = ((dst_slot.unsafe_load(r) * heads + i) * cap + pos.unsafe_load(r)) * hd
                 for c in range(hd):
-                    (kp + at).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
-                    (vp + at).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
-        _self_attention(att, q, kp, vp, sc, lineage.unsafe_ptr(), has_lineage, rows, heads, hd, cap, t + 1)
+                    (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
+                    (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
+        _self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
         _linear[wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
         _linear[wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
-        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, rows, window_rows, heads, hd, frames)
+        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, order, starts, wins, groups, heads, hd, frames)
         _linear[wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 
         for r in range(rows):
@@ -688,6 +816,7 @@ struct DecoderLayer:
         _linear[w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
         _linear[w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
         scratch.free()
+        ints.free()
 
 
 # --- token selection after a decoder call -------------------------------------------------------

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime import package
+from runtime.package import WINDOW
+from runtime.program import Role
 
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
@@ -237,7 +239,9 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
         raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
     weights = pkg.weights()
     pkg.check_weights(weights)
-    # graphs later converters add that need no source model (a package made before them gets them)
+    # what later converters add that needs no source model (a package made before them gets it)
+    if any(g.name == Role.DECODER_ROWS and WINDOW not in {v.name for v in g.inputs} for g in program.graphs):
+        program = passes.engine_rows(program)
     program = passes.token_selection(program)
     require_cpu_features(program)
     t = time.perf_counter()

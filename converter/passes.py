@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import sympy
 
-from runtime.package import LINEAGE, SELECT_RULES, WIDENED, widened_source
+from runtime.package import LINEAGE, SELECT_RULES, WIDENED, WINDOW, widened_source
 from runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 
 from . import ir
@@ -557,6 +557,7 @@ def optimise(p: ir.Program, fuse: bool = True) -> ir.Program:
         for g in STEP_GRAPHS:
             p = fuse_decoder_layers(p, g)
         p = row_lineage(p, Role.DECODER_ROWS)
+        p = engine_rows(p, Role.DECODER_ROWS)
     return token_selection(p)
 
 
@@ -580,6 +581,77 @@ def row_lineage(p: ir.Program, graph: str) -> ir.Program:
     nodes = tuple(ir.Node(n.name, n.op, n.inputs + (LINEAGE,), n.attrs, n.type, n.scope) if n.op == ir.DECODER_LAYER else n for n in g.nodes)
     out = ir.Graph(g.name, g.inputs + (lineage,), g.weights, g.constants, nodes, g.outputs, g.dims)
     out.validate()
+    return _replace_graph(p, out)
+
+
+def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "past") -> ir.Program:
+    """Let each row of `graph` (one token per row, decoder_layer kernels with a lineage) be at its
+    own position and read its own window, so that one call decodes rows of many streams.
+
+    - `position` (a scalar, every row's) becomes one position per row (batch,) int64; the
+      positional embedding, a slice at `position`, becomes a lookup of each row's position;
+    - the caches' leading dim becomes `pool`, slots the rows' lineage maps into (each row
+      writes its new token into slot lineage[r, position[r]]);
+    - the window's values (cross K/V, leading dim 1) get a leading dim `windows`, and the input
+      WINDOW (batch,) int32 says which one each row reads.
+
+    Every row computes what it computes alone: each of its sums runs over its own positions and
+    window in the same order. Beams are rows of one window whose lineages share a prefix."""
+    g = p.graph(graph)
+    inputs = {v.name: v for v in g.inputs}
+    if WINDOW in inputs or any(d.name in ("pool", "windows") for d in g.dims):
+        raise ValueError(f"{graph}: already has per-row windows or slots")
+    layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+    if not layers or any(len(n.inputs) != 28 or n.inputs[-1] != LINEAGE for n in layers):
+        raise ValueError(f"{graph}: expected decoder_layer nodes with a lineage (run fuse_decoder_layers and row_lineage first)")
+    if inputs.get(position) is None or inputs[position].type.shape != ():
+        raise ValueError(f"{graph}: no scalar input {position!r} (the position every row writes at)")
+    caches = {n.inputs[i] for n in layers for i in (1, 2)}
+    cross = {n.inputs[i] for n in layers for i in (25, 26)}
+    if any(inputs[c].type.shape[0] != 1 for c in cross):
+        raise ValueError(f"{graph}: cross keys/values not shared by all rows (leading dim 1; run share_window first)")
+    rows = g.types()[layers[0].inputs[0]].shape[0]
+    embed = [n for n in g.nodes if n.op == "aten.slice.Tensor" and n.inputs[0] == "decoder.positional_embedding"]
+    if len(embed) != 1 or embed[0].attr("start") != position or embed[0].attr("end") != f"{position} + 1" or embed[0].attr("dim") != 0:
+        raise ValueError(f"{graph}: the positional embedding is not one slice at {position!r}")
+    users = [n for n in g.nodes if position in n.inputs or position in ir.dim_symbols(str(n.attrs))]
+    if {n.name for n in users} != {n.name for n in layers} | {embed[0].name}:
+        raise ValueError(f"{graph}: {position!r} is read by {[n.name for n in users if n.op != ir.DECODER_LAYER]} as well; only the layers and the positional embedding may")
+
+    def retype(v: ir.Value) -> ir.Value:
+        if v.name == position:
+            return ir.Value(v.name, ir.TensorType("int64", (rows,)))
+        if v.name in caches:
+            return ir.Value(v.name, ir.TensorType(v.type.dtype, ("pool",) + tuple(v.type.shape[1:])))
+        if v.name in cross:
+            return ir.Value(v.name, ir.TensorType(v.type.dtype, ("windows",) + tuple(v.type.shape[1:])))
+        return v
+
+    e = embed[0]
+    d = e.type.shape[-1]
+    at = ir.Node(f"{e.name}/rows", "aten.view.default", (position,), (("size", [-1, 1]),), ir.TensorType("int64", (rows, 1)), e.scope)
+    looked_up = ir.Node(
+        e.name,
+        "aten.embedding.default",
+        ("decoder.positional_embedding", at.name),
+        (("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)),
+        ir.TensorType(e.type.dtype, (rows, 1, d)),
+        e.scope,
+    )
+    nodes = []
+    for n in g.nodes:
+        if n is e:
+            nodes += [at, looked_up]
+        elif n.op == ir.DECODER_LAYER:
+            nodes.append(ir.Node(n.name, n.op, n.inputs + (WINDOW,), n.attrs, n.type, n.scope))
+        else:
+            nodes.append(n)
+    new_inputs = tuple(retype(v) for v in g.inputs) + (ir.Value(WINDOW, ir.TensorType("int32", (rows,))),)
+    used = {s for v in new_inputs for dim in v.type.shape for s in ir.dim_symbols(dim)} | {s for n in nodes for dim in n.type.shape for s in ir.dim_symbols(dim)}
+    dims = tuple(dim for dim in g.dims if dim.name in used) + (ir.SymDim("pool", 1, None), ir.SymDim("windows", 1, None))
+    out = ir.Graph(g.name, new_inputs, g.weights, g.constants, tuple(nodes), g.outputs, dims)
+    out.validate()
+    log.info("%s: per-row positions, %d cache slots and windows by index", graph, len(caches))
     return _replace_graph(p, out)
 
 

@@ -29,16 +29,20 @@ import numpy as np
 from .files import atomic_open
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 5  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights; 5: the select graph
+FORMAT_VERSION = 6  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights; 5: the select graph; 6: decoder_rows for rows of many windows
 # a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights;
-# before 5 there is no select graph: those open, and `whisper-convert --rebuild` adds it
-READS = (2, 3, 4, 5)
+# before 5 there is no select graph, before 6 decoder_rows takes the rows of one window: those
+# open, the runtime refuses them with the hint, and `whisper-convert --rebuild` makes them anew
+READS = (2, 3, 4, 5, 6)
 # A graph weight named `X/widened` (float32) is the stored bfloat16 weight X widened, made once
 # when the package is loaded and bound to every graph that names it (not stored in weights.bin).
 WIDENED = "/widened"
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
 LINEAGE = "lineage"
+# The input of decoder_rows naming the window each row reads, (rows,) int32 into the cross K/V
+# inputs' leading dim (passes.engine_rows).
+WINDOW = "window"
 # The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
 # token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
 SELECT_RANGES = 4

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .package import LINEAGE, SELECT_RULES
+from .package import LINEAGE, SELECT_RULES, WINDOW
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -32,7 +32,7 @@ class Role(StrEnum):
     CROSS_KV = "cross_kv"  # encoder -> each layer's cross-attention keys and values
     DECODER = "decoder"  # tokens (batch, n) after a cache of `past` positions -> last logits, grown caches
     DECODER_STEP = "decoder_step"  # one token of one row, caches grown in place, and the choice
-    DECODER_ROWS = "decoder_rows"  # one token for each row of one window, caches in place, lineage, choice
+    DECODER_ROWS = "decoder_rows"  # one token for each of any rows: own position, cache slots (lineage), window; choice
     ALIGNMENT = "alignment"  # tokens and encoder -> logits and cross-attention weights (word timestamps)
     SELECT = "select"  # logits -> the next-token choice (after the general decoder)
 
@@ -57,9 +57,12 @@ def host(x) -> np.ndarray:
 
 
 def state_specs(signature: dict) -> list[dict]:
-    """A graph signature's state inputs (written in place), and its rows' lineage if it takes
-    one (package.LINEAGE), as StepCache takes them."""
-    return [i for i in signature.get("inputs", []) if "state" in i or i["name"] == LINEAGE]
+    """A graph signature's state inputs (written in place), and the inputs that say where each
+    row is (the position they are written at, the rows' LINEAGE and WINDOW) where it takes
+    them, as StepCache takes them."""
+    inputs = signature.get("inputs", [])
+    positions = {i["state"]["position"] for i in inputs if "state" in i}
+    return [i for i in inputs if "state" in i or i["name"] in (LINEAGE, WINDOW) or i["name"] in positions]
 
 
 class StepCache:
@@ -75,20 +78,23 @@ class StepCache:
     def __init__(self, specs: list[dict], rows: int = 1, graph: str = Role.DECODER_STEP):
         from max.driver import Buffer
 
-        lineage = any(s["name"] == LINEAGE for s in specs)
-        specs = [s for s in specs if s["name"] != LINEAGE]
-        shapes = {s["name"]: [rows if d == "batch" else d for d in s["shape"]] for s in specs}
-        if any(d != rows for v in shapes.values() for d in v[:1]):
-            raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
-        self.graph, self.rows = graph, rows
-        self.arrays = {s["name"]: np.zeros(shapes[s["name"]], np.dtype(s["dtype"])) for s in specs}
-        self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
-        self.axis = {s["name"]: s["state"]["axis"] for s in specs}
-        positions = {s["state"]["position"] for s in specs}
+        by_name = {s["name"]: s for s in specs}
+        lineage, window = LINEAGE in by_name, WINDOW in by_name
+        caches = [s for s in specs if "state" in s]
+        positions = {s["state"]["position"] for s in caches}
         if len(positions) != 1:
             raise ValueError(f"state inputs with positions {sorted(positions)}; expected one")
         self.position = positions.pop()
-        self.capacity = min(s["shape"][s["state"]["axis"]] for s in specs)
+        # one position for every row (a scalar), or one per row (passes.engine_rows): all the same here
+        self.per_row = bool(by_name.get(self.position, {}).get("shape"))
+        shapes = {s["name"]: [rows if d in ("batch", "pool") else d for d in s["shape"]] for s in caches}
+        if any(d != rows for v in shapes.values() for d in v[:1]):
+            raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
+        self.graph, self.rows = graph, rows
+        self.arrays = {s["name"]: np.zeros(shapes[s["name"]], np.dtype(s["dtype"])) for s in caches}
+        self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
+        self.axis = {s["name"]: s["state"]["axis"] for s in caches}
+        self.capacity = min(s["shape"][s["state"]["axis"]] for s in caches)
         self.length = 0
         # with a lineage (the graph's input LINEAGE), row r's position i is in cache row
         # lineage[r, i]: reordering rewrites these ints, not the caches. Positions not yet
@@ -96,6 +102,8 @@ class StepCache:
         self.lineage = np.repeat(np.arange(rows, dtype=np.int32)[:, None], self.capacity, axis=1) if lineage else None
         if lineage:
             self.buffers[LINEAGE] = Buffer.from_numpy(self.lineage)
+        if window:  # every row reads window 0: the one the caller gives
+            self.buffers[WINDOW] = np.zeros(rows, np.int32)
 
     @classmethod
     def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = Role.DECODER_STEP) -> StepCache:
@@ -122,7 +130,8 @@ class StepCache:
         """The graph's state inputs and the position to write at; the call fills one more."""
         if self.length >= self.capacity:
             raise ValueError(f"the text context is full ({self.capacity} positions)")
-        return {**self.buffers, self.position: np.array(self.length, np.int64)}
+        position = np.full(self.rows, self.length, np.int64) if self.per_row else np.array(self.length, np.int64)
+        return {**self.buffers, self.position: position}
 
     def reorder(self, index) -> None:
         """Row i becomes what row index[i] was (beam search), in place: only the rows that

@@ -7,9 +7,9 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from converter import ir, onnx_io
-from converter.passes import fuse_decoder_layers, fuse_encoder_attention, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
+from converter.passes import engine_rows, fuse_decoder_layers, fuse_encoder_attention, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
 from converter.trace import trace_program
-from runtime.package import LINEAGE, widened_source
+from runtime.package import LINEAGE, WINDOW, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
@@ -75,19 +75,26 @@ def test_optimise_pipeline():
     assert step.nodes[-1].inputs == (dict(step.outputs)["logits"], "rules", "suppress", "sampling", "slots")
     assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
     assert LINEAGE not in inputs and all(len(n.inputs) == 27 for n in blocks)  # one row: its own cache row
-    # the rows graph: the decoder with n = 1 for any number of rows of one window, caches grown in
-    # place, the window's cross K/V (cross_kv outputs) one copy shared by every row
+    # the rows graph (the engine's): the decoder with n = 1 for any rows, caches grown in place
+    # in slots of a pool, each row at its own position, reading its own window's cross K/V
     rows = after.graph("decoder_rows")
-    assert [dm.name for dm in rows.dims] == ["batch", "past", "kv_len", "n_suppress", "k"]
+    assert [dm.name for dm in rows.dims] == ["batch", "pool", "windows", "n_suppress", "k"]
     inputs = dict((x.name, x.type.shape) for x in rows.inputs)
-    assert inputs["tokens"] == ("batch", 1) and set(rows.state_inputs()) == {x.name for x in caches}
-    assert all(inputs[k] == ("batch", h, TINY_DIMS["n_text_ctx"], d // h) for k in rows.state_inputs())
+    assert inputs["tokens"] == ("batch", 1) and inputs["past"] == ("batch",) and set(rows.state_inputs()) == {x.name for x in caches}
+    assert all(inputs[k] == ("pool", h, TINY_DIMS["n_text_ctx"], d // h) for k in rows.state_inputs())
     per_window = {o for o, _ in after.graph("cross_kv").outputs} & set(inputs)
     general = dict((x.name, x.type.shape) for x in dec.inputs)
-    assert per_window and all(inputs[k] == (1, *general[k][1:]) for k in per_window)
-    # beams: each block reads the rows' lineage (passes.row_lineage), so reordering moves no cache
+    assert per_window and all(inputs[k] == ("windows", *general[k][1:]) for k in per_window)
+    assert inputs[WINDOW] == ("batch",)
+    # each block reads the rows' lineage (passes.row_lineage: reordering beams moves no cache) and windows
     assert inputs[LINEAGE] == ("batch", TINY_DIMS["n_text_ctx"])
-    assert [(n.op, n.inputs) for n in rows.nodes] == [(n.op, n.inputs + ((LINEAGE,) if n.op == ir.DECODER_LAYER else ())) for n in step.nodes]
+    layers = [n for n in rows.nodes if n.op == ir.DECODER_LAYER]
+    assert [n.inputs for n in layers] == [n.inputs + (LINEAGE, WINDOW) for n in blocks]
+    # the positional embedding: a lookup of each row's position instead of a slice at `past`
+    embed = [n for n in rows.nodes if "decoder.positional_embedding" in n.inputs]
+    assert [n.op for n in embed] == ["aten.embedding.default"] and not any(n.op == "aten.slice.Tensor" for n in rows.nodes)
+    with pytest.raises(ValueError, match="already has per-row windows"):
+        engine_rows(after)
     assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"]
     select = after.graph("select")  # the next-token choice, after any decoder call
     assert [n.op for n in select.nodes] == [ir.SELECT_TOKENS] and select.outputs == (("choice", "choice"),)

@@ -1,29 +1,36 @@
 """The Python API: a loaded package with openai-whisper's `model.transcribe` and `model.decode`.
 
-It sits above the decoding and long-form modules so that the model (runtime.model) does not
-import them: dependencies point one way, model <- decoding <- timing <- transcribe <- api.
+It sits above the engine and long-form modules so that the model (runtime.model) does not
+import them: dependencies point one way, model <- decoding <- stream <- engine <- transcribe <- api.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from os import PathLike
 
-from .decoding import DecodingOptions, decode
+from .decoding import DecodingOptions
+from .engine import Engine, decode
 from .model import WhisperModel
 from .package import Package
 from .transcribe import transcribe
 
 
 class Whisper(WhisperModel):
-    """A package's compiled program with openai-whisper's model methods."""
+    """A package's compiled program with openai-whisper's model methods, on one engine."""
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The engine this model's calls decode on (its cache pool is kept between calls)."""
+        return Engine(self)
 
     def transcribe(self, audio, **options) -> dict:
         """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
-        return transcribe(self, audio, **options)
+        return transcribe(self, audio, engine=self.engine, **options)
 
     def decode(self, mel, options: DecodingOptions | None = None, **kwargs):
         """openai-whisper's `model.decode`: a log-mel window (or a batch) -> DecodingResult(s)."""
-        return decode(self, mel, options or DecodingOptions(), **kwargs)
+        return decode(self, mel, options or DecodingOptions(), engine=self.engine, **kwargs)
 
 
 def load(path: str | PathLike) -> Whisper:

@@ -8,15 +8,15 @@ split at <|startoftranscript|> so its logits (for no_speech_prob) are a last pos
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from .audio import CHUNK_LENGTH
 from .model import WhisperModel
 from .package import SELECT_RANGES, SELECT_RULES
-from .program import host
 from .tokenizer import Tokenizer
 
 
@@ -246,7 +246,46 @@ def rank(tokens: list[list[np.ndarray]], sum_logprobs: list[list[float]], length
     return out
 
 
-# --- the task ---
+# --- the task: one window, as a generator the engine drives ---
+
+
+@dataclass
+class Step:
+    """One decoder call's worth of a window: the next token for its live rows. The engine
+    decodes the steps of many windows in one call and sends each its choice, (len(rows), slots,
+    2) (token, log-probability) pairs. `rows` are indices into the window's rows (an ended
+    greedy or sampled row stops running: its next token is end-of-text whatever it computes)."""
+
+    rows: np.ndarray  # (live,) int
+    tokens: np.ndarray  # (live, 1) int64: each live row's last token
+    rules: np.ndarray  # (live, SELECT_RULES) int32 (TokenRules.rows)
+    suppress: np.ndarray  # (n,) int32: tokens every row of the window suppresses
+    sampling: np.ndarray  # (live, 2) float32: (temperature, u)
+    slots: int  # (token, log-probability) pairs wanted per row
+
+
+class Rows(Protocol):
+    """A window's rows in an engine: where its decoder state lives. Made by the engine's pool
+    (`open(cross)`) from the window's cross-attention values; `close()` frees it."""
+
+    def prefill(self, tokens: np.ndarray) -> np.ndarray:
+        """Run the decoder on (1, n) prompt tokens after those prefilled so far (one row, the
+        general decoder): the logits (1, n_vocab) of the last."""
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """The logits (1, n_vocab) of the last of (1, n) tokens from an empty cache, kept nowhere
+        (language detection)."""
+
+    def spread(self, n: int) -> None:
+        """The window now decodes `n` rows, each continuing the prompt prefilled."""
+
+    def reorder(self, sources) -> None:
+        """Row i continues what row sources[i] was (beam search)."""
+
+    def select(self, logits: np.ndarray, rules, suppress, sampling, slots: int) -> np.ndarray:
+        """The next-token choice for `logits` (rows, n_vocab) (the select graph)."""
+
+    def close(self) -> None: ...
 
 
 def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer, cross: dict | None = None) -> tuple[np.ndarray, list[dict[str, float]]]:
@@ -258,6 +297,11 @@ def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer, c
         cross = model.cross_kv(audio_features)
     n = int(audio_features.shape[0])
     logits, _ = model.decoder_step(np.full((n, 1), tokenizer.sot, np.int64), model.empty_cache(n), cross)
+    return language_probs(logits, tokenizer)
+
+
+def language_probs(logits: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """The language tokens' choice from the logits (n, n_vocab) at <|startoftranscript|>."""
     lang_tokens = np.array(tokenizer.all_language_tokens)
     mask = np.ones(logits.shape[-1], bool)
     mask[lang_tokens] = False
@@ -265,10 +309,13 @@ def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer, c
     logits[:, mask] = -np.inf
     probs = np.exp(log_softmax(logits))
     best = logits.argmax(axis=-1)
-    return best, [{code: float(probs[i, tok]) for tok, code in zip(lang_tokens, tokenizer.all_language_codes)} for i in range(n)]
+    return best, [{code: float(probs[i, tok]) for tok, code in zip(lang_tokens, tokenizer.all_language_codes)} for i in range(len(logits))]
 
 
 class DecodingTask:
+    """openai-whisper's DecodingTask for one window: `window(rows, features)` is a generator
+    that yields a Step per token and returns the DecodingResult (runtime.engine drives it)."""
+
     def __init__(self, model: WhisperModel, options: DecodingOptions):
         self.model = model
         self.options = self._verify(options)
@@ -327,109 +374,61 @@ class DecodingTask:
         s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
         return tuple(sorted(set(s)))
 
-    def _selection(self, tokens: np.ndarray) -> dict:
-        """What the next-token choice takes for rows holding `tokens`, besides their logits."""
-        return self.model.selection(self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(tokens.shape[0]), self.decoder.slots)
-
-    def _main_loop(self, cross: dict, tokens: np.ndarray, shared: bool = False):
-        """`shared`: every row decodes the one window whose values `cross` holds once (all rows
-        start from the same prompt, so that is computed once, for the first row)."""
-        n = tokens.shape[0]
-        sum_logprobs = np.zeros(n, np.float32)
-        prompt = tokens[:1] if shared else tokens
-        cache = self.model.empty_cache(len(prompt))
-        # first call in two parts, so the logits at <|startoftranscript|> are a last position
+    def window(self, rows: Rows, features) -> Generator[Step, np.ndarray, DecodingResult]:
+        """Decode one window whose decoder state `rows` holds (`features`: its encoder output,
+        kept in the result for word timestamps): yields a Step per token, is sent the choice."""
+        self.decoder.reset()
+        tk, n = self.tokenizer, self.n_group
+        tokens = np.array([self.initial_tokens], np.int64)
         split = self.sot_index + 1
-        logits_sot, cache = self.model.decoder_step(prompt[:, :split], cache, cross)
-        logits = logits_sot
-        if split < tokens.shape[1]:
-            logits, cache = self.model.decoder_step(prompt[:, split:], cache, cross)
-        no_speech = np.exp(log_softmax(logits_sot))[:, self.tokenizer.no_speech].astype(float).tolist()
-        if shared:
-            no_speech, logits = no_speech * n, np.repeat(logits, n, axis=0)  # each row chooses (samples) its own
-            cache = self.model.share_rows(cache, n)
-        choice = _check(self.model.select_tokens(logits, self._selection(tokens)))
-        # greedy rows that have ended stop running once a quarter of those running have: the
-        # decoder then computes only `rows` (an ended row's next token is eot whatever it computes)
-        shrink = isinstance(self.decoder, GreedyDecoder) and self.decoder.temperature == 0 and n > 1
-        rows = np.arange(n)
+        # the first call in two parts, so the logits at <|startoftranscript|> are a last
+        # position: no_speech_prob, and the language when none is given (openai-whisper detects
+        # it on <|startoftranscript|> alone, so after a prompt that is a call of its own)
+        logits_sot = rows.prefill(tokens[:, :split])
+        language, lang_probs = self.options.language, None
+        if language is None or self.options.task == "lang_id":
+            lang_logits = logits_sot if split == 1 else rows.logits(tokens[:, self.sot_index : split])
+            lang_tokens, probs = language_probs(lang_logits, tk)
+            language, lang_probs = max(probs[0], key=probs[0].get), probs[0]
+            if self.options.language is None:
+                tokens[:, split] = lang_tokens[0]
+        if self.options.task == "lang_id":
+            return DecodingResult(audio_features=features, language=language, language_probs=lang_probs)
+        logits = rows.prefill(tokens[:, split:]) if split < tokens.shape[1] else logits_sot
+        no_speech = float(np.exp(log_softmax(logits_sot))[0, tk.no_speech])
+
+        rows.spread(n)  # each row chooses (samples) its own next token from the prompt's logits
+        tokens, logits = np.repeat(tokens, n, axis=0), np.repeat(logits, n, axis=0)
+        sum_logprobs = np.zeros(n, np.float32)
+        slots = self.decoder.slots
+        choice = _check(rows.select(logits, self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(n), slots))
+        ended = isinstance(self.decoder, GreedyDecoder)  # a greedy or sampled row that has ended stops running
         for _ in range(self.sample_len):
-            if len(rows) < n:
-                everyone = np.zeros((n, *choice.shape[1:]), np.float32)
-                everyone[:, :, 0] = self.tokenizer.eot
-                everyone[rows] = choice
-                choice = everyone
             tokens, completed, sources = self.decoder.update(tokens, choice, sum_logprobs)
             if sources is not None:
-                cache = self.model.select(cache, sources)
+                rows.reorder(sources)
             if completed or tokens.shape[-1] > self.n_ctx:
                 break
-            if shrink:
-                running = np.flatnonzero(tokens[:, -1] != self.tokenizer.eot)
-                if len(running) <= len(rows) * 3 // 4:
-                    keep = np.searchsorted(rows, running)  # where the running rows are held now
-                    cache, cross, rows = self.model.select(cache, keep), self.model.select(cross, keep), running
-            choice, cache = self.model.decoder_choose(tokens[rows, -1:], cache, cross, self._selection(tokens[rows]))
-            choice = _check(choice)
-        return tokens, sum_logprobs, no_speech
+            live = np.flatnonzero(tokens[:, -1] != tk.eot) if ended else np.arange(n)
+            sampling = self.decoder.sampling(n)[live]  # drawn for every row, as alone
+            got = yield Step(live, tokens[live, -1:], self.rules.rows(tokens[live]), self.rules.suppress, sampling, slots)
+            choice = np.zeros((n, slots, 2), np.float32)
+            choice[:, :, 0] = tk.eot
+            choice[live] = _check(got)
 
-    def run(self, mel: np.ndarray) -> list[DecodingResult]:
-        self.decoder.reset()
-        tk = self.tokenizer
-        n_audio = mel.shape[0]
-        features = self.model.embed_audio(mel)
-        cross = self.model.cross_kv(features)
-        tokens = np.tile(np.array([self.initial_tokens], np.int64), (n_audio, 1))
-        languages = [self.options.language] * n_audio
-        lang_probs = None
-        if self.options.language is None or self.options.task == "lang_id":
-            lang_tokens, lang_probs = detect_language(self.model, features, tk, cross)
-            languages = [max(p, key=p.get) for p in lang_probs]
-            if self.options.language is None:
-                tokens[:, self.sot_index + 1] = lang_tokens
-        if self.options.task == "lang_id":
-            return [DecodingResult(audio_features=features, language=lang, language_probs=p) for lang, p in zip(languages, lang_probs)]
-
-        # the rows of one window share its cross-attention values when the package can (one copy
-        # read per step instead of one per row); otherwise each row gets a copy
-        shared = self.n_group > 1 and n_audio == 1 and self.model.shares_window
-        if self.n_group > 1 and not shared:
-            cross = self.model.select(cross, np.repeat(np.arange(n_audio), self.n_group))
-        tokens = np.repeat(tokens, self.n_group, axis=0)
-        tokens, sum_logprobs, no_speech = self._main_loop(cross, tokens, shared)
-        no_speech = no_speech[:: self.n_group]
-        tokens = tokens.reshape(n_audio, self.n_group, -1)
-        sum_logprobs = sum_logprobs.reshape(n_audio, self.n_group)
-        cand, cand_lp = self.decoder.finalize(tokens, sum_logprobs)
-        cand = [[t[self.sample_begin : int(np.nonzero(t == tk.eot)[0][0])] for t in s] for s in cand]
-        chosen = rank(cand, cand_lp, self.options.length_penalty)
-        out = []
-        for i in range(n_audio):
-            toks = [int(t) for t in cand[i][chosen[i]]]
-            # each result carries its own window's features (word timestamps align against them)
-            row_features = features if n_audio == 1 else host(features)[i : i + 1]
-            text = tk.decode(toks).strip()
-            lp = cand_lp[i][chosen[i]]
-            out.append(
-                DecodingResult(
-                    audio_features=row_features,
-                    language=languages[i],
-                    language_probs=lang_probs[i] if lang_probs else None,
-                    tokens=toks,
-                    text=text,
-                    avg_logprob=lp / (len(toks) + 1),
-                    no_speech_prob=no_speech[i],
-                    temperature=self.options.temperature,
-                    compression_ratio=compression_ratio(text),
-                )
-            )
-        return out
-
-
-def decode(model: WhisperModel, mel: np.ndarray, options: DecodingOptions = DecodingOptions(), **kwargs):
-    """Decode (n_mels, frames) or (batch, n_mels, frames) windows; one result or a list."""
-    if kwargs:
-        options = replace(options, **kwargs)
-    single = mel.ndim == 2
-    results = DecodingTask(model, options).run(mel[None] if single else mel)
-    return results[0] if single else results
+        cand, cand_lp = self.decoder.finalize(tokens[None], sum_logprobs[None])
+        cand = [t[self.sample_begin : int(np.nonzero(t == tk.eot)[0][0])] for t in cand[0]]
+        chosen = rank([cand], cand_lp, self.options.length_penalty)[0]
+        toks = [int(t) for t in cand[chosen]]
+        text = tk.decode(toks).strip()
+        return DecodingResult(
+            audio_features=features,
+            language=language,
+            language_probs=lang_probs,
+            tokens=toks,
+            text=text,
+            avg_logprob=cand_lp[0][chosen] / (len(toks) + 1),
+            no_speech_prob=no_speech,
+            temperature=self.options.temperature,
+            compression_ratio=compression_ratio(text),
+        )

@@ -8,9 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import numpy as np
-
-from .decoding import decode
+from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
 from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream
@@ -30,7 +28,8 @@ def format_timestamp(seconds: float, always_include_hours: bool = False, decimal
 def transcribe(model: WhisperModel, audio, **options) -> dict:
     """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict.
     Options are openai-whisper's `transcribe()` keywords and DecodingOptions fields."""
-    return next(transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options)))[1]
+    engine = options.pop("engine", None)
+    return next(transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options), engine=engine))[1]
 
 
 def _say(line: str) -> None:
@@ -67,14 +66,12 @@ class Printer:
             self.bar = None
 
 
-def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, options: TranscribeOptions | None = None, **kwargs):
+def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, options: TranscribeOptions | None = None, engine: Engine | None = None, **kwargs):
     """Transcribe several files at once, yielding (index, result) in input order as each is done.
 
-    Up to `batch_size` files are in flight. Each runs openai-whisper's long-form loop on its own;
-    the greedy (temperature 0) windows they wait on are decoded together when their decoding
-    options are equal (the same prompt: in practice each file's first window, and windows after
-    a prompt reset). One encoder call and one decoder call per token then serve the whole batch.
-    Sampled windows (temperature > 0, the fallback) decode one by one, as they would alone.
+    Up to `batch_size` files are in flight, each openai-whisper's long-form loop (a
+    TranscriptionStream) on the engine, which decodes the rows of all their windows in one
+    decoder call per token (continuous batching); each file's tokens are the ones it gets alone.
     Verbose lines print in input order, as a sequential run prints them: the first unfinished
     file's as they come, later files' once every earlier file is done.
     """
@@ -84,22 +81,22 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
         options = TranscribeOptions.from_kwargs(**kwargs)
     elif kwargs:
         raise TypeError(f"transcribe_many: options given both as TranscribeOptions and as keywords {sorted(kwargs)}")
+    engine = engine or Engine(model)
     held: list[list[str]] = [[] for _ in audios]
     shown = 0  # the file whose lines print as they come; later files' lines wait their turn
-    streams, printers, results = {}, {}, {}  # in flight: index -> TranscriptionStream, Printer
+    printers, results = {}, {}  # in flight: index -> Printer; done: index -> result
     queue = iter(range(len(audios)))
 
-    def finish(i: int) -> None:
-        results[i] = streams.pop(i).result
+    def finish(i: int, stream: TranscriptionStream) -> None:
+        results[i] = stream.result
         printers.pop(i).close()
 
     def start() -> None:
         for i in queue:
             printers[i] = Printer(options.verbose, lambda line, i=i: say(line) if i == shown else held[i].append(line))
-            streams[i] = TranscriptionStream(model, audios[i], options, printers[i])
-            if streams[i].done:  # nothing to decode (an empty clip)
-                finish(i)
-            if len(streams) >= batch_size:
+            stream = TranscriptionStream(model, audios[i], options, printers[i])
+            engine.submit(stream, lambda s, i=i: finish(i, s))
+            if len(printers) >= batch_size:
                 return
 
     start()
@@ -111,19 +108,7 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
                 for line in held[shown]:
                     say(line)
                 held[shown].clear()
-        if not streams:  # start() has taken every file
+        if not printers:  # start() has taken every file
             return
-        first = min(streams)
-        window = streams[first].next_window()
-        group = [first]
-        if window.options.temperature == 0:
-            group += [i for i in sorted(streams) if i != first and streams[i].next_window().options == window.options]
-        if len(group) == 1:
-            decoded = [decode(model, window.mel, window.options)]
-        else:
-            decoded = decode(model, np.stack([streams[i].next_window().mel for i in group]), window.options)
-        for i, result in zip(group, decoded):
-            streams[i].feed(result)
-            if streams[i].done:
-                finish(i)
+        engine.step()
         start()

@@ -76,15 +76,14 @@ def _log_softmax(s: np.ndarray) -> np.ndarray:
 
 
 class FakeEngine:
-    """What runtime.decoding asks of a loaded program (runtime.model.WhisperModel), on scripted
-    logits. A window's features are its id in [:, 0, 0]; the self-attention cache of a row is
-    its token history."""
+    """What runtime.engine asks of a loaded program (runtime.model.WhisperModel), on scripted
+    logits. A window's features are its id in [:, 0, 0]; the decoder state of a row is its
+    token history. `calls` counts decoder calls for running rows, `widest` the most rows in one."""
 
-    def __init__(self, tokenizer, shares_window: bool = True):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.dims = {"n_text_ctx": N_TEXT_CTX, "n_audio_ctx": N_AUDIO_CTX, "n_audio_state": N_AUDIO_STATE}
-        self.shares_window = shares_window
-        self.calls = 0
+        self.calls = self.widest = 0
 
     @staticmethod
     def features(ids) -> np.ndarray:
@@ -97,36 +96,60 @@ class FakeEngine:
         return mel
 
     def cross_kv(self, features) -> dict:
-        return {"window": np.asarray(features)[:, 0, 0].copy()}
+        return {"window": float(np.asarray(features)[0, 0, 0])}
 
-    def empty_cache(self, batch: int) -> np.ndarray:
-        return np.zeros((batch, 0), np.int64)
+    def pool(self) -> FakePool:
+        return FakePool(self)
 
-    def decoder_step(self, tokens, cache, cross):
-        self.calls += 1
-        history = np.concatenate([cache, tokens], axis=1)
-        windows = np.broadcast_to(cross["window"], (len(history),)) if len(cross["window"]) == 1 else cross["window"]
-        logits = np.stack([scripted_logits(w, h, self.tokenizer) for w, h in zip(windows, history)])
-        return logits, history
 
-    def selection(self, rules, suppress, sampling, k) -> dict:
-        return {"rules": rules, "suppress": suppress, "sampling": sampling, "k": k}
+class FakePool:
+    """runtime.model.RowPool on scripted logits: each window's rows are token histories."""
 
-    def select_tokens(self, logits, select) -> np.ndarray:
-        return choose(logits, select["rules"], select["suppress"], select["sampling"], select["k"])
+    def __init__(self, engine: FakeEngine):
+        self.engine = engine
 
-    def decoder_choose(self, tokens, cache, cross, select):
-        logits, cache = self.decoder_step(tokens, cache, cross)
-        return self.select_tokens(logits, select), cache
+    def open(self, cross) -> FakeRows:
+        return FakeRows(self.engine, cross["window"])
 
-    def share_rows(self, cache, rows: int):
-        return np.repeat(cache, rows, axis=0)
+    def step(self, items) -> list[np.ndarray]:
+        self.engine.calls += 1
+        self.engine.widest = max(self.engine.widest, sum(len(st.rows) for _, st in items))
+        out = []
+        for rows, st in items:
+            logits = []
+            for r, token in zip(st.rows, st.tokens[:, 0]):
+                rows.history[r] = np.append(rows.history[r], token)
+                logits.append(scripted_logits(rows.window, rows.history[r], self.engine.tokenizer))
+            out.append(choose(np.stack(logits), st.rules, st.suppress, st.sampling, st.slots))
+        return out
 
-    @staticmethod
-    def select(state, index):
-        if isinstance(state, dict):
-            return {k: v[index] for k, v in state.items()}
-        return state[index]
+
+class FakeRows:
+    """runtime.decoding.Rows for one window of FakePool."""
+
+    def __init__(self, engine: FakeEngine, window: float):
+        self.engine, self.window = engine, window
+        self.prompt = np.zeros(0, np.int64)
+        self.history: list[np.ndarray] = []
+
+    def prefill(self, tokens):
+        self.prompt = np.concatenate([self.prompt, tokens[0]])
+        return scripted_logits(self.window, self.prompt, self.engine.tokenizer)[None]
+
+    def logits(self, tokens):
+        return scripted_logits(self.window, tokens[0], self.engine.tokenizer)[None]
+
+    def spread(self, n: int) -> None:
+        self.history = [self.prompt.copy() for _ in range(n)]
+
+    def reorder(self, sources) -> None:
+        self.history = [self.history[s].copy() for s in sources]
+
+    def select(self, logits, rules, suppress, sampling, slots):
+        return choose(logits, rules, suppress, sampling, slots)
+
+    def close(self) -> None:
+        self.history = []
 
 
 def torch_model(tokenizer, multilingual: bool = False):

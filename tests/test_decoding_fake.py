@@ -18,7 +18,8 @@ import whisper
 from fake_engine import FakeEngine, torch_model
 
 from converter.convert import tokenizer_assets
-from runtime.decoding import DecodingOptions, decode
+from runtime.decoding import DecodingOptions
+from runtime.engine import Engine, decode
 from runtime.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -50,15 +51,11 @@ CASES = {
 }
 
 
-# beams decode the rows of one window: against one copy of its values, or a copy per row
-RUNS = [(case, True) for case in CASES] + [(case, False) for case, (_, o) in CASES.items() if "beam_size" in o]
-
-
-@pytest.mark.parametrize(("case", "shares_window"), RUNS, ids=[f"{c} ({'shared' if s else 'copied'} window)" for c, s in RUNS])
-def test_decoding_matches_openai_whisper(tokenizer, reference, case, shares_window):
+@pytest.mark.parametrize("case", CASES)
+def test_decoding_matches_openai_whisper(tokenizer, reference, case):
     ids, options = CASES[case]
     features = FakeEngine.features(ids)
-    ours = decode(FakeEngine(tokenizer, shares_window), features, DecodingOptions(language="en", **options))
+    ours = decode(FakeEngine(tokenizer), features, DecodingOptions(language="en", **options))
     ref = whisper.decoding.decode(reference, torch.from_numpy(features), whisper.DecodingOptions(language="en", fp16=False, **options))
     assert len(ours) == len(ref) == len(ids)
     for o, r in zip(ours, ref):
@@ -71,10 +68,47 @@ def test_decoding_matches_openai_whisper(tokenizer, reference, case, shares_wind
 
 
 def test_a_batch_decodes_as_its_windows_alone(tokenizer):
-    engine = FakeEngine(tokenizer)
-    together = decode(engine, FakeEngine.features([1, 2, 3]), DecodingOptions(language="en"))
-    alone = [decode(engine, FakeEngine.features([i]), DecodingOptions(language="en"))[0] for i in (1, 2, 3)]
+    model = FakeEngine(tokenizer)
+    together = decode(model, FakeEngine.features([1, 2, 3]), DecodingOptions(language="en"))
+    assert model.widest == 3  # the three windows' rows went through the same calls
+    alone = [decode(model, FakeEngine.features([i]), DecodingOptions(language="en"))[0] for i in (1, 2, 3)]
     assert [r.tokens for r in together] == [r.tokens for r in alone]
+
+
+def test_windows_join_and_leave_at_any_time(tokenizer):
+    """Continuous batching: windows with different options (greedy, beam, a prompt, sampling)
+    submitted while others decode, including from another window's completion, each give the
+    tokens they give alone; the calls hold rows of several windows; max_rows is respected."""
+    jobs = [
+        (1, {}),
+        (2, {"beam_size": 5}),
+        (3, {"prompt": "hello there"}),
+        (4, {"temperature": 0.5, "best_of": 3, "seed": 7}),
+        (5, {"without_timestamps": True}),
+        (6, {"beam_size": 2, "patience": 2.0}),
+    ]
+    alone = {i: decode(FakeEngine(tokenizer), FakeEngine.features([i]), DecodingOptions(language="en", **o))[0].tokens for i, o in jobs}
+    model = FakeEngine(tokenizer)
+    engine = Engine(model, max_rows=8)
+    got: dict[int, list[int]] = {}
+
+    def submit(i: int, o: dict) -> None:
+        def done(result, i=i):
+            got[i] = result.tokens
+            if i == 1:  # a window that joins when another leaves
+                submit(*jobs[5])
+
+        engine.submit_window(FakeEngine.features([i])[0], DecodingOptions(language="en", **o), done)
+
+    for i, o in jobs[:2]:
+        submit(i, o)
+    for _ in range(3):
+        engine.step()
+    for i, o in jobs[2:5]:  # join mid-flight
+        submit(i, o)
+    engine.run()
+    assert got == alone
+    assert 1 < model.widest <= 8
 
 
 def test_best_of_sampling(tokenizer):

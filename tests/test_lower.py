@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HAS_BF16, needs_bf16
 from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
 from torch import nn
 from torch.export import Dim, export
@@ -61,7 +62,7 @@ def compiled():
     with torch.no_grad():
         ep = export(micro, (torch.randn(2, 4, 9),), dynamic_shapes=({0: Dim("batch", min=2)},))
     micro_ir = to_ir(ep, "micro", ["x"], [{0: "batch"}], ["y"], {"batch": (1, None)})
-    products, product_weights = _bf16_products()
+    products, product_weights = _bf16_products() if HAS_BF16 else (ir.Program((), {}), {})
     mod = Module()
     for g in program.graphs + (micro_ir,) + products.graphs:
         lower_graph(g, mod)
@@ -107,6 +108,7 @@ def _round_bf16(a):
     return (((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16) << 16).view(np.float32)
 
 
+@needs_bf16
 def test_bfloat16_product_of_many_rows(compiled):
     """A linear layer of many rows with a bfloat16 weight runs as whisper_max.linear_bf16: x
     rounded to bfloat16 (ties to even), exact pair products, float32 sums, bias added; a weight
@@ -126,6 +128,7 @@ def test_bfloat16_product_of_many_rows(compiled):
     close(y2, x.astype(np.float64) @ from_bfloat16(weights["w2"]).astype(np.float64).T)
 
 
+@needs_bf16
 def test_bfloat16_attention(compiled):
     """whisper_max.attention_bf16 is softmax((q s)(k s)^T) v per head of 64 with q s, k s, v and
     the softmax's numerators rounded to bfloat16 and float32 sums: equal to that computed in
@@ -270,6 +273,74 @@ def test_rows_share_one_window_and_reorder_in_place(compiled):
         seqs = seqs[order]
 
 
+def test_rows_of_many_windows_in_one_call(compiled):
+    """decoder_rows as the engine calls it (runtime.model.RowPool): rows of three windows, with
+    prompts of different lengths, at different positions, in cache slots of one pool (two beams
+    of one window sharing its prompt's slot through their lineage), in one call. Each row's
+    logits are openai-whisper's for its own tokens and window, and bit for bit what the call
+    gives for that window's rows alone."""
+    from max.driver import Buffer
+
+    model, _, program, models, _ = compiled
+    rng = np.random.default_rng(11)
+    v, cap = TINY_DIMS["n_vocab"], TINY_DIMS["n_text_ctx"]
+    xas = [rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32) for _ in range(3)]
+    runs = [_runner(program, models, xa) for xa in xas]
+    run = runs[0][0]
+    sig = graph_signature(program.graph("decoder_rows"))
+    caches = [i for i in sig["inputs"] if "state" in i]
+    cross_names = [i["name"] for i in sig["inputs"] if i["shape"][0] == "windows"]
+    windows = {k: np.concatenate([r[1][k].to_numpy() for r in runs]) for k in cross_names}
+    slots = 6
+    pool = {i["name"]: np.zeros([slots, *i["shape"][1:]], np.float32) for i in caches}
+    buffers = {k: Buffer.from_numpy(a) for k, a in pool.items()}  # written in place by the graph
+    prompts = [rng.integers(0, v, (1, n)).astype(np.int64) for n in (2, 5, 3)]
+    # rows: (window, prompt slot, own slot); window 2 decodes two rows (beams)
+    rows = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (2, 2, 3)]
+    for w, (prompt, (_, cross)) in enumerate(zip(prompts, runs)):
+        _, cache, _ = decoder_call(run, {}, prompt, empty_cache(program.graph("decoder"), 1), cross)
+        for i in caches:
+            pool[i["name"]][w, :, : prompt.shape[1]] = cache[i["name"]].to_numpy()[0]
+    seqs = [prompts[w][0].tolist() for w, _, _ in rows]
+    lineage = np.array([[own] * cap for _, _, own in rows], np.int32)
+    for r, (w, shared, _) in enumerate(rows):
+        lineage[r, : prompts[w].shape[1]] = shared
+
+    def call(members, tokens):
+        pos = np.array([len(seqs[r]) for r in members], np.int64)
+        feeds = {
+            "tokens": tokens,
+            "past": pos,
+            **buffers,
+            **windows,
+            "lineage": np.ascontiguousarray(lineage[members]),
+            "window": np.array([rows[r][0] for r in members], np.int32),
+            "rules": np.zeros((len(members), 9), np.int32),
+            "suppress": np.zeros(0, np.int32),
+            "sampling": np.zeros((len(members), 2), np.float32),
+            "slots": np.zeros(1, np.int32),
+        }
+        return run("decoder_rows", feeds)["logits"].to_numpy()
+
+    for _ in range(3):
+        new = rng.integers(0, v, (len(rows), 1)).astype(np.int64)
+        snapshot = {k: a.copy() for k, a in pool.items()}
+        together = call(list(range(len(rows))), new)
+        for members in ([0], [1], [2, 3]):
+            after = {k: a.copy() for k, a in pool.items()}
+            for k in pool:
+                pool[k][...] = snapshot[k]
+            alone = call(members, new[members])
+            np.testing.assert_array_equal(alone, together[members])
+            for k in pool:
+                pool[k][...] = after[k]
+        for r, (w, _, _) in enumerate(rows):
+            seqs[r].append(int(new[r, 0]))
+            with torch.no_grad():
+                ref = model.decoder(torch.tensor([seqs[r]]), torch.from_numpy(xas[w])).numpy()
+            close(together[r], ref[0, -1])
+
+
 @pytest.fixture(scope="session")
 def compiled_bf16():
     """The tiny program with bfloat16-stored weights, and openai-whisper on the same rounded weights."""
@@ -291,6 +362,7 @@ def compiled_bf16():
     return model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
 
 
+@needs_bf16
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
     """Against openai-whisper on the rounded weights: the single-token step graphs read the
     stored bfloat16 weights exactly and sum in float32, so they are held to the float32

@@ -87,8 +87,8 @@ def test_tiny_en_long_form_beam5(tiny, reference_model):
 
 @pytest.mark.parametrize("options", [{"temperature": FALLBACK}, {"beam_size": 5, "best_of": 5}, {"temperature": 0.0, "word_timestamps": True}], ids=["greedy", "beam5", "words"])
 def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, options):
-    """Several files at once: their first windows decode as one batch (rows that end stop
-    running), later windows alone; each file's result is still openai-whisper's."""
+    """Several files at once on the engine: the rows of all their windows decode in the same
+    calls (continuous batching); each file's result is still openai-whisper's."""
     from runtime.transcribe import transcribe_many
 
     clips = ["jfk.wav", "ls_1221-135766-0002.wav", "ls_2412-153948-0000.wav", "mfa_acoustic_corpus_spontaneous.wav"]
@@ -101,10 +101,31 @@ def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, 
     finally:
         tiny._run = run
     assert [i for i, _ in ours] == [0, 1, 2, 3]
-    assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder") >= 3 * options.get("beam_size", 1)
+    assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder_rows") >= 3 * options.get("beam_size", 1)
     torch.set_num_threads(2)
     for (_, result), audio in zip(ours, audios):
         compare(result, whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options))
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0.0}, {"temperature": 0.0, "beam_size": 5}], ids=["greedy", "beam5"])
+def test_dev_set_eight_at_a_time(tiny, reference_model, options):
+    """The English dev clips all in flight at once (rows of up to eight windows, at different
+    positions with different prompts, in each decoder call): every file's tokens are
+    openai-whisper's, as one at a time (test_tiny_en_greedy)."""
+    from runtime.transcribe import transcribe_many
+
+    audios = [load_audio(shared_audio(c)) for c in ENGLISH]
+    engine = tiny.engine
+    calls, rows = engine.calls, engine.rows_decoded
+    ours = list(transcribe_many(tiny, audios, batch_size=8, verbose=None, language="en", engine=engine, **options))
+    assert (engine.rows_decoded - rows) / (engine.calls - calls) > 2 * options.get("beam_size", 1)  # rows of several windows per call
+    torch.set_num_threads(2)
+    for (_, result), audio, clip in zip(ours, audios, ENGLISH):
+        ref = whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options)
+        try:
+            compare(result, ref)
+        except AssertionError as e:
+            raise AssertionError(f"{clip}: {e}") from e
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +187,7 @@ def test_unsupported_inputs_say_so(tiny, tmp_path):
 def test_stream_is_transcribe_with_events(tiny):
     """The long-form loop as a public stream: next_window / feed until done gives transcribe()'s
     result, and the events say what openai-whisper would print."""
-    from runtime.decoding import decode
+    from runtime.engine import decode
     from runtime.options import TranscribeOptions
     from runtime.stream import Progress, SegmentDone, TranscriptionStream
     from runtime.transcribe import transcribe

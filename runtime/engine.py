@@ -1,0 +1,144 @@
+"""The engine: one loaded program that decodes the windows of any number of streams, the rows of
+all of them in one decoder call per token (continuous batching).
+
+    engine = Engine(model)
+    engine.submit(stream, on_done=lambda s: print(s.result["text"]))   # any time, any number
+    while engine.busy:
+        engine.step()
+
+A window joins when it is submitted (its encoder and prompt run at once, then its rows wait
+for the next call) and leaves at end-of-text; rows of different windows are at different
+positions, with different prompts and options. Beams and best-of samples of one window share
+its cross-attention values. Each row computes exactly what it computes alone: the decoder_rows
+graph (passes.engine_rows) runs every row's sums over its own positions and window in the
+same order whatever else is in the call.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .decoding import DecodingOptions, DecodingResult, DecodingTask, Rows, Step
+
+
+@dataclass(eq=False)
+class _Job:
+    """One window in the engine: its task (options), its rows once started, the Step it waits on."""
+
+    mel: np.ndarray
+    task: DecodingTask
+    on_done: Callable[[DecodingResult], None]
+    rows: Rows | None = None
+    steps: object = None  # the task's window generator
+    step: Step | None = None
+
+
+class Engine:
+    """Decodes windows submitted by any number of callers; `step()` does the next unit of work:
+    starts the windows waiting (encoder, cross K/V, prompt; while there are rows to spare),
+    then one decoder call for every running window's live rows. `max_rows` bounds the rows in
+    one call (a window's beams or samples count each); windows beyond it wait their turn."""
+
+    def __init__(self, model, max_rows: int = 64):
+        if max_rows < 1:
+            raise ValueError(f"max_rows {max_rows}: expected at least 1")
+        self.model = model
+        self.max_rows = max_rows
+        self.pool = model.pool()
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self.calls = 0  # decoder calls made for running rows
+        self.rows_decoded = 0  # rows those calls decoded (rows per call = rows_decoded / calls)
+
+    # --- submitting ---
+
+    def submit_window(self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None]) -> None:
+        """Decode one (n_mels, 3000) log-mel window with `options`; `on_done(result)` is called
+        from step() when it is done (it may submit more)."""
+        task = DecodingTask(self.model, options)  # checks the options now, not at its turn
+        self._waiting.append(_Job(np.asarray(mel, np.float32), task, on_done))
+
+    def submit(self, stream, on_done: Callable[[object], None] | None = None) -> None:
+        """Transcribe a runtime.stream.TranscriptionStream: each window it needs is decoded here
+        and fed back, until it is done; then `on_done(stream)`."""
+
+        def fed(result: DecodingResult) -> None:
+            stream.feed(result)
+            follow()
+
+        def follow() -> None:
+            window = stream.next_window()
+            if window is None:
+                if on_done is not None:
+                    on_done(stream)
+            else:
+                self.submit_window(window.mel, window.options, fed)
+
+        follow()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def run(self) -> None:
+        """Step until everything submitted (and submitted meanwhile) is done."""
+        while self.busy:
+            self.step()
+
+    # --- working ---
+
+    def _live_rows(self) -> int:
+        return sum(len(j.step.rows) for j in self._running)
+
+    def step(self) -> None:
+        while self._waiting and (not self._running or self._live_rows() + self._waiting[0].task.n_group <= self.max_rows):
+            self._start(self._waiting.popleft())
+        if not self._running:
+            return
+        jobs = list(self._running)
+        choices = self.pool.step([(j.rows, j.step) for j in jobs])
+        self.calls += 1
+        self.rows_decoded += sum(len(j.step.rows) for j in jobs)
+        for job, choice in zip(jobs, choices):
+            self._advance(job, choice)
+
+    def _start(self, job: _Job) -> None:
+        features = self.model.embed_audio(job.mel[None])
+        job.rows = self.pool.open(self.model.cross_kv(features))
+        job.steps = job.task.window(job.rows, features)
+        self._running.append(job)
+        self._advance(job, None)
+
+    def _advance(self, job: _Job, choice: np.ndarray | None) -> None:
+        try:
+            job.step = next(job.steps) if choice is None else job.steps.send(choice)
+        except StopIteration as done:
+            self._finish(job)
+            job.on_done(done.value)
+        except BaseException:
+            self._finish(job)
+            raise
+
+    def _finish(self, job: _Job) -> None:
+        self._running.remove(job)
+        job.rows.close()
+        job.step = None
+
+
+def decode(model, mel: np.ndarray, options: DecodingOptions = DecodingOptions(), engine: Engine | None = None, **kwargs):
+    """openai-whisper's `decode`: (n_mels, frames) or (batch, n_mels, frames) windows -> one
+    DecodingResult or a list. The windows of a batch decode together, each as it would alone."""
+    if kwargs:
+        options = replace(options, **kwargs)
+    single = mel.ndim == 2
+    mels = mel[None] if single else mel
+    engine = engine or Engine(model)
+    results: list = [None] * len(mels)
+    for i, m in enumerate(mels):
+        engine.submit_window(m, options, lambda r, i=i: results.__setitem__(i, r))
+    engine.run()
+    return results[0] if single else results

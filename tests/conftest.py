@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from runtime.package import cpu_target
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
+# bfloat16 arithmetic (whisper_max.linear_bf16, attention_bf16) compiles only for CPUs with
+# AVX512_BF16; elsewhere whisper-convert refuses it (test_convert_bfloat16 checks the refusal)
+HAS_BF16 = "avx512_bf16" in cpu_target()["features"]
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason=f"this CPU has no AVX512_BF16 (features: {cpu_target()['features']}); bfloat16 kernels cannot compile here")
 
 
 @pytest.fixture(scope="session")

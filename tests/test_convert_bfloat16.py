@@ -7,13 +7,28 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HAS_BF16, needs_bf16
 
 from runtime.package import Package
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.skipif(HAS_BF16, reason="this CPU has AVX512_BF16: test_bfloat16_package_parity_size_and_wer converts for real")
+def test_bfloat16_refused_without_avx512_bf16(tmp_path, capsys):
+    """On a CPU without AVX512_BF16 the bfloat16 kernels cannot run: whisper-convert says so in
+    one line, before compiling anything, and writes nothing."""
+    from converter.cli import main
+
+    out = tmp_path / "tiny.en.bf16.maxpkg"
+    assert main(["tiny.en", "--out", str(out), "--dtype", "bfloat16"]) != 0
+    err = capsys.readouterr().err
+    assert "AVX512_BF16" in err and "--dtype float32" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
+@needs_bf16
 def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
     from converter.cli import main
 

@@ -92,12 +92,13 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
         printers.pop(i).close()
 
     def start() -> None:
-        for i in queue:
+        while len(printers) < batch_size:
+            i = next(queue, None)
+            if i is None:
+                return
             printers[i] = Printer(options.verbose, lambda line, i=i: say(line) if i == shown else held[i].append(line))
             stream = TranscriptionStream(model, audios[i], options, printers[i])
             engine.submit(stream, lambda s, i=i: finish(i, s))
-            if len(printers) >= batch_size:
-                return
 
     start()
     while True:

@@ -13,8 +13,9 @@ window, decoder ms/token, load), and whether its tokens equal openai-whisper's.
 With `--corpus`, every engine transcribes the benchmark corpus (scripts/make_corpus.py: 8 files of
 2-4 minutes of real English speech, built reproducibly from ../shared/audio) and the long-form
 file one after another in one process, except whisper-max, which gives them to
-`transcribe_many` (files in flight at once, their greedy windows with equal prompts decoded as
-one batch); `whisper-max-sequential` is the same package one file at a time.
+`transcribe_many` (up to 8 files in flight on the engine, the rows of all their windows decoded
+in one call per token: continuous batching); `whisper-max-sequential` is the same package one
+file at a time.
 
 `--package-bf16` adds `whisper-max-bfloat16`: the same runtime on a package converted with
 `--dtype bfloat16` (its tokens need not equal openai-whisper's; scripts/wer.py measures the cost).
@@ -53,6 +54,8 @@ def machine() -> dict:
     family, number = int(info.get("cpu family", 0)), int(info.get("model", 0))
     if vendor == "AuthenticAMD" and family == 0x19 and (0x10 <= number <= 0x1F or 0x60 <= number <= 0x7F or 0xA0 <= number <= 0xAF):
         kind = "AMD EPYC (Zen 4)"
+    elif vendor == "AuthenticAMD" and family == 0x19 and number < 0x10:
+        kind = "AMD EPYC (Zen 3)"  # Milan: AVX2, no AVX-512 (no bfloat16 packages)
     elif vendor == "AuthenticAMD" and family == 0x1A:
         kind = "AMD EPYC (Zen 5)"
     elif vendor == "GenuineIntel" and "amx_tile" in flags:
@@ -175,9 +178,9 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         # how much of this process the kernel backs with 2 MiB pages (the weights ask for them)
         smaps = Path("/proc/self/smaps")
         out["huge_pages_mb"] = sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:")) / 1024 if smaps.exists() else None
-        calls = {"decoder_s": 0.0, "decoder_calls": 0, "encoder_s": 0.0, "windows": 0}
+        calls = {"encoder_s": 0.0, "windows": 0}
         graph_s: dict[str, float] = {}
-        steps: dict[str, list[float]] = {"decoder_step": [], "decoder_rows": []}  # one token per row
+        steps: dict[str, list[float]] = {"decoder_rows": []}  # one token for each row in flight
 
         def timed(fn, seconds: str, count: str):
             def wrapper(*a, **k):
@@ -200,27 +203,29 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
             return r
 
         model._run = timed_run
-        model.decoder_step = timed(model.decoder_step, "decoder_s", "decoder_calls")
-        model.decoder_choose = timed(model.decoder_choose, "decoder_s", "decoder_calls")  # a step and its token choice
         model.embed_audio = timed(model.embed_audio, "encoder_s", "windows")
         t0 = time.perf_counter()
         for a in audios:
             model.log_mel(np.asarray(a), padding=16000 * 30)
         out["log_mel_s"] = time.perf_counter() - t0
         t = time.perf_counter()
+        from runtime.engine import Engine
         from runtime.transcribe import transcribe_many
 
         batch = 1 if engine.endswith("sequential") else 8
-        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam)]
+        eng = Engine(model)
+        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam, engine=eng)]
         out["wall_s"] = time.perf_counter() - t
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
         n_tokens = sum(len(s) for s in out["tokens"])
         out["components"] = {
             "encoder_s_per_window": calls["encoder_s"] / max(calls["windows"], 1),
             "windows": calls["windows"],
-            "decoder_calls": calls["decoder_calls"],
-            "decoder_ms_per_call": 1000 * calls["decoder_s"] / max(calls["decoder_calls"], 1),
-            "decoder_s": calls["decoder_s"],
+            "decoder_calls": eng.calls,
+            "rows_per_call": eng.rows_decoded / max(eng.calls, 1),
+            "decoder_ms_per_call": 1000 * graph_s.get("decoder_rows", 0.0) / max(eng.calls, 1),
+            "decoder_s": graph_s.get("decoder_rows", 0.0),
+            "prompts_s": sum(graph_s.get(g, 0.0) for g in ("decoder", "decoder_step", "select")),
             "tokens": n_tokens,
             "graph_s": graph_s,
             "outside_graphs_s": out["wall_s"] - sum(graph_s.values()),
@@ -388,8 +393,9 @@ def main() -> None:
         lines += [
             "",
             f"{e} components (last run): log-mel {runs[e][-1]['log_mel_s']:.2f} s, encoder "
-            f"{1000 * c['encoder_s_per_window']:.0f} ms/call ({c['windows']} calls, a batch of windows in one), decoder {c['decoder_ms_per_call']:.2f} ms/call "
-            f"({c['decoder_calls']} calls, {c['tokens']} tokens, {c['decoder_s']:.2f} s), load {summary[e]['load_s']:.2f} s; "
+            f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder steps {c['decoder_ms_per_call']:.2f} ms/call "
+            f"({c['decoder_calls']} calls of {c['rows_per_call']:.1f} rows on average, {c['tokens']} tokens, {c['decoder_s']:.2f} s), "
+            f"prompts {c['prompts_s']:.2f} s, load {summary[e]['load_s']:.2f} s; "
             f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s; "
             f"memory in 2 MiB pages after load {huge} MB (each run).",
         ]
@@ -397,16 +403,13 @@ def main() -> None:
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
         nbytes = step_bytes(manifest)
         floor_ms = nbytes / host["read_gb_s"] / 1e6
-        for g, rows in (("decoder_step", "one row"), ("decoder_rows", "rows of one window")):
-            # a graph called a handful of times (the one-row step in a beam run) has no median to speak of
-            medians = [x["components"][f"{g}_ms_median"] for x in runs[e] if x["components"].get(f"{g}_calls", 0) >= 20]
-            if not medians:
-                continue
-            ms = statistics.median(medians)
+        medians = [x["components"]["decoder_rows_ms_median"] for x in runs[e] if x["components"].get("decoder_rows_calls", 0) >= 20]
+        if medians:
+            ms, c = statistics.median(medians), runs[e][-1]["components"]
             lines.append(
-                f"{e} {g} ({rows}, one token each): median {ms:.2f} ms ({runs[e][-1]['components'][f'{g}_calls']} calls in the last run); "
-                f"{ms / floor_ms:.2f}x the bandwidth floor of one row, {floor_ms:.2f} ms ({nbytes / 1e6:.0f} MB of weights and the "
-                f"window's cross K/V at {host['read_gb_s']:.1f} GB/s)."
+                f"{e} decoder_rows (one token for each row in flight): median {ms:.2f} ms per call of {c['rows_per_call']:.1f} rows on average "
+                f"({c['decoder_rows_calls']} calls in the last run); the bandwidth floor of one row is {floor_ms:.2f} ms "
+                f"({nbytes / 1e6:.0f} MB of weights and one window's cross K/V at {host['read_gb_s']:.1f} GB/s)."
             )
         timings = manifest.get("timings_s", {})
         lines.append(

@@ -88,17 +88,11 @@ class WhisperModel:
 
         One token of one sequence runs `decoder_step`, the graph specialised to that shape, when
         the package has it; one token for each of several rows whose `cross` has one row (the
-        window's values, shared: see `shares_window`) runs `decoder_rows`; anything else runs the
+        window's values, shared) runs `decoder_rows`; anything else runs the
         general `decoder`. The general decoder returns caches grown by concatenation; the
         in-place graphs grow them in a StepCache. All hold the same layout, and each takes the
         others' form."""
         return decoder_call(self._run, self._steps, tokens, cache, cross)[:2]
-
-    def decoder_choose(self, tokens: np.ndarray, cache: dict, cross: dict, select: dict) -> tuple[np.ndarray, dict]:
-        """decoder_step and then the next-token choice (see select_tokens) in one graph call
-        where the package fuses them (decoder_step, decoder_rows): the choice and the cache."""
-        _, cache, choice = decoder_call(self._run, self._steps, tokens, cache, cross, select)
-        return choice, cache
 
     def selection(self, rules: np.ndarray, suppress: np.ndarray, sampling: np.ndarray, k: int) -> dict:
         """The inputs of a next-token choice besides the logits: each row's `rules` and the
@@ -121,16 +115,6 @@ class WhisperModel:
         out = self._run(Role.ALIGNMENT, {TOKENS: np.ascontiguousarray(tokens, np.int64), AUDIO_FEATURES: audio_features})
         n_layer = self.dims["n_text_layer"]
         return out[LOGITS].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
-
-    @property
-    def shares_window(self) -> bool:
-        """Whether rows of one window (beams, best-of samples) can decode against one copy of
-        its cross-attention values: the package has decoder_rows."""
-        return Role.DECODER_ROWS in self._steps
-
-    def share_rows(self, cache: dict, rows: int) -> StepCache:
-        """A one-row cache repeated into `rows` rows, laid out for decoder_rows."""
-        return StepCache.holding(self._steps[Role.DECODER_ROWS], cache, rows, Role.DECODER_ROWS)
 
     @staticmethod
     def select(state, index):

@@ -4,11 +4,12 @@ and how they are called are the program contract's (runtime.program)."""
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .audio import N_FRAMES, log_mel_spectrogram
+from .audio import N_FRAMES, LogMel, log_mel_spectrogram, read_audio
 from .package import LINEAGE, WINDOW, Package, PackageError
 from .program import AUDIO_FEATURES, CHOICE, LOGITS, MEL, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, TOKENS, Role, StepCache, decoder_call, empty_cache_shape, host, select_call, state_specs
 from .tokenizer import Tokenizer
@@ -55,6 +56,13 @@ class WhisperModel:
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
         return log_mel_spectrogram(audio, self.mel_filters, padding)
+
+    def features(self, audio) -> LogMel:
+        """The log-mel of a file path (read a block at a time, never whole) or of 16 kHz mono
+        samples, with N_SAMPLES of padding, as openai-whisper's transcribe computes it."""
+        if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
+            return LogMel(read_audio(os.fsdecode(audio)), self.mel_filters)
+        return LogMel([np.asarray(audio, np.float32)], self.mel_filters)
 
     def embed_audio(self, mel: np.ndarray):
         """(batch, n_mels, N_FRAMES) log-mel -> encoder output, kept as a device buffer."""

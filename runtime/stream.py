@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, load_audio, pad_or_trim
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -122,6 +122,14 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
     """openai-whisper's long-form loop as a generator: it yields each window it needs decoded,
     (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
     What openai-whisper prints becomes events given to `emit`."""
+    mel = model.features(audio)  # read and transformed here, so a bad file fails at once
+    try:
+        return (yield from _loop(model, mel, options, emit))
+    finally:
+        mel.close()
+
+
+def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Callable[[object], None]):
     o = options
     (compression_ratio_threshold, logprob_threshold, no_speech_threshold, initial_prompt, word_timestamps, hallucination_silence_threshold) = (
         o.compression_ratio_threshold,
@@ -131,10 +139,7 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
         o.word_timestamps,
         o.hallucination_silence_threshold,
     )
-    if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
-        audio = load_audio(audio)
-    mel = model.log_mel(np.asarray(audio, np.float32), padding=N_SAMPLES)
-    content_frames = mel.shape[-1] - N_FRAMES
+    content_frames = mel.content_frames
     content_duration = float(content_frames * HOP_LENGTH / SAMPLE_RATE)
 
     emit(Progress(0, content_frames))
@@ -144,7 +149,7 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
             language = "en"
         else:
             emit(DetectingLanguage())
-            features = model.embed_audio(pad_or_trim(mel, N_FRAMES)[None])
+            features = model.embed_audio(pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)[None])
             _, probs = detect_language(model, features, model.tokenizer)
             language = max(probs[0], key=probs[0].get)
             emit(LanguageDetected(language, model.tokenizer.languages[language]))
@@ -206,7 +211,7 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
         time_offset = float(seek * HOP_LENGTH / SAMPLE_RATE)
         segment_size = min(N_FRAMES, content_frames - seek, clip_end - seek)
         segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
-        mel_segment = pad_or_trim(mel[:, seek : seek + segment_size], N_FRAMES)
+        mel_segment = pad_or_trim(mel.read(seek, seek + segment_size), N_FRAMES)
 
         if o.carry_initial_prompt:
             ignored = max(len(initial_prompt_tokens), prompt_reset_since)

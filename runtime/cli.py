@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,9 +60,11 @@ def run_cmd(
     hallucination_silence_threshold: float | None = typer.Option(
         None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
     ),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
     from . import load
+    from .audio import AudioError
     from .options import TranscribeOptions
     from .transcribe import transcribe_many
     from .writers import WRITERS, write_result
@@ -105,13 +108,38 @@ def run_cmd(
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
+    _check_writable(output_dir)  # before any work
     model = load(package)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
         print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
         options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
-    for i, result in transcribe_many(model, audio, batch_size=batch_size, options=options):
+    failed = []
+    for i, result in transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True):
+        if isinstance(result, AudioError):
+            print(f"whisper-run: error: {result}", file=sys.stderr)
+            failed.append(result)
+            continue
         write_result(result, audio[i], output_dir, output_format, writer_options)
+    if failed:
+        print(f"whisper-run: {len(failed)} of {len(audio)} files failed, the others were written:", file=sys.stderr)
+        for e in failed:
+            print(f"  {e}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Output files go to `output_dir`: make it, and write a file there, or fail before any work."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise OutputError(f"--output_dir {output_dir}: cannot write there ({e.strerror or e})") from e
+
+
+class OutputError(RuntimeError):
+    pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from .cliutil import run_app
     from .package import PackageError
 
-    return run_app(app, argv, "whisper-run", (PackageError, AudioError, ValueError))
+    argv = sys.argv[1:] if argv is None else argv
+    expected = () if "--debug" in argv else (PackageError, AudioError, OutputError, ValueError)
+    return run_app(app, argv, "whisper-run", expected)
 
 
 def run() -> None:

@@ -10,10 +10,11 @@ import typer
 def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str, expected: tuple[type[BaseException], ...]) -> int:
     """0 on success, 1 for an expected error (one line on stderr), 2 for a usage error."""
     try:
-        app(args=argv, prog_name=prog_name, standalone_mode=False)
+        rc = app(args=argv, prog_name=prog_name, standalone_mode=False)  # typer.Exit(n) returns n here
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        print(f"{prog_name}: interrupted", file=sys.stderr)
         return 130
     except typer.TyperException as e:  # usage errors (typer's vendored click)
         e.show()
@@ -21,4 +22,6 @@ def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str, expected: 
     except expected as e:
         print(f"{prog_name}: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    if rc == 130:  # typer turns Ctrl-C into Exit(130); outputs are written whole or not at all
+        print(f"{prog_name}: interrupted", file=sys.stderr)
+    return rc if isinstance(rc, int) else 0

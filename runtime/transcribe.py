@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from .audio import AudioError
 from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -66,8 +67,10 @@ class Printer:
             self.bar = None
 
 
-def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, options: TranscribeOptions | None = None, engine: Engine | None = None, **kwargs):
+def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, options: TranscribeOptions | None = None, engine: Engine | None = None, keep_going: bool = False, **kwargs):
     """Transcribe several files at once, yielding (index, result) in input order as each is done.
+    With `keep_going`, a file that cannot be read yields (index, AudioError) in its turn and the
+    others go on; without, its AudioError is raised.
 
     Up to `batch_size` files are in flight, each openai-whisper's long-form loop (a
     TranscriptionStream) on the engine, which decodes the rows of all their windows in one
@@ -96,8 +99,16 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
             i = next(queue, None)
             if i is None:
                 return
-            printers[i] = Printer(options.verbose, lambda line, i=i: say(line) if i == shown else held[i].append(line))
-            stream = TranscriptionStream(model, audios[i], options, printers[i])
+            printer = Printer(options.verbose, lambda line, i=i: say(line) if i == shown else held[i].append(line))
+            try:
+                stream = TranscriptionStream(model, audios[i], options, printer)
+            except AudioError as e:
+                printer.close()
+                if not keep_going:
+                    raise
+                results[i] = e
+                continue
+            printers[i] = printer
             engine.submit(stream, lambda s, i=i: finish(i, s))
 
     start()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import package
+from runtime import package, trust
 from runtime.package import WINDOW
 from runtime.program import Role
 
@@ -209,7 +209,8 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     files.update(mel_assets(src.dims["n_mels"]))
     files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()
     files.update(report.render(manifest, entries, report_format))
-    package.write_package(out, manifest, files)
+    written = package.write_package(out, manifest, files)
+    trust.record(written["files"]["model.mef"]["sha256"], out)  # this machine compiled it
     log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
     return ConvertResult(Path(out), manifest, entries, timings)
 
@@ -265,5 +266,6 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
         },
     )
     out = Path(out or pkg_path)
-    package.write_package(out, manifest, files)
+    written = package.write_package(out, manifest, files)
+    trust.record(written["files"]["model.mef"]["sha256"], out)  # this machine compiled it
     return ConvertResult(out, manifest, [], {"compile": elapsed})

@@ -33,6 +33,7 @@ class Whisper(WhisperModel):
         return decode(self, mel, options or DecodingOptions(), engine=self.engine, **kwargs)
 
 
-def load(path: str | PathLike) -> Whisper:
-    """Open a package and initialise its compiled graphs (no compilation happens here)."""
-    return Whisper(Package.open(path))
+def load(path: str | PathLike, trust: bool = False) -> Whisper:
+    """Open a package and initialise its compiled graphs (no compilation happens here). A
+    package this machine did not compile is refused unless `trust` (runtime.trust)."""
+    return Whisper(Package.open(path), trust=trust)

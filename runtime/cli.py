@@ -60,6 +60,7 @@ def run_cmd(
     hallucination_silence_threshold: float | None = typer.Option(
         None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
     ),
+    trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
 ) -> None:
@@ -109,7 +110,7 @@ def run_cmd(
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
     _check_writable(output_dir)  # before any work
-    model = load(package)
+    model = load(package, trust=trust)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
         print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
         options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))

@@ -3,7 +3,6 @@ and how they are called are the program contract's (runtime.program)."""
 
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ from .tokenizer import Tokenizer
 
 
 class WhisperModel:
-    def __init__(self, pkg: Package):
+    def __init__(self, pkg: Package, trust: bool = False):
         self.package = pkg
         m = pkg.manifest
         self.dims: dict = m["model"]["dims"]
@@ -31,8 +30,8 @@ class WhisperModel:
             # initialisation release the GIL
             weights = pool.submit(pkg.weights)
             tokenizer = pool.submit(Tokenizer.from_package, pkg)
-            self.mel_filters = np.load(io.BytesIO(pkg.read("assets/mel_filters.npy")), allow_pickle=False)
-            self._models = pkg.load_models(weights=weights)
+            self.mel_filters = pkg.npy("assets/mel_filters.npy")
+            self._models = pkg.load_models(weights=weights, trust=trust)
             self.tokenizer = tokenizer.result()
         self._slots: dict[int, np.ndarray] = {}
         self._decoder_inputs = {i["name"] for i in self._sig[Role.DECODER]["inputs"]}

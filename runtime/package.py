@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_open
+from .trust import is_trusted, record
 
 FORMAT = "whisper-max"
 FORMAT_VERSION = 6  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights; 5: the select graph; 6: decoder_rows for rows of many windows
@@ -180,14 +181,16 @@ def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict:
     return out
 
 
-def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> None:
-    """Write atomically: a temp file beside `path`, renamed over it only when complete."""
+def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> dict:
+    """Write atomically: a temp file beside `path`, renamed over it only when complete. Returns
+    the manifest written (with format and per-file sha256)."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
     manifest["files"] = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
     with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         for name, data in sorted(files.items()):
             z.writestr(name, data)
+    return manifest
 
 
 def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
@@ -203,6 +206,8 @@ def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
         parts = name.split("/")
         if not name or name.startswith("/") or "\\" in name or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
             raise PackageError(f"{path}: entry {name!r} is not a plain relative name; not a package whisper-convert wrote")
+        if name.lower().endswith(_PICKLE_SUFFIXES):
+            raise PackageError(f"{path}: entry {name!r} is in a format that can hold a pickle (code run on loading); a package holds none")
         if name in seen:
             raise PackageError(f"{path}: entry {name!r} appears twice; not a package whisper-convert wrote")
         seen.add(name)
@@ -210,6 +215,9 @@ def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
             raise PackageError(f"{path}: entry {name!r} is a symlink; not a package whisper-convert wrote")
         if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
             raise PackageError(f"{path}: entry {name!r} is compressed or declares {info.file_size} bytes the file does not hold; not a package whisper-convert wrote")
+
+
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".npz", ".ckpt")
 
 
 @dataclass
@@ -282,6 +290,13 @@ class Package:
             raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after conversion; convert the model again")
         return buf
 
+    def npy(self, name: str) -> np.ndarray:
+        """An .npy entry's array; never unpickles (an object array is refused)."""
+        try:
+            return np.load(io.BytesIO(self.read(name)), allow_pickle=False)
+        except ValueError as e:
+            raise PackageError(f"{self.path}: {name} is not a plain .npy array ({e}); a package holds no pickles") from e
+
     def json(self, name: str):
         return json.loads(self.read(name))
 
@@ -297,8 +312,23 @@ class Package:
         if target["arch"] != here["arch"] or missing:
             raise PackageError(f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} lacking {missing}; {redo}")
 
-    def load_models(self, session=None, weights=None) -> dict:
-        """The compiled graphs, initialised with this package's weights; never compiles.
+    def check_trusted(self, trust: bool = False) -> None:
+        """Refuse a compiled program (machine code) this machine did not make and the user did not
+        vouch for (runtime.trust); `trust=True` vouches, and records it."""
+        mef = self.manifest["files"].get("model.mef", {}).get("sha256", "")
+        if is_trusted(mef):
+            return
+        if not trust:
+            raise PackageError(
+                f"{self.path}: its compiled program (model.mef, machine code) was not made on this machine, and loading it would run it. "
+                f"Rebuild it here from its IR and weights, which are data: `whisper-convert --rebuild {self.path}`; "
+                f"or, if you trust where it came from, pass --trust (Python: load(path, trust=True)) once"
+            )
+        record(mef, self.path)
+
+    def load_models(self, session=None, weights=None, trust: bool = False) -> dict:
+        """The compiled graphs, initialised with this package's weights; never compiles. The MEF
+        is loaded only if trusted (check_trusted).
 
         `weights` may be a future of `self.weights()` started by the caller: reading and
         CRC-checking weights.bin releases the GIL, so it overlaps the MEF read here."""
@@ -306,6 +336,7 @@ class Package:
         from max.engine import InferenceSession
 
         self.check_compatible()
+        self.check_trusted(trust)
         session = session or InferenceSession()
         compiled = engine.read(io.BytesIO(self._read_stored("model.mef")))  # CRC-checked, like weights.bin
         weights = self.weights() if weights is None else weights.result()

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from runtime.package import cpu_target
+
+# the trust list (runtime.trust) of this test session: packages converted here are recorded in
+# it, and nothing a user's own cache trusts counts; subprocesses inherit it
+os.environ["WHISPER_MAX_CACHE"] = tempfile.mkdtemp(prefix="whisper-max-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_AUDIO = ROOT.parent / "shared" / "audio"
@@ -30,7 +35,10 @@ def tiny_en(tmp_path_factory):
 
     given = os.environ.get("WHISPER_MAX_TEST_PACKAGE")
     if given:
+        from runtime.trust import record
+
         pkg = Package.open(given)
+        record(pkg.manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
         return ConvertResult(Path(given), pkg.manifest, [], {})
     out = tmp_path_factory.mktemp("pkg") / "tiny.en.maxpkg"
     return convert("tiny.en", out)
@@ -49,6 +57,10 @@ def base_pkg(tmp_path_factory):
 
     given = os.environ.get("WHISPER_MAX_TEST_BASE_PACKAGE")
     if given:
+        from runtime.package import Package
+        from runtime.trust import record
+
+        record(Package.open(given).manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
         return Path(given)
     out = tmp_path_factory.mktemp("pkg") / "base.maxpkg"
     convert("base", out)
@@ -77,3 +89,7 @@ def shared_audio(name: str) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: the team's dev set is expected at ../shared/audio beside the checkout")
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["WHISPER_MAX_CACHE"], ignore_errors=True)

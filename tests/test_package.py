@@ -1,6 +1,7 @@
 """The .maxpkg container: weights round trip, atomic writes, integrity and compatibility checks."""
 
 import contextlib
+import io
 import json
 import zipfile
 
@@ -226,6 +227,7 @@ def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):
         ("absolute", lambda e: e + [("/etc/evil", b"x")], "not a plain relative name"),
         ("backslash", lambda e: e + [("..\\evil", b"x")], "not a plain relative name"),
         ("duplicate", lambda e: e + [e[1]], "appears twice"),
+        ("pickle", lambda e: e + [("model.pkl", b"\x80\x04K\x01.")], "'model.pkl' is in a format that can hold a pickle"),
         ("unlisted", lambda e: e + [("extra.bin", b"x")], r"not listed: \['extra.bin'\]"),
         ("missing", lambda e: [x for x in e if x[0] != "notes.txt"], r"missing: \['notes.txt'\]"),
     ],
@@ -273,3 +275,14 @@ def test_symlinks_compression_and_zip_bombs_are_refused(tmp_path):
     bomb.write_bytes(bytes(raw))
     with pytest.raises(PackageError, match="'weights.bin' is compressed or declares 10000"):
         Package.open(bomb)
+
+
+def test_an_npy_holding_a_pickle_is_refused(tmp_path):
+    files, _ = _files()
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    files["assets/mel_filters.npy"] = buf.getvalue()
+    path = tmp_path / "pickled.maxpkg"
+    package.write_package(path, _manifest(), files)
+    with pytest.raises(PackageError, match="mel_filters.npy is not a plain .npy array .*no pickles"):
+        Package.open(path).npy("assets/mel_filters.npy")

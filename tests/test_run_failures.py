@@ -118,7 +118,7 @@ def test_an_hour_of_audio_in_flat_memory(tiny_en, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[path.name] = float(proc.stdout.split("peak_rss_mb")[-1])
     text = (tmp_path / "out" / "hour.txt").read_text()
-    assert len(text.split()) > 20000, "an hour of read speech has tens of thousands of words"
+    assert len(text.split()) > 8000, "an hour of read speech (~150 words a minute)"
     grown = peaks["hour.wav"] - peaks["half_minute.wav"]
     print(f"peak RSS: 30 s {peaks['half_minute.wav']:.0f} MB, 60 min {peaks['hour.wav']:.0f} MB (+{grown:.0f} MB)")
     assert grown < 100, peaks

@@ -1,6 +1,7 @@
 """whisper-convert on the real tiny.en weights: parity per layer, package contents, loading."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,7 +72,9 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
         print(json.dumps({{"load_s": load, "torch": "torch" in sys.modules, "xa": list(xa.to_numpy().shape), "kv": len(kv)}}))
         """
     )
-    env = {"MODULAR_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin"}
+    # The trust list lives in WHISPER_MAX_CACHE (conftest points it at a temp dir where the
+    # session's conversions are recorded); without it the new process would refuse the MEF.
+    env = {"MODULAR_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin", "WHISPER_MAX_CACHE": os.environ["WHISPER_MAX_CACHE"]}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tiny_en.path.parent)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])

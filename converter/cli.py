@@ -20,9 +20,17 @@ def convert_cmd(
     dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; every product widens them exactly and sums in float32)"),
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
     rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing package at --out"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
 ) -> None:
+    from .convert import ConvertError
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if out is None and not rebuild:
+        out = Path(Path(model).name.removesuffix(".pt") + ".maxpkg")
+    in_place = rebuild and (out is None or out.resolve() == Path(model).resolve())
+    if out is not None and out.exists() and not in_place and not force:  # checked before any work
+        raise ConvertError(f"{out} exists; pass --force to replace it (it is replaced only once the new package is complete)")
     if rebuild:
         from .convert import rebuild as rebuild_package
 
@@ -33,12 +41,10 @@ def convert_cmd(
         from . import ir, sources, trace
 
         src = sources.resolve(model)
-        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads))), nl=False)
+        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location))), nl=False)
         return
     from .convert import convert
 
-    if out is None:
-        out = Path(Path(model).name.removesuffix(".pt") + ".maxpkg")
     result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype)
     p = result.manifest["parity"]
     t = result.timings

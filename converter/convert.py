@@ -59,7 +59,10 @@ def compile_module(program: ir.Program, session):
 def export_mef(compiled) -> bytes:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "model.mef"
-        compiled.export_mef(str(path))
+        try:
+            compiled.export_mef(str(path))
+        except (OSError, ValueError) as e:  # MAX reports a failed write (full disk, ulimit -f) as ValueError
+            raise ConvertError(f"cannot export the compiled program to {path} ({e}); set TMPDIR to a folder with room, nothing was written") from e
         return path.read_bytes()
 
 
@@ -116,7 +119,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     timings: dict[str, float] = {}
     t = time.perf_counter()
     src = sources.resolve(model_arg)
-    model = trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
+    model = trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location)
     timings["resolve"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -137,7 +140,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         # program must compute what it computes (the bfloat16 step within its own tolerance);
         # what rounding the weights costs is measured on transcripts (scripts/wer.py)
         widened = {k: package.from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w for k, w in src.state_dict.items()}
-        model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads)
+        model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
     session = InferenceSession()
     t = time.perf_counter()

@@ -85,6 +85,24 @@ def _decode_alignment_heads(dump: bytes, dims: dict) -> list[list[int]]:
     return [[int(layer), int(head)] for layer, head in zip(*np.nonzero(mask))]
 
 
+def _checked_dims(path: Path, raw: object) -> dict:
+    """The checkpoint's 'dims' as openai-whisper's ModelDimensions needs them, or a message naming what is off."""
+    from dataclasses import fields
+
+    from whisper.model import ModelDimensions
+
+    expected = [f.name for f in fields(ModelDimensions)]
+    if not isinstance(raw, dict):
+        raise ModelSourceError(f"{path}: 'dims' is a {type(raw).__name__}, expected a dict with {expected}")
+    missing, extra = [k for k in expected if k not in raw], sorted(set(raw) - set(expected))
+    if missing or extra:
+        raise ModelSourceError(f"{path}: 'dims' does not fit openai-whisper's ModelDimensions: missing {missing}, extra {extra}")
+    bad = {k: raw[k] for k in expected if type(raw[k]) is not int or raw[k] <= 0}
+    if bad:
+        raise ModelSourceError(f"{path}: 'dims' values must be positive integers: {bad}")
+    return {k: raw[k] for k in expected}
+
+
 def load_checkpoint(path: Path, name: str | None = None) -> ModelSource:
     import torch
 
@@ -95,8 +113,12 @@ def load_checkpoint(path: Path, name: str | None = None) -> ModelSource:
         raise ModelSourceError(f"{path}: not a loadable openai-whisper checkpoint ({e}); {_accepted()}") from e
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
         raise ModelSourceError(f"{path}: lacks 'dims' and 'model_state_dict'; {_accepted()}")
-    dims = dict(ckpt["dims"])
-    sd = {k: np.ascontiguousarray(v.float().numpy()) for k, v in ckpt["model_state_dict"].items()}
+    dims = _checked_dims(path, ckpt["dims"])
+    state = ckpt["model_state_dict"]
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)] if isinstance(state, dict) else ["(not a dict)"]
+    if bad:
+        raise ModelSourceError(f"{path}: model_state_dict entries that are not tensors: {bad[:5]}")
+    sd = {k: np.ascontiguousarray(v.float().numpy()) for k, v in state.items()}
     heads = _default_alignment_heads(dims)
     if name is not None:
         import whisper

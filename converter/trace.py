@@ -367,7 +367,7 @@ def trace_program(model: Whisper) -> Program:
     return Program((enc, xkv, dec, align), dims)
 
 
-def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignment_heads: list[list[int]] | None = None) -> Whisper:
+def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignment_heads: list[list[int]] | None = None, source: str = "state dict") -> Whisper:
     """openai-whisper's model on these weights, as whisper.load_model builds it (alignment heads set)."""
     from whisper.model import ModelDimensions
 
@@ -375,10 +375,10 @@ def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignme
     expected = model.state_dict()
     missing, extra = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or extra:
-        raise TraceError(f"state dict does not fit openai-whisper: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+        raise TraceError(f"{source}: the state dict does not fit openai-whisper: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
     for k, v in expected.items():
         if tuple(v.shape) != state_dict[k].shape:
-            raise TraceError(f"{k}: shape {state_dict[k].shape}, openai-whisper expects {tuple(v.shape)}")
+            raise TraceError(f"{source}: {k}: shape {state_dict[k].shape}, openai-whisper expects {tuple(v.shape)}")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()})
     if alignment_heads is not None:
         mask = torch.zeros(dims["n_text_layer"], dims["n_text_head"], dtype=torch.bool)

@@ -44,9 +44,9 @@ def _string(s: str) -> bytes:
     return struct.pack("<H", len(b)) + b
 
 
-def write_model_bin(variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6) -> bytes:
+def write_model_bin(variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6, spec: str = "WhisperSpec") -> bytes:
     codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3, np.dtype(np.float16): 4}
-    out = [struct.pack("<I", version), _string("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(variables))]
+    out = [struct.pack("<I", version), _string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name, a in variables.items():
         a = np.asarray(a).copy(order="C")  # keeps rank 0 (ascontiguousarray would make it 1-d)
         out += [_string(name), struct.pack("<B", a.ndim), struct.pack(f"<{a.ndim}I", *a.shape), struct.pack("<B", codes[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]

@@ -165,15 +165,33 @@ def pack_weights(weights: dict) -> tuple[bytes, bytes]:
     return json.dumps(index, indent=1, sort_keys=True).encode(), buf.getvalue()
 
 
+# the dtypes weights.bin may hold (no object or structured dtypes: plain numbers only)
+_WEIGHT_DTYPES = ("float32", "float16", "float64", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "uint16", "bool")
+
+
+def _count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
 def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict:
     """Views into `blob` (pass a bytearray for writable arrays); checks every extent. bfloat16
     tensors come back as MAX Buffers over the same bytes."""
-    index = json.loads(index_json)
+    try:
+        index = json.loads(index_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackageError(f"weights.json is not JSON ({e})") from e
+    if not isinstance(index, dict):
+        raise PackageError("weights.json is not a name -> entry table")
     out = {}
     for name, e in index.items():
+        ok = isinstance(e, dict) and e.get("dtype") in _WEIGHT_DTYPES and isinstance(e.get("shape"), list) and all(map(_count, e["shape"]))
+        if not ok or not _count(e.get("offset")) or not _count(e.get("nbytes")):
+            raise PackageError(f"weights.json: entry {name!r} is not {{dtype, shape, offset, nbytes}} of a plain numeric tensor")
         bf16 = e["dtype"] == "bfloat16"
         dtype = np.dtype(np.uint16 if bf16 else e["dtype"])
-        count = int(np.prod(e["shape"], dtype=np.int64))
+        count = 1
+        for d in e["shape"]:
+            count *= d  # Python ints: a hostile shape cannot wrap around
         if e["nbytes"] != count * dtype.itemsize or e["offset"] + e["nbytes"] > len(blob):
             raise PackageError(f"weights.json: entry {name!r} does not fit weights.bin")
         a = np.frombuffer(blob, dtype, count, e["offset"]).reshape(e["shape"])
@@ -186,10 +204,13 @@ def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> dict:
     the manifest written (with format and per-file sha256)."""
     manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
     manifest["files"] = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
-    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
-        for name, data in sorted(files.items()):
-            z.writestr(name, data)
+    try:
+        with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            for name, data in sorted(files.items()):
+                z.writestr(name, data)
+    except OSError as e:  # a full disk, a file size limit: the temp file is gone, `path` untouched
+        raise PackageError(f"{path}: cannot write the package ({e.strerror or e}); nothing was written, any earlier file there is unchanged") from e
     return manifest
 
 
@@ -217,6 +238,26 @@ def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
             raise PackageError(f"{path}: entry {name!r} is compressed or declares {info.file_size} bytes the file does not hold; not a package whisper-convert wrote")
 
 
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with the manifest's shape (the fields the loader reads), or None."""
+    files = m.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and _count(e.get("bytes")) for e in files.values()):
+        return "'files' is not a table of name -> {sha256, bytes}"
+    graphs = m.get("graphs")
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights"), list) for g in graphs.values()):
+        return "'graphs' is not a table of name -> {weights: [...]}"
+    for g in graphs.values():
+        for w in g["weights"]:
+            if not (isinstance(w, dict) and isinstance(w.get("name"), str) and isinstance(w.get("dtype"), str) and isinstance(w.get("shape"), list)):
+                return "a graph's 'weights' entry is not {name, dtype, shape}"
+    target = m.get("target_cpu")
+    if not isinstance(m.get("max_version"), str) or not isinstance(target, dict) or not isinstance(target.get("arch"), str):
+        return "lacks 'max_version' or 'target_cpu'"
+    if not isinstance(target.get("features"), list) or not all(isinstance(f, str) for f in target["features"]):
+        return "'target_cpu.features' is not a list of names"
+    return None
+
+
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".npz", ".ckpt")
 
 
@@ -235,18 +276,21 @@ class Package:
             z = zipfile.ZipFile(path)
             _check_entries(path, z)
             manifest = json.loads(z.read("manifest.json"))
-        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
-        if manifest.get("format") != FORMAT:
-            raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format')!r})")
-        listed = set(manifest.get("files", {})) | {"manifest.json"}
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        if type(manifest.get("format_version")) is not int or manifest["format_version"] not in READS:
+            raise PackageError(
+                f"{path}: package format {manifest.get('format_version')!r}, this runtime reads formats {READS[0]} to {READS[-1]}; convert the model again with this version's whisper-convert"
+            )
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise PackageError(f"{path}: manifest.json {problem}; not a package whisper-convert wrote")
+        listed = set(manifest["files"]) | {"manifest.json"}
         if listed != set(z.namelist()):
             extra, missing = sorted(set(z.namelist()) - listed), sorted(listed - set(z.namelist()))
             raise PackageError(f"{path}: the zip's entries and the manifest's differ (not listed: {extra[:5]}; missing: {missing[:5]}); convert the model again")
-        if manifest.get("format_version") not in READS:
-            raise PackageError(
-                f"{path}: package format {manifest.get('format_version')}, this runtime reads {' and '.join(map(str, READS))}; convert the model again with this version's whisper-convert"
-            )
         return cls(path, manifest, z)
 
     def names(self) -> list[str]:
@@ -256,9 +300,12 @@ class Package:
         entry = self.manifest["files"].get(name)
         if entry is None:
             raise PackageError(f"{self.path}: no entry {name!r} (has {self.names()})")
-        data = self._zip.read(name)  # zipfile checks the CRC
+        try:
+            data = self._zip.read(name)  # zipfile checks the CRC
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+            raise PackageError(f"{self.path}: {name} cannot be read ({e}): the file is damaged; convert the model again") from e
         if verify and _sha256(data) != entry["sha256"]:
-            raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest")
+            raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after conversion; convert the model again")
         return data
 
     def weights(self) -> dict:

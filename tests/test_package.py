@@ -62,8 +62,8 @@ def test_existing_package_survives_a_failed_rewrite(tmp_path, monkeypatch):
     path = tmp_path / "x.maxpkg"
     package.write_package(path, _manifest(), files)
     before = path.read_bytes()
-    monkeypatch.setattr(zipfile.ZipFile, "writestr", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError):
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(PackageError, match=r"No space left on device\); nothing was written"):
         package.write_package(path, _manifest(), files)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.maxpkg"]
 

@@ -121,11 +121,15 @@ def run_cmd(
             print(f"whisper-run: error: {result}", file=sys.stderr)
             failed.append(result)
             continue
-        write_result(result, audio[i], output_dir, output_format, writer_options)
+        try:
+            write_result(result, audio[i], output_dir, output_format, writer_options)
+        except OSError as e:  # a full disk mid-run: the file being written was not renamed into place
+            raise OutputError(f"{e.filename}: cannot write ({e.strerror or e}); stopped here: outputs written before it stay, it and later ones were not written") from e
     if failed:
-        print(f"whisper-run: {len(failed)} of {len(audio)} files failed, the others were written:", file=sys.stderr)
-        for e in failed:
-            print(f"  {e}", file=sys.stderr)
+        if len(audio) > 1:
+            print(f"whisper-run: {len(failed)} of {len(audio)} files failed, the others were written:", file=sys.stderr)
+            for e in failed:
+                print(f"  {e}", file=sys.stderr)
         raise typer.Exit(1)
 
 

@@ -115,7 +115,10 @@ def write_result(result: dict, audio_path: str | Path, output_dir: str | Path, o
     written = []
     for fmt in formats:
         path = Path(output_dir) / f"{Path(audio_path).stem}.{fmt}"
-        with atomic_open(path, "w", encoding="utf-8") as f:
-            WRITERS[fmt](result, f, options)
+        try:
+            with atomic_open(path, "w", encoding="utf-8") as f:
+                WRITERS[fmt](result, f, options)
+        except OSError as e:  # a full disk: name the file (the write itself does not)
+            raise OSError(e.errno, e.strerror, str(path)) from e
         written.append(path)
     return written

@@ -122,3 +122,25 @@ def test_an_hour_of_audio_in_flat_memory(tiny_en, tmp_path):
     grown = peaks["hour.wav"] - peaks["half_minute.wav"]
     print(f"peak RSS: 30 s {peaks['half_minute.wav']:.0f} MB, 60 min {peaks['hour.wav']:.0f} MB (+{grown:.0f} MB)")
     assert grown < 100, peaks
+
+
+def test_a_single_bad_file_is_one_line(tiny_en, tmp_path, capsys):
+    empty = tmp_path / "empty.wav"
+    sf.write(str(empty), np.zeros(0, np.int16), 16000)
+    assert main([str(tiny_en.path), str(empty), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err  # no summary repeating it
+    assert err == f"whisper-run: error: {empty}: no audio samples (the file holds a header and nothing to decode)\n"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_disk_while_writing_outputs(tiny_en, tmp_path):
+    """`ulimit -f 1` (1 KiB files): the small outputs are written, the word-level json is not
+    (and no temp file of it is left); one line names it; exit 1."""
+    out = tmp_path / "out"
+    cmd = f"ulimit -f 1; exec {sys.executable} -c 'from runtime.cli import run; run()' {tiny_en.path} {golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"whisper-run: error: {out / 'jfk.json'}: cannot write (File too large); stopped here: outputs written before it stay, it and later ones were not written"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["jfk.srt", "jfk.tsv", "jfk.txt", "jfk.vtt"]

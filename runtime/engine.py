@@ -32,6 +32,7 @@ class _Job:
     mel: np.ndarray
     task: DecodingTask
     on_done: Callable[[DecodingResult], None]
+    owner: object = None  # what cancel(owner) drops: the stream it decodes for
     rows: Rows | None = None
     steps: object = None  # the task's window generator
     step: Step | None = None
@@ -56,11 +57,11 @@ class Engine:
 
     # --- submitting ---
 
-    def submit_window(self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None]) -> None:
+    def submit_window(self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None], owner: object = None) -> None:
         """Decode one (n_mels, 3000) log-mel window with `options`; `on_done(result)` is called
-        from step() when it is done (it may submit more)."""
+        from step() when it is done (it may submit more). `owner` tags it for cancel()."""
         task = DecodingTask(self.model, options)  # checks the options now, not at its turn
-        self._waiting.append(_Job(np.asarray(mel, np.float32), task, on_done))
+        self._waiting.append(_Job(np.asarray(mel, np.float32), task, on_done, owner))
 
     def submit(self, stream, on_done: Callable[[object], None] | None = None) -> None:
         """Transcribe a runtime.stream.TranscriptionStream: each window it needs is decoded here
@@ -76,9 +77,27 @@ class Engine:
                 if on_done is not None:
                     on_done(stream)
             else:
-                self.submit_window(window.mel, window.options, fed)
+                self.submit_window(window.mel, window.options, fed, owner=stream)
 
         follow()
+
+    def cancel(self, owner: object) -> int:
+        """Drop the windows of `owner` (a stream given to submit()): waiting ones leave the queue,
+        running ones free their rows now; their on_done is never called. Call it between steps.
+        Returns the number of windows dropped."""
+        waiting = [j for j in self._waiting if j.owner is owner]
+        for job in waiting:
+            self._waiting.remove(job)
+        running = [j for j in self._running if j.owner is owner]
+        for job in running:
+            self._finish(job)
+            job.steps.close()
+        return len(waiting) + len(running)
+
+    @property
+    def live_rows(self) -> int:
+        """Rows of the running windows (each beam or sample is one)."""
+        return self._live_rows()
 
     @property
     def busy(self) -> bool:

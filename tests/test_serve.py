@@ -1,0 +1,293 @@
+"""whisper-serve through the official `openai` client: every response format against whisper-run's
+outputs for the same file and options, batching across requests, limits and bad uploads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2 as httpx  # the HTTP client the openai package brings
+import openai
+import pytest
+import uvicorn
+from conftest import shared_audio
+
+import golden
+import runtime
+from runtime.cli import main as whisper_run
+from runtime.serve import Settings, create_app
+
+JFK = Path(golden.JFK_WAV)
+
+
+class Served:
+    """An app on a free loopback port, uvicorn in a thread; `client` is the real openai client."""
+
+    def __init__(self, app, api_key: str = "unused"):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start in 30 s"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=300)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health").json()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_en):
+    return runtime.load(tiny_en.path)
+
+
+@pytest.fixture(scope="module")
+def served(model):
+    s = Served(create_app(model))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def whisper_run_jfk(tiny_en, tmp_path_factory):
+    """whisper-run's outputs for jfk.wav with its defaults, and with word timestamps."""
+    out = tmp_path_factory.mktemp("whisper-run")
+    assert whisper_run([str(tiny_en.path), str(JFK), "-o", str(out / "plain"), "--verbose", "False"]) == 0
+    assert whisper_run([str(tiny_en.path), str(JFK), "-o", str(out / "words"), "-f", "json", "--verbose", "False", "--word_timestamps", "True"]) == 0
+    return out
+
+
+def transcribe(client, path: Path, **kwargs):
+    with open(path, "rb") as f:
+        return client.audio.transcriptions.create(file=(path.name, f.read()), model="whisper-1", **kwargs)
+
+
+SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+
+
+def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
+    ref = json.loads((whisper_run_jfk / "plain" / "jfk.json").read_text())
+    assert transcribe(served.client, JFK).text == ref["text"]
+    assert transcribe(served.client, JFK, response_format="text") == ref["text"]
+    for fmt in ("srt", "vtt"):
+        assert transcribe(served.client, JFK, response_format=fmt) == (whisper_run_jfk / "plain" / f"jfk.{fmt}").read_text()
+    verbose = transcribe(served.client, JFK, response_format="verbose_json")
+    assert (verbose.task, verbose.language, verbose.duration, verbose.text) == ("transcribe", "english", 11.0, ref["text"])
+    assert [s.model_dump(include=set(SEGMENT_KEYS)) for s in verbose.segments] == [{k: s[k] for k in SEGMENT_KEYS} for s in ref["segments"]]
+    assert verbose.words is None
+
+
+def test_word_and_segment_granularities(served, whisper_run_jfk):
+    ref = json.loads((whisper_run_jfk / "words" / "jfk.json").read_text())
+    words = [{"word": w["word"], "start": w["start"], "end": w["end"]} for s in ref["segments"] for w in s["words"]]
+    both = transcribe(served.client, JFK, response_format="verbose_json", timestamp_granularities=["word", "segment"])
+    assert [w.model_dump(include={"word", "start", "end"}) for w in both.words] == words and len(words) > 15
+    assert [s.text for s in both.segments] == [s["text"] for s in ref["segments"]]
+    only_words = transcribe(served.client, JFK, response_format="verbose_json", timestamp_granularities=["word"])
+    assert only_words.segments is None and [w.word for w in only_words.words] == [w["word"] for w in words]
+
+
+def test_a_prompt_is_whisper_runs_initial_prompt(served, tiny_en, tmp_path):
+    clip = shared_audio("ls_1221-135766-0001.wav")
+    prompt = "Sherlock Holmes. Hester Prynne."
+    assert whisper_run([str(tiny_en.path), str(clip), "-o", str(tmp_path), "-f", "json", "--verbose", "False", "--initial_prompt", prompt]) == 0
+    ref = json.loads((tmp_path / f"{clip.stem}.json").read_text())
+    got = transcribe(served.client, clip, prompt=prompt, response_format="verbose_json")
+    assert got.text == ref["text"] and [s.tokens for s in got.segments] == [s["tokens"] for s in ref["segments"]]
+    # a greedy request (temperature > 0 would sample): temperature 0 is fallback, as openai-whisper's default
+    assert transcribe(served.client, clip, prompt=prompt, temperature=0.0).text == ref["text"]
+
+
+def test_concurrent_requests_decode_in_the_same_calls(served):
+    clips = [JFK, *(shared_audio(n) for n in ("ls_1089-134686-0001.wav", "ls_1221-135766-0002.wav", "lj_LJ050-0131.wav"))]
+    alone = [transcribe(served.client, c).text for c in clips]
+    before = served.health()
+    with ThreadPoolExecutor(len(clips)) as pool:
+        together = list(pool.map(lambda c: transcribe(served.client, c).text, clips))
+    after = served.health()
+    assert together == alone
+    calls, rows = after["decoder_calls"] - before["decoder_calls"], after["rows_decoded"] - before["rows_decoded"]
+    # alone, every call of a beam-5 request decodes 5 rows; together, several requests' rows share calls
+    assert rows / calls > 5.5, f"{rows} rows in {calls} decoder calls: the requests were not batched"
+
+
+def test_models_health_and_errors_in_openais_shape(served):
+    assert [m.id for m in served.client.models.list()] == ["tiny.en"]
+    assert served.health()["status"] == "ok"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        served.client.audio.transcriptions.create(file=("jfk.wav", JFK.read_bytes()), model="large-v3")
+    with pytest.raises(openai.BadRequestError, match="English-only: it cannot translate"):
+        served.client.audio.translations.create(file=("jfk.wav", JFK.read_bytes()), model="whisper-1")
+    with pytest.raises(openai.BadRequestError, match="response_format 'xml'"):
+        transcribe(served.client, JFK, response_format="xml")
+    with pytest.raises(openai.BadRequestError, match="temperature 1.5"):
+        transcribe(served.client, JFK, temperature=1.5)
+    r = httpx.post(f"{served.url}/v1/nothing")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def bad(served, files, data=None):
+    r = httpx.post(f"{served.url}/v1/audio/transcriptions", files=files, data={"model": "whisper-1"} if data is None else data)
+    return r.status_code, r.json()["error"]["message"]
+
+
+def test_bad_uploads_get_400_and_the_server_keeps_serving(served, tmp_path):
+    wav = JFK.read_bytes()
+    status, message = bad(served, {"file": ("notes.wav", b"hello, this is text")})
+    assert status == 400 and message.startswith("notes.wav: "), message
+    assert bad(served, {"file": ("empty.wav", b"")}) == (400, "empty.wav: the upload is empty")
+    status, message = bad(served, {"file": ("header.wav", wav[:44])})
+    assert status == 400 and message.startswith("header.wav: no audio samples"), message
+    status, message = bad(served, {"audio": ("jfk.wav", wav)})
+    assert status == 400 and "unknown form field(s) ['audio']" in message
+    status, message = bad(served, {"file": ("jfk.wav", wav)}, data={})
+    assert status == 400 and "no 'model' field" in message
+    r = httpx.post(f"{served.url}/v1/audio/transcriptions", files={"file": (None, "text")}, data={"model": "whisper-1"})
+    assert r.status_code == 400 and "text field" in r.json()["error"]["message"]
+    r = httpx.post(f"{served.url}/v1/audio/transcriptions", json={"model": "whisper-1"})
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+    # a truncated WAV decodes what is there, as whisper-run does
+    (tmp_path / "half.wav").write_bytes(wav[: len(wav) // 2])
+    assert transcribe(served.client, tmp_path / "half.wav").text.startswith(" And so")
+    assert transcribe(served.client, JFK).text.endswith("for your country.")
+
+
+def test_limits_api_key_and_queue(model):
+    s = Served(create_app(model, Settings(max_upload_bytes=600_000, max_audio_seconds=11.5, max_active=1, queue_size=1, api_key="k3y")), api_key="k3y")
+    try:
+        nokey = openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            nokey.models.list()
+        assert httpx.get(f"{s.url}/health").status_code == 200  # health needs no key
+        long_clip = shared_audio("mfa_acoustic_corpus_spontaneous.wav")
+        with pytest.raises(openai.APIStatusError, match="at most 600000") as e:
+            s.client.audio.transcriptions.create(file=("long.wav", _cut(long_clip, 25.0)), model="whisper-1")  # 800 kB
+        assert e.value.status_code == 413
+        with pytest.raises(openai.BadRequestError, match="longer than this server takes"):
+            s.client.audio.transcriptions.create(file=("long.wav", _cut(long_clip, 12.5)), model="whisper-1")
+        # one decoding, one waiting, the rest 429 with Retry-After; none lost or answered wrongly
+        alone = transcribe(s.client, JFK).text
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(lambda _: _outcome(s.client, JFK), range(6)))
+        answered = [o for o in outcomes if isinstance(o, str)]
+        refused = [o for o in outcomes if not isinstance(o, str)]
+        assert answered and all(a == alone for a in answered), outcomes
+        assert refused and all(e.status_code == 429 and int(e.response.headers["retry-after"]) >= 1 for e in refused), outcomes
+        _idle(s)
+    finally:
+        s.close()
+
+
+def test_timeouts_and_clients_that_go_away_free_their_rows(model):
+    clip = shared_audio("longform_lj001_0001-0032.wav")  # 231 s: many windows
+    s = Served(create_app(model, Settings(timeout=1)))
+    try:
+        with pytest.raises(openai.APIStatusError, match="longer than 1 s") as e:
+            s.client.audio.transcriptions.create(file=(clip.name, clip.read_bytes()), model="whisper-1")
+        assert e.value.status_code == 504
+        _idle(s)
+    finally:
+        s.close()
+    s = Served(create_app(model))
+    try:
+        impatient = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=3)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.audio.transcriptions.create(file=(clip.name, clip.read_bytes()), model="whisper-1")
+        _idle(s)
+        assert s.health()["served"] == 0
+    finally:
+        s.close()
+
+
+def _cut(path: Path, seconds: float) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(path, frames=int(seconds * 16000), dtype="int16")
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _outcome(client, path):
+    try:
+        return transcribe(client, path).text
+    except openai.APIStatusError as e:
+        return e
+
+
+def _idle(s: Served, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while (h := s.health())["admitted"] or h["live_rows"]:
+        assert time.monotonic() < deadline, f"rows still held {within} s after the request ended: {h}"
+        time.sleep(0.1)
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(tiny_en.path), "--port", str(port), "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"whisper-serve exited {proc.returncode}: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "whisper-serve did not answer /health in 120 s"
+            try:
+                httpx.get(f"{url}/health")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+        clip = shared_audio("mfa_acoustic_corpus_spontaneous.wav")
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(transcribe, client, clip)
+            while httpx.get(f"{url}/health").json()["active"] == 0:
+                assert not pending.done(), pending.result()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            text = pending.result(timeout=300).text
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert text == model.transcribe(str(clip), beam_size=5, best_of=5)["text"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_translations_and_languages_on_base(base_pkg, tmp_path):
+    clip = shared_audio("pv_test_de.wav")
+    assert whisper_run([str(base_pkg), str(clip), "-o", str(tmp_path), "-f", "json", "--verbose", "False", "--task", "translate"]) == 0
+    ref = json.loads((tmp_path / f"{clip.stem}.json").read_text())
+    s = Served(create_app(runtime.load(base_pkg)))
+    try:
+        got = s.client.audio.translations.create(file=(clip.name, clip.read_bytes()), model="whisper-1", response_format="verbose_json")
+        assert (got.task, got.language, got.text) == ("translate", "german", ref["text"])
+        assert [seg.tokens for seg in got.segments] == [seg["tokens"] for seg in ref["segments"]]
+        german = transcribe(s.client, clip, language="de", response_format="verbose_json")
+        assert german.language == "german" and german.text != got.text
+        with pytest.raises(openai.BadRequestError, match="unsupported language 'klingon'"):
+            transcribe(s.client, clip, language="klingon")
+    finally:
+        s.close()

@@ -522,12 +522,15 @@ def main(argv: list[str] | None = None) -> int:
         max_active: int = typer.Option(8, "--max_active", min=1, help="requests decoding at once (their rows share decoder calls)"),
         queue_size: int = typer.Option(32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"),
         timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
-        beam_size: int = typer.Option(5, "--beam_size", min=1, help="beams at temperature 0 (whisper-run's default)"),
-        best_of: int = typer.Option(5, "--best_of", min=1, help="samples at temperature > 0"),
+        beam_size: str = typer.Option("5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"),
+        best_of: str = typer.Option("5", "--best_of", help="samples at temperature > 0; None: one"),
         trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"),
         log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
     ) -> None:
-        settings = Settings(int(max_upload_mb * 2**20), max_audio_seconds, max_active, queue_size, timeout, api_key or None, beam_size, best_of)
+        beams, best = (None if v.lower() == "none" else int(v) for v in (beam_size, best_of))
+        if any(v is not None and v < 1 for v in (beams, best)):
+            raise typer.BadParameter(f"--beam_size {beam_size} / --best_of {best_of}: a positive integer or None")
+        settings = Settings(int(max_upload_mb * 2**20), max_audio_seconds, max_active, queue_size, timeout, api_key or None, beams, best)
         raise typer.Exit(serve(package, host, port, settings, trust, log_level))
 
     return run_app(app, sys.argv[1:] if argv is None else argv, "whisper-serve", (PackageError, OSError, ValueError))

@@ -430,9 +430,11 @@ async def _form(request, max_bytes: int) -> dict:
             raise ApiError(400, "the form has no 'file' field; send the audio as a file in a field named 'file'", param="file")
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "'file' is a text field; send the audio as a file (multipart with a filename)", param="file")
+        size = upload.file.seek(0, os.SEEK_END)  # spooled to disk past 1 MB: measured before it is read in
+        if size > max_bytes:  # a chunked upload declares no length; it is caught here
+            raise ApiError(413, f"the upload is {size} bytes; this server takes at most {max_bytes} (--max_upload_mb)", code="upload_too_large")
+        upload.file.seek(0)
         data = await upload.read()
-        if len(data) > max_bytes:
-            raise ApiError(413, f"the upload is {len(data)} bytes; this server takes at most {max_bytes} (--max_upload_mb)", code="upload_too_large")
         out = {k: v for k, v in form.items() if isinstance(v, str) and not k.startswith("timestamp_granularities")}
         out["timestamp_granularities"] = [*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")]
         out["file"] = (upload.filename or "", data)

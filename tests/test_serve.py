@@ -180,6 +180,13 @@ def test_limits_api_key_and_queue(model):
         with pytest.raises(openai.APIStatusError, match="at most 600000") as e:
             s.client.audio.transcriptions.create(file=("long.wav", _cut(long_clip, 25.0)), model="whisper-1")  # 800 kB
         assert e.value.status_code == 413
+        # the same without a declared length (chunked): measured once parsed, before it is read in
+        boundary = "whisper-max-test"
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="long.wav"\r\n\r\n'
+        body = head.encode() + _cut(long_clip, 25.0) + f"\r\n--{boundary}--\r\n".encode()
+        chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+        r = httpx.post(f"{s.url}/v1/audio/transcriptions", content=chunks, headers={"content-type": f"multipart/form-data; boundary={boundary}", "authorization": "Bearer k3y"})
+        assert r.status_code == 413 and "at most 600000" in r.json()["error"]["message"], r.text
         with pytest.raises(openai.BadRequestError, match="longer than this server takes"):
             s.client.audio.transcriptions.create(file=("long.wav", _cut(long_clip, 12.5)), model="whisper-1")
         # one decoding, one waiting, the rest 429 with Retry-After; none lost or answered wrongly

@@ -298,3 +298,22 @@ def test_translations_and_languages_on_base(base_pkg, tmp_path):
             transcribe(s.client, clip, language="klingon")
     finally:
         s.close()
+
+
+def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
+    s = Served(create_app(model))
+    try:
+        scheduler = s.app.state.scheduler
+        pool = scheduler.engine.pool
+
+        def broken(*args, **kwargs):
+            raise MemoryError("simulated failure inside a decoder call")
+
+        pool.step = broken  # this engine only: the scheduler replaces it after the failure
+        with pytest.raises(openai.InternalServerError, match="decoding failed: MemoryError"):
+            transcribe(s.client, JFK)
+        assert scheduler.engine.pool is not pool
+        assert transcribe(s.client, JFK).text.endswith("for your country.")
+        _idle(s)
+    finally:
+        s.close()

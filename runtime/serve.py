@@ -114,6 +114,8 @@ class Scheduler:
         self._thread.join()
 
     def submit(self, samples: np.ndarray, options: TranscribeOptions) -> _Request:
+        """Admit 16 kHz mono samples (float32, or int16 values to divide by 32768); Busy when
+        `max_active + queue_size` requests are admitted already."""
         with self._lock:
             if self._admitted >= self.capacity:
                 raise Busy()
@@ -171,7 +173,10 @@ class Scheduler:
         while self._waiting and len(self._active) < self.max_active:
             request = self._waiting.popleft()
             try:
-                stream = TranscriptionStream(self.model, request.samples, request.options)
+                samples = request.samples
+                if samples.dtype == np.int16:  # read_upload's: 16-bit values, as read_audio's / 32768
+                    samples = samples.astype(np.float32) / np.float32(32768)
+                stream = TranscriptionStream(self.model, samples, request.options)
             except Exception as e:
                 self._done(request, error=e)
                 continue
@@ -204,8 +209,9 @@ class Scheduler:
 
 
 def read_upload(data: bytes, filename: str, max_seconds: float) -> np.ndarray:
-    """The upload's samples (16 kHz mono float32), read as whisper-run reads a file; ApiError 400
-    when it is not audio, empty or longer than `max_seconds`."""
+    """The upload's samples (16 kHz mono), read as whisper-run reads a file; ApiError 400 when it
+    is not audio, empty or longer than `max_seconds`. They are kept as the int16 values
+    read_audio divides by 32768 (exactly), half the memory of float32 while a request waits."""
     suffix = Path(filename or "").suffix.lower()
     if not data:
         raise ApiError(400, f"{filename or 'file'}: the upload is empty", param="file")
@@ -219,7 +225,7 @@ def read_upload(data: bytes, filename: str, max_seconds: float) -> np.ndarray:
                 total += len(block)
                 if total > limit:
                     raise ApiError(400, f"{filename}: the audio is longer than this server takes ({max_seconds:g} s, --max_audio_seconds)", param="file")
-                blocks.append(block)
+                blocks.append(np.rint(block * np.float32(32768)).astype(np.int16))
         except AudioError as e:
             raise ApiError(400, str(e).replace(str(path), filename or "file"), param="file") from None
     return np.concatenate(blocks)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package brings
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -317,3 +318,14 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
         _idle(s)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("name", ["jfk.wav", "jfk_8k.wav", "jfk_22k_s24.wav", "jfk_48k.flac"])
+def test_uploads_wait_as_16_bit_values_without_loss(name):
+    from runtime.audio import load_audio
+    from runtime.serve import read_upload
+
+    path = JFK.with_name(name)
+    held = read_upload(path.read_bytes(), name, 60.0)
+    assert held.dtype == np.int16
+    np.testing.assert_array_equal(held.astype(np.float32) / np.float32(32768), load_audio(path))

@@ -53,8 +53,8 @@ def convert_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from runtime.cliutil import run_app
-    from runtime.package import PackageError
+    from whisper_max.runtime.cliutil import run_app
+    from whisper_max.runtime.package import PackageError
 
     from .convert import ConvertError
     from .ir import TraceError

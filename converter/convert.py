@@ -13,10 +13,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-
-from runtime import package, trust
-from runtime.package import WINDOW
-from runtime.program import Role
+from whisper_max.runtime import package, trust
+from whisper_max.runtime.package import WINDOW
+from whisper_max.runtime.program import Role
 
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
@@ -107,10 +106,9 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances."""
     import torch
     import whisper
+    import whisper_max.golden.capture as gc
     from max import engine
     from max.engine import InferenceSession
-
-    import golden.capture as gc
 
     from . import parity, sources, trace
 

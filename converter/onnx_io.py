@@ -13,8 +13,7 @@ import json
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-from runtime.program import Role
+from whisper_max.runtime.program import Role
 
 from . import ir
 

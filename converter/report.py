@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jinja2
 
-import templates
+from whisper_max import templates
 
 
 def _env() -> jinja2.Environment:

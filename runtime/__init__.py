@@ -1,6 +1,6 @@
 """whisper-max runtime: transcribe with a compiled .maxpkg; needs neither torch nor the converter.
 
-import runtime
+from whisper_max import runtime
 model = runtime.load("tiny.en.maxpkg")
 result = model.transcribe("audio.wav")  # openai-whisper's result dict
 """

@@ -79,8 +79,7 @@ def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
-
-    from runtime.package import huge_buffer
+    from whisper_max.runtime.package import huge_buffer
 
     a = np.frombuffer(huge_buffer(mib * 2**20), np.float32)  # memory of the kind weights load into
     a[:] = 1
@@ -140,8 +139,8 @@ def _startup(package: str) -> dict:
     first token's logits, and to the written outputs."""
     import tempfile
 
-    from runtime import cli
-    from runtime.model import WhisperModel
+    from whisper_max.runtime import cli
+    from whisper_max.runtime.model import WhisperModel
 
     spawned = float(os.environ["WHISPER_MAX_BENCH_SPAWN"])
     out: dict = {"engine": "whisper-run start-up", "clip": CLIP.name}
@@ -163,7 +162,7 @@ def _startup(package: str) -> dict:
 def _child(engine: str, package: str, audio_path: str, beam: int | None = None) -> dict:
     """Runs in its own process: load, transcribe once, report times, tokens and peak RSS.
     `beam`: beam search of that width instead of greedy decoding."""
-    from runtime.audio import load_audio
+    from whisper_max.runtime.audio import load_audio
 
     audios = [load_audio(p) for p in audio_path.split(",")]  # several: a corpus, one after another
     out: dict = {"engine": engine, "duration_s": sum(len(a) for a in audios) / 16000}
@@ -171,7 +170,7 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
     if engine.startswith("whisper-max"):
         import numpy as np
 
-        import runtime
+        from whisper_max import runtime
 
         model = runtime.load(package)
         out["load_s"] = time.perf_counter() - t
@@ -209,8 +208,8 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
             model.log_mel(np.asarray(a), padding=16000 * 30)
         out["log_mel_s"] = time.perf_counter() - t0
         t = time.perf_counter()
-        from runtime.engine import Engine
-        from runtime.transcribe import transcribe_many
+        from whisper_max.runtime.engine import Engine
+        from whisper_max.runtime.transcribe import transcribe_many
 
         batch = 1 if engine.endswith("sequential") else 8
         eng = Engine(model)
@@ -235,9 +234,8 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
     elif engine == "openai-whisper":
         import torch
         import whisper
-
-        from converter.sources import resolve
-        from converter.trace import model_from_state_dict
+        from whisper_max.converter.sources import resolve
+        from whisper_max.converter.trace import model_from_state_dict
 
         torch.set_num_threads(2)
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))

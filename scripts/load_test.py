@@ -54,7 +54,7 @@ class Server:
         self.port = sock.getsockname()[1]
         sock.close()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "runtime.serve", package, "--port", str(self.port), "--log_level", "warning", *flags]
+        cmd = [sys.executable, "-m", "whisper_max.runtime.serve", package, "--port", str(self.port), "--log_level", "warning", *flags]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while True:

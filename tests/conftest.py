@@ -9,8 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-from runtime.package import cpu_target
+from whisper_max.runtime.package import cpu_target
 
 # the trust list (runtime.trust) of this test session: packages converted here are recorded in
 # it, and nothing a user's own cache trusts counts; subprocesses inherit it
@@ -30,12 +29,12 @@ def tiny_en(tmp_path_factory):
 
     WHISPER_MAX_TEST_PACKAGE=<path> reuses a package converted earlier instead.
     """
-    from converter.convert import ConvertResult, convert
-    from runtime.package import Package
+    from whisper_max.converter.convert import ConvertResult, convert
+    from whisper_max.runtime.package import Package
 
     given = os.environ.get("WHISPER_MAX_TEST_PACKAGE")
     if given:
-        from runtime.trust import record
+        from whisper_max.runtime.trust import record
 
         pkg = Package.open(given)
         record(pkg.manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
@@ -53,12 +52,12 @@ def clean_dir(tmp_path):
 @pytest.fixture(scope="session")
 def base_pkg(tmp_path_factory):
     """whisper-convert base, once per session (slow tests only)."""
-    from converter.convert import convert
+    from whisper_max.converter.convert import convert
 
     given = os.environ.get("WHISPER_MAX_TEST_BASE_PACKAGE")
     if given:
-        from runtime.package import Package
-        from runtime.trust import record
+        from whisper_max.runtime.package import Package
+        from whisper_max.runtime.trust import record
 
         record(Package.open(given).manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
         return Path(given)
@@ -70,8 +69,8 @@ def base_pkg(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference_model():
     """openai-whisper (PyTorch fp32) on the same weights as a package: the oracle."""
-    from converter.sources import resolve
-    from converter.trace import model_from_state_dict
+    from whisper_max.converter.sources import resolve
+    from whisper_max.converter.trace import model_from_state_dict
 
     cache = {}
 

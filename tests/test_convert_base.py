@@ -1,13 +1,12 @@
 """whisper-convert on the real multilingual base weights (51865 tokens)."""
 
 import pytest
-
-from runtime.package import Package
+from whisper_max.runtime.package import Package
 
 
 @pytest.mark.slow
 def test_base_converts_with_every_layer_in_parity(tmp_path):
-    from converter.convert import convert
+    from whisper_max.converter.convert import convert
 
     result = convert("base", tmp_path / "base.maxpkg")
     pkg = Package.open(result.path)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HAS_BF16, needs_bf16
-
-from runtime.package import Package
+from whisper_max.runtime.package import Package
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bfloat16_refused_without_avx512_bf16(tmp_path, capsys):
     """On a CPU without AVX512_BF16 the bfloat16 kernels cannot run: whisper-convert says so in
     one line, before compiling anything, and writes nothing."""
-    from converter.cli import main
+    from whisper_max.converter.cli import main
 
     out = tmp_path / "tiny.en.bf16.maxpkg"
     assert main(["tiny.en", "--out", str(out), "--dtype", "bfloat16"]) != 0
@@ -30,7 +29,7 @@ def test_bfloat16_refused_without_avx512_bf16(tmp_path, capsys):
 @pytest.mark.slow
 @needs_bf16
 def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
-    from converter.cli import main
+    from whisper_max.converter.cli import main
 
     out = tmp_path / "tiny.en.bf16.maxpkg"
     assert main(["tiny.en", "--out", str(out), "--dtype", "bfloat16"]) == 0

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 from tiny_model import TINY_DIMS, tiny_whisper, to_ct2_variables, write_model_bin
-
-from converter.cli import main
-from runtime.package import Package
+from whisper_max.converter.cli import main
+from whisper_max.runtime.package import Package
 
 
 def _checkpoint(path, edit=lambda dims, sd: None):
@@ -90,7 +89,7 @@ def test_full_disk_while_writing_leaves_nothing_and_a_rerun_works(tiny_en, tmp_p
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "tiny.en.maxpkg"
-    cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -c 'from converter.cli import run; run()' --rebuild {tiny_en.path} --out {out}"
+    cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -c 'from whisper_max.converter.cli import run; run()' --rebuild {tiny_en.path} --out {out}"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     assert proc.returncode == 1, f"exit code {proc.returncode} with ulimit -f {limit_kb}: {proc.stderr}"
     lines = proc.stderr.strip().splitlines()
@@ -118,7 +117,7 @@ def test_killed_while_writing_leaves_no_package_and_a_rerun_cleans_up(tiny_en, t
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(self, name, data, *a, **k)
         zipfile.ZipFile.writestr = writestr
-        from converter.cli import main
+        from whisper_max.converter.cli import main
         main(["--rebuild", {str(tiny_en.path)!r}, "--out", {str(out)!r}])
         """
     )

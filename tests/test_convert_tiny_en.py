@@ -8,10 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from converter import ir, onnx_io
-from converter.cli import main
-from runtime.package import Package
+from whisper_max.converter import ir, onnx_io
+from whisper_max.converter.cli import main
+from whisper_max.runtime.package import Package
 
 
 def test_parity_covers_every_layer_and_passes(tiny_en):
@@ -61,7 +60,7 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
         import sys, time, json
         t = time.perf_counter()
         import numpy as np
-        from runtime.package import Package
+        from whisper_max.runtime.package import Package
         pkg = Package.open({str(tiny_en.path)!r})
         models = pkg.load_models()
         load = time.perf_counter() - t
@@ -89,7 +88,7 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
 
 
 def test_skip_check_is_recorded(tmp_path):
-    from converter.convert import convert
+    from whisper_max.converter.convert import convert
 
     out = convert("tiny.en", tmp_path / "t.maxpkg", skip_check=True)
     m = Package.open(out.path).manifest
@@ -108,7 +107,7 @@ def test_cli_errors_are_plain(capsys, tmp_path):
 def _without_select(src: Path, out: Path) -> Path:
     """A copy of the package `src` as a converter before the select graph made it: no graph
     `select` in its manifest, IR or ir.txt."""
-    from runtime.package import write_package
+    from whisper_max.runtime.package import write_package
 
     pkg = Package.open(src)
     files = {n: pkg.read(n) for n in pkg.names() if n not in ("manifest.json", "ir/select.onnx")}
@@ -125,8 +124,8 @@ def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
     and the rebuilt package transcribes as openai-whisper did (stored golden transcripts). The
     package given lacks the select graph (made before it existed): the runtime refuses it, saying
     to rebuild, and the rebuild adds the graph the converter makes today."""
-    from runtime.model import WhisperModel
-    from runtime.package import PackageError
+    from whisper_max.runtime.model import WhisperModel
+    from whisper_max.runtime.package import PackageError
 
     older = _without_select(tiny_en.path, tmp_path / "older.maxpkg")
     with pytest.raises(PackageError, match="has no select graph.*--rebuild"):
@@ -136,7 +135,7 @@ def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
         f"""
         import sys
         sys.modules["torch"] = None  # importing torch now fails
-        from converter.cli import main
+        from whisper_max.converter.cli import main
         sys.exit(main(["--rebuild", {str(older)!r}, "--out", {str(out)!r}]))
         """
     )
@@ -146,8 +145,7 @@ def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
     assert rebuilt.manifest["rebuilt"]["from_max_version"] == original.manifest["max_version"]
     assert rebuilt.manifest["graphs"] == original.manifest["graphs"] and rebuilt.read("ir/select.onnx") == original.read("ir/select.onnx")
     assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read("ir.txt")
-    import golden
-    import runtime
+    from whisper_max import golden, runtime
 
     stored = json.loads((Path(golden.__file__).parent / "transcripts.json").read_text())["tiny.en"]["cases"][0]
     result = runtime.load(out).transcribe(str(golden.JFK_WAV), **stored["options"])

@@ -16,11 +16,10 @@ import pytest
 import torch
 import whisper
 from fake_engine import FakeEngine, torch_model
-
-from converter.convert import tokenizer_assets
-from runtime.decoding import DecodingOptions
-from runtime.engine import Engine, decode
-from runtime.tokenizer import Tokenizer
+from whisper_max.converter.convert import tokenizer_assets
+from whisper_max.runtime.decoding import DecodingOptions
+from whisper_max.runtime.engine import Engine, decode
+from whisper_max.runtime.tokenizer import Tokenizer
 
 TOL = 1e-5
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from runtime import package
-from runtime.audio import AudioError, read_audio
-from runtime.package import Package, PackageError
+from whisper_max.runtime import package
+from whisper_max.runtime.audio import AudioError, read_audio
+from whisper_max.runtime.package import Package, PackageError
 
 EXAMPLES = int(os.environ.get("WHISPER_MAX_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(

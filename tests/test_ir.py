@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 import pytest
 from tiny_model import tiny_whisper
-
-from converter import ir, onnx_io
-from converter.trace import trace_program
+from whisper_max.converter import ir, onnx_io
+from whisper_max.converter.trace import trace_program
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tiny_random.ir.txt"
 

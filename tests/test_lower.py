@@ -14,16 +14,15 @@ from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
 from torch import nn
 from torch.export import Dim, export
 from whisper.model import Conv1d, LayerNorm, Linear
-
-from converter import ir
-from converter.ir import graph_signature
-from converter.lower import LoweringError, compile_with_kernels, lower_graph, register
-from converter.parity import empty_cache
-from converter.passes import optimise, store_weights
-from converter.trace import to_ir, trace_program
-from runtime.model import WhisperModel
-from runtime.package import from_bfloat16, to_bfloat16, with_widened
-from runtime.program import StepCache, decoder_call, state_specs
+from whisper_max.converter import ir
+from whisper_max.converter.ir import graph_signature
+from whisper_max.converter.lower import LoweringError, compile_with_kernels, lower_graph, register
+from whisper_max.converter.parity import empty_cache
+from whisper_max.converter.passes import optimise, store_weights
+from whisper_max.converter.trace import to_ir, trace_program
+from whisper_max.runtime.model import WhisperModel
+from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_widened
+from whisper_max.runtime.program import StepCache, decoder_call, state_specs
 
 TOL = 1e-5
 
@@ -370,7 +369,7 @@ def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
     bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the bfloat16
     package tolerances of golden/tolerances.json. Neither is the float32 model: the rounding
     shows."""
-    import golden
+    from whisper_max import golden
 
     model, program, models = compiled_bf16
     rng = np.random.default_rng(4)
@@ -437,7 +436,7 @@ def test_select_tokens_is_openai_whispers_choice(compiled):
     """The select graph (kernel whisper_max.select_tokens, fed by decoding.TokenRules) picks what
     openai-whisper's filters and argmax / top-k pick, ties to the lower token, with the
     log-probabilities of its log_softmax; the timestamp rules' text ban included."""
-    from runtime.decoding import TokenRules
+    from whisper_max.runtime.decoding import TokenRules
 
     models = compiled[3]
     rng = np.random.default_rng(0)
@@ -474,7 +473,7 @@ def test_select_tokens_samples_and_reports_nan(compiled):
     """Temperature > 0: slot 0 is the first token whose running probability (softmax(logits / T)
     after the filters, float64 sums in token order) passes u times the total, with its log-
     probability at temperature 1. A NaN logit gives a NaN log-probability (decoding raises)."""
-    from runtime.decoding import TokenRules
+    from whisper_max.runtime.decoding import TokenRules
 
     models = compiled[3]
     rng = np.random.default_rng(1)

@@ -4,9 +4,8 @@ import inspect
 
 import pytest
 import whisper
-
-from runtime.decoding import DecodingOptions
-from runtime.options import TranscribeOptions
+from whisper_max.runtime.decoding import DecodingOptions
+from whisper_max.runtime.options import TranscribeOptions
 
 
 def test_defaults_are_openai_whispers():

@@ -7,9 +7,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from runtime import package
-from runtime.package import Package, PackageError
+from whisper_max.runtime import package
+from whisper_max.runtime.package import Package, PackageError
 
 
 def _manifest():

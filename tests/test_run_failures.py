@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import shared_audio
+from whisper_max.runtime.cli import main
+from whisper_max.runtime.package import PackageError
 
-import golden
-from runtime.cli import main
-from runtime.package import PackageError
+from whisper_max import golden
 
 
 def test_one_bad_file_does_not_stop_the_others(tiny_en, tmp_path, capsys):
@@ -55,7 +55,18 @@ def test_ctrl_c_stops_at_once_and_leaves_no_partial_output(tiny_en, tmp_path):
     """SIGINT while the long-form file decodes: exit 130 soon after, and the output folder holds
     only the files finished before (jfk), whole, and no temp files."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "from runtime.cli import run; run()", str(tiny_en.path), str(golden.JFK_WAV), str(shared_audio("longform_lj001_0001-0032.wav")), "-o", str(out), "--batch_size", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from whisper_max.runtime.cli import run; run()",
+        str(tiny_en.path),
+        str(golden.JFK_WAV),
+        str(shared_audio("longform_lj001_0001-0032.wav")),
+        "-o",
+        str(out),
+        "--batch_size",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     for line in proc.stdout:  # segment lines; the long file's first means jfk is written
         if line.startswith("[00:0") and "Printing" not in line and (out / "jfk.json").exists():
@@ -81,7 +92,7 @@ def test_digital_silence_is_openai_whispers_output(tiny_en, reference_model):
     import whisper
     from test_transcribe_live import compare
 
-    import runtime
+    from whisper_max import runtime
 
     silence = np.zeros(16000 * 20, np.float32)
     torch.set_num_threads(2)
@@ -92,7 +103,7 @@ def test_digital_silence_is_openai_whispers_output(tiny_en, reference_model):
 
 _RSS_SCRIPT = """
 import resource, sys
-from runtime.cli import main
+from whisper_max.runtime.cli import main
 rc = main(sys.argv[1:])
 print("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 sys.exit(rc)
@@ -137,7 +148,7 @@ def test_a_full_disk_while_writing_outputs(tiny_en, tmp_path):
     """`ulimit -f 1` (1 KiB files): the small outputs are written, the word-level json is not
     (and no temp file of it is left); one line names it; exit 1."""
     out = tmp_path / "out"
-    cmd = f"ulimit -f 1; exec {sys.executable} -c 'from runtime.cli import run; run()' {tiny_en.path} {golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
+    cmd = f"ulimit -f 1; exec {sys.executable} -c 'from whisper_max.runtime.cli import run; run()' {tiny_en.path} {golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

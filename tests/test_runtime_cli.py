@@ -1,13 +1,14 @@
 """whisper-run end to end, and the runtime's promise: no torch, no converter, no compiling."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import golden
-from runtime.cli import main
+from whisper_max import golden
+from whisper_max.runtime.cli import main
 
 STORED = Path(golden.__file__).parent / "transcripts.json"
 
@@ -53,14 +54,14 @@ def test_stored_golden_without_torch(tiny_en, tmp_path):
     script = textwrap.dedent(
         f"""
         import json, sys
-        import runtime
+        from whisper_max import runtime
         model = runtime.load({str(tiny_en.path)!r})
         src = model.package.manifest["source"]["sha256"]
         out = {{}}
         for case in json.loads(open({str(STORED)!r}).read())["tiny.en"]["cases"]:
             r = model.transcribe({str(golden.DATA)!r} + "/" + case["clip"], **case["options"])
             out[case["name"]] = [[s["tokens"], s["start"], s["end"]] for s in r["segments"]]
-        banned = [m for m in ("torch", "whisper", "converter") if m in sys.modules]
+        banned = [m for m in ("torch", "whisper", "whisper_max.converter") if m in sys.modules]
         print(json.dumps({{"source": src, "out": out, "banned": banned}}))
         """
     )
@@ -71,3 +72,14 @@ def test_stored_golden_without_torch(tiny_en, tmp_path):
     assert got["source"] == stored["tiny.en"]["source_sha256"], "golden transcripts were made from other weights"
     for case in stored["tiny.en"]["cases"]:
         assert got["out"][case["name"]] == [[s["tokens"], s["start"], s["end"]] for s in case["segments"]], case["name"]
+
+
+def test_one_import_name(tmp_path):
+    """Installed, the project is `whisper_max` only: no generic top-level names are claimed."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for name in ("runtime", "converter", "golden", "templates"):
+        proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert proc.returncode != 0 and f"No module named '{name}'" in proc.stderr, (name, proc.stderr)
+    script = "import whisper_max.runtime, whisper_max.golden, whisper_max.templates, whisper_max.converter.lower; print(whisper_max.golden.JFK_WAV)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("jfk.wav"), proc.stderr

@@ -10,11 +10,10 @@ import whisper
 import whisper.tokenizer as wt
 import whisper.utils as wu
 from conftest import shared_audio
-
-from converter.convert import mel_assets, tokenizer_assets
-from runtime.audio import N_SAMPLES, AudioError, load_audio, log_mel_spectrogram
-from runtime.tokenizer import Tokenizer
-from runtime.writers import WRITERS, write_result
+from whisper_max.converter.convert import mel_assets, tokenizer_assets
+from whisper_max.runtime.audio import N_SAMPLES, AudioError, load_audio, log_mel_spectrogram
+from whisper_max.runtime.tokenizer import Tokenizer
+from whisper_max.runtime.writers import WRITERS, write_result
 
 
 @pytest.mark.parametrize("multilingual, language, task", [(False, None, None), (True, "en", "transcribe"), (True, "de", "translate"), (True, "ja", "transcribe")])

@@ -20,11 +20,10 @@ import openai
 import pytest
 import uvicorn
 from conftest import shared_audio
+from whisper_max.runtime.cli import main as whisper_run
+from whisper_max.runtime.serve import Settings, create_app
 
-import golden
-import runtime
-from runtime.cli import main as whisper_run
-from runtime.serve import Settings, create_app
+from whisper_max import golden, runtime
 
 JFK = Path(golden.JFK_WAV)
 
@@ -255,7 +254,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", str(tiny_en.path), "--port", str(port), "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "whisper_max.runtime.serve", str(tiny_en.path), "--port", str(port), "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -322,8 +321,8 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
 
 @pytest.mark.parametrize("name", ["jfk.wav", "jfk_8k.wav", "jfk_22k_s24.wav", "jfk_48k.flac"])
 def test_uploads_wait_as_16_bit_values_without_loss(name):
-    from runtime.audio import load_audio
-    from runtime.serve import read_upload
+    from whisper_max.runtime.audio import load_audio
+    from whisper_max.runtime.serve import read_upload
 
     path = JFK.with_name(name)
     held = read_upload(path.read_bytes(), name, 60.0)

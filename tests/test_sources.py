@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_model import state_dict_np, tiny_whisper
-
-from converter.sources import ModelSourceError, resolve
+from whisper_max.converter.sources import ModelSourceError, resolve
 
 
 def test_unknown_name_lists_what_is_accepted():

@@ -6,9 +6,9 @@ import pytest
 import torch
 import whisper
 from conftest import shared_audio
+from whisper_max.runtime.audio import AudioError, load_audio
 
-import runtime
-from runtime.audio import AudioError, load_audio
+from whisper_max import runtime
 
 ENGLISH = [
     "jfk.wav",
@@ -89,7 +89,7 @@ def test_tiny_en_long_form_beam5(tiny, reference_model):
 def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, options):
     """Several files at once on the engine: the rows of all their windows decode in the same
     calls (continuous batching); each file's result is still openai-whisper's."""
-    from runtime.transcribe import transcribe_many
+    from whisper_max.runtime.transcribe import transcribe_many
 
     clips = ["jfk.wav", "ls_1221-135766-0002.wav", "ls_2412-153948-0000.wav", "mfa_acoustic_corpus_spontaneous.wav"]
     audios = [load_audio(shared_audio(c)) for c in clips]
@@ -113,7 +113,7 @@ def test_dev_set_eight_at_a_time(tiny, reference_model, options):
     """The English dev clips all in flight at once (rows of up to eight windows, at different
     positions with different prompts, in each decoder call): every file's tokens are
     openai-whisper's, as one at a time (test_tiny_en_greedy)."""
-    from runtime.transcribe import transcribe_many
+    from whisper_max.runtime.transcribe import transcribe_many
 
     audios = [load_audio(shared_audio(c)) for c in ENGLISH]
     engine = tiny.engine
@@ -160,8 +160,7 @@ def test_hallucination_silence_threshold(tiny, reference_model):
 
 def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
     import whisper.utils as wu
-
-    from runtime.writers import write_result
+    from whisper_max.runtime.writers import write_result
 
     result = tiny.transcribe(load_audio(shared_audio("jfk.wav")), temperature=0.0, word_timestamps=True)
     for i, options in enumerate([{"highlight_words": True}, {"max_line_width": 20, "max_line_count": 2}, {"max_words_per_line": 3}]):
@@ -188,10 +187,10 @@ def test_unsupported_inputs_say_so(tiny, tmp_path):
 def test_stream_is_transcribe_with_events(tiny):
     """The long-form loop as a public stream: next_window / feed until done gives transcribe()'s
     result, and the events say what openai-whisper would print."""
-    from runtime.engine import decode
-    from runtime.options import TranscribeOptions
-    from runtime.stream import Progress, SegmentDone, TranscriptionStream
-    from runtime.transcribe import transcribe
+    from whisper_max.runtime.engine import decode
+    from whisper_max.runtime.options import TranscribeOptions
+    from whisper_max.runtime.stream import Progress, SegmentDone, TranscriptionStream
+    from whisper_max.runtime.transcribe import transcribe
 
     audio = load_audio(shared_audio("longform_lj001_0001-0032.wav"))[: 16000 * 75]  # three windows
     events = []

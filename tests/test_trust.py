@@ -4,11 +4,10 @@ said --trust (runtime.trust); anything else is refused before the MEF is read.""
 from __future__ import annotations
 
 import pytest
+from whisper_max.runtime.cli import main
+from whisper_max.runtime.package import Package, PackageError
 
-import golden
-import runtime
-from runtime.cli import main
-from runtime.package import Package, PackageError
+from whisper_max import golden, runtime
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def test_whisper_run_says_how_to_trust_or_rebuild(stranger, tmp_path, capsys):
 
 
 def test_converting_here_trusts_the_result(tiny_en):
-    from runtime.trust import is_trusted
+    from whisper_max.runtime.trust import is_trusted
 
     assert is_trusted(Package.open(tiny_en.path).manifest["files"]["model.mef"]["sha256"])
     assert not is_trusted("0" * 64)

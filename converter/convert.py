@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
 from whisper_max.runtime import package, trust
 from whisper_max.runtime.package import WINDOW
 from whisper_max.runtime.program import Role
@@ -106,9 +107,10 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances."""
     import torch
     import whisper
-    import whisper_max.golden.capture as gc
     from max import engine
     from max.engine import InferenceSession
+
+    import whisper_max.golden.capture as gc
 
     from . import parity, sources, trace
 

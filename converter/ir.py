@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from whisper_max.runtime.package import widened_source
 
 Dim = int | str

@@ -13,6 +13,7 @@ import json
 
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from whisper_max.runtime.program import Role
 
 from . import ir

@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from whisper_max.runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
 
 from whisper_max import golden
+from whisper_max.runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
 
 from . import ir
 from .lower import lower_graph

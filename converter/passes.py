@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import sympy
+
 from whisper_max.runtime.package import LINEAGE, SELECT_RULES, WIDENED, WINDOW, widened_source
 from whisper_max.runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 

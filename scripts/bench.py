@@ -79,6 +79,7 @@ def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+
     from whisper_max.runtime.package import huge_buffer
 
     a = np.frombuffer(huge_buffer(mib * 2**20), np.float32)  # memory of the kind weights load into
@@ -234,6 +235,7 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
     elif engine == "openai-whisper":
         import torch
         import whisper
+
         from whisper_max.converter.sources import resolve
         from whisper_max.converter.trace import model_from_state_dict
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import whisper
+
+from whisper_max import runtime
 from whisper_max.converter.sources import resolve
 from whisper_max.converter.trace import model_from_state_dict
 from whisper_max.runtime.audio import load_audio
-
-from whisper_max import runtime
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "audio"
 

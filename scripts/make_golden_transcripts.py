@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 import whisper
+
+from whisper_max import golden
 from whisper_max.converter.sources import resolve
 from whisper_max.converter.trace import model_from_state_dict
 from whisper_max.runtime.audio import load_audio
-
-from whisper_max import golden
 
 CASES = [
     ("greedy", {"temperature": 0.0, "language": "en"}),

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from whisper.normalizers import EnglishTextNormalizer
-from whisper_max.runtime.audio import load_audio
 
 from whisper_max import runtime
+from whisper_max.runtime.audio import load_audio
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import SHARED, _write_readme, dev_set  # noqa: E402 (scripts/ is not a package)

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from whisper_max.runtime.package import cpu_target
 
 # the trust list (runtime.trust) of this test session: packages converted here are recorded in

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import shared_audio
-from whisper_max.converter.convert import mel_assets
-from whisper_max.runtime.audio import AudioError, LogMel, load_audio, log_mel_spectrogram, read_audio
 
 from whisper_max import golden
+from whisper_max.converter.convert import mel_assets
+from whisper_max.runtime.audio import AudioError, LogMel, load_audio, log_mel_spectrogram, read_audio
 
 RNG = np.random.default_rng(7)
 

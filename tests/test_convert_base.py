@@ -1,6 +1,7 @@
 """whisper-convert on the real multilingual base weights (51865 tokens)."""
 
 import pytest
+
 from whisper_max.runtime.package import Package
 
 

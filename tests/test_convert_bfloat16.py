@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HAS_BF16, needs_bf16
+
 from whisper_max.runtime.package import Package
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.cli import main
 from whisper_max.runtime.package import Package

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper, to_ct2_variables, write_model_bin
+
 from whisper_max.converter import ct2
 
 
@@ -76,6 +77,7 @@ def test_malformed_model_bin(ct2_dir, mutate, message):
 
 def test_real_tiny_en_maps_to_openai_whisper_names():
     from whisper.model import ModelDimensions, Whisper
+
     from whisper_max.converter.sources import resolve
 
     src = resolve("tiny.en")

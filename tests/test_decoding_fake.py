@@ -16,6 +16,7 @@ import pytest
 import torch
 import whisper
 from fake_engine import FakeEngine, torch_model
+
 from whisper_max.converter.convert import tokenizer_assets
 from whisper_max.runtime.decoding import DecodingOptions
 from whisper_max.runtime.engine import Engine, decode

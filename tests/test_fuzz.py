@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from whisper_max.runtime import package
 from whisper_max.runtime.audio import AudioError, read_audio
 from whisper_max.runtime.package import Package, PackageError

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from tiny_model import tiny_whisper
+
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.trace import trace_program
 

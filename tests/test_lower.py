@@ -14,6 +14,7 @@ from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
 from torch import nn
 from torch.export import Dim, export
 from whisper.model import Conv1d, LayerNorm, Linear
+
 from whisper_max.converter import ir
 from whisper_max.converter.ir import graph_signature
 from whisper_max.converter.lower import LoweringError, compile_with_kernels, lower_graph, register

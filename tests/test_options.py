@@ -4,6 +4,7 @@ import inspect
 
 import pytest
 import whisper
+
 from whisper_max.runtime.decoding import DecodingOptions
 from whisper_max.runtime.options import TranscribeOptions
 

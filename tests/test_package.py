@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+
 from whisper_max.runtime import package
 from whisper_max.runtime.package import Package, PackageError
 

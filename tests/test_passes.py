@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
+
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.passes import engine_rows, fuse_decoder_layers, fuse_encoder_attention, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
 from whisper_max.converter.trace import trace_program

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import shared_audio
-from whisper_max.runtime.cli import main
-from whisper_max.runtime.package import PackageError
 
 from whisper_max import golden
+from whisper_max.runtime.cli import main
+from whisper_max.runtime.package import PackageError
 
 
 def test_one_bad_file_does_not_stop_the_others(tiny_en, tmp_path, capsys):

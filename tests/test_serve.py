@@ -20,10 +20,10 @@ import openai
 import pytest
 import uvicorn
 from conftest import shared_audio
-from whisper_max.runtime.cli import main as whisper_run
-from whisper_max.runtime.serve import Settings, create_app
 
 from whisper_max import golden, runtime
+from whisper_max.runtime.cli import main as whisper_run
+from whisper_max.runtime.serve import Settings, create_app
 
 JFK = Path(golden.JFK_WAV)
 

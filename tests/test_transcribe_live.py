@@ -6,9 +6,9 @@ import pytest
 import torch
 import whisper
 from conftest import shared_audio
-from whisper_max.runtime.audio import AudioError, load_audio
 
 from whisper_max import runtime
+from whisper_max.runtime.audio import AudioError, load_audio
 
 ENGLISH = [
     "jfk.wav",
@@ -160,6 +160,7 @@ def test_hallucination_silence_threshold(tiny, reference_model):
 
 def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
     import whisper.utils as wu
+
     from whisper_max.runtime.writers import write_result
 
     result = tiny.transcribe(load_audio(shared_audio("jfk.wav")), temperature=0.0, word_timestamps=True)

@@ -4,10 +4,10 @@ said --trust (runtime.trust); anything else is refused before the MEF is read.""
 from __future__ import annotations
 
 import pytest
-from whisper_max.runtime.cli import main
-from whisper_max.runtime.package import Package, PackageError
 
 from whisper_max import golden, runtime
+from whisper_max.runtime.cli import main
+from whisper_max.runtime.package import Package, PackageError
 
 
 @pytest.fixture

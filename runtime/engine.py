@@ -97,7 +97,7 @@ class Engine:
     @property
     def live_rows(self) -> int:
         """Rows of the running windows (each beam or sample is one)."""
-        return self._live_rows()
+        return sum(len(j.step.rows) for j in self._running)
 
     @property
     def busy(self) -> bool:
@@ -110,11 +110,8 @@ class Engine:
 
     # --- working ---
 
-    def _live_rows(self) -> int:
-        return sum(len(j.step.rows) for j in self._running)
-
     def step(self) -> None:
-        while self._waiting and (not self._running or self._live_rows() + self._waiting[0].task.n_group <= self.max_rows):
+        while self._waiting and (not self._running or self.live_rows + self._waiting[0].task.n_group <= self.max_rows):
             self._start(self._waiting.popleft())
         if not self._running:
             return

@@ -327,19 +327,17 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
     app = FastAPI(title="whisper-serve", lifespan=lifespan)
     app.state.scheduler = scheduler
 
-    error = _error
-
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error(e.status, e.message, e.type, e.param, e.code, e.headers)
+        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
-        return error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error", headers=getattr(e, "headers", None))
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error", headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        return error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        return _error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
 
     app.add_middleware(_Guard, settings=settings)
 
@@ -538,7 +536,16 @@ def main(argv: list[str] | None = None) -> int:
         beams, best = (None if v.lower() == "none" else int(v) for v in (beam_size, best_of))
         if any(v is not None and v < 1 for v in (beams, best)):
             raise typer.BadParameter(f"--beam_size {beam_size} / --best_of {best_of}: a positive integer or None")
-        settings = Settings(int(max_upload_mb * 2**20), max_audio_seconds, max_active, queue_size, timeout, api_key or None, beams, best)
+        settings = Settings(
+            max_upload_bytes=int(max_upload_mb * 2**20),
+            max_audio_seconds=max_audio_seconds,
+            max_active=max_active,
+            queue_size=queue_size,
+            timeout=timeout,
+            api_key=api_key or None,
+            beam_size=beams,
+            best_of=best,
+        )
         raise typer.Exit(serve(package, host, port, settings, trust, log_level))
 
     return run_app(app, sys.argv[1:] if argv is None else argv, "whisper-serve", (PackageError, OSError, ValueError))
@@ -551,5 +558,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -21,9 +22,16 @@ def convert_cmd(
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
     rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
     force: bool = typer.Option(False, "--force", help="replace an existing package at --out"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage's details"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print no stage lines (errors and the result line only)"),
 ) -> None:
     from .convert import ConvertError
+
+    started = time.perf_counter()
+
+    def stage(message: str) -> None:  # stderr: stdout keeps the one result line
+        if not quiet:
+            print(f"whisper-convert [{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     if out is None and not rebuild:
@@ -34,7 +42,7 @@ def convert_cmd(
     if rebuild:
         from .convert import rebuild as rebuild_package
 
-        result = rebuild_package(Path(model), out)
+        result = rebuild_package(Path(model), out, stage=stage)
         typer.echo(f"rebuilt {result.path} for MAX {result.manifest['max_version']} in {result.timings['compile']:.1f}s")
         return
     if print_ir:
@@ -45,7 +53,7 @@ def convert_cmd(
         return
     from .convert import convert
 
-    result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype)
+    result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype, stage=stage)
     p = result.manifest["parity"]
     t = result.timings
     parity = f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}" if p["checked"] else "parity NOT checked (--skip-check)"

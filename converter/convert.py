@@ -102,9 +102,10 @@ def mel_assets(n_mels: int) -> dict[str, bytes]:
 DTYPES = ("float32", "bfloat16")
 
 
-def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md", dtype: str = "float32") -> ConvertResult:
+def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md", dtype: str = "float32", stage=None) -> ConvertResult:
     """Convert a model into a package at `out`. `dtype` bfloat16 stores the weight matrices in
-    bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances."""
+    bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances.
+    `stage(str)` is told as each stage starts (whisper-convert prints it with the time)."""
     import torch
     import whisper
     from max import engine
@@ -116,12 +117,15 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    stage = stage or _quiet
     timings: dict[str, float] = {}
+    stage(f"reading the weights of {model_arg}")
     t = time.perf_counter()
     src = sources.resolve(model_arg)
     model = trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location)
     timings["resolve"] = time.perf_counter() - t
 
+    stage("tracing with torch.export, optimising the IR")
     t = time.perf_counter()
     program = passes.optimise(trace.trace_program(model))
     if dtype != "float32":
@@ -143,6 +147,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
     session = InferenceSession()
+    stage(f"compiling {len(program.graphs)} graphs for this CPU (minutes the first time on a machine; MAX caches the result)")
     t = time.perf_counter()
     compiled = compile_module(program, session)
     mef = export_mef(compiled)
@@ -153,10 +158,12 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     entries: list[parity.Entry] = []
     parity_info: dict = {"checked": False}
     if not skip_check:
+        stage("compiling the parity probe (the graphs with every layer's output)")
         t = time.perf_counter()
         probe_compiled, taps = compile_module_probe(program, session)
         probe = session.init_all(probe_compiled, weights_registry=bound)
         timings["compile_probe"] = time.perf_counter() - t
+        stage("parity: every layer against openai-whisper (PyTorch fp32) on jfk.wav")
         t = time.perf_counter()
         audio = gc.load_clip()
         mel = gc.mel_for(model, audio)
@@ -205,6 +212,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+    stage(f"writing {out}")
     files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
     files.update(onnx_io.to_onnx_files(program))
     files["weights.json"], files["weights.bin"] = package.pack_weights(weights)
@@ -218,6 +226,10 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     return ConvertResult(Path(out), manifest, entries, timings)
 
 
+def _quiet(message: str) -> None:
+    pass
+
+
 def compile_module_probe(program: ir.Program, session):
     """The probe graphs alone: same lowering, module outputs as extra outputs."""
     from max.graph import Module
@@ -229,7 +241,7 @@ def compile_module_probe(program: ir.Program, session):
     return compile_with_kernels(session, mod), taps
 
 
-def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
+def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResult:
     """Recompile a package for this machine from its own IR and weights; no torch, no source model.
 
     Everything but the MEF and the target fields is kept. parity.json still describes the
@@ -248,6 +260,7 @@ def rebuild(pkg_path: Path, out: Path | None = None) -> ConvertResult:
         program = passes.engine_rows(program)
     program = passes.token_selection(program)
     require_cpu_features(program)
+    (stage or _quiet)(f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a machine)")
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from os import PathLike
 
+from . import models
 from .decoding import DecodingOptions
 from .engine import Engine, decode
 from .model import WhisperModel
@@ -33,7 +34,9 @@ class Whisper(WhisperModel):
         return decode(self, mel, options or DecodingOptions(), engine=self.engine, **kwargs)
 
 
-def load(path: str | PathLike, trust: bool = False) -> Whisper:
-    """Open a package and initialise its compiled graphs (no compilation happens here). A
-    package this machine did not compile is refused unless `trust` (runtime.trust)."""
-    return Whisper(Package.open(path), trust=trust)
+def load(model: str | PathLike, trust: bool = False, model_dir: str | PathLike | None = None) -> Whisper:
+    """Open a package and initialise its compiled graphs. `model` is a .maxpkg path, or a name
+    (tiny.en, base, ...), .pt checkpoint or CTranslate2 folder, whose package in the cache
+    (`model_dir`, runtime.models) is made on first use. A package this machine did not compile
+    is refused unless `trust` (runtime.trust)."""
+    return Whisper(Package.open(models.resolve(model, model_dir)), trust=trust)

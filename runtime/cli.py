@@ -28,7 +28,7 @@ def _optional(value: str | None, kind):
 
 @app.command()
 def run_cmd(
-    package: Path = typer.Argument(..., help="a .maxpkg made by whisper-convert"),
+    model: str = typer.Argument(..., help="a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"),
     audio: list[Path] = typer.Argument(..., help="audio file(s) to transcribe"),
     output_dir: Path = typer.Option(Path("."), "--output_dir", "-o", help="directory to save the outputs"),
     output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
@@ -60,6 +60,7 @@ def run_cmd(
     hallucination_silence_threshold: float | None = typer.Option(
         None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
     ),
+    model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)"),
     trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
@@ -110,7 +111,8 @@ def run_cmd(
         hallucination_silence_threshold=hallucination_silence_threshold,
     )
     _check_writable(output_dir)  # before any work
-    model = load(package, trust=trust)
+    package = model
+    model = load(package, trust=trust, model_dir=model_dir)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
         print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
         options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))

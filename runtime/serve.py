@@ -475,7 +475,7 @@ async def _wait(request, scheduler: Scheduler, job: _Request, timeout: float) ->
 # --- the command --------------------------------------------------------------------------------
 
 
-def serve(package: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: Settings = Settings(), trust: bool = False, log_level: str = "info") -> int:
+def serve(package: str | Path, host: str = "127.0.0.1", port: int = 8000, settings: Settings = Settings(), trust: bool = False, log_level: str = "info", model_dir: str | Path | None = None) -> int:
     """Load `package` and serve it until SIGTERM or SIGINT: stop accepting, finish the requests in
     flight, exit. Returns the exit code: 0 after SIGTERM, 130 after Ctrl-C."""
     import uvicorn
@@ -498,7 +498,7 @@ def serve(package: str | Path, host: str = "127.0.0.1", port: int = 8000, settin
             self.signals.append(sig)
             self.handle_exit(sig, frame)  # a second Ctrl-C forces the exit
 
-    model = load(package, trust=trust)
+    model = load(package, trust=trust, model_dir=model_dir)
     config = uvicorn.Config(create_app(model, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(settings.timeout) + 5)
     server = Server(config)
     server.run()
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @app.command()
     def serve_cmd(
-        package: Path = typer.Argument(..., help="a .maxpkg made by whisper-convert"),
+        package: str = typer.Argument(..., help="a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"),
         host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
         port: int = typer.Option(8000, "--port", help="port to listen on"),
         api_key: str | None = typer.Option(None, "--api-key", envvar="WHISPER_MAX_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also WHISPER_MAX_API_KEY)"),
@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
         beam_size: str = typer.Option("5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"),
         best_of: str = typer.Option("5", "--best_of", help="samples at temperature > 0; None: one"),
+        model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)"),
         trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"),
         log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
     ) -> None:
@@ -546,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             beam_size=beams,
             best_of=best,
         )
-        raise typer.Exit(serve(package, host, port, settings, trust, log_level))
+        raise typer.Exit(serve(package, host, port, settings, trust, log_level, model_dir))
 
     return run_app(app, sys.argv[1:] if argv is None else argv, "whisper-serve", (PackageError, OSError, ValueError))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from .audio import AudioError
+from .audio import HOP_LENGTH, SAMPLE_RATE, AudioError
 from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -45,8 +45,11 @@ class Printer:
     def __init__(self, verbose: bool | None, say: Callable[[str], None] = _say):
         self.verbose, self.say = verbose, say
         self.bar, self.frames = None, 0
+        self.total_frames = 0  # the audio's mel frames (10 ms each), from the first Progress event
 
     def __call__(self, event) -> None:
+        if isinstance(event, Progress):
+            self.total_frames = event.total
         if isinstance(event, SegmentDone) and self.verbose:
             self.say(f"[{format_timestamp(event.start)} --> {format_timestamp(event.end)}] {event.text}")
         elif isinstance(event, DetectingLanguage) and self.verbose:
@@ -67,10 +70,22 @@ class Printer:
             self.bar = None
 
 
-def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, say=_say, options: TranscribeOptions | None = None, engine: Engine | None = None, keep_going: bool = False, **kwargs):
+def transcribe_many(
+    model: WhisperModel,
+    audios: list,
+    *,
+    batch_size: int = 8,
+    say=_say,
+    options: TranscribeOptions | None = None,
+    engine: Engine | None = None,
+    keep_going: bool = False,
+    durations: dict | None = None,
+    **kwargs,
+):
     """Transcribe several files at once, yielding (index, result) in input order as each is done.
     With `keep_going`, a file that cannot be read yields (index, AudioError) in its turn and the
-    others go on; without, its AudioError is raised.
+    others go on; without, its AudioError is raised. `durations`, when given, receives each
+    transcribed file's audio length in seconds (index -> s) before its result is yielded.
 
     Up to `batch_size` files are in flight, each openai-whisper's long-form loop (a
     TranscriptionStream) on the engine, which decodes the rows of all their windows in one
@@ -92,7 +107,10 @@ def transcribe_many(model: WhisperModel, audios: list, *, batch_size: int = 8, s
 
     def finish(i: int, stream: TranscriptionStream) -> None:
         results[i] = stream.result
-        printers.pop(i).close()
+        printer = printers.pop(i)
+        printer.close()
+        if durations is not None:
+            durations[i] = printer.total_frames * HOP_LENGTH / SAMPLE_RATE
 
     def start() -> None:
         while len(printers) < batch_size:

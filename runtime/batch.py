@@ -149,6 +149,8 @@ def run_batch(
     if any(f not in WRITERS for f in formats):
         raise BatchError(f"--output_format {output_format!r}: use {', '.join(WRITERS)} or all")
     jobs = collect(inputs)
+    if not jobs:
+        raise BatchError(f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -93,6 +93,8 @@ def test_inputs_files_folders_and_lists(tmp_path):
     listing.write_text("# a comment\nb.flac\n\nc.mp3  # trailing\n")
     jobs = collect([tmp_path / "a", listing, tmp_path / "b.flac"])  # b.flac twice: once
     assert [(j.audio.relative_to(tmp_path).as_posix(), j.rel.as_posix()) for j in jobs] == [("a/sub/x.wav", "sub/x"), ("a/x.wav", "x"), ("b.flac", "b"), ("c.mp3", "c")]
+    (tmp_path / "empty").mkdir()
+    assert main(["x.maxpkg", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1  # no audio there: an error, not an empty success
     with pytest.raises(BatchError, match="no such file or folder"):
         collect([tmp_path / "missing"])
     listing.write_text("b.flac\nnope.wav\n")

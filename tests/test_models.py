@@ -105,3 +105,11 @@ def test_the_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.delenv("WHISPER_MAX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert models.default_model_dir() == tmp_path / "whisper-max" / "models"
+
+
+def test_a_name_without_the_converter_installed_says_what_to_install(monkeypatch, tmp_path):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(PackageError, match=r"needs the converter's dependencies \(torch missing\).*whisper-max\[convert\]"):
+        models.resolve("tiny.en", tmp_path / "models")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny.en.maxpkg.lock"]  # no package

@@ -98,7 +98,7 @@ def test_skip_check_is_recorded(tmp_path):
 
 
 def test_cli_errors_are_plain(capsys, tmp_path):
-    assert main(["tiny.xx", "--out", str(tmp_path / "x.maxpkg")]) == 1
+    assert main(["tiny.xx", "--out", str(tmp_path / "x.maxpkg"), "--quiet"]) == 1  # no stage lines
     err = capsys.readouterr().err
     assert err.startswith("whisper-convert: error: 'tiny.xx' is neither a model name") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []

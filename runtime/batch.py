@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,11 +144,9 @@ def run_batch(
     """Transcribe every input into `out`; returns the summary's counts. See the module doc."""
     from tqdm import tqdm
 
-    from .writers import WRITERS, write_result
+    from .writers import output_formats, write_result
 
-    formats = list(WRITERS) if output_format == "all" else [output_format]
-    if any(f not in WRITERS for f in formats):
-        raise BatchError(f"--output_format {output_format!r}: use {', '.join(WRITERS)} or all")
+    formats = output_formats(output_format)  # checked before any work
     jobs = collect(inputs)
     if not jobs:
         raise BatchError(f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})")
@@ -195,43 +194,28 @@ def run_batch(
     return summary.counts()
 
 
-def _transcribe_group(model, audios: list[str], options, batch_size: int) -> list[tuple[int, dict | None, float | None, str | None]]:
-    """(index, result, audio seconds, error) for each of `audios`, decoded together on the model's engine."""
+def _transcribe(model, audios: list[str], options, batch_size: int) -> Iterator[tuple[int, dict | None, float | None, str | None]]:
+    """(index, result, audio seconds, error) for each of `audios` as it is done, decoded together
+    on the model's engine (an English-only model transcribes English, as whisper-run)."""
     from .audio import AudioError
     from .transcribe import transcribe_many
 
+    if not model.is_multilingual:
+        options = options.english_only()
     durations: dict[int, float] = {}
-    rows = []
     for i, result in transcribe_many(model, audios, batch_size=batch_size, options=options, engine=model.engine, keep_going=True, durations=durations):
         if isinstance(result, AudioError):
-            rows.append((i, None, None, str(result)))
+            yield i, None, None, str(result)
         else:
-            rows.append((i, result, durations.get(i), None))
-    return rows
+            yield i, result, durations.pop(i), None
 
 
 def _run_here(model_arg, todo: list[Job], options, record, *, batch_size, model_dir, trust) -> None:
     from . import load
-    from .audio import AudioError
-    from .transcribe import transcribe_many
 
     model = load(model_arg, trust=trust, model_dir=model_dir)
-    options = _for_model(model, options)
-    durations: dict[int, float] = {}
-    for i, result in transcribe_many(model, [str(j.audio) for j in todo], batch_size=batch_size, options=options, engine=model.engine, keep_going=True, durations=durations):
-        if isinstance(result, AudioError):
-            record(todo[i], None, None, str(result))
-        else:
-            record(todo[i], result, durations.pop(i, None), None)
-
-
-def _for_model(model, options):
-    """An English-only model transcribes English whatever --language / --task say (as whisper-run)."""
-    from dataclasses import replace
-
-    if not model.is_multilingual and (options.decode.language not in (None, "en") or options.decode.task == "translate"):
-        return replace(options, decode=replace(options.decode, language="en", task="transcribe"))
-    return options
+    for i, result, duration, error in _transcribe(model, [str(j.audio) for j in todo], options, batch_size):
+        record(todo[i], result, duration, error)
 
 
 class _Worker:
@@ -242,11 +226,10 @@ class _Worker:
         from . import load
 
         self.model = load(model_arg, trust=trust, model_dir=model_dir)
-        self.options = _for_model(self.model, options)
-        self.batch_size = batch_size
+        self.options, self.batch_size = options, batch_size
 
     def transcribe(self, first: int, audios: list[str]):
-        return [(first + i, result, duration, error) for i, result, duration, error in _transcribe_group(self.model, audios, self.options, self.batch_size)]
+        return [(first + i, result, duration, error) for i, result, duration, error in _transcribe(self.model, audios, self.options, self.batch_size)]
 
 
 def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, model_dir, trust, address, workers) -> None:
@@ -257,8 +240,7 @@ def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, mode
         raise BatchError("--ray needs Ray: pip install 'whisper-max[ray]'") from e
     from . import models
 
-    started_here = address is None
-    if started_here:  # make (or reuse) the package once, here, before the actors load it
+    if address is None:  # a local Ray: make (or reuse) the package once, here, before the actors load it
         model_arg = str(models.resolve(model_arg, model_dir))
     if ray.is_initialized():
         owns = False

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +114,7 @@ def run_cmd(
     model = load(package, trust=trust, model_dir=model_dir)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
         print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
-        options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))
+        options = options.english_only()
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
     failed = []
     for i, result in transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True):

@@ -65,11 +65,9 @@ def cache_key(model: str) -> str:
     if model in NAMES:
         return model
     path = Path(model)
-    if path.is_file() and path.suffix == ".pt":
-        pass
-    elif path.is_dir() and (path / "model.bin").is_file() and (path / "config.json").is_file():
-        pass
-    else:
+    checkpoint = path.is_file() and path.suffix == ".pt"
+    ct2 = path.is_dir() and (path / "model.bin").is_file() and (path / "config.json").is_file()
+    if not (checkpoint or ct2):
         raise PackageError(
             f"{model}: not a model name ({', '.join(NAMES)}), an openai-whisper .pt checkpoint, a CTranslate2 folder (model.bin + config.json) "
             "or a .maxpkg package; make a package with `whisper-convert MODEL --out NAME.maxpkg`"
@@ -115,21 +113,19 @@ def resolve(model: str | os.PathLike, model_dir: str | os.PathLike | None = None
         log(f"whisper-max: another process is preparing {model} ({target}); waiting for it")
         lock.acquire()
     try:
-        if _ready(target):  # made while we waited
-            return target
         source = model if model in NAMES else str(Path(model).resolve())
-        if target.exists():
-            try:
-                reason = stale_reason(target)
-            except PackageError as e:
-                reason = None
-                log(f"whisper-max: the cached {target} is unreadable ({e}); converting {model} again")
-                _convert(source, target, log)
-            if reason:
-                log(f"whisper-max: the cached {target} must be recompiled for this machine: {reason}; rebuilding it from its own IR and weights")
-                _whisper_convert([str(target), "--rebuild"], f"rebuilding {target}")
-        else:
+        if not target.is_file():
             _convert(source, target, log)
+            return target
+        try:
+            reason = stale_reason(target)  # None: made while we waited, or usable after all
+        except PackageError as e:
+            log(f"whisper-max: the cached {target} is unreadable ({e}); converting {model} again")
+            _convert(source, target, log)
+            return target
+        if reason:
+            log(f"whisper-max: the cached {target} must be recompiled for this machine: {reason}; rebuilding it from its own IR and weights")
+            _whisper_convert([str(target), "--rebuild"], f"rebuilding {target}")
     finally:
         lock.release()
     return target

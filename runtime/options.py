@@ -73,6 +73,11 @@ class TranscribeOptions:
             decode["suppress_tokens"] = tuple(decode["suppress_tokens"])
         return cls(**own, decode=DecodingOptions(**decode))
 
+    def english_only(self) -> TranscribeOptions:
+        """These options for an English-only model: English, transcribed, whatever was asked
+        (openai-whisper's CLI does the same)."""
+        return replace(self, decode=replace(self.decode, language="en", task="transcribe"))
+
     def window(self, temperature: float, prompt) -> DecodingOptions:
         """The DecodingOptions of one window decoded at `temperature` after `prompt`: beams only
         at temperature 0 and best-of only above it, as openai-whisper's fallback does."""

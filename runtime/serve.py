@@ -25,7 +25,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -280,7 +280,7 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
         best_of=settings.best_of,
     )
     if not model.is_multilingual:
-        options = replace(options, decode=replace(options.decode, language="en", task="transcribe"))
+        options = options.english_only()
     return options, fmt, granularities
 
 

@@ -105,15 +105,18 @@ def write_json(result: dict, file: TextIO, options: dict | None = None) -> None:
 WRITERS: dict[str, Callable[[dict, TextIO, dict | None], None]] = {"txt": write_txt, "vtt": write_vtt, "srt": write_srt, "tsv": write_tsv, "json": write_json}
 
 
+def output_formats(output_format: str) -> list[str]:
+    """The formats `--output_format` names: one of WRITERS, or all of them."""
+    if output_format != "all" and output_format not in WRITERS:
+        raise ValueError(f"output format {output_format!r}: use one of {sorted(WRITERS)} or all")
+    return list(WRITERS) if output_format == "all" else [output_format]
+
+
 def write_result(result: dict, audio_path: str | Path, output_dir: str | Path, output_format: str = "all", options: dict | None = None, stem: str | None = None) -> list[Path]:
     """Write `<audio basename>.<ext>` files (or `<stem>.<ext>`) into output_dir, each atomically; returns their paths.
     `options`: max_line_width, max_line_count, max_words_per_line, highlight_words (word-level subtitles)."""
-    formats = list(WRITERS) if output_format == "all" else [output_format]
-    unknown = [f for f in formats if f not in WRITERS]
-    if unknown:
-        raise ValueError(f"output format {unknown[0]!r}: use one of {sorted(WRITERS)} or all")
     written = []
-    for fmt in formats:
+    for fmt in output_formats(output_format):
         path = Path(output_dir) / f"{stem or Path(audio_path).stem}.{fmt}"
         try:
             with atomic_open(path, "w", encoding="utf-8") as f:

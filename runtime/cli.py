@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -59,10 +60,14 @@ def run_cmd(
     hallucination_silence_threshold: float | None = typer.Option(
         None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
     ),
+    vad_filter: str = typer.Option("False", "--vad_filter", help="transcribe only the speech Silero VAD finds (faster-whisper's vad_filter); timestamps stay in the file's timeline"),
+    vad_parameters: str | None = typer.Option(None, "--vad_parameters", help="faster-whisper's VadOptions as JSON, e.g. '{\"min_silence_duration_ms\": 500}'"),
+    batched: str = typer.Option("False", "--batched", help="faster-whisper's batched mode: VAD chunks of up to 30 s, --batch_size at once, no text carried between them"),
+    without_timestamps: str | None = typer.Option(None, "--without_timestamps", help="decode no timestamp tokens: one segment per window (default: True with --batched, else False)"),
     model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)"),
     trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
-    batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once; their greedy windows with equal prompts decode as one batch (1: one file after another)"),
+    batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once, decoded together (1: one file after another); with --batched, chunks of one file"),
 ) -> None:
     from . import load
     from .audio import AudioError
@@ -84,6 +89,8 @@ def run_cmd(
         print("--max_line_count has no effect without --max_line_width", file=sys.stderr)
     if max_words_per_line and max_line_width:
         print("--max_words_per_line has no effect with --max_line_width", file=sys.stderr)
+    is_batched = _bool(batched)
+    no_timestamps = _optional(without_timestamps, _bool)
     increment = _optional(temperature_increment_on_fallback, float)
     temps = tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment is not None else temperature
     options = TranscribeOptions.from_kwargs(  # checked before anything is loaded
@@ -108,7 +115,12 @@ def run_cmd(
         append_punctuations=append_punctuations,
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
+        vad_filter=_bool(vad_filter),
+        vad_parameters=_vad_options(vad_parameters),
+        without_timestamps=is_batched if no_timestamps is None else no_timestamps,
     )
+    if is_batched and options.clip_timestamps != (0.0,):
+        raise typer.BadParameter("--clip_timestamps: --batched transcribes the speech the VAD finds; give one or the other")
     _check_writable(output_dir)  # before any work
     package = model
     model = load(package, trust=trust, model_dir=model_dir)
@@ -117,7 +129,8 @@ def run_cmd(
         options = options.english_only()
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
     failed = []
-    for i, result in transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True):
+    results = _batched(model, audio, batch_size, options) if is_batched else transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True)
+    for i, result in results:
         if isinstance(result, AudioError):
             print(f"whisper-run: error: {result}", file=sys.stderr)
             failed.append(result)
@@ -132,6 +145,35 @@ def run_cmd(
             for e in failed:
                 print(f"  {e}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _batched(model, audio: list[Path], batch_size: int, options):
+    """(index, result or AudioError) of each file in batched mode, one file after another."""
+    from .audio import AudioError
+    from .transcribe import transcribe_batched
+
+    for i, path in enumerate(audio):
+        try:
+            yield i, transcribe_batched(model, path, batch_size=batch_size, options=options)
+        except AudioError as e:
+            yield i, e
+
+
+def _vad_options(text: str | None):
+    from .vad import VadOptions
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--vad_parameters {text!r}: not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"--vad_parameters {text!r}: a JSON object expected")
+    try:
+        return VadOptions.from_dict(value)
+    except (TypeError, ValueError) as e:
+        raise typer.BadParameter(f"--vad_parameters: {e}") from e
 
 
 def _check_writable(output_dir: Path) -> None:

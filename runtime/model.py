@@ -162,17 +162,24 @@ class RowPool:
         self._free_slots: list[int] = []
         self._free_windows: list[int] = []
 
-    def _grow(self, arrays: dict, specs: list[dict], free: list[int], need: int) -> None:
+    def _grow(self, arrays: dict, specs: list[dict], free: list[int], need: int, exact: bool = False) -> None:
         from max.driver import Buffer
 
         have = len(next(iter(arrays.values()))) if arrays else 0
-        n = max(have * 2, have + need, 4)
+        n = have + need if exact else max(have * 2, have + need, 4)
         for i in specs:
             shape = [n, *i["shape"][1:]]
             arrays[i["name"]] = _grown(arrays[i["name"]], n) if have else np.zeros(shape, np.dtype(i["dtype"]))
         for name in (i["name"] for i in specs):
             self._buffers[name] = Buffer.from_numpy(arrays[name])  # zero-copy views, remade as they grow
         free.extend(range(n - 1, have - 1, -1))
+
+    def reserve(self, rows: int, windows: int) -> None:
+        """Room for at least `rows` rows of `windows` windows at once, made now in one step: growing
+        on demand doubles, copying what is there each time (hundreds of MB for 40 rows)."""
+        for arrays, specs, free, n in ((self.slots, self._caches, self._free_slots, rows), (self.windows, self._cross, self._free_windows, windows)):
+            if len(free) < n:
+                self._grow(arrays, specs, free, n - len(free), exact=True)
 
     def _take(self, arrays: dict, specs: list[dict], free: list[int], k: int) -> list[int]:
         if len(free) < k:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 
 from .decoding import DecodingOptions
+from .vad import VadOptions
 
 _PER_WINDOW = {"temperature", "prompt"}  # DecodingOptions fields the long-form loop sets
 _DECODE_FIELDS = {f.name for f in fields(DecodingOptions)} - _PER_WINDOW
@@ -32,6 +33,8 @@ class TranscribeOptions:
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、"
     clip_timestamps: tuple[float, ...] = (0.0,)  # start, end, start, ... seconds; an odd count runs to the end
     hallucination_silence_threshold: float | None = None
+    vad_filter: bool = False  # faster-whisper's: transcribe only the speech Silero VAD finds
+    vad_parameters: VadOptions | None = None  # None: VadOptions() (batched mode: vad.BATCHED)
     decode: DecodingOptions = field(default_factory=DecodingOptions)
 
     def __post_init__(self) -> None:
@@ -55,7 +58,8 @@ class TranscribeOptions:
     def from_kwargs(cls, **options) -> TranscribeOptions:
         """From openai-whisper's `transcribe(model, audio, **options)` keywords: its own and
         DecodingOptions fields, plain Python or JSON values (lists for tuples; a number or a
-        list for temperature; clip_timestamps as "start,end,..." or a list)."""
+        list for temperature; clip_timestamps as "start,end,..." or a list), and
+        faster-whisper's vad_filter and vad_parameters (a dict or VadOptions)."""
         mine = {f.name for f in fields(cls)} - {"decode"}
         unknown = set(options) - mine - _DECODE_FIELDS
         if "prompt" in unknown:
@@ -68,6 +72,8 @@ class TranscribeOptions:
         if "clip_timestamps" in own:
             clips = own["clip_timestamps"]
             own["clip_timestamps"] = _floats([float(t) for t in clips.split(",") if t.strip()] if isinstance(clips, str) else clips)
+        if isinstance(own.get("vad_parameters"), dict):
+            own["vad_parameters"] = VadOptions.from_dict(own["vad_parameters"])
         decode = {k: v for k, v in options.items() if k in _DECODE_FIELDS}
         if isinstance(decode.get("suppress_tokens"), list):
             decode["suppress_tokens"] = tuple(decode["suppress_tokens"])

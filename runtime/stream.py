@@ -13,16 +13,18 @@ batches equal options); each stream's tokens are the ones it gets alone.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, pad_or_trim
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, load_audio, pad_or_trim
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .model import WhisperModel
 from .options import TranscribeOptions
 from .timing import add_word_timestamps, get_end
+from .vad import Speech, VadOptions, speech_regions
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,10 @@ class TranscriptionStream:
     """The long-form transcription of one audio (a path or 16 kHz mono samples). The audio is
     read and its log-mel computed here, so a bad file fails at once; then `next_window()` and
     `feed(result)` alternate until `next_window()` returns None and `result` is openai-whisper's
-    dict. `on_event` gets Progress, DetectingLanguage, LanguageDetected and SegmentDone events."""
+    dict. `on_event` gets Progress, DetectingLanguage, LanguageDetected and SegmentDone events.
+
+    With `options.vad_filter`, or when `audio` is a runtime.vad.Speech, only the speech is
+    transcribed (joined end to end); events and the result are in the audio's own timeline."""
 
     def __init__(self, model: WhisperModel, audio, options: TranscribeOptions | None = None, on_event: Callable[[object], None] | None = None):
         self._steps = _steps(model, audio, options or TranscribeOptions(), on_event or (lambda event: None))
@@ -122,11 +127,46 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
     """openai-whisper's long-form loop as a generator: it yields each window it needs decoded,
     (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
     What openai-whisper prints becomes events given to `emit`."""
-    mel = model.features(audio)  # read and transformed here, so a bad file fails at once
+    speech = audio if isinstance(audio, Speech) else _speech(audio, options) if options.vad_filter else None
+    mel = model.features(audio if speech is None else speech.samples)  # read and transformed here, so a bad file fails at once
     try:
-        return (yield from _loop(model, mel, options, emit))
+        if speech is None:
+            return (yield from _loop(model, mel, options, emit))
+        result = yield from _loop(model, mel, options, _in_original_time(speech, emit))
+        return speech.restore(result)
     finally:
         mel.close()
+
+
+def _speech(audio, options: TranscribeOptions) -> Speech:
+    """The speech in `audio` (a path or samples), as Silero VAD finds it with the options' parameters."""
+    samples = load_audio(os.fsdecode(audio)) if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__") else np.asarray(audio, np.float32)
+    speech = Speech.join(samples, speech_regions(samples, options.vad_parameters or VadOptions()))
+    log.debug("VAD kept %.1f s of %.1f s in %d regions", speech.seconds, len(samples) / SAMPLE_RATE, len(speech.regions))
+    return speech
+
+
+def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callable[[object], None]:
+    """`emit` for events of a transcription of `speech.samples`: segment times and progress in
+    the original audio's timeline."""
+    total = speech.source_samples // HOP_LENGTH
+
+    def mapped(event) -> None:
+        if isinstance(event, SegmentDone):
+            event = SegmentDone(speech.original_time(event.start), speech.original_time(event.end, is_end=True), event.text)
+        elif isinstance(event, Progress):
+            done = total if event.frames >= event.total else round(speech.original_time(event.frames / FRAMES_PER_SECOND, is_end=True) * FRAMES_PER_SECOND)
+            event = Progress(min(done, total), total)
+        emit(event)
+
+    return mapped
+
+
+def spoken_language(model: WhisperModel, mel: LogMel) -> str:
+    """The most likely language of the first 30 s of `mel` (a multilingual model's)."""
+    features = model.embed_audio(pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)[None])
+    _, probs = detect_language(model, features, model.tokenizer)
+    return max(probs[0], key=probs[0].get)
 
 
 def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Callable[[object], None]):
@@ -149,9 +189,7 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
             language = "en"
         else:
             emit(DetectingLanguage())
-            features = model.embed_audio(pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)[None])
-            _, probs = detect_language(model, features, model.tokenizer)
-            language = max(probs[0], key=probs[0].get)
+            language = spoken_language(model, mel)
             emit(LanguageDetected(language, model.tokenizer.languages[language]))
     o = replace(o, decode=replace(o.decode, language=language))
     tokenizer = model.tokenizer.with_language(language, o.decode.task)

@@ -1,18 +1,24 @@
 """Transcription clients of the long-form stream (runtime.stream): openai-whisper's
-`transcribe()`, and `transcribe_many`, which decodes the windows of several files together.
-They print what openai-whisper prints (segment lines when verbose, a progress bar when verbose
-is False) from the streams' events."""
+`transcribe()`, `transcribe_many`, which decodes the windows of several files together, and
+`transcribe_batched`, faster-whisper's batched mode (the speech of one file in VAD chunks, each
+decoded on its own, together). They print what openai-whisper prints (segment lines when
+verbose, a progress bar when verbose is False) from the streams' events."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 
-from .audio import HOP_LENGTH, SAMPLE_RATE, AudioError
+import numpy as np
+
+from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, load_audio
 from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
-from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream
+from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream, spoken_language
+from .vad import BATCHED, Speech, speech_regions
 
 
 def format_timestamp(seconds: float, always_include_hours: bool = False, decimal_marker: str = ".") -> str:
@@ -28,8 +34,16 @@ def format_timestamp(seconds: float, always_include_hours: bool = False, decimal
 
 def transcribe(model: WhisperModel, audio, **options) -> dict:
     """Transcribe a file path or 16 kHz mono float32 samples; returns openai-whisper's dict.
-    Options are openai-whisper's `transcribe()` keywords and DecodingOptions fields."""
+    Options are openai-whisper's `transcribe()` keywords and DecodingOptions fields, and
+    faster-whisper's vad_filter and vad_parameters; `batched=True` (with `batch_size`, default 8)
+    is faster-whisper's batched mode (transcribe_batched), where without_timestamps defaults to True."""
     engine = options.pop("engine", None)
+    if options.pop("batched", False):
+        batch_size = options.pop("batch_size", 8)
+        options.setdefault("without_timestamps", True)
+        return transcribe_batched(model, audio, batch_size=batch_size, options=TranscribeOptions.from_kwargs(**options), engine=engine)
+    if "batch_size" in options:
+        raise TypeError("batch_size: a transcribe() option only with batched=True (transcribe_many takes files in flight)")
     return next(transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options), engine=engine))[1]
 
 
@@ -142,3 +156,64 @@ def transcribe_many(
             return
         engine.step()
         start()
+
+
+def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, options: TranscribeOptions | None = None, engine: Engine | None = None, say=_say) -> dict:
+    """faster-whisper's batched mode on the engine: Silero VAD finds the speech (`vad_parameters`,
+    default vad.BATCHED; spans are split at 30 s whatever is asked), consecutive spans are joined
+    into chunks of at most 30 s, and each chunk is transcribed as a stream of its own, up to
+    `batch_size` at once, without the text before it as a prompt. A multilingual model without
+    a language detects it once, on the first chunk. Returns openai-whisper's dict, segments in
+    the audio's own timeline and in order; no speech gives no segments.
+
+    Faster than the sequential loop on long audio, and not its parity: windows start where the
+    VAD cuts, not where the previous window's last timestamp ended, and no text carries over."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: expected at least 1")
+    options = options or TranscribeOptions()
+    if options.clip_timestamps != (0.0,):
+        raise ValueError("clip_timestamps: batched mode transcribes the speech the VAD finds; give one or the other")
+    samples = load_audio(os.fsdecode(audio)) if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__") else np.asarray(audio, np.float32)
+    vad = replace(options.vad_parameters or BATCHED, max_speech_duration_s=CHUNK_LENGTH)
+    chunks = Speech.cut(samples, speech_regions(samples, vad), max_seconds=CHUNK_LENGTH)
+    language = options.decode.language
+    if language is None:
+        if not model.is_multilingual:
+            language = "en"
+        elif chunks:
+            if options.verbose:
+                say("Detecting language using up to the first 30 seconds of speech. Use `--language` to specify the language")
+            mel = model.features(chunks[0].samples)
+            try:
+                language = spoken_language(model, mel)
+            finally:
+                mel.close()
+            if options.verbose is not None:
+                say(f"Detected language: {model.tokenizer.languages[language].title()}")
+    each = replace(
+        options,
+        verbose=True if options.verbose else None,  # segment lines from the chunks; one bar for the file, here
+        condition_on_previous_text=False,
+        vad_filter=False,
+        decode=replace(options.decode, language=language),
+    )
+    engine = engine or Engine(model)
+    d = options.decode
+    engine.pool.reserve(rows=min(len(chunks), batch_size) * max(d.beam_size or 1, d.best_of or 1), windows=min(len(chunks), batch_size))
+    bar = None
+    if options.verbose is False:
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(sum(c.seconds for c in chunks), 2), unit="s", desc="speech", file=sys.stderr)
+    segments, texts = [], []
+    try:
+        for i, result in transcribe_many(model, chunks, batch_size=batch_size, say=say, options=each, engine=engine):
+            seek = chunks[i].regions[0][0] // HOP_LENGTH
+            segments.extend({**segment, "id": len(segments) + n, "seek": seek} for n, segment in enumerate(result["segments"]))
+            texts.append(result["text"])
+            if bar is not None:
+                bar.update(round(chunks[i].seconds, 2))
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"text": "".join(texts), "segments": segments, "language": language}  # None: multilingual, no speech, none given

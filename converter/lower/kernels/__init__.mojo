@@ -9,7 +9,7 @@ from std.math import erf, exp, log, sqrt
 from std.utils.numerics import neg_inf
 from std.runtime import parallelism_level
 from std.memory import bitcast, stack_allocation
-from std.sys import llvm_intrinsic
+from std.sys import inlined_assembly
 
 comptime V = 16  # float32 lanes of one AVX-512 register
 
@@ -47,10 +47,13 @@ comptime MR = 6  # rows of one register tile: 6 x 4 sums, 4 panel loads, 6 broad
 
 
 @always_inline
-def _dot_bf16(acc: SIMD[DType.float32, V], a: SIMD[BF16, 2 * V], b: SIMD[BF16, 2 * V]) -> SIMD[DType.float32, V]:
-    """acc[i] + a[2i] * b[2i] + a[2i+1] * b[2i+1]: AVX512_BF16's VDPBF16PS (products exact in
-    float32, summed in float32)."""
-    return llvm_intrinsic["llvm.x86.avx512bf16.dpbf16ps.512", SIMD[DType.float32, V]](acc, a, b)
+def _dot_bf16(acc: SIMD[DType.float32, V], a: SIMD[DType.uint32, V], b: SIMD[DType.uint32, V]) -> SIMD[DType.float32, V]:
+    """acc[i] + a[2i] * b[2i] + a[2i+1] * b[2i+1] over the bfloat16 pairs whose bits a and b hold:
+    AVX512_BF16's VDPBF16PS (products exact in float32, summed in float32). Inline assembly on
+    integer registers: LLVM's intrinsic takes bfloat16 vectors, whose lowering aborts the compile
+    on an Intel Xeon with AMX and AVX512_FP16 ("Do not know how to split this operator's
+    operand!"); the instruction is the same."""
+    return inlined_assembly["vdpbf16ps $2, $1, $0", SIMD[DType.float32, V], constraints="=v,v,v,0", has_side_effect=False](a, b, acc)
 
 
 @always_inline
@@ -65,15 +68,16 @@ def _tile_bf16[mr: Int, biased: Bool, o: MutOrigin](
     comptime for i in range(mr * 4):
         acc.store(i * V, SIMD[DType.float32, V](0))
     var x32 = x.bitcast[UInt32]()
+    var panel32 = panel.bitcast[UInt32]()
     var kp = k // 2
     for p in range(kp):
-        var bp = panel + p * 2 * NR
-        var b0 = bp.load[width=2 * V](0)
-        var b1 = bp.load[width=2 * V](2 * V)
-        var b2 = bp.load[width=2 * V](4 * V)
-        var b3 = bp.load[width=2 * V](6 * V)
+        var bp = panel32 + p * NR  # 64 columns of one k pair: 64 uint32, each two bfloat16
+        var b0 = bp.load[width=V](0)
+        var b1 = bp.load[width=V](V)
+        var b2 = bp.load[width=V](2 * V)
+        var b3 = bp.load[width=V](3 * V)
         comptime for i in range(mr):
-            var a = bitcast[BF16, 2 * V](SIMD[DType.uint32, V](x32.load(i * kp + p)))
+            var a = SIMD[DType.uint32, V](x32.load(i * kp + p))
             acc.store((4 * i) * V, _dot_bf16(acc.load[width=V]((4 * i) * V), a, b0))
             acc.store((4 * i + 1) * V, _dot_bf16(acc.load[width=V]((4 * i + 1) * V), a, b1))
             acc.store((4 * i + 2) * V, _dot_bf16(acc.load[width=V]((4 * i + 2) * V), a, b2))
@@ -109,13 +113,24 @@ def _rows_bf16[biased: Bool, o: MutOrigin](
         _tile_bf16[5, biased](yr, ldy, xr, k, panel, bias)
 
 
+@always_inline
+def _bf16_bits[w: Int](x: SIMD[DType.float32, w]) -> SIMD[DType.uint16, w]:
+    """The bits of x rounded to bfloat16, to nearest even, by integer arithmetic on its bits: what
+    VCVTNEPS2BF16 gives for finite x. LLVM's own float32 -> bfloat16 vector conversion aborts
+    the compile on some CPUs ("Do not know how to split this operator's operand!" on an Intel
+    Xeon with AMX and AVX512_FP16), so bfloat16 values are only ever stored as their bits."""
+    var u = bitcast[DType.uint32, w](x)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).cast[DType.uint16]()
+
+
 def _round_bf16[o: MutOrigin](dst: UnsafePointer[BFloat16, o], src: UnsafePointer[Float32, _], n: Int, scale: Float32):
     """dst[0:n] = src[0:n] * scale rounded to bfloat16 (to nearest even)."""
+    var bits = dst.bitcast[UInt16]()
     var n16 = n - n % V
     for i in range(0, n16, V):
-        dst.store(i, (src.load[width=V](i) * scale).cast[BF16]())
+        bits.store(i, _bf16_bits[V](src.load[width=V](i) * scale))
     for i in range(n16, n):
-        dst.store(i, (src.load(i) * scale).cast[BF16]())
+        bits.store(i, _bf16_bits[1](src.load[width=1](i) * scale))
 
 
 @extensibility.register("whisper_max.linear_bf16")
@@ -273,18 +288,19 @@ struct AttentionBF16:
                     var srow = scores + i * tp
                     var prow = probs + i * tp
                     var m = _range_max(srow, 0, t)
+                    var pbits = prow.bitcast[UInt16]()
                     var acc = SIMD[DType.float32, V](0)
                     for c in range(0, t16, V):
                         var e = exp(srow.load[width=V](c) - m)
                         acc += e
-                        prow.store(c, e.cast[BF16]())
+                        pbits.store(c, _bf16_bits[V](e))
                     var total = acc.reduce_add()
                     for c in range(t16, t):
-                        var e = exp(srow.load(c) - m)
-                        total += e
-                        prow.store(c, e.cast[BF16]())
+                        var e = exp(srow.load[width=1](c) - m)
+                        total += e[0]
+                        pbits.store(c, _bf16_bits[1](e))
                     for c in range(t, tp):
-                        prow.store(c, BFloat16(0))
+                        pbits.store(c, UInt16(0))
                     sums.store(i, total)
                 _rows_bf16[False](o, NR, probs, tp, vb + bh * tp * NR, o, rows)
                 for i in range(rows):

@@ -17,6 +17,14 @@ file one after another in one process, except whisper-max, which gives them to
 in one call per token: continuous batching); `whisper-max-sequential` is the same package one
 file at a time.
 
+With `--batched`, faster-whisper's batched mode on one long file (or, with `--corpus`, on each
+file in turn): `whisper-max-batched` (transcribe_batched: Silero VAD, chunks of up to 30 s, 8 at
+once on the engine) against faster-whisper's BatchedInferencePipeline (batch 8, float32, and
+int8 for reference), both with their default VAD parameters (the same), without timestamps, beam
+5 unless `--beam-size`. Reported besides the times: each engine's WER on the timed audio and, in
+one more run per engine, on the English dev set (references normalised by openai-whisper's
+EnglishTextNormalizer).
+
 `--package-bf16` adds `whisper-max-bfloat16`: the same runtime on a package converted with
 `--dtype bfloat16` (its tokens need not equal openai-whisper's; scripts/wer.py measures the cost).
 
@@ -39,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav"
 CLIP = ROOT / "golden" / "data" / "jfk.wav"  # bundled; start-up is measured on it
 ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
+BATCHED_ENGINES = ["whisper-max-batched", "faster-whisper-batched", "faster-whisper-batched-int8"]
 SHARED = ROOT.parent / "shared" / "audio"
 
 
@@ -118,6 +127,33 @@ def dev_set(shared: Path = SHARED) -> list[dict]:
     (the 7 short dev clips and the long-form file), in the manifest's order."""
     entries = json.loads((shared / "manifest.json").read_text())
     return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
+
+
+def references(paths: list[str]) -> list[str]:
+    """The reference text of each file: a dev-set file's from the manifest, a corpus file's from
+    corpus.json (the references of its parts, joined)."""
+    by_name = {e["file"]: e["reference"] for e in json.loads((SHARED / "manifest.json").read_text())}
+    refs = []
+    for p in paths:
+        path = Path(p)
+        index = path.parent / "corpus.json"
+        if path.name in by_name and path.parent == SHARED:
+            refs.append(by_name[path.name])
+        elif index.is_file():
+            refs.append(next(f["reference"] for f in json.loads(index.read_text())["files"] if f["file"] == path.name))
+        else:
+            raise SystemExit(f"{p}: no reference text (neither a file of {SHARED} nor of a corpus with corpus.json)")
+    return refs
+
+
+def word_error_rate(refs: list[str], hyps: list[str]) -> float:
+    """WER % over all the files: word edits (after EnglishTextNormalizer) over reference words."""
+    from wer import word_edits
+    from whisper.normalizers import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    pairs = [(norm(r).split(), norm(h).split()) for r, h in zip(refs, hyps, strict=True)]
+    return 100.0 * sum(word_edits(r, h) for r, h in pairs) / sum(len(r) for r, _ in pairs)
 
 
 def corpus_files() -> list[str]:
@@ -212,10 +248,18 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         from whisper_max.runtime.engine import Engine
         from whisper_max.runtime.transcribe import transcribe_many
 
-        batch = 1 if engine.endswith("sequential") else 8
         eng = Engine(model)
-        results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam, engine=eng)]
+        if engine.endswith("batched"):  # faster-whisper's batched mode: VAD chunks, 8 at once, temperature fallback as openai-whisper's
+            from whisper_max.runtime.options import TranscribeOptions
+            from whisper_max.runtime.transcribe import transcribe_batched
+
+            options = TranscribeOptions.from_kwargs(language="en", beam_size=beam, without_timestamps=True, verbose=None)
+            results = [transcribe_batched(model, a, batch_size=8, options=options, engine=eng) for a in audios]
+        else:
+            batch = 1 if engine.endswith("sequential") else 8
+            results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam, engine=eng)]
         out["wall_s"] = time.perf_counter() - t
+        out["texts"] = [r["text"] for r in results]
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
         n_tokens = sum(len(s) for s in out["tokens"])
         out["components"] = {
@@ -249,7 +293,7 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         out["wall_s"] = time.perf_counter() - t
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
     elif engine.startswith("faster-whisper"):
-        from faster_whisper import WhisperModel
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
 
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
         location = manifest["source"]["location"].split(" + ")[0]
@@ -260,10 +304,15 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        out["tokens"] = []
+        out["tokens"], out["texts"] = [], []
         for a in audios:
-            segments, _ = model.transcribe(a, beam_size=beam or 1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
-            out["tokens"] += [list(s.tokens) for s in segments]  # the generator decodes as it is consumed
+            if "batched" in engine:  # its defaults: Silero VAD (30 s spans, 160 ms pauses), without timestamps, the first temperature only
+                segments, _ = BatchedInferencePipeline(model).transcribe(a, batch_size=8, beam_size=beam, language="en")
+            else:
+                segments, _ = model.transcribe(a, beam_size=beam or 1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
+            segments = list(segments)  # the generator decodes as it is consumed
+            out["tokens"] += [list(s.tokens) for s in segments]
+            out["texts"].append("".join(s.text for s in segments))
         out["wall_s"] = time.perf_counter() - t
     else:
         raise SystemExit(f"unknown engine {engine}")
@@ -303,15 +352,22 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="also replace the results block in README.md with this run's table")
     ap.add_argument("--corpus", action="store_true", help="the benchmark corpus (scripts/make_corpus.py) and the long-form file, in one process per engine; whisper-max batches them")
     ap.add_argument("--beam-size", type=int, default=None, help="beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) instead of greedy")
+    ap.add_argument("--batched", action="store_true", help="faster-whisper's batched mode (VAD chunks, batch 8, beam 5) against its BatchedInferencePipeline, with WER")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.batched and not args.child:
+        args.beam_size = args.beam_size or 5  # BatchedInferencePipeline's default
+        if args.engines == ",".join(ENGINES):
+            args.engines = ",".join(BATCHED_ENGINES)
     if args.corpus:
         args.audio = ",".join([*corpus_files(), str(DEFAULT_AUDIO)])
         if args.engines == ",".join(ENGINES):
             args.engines = ",".join(["whisper-max", "whisper-max-sequential", *ENGINES[1:]])
-    if args.package_bf16 and "whisper-max-bfloat16" not in args.engines.split(","):
+    ours = "whisper-max-batched" if args.batched else "whisper-max"
+    ours_bf16 = "whisper-max-bfloat16-batched" if args.batched else "whisper-max-bfloat16"
+    if args.package_bf16 and ours_bf16 not in args.engines.split(","):
         names = args.engines.split(",")
-        names.insert(names.index("whisper-max") + 1 if "whisper-max" in names else 0, "whisper-max-bfloat16")
+        names.insert(names.index(ours) + 1 if ours in names else 0, ours_bf16)
         args.engines = ",".join(names)
     if args.child:
         if args.child == "machine":
@@ -325,14 +381,14 @@ def main() -> None:
     startups: list[dict] = []
     env = dict(os.environ, OMP_NUM_THREADS="2")
 
-    def child(name: str) -> dict:
+    def child(name: str, audio: str | None = None) -> dict:
         """One run in a new process; its clock starts just before the spawn."""
         env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
-        package = args.package_bf16 if name == "whisper-max-bfloat16" else args.package
+        package = args.package_bf16 if "bfloat16" in name else args.package
         if package is None:
             raise SystemExit(f"{name}: give its package with --package-bf16")
         beam = [] if args.beam_size is None else ["--beam-size", str(args.beam_size)]
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", args.audio, *beam], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", audio or args.audio, *beam], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -348,6 +404,15 @@ def main() -> None:
         if "whisper-max" in engines and not args.corpus and args.beam_size is None:
             startups.append(child("startup"))
 
+    wer: dict[str, dict[str, float]] = {}
+    if args.batched:
+        timed_refs = references(args.audio.split(","))
+        dev = [str(SHARED / e["file"]) for e in dev_set()]
+        dev_refs = references(dev)
+        for e in engines:
+            wer[e] = {"timed": word_error_rate(timed_refs, runs[e][0]["texts"]), "dev": word_error_rate(dev_refs, child(e, ",".join(dev))["texts"])}
+            print(f"{e}: WER {wer[e]['timed']:.2f} % on the timed audio, {wer[e]['dev']:.2f} % on the dev set", file=sys.stderr, flush=True)
+
     duration = runs[engines[0]][0]["duration_s"]
     summary = {}
     for e, rs in runs.items():
@@ -362,19 +427,26 @@ def main() -> None:
     if startups:
         summary["whisper-run start-up"] = {k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")}
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
-    bf = summary.get("whisper-max-bfloat16")
+    bf = summary.get(ours_bf16)
     files = [Path(p).name for p in args.audio.split(",")]
     what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
+    last_columns = (" WER % (timed audio) | WER % (dev set) |", "---:|---:|") if wer else (" tokens = openai-whisper |", ":-:|")
     lines = [
         f"Machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth {host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",
         "",
         f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
-        "| engine | min s | median s | RTF | load s | peak RSS MB | whisper-max speed-up (median) |" + (" whisper-max-bfloat16 speed-up (median) |" if bf else "") + " tokens = openai-whisper |",
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + ":-:|",
+        f"| engine | min s | median s | RTF | load s | peak RSS MB | {ours} speed-up (median) |" + (f" {ours_bf16} speed-up (median) |" if bf else "") + last_columns[0],
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + last_columns[1],
     ]
-    mx = summary.get("whisper-max")
+    if args.batched:
+        lines[2] = (
+            f"Audio: {what} ({duration:.1f} s); batched mode: Silero VAD with faster-whisper's batched defaults (spans up to 30 s, 160 ms pauses), "
+            f"chunks of up to 30 s, batch 8, beam {args.beam_size}, without timestamps, language en, 2 threads; {args.repeats} interleaved repeats, one process per run. "
+            f"WER: EnglishTextNormalizer, word edits over reference words; dev set: {len(dev)} English clips ({', '.join(Path(d).name for d in dev)})."
+        )
+    mx = summary.get(ours)
 
     def ratio(s: dict, ours: dict | None, own: bool) -> str:
         return f"{s['median_s'] / ours['median_s']:.2f}x" if ours and not own else "—"
@@ -383,9 +455,10 @@ def main() -> None:
         if e not in runs:
             continue
         same = "—" if ref_tokens is None or e == "openai-whisper" else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
-        bf_col = f" {ratio(s, bf, e == 'whisper-max-bfloat16')} |" if bf else ""
-        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == 'whisper-max')} |{bf_col} {same} |")
-    for e in ("whisper-max", "whisper-max-bfloat16"):
+        bf_col = f" {ratio(s, bf, e == ours_bf16)} |" if bf else ""
+        last = f" {wer[e]['timed']:.2f} | {wer[e]['dev']:.2f} |" if wer else f" {same} |"
+        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}")
+    for e in ("whisper-max", "whisper-max-bfloat16", "whisper-max-batched", "whisper-max-bfloat16-batched"):
         if e not in runs:
             continue
         c = runs[e][-1]["components"]
@@ -399,7 +472,7 @@ def main() -> None:
             f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s; "
             f"memory in 2 MiB pages after load {huge} MB (each run).",
         ]
-        package = args.package_bf16 if e == "whisper-max-bfloat16" else args.package
+        package = args.package_bf16 if "bfloat16" in e else args.package
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
         nbytes = step_bytes(manifest)
         floor_ms = nbytes / host["read_gb_s"] / 1e6
@@ -427,10 +500,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        block = "corpus results" if args.corpus else "results" if args.beam_size is None else "beam results"
+        block = ("batched corpus results" if args.corpus else "batched results") if args.batched else "corpus results" if args.corpus else "results" if args.beam_size is None else "beam results"
         _write_readme(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), f"{block}: {host['kind']}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": host, "summary": summary, "runs": {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}}, indent=1))
+        kept = {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}
+        Path(args.out).write_text(json.dumps({"machine": host, "summary": summary, "wer": wer, "runs": kept}, indent=1))
 
 
 if __name__ == "__main__":

@@ -281,6 +281,7 @@ def batch_cmd(
     task: str = typer.Option("transcribe", "--task", help="transcribe, or translate to English"),
     beam_size: str = typer.Option("5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"),
     word_timestamps: bool = typer.Option(False, "--word_timestamps/--no_word_timestamps", help="word-level timestamps"),
+    vad_filter: bool = typer.Option(False, "--vad_filter/--no_vad_filter", help="transcribe only the speech Silero VAD finds (no text invented over silence); not openai-whisper's tokens"),
     seed: int = typer.Option(0, "--seed", help="seed of the sampling at fallback temperatures: a file gives the same text in every run, here or on Ray"),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files decoded together on one engine"),
     model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept"),
@@ -303,6 +304,7 @@ def batch_cmd(
         best_of=5,
         word_timestamps=word_timestamps,
         seed=seed,
+        vad_filter=vad_filter,
     )
     counts = run_batch(model, inputs, out, options, output_format=output_format, batch_size=batch_size, model_dir=model_dir, trust=trust, ray=ray, ray_address=ray_address, workers=workers)
     line = f"whisper-batch: {counts['done']} transcribed, {counts['skipped']} already done, {counts['failed']} failed; see {out / SUMMARY}"

@@ -240,3 +240,25 @@ def test_batched_options_are_checked(model):
         model.transcribe(np.zeros(SR, np.float32), batch_size=4)
     with pytest.raises(TypeError, match="vad_parameters"):
         model.transcribe(np.zeros(SR, np.float32), vad_filter=True, vad_parameters={"pad": 1})
+
+
+def test_whisper_run_and_whisper_batch_vad_filter(tiny_en, tmp_path):
+    """The CLIs' flags: over silence, no text at all with the VAD; speech keeps its text."""
+    import soundfile as sf
+
+    from whisper_max.runtime import batch, cli
+
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(20 * SR, np.float32), SR)
+    speech = shared_audio("jfk.wav")
+    out = tmp_path / "run"
+    assert cli.main([str(tiny_en.path), str(silence), str(speech), "--vad_filter", "True", "-o", str(out), "-f", "txt", "--verbose", "False"]) == 0
+    assert (out / "silence.txt").read_text() == ""
+    assert "ask not what your country can do for you" in (out / "jfk.txt").read_text()
+    out = tmp_path / "batched"
+    assert cli.main([str(tiny_en.path), str(silence), str(speech), "--batched", "True", "-o", str(out), "-f", "json", "--verbose", "False"]) == 0
+    assert json.loads((out / "silence.json").read_text())["segments"] == []
+    assert "ask not what your country can do for you" in json.loads((out / "jfk.json").read_text())["text"]
+    out = tmp_path / "batch"
+    assert batch.main([str(tiny_en.path), str(silence), "--out", str(out), "-f", "txt", "--vad_filter"]) == 0
+    assert (out / "silence.txt").read_text() == ""

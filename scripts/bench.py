@@ -429,7 +429,8 @@ def main() -> None:
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
     bf = summary.get(ours_bf16)
     files = [Path(p).name for p in args.audio.split(",")]
-    what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; whisper-max: in flight together, batch 8)"
+    together = "each batched in turn" if args.batched else "whisper-max: in flight together, batch 8"
+    what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; {together})"
     last_columns = (" WER % (timed audio) | WER % (dev set) |", "---:|---:|") if wer else (" tokens = openai-whisper |", ":-:|")
     lines = [
         f"Machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth {host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",

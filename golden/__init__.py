@@ -2,7 +2,7 @@
 
 `capture` (needs torch and openai-whisper) runs stock openai-whisper and records each module's
 output under its module path; `tolerances` reads the one file that says how close is close
-enough, and why.
+enough, and why; `word_edits` counts the word errors of a transcript against its reference.
 """
 
 from __future__ import annotations
@@ -25,3 +25,14 @@ def tolerance(name: str, dtype: str = "float32") -> tuple[float, str]:
         if fnmatch.fnmatchcase(name, entry["match"]):
             return float(entry["rel"]), entry["reason"]
     raise KeyError(f"{TOLERANCES}: no {dtype} entry matches {name!r}")
+
+
+def word_edits(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance over words (substitutions, deletions, insertions)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]

@@ -148,8 +148,9 @@ def references(paths: list[str]) -> list[str]:
 
 def word_error_rate(refs: list[str], hyps: list[str]) -> float:
     """WER % over all the files: word edits (after EnglishTextNormalizer) over reference words."""
-    from wer import word_edits
     from whisper.normalizers import EnglishTextNormalizer
+
+    from whisper_max.golden import word_edits
 
     norm = EnglishTextNormalizer()
     pairs = [(norm(r).split(), norm(h).split()) for r, h in zip(refs, hyps, strict=True)]

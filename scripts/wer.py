@@ -27,6 +27,7 @@ from pathlib import Path
 from whisper.normalizers import EnglishTextNormalizer
 
 from whisper_max import runtime
+from whisper_max.golden import word_edits
 from whisper_max.runtime.audio import load_audio
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,17 +35,6 @@ from bench import SHARED, _write_readme, dev_set  # noqa: E402 (scripts/ is not 
 
 MODES = {"default": {}, "vad_filter": {"vad_filter": True}, "batched": {"batched": True, "batch_size": 8, "beam_size": 5}}
 MODE_NOTE = "default, openai-whisper's loop; vad_filter, the same on the speech Silero VAD finds; batched, transcribe(batched=True), batch 8, beam 5, no timestamps"
-
-
-def word_edits(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words (substitutions, deletions, insertions)."""
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_AUDIO, shared_audio
 
+from whisper_max.golden import word_edits
 from whisper_max.runtime.audio import SAMPLE_RATE, load_audio
 from whisper_max.runtime.vad import BATCHED, Speech, VadOptions, speech_probabilities, speech_regions
 
@@ -83,14 +84,7 @@ def _words(text: str) -> list[str]:
 
 
 def _wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = _words(reference), _words(hypothesis)
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / len(ref)
+    return word_edits(_words(reference), _words(hypothesis)) / len(_words(reference))
 
 
 # --- the VAD alone ------------------------------------------------------------------------------

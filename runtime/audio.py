@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -143,6 +144,16 @@ def _ffmpeg_blocks(path: Path, sr: int) -> Iterator[np.ndarray]:
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
     """The whole of `path` as mono float32 samples at `sr` (read_audio's blocks, joined)."""
     return np.concatenate(list(read_audio(path, sr)))
+
+
+def is_path(audio) -> bool:
+    """Whether `audio` names a file (str, bytes, os.PathLike) rather than holding samples."""
+    return isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__")
+
+
+def samples(audio) -> np.ndarray:
+    """A file path's whole audio (load_audio), or given 16 kHz mono samples, as float32."""
+    return load_audio(os.fsdecode(audio)) if is_path(audio) else np.asarray(audio, np.float32)
 
 
 def pad_or_trim(array: np.ndarray, length: int, axis: int = -1) -> np.ndarray:

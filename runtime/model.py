@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .audio import N_FRAMES, LogMel, log_mel_spectrogram, read_audio
+from .audio import N_FRAMES, LogMel, is_path, log_mel_spectrogram, read_audio
 from .package import LINEAGE, WINDOW, Package, PackageError
 from .program import AUDIO_FEATURES, CHOICE, LOGITS, MEL, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, TOKENS, Role, StepCache, decoder_call, empty_cache_shape, host, select_call, state_specs
 from .tokenizer import Tokenizer
@@ -59,7 +59,7 @@ class WhisperModel:
     def features(self, audio) -> LogMel:
         """The log-mel of a file path (read a block at a time, never whole) or of 16 kHz mono
         samples, with N_SAMPLES of padding, as openai-whisper's transcribe computes it."""
-        if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__"):
+        if is_path(audio):
             return LogMel(read_audio(os.fsdecode(audio)), self.mel_filters)
         return LogMel([np.asarray(audio, np.float32)], self.mel_filters)
 

@@ -13,13 +13,12 @@ batches equal options); each stream's tokens are the ones it gets alone.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, load_audio, pad_or_trim
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, pad_or_trim, samples
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -140,9 +139,9 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
 
 def _speech(audio, options: TranscribeOptions) -> Speech:
     """The speech in `audio` (a path or samples), as Silero VAD finds it with the options' parameters."""
-    samples = load_audio(os.fsdecode(audio)) if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__") else np.asarray(audio, np.float32)
-    speech = Speech.join(samples, speech_regions(samples, options.vad_parameters or VadOptions()))
-    log.debug("VAD kept %.1f s of %.1f s in %d regions", speech.seconds, len(samples) / SAMPLE_RATE, len(speech.regions))
+    audio = samples(audio)
+    speech = Speech.join(audio, speech_regions(audio, options.vad_parameters or VadOptions()))
+    log.debug("VAD kept %.1f s of %.1f s in %d regions", speech.seconds, len(audio) / SAMPLE_RATE, len(speech.regions))
     return speech
 
 

@@ -6,14 +6,11 @@ verbose, a progress bar when verbose is False) from the streams' events."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
-
-from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, load_audio
+from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, samples
 from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -173,9 +170,9 @@ def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, optio
     options = options or TranscribeOptions()
     if options.clip_timestamps != (0.0,):
         raise ValueError("clip_timestamps: batched mode transcribes the speech the VAD finds; give one or the other")
-    samples = load_audio(os.fsdecode(audio)) if isinstance(audio, (str, bytes)) or hasattr(audio, "__fspath__") else np.asarray(audio, np.float32)
+    audio = samples(audio)
     vad = replace(options.vad_parameters or BATCHED, max_speech_duration_s=CHUNK_LENGTH)
-    chunks = Speech.cut(samples, speech_regions(samples, vad), max_seconds=CHUNK_LENGTH)
+    chunks = Speech.cut(audio, speech_regions(audio, vad), max_seconds=CHUNK_LENGTH)
     language = options.decode.language
     if language is None:
         if not model.is_multilingual:

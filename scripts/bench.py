@@ -450,8 +450,8 @@ def main() -> None:
         )
     mx = summary.get(ours)
 
-    def ratio(s: dict, ours: dict | None, own: bool) -> str:
-        return f"{s['median_s'] / ours['median_s']:.2f}x" if ours and not own else "—"
+    def ratio(s: dict, base: dict | None, own: bool) -> str:
+        return f"{s['median_s'] / base['median_s']:.2f}x" if base and not own else "—"
 
     for e, s in summary.items():
         if e not in runs:

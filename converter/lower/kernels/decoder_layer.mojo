@@ -1,0 +1,348 @@
+# One decoder block for a few rows, one new token each: the step of the decoder, fused.
+import extensibility
+from extensibility import InputTensor, OutputTensor, _MutableInputTensor as MutableInputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.math import sqrt
+from std.runtime import parallelism_level
+
+from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, weight_row
+from .simd import F32, V, softmax
+
+
+def _layer_norm(
+    y: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], w: UnsafePointer[Float32, _],
+    b: UnsafePointer[Float32, _], d: Int, eps: Float32,
+):
+    """y = (x - mean) / sqrt(var + eps) * w + b over d values (biased variance, two passes)."""
+    var d16 = d - d % V
+    var s = SIMD[F32, V](0)
+    for c in range(0, d16, V):
+        s += x.unsafe_load[width=V](c)
+    var total = s.reduce_add()
+    for c in range(d16, d):
+        total += x.unsafe_load(c)
+    var mean = total / Float32(d)
+    var q = SIMD[F32, V](0)
+    for c in range(0, d16, V):
+        var t = x.unsafe_load[width=V](c) - mean
+        q += t * t
+    var sq = q.reduce_add()
+    for c in range(d16, d):
+        var t = x.unsafe_load(c) - mean
+        sq += t * t
+    var rstd = 1.0 / sqrt(sq / Float32(d) + eps)
+    for c in range(0, d16, V):
+        y.unsafe_store(c, (x.unsafe_load[width=V](c) - mean) * rstd * w.unsafe_load[width=V](c) + b.unsafe_load[width=V](c))
+    for c in range(d16, d):
+        y.unsafe_store(c, (x.unsafe_load(c) - mean) * rstd * w.unsafe_load(c) + b.unsafe_load(c))
+
+
+def _qkv[dq: DType, dk: DType, dv: DType](
+    qkv: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _],
+    wq: UnsafePointer[Scalar[dq], _], bq: UnsafePointer[Float32, _], wk: UnsafePointer[Scalar[dk], _],
+    wv: UnsafePointer[Scalar[dv], _], bv: UnsafePointer[Float32, _], scale: Float32, rows: Int, d: Int,
+):
+    """qkv (3, rows, d) = q = (x wq^T + bq) * scale, k = (x wk^T) * scale, v = x wv^T + bv: the
+    three products of the block's input as one pass over the three weights (one dispatch to the
+    workers instead of three)."""
+    var n = 3 * d
+    var tasks = max(1, min(parallelism_level(), n // 64))
+    var chunk = (n + tasks - 1) // tasks
+
+    def work(t: Int) {var qkv, var x, var wq, var bq, var wk, var wv, var bv, var scale, var rows, var d, var n, var chunk}:
+        for jj in range(t * chunk, min(n, (t + 1) * chunk)):
+            var which = jj // d
+            var j = jj % d
+            var dst = qkv + which * rows * d  # q, k or v (rows, d); bq stands in for the unused residual
+            if which == 0:
+                weight_row[dq, SCALED](dst, x, wq + j * d, bq.unsafe_load(j), bq, scale, rows, j, d, d)
+            elif which == 1:
+                weight_row[dk, SCALED](dst, x, wk + j * d, Float32(0), bq, scale, rows, j, d, d)
+            else:
+                weight_row[dv, PLAIN](dst, x, wv + j * d, bv.unsafe_load(j), bq, scale, rows, j, d, d)
+
+    parallelize(work, tasks)
+
+
+def _self_attention(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
+    lineage: UnsafePointer[Int32, _], has_lineage: Bool, pos: UnsafePointer[Int, MutUntrackedOrigin], rows: Int, heads: Int, hd: Int, cap: Int,
+):
+    """Each row r and head attends to the first pos[r] + 1 positions of the caches (slots,
+    heads, cap, hd): position i of row r is in cache slot lineage[r, i] (rows, cap) when
+    `has_lineage`, else in slot r; q (rows, heads * hd) scaled, keys stored scaled; out (rows,
+    heads * hd), the value rows weighted by the softmax, summed in position order."""
+    def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var pos, var heads, var hd, var cap}:
+        var r = t // heads
+        var h = t % heads
+        var qh = q + (r * heads + h) * hd
+        var s = scores + t * cap
+        var o = dst + (r * heads + h) * hd
+        var line = lineage + r * cap
+        var length = pos.unsafe_load(r) + 1
+
+        @always_inline
+        def at(i: Int) {var line, var has_lineage, var r, var heads, var h, var cap, var hd} -> Int:
+            """Offset of position i's key (and value) row in the caches."""
+            var src = Int(line.unsafe_load(i)) if has_lineage else r
+            return ((src * heads + h) * cap + i) * hd
+
+        for i in range(length):
+            s.unsafe_store(i, dot(kc + at(i), qh, hd))
+        softmax(s, length)
+        var hd16 = hd - hd % V
+        for c in range(hd):
+            o.unsafe_store(c, Float32(0))
+        for i in range(length):
+            var w = s.unsafe_load(i)
+            var row = vc + at(i)
+            for c in range(0, hd16, V):
+                o.unsafe_store(c, o.unsafe_load[width=V](c) + w * row.unsafe_load[width=V](c))
+            for c in range(hd16, hd):
+                o.unsafe_store(c, o.unsafe_load(c) + w * row.unsafe_load(c))
+
+    parallelize(work, rows * heads)
+
+
+def _cross_attention(
+    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
+    order: UnsafePointer[Int, MutUntrackedOrigin], starts: UnsafePointer[Int, MutUntrackedOrigin], wins: UnsafePointer[Int, MutUntrackedOrigin],
+    groups: Int, heads: Int, hd: Int, frames: Int,
+):
+    """Each row and head attends to its window's keys kt (windows, heads, hd, frames), stored
+    scaled and transposed, and values v (windows, heads, frames, hd). The rows are in `groups`
+    groups, one per window: group g is window wins[g] and the rows order[starts[g] ..<
+    starts[g + 1]]. The rows of one window are done together, so each row of its keys and of its
+    values is read from memory once for all of them; every row's sums run in the same order as
+    alone."""
+    var tail = frames - frames % V
+
+    def work(t: Int) {var dst, var q, var kt, var v, var scores, var order, var starts, var wins, var heads, var hd, var frames, var tail}:
+        var g = t // heads
+        var h = t % heads
+        var w = wins.unsafe_load(g)
+        var kh = kt + (w * heads + h) * hd * frames
+        var lo = starts.unsafe_load(g)
+        var hi = starts.unsafe_load(g + 1)
+        for j in range(lo, hi):
+            var sr = scores + (order.unsafe_load(j) * heads + h) * frames
+            for l in range(frames):
+                sr.unsafe_store(l, Float32(0))
+        # scores += q[c] * keys[c, :], c ascending: each row of keys is streamed once, in order
+        # (a block of frames across all hd rows at once is hd strided streams, too many for the
+        # prefetchers), and every score sums its hd products in the same order as a dot product
+        for c in range(hd):
+            var krow = kh + c * frames
+            for j in range(lo, hi):
+                var r = order.unsafe_load(j)
+                var qc = (q + (r * heads + h) * hd).unsafe_load(c)
+                var sr = scores + (r * heads + h) * frames
+                for l in range(0, tail, V):
+                    sr.unsafe_store(l, sr.unsafe_load[width=V](l) + qc * krow.unsafe_load[width=V](l))
+                for l in range(tail, frames):
+                    sr.unsafe_store(l, sr.unsafe_load(l) + qc * krow.unsafe_load(l))
+        for j in range(lo, hi):
+            softmax(scores + (order.unsafe_load(j) * heads + h) * frames, frames)
+        var vh = v + (w * heads + h) * frames * hd
+        var hd16 = hd - hd % V
+        for j in range(lo, hi):
+            for c in range(hd):
+                (dst + (order.unsafe_load(j) * heads + h) * hd).unsafe_store(c, Float32(0))
+        for i in range(frames):
+            var row = vh + i * hd
+            for j in range(lo, hi):
+                var r = order.unsafe_load(j)
+                var p = (scores + (r * heads + h) * frames).unsafe_load(i)
+                var o = dst + (r * heads + h) * hd
+                for c in range(0, hd16, V):
+                    o.unsafe_store(c, o.unsafe_load[width=V](c) + p * row.unsafe_load[width=V](c))
+                for c in range(hd16, hd):
+                    o.unsafe_store(c, o.unsafe_load(c) + p * row.unsafe_load(c))
+
+    parallelize(work, groups * heads)
+
+
+@extensibility.register("whisper_max.decoder_layer")
+struct DecoderLayer:
+    """One residual attention block of Whisper's text decoder for `rows` rows, one new token
+    each, row r at cache position position[r] (`position` holds one value for every row, or one
+    per row):
+
+        x1 = x + out(self_attention(ln1(x)))      keys and values of the new token written into
+                                                   the caches (slots, heads, capacity, hd) first
+        x2 = x1 + cross_out(cross_attention(ln2(x1)))   over the row's window's keys and values
+        y  = x2 + fc2(gelu(fc1(ln3(x2))))
+
+    as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
+    products, keys stored scaled; exact GELU; float32 throughout.
+
+    Where rows keep their state: without a lineage, row r is cache slot r (slots == rows). With
+    `lineage` (rows, capacity) int32, position i of row r is in slot lineage[r, i], and the new
+    token is written into slot lineage[r, position[r]]: beam search reorders rows after every
+    step by rewriting this map instead of moving caches, and an engine decoding rows of many
+    streams keeps each row's positions in slots of a pool. No two rows may write the same
+    (slot, position). Which window a row reads: `window` (rows) int32 names its window in the
+    cross keys/values (windows, ...); without it there is one window for all rows or one per row.
+    Weight matrices are float32 or bfloat16 (widened exactly as they are read). One kernel
+    instead of ~40 graph ops: the step is bound by reading weights, and each of those ops paid a
+    launch."""
+
+    @staticmethod
+    def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        kc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        vc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        position: InputTensor[dtype=DType.int64, rank=1, ...],
+        ln1_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln1_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        wq: InputTensor[rank=2, ...],
+        bq: InputTensor[dtype=DType.float32, rank=1, ...],
+        wk: InputTensor[rank=2, ...],
+        wv: InputTensor[rank=2, ...],
+        bv: InputTensor[dtype=DType.float32, rank=1, ...],
+        wo: InputTensor[rank=2, ...],
+        bo: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln2_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln2_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        wcq: InputTensor[rank=2, ...],
+        bcq: InputTensor[dtype=DType.float32, rank=1, ...],
+        wco: InputTensor[rank=2, ...],
+        bco: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln3_w: InputTensor[dtype=DType.float32, rank=1, ...],
+        ln3_b: InputTensor[dtype=DType.float32, rank=1, ...],
+        w1: InputTensor[rank=2, ...],
+        b1: InputTensor[dtype=DType.float32, rank=1, ...],
+        w2: InputTensor[rank=2, ...],
+        b2: InputTensor[dtype=DType.float32, rank=1, ...],
+        ckt: InputTensor[dtype=DType.float32, rank=4, ...],
+        cv: InputTensor[dtype=DType.float32, rank=4, ...],
+        lineage: InputTensor[dtype=DType.int32, rank=2, ...],
+        window: InputTensor[dtype=DType.int32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var d = x.dim_size(1)
+        var hd = d // heads
+        var slots = kc.dim_size(0)
+        var cap = kc.dim_size(2)
+        var f = w1.dim_size(0)
+        var windows = ckt.dim_size(0)
+        var frames = ckt.dim_size(3)
+        var has_lineage = lineage.dim_size(0) != 0
+        var has_window = window.dim_size(0) != 0
+        if hd * heads != d:
+            raise Error("whisper_max.decoder_layer: heads * head width != d")
+        if kc.dim_size(1) != heads or kc.dim_size(3) != hd or vc.dim_size(0) != slots or vc.dim_size(2) != cap:
+            raise Error("whisper_max.decoder_layer: the caches are not (slots, heads, capacity, head width)")
+        if not has_lineage and slots != rows:
+            raise Error("whisper_max.decoder_layer: caches of another number of rows than x, and no lineage to map rows to them")
+        if ckt.dim_size(2) != hd or cv.dim_size(0) != windows or cv.dim_size(2) != frames:
+            raise Error("whisper_max.decoder_layer: cross keys/values are not (windows, heads, hd, frames) / (.., frames, hd)")
+        if not has_window and windows != 1 and windows != rows:
+            raise Error("whisper_max.decoder_layer: cross keys/values for neither one window nor one per row, and no window input")
+        if has_window and window.dim_size(0) != rows:
+            raise Error("whisper_max.decoder_layer: window is not one index per row")
+        if position.dim_size(0) != 1 and position.dim_size(0) != rows:
+            raise Error("whisper_max.decoder_layer: position is neither one value nor one per row")
+        if has_lineage and (lineage.dim_size(0) != rows or lineage.dim_size(1) != cap):
+            raise Error("whisper_max.decoder_layer: lineage is not (rows, capacity)")
+        # per row: position, the slot it writes, its window; the rows grouped by window
+        var ints = alloc[Int](4 * rows + 3 * windows + 1)
+        var pos = ints  # rows
+        var dst_slot = pos + rows  # rows
+        var win = dst_slot + rows  # rows
+        var order = win + rows  # rows
+        var wins = order + rows  # windows: each group's window
+        var count = wins + windows  # windows
+        var starts = count + windows  # groups + 1 <= windows + 1
+        var per_row = position.dim_size(0) == rows
+        var lp = lineage.unsafe_ptr()
+        for r in range(rows):
+            var t = Int(position.unsafe_ptr().unsafe_load(r if per_row else 0))
+            if t < 0 or t >= cap:
+                ints.free()
+                raise Error("whisper_max.decoder_layer: position outside the caches")
+            pos.unsafe_store(r, t)
+            dst_slot.unsafe_store(r, Int(lp.unsafe_load(r * cap + t)) if has_lineage else r)
+            if has_lineage:
+                for i in range(t + 1):
+                    var src = Int(lp.unsafe_load(r * cap + i))
+                    if src < 0 or src >= slots:
+                        ints.free()
+                        raise Error("whisper_max.decoder_layer: lineage names a slot outside the caches")
+            var w = Int(window.unsafe_ptr().unsafe_load(r)) if has_window else (0 if windows == 1 else r)
+            if w < 0 or w >= windows:
+                ints.free()
+                raise Error("whisper_max.decoder_layer: window outside the cross keys/values")
+            win.unsafe_store(r, w)
+        for r in range(rows):
+            for o in range(r):
+                if dst_slot.unsafe_load(o) == dst_slot.unsafe_load(r) and pos.unsafe_load(o) == pos.unsafe_load(r):
+                    ints.free()
+                    raise Error("whisper_max.decoder_layer: two rows write the same cache slot and position")
+        # a counting sort of the rows by window: groups in window order, rows in row order
+        for w in range(windows):
+            count.unsafe_store(w, 0)
+        for r in range(rows):
+            count.unsafe_store(win.unsafe_load(r), count.unsafe_load(win.unsafe_load(r)) + 1)
+        var groups = 0
+        var at = 0
+        for w in range(windows):
+            var c = count.unsafe_load(w)
+            count.unsafe_store(w, at)  # where window w's rows start in `order`
+            if c > 0:
+                wins.unsafe_store(groups, w)
+                starts.unsafe_store(groups, at)
+                groups += 1
+            at += c
+        starts.unsafe_store(groups, rows)
+        for r in range(rows):
+            var w = win.unsafe_load(r)
+            order.unsafe_store(count.unsafe_load(w), r)
+            count.unsafe_store(w, count.unsafe_load(w) + 1)
+
+        var s = Float32(scale)
+        var e = Float32(eps)
+        var rd = rows * d
+        var scratch = alloc[Float32](7 * rd + rows * f + rows * heads * max(cap, frames))
+        var h = scratch
+        var q = h + rd
+        var kn = q + rd
+        var vn = kn + rd
+        var att = vn + rd
+        var x1 = att + rd
+        var x2 = x1 + rd
+        var hid = x2 + rd
+        var sc = hid + rows * f
+        var kp = kc.unsafe_ptr()
+        var vp = vc.unsafe_ptr()
+        var xp = x.unsafe_ptr()
+
+        for r in range(rows):
+            _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
+        _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
+        for r in range(rows):
+            for i in range(heads):
+                var dst = ((dst_slot.unsafe_load(r) * heads + i) * cap + pos.unsafe_load(r)) * hd
+                for c in range(hd):
+                    (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
+                    (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
+        _self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
+        linear[wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
+
+        for r in range(rows):
+            _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
+        linear[wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, order, starts, wins, groups, heads, hd, frames)
+        linear[wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+
+        for r in range(rows):
+            _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
+        linear[w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
+        linear[w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+        scratch.free()
+        ints.free()

@@ -1,0 +1,174 @@
+# Products of a few rows (decoder steps) against a stored weight, bound by reading the weight.
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.math import erf
+from std.runtime import parallelism_level
+
+from .simd import F32, V, wide
+
+
+@extensibility.register("whisper_max.linear_rows")
+struct LinearRows:
+    """y (rows, n) = x (rows, k) @ w (n, k)^T + b (n), for a few rows (decoder steps).
+
+    Matrix-vector work is bound by reading w: each weight row is loaded from memory once and
+    multiplied with every row of x from cache, the n weight rows split across the runtime's
+    workers. w is float32, or bfloat16 widened exactly to float32 as it is read; x, b and the
+    sums are float32."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[rank=2, ...],
+        b: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var n = w.dim_size(0)
+        var k = w.dim_size(1)
+        if x.dim_size(1) != k or b.dim_size(0) != n or y.dim_size(0) != rows or y.dim_size(1) != n:
+            raise Error("whisper_max.linear_rows: operand shapes do not agree")
+        linear[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)
+
+
+def dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> Float32:
+    """sum(a[:k] * x[:k]) with a widened to float32: four vector sums over blocks of 64, then
+    16-wide and single tails."""
+    var k64 = k - k % 64
+    var k16 = k - k % V
+    var a0 = SIMD[F32, V](0)
+    var a1 = SIMD[F32, V](0)
+    var a2 = SIMD[F32, V](0)
+    var a3 = SIMD[F32, V](0)
+    for c in range(0, k64, 64):
+        a0 += wide(a, c) * x.unsafe_load[width=V](c)
+        a1 += wide(a, c + 16) * x.unsafe_load[width=V](c + 16)
+        a2 += wide(a, c + 32) * x.unsafe_load[width=V](c + 32)
+        a3 += wide(a, c + 48) * x.unsafe_load[width=V](c + 48)
+    for c in range(k64, k16, V):
+        a0 += wide(a, c) * x.unsafe_load[width=V](c)
+    var s = ((a0 + a1) + (a2 + a3)).reduce_add()
+    for c in range(k16, k):
+        s += a.unsafe_load(c).cast[F32]() * x.unsafe_load(c)
+    return s
+
+
+def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> SIMD[F32, 4]:
+    """sum(a[:k] * x[i * k : i * k + k]) for four consecutive rows i of x: each 16-wide block of a
+    is loaded and widened once for the four (a beam step's rows share every weight row). Each
+    row is summed exactly as dot sums it (the same blocks, accumulators, order and tail), so a
+    row's result does not depend on the rows it is decoded with: alone, in a group of four, or
+    among the remainder."""
+    var k64 = k - k % 64
+    var k16 = k - k % V
+    var x1 = x + k
+    var x2 = x + 2 * k
+    var x3 = x + 3 * k
+    var p0 = SIMD[F32, V](0)
+    var p1 = SIMD[F32, V](0)
+    var p2 = SIMD[F32, V](0)
+    var p3 = SIMD[F32, V](0)
+    var q0 = SIMD[F32, V](0)
+    var q1 = SIMD[F32, V](0)
+    var q2 = SIMD[F32, V](0)
+    var q3 = SIMD[F32, V](0)
+    var r0 = SIMD[F32, V](0)
+    var r1 = SIMD[F32, V](0)
+    var r2 = SIMD[F32, V](0)
+    var r3 = SIMD[F32, V](0)
+    var t0 = SIMD[F32, V](0)
+    var t1 = SIMD[F32, V](0)
+    var t2 = SIMD[F32, V](0)
+    var t3 = SIMD[F32, V](0)
+    for c in range(0, k64, 64):
+        var w0 = wide(a, c)
+        var w1 = wide(a, c + 16)
+        var w2 = wide(a, c + 32)
+        var w3 = wide(a, c + 48)
+        p0 += w0 * x.unsafe_load[width=V](c)
+        p1 += w1 * x.unsafe_load[width=V](c + 16)
+        p2 += w2 * x.unsafe_load[width=V](c + 32)
+        p3 += w3 * x.unsafe_load[width=V](c + 48)
+        q0 += w0 * x1.unsafe_load[width=V](c)
+        q1 += w1 * x1.unsafe_load[width=V](c + 16)
+        q2 += w2 * x1.unsafe_load[width=V](c + 32)
+        q3 += w3 * x1.unsafe_load[width=V](c + 48)
+        r0 += w0 * x2.unsafe_load[width=V](c)
+        r1 += w1 * x2.unsafe_load[width=V](c + 16)
+        r2 += w2 * x2.unsafe_load[width=V](c + 32)
+        r3 += w3 * x2.unsafe_load[width=V](c + 48)
+        t0 += w0 * x3.unsafe_load[width=V](c)
+        t1 += w1 * x3.unsafe_load[width=V](c + 16)
+        t2 += w2 * x3.unsafe_load[width=V](c + 32)
+        t3 += w3 * x3.unsafe_load[width=V](c + 48)
+    for c in range(k64, k16, V):
+        var w = wide(a, c)
+        p0 += w * x.unsafe_load[width=V](c)
+        q0 += w * x1.unsafe_load[width=V](c)
+        r0 += w * x2.unsafe_load[width=V](c)
+        t0 += w * x3.unsafe_load[width=V](c)
+    var s0 = ((p0 + p1) + (p2 + p3)).reduce_add()
+    var s1 = ((q0 + q1) + (q2 + q3)).reduce_add()
+    var s2 = ((r0 + r1) + (r2 + r3)).reduce_add()
+    var s3 = ((t0 + t1) + (t2 + t3)).reduce_add()
+    for c in range(k16, k):
+        var wc = a.unsafe_load(c).cast[F32]()
+        s0 += wc * x.unsafe_load(c)
+        s1 += wc * x1.unsafe_load(c)
+        s2 += wc * x2.unsafe_load(c)
+        s3 += wc * x3.unsafe_load(c)
+    return SIMD[F32, 4](s0, s1, s2, s3)
+
+
+comptime PLAIN = 0  # y = x @ w^T + b
+comptime SCALED = 1  # y = (x @ w^T + b) * scale
+comptime GELU = 2  # y = gelu(x @ w^T + b), exact (erf)
+comptime RESIDUAL = 3  # y = res + (x @ w^T + b)
+
+
+@always_inline
+def store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], r: Int, j: Int, n: Int, sum: Float32, scale: Float32):
+    """y[r, j] = the epilogue `mode` of sum (x @ w^T + b at row r, column j)."""
+    var s = sum
+    comptime if mode == SCALED:
+        s = s * scale
+    elif mode == GELU:
+        s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
+    elif mode == RESIDUAL:
+        s = res.unsafe_load(r * n + j) + s
+    y.unsafe_store(r * n + j, s)
+
+
+def weight_row[dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], row: UnsafePointer[Scalar[dt], _], bias: Float32,
+    res: UnsafePointer[Float32, _], scale: Float32, rows: Int, j: Int, n: Int, k: Int,
+):
+    """Column j of y (rows, n): weight row `row` (k) times every row of x (rows, k), plus bias,
+    through the epilogue `mode`; four rows per pass over the weight row, then one at a time."""
+    var r4 = rows - rows % 4
+    for r0 in range(0, r4, 4):
+        var s4 = _dot4(row, x + r0 * k, k)
+        for i in range(4):
+            store[mode](y, res, r0 + i, j, n, s4[i] + bias, scale)
+    for r in range(r4, rows):
+        store[mode](y, res, r, j, n, dot(row, x + r * k, k) + bias, scale)
+
+
+def linear[dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+):
+    """rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`; the weight rows
+    are split across the workers and each is read once for all rows."""
+    var tasks = max(1, min(parallelism_level(), n // 64))
+    var chunk = (n + tasks - 1) // tasks
+
+    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var chunk}:
+        for j in range(t * chunk, min(n, (t + 1) * chunk)):
+            weight_row[dt, mode](y, x, w + j * k, b.unsafe_load(j) if has_bias else Float32(0), res, scale, rows, j, n, k)
+
+    parallelize(work, tasks)

@@ -20,6 +20,7 @@ from whisper_max.runtime.program import Role
 
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
+from .lower.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,11 @@ class ConvertResult:
 
 def require_cpu_features(program: ir.Program) -> None:
     """Raise unless this CPU has the instructions the program's kernels are compiled to: the
-    bfloat16 products and attention of a bfloat16 package use AVX512_BF16."""
-    if ir.uses_bfloat16_arithmetic(program) and "avx512_bf16" not in package.cpu_target()["features"]:
+    bfloat16 products and attention of a bfloat16 package use AMX-BF16 or AVX512_BF16."""
+    if ir.uses_bfloat16_arithmetic(program) and not Target.host().bfloat16:
         raise ConvertError(
-            "this program computes products in bfloat16 (whisper_max.linear_bf16, attention_bf16), which need "
-            f"AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here"
+            "this program computes products in bfloat16 (our AMX or AVX512_BF16 kernels), which need "
+            f"AMX-BF16 or AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here"
         )
 
 

@@ -22,6 +22,15 @@ SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 # AVX512_BF16; elsewhere whisper-convert refuses it (test_convert_bfloat16 checks the refusal)
 HAS_BF16 = "avx512_bf16" in cpu_target()["features"]
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason=f"this CPU has no AVX512_BF16 (features: {cpu_target()['features']}); bfloat16 kernels cannot compile here")
+# the kinds of our bfloat16 kernels this CPU runs (converter/lower/target.py): "amx" where it has
+# AMX-BF16 (what conversions here use), "bf16" (VDPBF16PS, what Zen 4/5 use) where it has
+# AVX512_BF16; on an AMX CPU both are tested, the second by lowering for the CPU without AMX
+_HOST = frozenset(cpu_target()["features"])
+BF16_TARGETS: dict[str, frozenset[str]] = {}
+if {"amx_tile", "amx_bf16"} <= _HOST:
+    BF16_TARGETS["amx"] = _HOST
+if HAS_BF16:
+    BF16_TARGETS["bf16"] = _HOST - {"amx_tile", "amx_bf16"}
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_BF16, needs_bf16
+from conftest import BF16_TARGETS, HAS_BF16, needs_bf16
 from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
 from torch import nn
 from torch.export import Dim, export
@@ -18,6 +18,7 @@ from whisper.model import Conv1d, LayerNorm, Linear
 from whisper_max.converter import ir
 from whisper_max.converter.ir import graph_signature
 from whisper_max.converter.lower import LoweringError, compile_with_kernels, lower_graph, register
+from whisper_max.converter.lower.target import Target
 from whisper_max.converter.parity import empty_cache
 from whisper_max.converter.passes import optimise, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
@@ -64,8 +65,11 @@ def compiled():
     micro_ir = to_ir(ep, "micro", ["x"], [{0: "batch"}], ["y"], {"batch": (1, None)})
     products, product_weights = _bf16_products() if HAS_BF16 else (ir.Program((), {}), {})
     mod = Module()
-    for g in program.graphs + (micro_ir,) + products.graphs:
+    for g in program.graphs + (micro_ir,):
         lower_graph(g, mod)
+    for kind, features in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
+        for g in products.graphs:
+            lower_graph(g, mod, name=f"{g.name}_{kind}", target=Target("x86_64", features))
     weights = state_dict_np(model) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()} | product_weights
     session = InferenceSession()
     models = session.init_all(compile_with_kernels(session, mod), weights_registry=weights)
@@ -96,7 +100,16 @@ def _bf16_products():
         ),
         (("y", "fits"), ("y2", "widened"), ("att", "attention")),
     )
-    program = store_weights(ir.Program((g,), {}))
+    rows = ir.Graph(
+        "rows",
+        (ir.Value("x", f32("m", 96)),),
+        (ir.Value("w", f32(128, 96)), ir.Value("b", f32(128))),
+        (),
+        (ir.Node("fits", "aten.linear.default", ("x", "w", "b"), (), f32("m", 128), "fits"),),
+        (("y", "fits"),),
+        (ir.SymDim("m", 1, None),),
+    )
+    program = store_weights(ir.Program((g, rows), {}))
     rng = np.random.default_rng(7)
     w, b, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96)))
     stored = {"w": to_bfloat16(w), "b": b, "w2": to_bfloat16(w2)}
@@ -109,17 +122,19 @@ def _round_bf16(a):
 
 
 @needs_bf16
-def test_bfloat16_product_of_many_rows(compiled):
-    """A linear layer of many rows with a bfloat16 weight runs as whisper_max.linear_bf16: x
-    rounded to bfloat16 (ties to even), exact pair products, float32 sums, bias added; a weight
-    whose shape the kernel cannot take is read widened, in float32."""
+@pytest.mark.parametrize("kind", list(BF16_TARGETS))
+def test_bfloat16_product_of_many_rows(compiled, kind):
+    """A linear layer of many rows with a bfloat16 weight runs as our bfloat16 kernel of the
+    target's kind (whisper_max.linear_amx on AMX tiles, linear_bf16 on VDPBF16PS): x rounded to
+    bfloat16 (ties to even), exact pair products, float32 sums, bias added; a weight whose shape
+    the kernel cannot take is read widened, in float32."""
     *_, models, weights = compiled
-    (g,) = _bf16_products()[0].graphs
+    g = _bf16_products()[0].graphs[0]
     assert next(n for n in g.nodes if n.name == "fits").inputs[1] == "w/float32"  # read as stored
     assert "w2/widened" in next(n for n in g.nodes if n.name == "widened").inputs
     x = np.random.default_rng(8).standard_normal((2, 7, 96)).astype(np.float32)
     qkv = np.random.default_rng(9).standard_normal((3, *_ATTENTION_SHAPE)).astype(np.float32)
-    y, y2, _ = (t.to_numpy() for t in models["products"].execute(x, *qkv))
+    y, y2, _ = (t.to_numpy() for t in models[f"products_{kind}"].execute(x, *qkv))
     w = from_bfloat16(weights["w"]).astype(np.float64)
     ref = _round_bf16(x).astype(np.float64) @ w.T + weights["b"]
     close(y, ref)
@@ -129,14 +144,16 @@ def test_bfloat16_product_of_many_rows(compiled):
 
 
 @needs_bf16
-def test_bfloat16_attention(compiled):
-    """whisper_max.attention_bf16 is softmax((q s)(k s)^T) v per head of 64 with q s, k s, v and
-    the softmax's numerators rounded to bfloat16 and float32 sums: equal to that computed in
-    float64 (to bfloat16 rounding flips of a numerator), and near the float32 attention."""
+@pytest.mark.parametrize("kind", list(BF16_TARGETS))
+def test_bfloat16_attention(compiled, kind):
+    """Our bfloat16 attention (whisper_max.attention_amx on AMX tiles, attention_bf16 on
+    VDPBF16PS) is softmax((q s)(k s)^T) v per head of 64 with q s, k s, v and the softmax's
+    numerators rounded to bfloat16 and float32 sums: equal to that computed in float64 (to
+    bfloat16 rounding flips of a numerator), and near the float32 attention."""
     *_, models, _ = compiled
     q, k, v = np.random.default_rng(9).standard_normal((3, *_ATTENTION_SHAPE)).astype(np.float32) * np.float32(3)
     x = np.zeros((2, 7, 96), np.float32)
-    att = models["products"].execute(x, q, k, v)[2].to_numpy()
+    att = models[f"products_{kind}"].execute(x, q, k, v)[2].to_numpy()
 
     def heads(a):
         return a.reshape(a.shape[0], a.shape[1], 2, 64).transpose(0, 2, 1, 3).astype(np.float64)
@@ -153,6 +170,23 @@ def test_bfloat16_attention(compiled):
     exact = attend(q, k, v, False)
     err = np.abs(att - exact).max() / np.abs(exact).max()
     assert 10 * TOL < err < 3e-2, err  # rounded, and only by bfloat16's 8 bits
+
+
+@needs_bf16
+@pytest.mark.parametrize("kind", list(BF16_TARGETS))
+def test_bfloat16_rows_are_the_same_in_any_batch(compiled, kind):
+    """A row's bfloat16 product is bit-identical whatever the number of rows it is computed
+    with (M = 1..64) and its place among them (a permutation): one instruction path and one k
+    order for every M, the last partial block of rows included."""
+    *_, models, _ = compiled
+    model = models[f"rows_{kind}"]
+    x = np.random.default_rng(10).standard_normal((64, 96)).astype(np.float32)
+    full = model.execute(x)[0].to_numpy()
+    for m in range(1, 65):
+        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
+    perm = np.random.default_rng(11).permutation(64)
+    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    close(full, _round_bf16(x).astype(np.float64) @ from_bfloat16(compiled[4]["w"]).astype(np.float64).T + compiled[4]["b"])
 
 
 def test_micro_ops(compiled):

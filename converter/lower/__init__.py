@@ -20,6 +20,7 @@ from max.dtype import DType
 from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
 
 from .. import ir
+from .target import Target
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ def parse_dim(expr: ir.Dim) -> int | Dim:
 
 
 class LoweringContext:
-    def __init__(self, graph: ir.Graph, device: DeviceRef):
+    def __init__(self, graph: ir.Graph, device: DeviceRef, target: Target):
         self.graph = graph
         self.device = device
+        self.target = target  # the CPU compiled for: which of our kernel kinds to use
         # values also held in channels-last form (conv stem), so a later permute back is free
         self.nwc: dict[str, TensorValue] = {}
         self.env: dict[str, TensorValue] = {}  # IR value name -> MAX value, filled while lowering
@@ -134,12 +136,13 @@ def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorVal
     return ops.rebind(out, want, message=f"{node.name}: shape differs from the traced {node.type}")
 
 
-def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None) -> Graph:
-    """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own."""
+def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None, target: Target | None = None) -> Graph:
+    """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own.
+    `target` (default: this host) picks among our kernel kinds (lower/target.py)."""
     from . import activation, cache, cast, conv, custom, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
 
     device = device or DeviceRef.CPU()
-    ctx = LoweringContext(g, device)
+    ctx = LoweringContext(g, device, target or Target.host())
     state = g.state_inputs()  # written in place: buffers, not values
     in_types = [(BufferType if v.name in state else TensorType)(max_dtype(v.type.dtype), ctx.shape(v.type), device) for v in g.inputs]
     stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")

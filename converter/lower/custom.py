@@ -24,6 +24,8 @@ from . import LoweringError, register
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
 LINEAR_ROWS = "whisper_max.linear_rows"
 LINEAR_BF16 = "whisper_max.linear_bf16"
+LINEAR_AMX = "whisper_max.linear_amx"
+ATTENTION_AMX = "whisper_max.attention_amx"
 
 
 @cache
@@ -73,9 +75,10 @@ def linear_rows(ctx, x, weight, bias=None):
 
 
 def linear_bf16(ctx, x, weight, bias=None):
-    """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32, by
-    whisper_max.linear_bf16: x rounded to bfloat16, pair products summed in float32."""
-    return _product(ctx, LINEAR_BF16, x, weight, bias)
+    """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32: x
+    rounded to bfloat16, pair products summed in float32; on AMX tiles (whisper_max.linear_amx)
+    where the target has them, else by AVX512_BF16 (whisper_max.linear_bf16)."""
+    return _product(ctx, LINEAR_AMX if ctx.target.bfloat16_kernels() == "amx" else LINEAR_BF16, x, weight, bias)
 
 
 @register(ir.DECODER_LAYER)
@@ -102,9 +105,11 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
 
 @register(ir.ATTENTION_BF16)
 def attention_bf16(ctx, node, q, k, v, heads, scale):
-    """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_bf16."""
+    """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_amx where the
+    target has AMX, else whisper_max.attention_bf16 (the same arithmetic on AVX512_BF16)."""
+    op = ATTENTION_AMX if ctx.target.bfloat16_kernels() == "amx" else ir.ATTENTION_BF16
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
-    return ops.custom(ir.ATTENTION_BF16, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
+    return ops.custom(op, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
 
 
 @register(ir.SELECT_TOKENS)

@@ -1,0 +1,51 @@
+"""The CPU a program is compiled for, and which of our kernels each kind of CPU runs.
+
+MAX compiles a graph for the host CPU, and so do our kernels: the package records the host's
+features (runtime.package.cpu_target) and runs only where they are all present. Mojo cannot
+always tell which instructions the host has (under KVM a Sapphire Rapids reports a Rocket Lake
+model number and Mojo enables neither AVX512_BF16 nor AMX), so the choice between kernel kinds
+is made here, from /proc/cpuinfo's flags, and the lowering names the kernel it wants:
+
+| kind of CPU | products of many rows with a bfloat16 weight, bfloat16 attention |
+|---|---|
+| AMX-BF16 (Intel Xeon Sapphire Rapids and later) | whisper_max.linear_amx, attention_amx (tiles) |
+| AVX512_BF16 without AMX (AMD Zen 4, Zen 5) | whisper_max.linear_bf16, attention_bf16 (VDPBF16PS) |
+| neither (AMD Zen 3, older Intel) | refused: convert with --dtype float32 there |
+
+float32 programs run the same kernels everywhere (MAX's, and ours for the decoder steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from whisper_max.runtime.package import cpu_target
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: str
+    features: frozenset[str]
+
+    @classmethod
+    def host(cls) -> Target:
+        t = cpu_target()
+        return cls(t["arch"], frozenset(t["features"]))
+
+    @property
+    def amx(self) -> bool:
+        """Whether bfloat16 products run on AMX tiles."""
+        return {"amx_tile", "amx_bf16"} <= self.features
+
+    @property
+    def bfloat16(self) -> bool:
+        """Whether this CPU has any kernel for bfloat16 arithmetic (AMX or AVX512_BF16)."""
+        return self.amx or "avx512_bf16" in self.features
+
+    def bfloat16_kernels(self) -> str:
+        """The kind of our bfloat16 kernels for this CPU: "amx" or "bf16"."""
+        if self.amx:
+            return "amx"
+        if "avx512_bf16" in self.features:
+            return "bf16"
+        raise ValueError(f"this CPU ({self.arch}, {sorted(self.features)}) has neither AMX-BF16 nor AVX512_BF16 for bfloat16 arithmetic")

@@ -1,0 +1,166 @@
+"""Our products against the peak this CPU measures, on a Whisper encoder's shapes.
+
+    python scripts/kernel_bench.py [--package tiny.en.maxpkg] [--windows 1] [--repeats 20] [--out bench.json]
+
+First the peaks, measured here by tight loops with no memory traffic (scripts/peak): float32 FMA
+(24 chains of V lanes) and, on CPUs with AMX, TDPBF16PS (4 tiles of sums). Then each product of
+an encoder layer (x (windows * n_audio_ctx, k) @ w (n, k)^T + b, and the attention of all heads)
+through every kernel this CPU can run: MAX's float32 matmul, our bfloat16 kernels (AVX512_BF16's
+VDPBF16PS, AMX tiles). Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share
+of the peak of its own instruction kind on all workers. The CPU is printed first; this machine
+is shared, so a run is only compared with the peaks of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT.parent))  # the repository's folders as whisper_max, uninstalled too
+TINY_EN = {"n_audio_state": 384, "n_audio_head": 6, "n_audio_ctx": 1500}  # when no --package
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def timed(model, inputs, repeats: int) -> float:
+    model.execute(*inputs)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.execute(*inputs)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", help="read the encoder's dims from this package (default: tiny.en's)")
+    ap.add_argument("--windows", type=int, default=1, help="30 s windows in one call (rows = windows * n_audio_ctx)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    from max.driver import Buffer
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, Module, TensorType, Weight, ops
+
+    from whisper_max.converter.lower.custom import kernel_library
+    from whisper_max.converter.lower.target import Target
+    from whisper_max.runtime.package import Package, to_bfloat16
+
+    dims = Package.open(args.package).manifest["model"]["dims"] if args.package else TINY_EN
+    d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
+    m = args.windows * ctx
+    target = Target.host()
+    kinds = ["fp32"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
+    workers = os.cpu_count()
+    dev = DeviceRef.CPU()
+    peak_lib = ROOT / "scripts" / "peak"
+    shapes = {"qkv": (d, 3 * d), "out": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
+
+    mod = Module()
+    iters = {"fma": 2_000_000, "amx": 200_000}
+    for name, it in iters.items():
+        if name == "amx" and not target.amx:
+            continue
+        for w in (1, workers):
+            with Graph(f"peak_{name}_{w}", input_types=[TensorType(DType.float32, [1], dev)], custom_extensions=[peak_lib], module=mod) as g:
+                out = ops.custom(f"peak.{name}", device=dev, values=[g.inputs[0].tensor], out_types=[TensorType(DType.float32, [w], dev)], parameters={"iters": it})
+                g.output(out[0].tensor)
+    for label, (k, n) in shapes.items():
+        for kind in kinds:
+            wdt = DType.float32 if kind == "fp32" else DType.bfloat16
+            with Graph(f"{label}_{kind}", input_types=[TensorType(DType.float32, ["m", k], dev)], custom_extensions=[kernel_library()], module=mod) as g:
+                x = g.inputs[0].tensor
+                w = g.add_weight(Weight(f"{label}.{kind}.weight", wdt, [n, k], dev))
+                b = g.add_weight(Weight(f"{label}.{kind}.bias", DType.float32, [n], dev))
+                if kind == "fp32":
+                    y = x @ ops.transpose(w, 0, 1) + b
+                else:
+                    op = "whisper_max.linear_amx" if kind == "amx" else "whisper_max.linear_bf16"
+                    y = ops.custom(op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
+                g.output(y)
+    qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
+    for kind in kinds:
+        with Graph(f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod) as g:
+            q, k_, v = (i.tensor for i in g.inputs)
+            scale = float((d // heads) ** -0.25)
+            if kind == "fp32":
+
+                def split(t):
+                    return ops.permute(ops.reshape(t, [args.windows, ctx, heads, d // heads]), [0, 2, 1, 3])
+
+                s = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
+                y = ops.reshape(ops.permute(ops.softmax(s) @ split(v), [0, 2, 1, 3]), [args.windows, ctx, d])
+            else:
+                op = "whisper_max.attention_amx" if kind == "amx" else "whisper_max.attention_bf16"
+                y = ops.custom(op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale})[0].tensor
+            g.output(y)
+
+    rng = np.random.default_rng(0)
+    registry = {}
+    for label, (k, n) in shapes.items():
+        w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
+        for kind in kinds:
+            registry[f"{label}.{kind}.weight"] = w if kind == "fp32" else to_bfloat16(w)
+            registry[f"{label}.{kind}.bias"] = rng.standard_normal(n, dtype=np.float32)
+    session = InferenceSession()
+    print(f"CPU: {cpu_name()}, {workers} workers; kernels: {', '.join(kinds)}; compiling ...", flush=True)
+    t = time.perf_counter()
+    compiled = session.compile(mod, custom_extensions=[kernel_library(), peak_lib])
+    print(f"compiled in {time.perf_counter() - t:.0f} s", flush=True)
+    results: dict = {"cpu": cpu_name(), "features": sorted(target.features), "workers": workers, "rows": m, "peaks": {}, "products": []}
+    models = session.init_all(compiled, weights_registry=registry)
+    seed = Buffer.from_numpy(np.ones(1, np.float32))
+    peaks = {}
+    for name, it in iters.items():
+        if name == "amx" and not target.amx:
+            continue
+        lanes = 16 if "avx512f" in target.features else 8  # scripts/peak's V: simd_width_of[float32]
+        per_call = 2 * 24 * lanes * it if name == "fma" else 4 * 16 * 16 * 32 * 2 * it  # flops per worker
+        for w in (1, workers):
+            sec = timed(models[f"peak_{name}_{w}"], [seed], 3)
+            rate = per_call * w / sec / 1e9
+            peaks[(name, w)] = rate
+            results["peaks"][f"{name}_{w}"] = rate
+            print(f"peak {name:4s} {w} worker{'s' if w > 1 else ' '}: {rate:8.0f} GFLOP/s")
+    x = {k: Buffer.from_numpy(rng.standard_normal((m, k), dtype=np.float32)) for k in {k for k, _ in shapes.values()}}
+    print(f"\nproducts of {m} rows ({args.windows} window{'s' if args.windows > 1 else ''}), min of {args.repeats}:")
+    for label, (k, n) in shapes.items():
+        for kind in kinds:
+            sec = timed(models[f"{label}_{kind}"], [x[k]], args.repeats)
+            rate = 2 * m * k * n / sec / 1e9
+            peak = peaks[("amx" if kind == "amx" else "fma", workers)]
+            # VDPBF16PS: the share of the FMA peak it could reach at its own rate is not measured
+            # here; its row is read against the FMA peak
+            print(f"  {label:4s} {m}x{k} @ {k}x{n} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  {100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak")
+            results["products"].append({"name": label, "m": m, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
+    q = [Buffer.from_numpy(rng.standard_normal((args.windows, ctx, d), dtype=np.float32)) for _ in range(3)]
+    flops = 4 * args.windows * heads * ctx * ctx * (d // heads)
+    for kind in kinds:
+        sec = timed(models[f"attention_{kind}"], q, args.repeats)
+        rate = flops / sec / 1e9
+        peak = peaks[("amx" if kind == "amx" else "fma", workers)]
+        print(f"  attention {heads} heads x {ctx} x {ctx} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  {100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak")
+        results["products"].append({"name": "attention", "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from whisper_max.converter.parity import empty_cache
 from whisper_max.converter.passes import optimise, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
 from whisper_max.runtime.model import WhisperModel
-from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_widened
+from whisper_max.runtime.package import cpu_target, from_bfloat16, to_bfloat16, with_widened
 from whisper_max.runtime.program import StepCache, decoder_call, state_specs
 
 TOL = 1e-5
@@ -109,10 +109,19 @@ def _bf16_products():
         (("y", "fits"),),
         (ir.SymDim("m", 1, None),),
     )
-    program = store_weights(ir.Program((g, rows), {}))
+    steps = ir.Graph(  # one position per row (decoder steps): 80 weight rows, a half block at the end
+        "steps",
+        (ir.Value("x", f32("m", 1, 96)),),
+        (ir.Value("w3", f32(80, 96)), ir.Value("b3", f32(80))),
+        (),
+        (ir.Node("step", "aten.linear.default", ("x", "w3", "b3"), (), f32("m", 1, 80), "step"),),
+        (("y", "step"),),
+        (ir.SymDim("m", 1, None),),
+    )
+    program = store_weights(ir.Program((g, rows, steps), {}))
     rng = np.random.default_rng(7)
-    w, b, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96)))
-    stored = {"w": to_bfloat16(w), "b": b, "w2": to_bfloat16(w2)}
+    w, b, w2, w3, b3 = (rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96), (80, 96), (80,)))
+    stored = {"w": to_bfloat16(w), "b": b, "w2": to_bfloat16(w2), "w3": to_bfloat16(w3), "b3": b3}
     return program, with_widened(stored, program.weight_names())
 
 
@@ -187,6 +196,31 @@ def test_bfloat16_rows_are_the_same_in_any_batch(compiled, kind):
     perm = np.random.default_rng(11).permutation(64)
     assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
     close(full, _round_bf16(x).astype(np.float64) @ from_bfloat16(compiled[4]["w"]).astype(np.float64).T + compiled[4]["b"])
+
+
+@needs_bf16
+@pytest.mark.parametrize("kind", list(BF16_TARGETS))
+def test_bfloat16_decoder_step_rows(compiled, kind):
+    """Products of one position per row (decoder steps, beams, the engine's rows) with a bfloat16
+    weight: on AMX tiles (whisper_max.linear_rows_amx) x is rounded to bfloat16 and the weight
+    read as stored; on VDPBF16PS CPUs (whisper_max.linear_rows) the weight is widened exactly
+    and x kept in float32. Either way a row's result is bit-identical for M = 1..64 and in any
+    place among the rows, a last partial block of weight rows included."""
+    *_, models, weights = compiled
+    model = models[f"steps_{kind}"]
+    x = np.random.default_rng(12).standard_normal((64, 1, 96)).astype(np.float32)
+    full = model.execute(x)[0].to_numpy()
+    for m in range(1, 65):
+        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
+    perm = np.random.default_rng(13).permutation(64)
+    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    w = from_bfloat16(weights["w3"]).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T + weights["b3"]
+    if kind == "amx":
+        close(full, _round_bf16(x).astype(np.float64) @ w.T + weights["b3"])
+        assert np.abs(full - exact).max() / np.abs(exact).max() > 10 * TOL  # x was rounded
+    else:
+        close(full, exact)
 
 
 def test_micro_ops(compiled):
@@ -375,9 +409,12 @@ def test_rows_of_many_windows_in_one_call(compiled):
             close(together[r], ref[0, -1])
 
 
-@pytest.fixture(scope="session")
-def compiled_bf16():
-    """The tiny program with bfloat16-stored weights, and openai-whisper on the same rounded weights."""
+@pytest.fixture(scope="session", params=list(BF16_TARGETS) or ["none"])
+def compiled_bf16(request):
+    """The tiny program with bfloat16-stored weights lowered for one kind of our bfloat16 kernels
+    (conftest.BF16_TARGETS), and openai-whisper on the same rounded weights."""
+    if request.param not in BF16_TARGETS:
+        pytest.skip(f"this CPU has no AVX512_BF16 (features: {sorted(_HOST_FEATURES)}); bfloat16 kernels cannot compile here")
     from max.engine import InferenceSession
     from max.graph import Module
 
@@ -391,22 +428,26 @@ def compiled_bf16():
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in widened.items()})
     mod = Module()
     for g in program.graphs:
-        lower_graph(g, mod)
+        lower_graph(g, mod, target=Target("x86_64", BF16_TARGETS[request.param]))
     session = InferenceSession()
-    return model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
+    return request.param, model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
+
+
+_HOST_FEATURES = cpu_target()["features"]
 
 
 @needs_bf16
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
     """Against openai-whisper on the rounded weights: the single-token step graphs read the
     stored bfloat16 weights exactly and sum in float32, so they are held to the float32
-    tolerance; the encoder and the general decoder, whose linear layers of many rows run in
-    bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the bfloat16
-    package tolerances of golden/tolerances.json. Neither is the float32 model: the rounding
-    shows."""
+    tolerance (the tiny model's width, 16, is not a multiple of 32, so even the AMX kind reads
+    them widened: test_bfloat16_rows_on_amx checks the tile path); the encoder and the general decoder, whose linear layers of many
+    rows run in bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the
+    bfloat16 package tolerances of golden/tolerances.json. Neither is the float32 model: the
+    rounding shows."""
     from whisper_max import golden
 
-    model, program, models = compiled_bf16
+    _, model, program, models = compiled_bf16
     rng = np.random.default_rng(4)
     mel = rng.standard_normal((1, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"])).astype(np.float32)
     with torch.no_grad():

@@ -25,6 +25,7 @@ KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo reg
 LINEAR_ROWS = "whisper_max.linear_rows"
 LINEAR_BF16 = "whisper_max.linear_bf16"
 LINEAR_AMX = "whisper_max.linear_amx"
+LINEAR_ROWS_AMX = "whisper_max.linear_rows_amx"
 ATTENTION_AMX = "whisper_max.attention_amx"
 
 
@@ -70,8 +71,15 @@ def _product(ctx, op: str, x, weight, bias):
 def linear_rows(ctx, x, weight, bias=None):
     """x (..., k) float32, one position per row, times weight (n, k) (float32 or bfloat16),
     plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
-    reads each weight row once for all rows."""
-    return _product(ctx, LINEAR_ROWS, x, weight, bias)
+    reads each weight row once for all rows; a bfloat16 weight on AMX tiles where the target
+    has them (whisper_max.linear_rows_amx: x rounded to bfloat16, the weight read as stored)."""
+    return _product(ctx, LINEAR_ROWS_AMX if _rows_on_amx(ctx, weight) else LINEAR_ROWS, x, weight, bias)
+
+
+def _rows_on_amx(ctx, *weights) -> bool:
+    """Whether products of a few rows with these stored weights run on AMX: the target has it
+    and every weight is bfloat16 with rows and columns in whole 32s (the kernels' blocks)."""
+    return ctx.target.amx and all(w.dtype == DType.bfloat16 and int(w.shape[1]) % 32 == 0 for w in weights)
 
 
 def linear_bf16(ctx, x, weight, bias=None):
@@ -87,7 +95,8 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     -> (rows, 1, d); writes the new key and value into the caches (slots, heads, capacity, hd).
     After the block's 23 operands may come the rows' lineage (passes.row_lineage) and then
     their windows (passes.engine_rows); the kernel takes both, empty when absent. `position` is
-    a scalar (every row's) or one per row."""
+    a scalar (every row's) or one per row. With bfloat16 weight matrices on a target with AMX the
+    block's products run on tiles (amx=True: x rounded to bfloat16 before each product)."""
     if axis != 2:
         raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
     if not 23 <= len(operands) <= 25:
@@ -99,7 +108,10 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     position = ops.reshape(position, [1]) if position.rank == 0 else position
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
-    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale), "eps": float(eps)})[0].tensor
+    matrices = [operands[i] for i in (2, 4, 5, 7, 11, 13, 17, 19)]  # wq wk wv wo wcq wco w1 w2
+    amx = _rows_on_amx(ctx, *matrices) and all(int(w.shape[0]) % 32 == 0 for w in matrices)
+    parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": amx}
+    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters)[0].tensor
     return ops.reshape(y, x.shape)
 
 

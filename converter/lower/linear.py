@@ -11,7 +11,8 @@ passes.fuse_decoder_layers.)
 
 A weight stored in bfloat16 (passes.store_weights reads it through a cast in such products) is
 read as stored by the same kernel, which widens each element exactly as it loads it: half the
-bytes, float32 arithmetic. A linear layer of many rows with a stored weight (the encoder, cross
+bytes, float32 arithmetic; where the target has AMX, by whisper_max.linear_rows_amx instead (the
+rows rounded to bfloat16, the weight the tiles' A operand as stored). A linear layer of many rows with a stored weight (the encoder, cross
 K/V, a prompt) runs as our kernel whisper_max.linear_bf16 (custom.linear_bf16): rows rounded to
 bfloat16, AVX512_BF16 pair products summed in float32, ~2.5x MAX's float32 matmul on an AMD EPYC
 (Zen 4); MAX's own bfloat16 matmul was no faster than its float32 one there. Every other product

@@ -6,6 +6,7 @@ from max.algorithm import parallelize
 from std.math import sqrt
 from std.runtime import parallelism_level
 
+from .amx import BLOCK, linear_rows_amx, pack_rows, request_amx, rows_blocks, rows_check, tile_config, tile_release, TILE
 from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, weight_row
 from .simd import F32, V, softmax
 
@@ -63,6 +64,58 @@ def _qkv[dq: DType, dk: DType, dv: DType](
                 weight_row[dv, PLAIN](dst, x, wv + j * d, bv.unsafe_load(j), bq, scale, rows, j, d, d)
 
     parallelize(work, tasks)
+
+
+def _qkv_amx(
+    qkv: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _],
+    wq: UnsafePointer[BFloat16, _], bq: UnsafePointer[Float32, _], wk: UnsafePointer[BFloat16, _],
+    wv: UnsafePointer[BFloat16, _], bv: UnsafePointer[Float32, _], scale: Float32, rows: Int, d: Int,
+) raises:
+    """_qkv on AMX (amx.rows_blocks) for bfloat16 weights: x rounded to bfloat16 and packed
+    once, the 32-row blocks of the three weights split across the workers in one dispatch."""
+    request_amx()
+    var xb = alloc[UInt32]((rows + TILE - 1) // TILE * (d // 2) * TILE)
+    pack_rows(xb, x, rows, d)
+    var per = d // BLOCK
+    var blocks = 3 * per
+    var tasks = max(1, min(parallelism_level(), blocks))
+
+    def work(t: Int) {var qkv, var x, var xb, var wq, var bq, var wk, var wv, var bv, var scale, var rows, var d, var per, var blocks, var tasks}:
+        var pad = alloc[BFloat16](BLOCK * d)
+        var tmp = alloc[Float32](4 * TILE * TILE)
+        var lo = t * blocks // tasks
+        var hi = (t + 1) * blocks // tasks
+        tile_config()
+        for which in range(3):
+            var a = max(lo, which * per) - which * per
+            var z = min(hi, (which + 1) * per) - which * per
+            if a >= z:
+                continue
+            var dst = qkv + which * rows * d  # x stands in for the unused residual
+            if which == 0:
+                rows_blocks[SCALED](dst, xb, wq, bq, x, True, scale, rows, d, d, a, z, pad, tmp)
+            elif which == 1:
+                rows_blocks[SCALED](dst, xb, wk, bq, x, False, scale, rows, d, d, a, z, pad, tmp)
+            else:
+                rows_blocks[PLAIN](dst, xb, wv, bv, x, True, scale, rows, d, d, a, z, pad, tmp)
+        tile_release()
+        tmp.free()
+        pad.free()
+
+    parallelize(work, tasks)
+    xb.free()
+
+
+def _linear[amx: Bool, dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+) raises:
+    """rows.linear, or on AMX (amx.linear_rows_amx, x rounded to bfloat16) when `amx`."""
+    comptime if amx:
+        linear_rows_amx[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
+    else:
+        linear[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
 
 
 def _self_attention(
@@ -191,7 +244,7 @@ struct DecoderLayer:
     launch."""
 
     @staticmethod
-    def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64](
+    def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64, amx: Bool](
         y: OutputTensor[dtype=DType.float32, rank=2, ...],
         kc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
         vc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
@@ -246,6 +299,12 @@ struct DecoderLayer:
             raise Error("whisper_max.decoder_layer: cross keys/values for neither one window nor one per row, and no window input")
         if has_window and window.dim_size(0) != rows:
             raise Error("whisper_max.decoder_layer: window is not one index per row")
+        comptime if amx:
+            comptime bf = DType.bfloat16
+            if wq.dtype != bf or wk.dtype != bf or wv.dtype != bf or wo.dtype != bf or wcq.dtype != bf or wco.dtype != bf or w1.dtype != bf or w2.dtype != bf:
+                raise Error("whisper_max.decoder_layer: amx=True takes bfloat16 weight matrices only")
+            if d % BLOCK != 0 or f % BLOCK != 0:
+                raise Error("whisper_max.decoder_layer: amx=True takes a width and hidden width that are multiples of 32")
         if position.dim_size(0) != 1 and position.dim_size(0) != rows:
             raise Error("whisper_max.decoder_layer: position is neither one value nor one per row")
         if has_lineage and (lineage.dim_size(0) != rows or lineage.dim_size(1) != cap):
@@ -324,7 +383,10 @@ struct DecoderLayer:
 
         for r in range(rows):
             _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
-        _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
+        comptime if amx:
+            _qkv_amx(q, h, wq.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), wk.unsafe_ptr().bitcast[BFloat16](), wv.unsafe_ptr().bitcast[BFloat16](), bv.unsafe_ptr(), s, rows, d)
+        else:
+            _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
         for r in range(rows):
             for i in range(heads):
                 var dst = ((dst_slot.unsafe_load(r) * heads + i) * cap + pos.unsafe_load(r)) * hd
@@ -332,17 +394,17 @@ struct DecoderLayer:
                     (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
                     (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
         _self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
-        linear[wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
-        linear[wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
         _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, order, starts, wins, groups, heads, hd, frames)
-        linear[wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+        _linear[amx, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
-        linear[w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
-        linear[w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+        _linear[amx, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
+        _linear[amx, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
         scratch.free()
         ints.free()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from whisper_max.converter.lower.target import Target
 from whisper_max.runtime.package import cpu_target
 
 # the trust list (runtime.trust) of this test session: packages converted here are recorded in
@@ -25,12 +26,12 @@ needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason=f"this CPU has no AVX512_BF
 # the kinds of our bfloat16 kernels this CPU runs (converter/lower/target.py): "amx" where it has
 # AMX-BF16 (what conversions here use), "bf16" (VDPBF16PS, what Zen 4/5 use) where it has
 # AVX512_BF16; on an AMX CPU both are tested, the second by lowering for the CPU without AMX
-_HOST = frozenset(cpu_target()["features"])
+_HOST = Target.host()
 BF16_TARGETS: dict[str, frozenset[str]] = {}
-if {"amx_tile", "amx_bf16"} <= _HOST:
-    BF16_TARGETS["amx"] = _HOST
+if _HOST.amx:
+    BF16_TARGETS["amx"] = _HOST.features
 if HAS_BF16:
-    BF16_TARGETS["bf16"] = _HOST - {"amx_tile", "amx_bf16"}
+    BF16_TARGETS["bf16"] = _HOST.features - {"amx_tile", "amx_bf16"}
 
 
 @pytest.fixture(scope="session")

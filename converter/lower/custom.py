@@ -78,7 +78,7 @@ def linear_rows(ctx, x, weight, bias=None):
 
 def _rows_on_amx(ctx, *weights) -> bool:
     """Whether products of a few rows with these stored weights run on AMX: the target has it
-    and every weight is bfloat16 with rows and columns in whole 32s (the kernels' blocks)."""
+    and every weight is bfloat16 with columns in whole 32s (the kernels' steps of k)."""
     return ctx.target.amx and all(w.dtype == DType.bfloat16 and int(w.shape[1]) % 32 == 0 for w in weights)
 
 

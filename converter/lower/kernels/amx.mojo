@@ -478,11 +478,6 @@ def rows_blocks[mode: Int, o: MutOrigin](
             _block_rows[mode](y, xb, pad, b, res, has_bias, scale, rows, n, k, j0, tmp)
 
 
-def rows_check(n: Int, k: Int) raises:
-    if k % STEP != 0:
-        raise Error("whisper_max AMX row products: the weight's columns must be a multiple of 32")
-
-
 def linear_rows_amx[mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[BFloat16, _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
@@ -490,7 +485,8 @@ def linear_rows_amx[mode: Int, o: MutOrigin](
 ) raises:
     """rows.linear on AMX for a bfloat16 w (n, k), k a multiple of 32: x rounded to bfloat16, the
     weight's 32-row blocks split across the workers."""
-    rows_check(n, k)
+    if k % STEP != 0:
+        raise Error("whisper_max AMX row products: the weight's columns must be a multiple of 32")
     if rows == 0:
         return
     request_amx()
@@ -501,7 +497,7 @@ def linear_rows_amx[mode: Int, o: MutOrigin](
     var tasks = max(1, min(parallelism_level(), blocks))
 
     def work(t: Int) {var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var blocks, var tasks}:
-        var pad = alloc[BFloat16](BLOCK * k)
+        var pad = alloc[BFloat16](BLOCK * k if n % BLOCK != 0 else 0)  # for a partial last block only
         var tmp = alloc[Float32](4 * TILE * TILE)
         tile_config()
         rows_blocks[mode](y, xb, w, b, res, has_bias, scale, rows, n, k, t * blocks // tasks, (t + 1) * blocks // tasks, pad, tmp)

@@ -6,7 +6,7 @@ from max.algorithm import parallelize
 from std.math import sqrt
 from std.runtime import parallelism_level
 
-from .amx import BLOCK, linear_rows_amx, pack_rows, request_amx, rows_blocks, rows_check, tile_config, tile_release, TILE
+from .amx import BLOCK, linear_rows_amx, pack_rows, request_amx, rows_blocks, tile_config, tile_release, TILE
 from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, weight_row
 from .simd import F32, V, softmax
 
@@ -81,7 +81,7 @@ def _qkv_amx(
     var tasks = max(1, min(parallelism_level(), blocks))
 
     def work(t: Int) {var qkv, var x, var xb, var wq, var bq, var wk, var wv, var bv, var scale, var rows, var d, var per, var blocks, var tasks}:
-        var pad = alloc[BFloat16](BLOCK * d)
+        var pad = alloc[BFloat16](0)  # d is whole blocks (the caller checks): nothing to pad
         var tmp = alloc[Float32](4 * TILE * TILE)
         var lo = t * blocks // tasks
         var hi = (t + 1) * blocks // tasks

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from max.engine import InferenceSession
     from max.graph import DeviceRef, Graph, Module, TensorType, Weight, ops
 
-    from whisper_max.converter.lower.custom import kernel_library
+    from whisper_max.converter import ir
+    from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
     from whisper_max.converter.lower.target import Target
     from whisper_max.runtime.package import Package, to_bfloat16
 
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
                 if kind == "fp32":
                     y = x @ ops.transpose(w, 0, 1) + b
                 else:
-                    op = "whisper_max.linear_amx" if kind == "amx" else "whisper_max.linear_bf16"
+                    op = LINEAR_AMX if kind == "amx" else LINEAR_BF16
                     y = ops.custom(op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
                 g.output(y)
     qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                 s = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
                 y = ops.reshape(ops.permute(ops.softmax(s) @ split(v), [0, 2, 1, 3]), [args.windows, ctx, d])
             else:
-                op = "whisper_max.attention_amx" if kind == "amx" else "whisper_max.attention_bf16"
+                op = ATTENTION_AMX if kind == "amx" else ir.ATTENTION_BF16
                 y = ops.custom(op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale})[0].tensor
             g.output(y)
 

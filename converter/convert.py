@@ -103,6 +103,32 @@ def mel_assets(n_mels: int) -> dict[str, bytes]:
 DTYPES = ("float32", "bfloat16")
 
 
+def float16_exact(state_dict: dict) -> frozenset[str]:
+    """The float32 tensors of `state_dict` whose every value a float16 holds exactly (finite, in
+    range, no bits below float16's precision): all of a checkpoint published in float16, as
+    openai-whisper's and CTranslate2's are; none of one trained or saved in float32."""
+    out = set()
+    for name, w in state_dict.items():
+        a = np.asarray(w)
+        if a.dtype == np.float32 and np.isfinite(a).all():
+            with np.errstate(over="ignore"):
+                if np.array_equal(a.astype(np.float16).astype(np.float32), a):
+                    out.add(name)
+    return frozenset(out)
+
+
+def stored_as(w: np.ndarray, dtype: str):
+    """A float32 checkpoint tensor as the package stores it (passes.store_weights chose dtype)."""
+    if dtype == "bfloat16":
+        return package.to_bfloat16(w)
+    if dtype == "float16":
+        out = np.asarray(w).astype(np.float16)
+        if not np.array_equal(out.astype(np.float32), w):
+            raise ConvertError("a weight chosen for float16 storage is not exactly a float16; no package written")
+        return out
+    return w
+
+
 def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md", dtype: str = "float32", stage=None) -> ConvertResult:
     """Convert a model into a package at `out`. `dtype` bfloat16 stores the weight matrices in
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances.
@@ -132,13 +158,15 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     if dtype != "float32":
         program = passes.fuse_encoder_attention(passes.store_weights(program, dtype))
         require_cpu_features(program)
+    else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
+        program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
     if unused:
         raise ConvertError(f"traced program does not use checkpoint tensors {unused[:5]}: the trace is incomplete")
     # what weights.bin holds; the graphs also bind the widened weights made from it at load
-    weights = {name: package.to_bfloat16(src.state_dict[name]) if dt == "bfloat16" else src.state_dict[name] for name, dt in stored.items()}
+    weights = {name: stored_as(src.state_dict[name], dt) for name, dt in stored.items()}
     bound = package.with_widened(weights, program.weight_names())
     if dtype != "float32":
         # the oracle for parity is openai-whisper (fp32) on the weights the package holds: the

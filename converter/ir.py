@@ -68,7 +68,7 @@ class TraceError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorType:
-    dtype: str  # numpy dtype name ("float32", "int64"), or "bfloat16" (a stored weight)
+    dtype: str  # numpy dtype name ("float32", "int64", "float16"), or "bfloat16" (a stored weight)
     shape: tuple[Dim, ...]
 
     def __str__(self) -> str:
@@ -279,14 +279,17 @@ class Program:
 
     def stored_weights(self) -> dict[str, str]:
         """The weights a package stores, each with its stored dtype: every graph weight, except
-        that a widened one (`X/widened`, runtime.package.WIDENED) stands for its bfloat16 source X."""
+        that a widened one (`X/widened`, runtime.package.WIDENED) stands for its source X, stored
+        as a graph that reads X binds it, or as bfloat16 where only widened copies are read."""
         out: dict[str, str] = {}
-        for g in self.graphs:
-            for w in g.weights:
-                src = widened_source(w.name)
-                name, dtype = (w.name, w.type.dtype) if src is None else (src, "bfloat16")
-                if out.setdefault(name, dtype) != dtype:
-                    raise ValueError(f"weight {name!r} is stored as {out[name]} and as {dtype}")
+        weights = [w for g in self.graphs for w in g.weights]
+        for w in sorted(weights, key=lambda w: widened_source(w.name) is not None):  # direct reads first
+            src = widened_source(w.name)
+            name, dtype = (w.name, w.type.dtype) if src is None else (src, out.get(src, "bfloat16"))
+            if dtype not in ("bfloat16", "float16") and src is not None:
+                raise ValueError(f"weight {w.name!r} widens {src!r}, which is stored as {dtype}")
+            if out.setdefault(name, dtype) != dtype:
+                raise ValueError(f"weight {name!r} is stored as {out[name]} and as {dtype}")
         return dict(sorted(out.items()))
 
 

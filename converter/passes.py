@@ -655,7 +655,10 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
     return _replace_graph(p, out)
 
 
-def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> ir.Program:
+STORED_DTYPES = ("bfloat16", "float16")
+
+
+def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exact: frozenset[str] | None = None) -> ir.Program:
     """Store the float32 weight matrices (rank >= `min_rank`: linear and conv weights, the
     embedding tables) as `dtype`, and keep computing in float32.
 
@@ -671,26 +674,46 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
     (runtime.package.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
     to every graph that names it: one float32 copy in all, where a cast would have MAX make one
     per graph at initialisation. LayerNorm parameters and biases stay float32 (0.2% of the bytes).
+
+    float16 is the lossless form of a float32 package: `exact` names the weights whose values a
+    float16 holds exactly (a checkpoint published in float16, as openai-whisper's and
+    CTranslate2's are), and only those of them that a decoder step reads as stored are stored:
+    the kernels widen each element exactly as they load it, so every sum is the float32 one, bit
+    for bit, from half the bytes. Their other uses (the many rows of a prompt) read the widened
+    copy; no product runs in float16 arithmetic. The encoder's weights stay float32.
     """
-    if dtype != "bfloat16":
-        raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as bfloat16 only")
+    if dtype not in STORED_DTYPES:
+        raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as {' or '.join(STORED_DTYPES)}")
+    if (dtype == "float16") != (exact is not None):
+        raise ValueError("store_weights: float16 storage takes `exact`, the weights a float16 holds exactly; bfloat16 takes none")
+    step_only = dtype == "float16"  # only step reads read the stored weight; the rest are widened
+
+    def reads_stored(g: ir.Graph, users: dict, shapes: dict, n: ir.Node, w: str) -> bool:
+        if n.op == "aten.linear.default":
+            return n.inputs[1] == w and (ir.one_position_per_row(g, n.inputs[0]) or (not step_only and ir.bfloat16_product_fits(shapes[w])))
+        if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
+            after = users.get(n.name, [])
+            return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0]) for m in after)
+        return False
+
+    def matrices(g: ir.Graph) -> set[str]:
+        return {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None}
+
+    chosen = None  # every matrix for bfloat16; for float16 the exact ones some step reads stored
+    if step_only:
+        chosen = set()
+        for g in p.graphs:
+            shapes, users, candidates = {w.name: w.type.shape for w in g.weights}, _consumers(g), matrices(g) & exact
+            for n in g.nodes:
+                chosen.update(i for i in n.inputs if i in candidates and (n.op == ir.DECODER_LAYER or reads_stored(g, users, shapes, n, i)))
     graphs = []
     for g in p.graphs:
-        stored = {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None}
+        stored = matrices(g) if chosen is None else matrices(g) & chosen
         if not stored:
             graphs.append(g)
             continue
         shapes = {w.name: w.type.shape for w in g.weights}
         users = _consumers(g)
-
-        def reads_stored(n: ir.Node, w: str) -> bool:
-            if n.op == "aten.linear.default":
-                return n.inputs[1] == w and (ir.one_position_per_row(g, n.inputs[0]) or ir.bfloat16_product_fits(shapes[w]))
-            if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
-                after = users.get(n.name, [])
-                return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0]) for m in after)
-            return False
-
         casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
         read: dict[str, str] = {}  # weight -> the dtype a graph weight of that name is bound as
         nodes: list[ir.Node] = []
@@ -708,7 +731,7 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2) -> 
             for i in n.inputs:
                 if i not in stored:
                     inputs.append(i)
-                elif reads_stored(n, i):
+                elif reads_stored(g, users, shapes, n, i):
                     if i not in casts:
                         casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
                         nodes.append(casts[i])

@@ -30,13 +30,16 @@ from .files import atomic_open
 from .trust import is_trusted, record
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 6  # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened weights; 5: the select graph; 6: decoder_rows for rows of many windows
+# 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened
+# weights; 5: the select graph; 6: decoder_rows for rows of many windows; 7: float16 weights
+# (exact ones) in float32 packages
+FORMAT_VERSION = 7
 # a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights;
 # before 5 there is no select graph, before 6 decoder_rows takes the rows of one window: those
 # open, the runtime refuses them with the hint, and `whisper-convert --rebuild` makes them anew
-READS = (2, 3, 4, 5, 6)
-# A graph weight named `X/widened` (float32) is the stored bfloat16 weight X widened, made once
-# when the package is loaded and bound to every graph that names it (not stored in weights.bin).
+READS = (2, 3, 4, 5, 6, 7)
+# A graph weight named `X/widened` (float32) is the stored bfloat16 or float16 weight X widened,
+# made once when the package is loaded and bound to every graph that names it (not stored in weights.bin).
 WIDENED = "/widened"
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
@@ -129,17 +132,21 @@ def widened_source(name: str) -> str | None:
 
 def with_widened(weights: dict, names) -> dict:
     """`weights` plus, for each widened weight among `names`, its source's values as float32
-    (exact: a bfloat16 is a float32's top 16 bits). One array per weight, however many graphs
-    bind it."""
+    (exact: a bfloat16 is a float32's top 16 bits, a float16 widens exactly too). One array per
+    weight, however many graphs bind it."""
     out = dict(weights)
     for name in names:
         src = widened_source(name)
         if src is None or name in out:
             continue
         w = weights.get(src)
-        if getattr(getattr(w, "dtype", None), "name", None) != "bfloat16":
-            raise PackageError(f"widened weight {name!r}: its source {src!r} is {'missing' if w is None else w.dtype}, not a stored bfloat16 weight")
-        out[name] = from_bfloat16(w)
+        kind = getattr(getattr(w, "dtype", None), "name", None)
+        if kind == "bfloat16":
+            out[name] = from_bfloat16(w)
+        elif kind == "float16":
+            out[name] = np.asarray(w, np.float32)
+        else:
+            raise PackageError(f"widened weight {name!r}: its source {src!r} is {'missing' if w is None else w.dtype}, not a stored bfloat16 or float16 weight")
     return out
 
 

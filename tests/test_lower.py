@@ -51,13 +51,23 @@ class Micro(nn.Module):
         return F.softmax(y - 2.0, dim=-1) / 3.0
 
 
+def _float16_exact_tiny_whisper():
+    """The tiny model (seed 0) with every weight rounded to float16 and held in float32, as
+    openai-whisper holds the checkpoints it publishes in float16."""
+    torch.manual_seed(0)
+    model = tiny_whisper()
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(t.half().float())
+    return model
+
+
 @pytest.fixture(scope="session")
 def compiled():
     from max.engine import InferenceSession
     from max.graph import Module
 
-    torch.manual_seed(0)
-    model = tiny_whisper()
+    model = _float16_exact_tiny_whisper()
     program = optimise(trace_program(model))  # the form packages ship
     micro = Micro().eval()
     with torch.no_grad():
@@ -430,6 +440,46 @@ def compiled_bf16(request):
         lower_graph(g, mod, target=Target("x86_64", BF16_TARGETS[request.param]))
     session = InferenceSession()
     return request.param, model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
+
+
+@pytest.fixture(scope="session")
+def compiled_float16():
+    """The decoder graphs of the tiny program (float16-exact weights) with the step's matrices
+    stored in float16, as a float32 package stores them (passes.store_weights)."""
+    from max.engine import InferenceSession
+    from max.graph import Module
+
+    from whisper_max.converter.convert import float16_exact, stored_as
+
+    model = _float16_exact_tiny_whisper()
+    sd = state_dict_np(model)
+    program = store_weights(optimise(trace_program(model)), "float16", exact=float16_exact(sd))
+    stored = program.stored_weights()
+    weights = with_widened({k: stored_as(v, stored[k]) for k, v in sd.items()}, program.weight_names())
+    mod = Module()
+    for name in ("cross_kv", "decoder", "decoder_step"):
+        lower_graph(program.graph(name), mod)
+    session = InferenceSession()
+    return program, session.init_all(compile_with_kernels(session, mod), weights_registry=weights)
+
+
+def test_float16_stored_weights_give_the_float32_bits(compiled, compiled_float16):
+    """A float32 package keeps the decoder step's matrices in float16 where float16 holds them
+    exactly (half the bytes the step reads): the kernels widen each element exactly as they
+    load it, so prompts and steps give the logits of the float32 program bit for bit."""
+    program, models = compiled_float16
+    stored = {k for k, dt in program.stored_weights().items() if dt == "float16"}
+    assert "decoder.token_embedding.weight" in stored and "decoder.blocks.0.attn.query.weight" in stored
+    assert not any(k.startswith("encoder.") for k in stored)
+    _, _, program32, models32, _ = compiled
+    rng = np.random.default_rng(14)
+    tokens = rng.integers(0, TINY_DIMS["n_vocab"], (2, 6)).astype(np.int64)
+    xa = rng.standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    for step_graph in (False, True):
+        got = _decode_in_chunks(program, models, tokens, xa, [3, 1, 1, 1], step_graph=step_graph)
+        ref = _decode_in_chunks(program32, models32, tokens, xa, [3, 1, 1, 1], step_graph=step_graph)
+        for (pos, a), (_, b) in zip(got, ref):
+            assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)), f"position {pos}, step graph {step_graph}"
 
 
 @needs_bf16

@@ -223,6 +223,38 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
         store_weights(before, "int8")
 
 
+def test_store_weights_float16_keeps_the_step_matrices_that_float16_holds():
+    """float16 storage of a float32 package: of the matrices a float16 holds exactly, those a
+    decoder step reads as stored (the blocks' matrices, the vocabulary product) are stored; the
+    encoder's stay float32, a prompt's products of many rows read the widened copy, and a matrix
+    not named exact stays float32 everywhere."""
+    before = optimise(trace_program(tiny_whisper()))
+    matrices = {w.name for g in before.graphs for w in g.weights if len(w.type.shape) >= 2}
+    inexact = "decoder.blocks.0.mlp.0.weight"
+    assert inexact in matrices
+    after = store_weights(before, "float16", exact=frozenset(matrices - {inexact}))
+    stored = {n for n, dt in after.stored_weights().items() if dt == "float16"}
+    assert stored and not any(n.startswith("encoder.") for n in stored) and inexact not in stored
+    assert "decoder.token_embedding.weight" in stored and "decoder.positional_embedding" not in stored
+    step = after.graph("decoder_rows")
+    layers = [n for n in step.nodes if n.op == ir.DECODER_LAYER]
+    types = {w.name: w.type.dtype for w in step.weights}
+    assert layers and {i for n in layers for i in n.inputs if types.get(i) == "float16"} == {i for n in layers for i in n.inputs if i in stored}
+    assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
+    prompt = after.graph("decoder")
+    ptypes = {w.name: w.type.dtype for w in prompt.weights}
+    linears = [n for n in prompt.nodes if n.op == "aten.linear.default"]
+    for n in linears:  # many rows: the widened copy; one position per row: the stored weight through a cast
+        src = n.inputs[1].removesuffix("/widened").removesuffix("/float32")
+        if src in stored:
+            assert n.inputs[1] == src + ("/float32" if ir.one_position_per_row(prompt, n.inputs[0]) else "/widened"), n.name
+    assert any(n.inputs[1].endswith("/widened") for n in linears)
+    assert ptypes.get(inexact) == "float32" and all(widened_source(w) in stored for w in ptypes if widened_source(w))
+    assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
+    with pytest.raises(ValueError, match="exact"):
+        store_weights(before, "float16")
+
+
 def test_fuse_encoder_attention_replaces_each_blocks_chain():
     """Each encoder block's qkv_attention (view, permute, scale, matmul, softmax, matmul, permute,
     flatten) becomes one attention_bf16 node on the three linear outputs, nothing else changes;

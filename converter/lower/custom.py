@@ -69,7 +69,7 @@ def _product(ctx, op: str, x, weight, bias):
 
 
 def linear_rows(ctx, x, weight, bias=None):
-    """x (..., k) float32, one position per row, times weight (n, k) (float32 or bfloat16),
+    """x (..., k) float32, one position per row, times weight (n, k) (float32, float16 or bfloat16),
     plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
     reads each weight row once for all rows; a bfloat16 weight on AMX tiles where the target
     has them (whisper_max.linear_rows_amx: x rounded to bfloat16, the weight read as stored)."""

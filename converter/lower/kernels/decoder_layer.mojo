@@ -239,7 +239,7 @@ struct DecoderLayer:
     streams keeps each row's positions in slots of a pool. No two rows may write the same
     (slot, position). Which window a row reads: `window` (rows) int32 names its window in the
     cross keys/values (windows, ...); without it there is one window for all rows or one per row.
-    Weight matrices are float32 or bfloat16 (widened exactly as they are read). One kernel
+    Weight matrices are float32, float16 or bfloat16 (widened exactly as they are read). One kernel
     instead of ~40 graph ops: the step is bound by reading weights, and each of those ops paid a
     launch."""
 

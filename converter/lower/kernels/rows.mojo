@@ -15,7 +15,7 @@ struct LinearRows:
 
     Matrix-vector work is bound by reading w: each weight row is loaded from memory once and
     multiplied with every row of x from cache, the n weight rows split across the runtime's
-    workers. w is float32, or bfloat16 widened exactly to float32 as it is read; x, b and the
+    workers. w is float32, or float16 or bfloat16 widened exactly to float32 as it is read; x, b and the
     sums are float32."""
 
     @staticmethod

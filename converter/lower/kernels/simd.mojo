@@ -63,9 +63,9 @@ def softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
 
 @always_inline
 def wide[dt: DType](a: UnsafePointer[Scalar[dt], _], c: Int) -> SIMD[F32, V]:
-    """a[c : c + 16] as float32: float32 as it is; bfloat16 widened exactly, its 16 bits made the
-    upper half of a float32's (what a conversion does, without LLVM's bfloat16 vector lowering,
-    which cannot split some widths)."""
+    """a[c : c + V] as float32: float32 as it is; float16 converted (exact; VCVTPH2PS); bfloat16
+    widened exactly, its 16 bits made the upper half of a float32's (what a conversion does,
+    without LLVM's bfloat16 vector lowering, which cannot split some widths)."""
     comptime if dt == DType.bfloat16:
         var bits = a.bitcast[UInt16]().unsafe_load[width=V](c).cast[DType.uint32]() << 16
         return bitcast[F32, V](bits)

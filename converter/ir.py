@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from whisper_max.runtime.package import widened_source
+from whisper_max.runtime.package import panels_source, widened_source
 
 Dim = int | str
 
@@ -53,6 +53,11 @@ SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
 # sums (the kernel whisper_max.attention_bf16); passes.fuse_encoder_attention makes it in the
 # encoder of a bfloat16 package.
 ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
+# `linear_panels(x, w, bias)`: x (..., k) @ W^T + bias -> (..., n), n = len(bias), for x of one
+# position per row (decoder steps), with W (n, k) given as `W/panels` (runtime.package.to_panels:
+# (ceil(n / 64), k, 64), float32 or float16): passes.panel_products makes it; the kernel
+# whisper_max.linear_panels sums each output in the same order whatever the number of rows.
+LINEAR_PANELS = f"{OWN_DOMAIN}.linear_panels"
 # op -> (the operands it writes in place, the operand holding the position it writes at)
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 
@@ -279,15 +284,25 @@ class Program:
 
     def stored_weights(self) -> dict[str, str]:
         """The weights a package stores, each with its stored dtype: every graph weight, except
-        that a widened one (`X/widened`, runtime.package.WIDENED) stands for its source X, stored
-        as a graph that reads X binds it, or as bfloat16 where only widened copies are read."""
+        that a derived one stands for its source X: `X/panels` (runtime.package.PANELS) for X
+        stored in its own dtype, `X/widened` (runtime.package.WIDENED) for X stored as a graph
+        that reads X binds it (or panels it), or as bfloat16 where only widened copies are read."""
         out: dict[str, str] = {}
         weights = [w for g in self.graphs for w in g.weights]
-        for w in sorted(weights, key=lambda w: widened_source(w.name) is not None):  # direct reads first
-            src = widened_source(w.name)
-            name, dtype = (w.name, w.type.dtype) if src is None else (src, out.get(src, "bfloat16"))
-            if dtype not in ("bfloat16", "float16") and src is not None:
-                raise ValueError(f"weight {w.name!r} widens {src!r}, which is stored as {dtype}")
+
+        def order(w: Value) -> int:  # direct reads first, then panels, then widened copies
+            return 2 if widened_source(w.name) is not None else 1 if panels_source(w.name) is not None else 0
+
+        for w in sorted(weights, key=order):
+            widened, panels = widened_source(w.name), panels_source(w.name)
+            if panels is not None:
+                name, dtype = panels, w.type.dtype
+            elif widened is not None:
+                name, dtype = widened, out.get(widened, "bfloat16")
+                if dtype not in ("bfloat16", "float16"):
+                    raise ValueError(f"weight {w.name!r} widens {widened!r}, which is stored as {dtype}")
+            else:
+                name, dtype = w.name, w.type.dtype
             if out.setdefault(name, dtype) != dtype:
                 raise ValueError(f"weight {name!r} is stored as {out[name]} and as {dtype}")
         return dict(sorted(out.items()))

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import sympy
 
-from whisper_max.runtime.package import LINEAGE, SELECT_RULES, WIDENED, WINDOW, widened_source
+from whisper_max.runtime.package import LINEAGE, PANEL, PANELS, SELECT_RULES, WIDENED, WINDOW, widened_source
 from whisper_max.runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 
 from . import ir
@@ -746,6 +746,81 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
         out = ir.Graph(g.name, g.inputs, tuple(weights), g.constants, tuple(nodes), g.outputs, g.dims)
         out.validate()
         log.info("%s: %d weights stored as %s (%d read widened)", g.name, len(stored), dtype, sum(dt == "float32" for dt in read.values()))
+        graphs.append(out)
+    return ir.Program(tuple(graphs), p.dims)
+
+
+PANEL_DTYPES = ("float32", "float16")
+LAYER_MATRICES = (6, 8, 9, 11, 15, 17, 21, 23)  # a decoder_layer node's wq wk wv wo wcq wco w1 w2
+
+
+def panel_products(p: ir.Program) -> ir.Program:
+    """Give each product of one position per row (the vocabulary projection of decoder steps,
+    beams and the engine's rows, tied or not; any linear layer outside the fused blocks) with a
+    weight W stored in float32 or float16 its own op, `linear_panels(x, W/panels, bias)`, which
+    reads W in panels of 64 output columns (runtime.package.to_panels, made at load); and have
+    each fused decoder block read its eight matrices in panels (its kernel then runs its
+    products as linear_panels does).
+
+    The kernel it lowers to sums, for every row, 64 outputs in registers from one contiguous pass
+    over each panel, several rows at a time: the weight is read once per call and every load
+    feeds several multiply-adds, where a dot product per output feeds one; each output's sum
+    runs in the same order whatever the number of rows. W may be the graph weight itself or its
+    float32 view (a cast of a float16 one, passes.store_weights); the tied vocabulary product
+    is `x @ transpose(W)`. bfloat16 weights keep their kernels (AMX or VDPBF16PS)."""
+    graphs = []
+    for g in p.graphs:
+        weights = {w.name: w.type for w in g.weights}
+        producers = {n.name: n for n in g.nodes}
+
+        def source(v: str) -> str | None:
+            """The stored weight a product's operand W is (itself, or cast to float32)."""
+            n = producers.get(v)
+            if n is not None and n.op == ir.CAST and n.inputs[0] in weights and n.attr("dtype") == "float32":
+                v = n.inputs[0]
+            elif n is not None:
+                return None
+            t = weights.get(v)
+            if t is None or widened_source(v) is not None or t.dtype not in PANEL_DTYPES or len(t.shape) != 2:
+                return None
+            return v if all(isinstance(d, int) for d in t.shape) else None
+
+        nodes, panels = [], {}
+        for n in g.nodes:
+            src, bias = None, ""
+            if n.op == "aten.linear.default" and ir.one_position_per_row(g, n.inputs[0]):
+                src, bias = source(n.inputs[1]), (n.inputs[2] if len(n.inputs) > 2 else "")
+            elif n.op == "aten.matmul.default" and ir.one_position_per_row(g, n.inputs[0]):
+                t = producers.get(n.inputs[1])
+                if t is not None and t.op == "aten.transpose.int" and sorted((t.attr("dim0"), t.attr("dim1"))) in ([0, 1], [-2, -1]):
+                    src = source(t.inputs[0])
+            if n.op == ir.DECODER_LAYER:
+                sources = [source(n.inputs[i]) for i in LAYER_MATRICES]
+                if None in sources:  # the kernel takes all of a block's matrices in panels or none
+                    nodes.append(n)
+                    continue
+                inputs = list(n.inputs)
+                for i, w in zip(LAYER_MATRICES, sources):
+                    out, k = weights[w].shape
+                    panels[w + PANELS] = ir.TensorType(weights[w].dtype, (-(-out // PANEL), k, PANEL))
+                    inputs[i] = w + PANELS
+                nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
+                continue
+            if src is None:
+                nodes.append(n)
+                continue
+            out, k = weights[src].shape
+            panels[src + PANELS] = ir.TensorType(weights[src].dtype, (-(-out // PANEL), k, PANEL))
+            nodes.append(ir.Node(n.name, ir.LINEAR_PANELS, (n.inputs[0], src + PANELS, bias), (), n.type, n.scope))
+        if not panels:
+            graphs.append(g)
+            continue
+        nodes = _drop_dead(nodes, g.outputs)
+        read = {i for n in nodes for i in n.inputs if i}
+        kept = tuple(w for w in g.weights if w.name in read) + tuple(ir.Value(name, t) for name, t in sorted(panels.items()))
+        out = ir.Graph(g.name, g.inputs, kept, tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims)
+        out.validate()
+        log.info("%s: %d products of one position per row read weights in panels", g.name, len(panels))
         graphs.append(out)
     return ir.Program(tuple(graphs), p.dims)
 

@@ -32,15 +32,19 @@ from .trust import is_trusted, record
 FORMAT = "whisper-max"
 # 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened
 # weights; 5: the select graph; 6: decoder_rows for rows of many windows; 7: float16 weights
-# (exact ones) in float32 packages
-FORMAT_VERSION = 7
+# (exact ones) in float32 packages; 8: panel weights (`X/panels`, made at load)
+FORMAT_VERSION = 8
 # a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights;
 # before 5 there is no select graph, before 6 decoder_rows takes the rows of one window: those
 # open, the runtime refuses them with the hint, and `whisper-convert --rebuild` makes them anew
-READS = (2, 3, 4, 5, 6, 7)
+READS = (2, 3, 4, 5, 6, 7, 8)
 # A graph weight named `X/widened` (float32) is the stored bfloat16 or float16 weight X widened,
 # made once when the package is loaded and bound to every graph that names it (not stored in weights.bin).
 WIDENED = "/widened"
+# A graph weight named `X/panels` is the stored matrix X (n, k) in panels of PANEL output columns
+# (to_panels), made once at load like a widened one: what the products of a few rows read.
+PANELS = "/panels"
+PANEL = 64
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
 LINEAGE = "lineage"
@@ -130,18 +134,48 @@ def widened_source(name: str) -> str | None:
     return name[: -len(WIDENED)] if name.endswith(WIDENED) else None
 
 
-def with_widened(weights: dict, names) -> dict:
-    """`weights` plus, for each widened weight among `names`, its source's values as float32
-    (exact: a bfloat16 is a float32's top 16 bits, a float16 widens exactly too). One array per
-    weight, however many graphs bind it."""
+def panels_source(name: str) -> str | None:
+    """X for a panel-packed weight's name `X/panels`; None for any other name."""
+    return name[: -len(PANELS)] if name.endswith(PANELS) else None
+
+
+def derived_source(name: str) -> str | None:
+    """The stored weight a derived one (`X/widened`, `X/panels`) is made from; None for others."""
+    return widened_source(name) or panels_source(name)
+
+
+def to_panels(w: np.ndarray) -> np.ndarray:
+    """w (n, k) as (ceil(n / PANEL), k, PANEL): panel p holds columns p * PANEL ... of w^T, k
+    rows of PANEL contiguous values, the last panel padded with zero columns. The layout in
+    which the products of a few rows (whisper_max.linear_panels) read each weight: one pass over
+    contiguous memory, PANEL output columns of several rows summed in registers."""
+    w = np.asarray(w)
+    n, k = w.shape
+    panels = -(-n // PANEL)
+    out = np.zeros((panels * PANEL, k), w.dtype)
+    out[:n] = w
+    return np.ascontiguousarray(out.reshape(panels, PANEL, k).transpose(0, 2, 1))
+
+
+def with_derived(weights: dict, names) -> dict:
+    """`weights` plus each derived weight among `names`, made from its stored source once
+    however many graphs bind it: `X/widened`, X's values as float32 (exact: a bfloat16 is a
+    float32's top 16 bits, a float16 widens exactly too); `X/panels`, X in panels (to_panels)
+    in X's own dtype, float32 or float16."""
     out = dict(weights)
     for name in names:
-        src = widened_source(name)
-        if src is None or name in out:
+        if name in out:
+            continue
+        src = derived_source(name)
+        if src is None:
             continue
         w = weights.get(src)
         kind = getattr(getattr(w, "dtype", None), "name", None)
-        if kind == "bfloat16":
+        if panels_source(name) is not None:
+            if kind not in ("float32", "float16") or np.ndim(w) != 2:
+                raise PackageError(f"panel weight {name!r}: its source {src!r} is {'missing' if w is None else f'{kind} of rank {np.ndim(w)}'}, not a stored float32 or float16 matrix")
+            out[name] = to_panels(w)
+        elif kind == "bfloat16":
             out[name] = from_bfloat16(w)
         elif kind == "float16":
             out[name] = np.asarray(w, np.float32)
@@ -316,10 +350,11 @@ class Package:
         return data
 
     def weights(self) -> dict:
-        """Every weight a graph binds: those in weights.bin, and the widened ones made from them."""
+        """Every weight a graph binds: those in weights.bin, and the derived ones (widened,
+        panels) made from them."""
         # the zip's CRC covers weights.bin; a bytearray keeps the arrays writable for MAX
         stored = unpack_weights(self.read("weights.json"), self._read_stored("weights.bin"))
-        return with_widened(stored, (w["name"] for g in self.manifest["graphs"].values() for w in g["weights"]))
+        return with_derived(stored, (w["name"] for g in self.manifest["graphs"].values() for w in g["weights"]))
 
     def _read_stored(self, name: str) -> bytearray:
         """A stored (uncompressed) member read straight into one writable buffer, checked against

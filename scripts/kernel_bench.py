@@ -7,7 +7,9 @@ First the peaks, measured here by tight loops with no memory traffic (scripts/pe
 an encoder layer (x (windows * n_audio_ctx, k) @ w (n, k)^T + b, and the attention of all heads)
 through every kernel this CPU can run: MAX's float32 matmul, our bfloat16 kernels (AVX512_BF16's
 VDPBF16PS, AMX tiles). Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share
-of the peak of its own instruction kind on all workers. The CPU is printed first; this machine
+of the peak of its own instruction kind on all workers. Last, the products of a decoder step
+(vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels),
+with the rate the weight is read at. The CPU is printed first; this machine
 is shared, so a run is only compared with the peaks of the same run.
 """
 
@@ -25,7 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT.parent))  # the repository's folders as whisper_max, uninstalled too
-TINY_EN = {"n_audio_state": 384, "n_audio_head": 6, "n_audio_ctx": 1500}  # when no --package
+TINY_EN = {"n_audio_state": 384, "n_audio_head": 6, "n_audio_ctx": 1500, "n_text_state": 384, "n_vocab": 51864}  # when no --package
+STEP_ROWS = (1, 5, 32)  # rows of a decoder call: greedy, beam 5, the engine's rows
 
 
 def cpu_name() -> str:
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     from whisper_max.converter import ir
     from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
     from whisper_max.converter.lower.target import Target
-    from whisper_max.runtime.package import Package, to_bfloat16
+    from whisper_max.runtime.package import Package, to_bfloat16, to_panels
 
     dims = Package.open(args.package).manifest["model"]["dims"] if args.package else TINY_EN
     d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
@@ -112,8 +115,20 @@ def main(argv=None) -> int:
                 y = ops.custom(op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale})[0].tensor
             g.output(y)
 
+    dt_ = dims["n_text_state"]
+    steps = {"vocab": (dt_, dims["n_vocab"]), "fc1": (dt_, 4 * dt_), "fc2": (4 * dt_, dt_)}  # a decoder step's (k, n)
+    for label, (k, n) in steps.items():
+        with Graph(f"step_{label}", input_types=[TensorType(DType.float32, ["m", k], dev)], custom_extensions=[kernel_library()], module=mod) as g:
+            w = g.add_weight(Weight(f"step.{label}.panels", DType.float16, [-(-n // 64), k, 64], dev))
+            b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
+            x = g.inputs[0].tensor
+            g.output(ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor)
+
     rng = np.random.default_rng(0)
     registry = {}
+    for label, (k, n) in steps.items():
+        registry[f"step.{label}.panels"] = to_panels(rng.standard_normal((n, k), dtype=np.float32).astype(np.float16))
+        registry[f"step.{label}.bias"] = rng.standard_normal(n, dtype=np.float32)
     for label, (k, n) in shapes.items():
         w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
         for kind in kinds:
@@ -158,6 +173,15 @@ def main(argv=None) -> int:
         peak = peaks[("amx" if kind == "amx" else "fma", workers)]
         print(f"  attention {heads} heads x {ctx} x {ctx} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  {100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak")
         results["products"].append({"name": "attention", "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
+    print(f"\ndecoder-step products (whisper_max.linear_panels, float16 weight panels), rows {', '.join(map(str, STEP_ROWS))}, min of {args.repeats}:")
+    for label, (k, n) in steps.items():
+        for rows in STEP_ROWS:
+            sec = timed(models[f"step_{label}"], [Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))], args.repeats)
+            rate = 2 * rows * k * n / sec / 1e9
+            gbs = 2 * k * n / sec / 1e9  # the weight's bytes, read once per call
+            share = rate / peaks[("fma", workers)]
+            print(f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  {100 * share:5.1f}% of the FMA peak  weight read at {gbs:5.1f} GB/s")
+            results["products"].append({"name": f"step_{label}", "m": rows, "k": k, "n": n, "kernel": "panels_f16", "ms": sec * 1e3, "gflops": rate, "share_of_peak": share, "weight_gb_per_s": gbs})
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

@@ -20,10 +20,10 @@ from whisper_max.converter.ir import graph_signature
 from whisper_max.converter.lower import LoweringError, compile_with_kernels, lower_graph, register
 from whisper_max.converter.lower.target import Target
 from whisper_max.converter.parity import empty_cache
-from whisper_max.converter.passes import optimise, store_weights
+from whisper_max.converter.passes import optimise, panel_products, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
 from whisper_max.runtime.model import WhisperModel
-from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_widened
+from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_derived
 from whisper_max.runtime.program import StepCache, decoder_call, state_specs
 
 TOL = 1e-5
@@ -68,22 +68,51 @@ def compiled():
     from max.graph import Module
 
     model = _float16_exact_tiny_whisper()
-    program = optimise(trace_program(model))  # the form packages ship
+    program = panel_products(optimise(trace_program(model)))  # the form packages ship
     micro = Micro().eval()
     with torch.no_grad():
         ep = export(micro, (torch.randn(2, 4, 9),), dynamic_shapes=({0: Dim("batch", min=2)},))
     micro_ir = to_ir(ep, "micro", ["x"], [{0: "batch"}], ["y"], {"batch": (1, None)})
     products, product_weights = _bf16_products() if HAS_BF16 else (ir.Program((), {}), {})
     mod = Module()
-    for g in program.graphs + (micro_ir,):
+    panels, panel_weights = _panel_products()
+    for g in program.graphs + (micro_ir,) + panels.graphs:
         lower_graph(g, mod)
     for kind, features in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
         for g in products.graphs:
             lower_graph(g, mod, name=f"{g.name}_{kind}", target=Target("x86_64", features))
-    weights = state_dict_np(model) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()} | product_weights
+    weights = with_derived(state_dict_np(model), program.weight_names()) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()}
+    weights |= product_weights | panel_weights
     session = InferenceSession()
     models = session.init_all(compile_with_kernels(session, mod), weights_registry=weights)
     return model, micro, program, models, weights
+
+
+def _panel_products():
+    """Graphs `panels_float32` / `panels_float16`: a product of one position per row with a
+    weight (80, 72) stored in that dtype, which passes.panel_products reads in panels (a last
+    panel of 16 columns, a last k block of 8). Returns the program and its bound weights."""
+    graphs, stored = [], {}
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal((80, 72)).astype(np.float16)
+    for dt in ("float32", "float16"):
+        t = lambda dtype, *shape: ir.TensorType(dtype, shape)  # noqa: E731
+        graphs.append(
+            ir.Graph(
+                f"panels_{dt}",
+                (ir.Value("x", t("float32", "m", 1, 72)),),
+                (ir.Value(f"w_{dt}", t(dt, 80, 72)), ir.Value("b_panels", t("float32", 80))),
+                (),
+                (ir.Node("step", "aten.linear.default", ("x", f"w_{dt}", "b_panels"), (), t("float32", "m", 1, 80), "step"),),
+                (("y", "step"),),
+                (ir.SymDim("m", 1, None),),
+            )
+        )
+        stored[f"w_{dt}"] = w.astype(dt)
+    stored["b_panels"] = rng.standard_normal(80).astype(np.float32)
+    program = panel_products(ir.Program(tuple(graphs), {}))
+    assert all(g.nodes[-1].op == ir.LINEAR_PANELS for g in program.graphs)
+    return program, with_derived(stored, program.weight_names())
 
 
 _ATTENTION_SHAPE = (2, 70, 128)  # 2 heads of 64; 70 keys: a padded panel, query tiles of 6 and a rest of 4
@@ -132,7 +161,7 @@ def _bf16_products():
     rng = np.random.default_rng(7)
     w, b, w2, w3, b3 = (rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96), (80, 96), (80,)))
     stored = {"w": to_bfloat16(w), "b": b, "w2": to_bfloat16(w2), "w3": to_bfloat16(w3), "b3": b3}
-    return program, with_widened(stored, program.weight_names())
+    return program, with_derived(stored, program.weight_names())
 
 
 def _round_bf16(a):
@@ -231,6 +260,26 @@ def test_bfloat16_decoder_step_rows(compiled, kind):
         assert np.abs(full - exact).max() / np.abs(exact).max() > 10 * TOL  # x was rounded
     else:
         close(full, exact)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
+    """whisper_max.linear_panels (products of one position per row, the weight in panels): a
+    row's result is bit-identical for M = 1..64 and in any place among the rows (one instruction
+    path and one k order for every M, tiles of rows and their rest), a float16 weight gives the
+    float32 one's bits, and the sums are the exact ones within float32 rounding."""
+    *_, models, weights = compiled
+    model = models[f"panels_{dtype}"]
+    x = np.random.default_rng(16).standard_normal((64, 1, 72)).astype(np.float32)
+    full = model.execute(x)[0].to_numpy()
+    for m in range(1, 65):
+        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
+    perm = np.random.default_rng(17).permutation(64)
+    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    assert np.array_equal(full, models["panels_float32"].execute(x)[0].to_numpy())
+    w = weights["w_float32"].astype(np.float64)
+    np.testing.assert_array_equal(weights[f"w_{dtype}/panels"][1, :, :16], weights[f"w_{dtype}"][64:].T)
+    close(full, x.astype(np.float64) @ w.T + weights["b_panels"])
 
 
 def test_micro_ops(compiled):
@@ -432,7 +481,7 @@ def compiled_bf16(request):
     stored = {k for k, dt in program.stored_weights().items() if dt == "bfloat16"}
     weights = {k: to_bfloat16(v) if k in stored else v for k, v in state_dict_np(tiny_whisper()).items()}
     widened = {k: from_bfloat16(v) if k in stored else v for k, v in weights.items()}
-    bound = with_widened(weights, program.weight_names())
+    bound = with_derived(weights, program.weight_names())
     model = tiny_whisper()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in widened.items()})
     mod = Module()
@@ -453,9 +502,9 @@ def compiled_float16():
 
     model = _float16_exact_tiny_whisper()
     sd = state_dict_np(model)
-    program = store_weights(optimise(trace_program(model)), "float16", exact=float16_exact(sd))
+    program = panel_products(store_weights(optimise(trace_program(model)), "float16", exact=float16_exact(sd)))
     stored = program.stored_weights()
-    weights = with_widened({k: stored_as(v, stored[k]) for k, v in sd.items()}, program.weight_names())
+    weights = with_derived({k: stored_as(v, stored[k]) for k, v in sd.items()}, program.weight_names())
     mod = Module()
     for name in ("cross_kv", "decoder", "decoder_step"):
         lower_graph(program.graph(name), mod)

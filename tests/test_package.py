@@ -205,9 +205,25 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
     pkg.check_weights(got)
     assert package.widened_source("m.weight/widened") == "m.weight" and package.widened_source("m.weight") is None
     with pytest.raises(PackageError, match=r"'m.bias/widened'.*'m.bias'.*float32"):
-        package.with_widened(got, ["m.bias/widened"])
+        package.with_derived(got, ["m.bias/widened"])
     with pytest.raises(PackageError, match=r"'x/widened'.*missing"):
-        package.with_widened(got, ["x/widened"])
+        package.with_derived(got, ["x/widened"])
+
+
+def test_panels_are_the_weight_transposed_in_blocks_of_64_columns():
+    """`X/panels` (made at load): X (n, k) as (ceil(n / 64), k, 64), zero columns after n, in X's
+    dtype; refused for a bfloat16 or missing source with the weight's name."""
+    w = np.arange(130 * 3, dtype=np.float16).reshape(130, 3)
+    got = package.with_derived({"w": w, "b": np.zeros(5, np.float32)}, ["w/panels", "w"])
+    p = got["w/panels"]
+    assert p.shape == (3, 3, 64) and p.dtype == np.float16 and p.flags.c_contiguous
+    for j in range(192):
+        np.testing.assert_array_equal(p[j // 64, :, j % 64], w[j] if j < 130 else 0)
+    assert package.panels_source("w/panels") == "w" and package.derived_source("w/widened") == "w"
+    with pytest.raises(PackageError, match=r"'b/panels'.*rank 1"):
+        package.with_derived(got, ["b/panels"])
+    with pytest.raises(PackageError, match=r"'x/panels'.*missing"):
+        package.with_derived(got, ["x/panels"])
 
 
 def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):

@@ -7,9 +7,22 @@ import pytest
 from tiny_model import TINY_DIMS, tiny_whisper
 
 from whisper_max.converter import ir, onnx_io
-from whisper_max.converter.passes import engine_rows, fuse_decoder_layers, fuse_encoder_attention, hoist_invariants, in_place_cache, optimise, share_window, specialise, store_weights, token_selection
+from whisper_max.converter.passes import (
+    LAYER_MATRICES,
+    engine_rows,
+    fuse_decoder_layers,
+    fuse_encoder_attention,
+    hoist_invariants,
+    in_place_cache,
+    optimise,
+    panel_products,
+    share_window,
+    specialise,
+    store_weights,
+    token_selection,
+)
 from whisper_max.converter.trace import trace_program
-from whisper_max.runtime.package import LINEAGE, WINDOW, widened_source
+from whisper_max.runtime.package import LINEAGE, PANELS, WINDOW, panels_source, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
@@ -253,6 +266,40 @@ def test_store_weights_float16_keeps_the_step_matrices_that_float16_holds():
     assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
     with pytest.raises(ValueError, match="exact"):
         store_weights(before, "float16")
+
+
+def test_panel_products_give_the_step_products_weight_panels():
+    """Each product of one position per row outside the fused blocks (the tied vocabulary
+    projection of the step graphs) becomes linear_panels on `W/panels`, and each fused block
+    reads its eight matrices as panels, in float32 and float16 packages alike (one float32
+    matrix among float16 ones here); the stored weights are the same (panels
+    are made at load), nothing of many rows changes, bfloat16 weights keep their kernels, and
+    the IR round-trips through ONNX."""
+    base = optimise(trace_program(tiny_whisper()))
+    vocab, d = "decoder.token_embedding.weight", TINY_DIMS["n_text_state"]
+    f16 = store_weights(base, "float16", exact=frozenset(w.name for g in base.graphs for w in g.weights if w.name != "decoder.blocks.1.mlp.0.weight"))
+    for before in (base, f16):
+        after = panel_products(before)
+        assert after.stored_weights() == before.stored_weights()
+        for name in ("decoder_step", "decoder_rows"):
+            g = after.graph(name)
+            products = [n for n in g.nodes if n.op == ir.LINEAR_PANELS]
+            assert [n.inputs[1] for n in products] == [vocab + PANELS]
+            assert not any(n.op in ("aten.matmul.default", "aten.transpose.int", ir.CAST) and vocab in n.inputs[0] for n in g.nodes)
+            panels = {w.name: w.type for w in g.weights if panels_source(w.name)}
+            dtype = before.stored_weights()[vocab]
+            assert panels[vocab + PANELS] == ir.TensorType(dtype, (-(-TINY_DIMS["n_vocab"] // 64), d, 64))
+            layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+            matrices = {n.inputs[i] for n in layers for i in LAYER_MATRICES}
+            assert layers and len(matrices) == 8 * len(layers) and matrices | {vocab + PANELS} == set(panels)
+            fc1 = f"decoder.blocks.0.mlp.0.weight{PANELS}"
+            assert panels[fc1].shape == (4 * d // 64, d, 64) and panels[fc1].dtype == before.stored_weights()[fc1.removesuffix(PANELS)]
+            assert products[0].type == next(n for n in before.graph(name).nodes if n.name == products[0].name).type
+        assert ir.format_graph(after.graph("encoder")) == ir.format_graph(before.graph("encoder"))
+        assert ir.format_program(panel_products(after)) == ir.format_program(after)
+        assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
+    bf16 = store_weights(base)
+    assert ir.format_program(panel_products(bf16)) == ir.format_program(bf16)
 
 
 def test_fuse_encoder_attention_replaces_each_blocks_chain():

@@ -89,6 +89,25 @@ def linear_bf16(ctx, x, weight, bias=None):
     return _product(ctx, LINEAR_AMX if ctx.target.bfloat16_kernels() == "amx" else LINEAR_BF16, x, weight, bias)
 
 
+@register(ir.LINEAR_PANELS)
+def linear_panels(ctx, node, x, panels, bias=None):
+    """passes.panel_products' node as the kernel whisper_max.linear_panels: x (..., k), one
+    position per row, times W (n, k) given in panels (ceil(n / 64), k, 64), plus bias (n; zeros
+    when absent) -> (..., n) float32."""
+    n = node.type.shape[-1]
+    if not isinstance(n, int) or int(panels.shape[0]) != -(-n // 64) or int(panels.shape[2]) != 64:
+        raise LoweringError(f"{node.name}: weight panels of shape {[int(d) for d in panels.shape]} for {n} outputs; expected ({-(-n // 64) if isinstance(n, int) else '?'}, k, 64)")
+    if panels.dtype not in (DType.float32, DType.float16):
+        raise LoweringError(f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32 or float16")
+    k = x.shape[-1]
+    flat = ops.reshape(x, [-1, k])
+    if bias is None:
+        bias = ops.constant(np.zeros(n, np.float32), DType.float32, ctx.device)
+    out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
+    y = ops.custom(ir.LINEAR_PANELS, device=ctx.device, values=[flat, panels, bias], out_types=[out_type])[0].tensor
+    return ops.reshape(y, [*x.shape[:-1], n])
+
+
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)

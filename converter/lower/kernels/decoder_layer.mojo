@@ -7,7 +7,7 @@ from std.math import sqrt
 from std.runtime import parallelism_level
 
 from .amx import BLOCK, linear_rows_amx, pack_rows, request_amx, rows_blocks, tile_config, tile_release, TILE
-from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, weight_row
+from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, linear_panels, weight_row
 from .simd import F32, V, softmax
 
 
@@ -106,14 +106,17 @@ def _qkv_amx(
     xb.free()
 
 
-def _linear[amx: Bool, dt: DType, mode: Int, o: MutOrigin](
+def _linear[amx: Bool, panels: Bool, dt: DType, mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ) raises:
-    """rows.linear, or on AMX (amx.linear_rows_amx, x rounded to bfloat16) when `amx`."""
+    """rows.linear, or on AMX (amx.linear_rows_amx, x rounded to bfloat16) when `amx`, or on the
+    weight in panels (rows.linear_panels) when `panels`."""
     comptime if amx:
         linear_rows_amx[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
+    elif panels:
+        linear_panels[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
     else:
         linear[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
 
@@ -252,24 +255,24 @@ struct DecoderLayer:
         position: InputTensor[dtype=DType.int64, rank=1, ...],
         ln1_w: InputTensor[dtype=DType.float32, rank=1, ...],
         ln1_b: InputTensor[dtype=DType.float32, rank=1, ...],
-        wq: InputTensor[rank=2, ...],
+        wq: InputTensor[...],
         bq: InputTensor[dtype=DType.float32, rank=1, ...],
-        wk: InputTensor[rank=2, ...],
-        wv: InputTensor[rank=2, ...],
+        wk: InputTensor[...],
+        wv: InputTensor[...],
         bv: InputTensor[dtype=DType.float32, rank=1, ...],
-        wo: InputTensor[rank=2, ...],
+        wo: InputTensor[...],
         bo: InputTensor[dtype=DType.float32, rank=1, ...],
         ln2_w: InputTensor[dtype=DType.float32, rank=1, ...],
         ln2_b: InputTensor[dtype=DType.float32, rank=1, ...],
-        wcq: InputTensor[rank=2, ...],
+        wcq: InputTensor[...],
         bcq: InputTensor[dtype=DType.float32, rank=1, ...],
-        wco: InputTensor[rank=2, ...],
+        wco: InputTensor[...],
         bco: InputTensor[dtype=DType.float32, rank=1, ...],
         ln3_w: InputTensor[dtype=DType.float32, rank=1, ...],
         ln3_b: InputTensor[dtype=DType.float32, rank=1, ...],
-        w1: InputTensor[rank=2, ...],
+        w1: InputTensor[...],
         b1: InputTensor[dtype=DType.float32, rank=1, ...],
-        w2: InputTensor[rank=2, ...],
+        w2: InputTensor[...],
         b2: InputTensor[dtype=DType.float32, rank=1, ...],
         ckt: InputTensor[dtype=DType.float32, rank=4, ...],
         cv: InputTensor[dtype=DType.float32, rank=4, ...],
@@ -282,7 +285,17 @@ struct DecoderLayer:
         var hd = d // heads
         var slots = kc.dim_size(0)
         var cap = kc.dim_size(2)
-        var f = w1.dim_size(0)
+        var f = b1.dim_size(0)
+        comptime panels = wq.rank == 3  # the matrices in panels (runtime.package.to_panels)
+        comptime if panels:
+            if wq.rank != 3 or wk.rank != 3 or wv.rank != 3 or wo.rank != 3 or wcq.rank != 3 or wco.rank != 3 or w1.rank != 3 or w2.rank != 3:
+                raise Error("whisper_max.decoder_layer: some weight matrices in panels and some not")
+            if amx:
+                raise Error("whisper_max.decoder_layer: amx=True takes bfloat16 matrices, not panels")
+            if wq.dim_size(1) != d or w1.dim_size(0) != (f + 63) // 64 or w2.dim_size(1) != f or wq.dim_size(2) != 64:
+                raise Error("whisper_max.decoder_layer: weight panels are not (ceil(n / 64), k, 64) for the block's widths")
+        elif wq.rank != 2 or wk.rank != 2 or wv.rank != 2 or wo.rank != 2 or wcq.rank != 2 or wco.rank != 2 or w1.rank != 2 or w2.rank != 2:
+            raise Error("whisper_max.decoder_layer: weight matrices of rank 2 (or all in panels) expected")
         var windows = ckt.dim_size(0)
         var frames = ckt.dim_size(3)
         var has_lineage = lineage.dim_size(0) != 0
@@ -383,7 +396,11 @@ struct DecoderLayer:
 
         for r in range(rows):
             _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
-        comptime if amx:
+        comptime if panels:  # three passes (one dispatch each) over the panels of q, k, v
+            linear_panels[wq.dtype, SCALED](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), xp, True, s, rows, d, d)
+            linear_panels[wk.dtype, SCALED](q + rd, h, wk.unsafe_ptr(), bq.unsafe_ptr(), xp, False, s, rows, d, d)
+            linear_panels[wv.dtype, PLAIN](q + 2 * rd, h, wv.unsafe_ptr(), bv.unsafe_ptr(), xp, True, s, rows, d, d)
+        elif amx:
             _qkv_amx(q, h, wq.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), wk.unsafe_ptr().bitcast[BFloat16](), wv.unsafe_ptr().bitcast[BFloat16](), bv.unsafe_ptr(), s, rows, d)
         else:
             _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
@@ -394,17 +411,17 @@ struct DecoderLayer:
                     (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
                     (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
         _self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
-        _linear[amx, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, panels, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
-        _linear[amx, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, panels, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
         _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, order, starts, wins, groups, heads, hd, frames)
-        _linear[amx, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+        _linear[amx, panels, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
-        _linear[amx, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
-        _linear[amx, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+        _linear[amx, panels, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
+        _linear[amx, panels, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
         scratch.free()
         ints.free()

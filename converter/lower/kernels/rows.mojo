@@ -4,6 +4,7 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
 from std.math import erf
+from std.memory import stack_allocation
 from std.runtime import parallelism_level
 
 from .simd import F32, V, wide
@@ -142,6 +143,19 @@ def store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePoin
     y.unsafe_store(r * n + j, s)
 
 
+@always_inline
+def store_vector[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], at: Int, sum: SIMD[F32, V], scale: Float32):
+    """y[at : at + V] = the epilogue `mode` of sum, V columns at once (store's arithmetic)."""
+    var s = sum
+    comptime if mode == SCALED:
+        s = s * scale
+    elif mode == GELU:
+        s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
+    elif mode == RESIDUAL:
+        s = res.unsafe_load[width=V](at) + s
+    y.unsafe_store(at, s)
+
+
 def weight_row[dt: DType, mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], row: UnsafePointer[Scalar[dt], _], bias: Float32,
     res: UnsafePointer[Float32, _], scale: Float32, rows: Int, j: Int, n: Int, k: Int,
@@ -172,3 +186,109 @@ def linear[dt: DType, mode: Int, o: MutOrigin](
             weight_row[dt, mode](y, x, w + j * k, b.unsafe_load(j) if has_bias else Float32(0), res, scale, rows, j, n, k)
 
     parallelize(work, tasks)
+
+
+comptime PANEL = 64  # output columns of one panel of a weight in panels (runtime.package.PANEL)
+comptime NV = 4  # vectors of columns in one register tile: the panel, or half of it on AVX2
+comptime CW = NV * V  # columns of one register tile
+comptime MR = 6 if V >= 16 else 3  # rows of one register tile: MR x NV sums, NV panel loads
+
+
+@always_inline
+def _panel_tile[dt: DType, R: Int](
+    tot: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], k: Int,
+    panel: UnsafePointer[Scalar[dt], _], kb: Int, kl: Int, first: Bool,
+):
+    """tot[0:R, 0:CW] (rows PANEL apart) = (first) or += the sums over c in kb ..< kb + kl of
+    x[i, c] * panel[c, 0:CW] (x rows k apart, panel rows PANEL apart), the R x CW sums in
+    registers, each summed in c order."""
+    var acc = stack_allocation[R * NV * V, Float32, alignment=64]()
+    var b = stack_allocation[NV * V, Float32, alignment=64]()
+    comptime for i in range(R * NV):
+        acc.store(i * V, SIMD[F32, V](0))
+    for c in range(kb, kb + kl):
+        var p = panel + c * PANEL
+        comptime for q in range(NV):
+            b.store(q * V, wide(p, q * V))
+        comptime for i in range(R):
+            var a = SIMD[F32, V](x.unsafe_load(i * k + c))
+            comptime for q in range(NV):
+                acc.store((i * NV + q) * V, a.fma(b.load[width=V](q * V), acc.load[width=V]((i * NV + q) * V)))
+    comptime for i in range(R):
+        comptime for q in range(NV):
+            var o = i * PANEL + q * V
+            if first:
+                tot.store(o, acc.load[width=V]((i * NV + q) * V))
+            else:
+                tot.store(o, tot.load[width=V](o) + acc.load[width=V]((i * NV + q) * V))
+
+
+def linear_panels[dt: DType, mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+):
+    """rows x (k) times W (n, k)^T into y (rows, n) with the epilogue `mode`, W given in panels
+    w (ceil(n / PANEL), k, PANEL) (runtime.package.to_panels). The panels are split across the
+    workers; for each block of PANEL values of k, every tile of rows multiplies the block while
+    it is in L1, its sums in registers. Each output is summed in one order whatever the number of
+    rows and its place among them: the products of a block in k order, the blocks' sums added in
+    k order, then the bias; so a row's result is the same bits alone or among others."""
+    var panels = (n + PANEL - 1) // PANEL
+    var tasks = max(1, min(parallelism_level(), panels))
+
+    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var tasks}:
+        var tot = alloc[Float32](max(1, rows) * PANEL)
+        for pn in range(t * panels // tasks, (t + 1) * panels // tasks):
+            var panel = w + pn * k * PANEL
+            for kb in range(0, k, PANEL):
+                var kl = min(PANEL, k - kb)
+                for cw in range(0, PANEL, CW):
+                    var r0 = 0
+                    while r0 + MR <= rows:
+                        _panel_tile[dt, MR](tot + r0 * PANEL + cw, x + r0 * k, k, panel + cw, kb, kl, kb == 0)
+                        r0 += MR
+                    var rest = rows - r0
+                    comptime for R in range(1, MR):
+                        if rest == R:
+                            _panel_tile[dt, R](tot + r0 * PANEL + cw, x + r0 * k, k, panel + cw, kb, kl, kb == 0)
+            var c0 = pn * PANEL
+            var valid = min(PANEL, n - c0)
+            var whole = valid - valid % V  # columns done V at a time, the same for every row
+            for r in range(rows):
+                for c in range(0, whole, V):
+                    var bias = b.unsafe_load[width=V](c0 + c) if has_bias else SIMD[F32, V](0)
+                    store_vector[mode](y, res, r * n + c0 + c, tot.unsafe_load[width=V](r * PANEL + c) + bias, scale)
+                for c in range(whole, valid):
+                    var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
+                    store[mode](y, res, r, c0 + c, n, tot.unsafe_load(r * PANEL + c) + bias, scale)
+        tot.free()
+
+    parallelize(work, tasks)
+
+
+@extensibility.register("whisper_max.linear_panels")
+struct LinearPanels:
+    """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) given in
+    panels w (ceil(n / 64), k, 64) (runtime.package.to_panels), float32 or float16 (widened
+    exactly as it is read); x, b and the sums float32. A row's result is bit-identical whatever
+    the number of rows (linear_panels)."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[rank=3, ...],
+        b: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var k = x.dim_size(1)
+        var n = b.dim_size(0)
+        if w.dim_size(0) != (n + PANEL - 1) // PANEL or w.dim_size(1) != k or w.dim_size(2) != PANEL:
+            raise Error("whisper_max.linear_panels: the weight is not (ceil(n / 64), k, 64) panels for x's k and the bias's n")
+        if y.dim_size(0) != rows or y.dim_size(1) != n:
+            raise Error("whisper_max.linear_panels: the output is not (rows, n)")
+        comptime if w.dtype != DType.float32 and w.dtype != DType.float16:
+            raise Error("whisper_max.linear_panels: float32 or float16 panels only")
+        linear_panels[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)

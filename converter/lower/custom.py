@@ -29,6 +29,14 @@ LINEAR_ROWS_AMX = "whisper_max.linear_rows_amx"
 ATTENTION_AMX = "whisper_max.attention_amx"
 
 
+def _errors(stderr: str, context: int = 4) -> str:
+    """The compiler's errors, each with the lines after it (the source line and its caret), before
+    its many deprecation warnings; the tail of stderr when no line says error."""
+    lines = stderr.splitlines()
+    picked = [i + j for i, line in enumerate(lines) if ": error:" in line for j in range(context)]
+    return "\n".join(lines[i] for i in dict.fromkeys(picked) if i < len(lines))[:6000] if picked else stderr[-3000:]
+
+
 @cache
 def kernel_library() -> Path:
     """The kernel package precompiled (.mojoc), built on first use; keyed by its sources."""
@@ -46,7 +54,7 @@ def kernel_library() -> Path:
     proc = subprocess_run_mojo(["precompile", str(KERNELS), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); is the mojo-compiler wheel that max installs present?\n{proc.stderr[-3000:]}")
+        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); is the mojo-compiler wheel that max installs present?\n{_errors(proc.stderr)}")
     try:
         tmp_dir.rename(out.parent)  # atomic; another process may have won the race
     except OSError:

@@ -7,7 +7,7 @@ from std.math import sqrt
 from std.runtime import parallelism_level
 
 from .amx import BLOCK, linear_rows_amx, pack_rows, request_amx, rows_blocks, tile_config, tile_release, TILE
-from .rows import GELU, PLAIN, RESIDUAL, SCALED, dot, linear, linear_panels, weight_row
+from .rows import GELU, PANEL, PLAIN, RESIDUAL, SCALED, block_product, dot, linear, linear_panels, weight_row
 from .simd import F32, V, softmax
 
 
@@ -164,59 +164,72 @@ def _self_attention(
 
 def _cross_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
-    kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
+    kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _],
     order: UnsafePointer[Int, MutUntrackedOrigin], starts: UnsafePointer[Int, MutUntrackedOrigin], wins: UnsafePointer[Int, MutUntrackedOrigin],
     groups: Int, heads: Int, hd: Int, frames: Int,
 ):
     """Each row and head attends to its window's keys kt (windows, heads, hd, frames), stored
     scaled and transposed, and values v (windows, heads, frames, hd). The rows are in `groups`
     groups, one per window: group g is window wins[g] and the rows order[starts[g] ..<
-    starts[g + 1]]. The rows of one window are done together, so each row of its keys and of its
-    values is read from memory once for all of them; every row's sums run in the same order as
-    alone."""
-    var tail = frames - frames % V
+    starts[g + 1]]. Both products of a group and head run as rows.block_product: the scores
+    q (rows, hd) @ kt (hd, frames) in blocks of 64 frames, the output softmax (rows, frames) @
+    v (frames, hd) in blocks of 64 frames, so each block of keys and values is read once for all
+    the group's rows, its sums kept in registers; a last partial block is copied beside, padded
+    with zeros. Every row's sums run in one order whatever rows it is decoded with."""
+    var fp = (frames + PANEL - 1) // PANEL * PANEL  # a row of scores, padded to whole blocks
 
-    def work(t: Int) {var dst, var q, var kt, var v, var scores, var order, var starts, var wins, var heads, var hd, var frames, var tail}:
+    def work(t: Int) {var dst, var q, var kt, var v, var order, var starts, var wins, var heads, var hd, var frames, var fp}:
         var g = t // heads
         var h = t % heads
         var w = wins.unsafe_load(g)
         var kh = kt + (w * heads + h) * hd * frames
-        var lo = starts.unsafe_load(g)
-        var hi = starts.unsafe_load(g + 1)
-        for j in range(lo, hi):
-            var sr = scores + (order.unsafe_load(j) * heads + h) * frames
-            for l in range(frames):
-                sr.unsafe_store(l, Float32(0))
-        # scores += q[c] * keys[c, :], c ascending: each row of keys is streamed once, in order
-        # (a block of frames across all hd rows at once is hd strided streams, too many for the
-        # prefetchers), and every score sums its hd products in the same order as a dot product
-        for c in range(hd):
-            var krow = kh + c * frames
-            for j in range(lo, hi):
-                var r = order.unsafe_load(j)
-                var qc = (q + (r * heads + h) * hd).unsafe_load(c)
-                var sr = scores + (r * heads + h) * frames
-                for l in range(0, tail, V):
-                    sr.unsafe_store(l, sr.unsafe_load[width=V](l) + qc * krow.unsafe_load[width=V](l))
-                for l in range(tail, frames):
-                    sr.unsafe_store(l, sr.unsafe_load(l) + qc * krow.unsafe_load(l))
-        for j in range(lo, hi):
-            softmax(scores + (order.unsafe_load(j) * heads + h) * frames, frames)
         var vh = v + (w * heads + h) * frames * hd
-        var hd16 = hd - hd % V
-        for j in range(lo, hi):
+        var lo = starts.unsafe_load(g)
+        var m = starts.unsafe_load(g + 1) - lo
+        var qg = alloc[Float32](m * hd)  # the group's q rows of this head, together
+        var sg = alloc[Float32](m * fp)  # their scores, then probabilities
+        var og = alloc[Float32](m * PANEL)
+        var pad = alloc[Float32](max(hd, frames) * PANEL)  # a partial block, zero-padded
+        for j in range(m):
+            var src = q + (order.unsafe_load(lo + j) * heads + h) * hd
             for c in range(hd):
-                (dst + (order.unsafe_load(j) * heads + h) * hd).unsafe_store(c, Float32(0))
-        for i in range(frames):
-            var row = vh + i * hd
-            for j in range(lo, hi):
-                var r = order.unsafe_load(j)
-                var p = (scores + (r * heads + h) * frames).unsafe_load(i)
-                var o = dst + (r * heads + h) * hd
-                for c in range(0, hd16, V):
-                    o.unsafe_store(c, o.unsafe_load[width=V](c) + p * row.unsafe_load[width=V](c))
-                for c in range(hd16, hd):
-                    o.unsafe_store(c, o.unsafe_load(c) + p * row.unsafe_load(c))
+                qg.unsafe_store(j * hd + c, src.unsafe_load(c))
+        for l0 in range(0, frames, PANEL):
+            var cols = min(PANEL, frames - l0)
+            if cols < PANEL:
+                for i in range(hd * PANEL):
+                    pad.unsafe_store(i, Float32(0))
+                for c in range(hd):
+                    for l in range(cols):
+                        pad.unsafe_store(c * PANEL + l, kh.unsafe_load(c * frames + l0 + l))
+                for kb in range(0, hd, PANEL):
+                    block_product(sg + l0, fp, qg, hd, m, pad, PANEL, kb, min(PANEL, hd - kb), kb == 0)
+            else:
+                for kb in range(0, hd, PANEL):
+                    block_product(sg + l0, fp, qg, hd, m, kh + l0, frames, kb, min(PANEL, hd - kb), kb == 0)
+        for j in range(m):
+            softmax(sg + j * fp, frames)
+        for c0 in range(0, hd, PANEL):
+            var cols = min(PANEL, hd - c0)
+            if cols < PANEL:
+                for i in range(frames * PANEL):
+                    pad.unsafe_store(i, Float32(0))
+                for i in range(frames):
+                    for c in range(cols):
+                        pad.unsafe_store(i * PANEL + c, vh.unsafe_load(i * hd + c0 + c))
+                for kb in range(0, frames, PANEL):
+                    block_product(og, PANEL, sg, fp, m, pad, PANEL, kb, min(PANEL, frames - kb), kb == 0)
+            else:
+                for kb in range(0, frames, PANEL):
+                    block_product(og, PANEL, sg, fp, m, vh + c0, hd, kb, min(PANEL, frames - kb), kb == 0)
+            for j in range(m):
+                var o = dst + (order.unsafe_load(lo + j) * heads + h) * hd + c0
+                for c in range(cols):
+                    o.unsafe_store(c, og.unsafe_load(j * PANEL + c))
+        pad.free()
+        og.free()
+        sg.free()
+        qg.free()
 
     parallelize(work, groups * heads)
 
@@ -380,7 +393,7 @@ struct DecoderLayer:
         var s = Float32(scale)
         var e = Float32(eps)
         var rd = rows * d
-        var scratch = alloc[Float32](7 * rd + rows * f + rows * heads * max(cap, frames))
+        var scratch = alloc[Float32](7 * rd + rows * f + rows * heads * cap)
         var h = scratch
         var q = h + rd
         var kn = q + rd
@@ -416,7 +429,7 @@ struct DecoderLayer:
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
         _linear[amx, panels, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
-        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), sc, order, starts, wins, groups, heads, hd, frames)
+        _cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), order, starts, wins, groups, heads, hd, frames)
         _linear[amx, panels, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 
         for r in range(rows):

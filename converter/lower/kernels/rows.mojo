@@ -195,32 +195,50 @@ comptime MR = 6 if V >= 16 else 3  # rows of one register tile: MR x NV sums, NV
 
 
 @always_inline
-def _panel_tile[dt: DType, R: Int](
-    tot: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], k: Int,
-    panel: UnsafePointer[Scalar[dt], _], kb: Int, kl: Int, first: Bool,
+def _tile[dt: DType, R: Int](
+    tot: UnsafePointer[Float32, MutUntrackedOrigin], ldt: Int, x: UnsafePointer[Float32, _], ldx: Int,
+    panel: UnsafePointer[Scalar[dt], _], ldp: Int, kb: Int, kl: Int, first: Bool,
 ):
-    """tot[0:R, 0:CW] (rows PANEL apart) = (first) or += the sums over c in kb ..< kb + kl of
-    x[i, c] * panel[c, 0:CW] (x rows k apart, panel rows PANEL apart), the R x CW sums in
-    registers, each summed in c order."""
+    """tot[i, 0:CW] (rows ldt apart) = (first) or += the sums over c in kb ..< kb + kl of
+    x[i, c] * panel[c, 0:CW] for i < R (x rows ldx apart, panel rows ldp apart), the R x CW sums
+    in registers, each summed in c order."""
     var acc = stack_allocation[R * NV * V, Float32, alignment=64]()
     var b = stack_allocation[NV * V, Float32, alignment=64]()
     comptime for i in range(R * NV):
         acc.store(i * V, SIMD[F32, V](0))
     for c in range(kb, kb + kl):
-        var p = panel + c * PANEL
+        var p = panel + c * ldp
         comptime for q in range(NV):
             b.store(q * V, wide(p, q * V))
         comptime for i in range(R):
-            var a = SIMD[F32, V](x.unsafe_load(i * k + c))
+            var a = SIMD[F32, V](x.unsafe_load(i * ldx + c))
             comptime for q in range(NV):
                 acc.store((i * NV + q) * V, a.fma(b.load[width=V](q * V), acc.load[width=V]((i * NV + q) * V)))
     comptime for i in range(R):
         comptime for q in range(NV):
-            var o = i * PANEL + q * V
+            var o = i * ldt + q * V
             if first:
                 tot.store(o, acc.load[width=V]((i * NV + q) * V))
             else:
                 tot.store(o, tot.load[width=V](o) + acc.load[width=V]((i * NV + q) * V))
+
+
+def block_product[dt: DType](
+    tot: UnsafePointer[Float32, MutUntrackedOrigin], ldt: Int, x: UnsafePointer[Float32, _], ldx: Int, rows: Int,
+    panel: UnsafePointer[Scalar[dt], _], ldp: Int, kb: Int, kl: Int, first: Bool,
+):
+    """tot[0:rows, 0:PANEL] (rows ldt apart) = (first) or += x[0:rows, kb:kb + kl] (rows ldx
+    apart) @ panel[kb:kb + kl, 0:PANEL] (rows ldp apart): tiles of MR rows, then one tile of the
+    rest, CW columns at a time. Each sum runs in c order, whatever `rows` is."""
+    for cw in range(0, PANEL, CW):
+        var r0 = 0
+        while r0 + MR <= rows:
+            _tile[dt, MR](tot + r0 * ldt + cw, ldt, x + r0 * ldx, ldx, panel + cw, ldp, kb, kl, first)
+            r0 += MR
+        var rest = rows - r0
+        comptime for R in range(1, MR):
+            if rest == R:
+                _tile[dt, R](tot + r0 * ldt + cw, ldt, x + r0 * ldx, ldx, panel + cw, ldp, kb, kl, first)
 
 
 def linear_panels[dt: DType, mode: Int, o: MutOrigin](
@@ -242,16 +260,7 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
         for pn in range(t * panels // tasks, (t + 1) * panels // tasks):
             var panel = w + pn * k * PANEL
             for kb in range(0, k, PANEL):
-                var kl = min(PANEL, k - kb)
-                for cw in range(0, PANEL, CW):
-                    var r0 = 0
-                    while r0 + MR <= rows:
-                        _panel_tile[dt, MR](tot + r0 * PANEL + cw, x + r0 * k, k, panel + cw, kb, kl, kb == 0)
-                        r0 += MR
-                    var rest = rows - r0
-                    comptime for R in range(1, MR):
-                        if rest == R:
-                            _panel_tile[dt, R](tot + r0 * PANEL + cw, x + r0 * k, k, panel + cw, kb, kl, kb == 0)
+                block_product(tot, PANEL, x, k, rows, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
             var c0 = pn * PANEL
             var valid = min(PANEL, n - c0)
             var whole = valid - valid % V  # columns done V at a time, the same for every row

@@ -5,9 +5,10 @@
 First the peaks, measured here by tight loops with no memory traffic (scripts/peak): float32 FMA
 (24 chains of V lanes) and, on CPUs with AMX, TDPBF16PS (4 tiles of sums). Then each product of
 an encoder layer (x (windows * n_audio_ctx, k) @ w (n, k)^T + b, and the attention of all heads)
-through every kernel this CPU can run: MAX's float32 matmul, our bfloat16 kernels (AVX512_BF16's
-VDPBF16PS, AMX tiles). Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share
-of the peak of its own instruction kind on all workers. Last, the products of a decoder step
+through every kernel this CPU can run: MAX's float32 matmul, ours on float32 weight panels
+(whisper_max.linear_panels), our bfloat16 kernels (AVX512_BF16's VDPBF16PS, AMX tiles).
+Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share of the peak of its own
+instruction kind on all workers. Last, the products of a decoder step
 (vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels),
 with the rate the weight is read at. The CPU is printed first; this machine
 is shared, so a run is only compared with the peaks of the same run.
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
     m = args.windows * ctx
     target = Target.host()
-    kinds = ["fp32"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
+    kinds = ["fp32", "panels"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
     workers = os.cpu_count()
     dev = DeviceRef.CPU()
     peak_lib = ROOT / "scripts" / "peak"
@@ -87,19 +88,21 @@ def main(argv=None) -> int:
                 g.output(out[0].tensor)
     for label, (k, n) in shapes.items():
         for kind in kinds:
-            wdt = DType.float32 if kind == "fp32" else DType.bfloat16
+            wdt = DType.float32 if kind in ("fp32", "panels") else DType.bfloat16
             with Graph(f"{label}_{kind}", input_types=[TensorType(DType.float32, ["m", k], dev)], custom_extensions=[kernel_library()], module=mod) as g:
                 x = g.inputs[0].tensor
-                w = g.add_weight(Weight(f"{label}.{kind}.weight", wdt, [n, k], dev))
+                w = g.add_weight(Weight(f"{label}.{kind}.weight", wdt, [-(-n // 64), k, 64] if kind == "panels" else [n, k], dev))
                 b = g.add_weight(Weight(f"{label}.{kind}.bias", DType.float32, [n], dev))
-                if kind == "fp32":
+                if kind == "panels":  # float32 weight panels (whisper_max.linear_panels)
+                    y = ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
+                elif kind == "fp32":
                     y = x @ ops.transpose(w, 0, 1) + b
                 else:
                     op = LINEAR_AMX if kind == "amx" else LINEAR_BF16
                     y = ops.custom(op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
                 g.output(y)
     qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
-    for kind in kinds:
+    for kind in (k for k in kinds if k != "panels"):
         with Graph(f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod) as g:
             q, k_, v = (i.tensor for i in g.inputs)
             scale = float((d // heads) ** -0.25)
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     for label, (k, n) in shapes.items():
         w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
         for kind in kinds:
-            registry[f"{label}.{kind}.weight"] = w if kind == "fp32" else to_bfloat16(w)
+            registry[f"{label}.{kind}.weight"] = w if kind == "fp32" else to_panels(w) if kind == "panels" else to_bfloat16(w)
             registry[f"{label}.{kind}.bias"] = rng.standard_normal(n, dtype=np.float32)
     session = InferenceSession()
     print(f"CPU: {cpu_name()}, {workers} workers; kernels: {', '.join(kinds)}; compiling ...", flush=True)
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
             results["products"].append({"name": label, "m": m, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
     q = [Buffer.from_numpy(rng.standard_normal((args.windows, ctx, d), dtype=np.float32)) for _ in range(3)]
     flops = 4 * args.windows * heads * ctx * ctx * (d // heads)
-    for kind in kinds:
+    for kind in (k for k in kinds if k != "panels"):
         sec = timed(models[f"attention_{kind}"], q, args.repeats)
         rate = flops / sec / 1e9
         peak = peaks[("amx" if kind == "amx" else "fma", workers)]

@@ -186,10 +186,12 @@ def _cross_attention(
         var vh = v + (w * heads + h) * frames * hd
         var lo = starts.unsafe_load(g)
         var m = starts.unsafe_load(g + 1) - lo
-        var qg = alloc[Float32](m * hd)  # the group's q rows of this head, together
-        var sg = alloc[Float32](m * fp)  # their scores, then probabilities
-        var og = alloc[Float32](m * PANEL)
-        var pad = alloc[Float32](max(hd, frames) * PANEL)  # a partial block, zero-padded
+        var padded = (max(hd, frames) if hd % PANEL != 0 else hd) * PANEL if frames % PANEL != 0 or hd % PANEL != 0 else 0
+        var buf = alloc[Float32](m * hd + m * fp + m * PANEL + padded)  # one allocation per task
+        var qg = buf  # the group's q rows of this head, together
+        var sg = qg + m * hd  # their scores, then probabilities
+        var og = sg + m * fp
+        var pad = og + m * PANEL  # a partial block, zero-padded
         for j in range(m):
             var src = q + (order.unsafe_load(lo + j) * heads + h) * hd
             for c in range(hd):
@@ -226,10 +228,7 @@ def _cross_attention(
                 var o = dst + (order.unsafe_load(lo + j) * heads + h) * hd + c0
                 for c in range(cols):
                     o.unsafe_store(c, og.unsafe_load(j * PANEL + c))
-        pad.free()
-        og.free()
-        sg.free()
-        qg.free()
+        buf.free()
 
     parallelize(work, groups * heads)
 

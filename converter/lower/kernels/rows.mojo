@@ -192,6 +192,7 @@ comptime PANEL = 64  # output columns of one panel of a weight in panels (runtim
 comptime NV = 4  # vectors of columns in one register tile: the panel, or half of it on AVX2
 comptime CW = NV * V  # columns of one register tile
 comptime MR = 6 if V >= 16 else 3  # rows of one register tile: MR x NV sums, NV panel loads
+comptime STACK_ROWS = 64  # rows whose sums of one panel linear_panels keeps on the stack (16 KB)
 
 
 @always_inline
@@ -256,7 +257,10 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
     var tasks = max(1, min(parallelism_level(), panels))
 
     def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var tasks}:
-        var tot = alloc[Float32](max(1, rows) * PANEL)
+        # the sums of one panel: on the stack up to STACK_ROWS rows (an allocation per task and
+        # call costs more than a one-row product of a small matrix here)
+        var stack = stack_allocation[STACK_ROWS * PANEL, Float32, alignment=64]()
+        var tot = stack if rows <= STACK_ROWS else alloc[Float32](rows * PANEL)
         for pn in range(t * panels // tasks, (t + 1) * panels // tasks):
             var panel = w + pn * k * PANEL
             for kb in range(0, k, PANEL):
@@ -271,7 +275,8 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
                 for c in range(whole, valid):
                     var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
                     store[mode](y, res, r, c0 + c, n, tot.unsafe_load(r * PANEL + c) + bias, scale)
-        tot.free()
+        if rows > STACK_ROWS:
+            tot.free()
 
     parallelize(work, tasks)
 

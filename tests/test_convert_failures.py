@@ -84,13 +84,13 @@ def test_existing_output_needs_force(tmp_path, capsys):
     "limit_kb, message",
     [
         (2048, "cannot export the compiled program to {tmp}/model.mef (File too large); set TMPDIR to a folder with room, nothing was written"),
-        (131072, "{out}: cannot write the package (File too large); nothing was written, any earlier file there is unchanged"),
+        (65536, "{out}: cannot write the package (File too large); nothing was written, any earlier file there is unchanged"),
     ],
     ids=["mef-export", "package-write"],
 )
 def test_full_disk_while_writing_leaves_nothing_and_a_rerun_works(tiny_en, tmp_path, limit_kb, message):
     """`ulimit -f` (RLIMIT_FSIZE) stops a write part way, first the compiled program's export
-    (18 MB for tiny.en), then the package (173 MB): one line, exit 1, nothing left behind; the same
+    (18 MB for tiny.en), then the package (~130 MB): one line, exit 1, nothing left behind; the same
     command without the limit then writes the package."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()

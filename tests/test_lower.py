@@ -164,6 +164,17 @@ def _bf16_products():
     return program, with_derived(stored, program.weight_names())
 
 
+def _same_bits_in_any_batch(model, x, seed):
+    """The model's output for the 64 rows of x, after checking that the first m rows alone (m = 1..64)
+    and the rows in a random order give each row's bits unchanged."""
+    full = model.execute(x)[0].to_numpy()
+    for m in range(1, 65):
+        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
+    perm = np.random.default_rng(seed).permutation(64)
+    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    return full
+
+
 def _round_bf16(a):
     u = np.ascontiguousarray(a, np.float32).view(np.uint32)
     return (((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16) << 16).view(np.float32)
@@ -229,11 +240,7 @@ def test_bfloat16_rows_are_the_same_in_any_batch(compiled, kind):
     *_, models, _ = compiled
     model = models[f"rows_{kind}"]
     x = np.random.default_rng(10).standard_normal((64, 96)).astype(np.float32)
-    full = model.execute(x)[0].to_numpy()
-    for m in range(1, 65):
-        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
-    perm = np.random.default_rng(11).permutation(64)
-    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    full = _same_bits_in_any_batch(model, x, seed=11)
     close(full, _round_bf16(x).astype(np.float64) @ from_bfloat16(compiled[4]["w"]).astype(np.float64).T + compiled[4]["b"])
 
 
@@ -248,11 +255,7 @@ def test_bfloat16_decoder_step_rows(compiled, kind):
     *_, models, weights = compiled
     model = models[f"steps_{kind}"]
     x = np.random.default_rng(12).standard_normal((64, 1, 96)).astype(np.float32)
-    full = model.execute(x)[0].to_numpy()
-    for m in range(1, 65):
-        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
-    perm = np.random.default_rng(13).permutation(64)
-    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    full = _same_bits_in_any_batch(model, x, seed=13)
     w = from_bfloat16(weights["w3"]).astype(np.float64)
     exact = x.astype(np.float64) @ w.T + weights["b3"]
     if kind == "amx":
@@ -271,11 +274,7 @@ def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
     *_, models, weights = compiled
     model = models[f"panels_{dtype}"]
     x = np.random.default_rng(16).standard_normal((64, 1, 72)).astype(np.float32)
-    full = model.execute(x)[0].to_numpy()
-    for m in range(1, 65):
-        assert np.array_equal(model.execute(np.ascontiguousarray(x[:m]))[0].to_numpy(), full[:m]), f"{m} rows"
-    perm = np.random.default_rng(17).permutation(64)
-    assert np.array_equal(model.execute(np.ascontiguousarray(x[perm]))[0].to_numpy(), full[perm])
+    full = _same_bits_in_any_batch(model, x, seed=17)
     assert np.array_equal(full, models["panels_float32"].execute(x)[0].to_numpy())
     w = weights["w_float32"].astype(np.float64)
     np.testing.assert_array_equal(weights[f"w_{dtype}/panels"][1, :, :16], weights[f"w_{dtype}"][64:].T)

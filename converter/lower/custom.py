@@ -64,10 +64,11 @@ def kernel_library() -> Path:
     return out
 
 
-def _product(ctx, op: str, x, weight, bias):
+def _product(ctx, op: str, x, weight, bias, n=None):
     """x (..., k) float32 times weight (n, k), plus bias (n) (zeros if None) -> (..., n) float32,
-    as the custom op `op` on x's rows flattened to (rows, k)."""
-    k, n = x.shape[-1], weight.shape[0]
+    as the custom op `op` on x's rows flattened to (rows, k); `n` for a weight in another layout
+    (panels)."""
+    k, n = x.shape[-1], weight.shape[0] if n is None else n
     flat = ops.reshape(x, [-1, k])
     if bias is None:
         bias = ops.constant(np.zeros(int(n), np.float32), DType.float32, ctx.device)
@@ -107,13 +108,7 @@ def linear_panels(ctx, node, x, panels, bias=None):
         raise LoweringError(f"{node.name}: weight panels of shape {[int(d) for d in panels.shape]} for {n} outputs; expected ({-(-n // 64) if isinstance(n, int) else '?'}, k, 64)")
     if panels.dtype not in (DType.float32, DType.float16):
         raise LoweringError(f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32 or float16")
-    k = x.shape[-1]
-    flat = ops.reshape(x, [-1, k])
-    if bias is None:
-        bias = ops.constant(np.zeros(n, np.float32), DType.float32, ctx.device)
-    out_type = TensorType(DType.float32, [flat.shape[0], n], ctx.device)
-    y = ops.custom(ir.LINEAR_PANELS, device=ctx.device, values=[flat, panels, bias], out_types=[out_type])[0].tensor
-    return ops.reshape(y, [*x.shape[:-1], n])
+    return _product(ctx, ir.LINEAR_PANELS, x, panels, bias, n)
 
 
 @register(ir.DECODER_LAYER)

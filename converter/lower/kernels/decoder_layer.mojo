@@ -162,6 +162,14 @@ def _self_attention(
     parallelize(work, rows * heads)
 
 
+def _padded_block(pad: UnsafePointer[Float32, MutUntrackedOrigin], src: UnsafePointer[Float32, _], ld: Int, rows: Int, cols: Int):
+    """pad (rows, PANEL) = src[0:rows, 0:cols] (rows ld apart), zeros after column cols: a last
+    partial block of a product's operand in the layout rows.block_product reads."""
+    for i in range(rows):
+        for c in range(PANEL):
+            pad.unsafe_store(i * PANEL + c, src.unsafe_load(i * ld + c) if c < cols else Float32(0))
+
+
 def _cross_attention(
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _],
@@ -199,11 +207,7 @@ def _cross_attention(
         for l0 in range(0, frames, PANEL):
             var cols = min(PANEL, frames - l0)
             if cols < PANEL:
-                for i in range(hd * PANEL):
-                    pad.unsafe_store(i, Float32(0))
-                for c in range(hd):
-                    for l in range(cols):
-                        pad.unsafe_store(c * PANEL + l, kh.unsafe_load(c * frames + l0 + l))
+                _padded_block(pad, kh + l0, frames, hd, cols)
                 for kb in range(0, hd, PANEL):
                     block_product(sg + l0, fp, qg, hd, m, pad, PANEL, kb, min(PANEL, hd - kb), kb == 0)
             else:
@@ -214,11 +218,7 @@ def _cross_attention(
         for c0 in range(0, hd, PANEL):
             var cols = min(PANEL, hd - c0)
             if cols < PANEL:
-                for i in range(frames * PANEL):
-                    pad.unsafe_store(i, Float32(0))
-                for i in range(frames):
-                    for c in range(cols):
-                        pad.unsafe_store(i * PANEL + c, vh.unsafe_load(i * hd + c0 + c))
+                _padded_block(pad, vh + c0, hd, frames, cols)
                 for kb in range(0, frames, PANEL):
                     block_product(og, PANEL, sg, fp, m, pad, PANEL, kb, min(PANEL, frames - kb), kb == 0)
             else:

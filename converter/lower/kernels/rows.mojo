@@ -131,29 +131,22 @@ comptime RESIDUAL = 3  # y = res + (x @ w^T + b)
 
 
 @always_inline
-def store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], r: Int, j: Int, n: Int, sum: Float32, scale: Float32):
-    """y[r, j] = the epilogue `mode` of sum (x @ w^T + b at row r, column j)."""
+def store_at[mode: Int, w: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], at: Int, sum: SIMD[F32, w], scale: Float32):
+    """y[at : at + w] = the epilogue `mode` of sum (x @ w^T + b at w consecutive columns)."""
     var s = sum
     comptime if mode == SCALED:
         s = s * scale
     elif mode == GELU:
         s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
     elif mode == RESIDUAL:
-        s = res.unsafe_load(r * n + j) + s
-    y.unsafe_store(r * n + j, s)
+        s = res.unsafe_load[width=w](at) + s
+    y.unsafe_store(at, s)
 
 
 @always_inline
-def store_vector[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], at: Int, sum: SIMD[F32, V], scale: Float32):
-    """y[at : at + V] = the epilogue `mode` of sum, V columns at once (store's arithmetic)."""
-    var s = sum
-    comptime if mode == SCALED:
-        s = s * scale
-    elif mode == GELU:
-        s = 0.5 * s * (1.0 + erf(s * 0.7071067811865476))
-    elif mode == RESIDUAL:
-        s = res.unsafe_load[width=V](at) + s
-    y.unsafe_store(at, s)
+def store[mode: Int, o: MutOrigin](y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], r: Int, j: Int, n: Int, sum: Float32, scale: Float32):
+    """y[r, j] = the epilogue `mode` of sum (x @ w^T + b at row r, column j)."""
+    store_at[mode, 1](y, res, r * n + j, sum, scale)
 
 
 def weight_row[dt: DType, mode: Int, o: MutOrigin](
@@ -271,7 +264,7 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
             for r in range(rows):
                 for c in range(0, whole, V):
                     var bias = b.unsafe_load[width=V](c0 + c) if has_bias else SIMD[F32, V](0)
-                    store_vector[mode](y, res, r * n + c0 + c, tot.unsafe_load[width=V](r * PANEL + c) + bias, scale)
+                    store_at[mode, V](y, res, r * n + c0 + c, tot.unsafe_load[width=V](r * PANEL + c) + bias, scale)
                 for c in range(whole, valid):
                     var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
                     store[mode](y, res, r, c0 + c, n, tot.unsafe_load(r * PANEL + c) + bias, scale)

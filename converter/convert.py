@@ -160,7 +160,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         require_cpu_features(program)
     else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
         program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
-    program = passes.panel_products(program)  # the products of a few rows read weight panels
+    program = passes.panel_products(program, bfloat16=not Target.host().amx)  # the products of a few rows read weight panels
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -288,7 +288,7 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
     # what later converters add that needs no source model (a package made before them gets it)
     if any(g.name == Role.DECODER_ROWS and WINDOW not in {v.name for v in g.inputs} for g in program.graphs):
         program = passes.engine_rows(program)
-    program = passes.panel_products(passes.token_selection(program))
+    program = passes.panel_products(passes.token_selection(program), bfloat16=not Target.host().amx)
     require_cpu_features(program)
     (stage or _quiet)(f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a machine)")
     t = time.perf_counter()

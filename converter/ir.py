@@ -55,7 +55,7 @@ SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
 ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
 # `linear_panels(x, w, bias)`: x (..., k) @ W^T + bias -> (..., n), n = len(bias), for x of one
 # position per row (decoder steps), with W (n, k) given as `W/panels` (runtime.package.to_panels:
-# (ceil(n / 64), k, 64), float32 or float16): passes.panel_products makes it; the kernel
+# (ceil(n / 64), k, 64), float32, float16 or bfloat16): passes.panel_products makes it; the kernel
 # whisper_max.linear_panels sums each output in the same order whatever the number of rows.
 LINEAR_PANELS = f"{OWN_DOMAIN}.linear_panels"
 # op -> (the operands it writes in place, the operand holding the position it writes at)

@@ -750,11 +750,11 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
     return ir.Program(tuple(graphs), p.dims)
 
 
-PANEL_DTYPES = ("float32", "float16")
+PANEL_DTYPES = ("float32", "float16")  # and bfloat16 where its products do not run on AMX
 LAYER_MATRICES = (6, 8, 9, 11, 15, 17, 21, 23)  # a decoder_layer node's wq wk wv wo wcq wco w1 w2
 
 
-def panel_products(p: ir.Program) -> ir.Program:
+def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
     """Give each product of one position per row (the vocabulary projection of decoder steps,
     beams and the engine's rows, tied or not; any linear layer outside the fused blocks) with a
     weight W stored in float32 or float16 its own op, `linear_panels(x, W/panels, bias)`, which
@@ -767,7 +767,10 @@ def panel_products(p: ir.Program) -> ir.Program:
     feeds several multiply-adds, where a dot product per output feeds one; each output's sum
     runs in the same order whatever the number of rows. W may be the graph weight itself or its
     float32 view (a cast of a float16 one, passes.store_weights); the tied vocabulary product
-    is `x @ transpose(W)`. bfloat16 weights keep their kernels (AMX or VDPBF16PS)."""
+    is `x @ transpose(W)`. A bfloat16 weight is read in panels too when `bfloat16` (a target
+    without AMX: VDPBF16PS kernels would round the rows to bfloat16, and a dot product per output
+    is load-bound), else it keeps its AMX kernels (convert passes `not Target.amx`)."""
+    dtypes = (*PANEL_DTYPES, "bfloat16") if bfloat16 else PANEL_DTYPES
     graphs = []
     for g in p.graphs:
         weights = {w.name: w.type for w in g.weights}
@@ -781,7 +784,7 @@ def panel_products(p: ir.Program) -> ir.Program:
             elif n is not None:
                 return None
             t = weights.get(v)
-            if t is None or widened_source(v) is not None or t.dtype not in PANEL_DTYPES or len(t.shape) != 2:
+            if t is None or widened_source(v) is not None or t.dtype not in dtypes or len(t.shape) != 2:
                 return None
             return v if all(isinstance(d, int) for d in t.shape) else None
 

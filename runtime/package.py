@@ -161,7 +161,7 @@ def with_derived(weights: dict, names) -> dict:
     """`weights` plus each derived weight among `names`, made from its stored source once
     however many graphs bind it: `X/widened`, X's values as float32 (exact: a bfloat16 is a
     float32's top 16 bits, a float16 widens exactly too); `X/panels`, X in panels (to_panels)
-    in X's own dtype, float32 or float16."""
+    in X's own dtype, float32, float16 or bfloat16."""
     out = dict(weights)
     for name in names:
         if name in out:
@@ -172,9 +172,15 @@ def with_derived(weights: dict, names) -> dict:
         w = weights.get(src)
         kind = getattr(getattr(w, "dtype", None), "name", None)
         if panels_source(name) is not None:
-            if kind not in ("float32", "float16") or np.ndim(w) != 2:
-                raise PackageError(f"panel weight {name!r}: its source {src!r} is {'missing' if w is None else f'{kind} of rank {np.ndim(w)}'}, not a stored float32 or float16 matrix")
-            out[name] = to_panels(w)
+            rank = len(getattr(w, "shape", ()))  # a numpy array, or a MAX Buffer (bfloat16)
+            if kind not in ("float32", "float16", "bfloat16") or rank != 2:
+                raise PackageError(f"panel weight {name!r}: its source {src!r} is {'missing' if w is None else f'{kind} of rank {rank}'}, not a stored float32, float16 or bfloat16 matrix")
+            if kind == "bfloat16":  # a MAX Buffer: its bits in panels, viewed as bfloat16 again
+                from max.dtype import DType
+
+                out[name] = _bfloat16_buffer(to_panels(w.view(DType.uint16).to_numpy()))
+            else:
+                out[name] = to_panels(w)
         elif kind == "bfloat16":
             out[name] = from_bfloat16(w)
         elif kind == "float16":

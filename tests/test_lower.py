@@ -26,6 +26,8 @@ from whisper_max.runtime.model import WhisperModel
 from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_derived
 from whisper_max.runtime.program import StepCache, decoder_call, state_specs
 
+PANEL_KINDS = ("float32", "float16", "bfloat16")  # weight dtypes whisper_max.linear_panels reads
+
 TOL = 1e-5
 
 
@@ -89,13 +91,13 @@ def compiled():
 
 
 def _panel_products():
-    """Graphs `panels_float32` / `panels_float16`: a product of one position per row with a
-    weight (80, 72) stored in that dtype, which passes.panel_products reads in panels (a last
+    """Graphs `panels_float32` / `_float16` / `_bfloat16`: a product of one position per row with
+    a weight (80, 72) stored in that dtype (values all three hold exactly), which passes.panel_products reads in panels (a last
     panel of 16 columns, a last k block of 8). Returns the program and its bound weights."""
     graphs, stored = [], {}
     rng = np.random.default_rng(15)
-    w = rng.standard_normal((80, 72)).astype(np.float16)
-    for dt in ("float32", "float16"):
+    w = np.clip(np.round(rng.standard_normal((80, 72)) * 64), -255, 255) / 64  # exact in all three dtypes
+    for dt in PANEL_KINDS:
         t = lambda dtype, *shape: ir.TensorType(dtype, shape)  # noqa: E731
         graphs.append(
             ir.Graph(
@@ -108,9 +110,9 @@ def _panel_products():
                 (ir.SymDim("m", 1, None),),
             )
         )
-        stored[f"w_{dt}"] = w.astype(dt)
+        stored[f"w_{dt}"] = to_bfloat16(w) if dt == "bfloat16" else w.astype(dt)
     stored["b_panels"] = rng.standard_normal(80).astype(np.float32)
-    program = panel_products(ir.Program(tuple(graphs), {}))
+    program = panel_products(ir.Program(tuple(graphs), {}), bfloat16=True)
     assert all(g.nodes[-1].op == ir.LINEAR_PANELS for g in program.graphs)
     return program, with_derived(stored, program.weight_names())
 
@@ -265,19 +267,20 @@ def test_bfloat16_decoder_step_rows(compiled, kind):
         close(full, exact)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", PANEL_KINDS)
 def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
     """whisper_max.linear_panels (products of one position per row, the weight in panels): a
     row's result is bit-identical for M = 1..64 and in any place among the rows (one instruction
-    path and one k order for every M, tiles of rows and their rest), a float16 weight gives the
-    float32 one's bits, and the sums are the exact ones within float32 rounding."""
+    path and one k order for every M, tiles of rows and their rest), a float16 or bfloat16
+    weight gives the float32 one's bits, and the sums are the exact ones within float32 rounding."""
     *_, models, weights = compiled
     model = models[f"panels_{dtype}"]
     x = np.random.default_rng(16).standard_normal((64, 1, 72)).astype(np.float32)
     full = _same_bits_in_any_batch(model, x, seed=17)
     assert np.array_equal(full, models["panels_float32"].execute(x)[0].to_numpy())
     w = weights["w_float32"].astype(np.float64)
-    np.testing.assert_array_equal(weights[f"w_{dtype}/panels"][1, :, :16], weights[f"w_{dtype}"][64:].T)
+    as_array = lambda a: from_bfloat16(a) if dtype == "bfloat16" else a  # noqa: E731
+    np.testing.assert_array_equal(as_array(weights[f"w_{dtype}/panels"])[1, :, :16], as_array(weights[f"w_{dtype}"])[64:].T)
     close(full, x.astype(np.float64) @ w.T + weights["b_panels"])
 
 

@@ -273,8 +273,8 @@ def test_panel_products_give_the_step_products_weight_panels():
     projection of the step graphs) becomes linear_panels on `W/panels`, and each fused block
     reads its eight matrices as panels, in float32 and float16 packages alike (one float32
     matrix among float16 ones here); the stored weights are the same (panels
-    are made at load), nothing of many rows changes, bfloat16 weights keep their kernels, and
-    the IR round-trips through ONNX."""
+    are made at load), nothing of many rows changes, and the IR round-trips through ONNX;
+    bfloat16 weights keep their kernels unless asked (targets without AMX), then panels too."""
     base = optimise(trace_program(tiny_whisper()))
     vocab, d = "decoder.token_embedding.weight", TINY_DIMS["n_text_state"]
     f16 = store_weights(base, "float16", exact=frozenset(w.name for g in base.graphs for w in g.weights if w.name != "decoder.blocks.1.mlp.0.weight"))
@@ -298,8 +298,18 @@ def test_panel_products_give_the_step_products_weight_panels():
         assert ir.format_graph(after.graph("encoder")) == ir.format_graph(before.graph("encoder"))
         assert ir.format_program(panel_products(after)) == ir.format_program(after)
         assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
-    bf16 = store_weights(base)
+    bf16 = store_weights(base)  # on AMX targets bfloat16 weights keep their kernels; elsewhere panels
     assert ir.format_program(panel_products(bf16)) == ir.format_program(bf16)
+    after = panel_products(bf16, bfloat16=True)
+    assert after.stored_weights() == bf16.stored_weights()
+    for name in ("decoder_step", "decoder_rows"):
+        g = after.graph(name)
+        panels = {w.name: w.type for w in g.weights if panels_source(w.name)}
+        layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+        assert [n.inputs[1] for n in g.nodes if n.op == ir.LINEAR_PANELS] == [vocab + PANELS]
+        assert {n.inputs[i] for n in layers for i in LAYER_MATRICES} | {vocab + PANELS} == set(panels)
+        assert {t.dtype for t in panels.values()} == {"bfloat16"}
+    assert ir.format_graph(after.graph("encoder")) == ir.format_graph(bf16.graph("encoder"))
 
 
 def test_fuse_encoder_attention_replaces_each_blocks_chain():

@@ -106,8 +106,8 @@ def linear_panels(ctx, node, x, panels, bias=None):
     n = node.type.shape[-1]
     if not isinstance(n, int) or int(panels.shape[0]) != -(-n // 64) or int(panels.shape[2]) != 64:
         raise LoweringError(f"{node.name}: weight panels of shape {[int(d) for d in panels.shape]} for {n} outputs; expected ({-(-n // 64) if isinstance(n, int) else '?'}, k, 64)")
-    if panels.dtype not in (DType.float32, DType.float16):
-        raise LoweringError(f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32 or float16")
+    if panels.dtype not in (DType.float32, DType.float16, DType.bfloat16):
+        raise LoweringError(f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32, float16 or bfloat16")
     return _product(ctx, ir.LINEAR_PANELS, x, panels, bias, n)
 
 
@@ -117,8 +117,9 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     -> (rows, 1, d); writes the new key and value into the caches (slots, heads, capacity, hd).
     After the block's 23 operands may come the rows' lineage (passes.row_lineage) and then
     their windows (passes.engine_rows); the kernel takes both, empty when absent. `position` is
-    a scalar (every row's) or one per row. With bfloat16 weight matrices on a target with AMX the
-    block's products run on tiles (amx=True: x rounded to bfloat16 before each product)."""
+    a scalar (every row's) or one per row. With bfloat16 weight matrices (not in panels) on a
+    target with AMX the block's products run on tiles (amx=True: x rounded to bfloat16 before
+    each product)."""
     if axis != 2:
         raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
     if not 23 <= len(operands) <= 25:
@@ -131,7 +132,7 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     matrices = [operands[i] for i in (2, 4, 5, 7, 11, 13, 17, 19)]  # wq wk wv wo wcq wco w1 w2
-    amx = _rows_on_amx(ctx, *matrices) and all(int(w.shape[0]) % 32 == 0 for w in matrices)
+    amx = all(w.rank == 2 for w in matrices) and _rows_on_amx(ctx, *matrices) and all(int(w.shape[0]) % 32 == 0 for w in matrices)
     parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": amx}
     y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters)[0].tensor
     return ops.reshape(y, x.shape)

@@ -277,8 +277,8 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
 @extensibility.register("whisper_max.linear_panels")
 struct LinearPanels:
     """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) given in
-    panels w (ceil(n / 64), k, 64) (runtime.package.to_panels), float32 or float16 (widened
-    exactly as it is read); x, b and the sums float32. A row's result is bit-identical whatever
+    panels w (ceil(n / 64), k, 64) (runtime.package.to_panels), float32, float16 or bfloat16
+    (widened exactly as it is read); x, b and the sums float32. A row's result is bit-identical whatever
     the number of rows (linear_panels)."""
 
     @staticmethod
@@ -296,6 +296,6 @@ struct LinearPanels:
             raise Error("whisper_max.linear_panels: the weight is not (ceil(n / 64), k, 64) panels for x's k and the bias's n")
         if y.dim_size(0) != rows or y.dim_size(1) != n:
             raise Error("whisper_max.linear_panels: the output is not (rows, n)")
-        comptime if w.dtype != DType.float32 and w.dtype != DType.float16:
-            raise Error("whisper_max.linear_panels: float32 or float16 panels only")
+        comptime if w.dtype != DType.float32 and w.dtype != DType.float16 and w.dtype != DType.bfloat16:
+            raise Error("whisper_max.linear_panels: float32, float16 or bfloat16 panels only")
         linear_panels[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)

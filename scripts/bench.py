@@ -109,7 +109,7 @@ def step_bytes(manifest: dict) -> int:
     caches (under 1 MB on average here) are left out, which makes the floor lower, not higher."""
     import numpy as np
 
-    size = {"float32": 4, "bfloat16": 2}
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}
     sig = manifest["graphs"]["decoder_step"]
     per_window = {o["name"] for o in manifest["graphs"]["cross_kv"]["outputs"]}
     total = 0

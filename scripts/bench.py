@@ -105,16 +105,19 @@ def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
 
 def step_bytes(manifest: dict) -> int:
     """Bytes one single-row decoder step must read: the weights decoder_step binds (one row of
-    the positional table) and the window's cross-attention keys and values; the self-attention
-    caches (under 1 MB on average here) are left out, which makes the floor lower, not higher."""
+    the positional table, and of the token table where the vocabulary product reads its panels)
+    and the window's cross-attention keys and values; the self-attention caches (under 1 MB on
+    average here) are left out, which makes the floor lower, not higher."""
     import numpy as np
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
     sig = manifest["graphs"]["decoder_step"]
     per_window = {o["name"] for o in manifest["graphs"]["cross_kv"]["outputs"]}
+    names = {w["name"] for w in sig["weights"]}
+    gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}
     total = 0
     for w in sig["weights"]:
-        shape = w["shape"][1:] if w["name"] == "decoder.positional_embedding" else w["shape"]
+        shape = w["shape"][1:] if w["name"] in gathered else w["shape"]
         total += int(np.prod(shape)) * size[w["dtype"]]
     for i in sig["inputs"]:
         if i["name"] in per_window:

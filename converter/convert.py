@@ -160,6 +160,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         require_cpu_features(program)
     else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
         program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
+        program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
     program = passes.panel_products(program, bfloat16=not Target.host().amx)  # the products of a few rows read weight panels
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()

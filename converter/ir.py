@@ -53,6 +53,10 @@ SELECT_TOKENS = f"{OWN_DOMAIN}.select_tokens"
 # sums (the kernel whisper_max.attention_bf16); passes.fuse_encoder_attention makes it in the
 # encoder of a bfloat16 package.
 ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
+# `attention(q, k, v, heads=h, scale=s)`: the same attention in float32 (the kernel
+# whisper_max.attention: scores kept in cache); fuse_encoder_attention makes it in the encoder
+# of a float32 package.
+ATTENTION = f"{OWN_DOMAIN}.attention"
 # `linear_panels(x, w, bias)`: x (..., k) @ W^T + bias -> (..., n), n = len(bias), for x of one
 # position per row (decoder steps), with W (n, k) given as `W/panels` (runtime.package.to_panels:
 # (ceil(n / 64), k, 64), float32, float16 or bfloat16): passes.panel_products makes it; the kernel

@@ -828,18 +828,22 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
     return ir.Program(tuple(graphs), p.dims)
 
 
-def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: int = 64) -> ir.Program:
+def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: int = 64, op: str = ir.ATTENTION_BF16, require: bool = True) -> ir.Program:
     """Replace the attention of each block of `graph` (the encoder: no mask) by one
-    `attention_bf16(q, k, v)` node, which lowering runs as our bfloat16 kernel. Only for
-    bfloat16 packages: the kernel rounds q, k, v and the softmax's numerators to bfloat16.
+    `op(q, k, v)` node, which lowering runs as our kernel: `attention_bf16` for bfloat16
+    packages (the kernel rounds q, k, v and the softmax's numerators to bfloat16), `attention`
+    for float32 ones (float32 throughout, the scores kept in cache instead of written out).
 
     The traced chain, from the three linear outputs (batch, t, d) to the flattened heads, must
     be exactly openai-whisper's qkv_attention with no mask: each of q, k, v viewed as
     (batch, t, heads, hd) and permuted to (batch, heads, t, hd); q and k multiplied by one
     constant s; k transposed; q @ k^T; softmax over the last dim; @ v; permuted back and
     flattened. Every value of the chain has no other reader. hd must be `head_dim` (the kernel's
-    panel; every Whisper size has 64). Blocks that differ are left as they are and named in
-    the error if none matched."""
+    panel; every Whisper size has 64). Blocks that differ are left as they are; if none matched,
+    an error says why, or with `require=False` (float32, where MAX's ops compute the same
+    attention) `p` is returned unchanged and the log says so."""
+    if op not in (ir.ATTENTION_BF16, ir.ATTENTION):
+        raise ValueError(f"fuse_encoder_attention: {op!r} is not an attention op")
     g = p.graph(graph)
     prod = {n.name: n for n in g.nodes}
     users = _consumers(g)
@@ -895,12 +899,16 @@ def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: i
         sources = (q[0].inputs[0], k[0].inputs[0], v[0].inputs[0])
         if not isinstance(heads, int) or any(types[x] != flat.type for x in sources):
             continue
-        replace[flat.name] = ir.Node(flat.name, ir.ATTENTION_BF16, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope)
+        replace[flat.name] = ir.Node(flat.name, op, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope)
         drop |= {q[0].name, q[1].name, k[0].name, k[1].name, v[0].name, v[1].name, mq.name, mk.name, tr.name, qk.name, sm.name, pv.name, back.name}
     if not replace:
-        raise ValueError(f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, matmul, softmax, matmul, permute, flatten; heads of {head_dim})")
+        why = f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, matmul, softmax, matmul, permute, flatten; heads of {head_dim})"
+        if require:
+            raise ValueError(why)
+        log.info("%s; MAX's ops compute it", why)
+        return p
     nodes = [replace.get(n.name, n) for n in g.nodes if n.name not in drop]
-    log.info("%s: %d attentions fused (bfloat16)", graph, len(replace))
+    log.info("%s: %d attentions fused (%s)", graph, len(replace), op)
     return _replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
 
 

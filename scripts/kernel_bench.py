@@ -5,8 +5,9 @@
 First the peaks, measured here by tight loops with no memory traffic (scripts/peak): float32 FMA
 (24 chains of V lanes) and, on CPUs with AMX, TDPBF16PS (4 tiles of sums). Then each product of
 an encoder layer (x (windows * n_audio_ctx, k) @ w (n, k)^T + b, and the attention of all heads)
-through every kernel this CPU can run: MAX's float32 matmul, ours on float32 weight panels
-(whisper_max.linear_panels), our bfloat16 kernels (AVX512_BF16's VDPBF16PS, AMX tiles).
+through every kernel this CPU can run: MAX's float32 matmul (and attention of graph ops), ours
+on float32 weight panels (whisper_max.linear_panels; for the attention, whisper_max.attention),
+our bfloat16 kernels (AVX512_BF16's VDPBF16PS, AMX tiles).
 Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share of the peak of its own
 instruction kind on all workers. Last, the products of a decoder step
 (vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels),
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                     y = ops.custom(op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
                 g.output(y)
     qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
-    for kind in (k for k in kinds if k != "panels"):
+    for kind in kinds:  # "panels": our float32 kernel (whisper_max.attention)
         with Graph(f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod) as g:
             q, k_, v = (i.tensor for i in g.inputs)
             scale = float((d // heads) ** -0.25)
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
                 s = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
                 y = ops.reshape(ops.permute(ops.softmax(s) @ split(v), [0, 2, 1, 3]), [args.windows, ctx, d])
             else:
-                op = ATTENTION_AMX if kind == "amx" else ir.ATTENTION_BF16
+                op = {"amx": ATTENTION_AMX, "bf16": ir.ATTENTION_BF16, "panels": ir.ATTENTION}[kind]
                 y = ops.custom(op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale})[0].tensor
             g.output(y)
 
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
             results["products"].append({"name": label, "m": m, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
     q = [Buffer.from_numpy(rng.standard_normal((args.windows, ctx, d), dtype=np.float32)) for _ in range(3)]
     flops = 4 * args.windows * heads * ctx * ctx * (d // heads)
-    for kind in (k for k in kinds if k != "panels"):
+    for kind in kinds:
         sec = timed(models[f"attention_{kind}"], q, args.repeats)
         rate = flops / sec / 1e9
         peak = peaks[("amx" if kind == "amx" else "fma", workers)]

@@ -78,7 +78,7 @@ def compiled():
     products, product_weights = _bf16_products() if HAS_BF16 else (ir.Program((), {}), {})
     mod = Module()
     panels, panel_weights = _panel_products()
-    for g in program.graphs + (micro_ir,) + panels.graphs:
+    for g in program.graphs + (micro_ir,) + panels.graphs + (_attention_f32(),):
         lower_graph(g, mod)
     for kind, features in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
         for g in products.graphs:
@@ -118,6 +118,44 @@ def _panel_products():
 
 
 _ATTENTION_SHAPE = (2, 70, 128)  # 2 heads of 64; 70 keys: a padded panel, query tiles of 6 and a rest of 4
+
+
+def _attention_f32():
+    """A graph `attention_f32`: passes.fuse_encoder_attention's float32 node alone, on
+    _ATTENTION_SHAPE (queries in an item of 48 and a rest of 22, keys in a block of 64 and a
+    padded one of 6)."""
+    qkv = ir.TensorType("float32", ("b", *_ATTENTION_SHAPE[1:]))
+    node = ir.Node("attention", ir.ATTENTION, ("q", "k", "v"), (("heads", 2), ("scale", 0.125)), qkv, "attention")
+    inputs = tuple(ir.Value(n, qkv) for n in "qkv")
+    return ir.Graph("attention_f32", inputs, (), (), (node,), (("att", "attention"),), (ir.SymDim("b", 1, None),))
+
+
+def _attend(q, k, v, rounded=False):
+    """softmax((q s)(k s)^T) v per head of 64 (s = 0.125) in float64; `rounded`: q s, k s, v and
+    the softmax's numerators rounded to bfloat16 first, as our bfloat16 kernels do."""
+
+    def heads(a):
+        return a.reshape(a.shape[0], a.shape[1], -1, 64).transpose(0, 2, 1, 3).astype(np.float64)
+
+    r = _round_bf16 if rounded else (lambda a: a)
+    s = heads(r(q * np.float32(0.125))) @ heads(r(k * np.float32(0.125))).transpose(0, 1, 3, 2)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    num = r(e.astype(np.float32)).astype(np.float64) if rounded else e
+    o = num @ heads(r(v)) / e.sum(-1, keepdims=True)
+    return o.transpose(0, 2, 1, 3).reshape(q.shape)
+
+
+def test_float32_attention(compiled):
+    """whisper_max.attention (the float32 encoder's attention, scores kept in cache) is
+    softmax((q s)(k s)^T) v within float32 rounding, and a window's result is the same bits
+    alone or in a batch."""
+    *_, models, _ = compiled
+    q, k, v = np.random.default_rng(19).standard_normal((3, *_ATTENTION_SHAPE)).astype(np.float32) * np.float32(3)
+    model = models["attention_f32"]
+    att = model.execute(q, k, v)[0].to_numpy()
+    close(att, _attend(q, k, v))
+    one = model.execute(*(np.ascontiguousarray(a[1:]) for a in (q, k, v)))[0].to_numpy()
+    assert np.array_equal(one, att[1:])
 
 
 def _bf16_products():
@@ -216,19 +254,8 @@ def test_bfloat16_attention(compiled, kind):
     x = np.zeros((2, 7, 96), np.float32)
     att = models[f"products_{kind}"].execute(x, q, k, v)[2].to_numpy()
 
-    def heads(a):
-        return a.reshape(a.shape[0], a.shape[1], 2, 64).transpose(0, 2, 1, 3).astype(np.float64)
-
-    def attend(q, k, v, rounded):
-        r = _round_bf16 if rounded else (lambda a: a)
-        s = heads(r(q * np.float32(0.125))) @ heads(r(k * np.float32(0.125))).transpose(0, 1, 3, 2)
-        e = np.exp(s - s.max(-1, keepdims=True))
-        num = r(e.astype(np.float32)).astype(np.float64) if rounded else e
-        o = num @ heads(r(v)) / e.sum(-1, keepdims=True)
-        return o.transpose(0, 2, 1, 3).reshape(q.shape)
-
-    close(att, attend(q, k, v, True), 1e-3)
-    exact = attend(q, k, v, False)
+    close(att, _attend(q, k, v, rounded=True), 1e-3)
+    exact = _attend(q, k, v)
     err = np.abs(att - exact).max() / np.abs(exact).max()
     assert 10 * TOL < err < 3e-2, err  # rounded, and only by bfloat16's 8 bits
 

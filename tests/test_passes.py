@@ -334,3 +334,11 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
     # what needs AVX512_BF16 (convert.require_cpu_features): bfloat16 products of many rows, the attention
     assert ir.uses_bfloat16_arithmetic(p) and ir.uses_bfloat16_arithmetic(fused)
     assert not ir.uses_bfloat16_arithmetic(optimise(trace_program(tiny_whisper())))
+    # float32 packages: the same chain as the float32 kernel's node; none matched is no error there
+    f32 = optimise(trace_program(tiny_whisper()))
+    fused32 = fuse_encoder_attention(f32, head_dim=hd, op=ir.ATTENTION)
+    assert [n.inputs for n in fused32.graph("encoder").nodes if n.op == ir.ATTENTION] == [n.inputs for n in att]
+    assert not ir.uses_bfloat16_arithmetic(fused32)
+    assert fuse_encoder_attention(f32, head_dim=64, op=ir.ATTENTION, require=False) is f32
+    with pytest.raises(ValueError, match="not an attention op"):
+        fuse_encoder_attention(f32, op=ir.LINEAR_PANELS)

@@ -147,6 +147,13 @@ def attention_bf16(ctx, node, q, k, v, heads, scale):
     return ops.custom(op, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
 
 
+@register(ir.ATTENTION)
+def attention(ctx, node, q, k, v, heads, scale):
+    """passes.fuse_encoder_attention's float32 node as the kernel whisper_max.attention."""
+    out_type = TensorType(DType.float32, list(q.shape), ctx.device)
+    return ops.custom(ir.ATTENTION, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
+
+
 @register(ir.SELECT_TOKENS)
 def select_tokens(ctx, node, logits, rules, suppress, sampling, slots):
     """The kernel whisper_max.select_tokens; its output's middle dim is the length of `slots`."""

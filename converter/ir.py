@@ -201,17 +201,17 @@ def graph_signature(g: Graph) -> dict:
 
 def one_position_per_row(g: Graph, name: str) -> bool:
     """Whether the value `name` holds one position per row: every dim between the rows and the
-    last is 1 (a decoder step, one token for each row), or it is the last position selected
-    from such a value (passes.last_position_logits). Lowering runs products of such values with
-    weights as its matrix-vector kernel, which reads stored bfloat16 weights as they are."""
+    last is 1 (a decoder step, one token for each row), or it is one position selected from
+    (rows, positions, d) (passes.last_position_logits: the prompt's last position). Lowering
+    runs products of such values with weights as its matrix-vector kernels, which read stored
+    weights as they are stored."""
     types = g.types()
     shape = types[name].shape
     if len(shape) >= 3:
         return all(d == 1 for d in shape[1:-1])
     src = next((n for n in g.nodes if n.name == name), None)
     if len(shape) == 2 and src is not None and src.op == "aten.select.int" and src.attr("dim") == 1:
-        inner = types[src.inputs[0]].shape
-        return len(inner) == 3 and inner[1] == 1
+        return len(types[src.inputs[0]].shape) == 3
     return False
 
 

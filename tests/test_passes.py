@@ -217,15 +217,17 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
             elif n.op != ir.CAST:
                 assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
         # a stored matrix is read through a cast only by products of rows of one position each
-        # (decoder_step, decoder_rows) and by linear layers of many rows whose weight fits the
-        # bfloat16 kernel; everything else reads its widened copy
+        # (decoder_step, decoder_rows, the prompt's last position in decoder) and by linear layers
+        # of many rows whose weight fits the bfloat16 kernel; everything else reads its widened copy
         readers = {c.name: [m for m in g.nodes if c.name in m.inputs] for c in casts if c.inputs[0] in types}
         for users in readers.values():
             assert users and all(m.op in ("aten.linear.default", "aten.transpose.int") for m in users)
         if g.name in ("decoder_step", "decoder_rows"):
             assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
+        last = {c.inputs[0] for c in casts if any(m.op == "aten.transpose.int" for m in readers.get(c.name, []))}
+        assert last == ({"decoder.token_embedding.weight"} if g.name in ("decoder", "decoder_step", "decoder_rows") else set()), g.name
         if g.name in ("encoder", "decoder", "alignment"):
-            many_rows = {c.inputs[0] for c in casts if c.inputs[0] in types}
+            many_rows = {c.inputs[0] for c in casts if c.inputs[0] in types} - last
             assert many_rows == {w for w in types if ir.bfloat16_product_fits(types[w].shape) and any(m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)}
             assert many_rows and all(types[w].shape[0] % 64 == 0 for w in many_rows)  # the tiny MLP's fc1 (64, 16)
     # one stored dtype per weight; widened weights stand for their bfloat16 source

@@ -28,6 +28,11 @@ EnglishTextNormalizer).
 `--package-bf16` adds `whisper-max-bfloat16`: the same runtime on a package converted with
 `--dtype bfloat16` (its tokens need not equal openai-whisper's; scripts/wer.py measures the cost).
 
+`--peers DIR` adds OpenVINO GenAI (f32, bf16) and whisper.cpp (f32, f16, q8_0), set up in DIR by
+`../shared/tools/peers/setup.sh` and run with the same flags as its `wall.sh` (one file, greedy
+or beam search): their own reported load and transcription times, and for every engine the
+whole process from spawn to exit.
+
 Peers are optional benchmark dependencies: `pip install faster-whisper` (CTranslate2).
 """
 
@@ -48,7 +53,11 @@ DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav
 CLIP = ROOT / "golden" / "data" / "jfk.wav"  # bundled; start-up is measured on it
 ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
 BATCHED_ENGINES = ["whisper-max-batched", "faster-whisper-batched", "faster-whisper-batched-int8"]
+# peers outside this Python, set up and run by ../shared/tools/peers (its README): OpenVINO GenAI's
+# WhisperPipeline in its own venv and whisper.cpp's whisper-cli
+PEER_ENGINES = ["openvino-f32", "openvino-bf16", "whisper.cpp-f32", "whisper.cpp-f16", "whisper.cpp-q8_0"]
 SHARED = ROOT.parent / "shared" / "audio"
+PEER_TOOLS = ROOT.parent / "shared" / "tools" / "peers"
 
 
 def machine() -> dict:
@@ -324,6 +333,71 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
     return out
 
 
+def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> dict:
+    """One run of a peer outside this Python (PEER_ENGINES), as ../shared/tools/peers/wall.sh runs
+    it (the same flags): its whole process timed from spawn to exit, its peak RSS from the
+    kernel's account of the process and its children, and the load and transcription times it
+    reports itself (OpenVINO GenAI: ov_transcribe.py's `load` and `transcribe wall`; whisper.cpp:
+    whisper_print_timings' load and total, and its encoder, decoder and prompt shares)."""
+    import re
+    import tempfile
+
+    if "," in audio_path:
+        raise SystemExit(f"{engine}: one audio file per run; the peers outside this Python are not timed on a corpus")
+    kind, precision = engine.rsplit("-", 1) if engine.startswith("openvino") else engine.split("-", 1)
+    beams = beam or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PEERS_DIR=str(peers))
+        if kind == "openvino":
+            python, model = peers / "venv-ov" / "bin" / "python", peers / "models" / "ov-tiny.en"
+            need = [python, model / "openvino_decoder_model.xml"]
+            cmd = [str(python), str(PEER_TOOLS / "ov_transcribe.py"), str(model), audio_path, "--precision", precision, "--beams", str(beams), "--threads", "2", "--timestamps"]
+            text_file = None
+        else:
+            out = Path(tmp) / "out"
+            need = [peers / "whisper.cpp" / "build" / "bin" / "whisper-cli", peers / "whisper.cpp" / "models" / "tiny.en" / f"ggml-tiny.en-{precision}.bin"]
+            cmd = ["bash", str(PEER_TOOLS / "whispercpp.sh"), "run", precision, audio_path, "greedy" if beams == 1 else f"beam{beams}", str(out)]
+            text_file = out.with_suffix(".txt")
+        missing = [str(f) for f in need if not f.exists()]
+        if missing:
+            what = "openvino" if kind == "openvino" else "whispercpp MIRROR"
+            raise SystemExit(f"{engine}: {', '.join(missing)} missing; set it up with `PEERS_DIR={peers} {PEER_TOOLS}/setup.sh {what}` (README there)")
+        streams = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with streams[0].open("w") as o, streams[1].open("w") as e:
+            t = time.time()
+            proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)  # this process and the children it waited for
+            process_s = time.time() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout, stderr = (f.read_text() for f in streams)
+        if proc.returncode != 0:
+            log = text_file.with_suffix(".log").read_text() if text_file and text_file.with_suffix(".log").exists() else stderr
+            raise SystemExit(f"{engine} failed (exit {proc.returncode}):\n{log[-2000:]}")
+        out: dict = {"engine": engine, "process_s": process_s, "peak_rss_mb": usage.ru_maxrss / 1024, "components": {}}
+        if kind == "openvino":
+            m = re.search(r"load ([0-9.]+) s \| transcribe wall ([0-9.]+) s", stderr)
+            if not m:
+                raise SystemExit(f"{engine}: ov_transcribe.py reported no load and transcribe times:\n{stderr[-1000:]}")
+            out["load_s"], out["wall_s"], out["texts"] = float(m.group(1)), float(m.group(2)), [stdout.strip()]
+        else:
+            log = text_file.with_suffix(".log").read_text()
+            ms = {k: float(v) for k, v in re.findall(r"whisper_print_timings:\s+(\w+) time =\s+([0-9.]+) ms", log)}
+            if "load" not in ms or "total" not in ms:
+                raise SystemExit(f"{engine}: whisper-cli printed no load and total times:\n{log[-1000:]}")
+            out["load_s"], out["wall_s"] = ms["load"] / 1000, (ms["total"] - ms["load"]) / 1000
+            out["components"] = {k: v / 1000 for k, v in ms.items() if k in ("mel", "encode", "decode", "batchd", "prompt")}
+            out["texts"] = [" ".join(line.strip() for line in text_file.read_text().splitlines())]
+    out["duration_s"] = _duration(audio_path)
+    return out
+
+
+def _duration(path: str) -> float:
+    import wave
+
+    with wave.open(path) as w:
+        return w.getnframes() / w.getframerate()
+
+
 README = ROOT / "README.md"
 
 
@@ -357,6 +431,12 @@ def main() -> None:
     ap.add_argument("--corpus", action="store_true", help="the benchmark corpus (scripts/make_corpus.py) and the long-form file, in one process per engine; whisper-max batches them")
     ap.add_argument("--beam-size", type=int, default=None, help="beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) instead of greedy")
     ap.add_argument("--batched", action="store_true", help="faster-whisper's batched mode (VAD chunks, batch 8, beam 5) against its BatchedInferencePipeline, with WER")
+    ap.add_argument(
+        "--peers",
+        type=Path,
+        default=None,
+        help="also time OpenVINO GenAI (f32, bf16) and whisper.cpp (f32, f16, q8_0), set up in this folder by ../shared/tools/peers/setup.sh (PEERS_DIR)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.batched and not args.child:
@@ -373,6 +453,10 @@ def main() -> None:
         names = args.engines.split(",")
         names.insert(names.index(ours) + 1 if ours in names else 0, ours_bf16)
         args.engines = ",".join(names)
+    if args.peers and not args.child:
+        if args.corpus or args.batched:
+            raise SystemExit("--peers: OpenVINO GenAI and whisper.cpp are timed on one file, greedy or beam search; not with --corpus or --batched")
+        args.engines = ",".join([*args.engines.split(","), *(e for e in PEER_ENGINES if e not in args.engines.split(","))])
     if args.child:
         if args.child == "machine":
             print(json.dumps(machine()))
@@ -392,10 +476,12 @@ def main() -> None:
         if package is None:
             raise SystemExit(f"{name}: give its package with --package-bf16")
         beam = [] if args.beam_size is None else ["--beam-size", str(args.beam_size)]
+        t = time.time()
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", audio or args.audio, *beam], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        # the whole process, its bench bookkeeping included (one more log-mel of the audio, timing)
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": time.time() - t}
 
     # in a child: the 1 GiB it reads would otherwise count in every later child's peak RSS (Linux
     # keeps ru_maxrss across exec)
@@ -403,7 +489,7 @@ def main() -> None:
     print(f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
-            runs[e].append(child(e))
+            runs[e].append(_external(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
             print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
         if "whisper-max" in engines and not args.corpus and args.beam_size is None:
             startups.append(child("startup"))
@@ -427,6 +513,7 @@ def main() -> None:
             "rtf": statistics.median(walls) / duration,
             "load_s": statistics.median(x["load_s"] for x in rs),
             "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            "process_s": statistics.median(x["process_s"] for x in rs),
         }
     if startups:
         summary["whisper-run start-up"] = {k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")}
@@ -442,8 +529,8 @@ def main() -> None:
         f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
-        f"| engine | min s | median s | RTF | load s | peak RSS MB | {ours} speed-up (median) |" + (f" {ours_bf16} speed-up (median) |" if bf else "") + last_columns[0],
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + last_columns[1],
+        f"| engine | min s | median s | RTF | load s | whole process s | peak RSS MB | {ours} speed-up (median) |" + (f" {ours_bf16} speed-up (median) |" if bf else "") + last_columns[0],
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + last_columns[1],
     ]
     if args.batched:
         lines[2] = (
@@ -459,10 +546,28 @@ def main() -> None:
     for e, s in summary.items():
         if e not in runs:
             continue
-        same = "—" if ref_tokens is None or e == "openai-whisper" else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
+        same = "—" if ref_tokens is None or e == "openai-whisper" or "tokens" not in runs[e][0] else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
         bf_col = f" {ratio(s, bf, e == ours_bf16)} |" if bf else ""
         last = f" {wer[e]['timed']:.2f} | {wer[e]['dev']:.2f} |" if wer else f" {same} |"
-        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}")
+        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['process_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}")
+    if any(e in runs for e in PEER_ENGINES):
+        lines += [
+            "",
+            "median s: transcription, load excluded, as each engine reports it (OpenVINO GenAI: ov_transcribe.py's `transcribe wall`; "
+            "whisper.cpp: whisper_print_timings' total minus load); whole process s: spawn to exit, imports, load and audio decoding included "
+            "(whisper-max's and faster-whisper's include this benchmark's bookkeeping). OpenVINO GenAI does not condition on previous text.",
+        ]
+        for own in (ours, ours_bf16):
+            if own in summary:
+                lines.append(
+                    f"{own} speed-up by whole process (median): "
+                    + ", ".join(f"{e} {summary[e]['process_s'] / summary[own]['process_s']:.2f}x" for e in runs if e != own and not e.startswith("whisper-max"))
+                    + "."
+                )
+        for e in PEER_ENGINES:
+            c = runs.get(e, [{}])[-1].get("components")
+            if c:
+                lines.append(f"{e} reports (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in c.items()) + ".")
     for e in ("whisper-max", "whisper-max-bfloat16", "whisper-max-batched", "whisper-max-bfloat16-batched"):
         if e not in runs:
             continue

@@ -83,3 +83,16 @@ def test_writers_match_openai_whisper(tmp_path):
     wu.get_writer("all", str(tmp_path / "ref"))(result, "clip.wav", {})
     for fmt in WRITERS:
         assert (tmp_path / "ours" / f"clip.{fmt}").read_text() == (tmp_path / "ref" / f"clip.{fmt}").read_text(), fmt
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 6, 448, 64)])  # below and above the 1 MiB of its own mapping
+def test_pool_arrays_are_writable_zeros_and_grow_keeping_rows(shape):
+    from whisper_max.runtime.model import _grown, _pool_zeros
+
+    a = _pool_zeros(shape, "float32")
+    assert a.shape == shape and a.dtype == np.float32 and a.flags.writeable and not a.any()
+    a[...] = np.arange(a.size, dtype=np.float32).reshape(shape)
+    b = _grown(a, shape[0] + 3)
+    assert b.shape == (shape[0] + 3, *shape[1:]) and b.flags.writeable
+    np.testing.assert_array_equal(b[: shape[0]], a)
+    assert not b[shape[0] :].any()

@@ -344,7 +344,7 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
 
     if "," in audio_path:
         raise SystemExit(f"{engine}: one audio file per run; the peers outside this Python are not timed on a corpus")
-    kind, precision = engine.rsplit("-", 1) if engine.startswith("openvino") else engine.split("-", 1)
+    kind, precision = engine.rsplit("-", 1)  # openvino | whisper.cpp, and its precision
     beams = beam or 1
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PEERS_DIR=str(peers))
@@ -352,12 +352,12 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
             python, model = peers / "venv-ov" / "bin" / "python", peers / "models" / "ov-tiny.en"
             need = [python, model / "openvino_decoder_model.xml"]
             cmd = [str(python), str(PEER_TOOLS / "ov_transcribe.py"), str(model), audio_path, "--precision", precision, "--beams", str(beams), "--threads", "2", "--timestamps"]
-            text_file = None
+            text_file = log_file = None
         else:
-            out = Path(tmp) / "out"
+            prefix = Path(tmp) / "out"  # whispercpp.sh writes PREFIX.txt (the text) and PREFIX.log (whisper-cli's output)
             need = [peers / "whisper.cpp" / "build" / "bin" / "whisper-cli", peers / "whisper.cpp" / "models" / "tiny.en" / f"ggml-tiny.en-{precision}.bin"]
-            cmd = ["bash", str(PEER_TOOLS / "whispercpp.sh"), "run", precision, audio_path, "greedy" if beams == 1 else f"beam{beams}", str(out)]
-            text_file = out.with_suffix(".txt")
+            cmd = ["bash", str(PEER_TOOLS / "whispercpp.sh"), "run", precision, audio_path, "greedy" if beams == 1 else f"beam{beams}", str(prefix)]
+            text_file, log_file = prefix.with_suffix(".txt"), prefix.with_suffix(".log")
         missing = [str(f) for f in need if not f.exists()]
         if missing:
             what = "openvino" if kind == "openvino" else "whispercpp MIRROR"
@@ -368,10 +368,10 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
             proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
             _, status, usage = os.wait4(proc.pid, 0)  # this process and the children it waited for
             process_s = time.time() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
         stdout, stderr = (f.read_text() for f in streams)
         if proc.returncode != 0:
-            log = text_file.with_suffix(".log").read_text() if text_file and text_file.with_suffix(".log").exists() else stderr
+            log = log_file.read_text() if log_file and log_file.exists() else stderr
             raise SystemExit(f"{engine} failed (exit {proc.returncode}):\n{log[-2000:]}")
         out: dict = {"engine": engine, "process_s": process_s, "peak_rss_mb": usage.ru_maxrss / 1024, "components": {}}
         if kind == "openvino":
@@ -380,22 +380,17 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
                 raise SystemExit(f"{engine}: ov_transcribe.py reported no load and transcribe times:\n{stderr[-1000:]}")
             out["load_s"], out["wall_s"], out["texts"] = float(m.group(1)), float(m.group(2)), [stdout.strip()]
         else:
-            log = text_file.with_suffix(".log").read_text()
+            log = log_file.read_text()
             ms = {k: float(v) for k, v in re.findall(r"whisper_print_timings:\s+(\w+) time =\s+([0-9.]+) ms", log)}
             if "load" not in ms or "total" not in ms:
                 raise SystemExit(f"{engine}: whisper-cli printed no load and total times:\n{log[-1000:]}")
             out["load_s"], out["wall_s"] = ms["load"] / 1000, (ms["total"] - ms["load"]) / 1000
             out["components"] = {k: v / 1000 for k, v in ms.items() if k in ("mel", "encode", "decode", "batchd", "prompt")}
             out["texts"] = [" ".join(line.strip() for line in text_file.read_text().splitlines())]
-    out["duration_s"] = _duration(audio_path)
+    from whisper_max.runtime.audio import load_audio
+
+    out["duration_s"] = len(load_audio(audio_path)) / 16000  # as _child counts it
     return out
-
-
-def _duration(path: str) -> float:
-    import wave
-
-    with wave.open(path) as w:
-        return w.getnframes() / w.getframerate()
 
 
 README = ROOT / "README.md"

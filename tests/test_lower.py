@@ -431,10 +431,12 @@ def test_rows_share_one_window_and_reorder_in_place(compiled):
 
 def test_rows_of_many_windows_in_one_call(compiled):
     """decoder_rows as the engine calls it (runtime.model.RowPool): rows of three windows, with
-    prompts of different lengths, at different positions, in cache slots of one pool (two beams
+    prompts of different lengths, at different positions, in cache slots of one pool (ten beams
     of one window sharing its prompt's slot through their lineage), in one call. Each row's
     logits are openai-whisper's for its own tokens and window, and bit for bit what the call
-    gives for that window's rows alone."""
+    gives for that window's rows alone, and for one of the ten alone: the kernel reads a window's
+    keys one way for a few rows and another for many (decoder_layer's STREAM_ROWS), the same
+    sums either way."""
     from max.driver import Buffer
 
     model, _, program, models, _ = compiled
@@ -447,12 +449,13 @@ def test_rows_of_many_windows_in_one_call(compiled):
     caches = [i for i in sig["inputs"] if "state" in i]
     cross_names = [i["name"] for i in sig["inputs"] if i["shape"][0] == "windows"]
     windows = {k: np.concatenate([r[1][k].to_numpy() for r in runs]) for k in cross_names}
-    slots = 6
+    beams = 10  # window 2's rows: more than STREAM_ROWS
+    slots = 2 + beams
     pool = {i["name"]: np.zeros([slots, *i["shape"][1:]], np.float32) for i in caches}
     buffers = {k: Buffer.from_numpy(a) for k, a in pool.items()}  # written in place by the graph
     prompts = [rng.integers(0, v, (1, n)).astype(np.int64) for n in (2, 5, 3)]
-    # rows: (window, prompt slot, own slot); window 2 decodes two rows (beams)
-    rows = [(0, 0, 0), (1, 1, 1), (2, 2, 2), (2, 2, 3)]
+    # rows: (window, prompt slot, own slot); window 2 decodes `beams` rows
+    rows = [(0, 0, 0), (1, 1, 1)] + [(2, 2, 2 + b) for b in range(beams)]
     for w, (prompt, (_, cross)) in enumerate(zip(prompts, runs)):
         _, cache, _ = decoder_call(run, {}, prompt, empty_cache(program.graph("decoder"), 1), cross)
         for i in caches:
@@ -482,7 +485,7 @@ def test_rows_of_many_windows_in_one_call(compiled):
         new = rng.integers(0, v, (len(rows), 1)).astype(np.int64)
         snapshot = {k: a.copy() for k, a in pool.items()}
         together = call(list(range(len(rows))), new)
-        for members in ([0], [1], [2, 3]):
+        for members in ([0], [1], [2], [5], list(range(2, 2 + beams))):
             after = {k: a.copy() for k, a in pool.items()}
             for k in pool:
                 pool[k][...] = snapshot[k]

@@ -39,16 +39,18 @@ def close(got, ref, tol=TOL):
 
 
 class Micro(nn.Module):
-    """Op variants whisper itself does not use: odd-length stride-2 conv, tanh GELU, no-bias linear."""
+    """Op variants whisper itself does not use: odd-length stride-2 conv, then a conv of a
+    channels-last input whose channels are no whole vector, tanh GELU, no-bias linear."""
 
     def __init__(self):
         super().__init__()
         self.conv = Conv1d(4, 6, kernel_size=3, stride=2, padding=1)
+        self.conv2 = Conv1d(6, 6, kernel_size=3, padding=1)
         self.proj = Linear(6, 5, bias=False)
         self.norm = LayerNorm(5)
 
     def forward(self, x):
-        h = F.gelu(self.conv(x), approximate="tanh").permute(0, 2, 1)
+        h = self.conv2(F.gelu(self.conv(x), approximate="tanh")).permute(0, 2, 1)
         y = self.norm(self.proj(h) * 0.5 + 1.0)
         return F.softmax(y - 2.0, dim=-1) / 3.0
 

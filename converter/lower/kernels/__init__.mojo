@@ -3,6 +3,7 @@
 #   decoder_layer.mojo  whisper_max.decoder_layer   one fused decoder block for a few rows
 #   select_tokens.mojo  whisper_max.select_tokens   the next-token choice after a decoder call
 #   attention.mojo      whisper_max.attention       the encoder's attention in float32
+#   taps.mojo           whisper_max.conv_taps       a 1-D convolution's windows as rows (im2col)
 #   bf16.mojo           whisper_max.linear_bf16, attention_bf16   bfloat16 on AVX512_BF16
 #   amx.mojo            whisper_max.linear_amx, attention_amx     bfloat16 on Intel AMX
 #   simd.mojo           helpers (vector width, bfloat16 rounding, softmax pieces)

@@ -61,9 +61,8 @@ def convert_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from whisper_max.runtime.cliutil import run_app
-    from whisper_max.runtime.package import PackageError
-
+    from ..runtime.cliutil import run_app
+    from ..runtime.package import PackageError
     from .convert import ConvertError
     from .ir import TraceError
     from .lower import LoweringError

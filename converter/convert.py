@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from whisper_max.runtime import package, trust
-from whisper_max.runtime.package import WINDOW
-from whisper_max.runtime.program import Role
-
+from ..runtime import package, trust
+from ..runtime.package import WINDOW
+from ..runtime.program import Role
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
 from .lower.target import Target
@@ -138,8 +137,7 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     from max import engine
     from max.engine import InferenceSession
 
-    import whisper_max.golden.capture as gc
-
+    from ..golden import capture as gc
     from . import parity, sources, trace
 
     if dtype not in DTYPES:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from whisper_max.runtime.package import panels_source, widened_source
+from ..runtime.package import panels_source, widened_source
 
 Dim = int | str
 

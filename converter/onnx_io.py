@@ -14,8 +14,7 @@ import json
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from whisper_max.runtime.program import Role
-
+from ..runtime.program import Role
 from . import ir
 
 DOMAIN = "aten"

@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from whisper_max import golden
-from whisper_max.runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
-
+from .. import golden
+from ..runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
 from . import ir
 from .lower import lower_graph
 

@@ -7,9 +7,8 @@ import logging
 import numpy as np
 import sympy
 
-from whisper_max.runtime.package import LINEAGE, PANEL, PANELS, SELECT_RULES, WIDENED, WINDOW, widened_source
-from whisper_max.runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
-
+from ..runtime.package import LINEAGE, PANEL, PANELS, SELECT_RULES, WIDENED, WINDOW, widened_source
+from ..runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 from . import ir
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jinja2
 
-from whisper_max import templates
+from .. import templates
 
 
 def _env() -> jinja2.Environment:

@@ -29,8 +29,7 @@ from torch import nn
 from torch.export import Dim, export
 from whisper.model import MultiHeadAttention, TextDecoder, Whisper, disable_sdpa
 
-from whisper_max.runtime.program import AUDIO_FEATURES, LOGITS, MEL, TOKENS, Role
-
+from ..runtime.program import AUDIO_FEATURES, LOGITS, MEL, TOKENS, Role
 from .ir import Constant, Graph, Node, Program, SymDim, TensorType, TraceError, Value
 
 log = logging.getLogger(__name__)

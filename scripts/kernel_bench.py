@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))  # the repository's folders as whisper_max, uninstalled too
 TINY_EN = {"n_audio_state": 384, "n_audio_head": 6, "n_audio_ctx": 1500, "n_text_state": 384, "n_vocab": 51864}  # when no --package
 STEP_ROWS = (1, 5, 32)  # rows of a decoder call: greedy, beam 5, the engine's rows
 

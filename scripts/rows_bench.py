@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))  # the repository's folders as whisper_max, uninstalled too
 DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav"
 N_FRAMES = 3000  # mel frames of one 30 s window
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from whisper_max.runtime.package import cpu_target
+from ...runtime.package import cpu_target
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from .extras import MissingExtra
+
 
 def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str, expected: tuple[type[BaseException], ...]) -> int:
     """0 on success, 1 for an expected error (one line on stderr), 2 for a usage error."""
@@ -19,7 +21,7 @@ def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str, expected: 
     except typer.TyperException as e:  # usage errors (typer's vendored click)
         e.show()
         return 2
-    except expected as e:
+    except (*expected, MissingExtra) as e:
         print(f"{prog_name}: error: {e}", file=sys.stderr)
         return 1
     if rc == 130:  # typer turns Ctrl-C into Exit(130); outputs are written whole or not at all

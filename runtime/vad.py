@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE
+from .extras import require
 
 MODEL_PATH = Path(__file__).parent / "assets" / "silero_vad_v6.onnx"
 WINDOW = 512  # samples per speech probability (32 ms)
@@ -76,7 +77,7 @@ BATCHED = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
 
 @functools.lru_cache(maxsize=1)
 def _session():
-    import onnxruntime
+    onnxruntime = require("onnxruntime", "vad", "Silero VAD (vad_filter, the batched mode)")
 
     opts = onnxruntime.SessionOptions()
     opts.inter_op_num_threads = 1

@@ -23,7 +23,7 @@ from conftest import shared_audio
 
 from whisper_max import golden, runtime
 from whisper_max.runtime.cli import main as whisper_run
-from whisper_max.runtime.serve import Settings, create_app
+from whisper_max.runtime.openai_api import Settings, create_app
 
 JFK = Path(golden.JFK_WAV)
 
@@ -321,7 +321,7 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
 @pytest.mark.parametrize("name", ["jfk.wav", "jfk_8k.wav", "jfk_22k_s24.wav", "jfk_48k.flac"])
 def test_uploads_wait_as_16_bit_values_without_loss(name):
     from whisper_max.runtime.audio import load_audio
-    from whisper_max.runtime.serve import read_upload
+    from whisper_max.runtime.openai_api import read_upload
 
     path = JFK.with_name(name)
     held = read_upload(path.read_bytes(), name, 60.0)

@@ -1,0 +1,161 @@
+"""The request scheduler of whisper-serve: one thread owns the model and its engine.
+
+Every admitted request is a long-form stream (runtime.stream) on that engine, so the windows of
+concurrent requests decode their next token in the same decoder call (continuous batching),
+each getting the tokens it gets alone. `submit()` is thread-safe and bounded (Busy beyond
+`max_active + queue_size`); `cancel()` frees a request's rows before the engine's next step.
+Nothing here is HTTP: the server (runtime.serve) and anything else that queues requests on
+one engine use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .options import TranscribeOptions
+from .stream import TranscriptionStream
+
+
+class Busy(Exception):
+    """The admission queue is full."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request: its samples (until its stream starts), options and result."""
+
+    samples: np.ndarray
+    options: TranscribeOptions
+    future: Future
+    stream: TranscriptionStream | None = None
+    admitted: float = 0.0
+
+
+class Scheduler:
+    """Runs admitted requests on one engine in its own thread. `submit()` is thread-safe and
+    returns a Future of the result dict; `cancel()` drops a request (its rows are freed before
+    the engine's next step)."""
+
+    def __init__(self, model, max_active: int = 8, queue_size: int = 32, max_rows: int = 64):
+        self.model, self.max_active, self.capacity = model, max_active, max_active + queue_size
+        self.engine = Engine(model, max_rows=max_rows)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._admitted = 0  # submitted and not yet answered
+        self._waiting: deque[Job] = deque()
+        self._active: dict[Job, TranscriptionStream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="whisper-engine", daemon=True)
+        self.latency = 5.0  # seconds a request takes, smoothed: the Retry-After estimate
+        self.served = 0
+        self._stats: dict = {}
+        self._publish()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current step; requests still admitted fail with RuntimeError."""
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join()
+
+    def submit(self, samples: np.ndarray, options: TranscribeOptions) -> Job:
+        """Admit 16 kHz mono samples (float32, or int16 values to divide by 32768); Busy when
+        `max_active + queue_size` requests are admitted already."""
+        with self._lock:
+            if self._admitted >= self.capacity:
+                raise Busy()
+            self._admitted += 1
+        request = Job(samples, options, Future(), admitted=time.monotonic())
+        self._inbox.put(("start", request))
+        return request
+
+    def cancel(self, request: Job) -> None:
+        self._inbox.put(("cancel", request))
+
+    def stats(self) -> dict:
+        """Counts as of the scheduler's last step (the engine is only read in its own thread)."""
+        with self._lock:
+            return {"admitted": self._admitted, **self._stats}
+
+    def _publish(self) -> None:
+        e = self.engine
+        stats = {"active": len(self._active), "live_rows": e.live_rows, "decoder_calls": e.calls, "rows_decoded": e.rows_decoded, "served": self.served}
+        with self._lock:
+            self._stats = stats
+
+    # --- the thread ---
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take(block=not self.engine.busy and not self._waiting)
+            self._admit()
+            if self.engine.busy:
+                try:
+                    self.engine.step()
+                except Exception as e:  # a bug in decoding: fail what was running, keep serving
+                    for request in list(self._active):
+                        self._done(request, error=RuntimeError(f"decoding failed: {e!r}"))
+                    self.engine = Engine(self.model, max_rows=self.engine.max_rows)
+            self._publish()
+        for request in [*self._active, *self._waiting]:
+            self._done(request, error=RuntimeError("the server is shutting down"))
+
+    def _take(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    kind, request = item
+                    if kind == "start":
+                        self._waiting.append(request)
+                    else:
+                        self._drop(request)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.max_active:
+            request = self._waiting.popleft()
+            try:
+                samples = request.samples
+                if samples.dtype == np.int16:  # read_upload's: 16-bit values, as read_audio's / 32768
+                    samples = samples.astype(np.float32) / np.float32(32768)
+                stream = TranscriptionStream(self.model, samples, request.options)
+            except Exception as e:
+                self._done(request, error=e)
+                continue
+            request.samples = None  # the stream holds its log-mel
+            self._active[request] = stream
+            self.engine.submit(stream, lambda s, r=request: self._done(r, result=s.result))
+
+    def _drop(self, request: Job) -> None:
+        if request in self._waiting:
+            self._waiting.remove(request)
+        elif request in self._active:
+            self.engine.cancel(self._active[request])
+        else:
+            return  # already answered
+        self._done(request, error=asyncio.CancelledError())
+
+    def _done(self, request: Job, result: dict | None = None, error: BaseException | None = None) -> None:
+        self._active.pop(request, None)
+        with self._lock:
+            self._admitted -= 1
+        if error is None:
+            self.served += 1
+            self.latency = 0.8 * self.latency + 0.2 * (time.monotonic() - request.admitted)
+            request.future.set_result(result)
+        elif not request.future.done():
+            request.future.set_exception(error)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import run_app
+from .cliutil import flag_optional, run_app
 from .files import atomic_open
 
 AUDIO_EXTENSIONS = frozenset(".wav .flac .mp3 .m4a .ogg .oga .opus .webm .mp4 .mkv .aac .wma .aif .aiff .au .caf".split())
@@ -290,14 +290,12 @@ def batch_cmd(
     ray_address: str | None = typer.Option(None, "--ray-address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Ray actors (default: the cluster's CPUs / 2)"),
 ) -> None:
-    import numpy as np
+    from .options import TranscribeOptions, fallback_temperatures
 
-    from .options import TranscribeOptions
-
-    beams = None if beam_size.lower() == "none" else int(beam_size)
+    beams = flag_optional(beam_size, int)
     options = TranscribeOptions.from_kwargs(
         verbose=None,
-        temperature=tuple(np.arange(0.0, 1.0 + 1e-6, 0.2)),
+        temperature=fallback_temperatures(0.0, 0.2),
         language=language,
         task=task,
         beam_size=beams,

@@ -8,22 +8,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import typer
 
+from .cliutil import flag_bool, flag_optional
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
-
-
-def _bool(value: str) -> bool:
-    # openai-whisper spells booleans as values: --verbose False
-    table = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-    if value.lower() not in table:
-        raise typer.BadParameter(f"expected True or False, got {value!r}")
-    return table[value.lower()]
-
-
-def _optional(value: str | None, kind):
-    return None if value is None or value.lower() == "none" else kind(value)
 
 
 @app.command()
@@ -71,16 +60,16 @@ def run_cmd(
 ) -> None:
     from . import load
     from .audio import AudioError
-    from .options import TranscribeOptions
+    from .options import TranscribeOptions, fallback_temperatures
     from .transcribe import transcribe_many
     from .writers import WRITERS, write_result
 
-    is_verbose = _bool(verbose)
+    is_verbose = flag_bool(verbose)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if output_format not in (*WRITERS, "all"):
         raise typer.BadParameter(f"--output_format {output_format!r}: use {', '.join(WRITERS)} or all")
-    words = _bool(word_timestamps)
-    writer_options = {"highlight_words": _bool(highlight_words), "max_line_width": max_line_width, "max_line_count": max_line_count, "max_words_per_line": max_words_per_line}
+    words = flag_bool(word_timestamps)
+    writer_options = {"highlight_words": flag_bool(highlight_words), "max_line_width": max_line_width, "max_line_count": max_line_count, "max_words_per_line": max_words_per_line}
     if not words:
         for name, value in writer_options.items():
             if value:
@@ -89,33 +78,32 @@ def run_cmd(
         print("--max_line_count has no effect without --max_line_width", file=sys.stderr)
     if max_words_per_line and max_line_width:
         print("--max_words_per_line has no effect with --max_line_width", file=sys.stderr)
-    is_batched = _bool(batched)
-    no_timestamps = _optional(without_timestamps, _bool)
-    increment = _optional(temperature_increment_on_fallback, float)
-    temps = tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment is not None else temperature
+    is_batched = flag_bool(batched)
+    no_timestamps = flag_optional(without_timestamps, flag_bool)
+    increment = flag_optional(temperature_increment_on_fallback, float)
     options = TranscribeOptions.from_kwargs(  # checked before anything is loaded
         verbose=is_verbose,
-        temperature=temps,
+        temperature=fallback_temperatures(temperature, increment),
         task=task,
         language=language,
-        best_of=_optional(best_of, int),
-        beam_size=_optional(beam_size, int),
-        patience=_optional(patience, float),
-        length_penalty=_optional(length_penalty, float),
+        best_of=flag_optional(best_of, int),
+        beam_size=flag_optional(beam_size, int),
+        patience=flag_optional(patience, float),
+        length_penalty=flag_optional(length_penalty, float),
         suppress_tokens=suppress_tokens,
         initial_prompt=initial_prompt,
-        carry_initial_prompt=_bool(carry_initial_prompt),
-        condition_on_previous_text=_bool(condition_on_previous_text),
-        fp16=_bool(fp16),
-        compression_ratio_threshold=_optional(compression_ratio_threshold, float),
-        logprob_threshold=_optional(logprob_threshold, float),
-        no_speech_threshold=_optional(no_speech_threshold, float),
+        carry_initial_prompt=flag_bool(carry_initial_prompt),
+        condition_on_previous_text=flag_bool(condition_on_previous_text),
+        fp16=flag_bool(fp16),
+        compression_ratio_threshold=flag_optional(compression_ratio_threshold, float),
+        logprob_threshold=flag_optional(logprob_threshold, float),
+        no_speech_threshold=flag_optional(no_speech_threshold, float),
         word_timestamps=words,
         prepend_punctuations=prepend_punctuations,
         append_punctuations=append_punctuations,
         clip_timestamps=clip_timestamps,
         hallucination_silence_threshold=hallucination_silence_threshold,
-        vad_filter=_bool(vad_filter),
+        vad_filter=flag_bool(vad_filter),
         vad_parameters=_vad_options(vad_parameters),
         without_timestamps=is_batched if no_timestamps is None else no_timestamps,
     )

@@ -1,4 +1,5 @@
-"""What both CLIs share: run a typer app as `main(argv) -> exit code` with plain error lines."""
+"""What the CLIs share: run a typer app as `main(argv) -> exit code` with plain error lines, and
+parse openai-whisper's spelling of flag values (booleans as values, "None" for no value)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import sys
 import typer
 
 from .extras import MissingExtra
+
+
+def flag_bool(value: str) -> bool:
+    """A boolean flag's value as openai-whisper spells it (`--verbose False`): True/False, 1/0,
+    yes/no, any case."""
+    table = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    if value.lower() not in table:
+        raise typer.BadParameter(f"expected True or False, got {value!r}")
+    return table[value.lower()]
+
+
+def flag_optional(value: str | None, kind):
+    """None for a missing value or "None" (any case), else kind(value)."""
+    return None if value is None or value.lower() == "none" else kind(value)
 
 
 def run_app(app: typer.Typer, argv: list[str] | None, prog_name: str, expected: tuple[type[BaseException], ...]) -> int:

@@ -33,7 +33,7 @@ from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from .audio import SAMPLE_RATE, AudioError, read_audio  # noqa: E402
-from .options import TranscribeOptions  # noqa: E402
+from .options import TEMPERATURES, TranscribeOptions  # noqa: E402
 from .scheduler import Busy, Job, Scheduler  # noqa: E402
 from .writers import write_srt, write_vtt  # noqa: E402
 
@@ -119,7 +119,7 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
             language = model.tokenizer.language_code(language)
         except ValueError as e:
             raise ApiError(400, str(e), param="language") from None
-    temperature = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # OpenAI's 0 and openai-whisper's default: fallback
+    temperature = TEMPERATURES  # OpenAI's 0 and openai-whisper's default: fallback
     if form.get("temperature") not in (None, ""):
         try:
             t = float(form["temperature"])

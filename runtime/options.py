@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
+
 from .decoding import DecodingOptions
 from .vad import VadOptions
 
+TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # transcribe()'s default schedule, openai-whisper's
 _PER_WINDOW = {"temperature", "prompt"}  # DecodingOptions fields the long-form loop sets
 _DECODE_FIELDS = {f.name for f in fields(DecodingOptions)} - _PER_WINDOW
 
@@ -21,7 +24,7 @@ _DECODE_FIELDS = {f.name for f in fields(DecodingOptions)} - _PER_WINDOW
 @dataclass(frozen=True)
 class TranscribeOptions:
     verbose: bool | None = None  # True: segment lines; False: a progress bar; None: silent
-    temperature: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # tried in order while a window fails
+    temperature: tuple[float, ...] = TEMPERATURES  # tried in order while a window fails
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -90,6 +93,15 @@ class TranscribeOptions:
         if temperature > 0:
             return replace(self.decode, temperature=temperature, prompt=prompt, beam_size=None, patience=None)
         return replace(self.decode, temperature=temperature, prompt=prompt, best_of=None)
+
+
+def fallback_temperatures(start: float = 0.0, increment: float | None = 0.2) -> tuple[float, ...]:
+    """openai-whisper's command-line schedule: start, start + increment, ... up to 1.0 as numpy's
+    arange makes them (its CLI's values: 0.6000000000000001, not transcribe()'s 0.6), or start
+    alone without an increment."""
+    if increment is None:
+        return (float(start),)
+    return tuple(float(t) for t in np.arange(start, 1.0 + 1e-6, increment))
 
 
 def _floats(value) -> tuple[float, ...]:

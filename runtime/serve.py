@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import typer
 
-    from .cliutil import run_app
+    from .cliutil import flag_optional, run_app
     from .package import PackageError
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"),
         log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
     ) -> None:
-        beams, best = (None if v.lower() == "none" else int(v) for v in (beam_size, best_of))
+        beams, best = (flag_optional(v, int) for v in (beam_size, best_of))
         if any(v is not None and v < 1 for v in (beams, best)):
             raise typer.BadParameter(f"--beam_size {beam_size} / --best_of {best_of}: a positive integer or None")
         from .openai_api import Settings  # MissingExtra without the server extra

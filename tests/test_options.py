@@ -5,8 +5,9 @@ import inspect
 import pytest
 import whisper
 
+from whisper_max.runtime.cliutil import flag_bool, flag_optional
 from whisper_max.runtime.decoding import DecodingOptions
-from whisper_max.runtime.options import TranscribeOptions
+from whisper_max.runtime.options import TEMPERATURES, TranscribeOptions, fallback_temperatures
 
 
 def test_defaults_are_openai_whispers():
@@ -24,6 +25,24 @@ def test_defaults_are_openai_whispers():
     defaults = whisper.DecodingOptions()
     for name in ("task", "language", "sample_len", "best_of", "beam_size", "patience", "length_penalty", "prefix", "suppress_tokens", "suppress_blank", "without_timestamps", "max_initial_timestamp"):
         assert getattr(ours.decode, name) == getattr(defaults, name), name
+
+
+def test_temperature_schedules_are_openai_whispers():
+    """transcribe()'s default tuple, and its CLI's arange (0.6000000000000001) from a start and an
+    increment, or the start alone without one: what every client of ours uses."""
+    import numpy as np
+
+    assert TEMPERATURES == inspect.signature(whisper.transcribe).parameters["temperature"].default
+    assert fallback_temperatures(0.0, 0.2) == tuple(np.arange(0.0, 1.0 + 1e-6, 0.2)) != TEMPERATURES
+    assert fallback_temperatures(0.5, 0.25) == (0.5, 0.75, 1.0)
+    assert fallback_temperatures(0.3, None) == (0.3,)
+
+
+def test_flag_values_as_openai_whisper_spells_them():
+    assert [flag_bool(v) for v in ("True", "false", "1", "0", "YES", "no")] == [True, False, True, False, True, False]
+    with pytest.raises(Exception, match="expected True or False, got 'maybe'"):
+        flag_bool("maybe")
+    assert (flag_optional("None", int), flag_optional(None, int), flag_optional("none", float), flag_optional("5", int)) == (None, None, None, 5)
 
 
 def test_from_keywords_cli_or_json():

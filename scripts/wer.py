@@ -1,7 +1,7 @@
 """Word error rate of packages on the English dev set, e.g. a bfloat16 package against float32,
 or of one package's modes: openai-whisper's loop, with the VAD filter, batched.
 
-    python scripts/wer.py tiny.en.maxpkg tiny.en.bf16.maxpkg [--clips a.wav,b.wav] [--json out.json] [--readme]
+    python scripts/wer.py tiny.en.maxpkg tiny.en.bf16.maxpkg [--clips a.wav,b.wav] [--json out.json] [--docs]
     python scripts/wer.py tiny.en.maxpkg --modes default,vad_filter,batched
 
 Every package transcribes every clip with openai-whisper's transcribe() defaults (greedy with
@@ -12,7 +12,7 @@ gives each package's WER, its difference from the baseline in points, and on how
 tokens equal the baseline's. `--modes` runs each package in each mode (default: transcribe()'s
 defaults; vad_filter: the same with vad_filter=True; batched: batched=True, batch 8, beam 5 as
 faster-whisper's batched default), the first package's first mode the baseline. Prints
-Markdown; --json writes the rows too; --readme replaces the README's wer.py block (or, with
+Markdown; --json writes the rows too; --docs replaces the wer.py block in docs/ (or, with
 --modes, its wer.py modes block) with the table.
 """
 
@@ -31,7 +31,7 @@ from whisper_max.golden import word_edits
 from whisper_max.runtime.audio import load_audio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import SHARED, _write_readme, dev_set  # noqa: E402 (scripts/ is not a package)
+from bench import SHARED, _write_docs, dev_set  # noqa: E402 (scripts/ is not a package)
 
 MODES = {"default": {}, "vad_filter": {"vad_filter": True}, "batched": {"batched": True, "batch_size": 8, "beam_size": 5}}
 MODE_NOTE = "default, openai-whisper's loop; vad_filter, the same on the speech Silero VAD finds; batched, transcribe(batched=True), batch 8, beam 5, no timestamps"
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--clips", help="comma-separated files in ../shared/audio (default: the English dev set)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--modes", default="default", help="comma-separated: default, vad_filter, batched")
-    ap.add_argument("--readme", action="store_true", help="also replace the wer.py block in README.md with this table")
+    ap.add_argument("--docs", action="store_true", help="also replace the wer.py block in docs/ with this table")
     args = ap.parse_args()
 
     clips = dev_set()
@@ -98,8 +98,8 @@ def main() -> None:
         same = "—" if r["clips_with_baseline_tokens"] is None else f"{r['clips_with_baseline_tokens']}/{len(clips)}"
         lines.append(f"| {Path(r['package']).name} | {r['mode']} | {r['dtype']} | {r['wer']:.2f} | {r['wer'] - base:+.2f} | {r['edits']} | {same} | {r['transcribe_s']:.1f} |")
     print("\n".join(lines))
-    if args.readme:
-        _write_readme("\n".join(lines), " ".join(["python scripts/wer.py", *sys.argv[1:]]), marker="wer.py modes" if modes != ["default"] else "wer.py")
+    if args.docs:
+        _write_docs("\n".join(lines), " ".join(["python scripts/wer.py", *sys.argv[1:]]), marker="wer.py modes" if modes != ["default"] else "wer.py")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -4,7 +4,9 @@ and how they are called are the program contract's (runtime.program)."""
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,9 +16,31 @@ from .program import AUDIO_FEATURES, CHOICE, LOGITS, MEL, RULES, SAMPLING, SLOTS
 from .tokenizer import Tokenizer
 
 
+@dataclass
+class GraphStats:
+    """What a model's graphs have done since it was loaded or `reset()`: calls and seconds per
+    graph (runtime.program.Role names), and each call's seconds when `durations` is on (for
+    benchmarks: a list grows per call). The engine's own counters (calls, rows) are beside it."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    durations: dict[str, list[float]] | None = None
+
+    def add(self, graph: str, seconds: float) -> None:
+        self.calls[graph] = self.calls.get(graph, 0) + 1
+        self.seconds[graph] = self.seconds.get(graph, 0.0) + seconds
+        if self.durations is not None:
+            self.durations.setdefault(graph, []).append(seconds)
+
+    def reset(self, durations: bool = False) -> None:
+        """Zero the counts; keep each call's seconds from now on if `durations`."""
+        self.calls, self.seconds, self.durations = {}, {}, ({} if durations else None)
+
+
 class WhisperModel:
     def __init__(self, pkg: Package, trust: bool = False):
         self.package = pkg
+        self.stats = GraphStats()
         m = pkg.manifest
         self.dims: dict = m["model"]["dims"]
         self.is_multilingual: bool = m["model"]["multilingual"]
@@ -50,7 +74,9 @@ class WhisperModel:
 
     def _run(self, graph: str, inputs: dict) -> dict:
         sig = self._sig[graph]
+        t = time.perf_counter()
         outs = self._models[graph].execute(*[inputs[i["name"]] for i in sig["inputs"]])
+        self.stats.add(graph, time.perf_counter() - t)
         return {o["name"]: v for o, v in zip(sig["outputs"], outs)}
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:

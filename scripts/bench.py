@@ -227,36 +227,11 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         # how much of this process the kernel backs with 2 MiB pages (the weights ask for them)
         smaps = Path("/proc/self/smaps")
         out["huge_pages_mb"] = sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:")) / 1024 if smaps.exists() else None
-        calls = {"encoder_s": 0.0, "windows": 0}
-        graph_s: dict[str, float] = {}
-        steps: dict[str, list[float]] = {"decoder_rows": []}  # one token for each row in flight
-
-        def timed(fn, seconds: str, count: str):
-            def wrapper(*a, **k):
-                t0 = time.perf_counter()
-                r = fn(*a, **k)
-                calls[seconds] += time.perf_counter() - t0
-                calls[count] += 1
-                return r
-
-            return wrapper
-
-        run = model._run
-
-        def timed_run(graph, inputs):
-            t0 = time.perf_counter()
-            r = run(graph, inputs)
-            graph_s[graph] = graph_s.get(graph, 0.0) + time.perf_counter() - t0
-            if graph in steps:
-                steps[graph].append(time.perf_counter() - t0)
-            return r
-
-        model._run = timed_run
-        model.embed_audio = timed(model.embed_audio, "encoder_s", "windows")
         t0 = time.perf_counter()
         for a in audios:
             model.log_mel(np.asarray(a), padding=16000 * 30)
         out["log_mel_s"] = time.perf_counter() - t0
+        model.stats.reset(durations=True)  # the graphs' calls and seconds, as the model counts them
         t = time.perf_counter()
         from whisper_max.runtime.engine import Engine
         from whisper_max.runtime.transcribe import transcribe_many
@@ -275,9 +250,11 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         out["texts"] = [r["text"] for r in results]
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
         n_tokens = sum(len(s) for s in out["tokens"])
+        graph_s, stats = dict(model.stats.seconds), model.stats
+        steps = {"decoder_rows": stats.durations.get("decoder_rows", [])}  # one token for each row in flight
         out["components"] = {
-            "encoder_s_per_window": calls["encoder_s"] / max(calls["windows"], 1),
-            "windows": calls["windows"],
+            "encoder_s_per_window": graph_s.get("encoder", 0.0) / max(stats.calls.get("encoder", 0), 1),
+            "windows": stats.calls.get("encoder", 0),
             "decoder_calls": eng.calls,
             "rows_per_call": eng.rows_decoded / max(eng.calls, 1),
             "decoder_ms_per_call": 1000 * graph_s.get("decoder_rows", 0.0) / max(eng.calls, 1),

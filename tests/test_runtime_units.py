@@ -96,3 +96,16 @@ def test_pool_arrays_are_writable_zeros_and_grow_keeping_rows(shape):
     assert b.shape == (shape[0] + 3, *shape[1:]) and b.flags.writeable
     np.testing.assert_array_equal(b[: shape[0]], a)
     assert not b[shape[0] :].any()
+
+
+def test_graph_stats_count_calls_and_seconds_and_keep_durations_only_when_asked():
+    from whisper_max.runtime.model import GraphStats
+
+    stats = GraphStats()
+    stats.add("encoder", 0.25)
+    stats.add("decoder_rows", 0.002)
+    stats.add("decoder_rows", 0.003)
+    assert stats.calls == {"encoder": 1, "decoder_rows": 2} and stats.seconds["decoder_rows"] == 0.005 and stats.durations is None
+    stats.reset(durations=True)
+    stats.add("decoder_rows", 0.004)
+    assert stats.calls == {"decoder_rows": 1} and stats.durations == {"decoder_rows": [0.004]}

@@ -502,6 +502,21 @@ def test_rows_of_many_windows_in_one_call(compiled):
             close(together[r], ref[0, -1])
 
 
+def test_amx_kernels_compile_on_any_cpu():
+    """Our AMX kernels (tile instructions as inline assembly) compile on every CPU the suite runs
+    on, so a change to them fails here too; they run, against numpy, only where the CPU has AMX
+    (the bf16 product tests with kind "amx"). Compiled, never run: no tile instruction executes."""
+    from max.engine import InferenceSession
+    from max.graph import Module
+
+    products, _ = _bf16_products()
+    amx = Target("x86_64", Target.host().features | {"amx_tile", "amx_bf16"})
+    mod = Module()
+    for g in products.graphs:
+        lower_graph(g, mod, name=f"{g.name}_amx_compiled", target=amx)
+    assert compile_with_kernels(InferenceSession(), mod) is not None
+
+
 @pytest.fixture(scope="session", params=list(BF16_TARGETS))
 def compiled_bf16(request):
     """The tiny program with bfloat16-stored weights lowered for one kind of our bfloat16 kernels

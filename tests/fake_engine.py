@@ -103,7 +103,7 @@ class FakeEngine:
 
 
 class FakePool:
-    """runtime.model.RowPool on scripted logits: each window's rows are token histories."""
+    """runtime.pool.RowPool on scripted logits: each window's rows are token histories."""
 
     def __init__(self, engine: FakeEngine):
         self.engine = engine

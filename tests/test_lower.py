@@ -432,7 +432,7 @@ def test_rows_share_one_window_and_reorder_in_place(compiled):
 
 
 def test_rows_of_many_windows_in_one_call(compiled):
-    """decoder_rows as the engine calls it (runtime.model.RowPool): rows of three windows, with
+    """decoder_rows as the engine calls it (runtime.pool.RowPool): rows of three windows, with
     prompts of different lengths, at different positions, in cache slots of one pool (ten beams
     of one window sharing its prompt's slot through their lineage), in one call. Each row's
     logits are openai-whisper's for its own tokens and window, and bit for bit what the call

@@ -87,7 +87,7 @@ def test_writers_match_openai_whisper(tmp_path):
 
 @pytest.mark.parametrize("shape", [(3, 5), (4, 6, 448, 64)])  # below and above the 1 MiB of its own mapping
 def test_pool_arrays_are_writable_zeros_and_grow_keeping_rows(shape):
-    from whisper_max.runtime.model import _grown, _pool_zeros
+    from whisper_max.runtime.pool import _grown, _pool_zeros
 
     a = _pool_zeros(shape, "float32")
     assert a.shape == shape and a.dtype == np.float32 and a.flags.writeable and not a.any()

@@ -14,13 +14,28 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 @app.command()
 def convert_cmd(
-    model: str = typer.Argument(..., help="openai-whisper name (tiny.en, base, ...), a .pt checkpoint, or a CTranslate2 model folder"),
+    model: str = typer.Argument(
+        ..., help="openai-whisper name (tiny.en, base, ...), a .pt checkpoint, or a CTranslate2 model folder"
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="package to write (default: <model>.maxpkg)"),
-    skip_check: bool = typer.Option(False, "--skip-check", help="write without the parity check (recorded in the manifest)"),
+    skip_check: bool = typer.Option(
+        False, "--skip-check", help="write without the parity check (recorded in the manifest)"
+    ),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
-    dtype: str = typer.Option("float32", "--dtype", help="how weight matrices are stored: float32, or bfloat16 (half the bytes; every product widens them exactly and sums in float32)"),
+    dtype: str = typer.Option(
+        "float32",
+        "--dtype",
+        help=(
+            "how weight matrices are stored: float32, or bfloat16 (half the bytes; every product widens them "
+            "exactly and sums in float32)"
+        ),
+    ),
     print_ir: bool = typer.Option(False, "--print-ir", help="print the traced IR and stop"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)"),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="MODEL is a .maxpkg: recompile it for this machine from its own IR and weights (no torch)",
+    ),
     force: bool = typer.Option(False, "--force", help="replace an existing package at --out"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage's details"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print no stage lines (errors and the result line only)"),
@@ -38,26 +53,44 @@ def convert_cmd(
         out = Path(Path(model).name.removesuffix(".pt") + ".maxpkg")
     in_place = rebuild and (out is None or out.resolve() == Path(model).resolve())
     if out is not None and out.exists() and not in_place and not force:  # checked before any work
-        raise ConvertError(f"{out} exists; pass --force to replace it (it is replaced only once the new package is complete)")
+        raise ConvertError(
+            f"{out} exists; pass --force to replace it (it is replaced only once the new package is complete)"
+        )
     if rebuild:
         from .convert import rebuild as rebuild_package
 
         result = rebuild_package(Path(model), out, stage=stage)
-        typer.echo(f"rebuilt {result.path} for MAX {result.manifest['max_version']} in {result.timings['compile']:.1f}s")
+        typer.echo(
+            f"rebuilt {result.path} for MAX {result.manifest['max_version']} in {result.timings['compile']:.1f}s"
+        )
         return
     if print_ir:
         from . import ir, sources, trace
 
         src = sources.resolve(model)
-        typer.echo(ir.format_program(trace.trace_program(trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location))), nl=False)
+        typer.echo(
+            ir.format_program(
+                trace.trace_program(
+                    trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location)
+                )
+            ),
+            nl=False,
+        )
         return
     from .convert import convert
 
     result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype, stage=stage)
     p = result.manifest["parity"]
     t = result.timings
-    parity = f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}" if p["checked"] else "parity NOT checked (--skip-check)"
-    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    parity = (
+        f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"
+        if p["checked"]
+        else "parity NOT checked (--skip-check)"
+    )
+    typer.echo(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from .lower import LoweringError
     from .sources import ModelSourceError
 
-    return run_app(app, argv, "whisper-convert", (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError))
+    return run_app(
+        app, argv, "whisper-convert", (ModelSourceError, ConvertError, LoweringError, TraceError, PackageError)
+    )
 
 
 def run() -> None:

@@ -42,7 +42,8 @@ def require_cpu_features(program: ir.Program) -> None:
     if ir.uses_bfloat16_arithmetic(program) and not Target.host().bfloat16:
         raise ConvertError(
             "this program computes products in bfloat16 (our AMX or AVX512_BF16 kernels), which need "
-            f"AMX-BF16 or AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype float32 here"
+            f"AMX-BF16 or AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype "
+            "float32 here"
         )
 
 
@@ -62,7 +63,10 @@ def export_mef(compiled) -> bytes:
         try:
             compiled.export_mef(str(path))
         except (OSError, ValueError) as e:  # MAX reports a failed write (full disk, ulimit -f) as ValueError
-            raise ConvertError(f"cannot export the compiled program to {path} ({e}); set TMPDIR to a folder with room, nothing was written") from e
+            raise ConvertError(
+                f"cannot export the compiled program to {path} ({e}); set TMPDIR to a folder with room, nothing was "
+                "written"
+            ) from e
         return path.read_bytes()
 
 
@@ -128,7 +132,9 @@ def stored_as(w: np.ndarray, dtype: str):
     return w
 
 
-def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md", dtype: str = "float32", stage=None) -> ConvertResult:
+def convert(
+    model_arg: str, out: Path, skip_check: bool = False, report_format: str = "md", dtype: str = "float32", stage=None
+) -> ConvertResult:
     """Convert a model into a package at `out`. `dtype` bfloat16 stores the weight matrices in
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances.
     `stage(str)` is told as each stage starts (whisper-convert prints it with the time)."""
@@ -159,7 +165,9 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
     else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
         program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
         program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
-    program = passes.panel_products(program, bfloat16=not Target.host().amx)  # the products of a few rows read weight panels
+    program = passes.panel_products(
+        program, bfloat16=not Target.host().amx
+    )  # the products of a few rows read weight panels
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -172,11 +180,17 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
         # the oracle for parity is openai-whisper (fp32) on the weights the package holds: the
         # program must compute what it computes (the bfloat16 step within its own tolerance);
         # what rounding the weights costs is measured on transcripts (scripts/wer.py)
-        widened = {k: package.from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w for k, w in src.state_dict.items()}
+        widened = {
+            k: package.from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w
+            for k, w in src.state_dict.items()
+        }
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
     session = InferenceSession()
-    stage(f"compiling {len(program.graphs)} graphs for this CPU (minutes the first time on a machine; MAX caches the result)")
+    stage(
+        f"compiling {len(program.graphs)} graphs for this CPU (minutes the first time on a machine; MAX caches the "
+        "result)"
+    )
     t = time.perf_counter()
     compiled = compile_module(program, session)
     mef = export_mef(compiled)
@@ -212,7 +226,10 @@ def convert(model_arg: str, out: Path, skip_check: bool = False, report_format: 
             "worst_rel_err": max(e.max_rel_err for e in entries),
         }
         if failed:
-            lines = "\n".join(f"  {e.name}: max_abs_err {e.max_abs_err:.3g}, max_rel_err {e.max_rel_err:.3g} > tol {e.tol:g}" for e in failed)
+            lines = "\n".join(
+                f"  {e.name}: max_abs_err {e.max_abs_err:.3g}, max_rel_err {e.max_rel_err:.3g} > tol {e.tol:g}"
+                for e in failed
+            )
             raise ConvertError(
                 f"parity failed for {len(failed)} of {len(entries)} tensors; no package written:\n{lines}\n"
                 "Bisect with WHISPER_MAX_STOP_AFTER=<IR node> (see `whisper-convert --print-ir`); "
@@ -289,7 +306,10 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
         program = passes.engine_rows(program)
     program = passes.panel_products(passes.token_selection(program), bfloat16=not Target.host().amx)
     require_cpu_features(program)
-    (stage or _quiet)(f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a machine)")
+    (stage or _quiet)(
+        f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a "
+        "machine)"
+    )
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t

@@ -158,7 +158,9 @@ def _split(weight: np.ndarray, bias: np.ndarray, parts: int, names: list[str], s
 def _block(sd: dict, m: CT2Model, src: str, dst: str) -> None:
     """Self-attention and MLP of one residual block (encoder and decoder alike)."""
     sa = f"{src}/self_attention"
-    _split(m.get(f"{sa}/linear_0/weight"), m.get(f"{sa}/linear_0/bias"), 3, ["query", "key", "value"], sd, f"{dst}.attn")
+    _split(
+        m.get(f"{sa}/linear_0/weight"), m.get(f"{sa}/linear_0/bias"), 3, ["query", "key", "value"], sd, f"{dst}.attn"
+    )
     _linear(sd, f"{dst}.attn.out", m, f"{sa}/linear_1")
     _ln(sd, f"{dst}.attn_ln", m, f"{sa}/layer_norm")
     _linear(sd, f"{dst}.mlp.0", m, f"{src}/ffn/linear_0")
@@ -188,14 +190,18 @@ def to_whisper(m: CT2Model) -> tuple[dict, dict[str, np.ndarray]]:
         _block(sd, m, src, dst)
         ca = f"{src}/attention"
         _linear(sd, f"{dst}.cross_attn.query", m, f"{ca}/linear_0")
-        _split(m.get(f"{ca}/linear_1/weight"), m.get(f"{ca}/linear_1/bias"), 2, ["key", "value"], sd, f"{dst}.cross_attn")
+        _split(
+            m.get(f"{ca}/linear_1/weight"), m.get(f"{ca}/linear_1/bias"), 2, ["key", "value"], sd, f"{dst}.cross_attn"
+        )
         _linear(sd, f"{dst}.cross_attn.out", m, f"{ca}/linear_2")
         _ln(sd, f"{dst}.cross_attn_ln", m, f"{ca}/layer_norm")
     _ln(sd, "decoder.ln", m, "decoder/layer_norm")
 
     # whisper ties the output head to the token embedding; CT2 stores it as an alias (or a copy)
     head = m.get("decoder/projection/weight")
-    if head.shape != sd["decoder.token_embedding.weight"].shape or not np.array_equal(_f32(head), sd["decoder.token_embedding.weight"]):
+    if head.shape != sd["decoder.token_embedding.weight"].shape or not np.array_equal(
+        _f32(head), sd["decoder.token_embedding.weight"]
+    ):
         raise CT2FormatError("decoder/projection/weight differs from the token embedding; whisper ties them")
 
     # scalars (activation, pre_norm, alignment_heads, ...) describe the architecture whisper fixes

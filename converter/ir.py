@@ -162,9 +162,14 @@ class Graph:
         for n in self.nodes:
             for k, i in enumerate(n.inputs):
                 if i in state and state[i] is not n:
-                    raise ValueError(f"graph {self.name}: {n.name} reads {i!r}, which {state[i].name} writes in place; only the writer may read it")
+                    raise ValueError(
+                        f"graph {self.name}: {n.name} reads {i!r}, which {state[i].name} writes in place; only the "
+                        "writer may read it"
+                    )
                 if k in IN_PLACE_OPS.get(n.op, ((), None))[0] and i not in inputs:
-                    raise ValueError(f"graph {self.name}: {n.name} ({n.op}) writes {i!r} in place, which is not a graph input")
+                    raise ValueError(
+                        f"graph {self.name}: {n.name} ({n.op}) writes {i!r} in place, which is not a graph input"
+                    )
         if state.keys() & {v for _, v in self.outputs}:
             raise ValueError(f"graph {self.name}: a state input is also an output")
 
@@ -174,7 +179,10 @@ class Graph:
         for n in self.nodes:
             for k in IN_PLACE_OPS.get(n.op, ((), None))[0]:
                 if n.inputs[k] in out:
-                    raise ValueError(f"graph {self.name}: {n.inputs[k]!r} is written in place by {out[n.inputs[k]].name} and {n.name}")
+                    raise ValueError(
+                        f"graph {self.name}: {n.inputs[k]!r} is written in place by {out[n.inputs[k]].name} and "
+                        f"{n.name}"
+                    )
                 out[n.inputs[k]] = n
         return out
 
@@ -219,7 +227,12 @@ def bfloat16_product_fits(weight_shape) -> bool:
     """Whether a product of many rows with a bfloat16 weight (n, k) can run as our bfloat16
     kernel (whisper_max.linear_bf16): n a multiple of 64 (its column panels), k even (its
     pairs). Every Whisper size's linear layers fit."""
-    return len(weight_shape) == 2 and all(isinstance(d, int) for d in weight_shape) and weight_shape[0] % 64 == 0 and weight_shape[1] % 2 == 0
+    return (
+        len(weight_shape) == 2
+        and all(isinstance(d, int) for d in weight_shape)
+        and weight_shape[0] % 64 == 0
+        and weight_shape[1] % 2 == 0
+    )
 
 
 def uses_bfloat16_arithmetic(p: Program) -> bool:

@@ -3,7 +3,8 @@
 Each IR node becomes a node of the custom domain `aten` (op_type `linear.default` for
 `aten.linear.default`; `whisper_max` for the ops that passes make) whose metadata carries the
 module path; symbolic dims become dim_params ("n + past"); weights are graph inputs named by
-their state-dict names (their data lives in weights.bin); constants are initializers. Attributes that ONNX cannot hold exactly (floats are
+their state-dict names (their data lives in weights.bin); constants are initializers. Attributes that ONNX cannot hold
+exactly (floats are
 fp32 there, None, bools, mixed int/str lists) are stored as JSON strings under `json:<name>`.
 """
 
@@ -20,7 +21,14 @@ from . import ir
 DOMAIN = "aten"
 DOMAINS = (DOMAIN, ir.OWN_DOMAIN)  # traced PyTorch ops; whisper-max's own (made by passes)
 _META = "whisper_max."
-_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "bool": TensorProto.BOOL, "int32": TensorProto.INT32}
+_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "int64": TensorProto.INT64,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "bool": TensorProto.BOOL,
+    "int32": TensorProto.INT32,
+}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -78,7 +86,11 @@ def graph_to_onnx(g: ir.Graph, model_dims: dict, position: int = 0) -> onnx.Mode
         initializer=[numpy_helper.from_array(c.data, c.name) for c in g.constants],
         value_info=[_value_info(n.name, n.type) for n in g.nodes],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)] + [helper.make_opsetid(d, 1) for d in DOMAINS], producer_name="whisper-max")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21)] + [helper.make_opsetid(d, 1) for d in DOMAINS],
+        producer_name="whisper-max",
+    )
     helper.set_model_props(
         model,
         {
@@ -136,7 +148,12 @@ def from_onnx_files(files: dict[str, bytes]) -> ir.Program:
         g, dims = graph_from_onnx(model)
         props = {q.key: q.value for q in model.metadata_props}
         # the program's graph order; packages from before it was recorded used this fixed one
-        position = int(props.get(_META + "position", {Role.ENCODER: 0, Role.CROSS_KV: 1, Role.DECODER: 2, Role.ALIGNMENT: 3}.get(g.name, 9)))
+        position = int(
+            props.get(
+                _META + "position",
+                {Role.ENCODER: 0, Role.CROSS_KV: 1, Role.DECODER: 2, Role.ALIGNMENT: 3}.get(g.name, 9),
+            )
+        )
         graphs.append((position, g))
     graphs.sort(key=lambda pg: pg[0])
     return ir.Program(tuple(g for _, g in graphs), dims)

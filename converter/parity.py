@@ -14,7 +14,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import golden
-from ..runtime.program import AUDIO_FEATURES, LOGITS, MEL, STEP_GRAPHS, TOKENS, Role, decoder_call, empty_cache_shape, host, state_specs
+from ..runtime.program import (
+    AUDIO_FEATURES,
+    LOGITS,
+    MEL,
+    STEP_GRAPHS,
+    TOKENS,
+    Role,
+    decoder_call,
+    empty_cache_shape,
+    host,
+    state_specs,
+)
 from . import ir
 from .lower import lower_graph
 
@@ -39,7 +50,9 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, dtype: str = "float32")
     tol, reason = golden.tolerance(name, dtype)
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     if got.shape != ref.shape:
-        return Entry(name, list(ref.shape), float("inf"), float("inf"), tol, False, f"shape {got.shape} != reference {ref.shape}")
+        return Entry(
+            name, list(ref.shape), float("inf"), float("inf"), tol, False, f"shape {got.shape} != reference {ref.shape}"
+        )
     abs_err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     rel = abs_err / scale if scale > 0 else abs_err
@@ -110,7 +123,16 @@ def cache_form(g: ir.Graph, cache_output: str, ref: np.ndarray) -> np.ndarray:
 ROWS = 3  # rows (beams) the decoder_rows route decodes
 
 
-def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[str]], ref: dict[str, np.ndarray], mel: np.ndarray, tokens: list[int], dtype: str = "float32") -> list[Entry]:
+def check(
+    program: ir.Program,
+    models: dict,
+    probe: dict,
+    taps: dict[str, list[str]],
+    ref: dict[str, np.ndarray],
+    mel: np.ndarray,
+    tokens: list[int],
+    dtype: str = "float32",
+) -> list[Entry]:
     """Every tapped module, graph output and decoding route against the reference, within
     `dtype`'s tolerances (golden/tolerances.json)."""
 
@@ -175,7 +197,9 @@ def check(program: ir.Program, models: dict, probe: dict, taps: dict[str, list[s
             logits, cache, _ = decoder_call(by_name, route, part, cache, cross)
             got.append(np.broadcast_to(logits, (rows, logits.shape[-1])))
         want = ref["logits.all"][positions][:, None]
-        entries.append(compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1]))))
+        entries.append(
+            compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1])))
+        )
 
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})

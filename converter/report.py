@@ -8,7 +8,11 @@ from .. import templates
 
 
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(templates.DIR), undefined=jinja2.StrictUndefined, autoescape=jinja2.select_autoescape(["html"]))
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates.DIR),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(["html"]),
+    )
 
 
 def render(manifest: dict, entries: list, fmt: str = "md") -> dict[str, bytes]:
@@ -23,7 +27,13 @@ def render(manifest: dict, entries: list, fmt: str = "md") -> dict[str, bytes]:
             reasons.setdefault(e.reason, []).append(e.name)
         out[f"parity.{fmt}"] = (
             env.get_template(f"parity.{fmt}.j2")
-            .render(m=manifest, entries=entries, ok=all(e.ok for e in entries), worst=max(e.max_rel_err for e in entries), reasons=sorted(reasons.items(), key=lambda kv: kv[1]))
+            .render(
+                m=manifest,
+                entries=entries,
+                ok=all(e.ok for e in entries),
+                worst=max(e.max_rel_err for e in entries),
+                reasons=sorted(reasons.items(), key=lambda kv: kv[1]),
+            )
             .encode()
         )
     return out

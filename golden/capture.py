@@ -29,7 +29,9 @@ def mel_for(model: Whisper, audio: np.ndarray) -> torch.Tensor:
 
 def decode_tokens(model: Whisper, mel: torch.Tensor) -> tuple[list[int], str]:
     """Prompt + greedy tokens openai-whisper decodes (with timestamps), and the text."""
-    tok = whisper.tokenizer.get_tokenizer(model.is_multilingual, num_languages=model.num_languages, language="en", task="transcribe")
+    tok = whisper.tokenizer.get_tokenizer(
+        model.is_multilingual, num_languages=model.num_languages, language="en", task="transcribe"
+    )
     opts = whisper.DecodingOptions(language="en", fp16=False, temperature=0.0)
     res = whisper.decode(model, mel[0], opts)
     return list(tok.sot_sequence) + list(res.tokens), res.text
@@ -69,7 +71,12 @@ def capture(model: Whisper, mel: torch.Tensor, tokens: list[int]) -> dict[str, n
     out["logits"] = logits[:, -1].numpy().copy()
 
     # cross-attention scores, from the explicit (non-SDPA) path as openai-whisper's find_alignment reads them
-    qk_hooks = [b.cross_attn.register_forward_hook(lambda _m, _i, o, i=i: out.__setitem__(f"decoder.blocks.{i}.cross_attn.qk", o[1].numpy().copy())) for i, b in enumerate(dec.blocks)]
+    qk_hooks = [
+        b.cross_attn.register_forward_hook(
+            lambda _m, _i, o, i=i: out.__setitem__(f"decoder.blocks.{i}.cross_attn.qk", o[1].numpy().copy())
+        )
+        for i, b in enumerate(dec.blocks)
+    ]
     try:
         with disable_sdpa():
             dec(torch.tensor([tokens]), xa)

@@ -24,7 +24,23 @@ _SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif"}
 # libsndfile subtypes whose samples are integers: read as int16 they are what ffmpeg gives (it
 # truncates wider samples, >> 16, as libsndfile does); any other subtype (float, double, Vorbis,
 # Opus, MP3) is read as float and rounded as ffmpeg's float -> s16 conversion rounds
-_INTEGER_SUBTYPES = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW", "IMA_ADPCM", "MS_ADPCM", "GSM610", "DWVW_12", "DWVW_16", "DWVW_24", "DPCM_8", "DPCM_16"}
+_INTEGER_SUBTYPES = {
+    "PCM_S8",
+    "PCM_U8",
+    "PCM_16",
+    "PCM_24",
+    "PCM_32",
+    "ULAW",
+    "ALAW",
+    "IMA_ADPCM",
+    "MS_ADPCM",
+    "GSM610",
+    "DWVW_12",
+    "DWVW_16",
+    "DWVW_24",
+    "DPCM_8",
+    "DPCM_16",
+}
 # ffmpeg's `-ac 1` downmix of 16-bit audio (libswresample's default matrix for the layout it
 # assumes from the channel count, in Q15, rounded half up), checked sample-exact against ffmpeg:
 # stereo (L + R) / 2; 5.1 (FL FR FC LFE BL BR): FC 1, FL/FR 1/sqrt(2), BL/BR 1/2, LFE 0, over their sum
@@ -87,15 +103,24 @@ def _sndfile_stream(path: Path, f, sr: int) -> Iterator[np.ndarray]:
         done = 0
         while True:
             try:
-                block = f.read(_BLOCK, dtype="int16" if integer else "float64" if f.subtype == "DOUBLE" else "float32", always_2d=True)
+                block = f.read(
+                    _BLOCK,
+                    dtype="int16" if integer else "float64" if f.subtype == "DOUBLE" else "float32",
+                    always_2d=True,
+                )
             except (RuntimeError, sf.SoundFileError) as e:
-                raise AudioError(f"{path}: cannot decode after {done / f.samplerate:.2f} s: truncated or damaged ({e})") from e
+                raise AudioError(
+                    f"{path}: cannot decode after {done / f.samplerate:.2f} s: truncated or damaged ({e})"
+                ) from e
             last = len(block) < _BLOCK
             done += len(block)
             if not integer:
                 if not np.isfinite(block).all():
                     at = done - len(block) + int(np.argmin(np.isfinite(block).all(axis=1)))
-                    raise AudioError(f"{path}: sample {at} ({at / f.samplerate:.3f} s) is NaN or infinite; the file's float samples must be finite")
+                    raise AudioError(
+                        f"{path}: sample {at} ({at / f.samplerate:.3f} s) is NaN or infinite; the file's float "
+                        "samples must be finite"
+                    )
                 block = _to_int16(block)
             mono = _downmix(block)
             if resample is not None:
@@ -123,8 +148,29 @@ def _downmix(block: np.ndarray) -> np.ndarray:
 def _ffmpeg_blocks(path: Path, sr: int) -> Iterator[np.ndarray]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not on PATH; install it (e.g. `apt-get install ffmpeg`) or convert the file to WAV/FLAC/OGG")
-    cmd = [ffmpeg, "-nostdin", "-threads", "0", "-loglevel", "error", "-i", str(path), "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(sr), "-"]
+        raise AudioError(
+            f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not on PATH; install it (e.g. `apt-get "
+            "install ffmpeg`) or convert the file to WAV/FLAC/OGG"
+        )
+    cmd = [
+        ffmpeg,
+        "-nostdin",
+        "-threads",
+        "0",
+        "-loglevel",
+        "error",
+        "-i",
+        str(path),
+        "-f",
+        "s16le",
+        "-ac",
+        "1",
+        "-acodec",
+        "pcm_s16le",
+        "-ar",
+        str(sr),
+        "-",
+    ]
     with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err) as proc:
         try:
             pending = b""
@@ -222,7 +268,9 @@ class LogMel:
     a spooled temporary file that moves to disk past `spool_bytes`, and `read` returns a range
     with the floor (maximum - 8) and scaling applied. Memory stays flat with the audio's length."""
 
-    def __init__(self, samples: Iterable[np.ndarray], filters: np.ndarray, padding: int = N_SAMPLES, spool_bytes: int = 32 << 20):
+    def __init__(
+        self, samples: Iterable[np.ndarray], filters: np.ndarray, padding: int = N_SAMPLES, spool_bytes: int = 32 << 20
+    ):
         self.n_mels = filters.shape[0]
         self._store = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
         self.frames, top = 0, -np.inf

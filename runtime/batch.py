@@ -31,7 +31,9 @@ import typer
 from .cliutil import flag_optional, run_app
 from .files import atomic_open
 
-AUDIO_EXTENSIONS = frozenset(".wav .flac .mp3 .m4a .ogg .oga .opus .webm .mp4 .mkv .aac .wma .aif .aiff .au .caf".split())
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .flac .mp3 .m4a .ogg .oga .opus .webm .mp4 .mkv .aac .wma .aif .aiff .au .caf".split()
+)
 LIST_EXTENSIONS = frozenset((".txt", ".lst", ".list"))
 SUMMARY = "summary.json"
 
@@ -83,7 +85,10 @@ def collect(inputs: list[Path]) -> list[Job]:
     for job in jobs:
         other = seen.setdefault(job.rel, job.audio)
         if other != job.audio:
-            raise BatchError(f"{other} and {job.audio} would both write {job.rel}.*; give them in folders (outputs keep the folders' structure) or rename one")
+            raise BatchError(
+                f"{other} and {job.audio} would both write {job.rel}.*; give them in folders (outputs keep the "
+                "folders' structure) or rename one"
+            )
     return jobs
 
 
@@ -104,7 +109,15 @@ class Summary:
             previous = {f["input"]: f for f in json.loads(path.read_text())["files"]}
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        self.entries = {str(j.audio): {"input": str(j.audio), "status": "pending", "duration": previous.get(str(j.audio), {}).get("duration"), "error": None} for j in jobs}
+        self.entries = {
+            str(j.audio): {
+                "input": str(j.audio),
+                "status": "pending",
+                "duration": previous.get(str(j.audio), {}).get("duration"),
+                "error": None,
+            }
+            for j in jobs
+        }
         self.written = 0.0
 
     def set(self, job: Job, status: str, duration: float | None = None, error: str | None = None) -> None:
@@ -149,7 +162,9 @@ def run_batch(
     formats = output_formats(output_format)  # checked before any work
     jobs = collect(inputs)
     if not jobs:
-        raise BatchError(f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})")
+        raise BatchError(
+            f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -162,7 +177,14 @@ def run_batch(
         else:
             todo.append(job)
     summary.write()
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="file", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        unit="file",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     audio_s, started = 0.0, time.perf_counter()
 
     def record(job: Job, result, duration: float | None, error: str | None) -> None:
@@ -174,18 +196,32 @@ def run_batch(
             except OSError as e:  # the disk: no later file could be written either
                 summary.set(job, "failed", duration, f"cannot write outputs: {e}")
                 summary.write()
-                raise BatchError(f"{e.filename}: cannot write ({e.strerror or e}); stopped; re-run the same command to go on") from e
+                raise BatchError(
+                    f"{e.filename}: cannot write ({e.strerror or e}); stopped; re-run the same command to go on"
+                ) from e
             summary.set(job, "done", duration)
             audio_s += duration or 0.0
         else:
             summary.set(job, "failed", duration, error)
         elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{audio_s / 3600:.2f} h audio, RTF {elapsed / audio_s:.3f}" if audio_s else "", refresh=False)
+        bar.set_postfix_str(
+            f"{audio_s / 3600:.2f} h audio, RTF {elapsed / audio_s:.3f}" if audio_s else "", refresh=False
+        )
         bar.update(1)
 
     try:
         if todo and (ray or ray_address):
-            _run_on_ray(model_arg, todo, options, record, batch_size=batch_size, model_dir=model_dir, trust=trust, address=ray_address, workers=workers)
+            _run_on_ray(
+                model_arg,
+                todo,
+                options,
+                record,
+                batch_size=batch_size,
+                model_dir=model_dir,
+                trust=trust,
+                address=ray_address,
+                workers=workers,
+            )
         elif todo:
             _run_here(model_arg, todo, options, record, batch_size=batch_size, model_dir=model_dir, trust=trust)
     finally:
@@ -194,7 +230,9 @@ def run_batch(
     return summary.counts()
 
 
-def _transcribe(model, audios: list[str], options, batch_size: int) -> Iterator[tuple[int, dict | None, float | None, str | None]]:
+def _transcribe(
+    model, audios: list[str], options, batch_size: int
+) -> Iterator[tuple[int, dict | None, float | None, str | None]]:
     """(index, result, audio seconds, error) for each of `audios` as it is done, decoded together
     on the model's engine (an English-only model transcribes English, as whisper-run)."""
     from .audio import AudioError
@@ -203,7 +241,9 @@ def _transcribe(model, audios: list[str], options, batch_size: int) -> Iterator[
     if not model.is_multilingual:
         options = options.english_only()
     durations: dict[int, float] = {}
-    for i, result in transcribe_many(model, audios, batch_size=batch_size, options=options, engine=model.engine, keep_going=True, durations=durations):
+    for i, result in transcribe_many(
+        model, audios, batch_size=batch_size, options=options, engine=model.engine, keep_going=True, durations=durations
+    ):
         if isinstance(result, AudioError):
             yield i, None, None, str(result)
         else:
@@ -229,7 +269,10 @@ class _Worker:
         self.options, self.batch_size = options, batch_size
 
     def transcribe(self, first: int, audios: list[str]):
-        return [(first + i, result, duration, error) for i, result, duration, error in _transcribe(self.model, audios, self.options, self.batch_size)]
+        return [
+            (first + i, result, duration, error)
+            for i, result, duration, error in _transcribe(self.model, audios, self.options, self.batch_size)
+        ]
 
 
 def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, model_dir, trust, address, workers) -> None:
@@ -255,14 +298,24 @@ def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, mode
         per_actor = min(cpus, int(os.environ.get("WHISPER_MAX_RAY_CPUS_PER_WORKER", "2")))
         count = workers or max(1, cpus // per_actor)
         actor = ray.remote(num_cpus=per_actor)(_Worker)
-        pool = ActorPool([actor.remote(model_arg, str(model_dir) if model_dir else None, trust, options, batch_size) for _ in range(count)])
-        groups = [(first, [str(j.audio) for j in todo[first : first + batch_size]]) for first in range(0, len(todo), batch_size)]
+        pool = ActorPool(
+            [
+                actor.remote(model_arg, str(model_dir) if model_dir else None, trust, options, batch_size)
+                for _ in range(count)
+            ]
+        )
+        groups = [
+            (first, [str(j.audio) for j in todo[first : first + batch_size]])
+            for first in range(0, len(todo), batch_size)
+        ]
         try:
             for rows in pool.map_unordered(lambda a, g: a.transcribe.remote(*g), groups):
                 for i, result, duration, error in rows:
                     record(todo[i], result, duration, error)
         except ray.exceptions.RayError as e:  # an actor could not load the model, or died
-            raise BatchError(f"a Ray worker failed ({type(e).__name__}): {e}; files finished before it are written, re-run to go on") from e
+            raise BatchError(
+                f"a Ray worker failed ({type(e).__name__}): {e}; files finished before it are written, re-run to go on"
+            ) from e
     finally:
         if owns:
             ray.shutdown()
@@ -273,21 +326,39 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 @app.command()
 def batch_cmd(
-    model: str = typer.Argument(..., help="a model name (tiny.en, base, ...), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"),
-    inputs: list[Path] = typer.Argument(..., help="audio files, folders (searched recursively) and .txt lists of paths"),
+    model: str = typer.Argument(
+        ..., help="a model name (tiny.en, base, ...), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"
+    ),
+    inputs: list[Path] = typer.Argument(
+        ..., help="audio files, folders (searched recursively) and .txt lists of paths"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the outputs and summary.json"),
     output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
     language: str | None = typer.Option(None, "--language", help="language spoken; None detects it per file"),
     task: str = typer.Option("transcribe", "--task", help="transcribe, or translate to English"),
-    beam_size: str = typer.Option("5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"),
+    beam_size: str = typer.Option(
+        "5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"
+    ),
     word_timestamps: bool = typer.Option(False, "--word_timestamps/--no_word_timestamps", help="word-level timestamps"),
-    vad_filter: bool = typer.Option(False, "--vad_filter/--no_vad_filter", help="transcribe only the speech Silero VAD finds (no text invented over silence); not openai-whisper's tokens"),
-    seed: int = typer.Option(0, "--seed", help="seed of the sampling at fallback temperatures: a file gives the same text in every run, here or on Ray"),
+    vad_filter: bool = typer.Option(
+        False,
+        "--vad_filter/--no_vad_filter",
+        help="transcribe only the speech Silero VAD finds (no text invented over silence); not openai-whisper's tokens",
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        help="seed of the sampling at fallback temperatures: a file gives the same text in every run, here or on Ray",
+    ),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files decoded together on one engine"),
     model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept"),
-    trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"),
+    trust: bool = typer.Option(
+        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"
+    ),
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray instance started for this job"),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"
+    ),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Ray actors (default: the cluster's CPUs / 2)"),
 ) -> None:
     from .options import TranscribeOptions, fallback_temperatures
@@ -304,8 +375,23 @@ def batch_cmd(
         seed=seed,
         vad_filter=vad_filter,
     )
-    counts = run_batch(model, inputs, out, options, output_format=output_format, batch_size=batch_size, model_dir=model_dir, trust=trust, ray=ray, ray_address=ray_address, workers=workers)
-    line = f"whisper-batch: {counts['done']} transcribed, {counts['skipped']} already done, {counts['failed']} failed; see {out / SUMMARY}"
+    counts = run_batch(
+        model,
+        inputs,
+        out,
+        options,
+        output_format=output_format,
+        batch_size=batch_size,
+        model_dir=model_dir,
+        trust=trust,
+        ray=ray,
+        ray_address=ray_address,
+        workers=workers,
+    )
+    line = (
+        f"whisper-batch: {counts['done']} transcribed, {counts['skipped']} already done, {counts['failed']} "
+        f"failed; see {out / SUMMARY}"
+    )
     print(line, file=sys.stderr)
     if counts["failed"] or counts["pending"]:
         raise typer.Exit(1)
@@ -315,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .package import PackageError
 
-    return run_app(app, sys.argv[1:] if argv is None else argv, "whisper-batch", (BatchError, PackageError, AudioError, ValueError))
+    return run_app(
+        app, sys.argv[1:] if argv is None else argv, "whisper-batch", (BatchError, PackageError, AudioError, ValueError)
+    )
 
 
 def run() -> None:

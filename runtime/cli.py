@@ -17,7 +17,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 @app.command()
 def run_cmd(
-    model: str = typer.Argument(..., help="a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"),
+    model: str = typer.Argument(
+        ...,
+        help=(
+            "a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 "
+            "folder, or a .maxpkg"
+        ),
+    ),
     audio: list[Path] = typer.Argument(..., help="audio file(s) to transcribe"),
     output_dir: Path = typer.Option(Path("."), "--output_dir", "-o", help="directory to save the outputs"),
     output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
@@ -28,35 +34,102 @@ def run_cmd(
     best_of: str = typer.Option("5", "--best_of", help="candidates when sampling with non-zero temperature"),
     beam_size: str = typer.Option("5", "--beam_size", help="beams in beam search, used when temperature is zero"),
     patience: str | None = typer.Option(None, "--patience", help="beam search patience factor"),
-    length_penalty: str | None = typer.Option(None, "--length_penalty", help="length penalty alpha; None: simple length normalisation"),
-    suppress_tokens: str = typer.Option("-1", "--suppress_tokens", help="comma-separated token ids to suppress; -1: most special characters"),
-    initial_prompt: str | None = typer.Option(None, "--initial_prompt", help="text to provide as a prompt for the first window"),
-    carry_initial_prompt: str = typer.Option("False", "--carry_initial_prompt", help="prepend initial_prompt to every window's prompt"),
-    condition_on_previous_text: str = typer.Option("True", "--condition_on_previous_text", help="prompt each window with the previous output"),
+    length_penalty: str | None = typer.Option(
+        None, "--length_penalty", help="length penalty alpha; None: simple length normalisation"
+    ),
+    suppress_tokens: str = typer.Option(
+        "-1", "--suppress_tokens", help="comma-separated token ids to suppress; -1: most special characters"
+    ),
+    initial_prompt: str | None = typer.Option(
+        None, "--initial_prompt", help="text to provide as a prompt for the first window"
+    ),
+    carry_initial_prompt: str = typer.Option(
+        "False", "--carry_initial_prompt", help="prepend initial_prompt to every window's prompt"
+    ),
+    condition_on_previous_text: str = typer.Option(
+        "True", "--condition_on_previous_text", help="prompt each window with the previous output"
+    ),
     fp16: str = typer.Option("True", "--fp16", help="accepted for compatibility; the package's dtype decides"),
-    temperature_increment_on_fallback: str | None = typer.Option("0.2", "--temperature_increment_on_fallback", help="temperature step when decoding fails the thresholds"),
-    compression_ratio_threshold: str | None = typer.Option("2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"),
-    logprob_threshold: str | None = typer.Option("-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"),
-    no_speech_threshold: str | None = typer.Option("0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"),
-    word_timestamps: str = typer.Option("False", "--word_timestamps", help="word-level timestamps from cross-attention alignment"),
-    prepend_punctuations: str = typer.Option("\"'“¿([{-", "--prepend_punctuations", help="with word timestamps, merge these with the next word"),
-    append_punctuations: str = typer.Option("\"'.。,，!！?？:：”)]}、", "--append_punctuations", help="with word timestamps, merge these with the previous word"),
-    highlight_words: str = typer.Option("False", "--highlight_words", help="underline each word as it is spoken in srt and vtt"),
-    max_line_width: int | None = typer.Option(None, "--max_line_width", help="characters in a subtitle line before a break"),
+    temperature_increment_on_fallback: str | None = typer.Option(
+        "0.2", "--temperature_increment_on_fallback", help="temperature step when decoding fails the thresholds"
+    ),
+    compression_ratio_threshold: str | None = typer.Option(
+        "2.4", "--compression_ratio_threshold", help="treat a window as failed above this gzip ratio"
+    ),
+    logprob_threshold: str | None = typer.Option(
+        "-1.0", "--logprob_threshold", help="treat a window as failed below this average log probability"
+    ),
+    no_speech_threshold: str | None = typer.Option(
+        "0.6", "--no_speech_threshold", help="silence when <|nospeech|> is above this and the logprob is too low"
+    ),
+    word_timestamps: str = typer.Option(
+        "False", "--word_timestamps", help="word-level timestamps from cross-attention alignment"
+    ),
+    prepend_punctuations: str = typer.Option(
+        "\"'“¿([{-", "--prepend_punctuations", help="with word timestamps, merge these with the next word"
+    ),
+    append_punctuations: str = typer.Option(
+        "\"'.。,，!！?？:：”)]}、",
+        "--append_punctuations",
+        help="with word timestamps, merge these with the previous word",
+    ),
+    highlight_words: str = typer.Option(
+        "False", "--highlight_words", help="underline each word as it is spoken in srt and vtt"
+    ),
+    max_line_width: int | None = typer.Option(
+        None, "--max_line_width", help="characters in a subtitle line before a break"
+    ),
     max_line_count: int | None = typer.Option(None, "--max_line_count", help="lines in a subtitle cue"),
     max_words_per_line: int | None = typer.Option(None, "--max_words_per_line", help="words in a subtitle line"),
-    clip_timestamps: str = typer.Option("0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"),
-    hallucination_silence_threshold: float | None = typer.Option(
-        None, "--hallucination_silence_threshold", help="with word timestamps, skip silences longer than this (s) around a likely hallucination"
+    clip_timestamps: str = typer.Option(
+        "0", "--clip_timestamps", help="start,end,start,end,... seconds of clips to process"
     ),
-    vad_filter: str = typer.Option("False", "--vad_filter", help="transcribe only the speech Silero VAD finds (faster-whisper's vad_filter); timestamps stay in the file's timeline"),
-    vad_parameters: str | None = typer.Option(None, "--vad_parameters", help="faster-whisper's VadOptions as JSON, e.g. '{\"min_silence_duration_ms\": 500}'"),
-    batched: str = typer.Option("False", "--batched", help="faster-whisper's batched mode: VAD chunks of up to 30 s, --batch_size at once, no text carried between them"),
-    without_timestamps: str | None = typer.Option(None, "--without_timestamps", help="decode no timestamp tokens: one segment per window (default: True with --batched, else False)"),
-    model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)"),
-    trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"),
+    hallucination_silence_threshold: float | None = typer.Option(
+        None,
+        "--hallucination_silence_threshold",
+        help="with word timestamps, skip silences longer than this (s) around a likely hallucination",
+    ),
+    vad_filter: str = typer.Option(
+        "False",
+        "--vad_filter",
+        help=(
+            "transcribe only the speech Silero VAD finds (faster-whisper's vad_filter); timestamps stay in the "
+            "file's timeline"
+        ),
+    ),
+    vad_parameters: str | None = typer.Option(
+        None, "--vad_parameters", help="faster-whisper's VadOptions as JSON, e.g. '{\"min_silence_duration_ms\": 500}'"
+    ),
+    batched: str = typer.Option(
+        "False",
+        "--batched",
+        help=(
+            "faster-whisper's batched mode: VAD chunks of up to 30 s, --batch_size at once, no text carried "
+            "between them"
+        ),
+    ),
+    without_timestamps: str | None = typer.Option(
+        None,
+        "--without_timestamps",
+        help="decode no timestamp tokens: one segment per window (default: True with --batched, else False)",
+    ),
+    model_dir: Path | None = typer.Option(
+        None,
+        "--model_dir",
+        help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)",
+    ),
+    trust: bool = typer.Option(
+        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"
+    ),
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
-    batch_size: int = typer.Option(8, "--batch_size", min=1, help="files in flight at once, decoded together (1: one file after another); with --batched, chunks of one file"),
+    batch_size: int = typer.Option(
+        8,
+        "--batch_size",
+        min=1,
+        help=(
+            "files in flight at once, decoded together (1: one file after another); with --batched, chunks of one file"
+        ),
+    ),
 ) -> None:
     from . import load
     from .audio import AudioError
@@ -69,7 +142,12 @@ def run_cmd(
     if output_format not in (*WRITERS, "all"):
         raise typer.BadParameter(f"--output_format {output_format!r}: use {', '.join(WRITERS)} or all")
     words = flag_bool(word_timestamps)
-    writer_options = {"highlight_words": flag_bool(highlight_words), "max_line_width": max_line_width, "max_line_count": max_line_count, "max_words_per_line": max_words_per_line}
+    writer_options = {
+        "highlight_words": flag_bool(highlight_words),
+        "max_line_width": max_line_width,
+        "max_line_count": max_line_count,
+        "max_words_per_line": max_words_per_line,
+    }
     if not words:
         for name, value in writer_options.items():
             if value:
@@ -108,16 +186,25 @@ def run_cmd(
         without_timestamps=is_batched if no_timestamps is None else no_timestamps,
     )
     if is_batched and options.clip_timestamps != (0.0,):
-        raise typer.BadParameter("--clip_timestamps: --batched transcribes the speech the VAD finds; give one or the other")
+        raise typer.BadParameter(
+            "--clip_timestamps: --batched transcribes the speech the VAD finds; give one or the other"
+        )
     _check_writable(output_dir)  # before any work
     package = model
     model = load(package, trust=trust, model_dir=model_dir)
     if not model.is_multilingual and (language not in (None, "en", "English") or task == "translate"):
-        print(f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.", file=sys.stderr)
+        print(
+            f"{package} is an English-only model but received language {language!r} / task {task!r}; using English.",
+            file=sys.stderr,
+        )
         options = options.english_only()
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
     failed = []
-    results = _batched(model, audio, batch_size, options) if is_batched else transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True)
+    results = (
+        _batched(model, audio, batch_size, options)
+        if is_batched
+        else transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True)
+    )
     for i, result in results:
         if isinstance(result, AudioError):
             print(f"whisper-run: error: {result}", file=sys.stderr)
@@ -126,7 +213,10 @@ def run_cmd(
         try:
             write_result(result, audio[i], output_dir, output_format, writer_options)
         except OSError as e:  # a full disk mid-run: the file being written was not renamed into place
-            raise OutputError(f"{e.filename}: cannot write ({e.strerror or e}); stopped here: outputs written before it stay, it and later ones were not written") from e
+            raise OutputError(
+                f"{e.filename}: cannot write ({e.strerror or e}); stopped here: outputs written before it stay, it "
+                "and later ones were not written"
+            ) from e
     if failed:
         if len(audio) > 1:
             print(f"whisper-run: {len(failed)} of {len(audio)} files failed, the others were written:", file=sys.stderr)

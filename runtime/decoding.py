@@ -77,7 +77,15 @@ class TokenRules:
     the rule that bans text when the timestamps together outweigh it. The filters only set
     logits to -inf before that last rule, so their order does not matter until it."""
 
-    def __init__(self, tokenizer: Tokenizer, sample_begin: int, suppress_blank: bool, suppress_tokens: Sequence[int], timestamps: bool, max_initial_timestamp_index: int | None):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        sample_begin: int,
+        suppress_blank: bool,
+        suppress_tokens: Sequence[int],
+        timestamps: bool,
+        max_initial_timestamp_index: int | None,
+    ):
         self.sample_begin = sample_begin
         self.eot = tokenizer.eot
         self.blank = tokenizer.encode(" ") + [tokenizer.eot] if suppress_blank else []
@@ -118,7 +126,9 @@ class TokenRules:
                 else:
                     merged.append([lo, hi])
             if len(merged) > SELECT_RANGES:
-                raise ValueError(f"{len(merged)} banned token ranges in one row; the select graph takes {SELECT_RANGES}")
+                raise ValueError(
+                    f"{len(merged)} banned token ranges in one row; the select graph takes {SELECT_RANGES}"
+                )
             out[k, : 2 * len(merged)] = np.array(merged, np.int32).reshape(-1) if merged else ()
         return out
 
@@ -129,7 +139,10 @@ class TokenRules:
 
 def _check(choice: np.ndarray) -> np.ndarray:
     if np.isnan(choice[:, 0, 1]).any():
-        raise FloatingPointError("the decoder's logits hold NaN (no token can be chosen): the package's graphs computed NaN; check its parity report")
+        raise FloatingPointError(
+            "the decoder's logits hold NaN (no token can be chosen): the package's graphs computed NaN; check its "
+            "parity report"
+        )
     return choice
 
 
@@ -241,7 +254,10 @@ def rank(tokens: list[list[np.ndarray]], sum_logprobs: list[list[float]], length
     """Index of the best candidate per audio: log-probability over length (or a GNMT-style penalty)."""
     out = []
     for seqs, lps in zip(tokens, sum_logprobs):
-        scores = [lp / (len(t) if length_penalty is None else ((5 + len(t)) / 6) ** length_penalty) for t, lp in zip(seqs, lps)]
+        scores = [
+            lp / (len(t) if length_penalty is None else ((5 + len(t)) / 6) ** length_penalty)
+            for t, lp in zip(seqs, lps)
+        ]
         out.append(int(np.argmax(scores)))
     return out
 
@@ -288,7 +304,9 @@ class Rows(Protocol):
     def close(self) -> None: ...
 
 
-def detect_language(model: WhisperModel, audio_features, tokenizer: Tokenizer, cross: dict | None = None) -> tuple[np.ndarray, list[dict[str, float]]]:
+def detect_language(
+    model: WhisperModel, audio_features, tokenizer: Tokenizer, cross: dict | None = None
+) -> tuple[np.ndarray, list[dict[str, float]]]:
     """Most likely language token per audio and the probability of every language.
     `cross`: the window's cross_kv outputs, when the caller has them already."""
     if not tokenizer.multilingual:
@@ -309,7 +327,10 @@ def language_probs(logits: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray
     logits[:, mask] = -np.inf
     probs = np.exp(log_softmax(logits))
     best = logits.argmax(axis=-1)
-    return best, [{code: float(probs[i, tok]) for tok, code in zip(lang_tokens, tokenizer.all_language_codes)} for i in range(len(logits))]
+    return best, [
+        {code: float(probs[i, tok]) for tok, code in zip(lang_tokens, tokenizer.all_language_codes)}
+        for i in range(len(logits))
+    ]
 
 
 class DecodingTask:
@@ -337,7 +358,14 @@ class DecodingTask:
             self.decoder = GreedyDecoder(options.temperature, self.tokenizer.eot, rng)
         precision = CHUNK_LENGTH / model.dims["n_audio_ctx"]  # 0.02 s per audio position
         max_index = None if options.max_initial_timestamp is None else round(options.max_initial_timestamp / precision)
-        self.rules = TokenRules(self.tokenizer, self.sample_begin, options.suppress_blank, self._suppress_tokens() if options.suppress_tokens else (), not options.without_timestamps, max_index)
+        self.rules = TokenRules(
+            self.tokenizer,
+            self.sample_begin,
+            options.suppress_blank,
+            self._suppress_tokens() if options.suppress_tokens else (),
+            not options.without_timestamps,
+            max_index,
+        )
 
     @staticmethod
     def _verify(o: DecodingOptions) -> DecodingOptions:
@@ -401,7 +429,9 @@ class DecodingTask:
         tokens, logits = np.repeat(tokens, n, axis=0), np.repeat(logits, n, axis=0)
         sum_logprobs = np.zeros(n, np.float32)
         slots = self.decoder.slots
-        choice = _check(rows.select(logits, self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(n), slots))
+        choice = _check(
+            rows.select(logits, self.rules.rows(tokens), self.rules.suppress, self.decoder.sampling(n), slots)
+        )
         ended = isinstance(self.decoder, GreedyDecoder)  # a greedy or sampled row that has ended stops running
         for _ in range(self.sample_len):
             tokens, completed, sources = self.decoder.update(tokens, choice, sum_logprobs)
@@ -411,7 +441,9 @@ class DecodingTask:
                 break
             live = np.flatnonzero(tokens[:, -1] != tk.eot) if ended else np.arange(n)
             sampling = self.decoder.sampling(n)[live]  # drawn for every row, as alone
-            got = yield Step(live, tokens[live, -1:], self.rules.rows(tokens[live]), self.rules.suppress, sampling, slots)
+            got = yield Step(
+                live, tokens[live, -1:], self.rules.rows(tokens[live]), self.rules.suppress, sampling, slots
+            )
             choice = np.zeros((n, slots, 2), np.float32)
             choice[:, :, 0] = tk.eot
             choice[live] = _check(got)

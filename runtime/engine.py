@@ -57,7 +57,9 @@ class Engine:
 
     # --- submitting ---
 
-    def submit_window(self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None], owner: object = None) -> None:
+    def submit_window(
+        self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None], owner: object = None
+    ) -> None:
         """Decode one (n_mels, 3000) log-mel window with `options`; `on_done(result)` is called
         from step() when it is done (it may submit more). `owner` tags it for cancel()."""
         task = DecodingTask(self.model, options)  # checks the options now, not at its turn
@@ -145,7 +147,9 @@ class Engine:
         job.step = None
 
 
-def decode(model, mel: np.ndarray, options: DecodingOptions = DecodingOptions(), engine: Engine | None = None, **kwargs):
+def decode(
+    model, mel: np.ndarray, options: DecodingOptions = DecodingOptions(), engine: Engine | None = None, **kwargs
+):
     """openai-whisper's `decode`: (n_mels, frames) or (batch, n_mels, frames) windows -> one
     DecodingResult or a list. The windows of a batch decode together, each as it would alone."""
     if kwargs:

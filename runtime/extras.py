@@ -21,4 +21,6 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         missing = e.name or module
-        raise MissingExtra(f"{feature} needs {missing}, which is not installed: pip install 'whisper-max[{extra}]'") from None
+        raise MissingExtra(
+            f"{feature} needs {missing}, which is not installed: pip install 'whisper-max[{extra}]'"
+        ) from None

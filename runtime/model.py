@@ -13,7 +13,24 @@ import numpy as np
 
 from .audio import N_FRAMES, LogMel, is_path, log_mel_spectrogram, read_audio
 from .package import WINDOW, Package, PackageError
-from .program import AUDIO_FEATURES, LOGITS, MEL, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, TOKENS, Role, StepCache, decoder_call, empty_cache_shape, host, select_call, state_specs
+from .program import (
+    AUDIO_FEATURES,
+    LOGITS,
+    MEL,
+    RULES,
+    SAMPLING,
+    SLOTS,
+    STEP_GRAPHS,
+    SUPPRESS,
+    TOKENS,
+    Role,
+    StepCache,
+    decoder_call,
+    empty_cache_shape,
+    host,
+    select_call,
+    state_specs,
+)
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -51,7 +68,10 @@ class WhisperModel:
         self.alignment_heads = m["model"]["alignment_heads"]
         self._sig = m["graphs"]
         if Role.SELECT not in self._sig:
-            raise PackageError(f"{pkg.path} has no select graph (made by an older whisper-convert); `whisper-convert --rebuild {pkg.path}` adds it")
+            raise PackageError(
+                f"{pkg.path} has no select graph (made by an older whisper-convert); `whisper-convert --rebuild "
+                f"{pkg.path}` adds it"
+            )
         with ThreadPoolExecutor(2) as pool:
             # weights.bin (most of the bytes) and the tokenizer are made in the background while
             # this thread reads and initialises the compiled graphs; file reads, CRC and MAX's
@@ -68,7 +88,8 @@ class WhisperModel:
         self.num_languages: int = len(self.tokenizer.languages)
         if WINDOW not in {i["name"] for i in self._sig.get(Role.DECODER_ROWS, {}).get("inputs", [])}:
             raise PackageError(
-                f"{pkg.path}: its decoder_rows graph decodes the rows of one window only (made by an older whisper-convert); "
+                f"{pkg.path}: its decoder_rows graph decodes the rows of one window only (made by an older "
+                "whisper-convert); "
                 f"`whisper-convert --rebuild {pkg.path}` makes the one this runtime's engine needs"
             )
 
@@ -151,8 +172,13 @@ class WhisperModel:
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
         """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""
         if Role.ALIGNMENT not in self._sig:
-            raise ValueError(f"{self.package.path} has no alignment graph (made by an older whisper-convert); convert it again for word timestamps")
-        out = self._run(Role.ALIGNMENT, {TOKENS: np.ascontiguousarray(tokens, np.int64), AUDIO_FEATURES: audio_features})
+            raise ValueError(
+                f"{self.package.path} has no alignment graph (made by an older whisper-convert); convert it again for "
+                "word timestamps"
+            )
+        out = self._run(
+            Role.ALIGNMENT, {TOKENS: np.ascontiguousarray(tokens, np.int64), AUDIO_FEATURES: audio_features}
+        )
         n_layer = self.dims["n_text_layer"]
         return out[LOGITS].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
 

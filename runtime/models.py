@@ -69,7 +69,8 @@ def cache_key(model: str) -> str:
     ct2 = path.is_dir() and (path / "model.bin").is_file() and (path / "config.json").is_file()
     if not (checkpoint or ct2):
         raise PackageError(
-            f"{model}: not a model name ({', '.join(NAMES)}), an openai-whisper .pt checkpoint, a CTranslate2 folder (model.bin + config.json) "
+            f"{model}: not a model name ({', '.join(NAMES)}), an openai-whisper .pt checkpoint, a CTranslate2 folder "
+            "(model.bin + config.json) "
             "or a .maxpkg package; make a package with `whisper-convert MODEL --out NAME.maxpkg`"
         )
     st = (path / "model.bin" if path.is_dir() else path).stat()
@@ -85,7 +86,10 @@ def stale_reason(path: Path) -> str | None:
         return f"it was compiled with MAX {m['max_version']}, this is MAX {max_version()}"
     here = cpu_target()
     if m["target_cpu"]["arch"] != here["arch"] or sorted(m["target_cpu"]["features"]) != sorted(here["features"]):
-        return f"it was compiled for {m['target_cpu']['arch']} {m['target_cpu']['features']}, this CPU is {here['arch']} {here['features']}"
+        return (
+            f"it was compiled for {m['target_cpu']['arch']} {m['target_cpu']['features']}, this CPU is "
+            f"{here['arch']} {here['features']}"
+        )
     if not is_trusted(m["files"].get("model.mef", {}).get("sha256", "")):
         return "its compiled program was not made on this machine (not in the trust list)"
     return None
@@ -124,7 +128,10 @@ def resolve(model: str | os.PathLike, model_dir: str | os.PathLike | None = None
             _convert(source, target, log)
             return target
         if reason:
-            log(f"whisper-max: the cached {target} must be recompiled for this machine: {reason}; rebuilding it from its own IR and weights")
+            log(
+                f"whisper-max: the cached {target} must be recompiled for this machine: {reason}; rebuilding it from "
+                "its own IR and weights"
+            )
             _whisper_convert([str(target), "--rebuild"], f"rebuilding {target}")
     finally:
         lock.release()
@@ -135,10 +142,15 @@ def _convert(source: str, target: Path, log) -> None:
     missing = [m for m in ("torch", "whisper") if importlib.util.find_spec(m) is None]
     if missing:
         raise PackageError(
-            f"converting {source} needs the converter's dependencies ({', '.join(missing)} missing): install torch==2.13.0 (CPU) and "
-            "`pip install 'whisper-max[convert]'`, or convert on another machine and pass the .maxpkg (then `whisper-convert --rebuild` it here)"
+            f"converting {source} needs the converter's dependencies ({', '.join(missing)} missing): install "
+            "torch==2.13.0 (CPU) and "
+            "`pip install 'whisper-max[convert]'`, or convert on another machine and pass the .maxpkg (then "
+            "`whisper-convert --rebuild` it here)"
         )
-    log(f"whisper-max: {source} is not in the cache yet; converting it once into {target} (the first time on a machine compiles for minutes)")
+    log(
+        f"whisper-max: {source} is not in the cache yet; converting it once into {target} (the first time on a "
+        "machine compiles for minutes)"
+    )
     t = time.perf_counter()
     _whisper_convert([source, "--out", str(target), "--force"], f"converting {source}")
     log(f"whisper-max: converted {source} in {time.perf_counter() - t:.0f} s; later uses load {target}")
@@ -149,7 +161,10 @@ def _whisper_convert(args: list[str], what: str) -> None:
     cmd = [sys.executable, "-m", "whisper_max.converter", *args]
     done = subprocess.run(cmd, stdout=2, check=False)
     if done.returncode != 0:
-        raise PackageError(f"{what} failed (whisper-convert exit {done.returncode}, its message is above); nothing was written to the cache")
+        raise PackageError(
+            f"{what} failed (whisper-convert exit {done.returncode}, its message is above); nothing was written to "
+            "the cache"
+        )
 
 
 def _ready(target: Path) -> bool:

@@ -38,7 +38,16 @@ from .scheduler import Busy, Job, Scheduler  # noqa: E402
 from .writers import write_srt, write_vtt  # noqa: E402
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]", "timestamp_granularities"}
+FIELDS = {
+    "file",
+    "model",
+    "language",
+    "prompt",
+    "response_format",
+    "temperature",
+    "timestamp_granularities[]",
+    "timestamp_granularities",
+}
 ALIASES = ("whisper-1",)  # the model name OpenAI's examples use; it means the loaded package here
 
 
@@ -59,9 +68,24 @@ class Settings:
 class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+            headers,
+        )
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -83,7 +107,12 @@ def read_upload(data: bytes, filename: str, max_seconds: float) -> np.ndarray:
             for block in read_audio(path):
                 total += len(block)
                 if total > limit:
-                    raise ApiError(400, f"{filename}: the audio is longer than this server takes ({max_seconds:g} s, --max_audio_seconds)", param="file")
+                    raise ApiError(
+                        400,
+                        f"{filename}: the audio is longer than this server takes ({max_seconds:g} s, "
+                        "--max_audio_seconds)",
+                        param="file",
+                    )
                 blocks.append(np.rint(block * np.float32(32768)).astype(np.int16))
         except AudioError as e:
             raise ApiError(400, str(e).replace(str(path), filename or "file"), param="file") from None
@@ -105,13 +134,24 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
         raise ApiError(400, f"response_format {fmt!r}: use one of {', '.join(FORMATS)}", param="response_format")
     granularities = set(form.get("timestamp_granularities") or [])
     if granularities - {"segment", "word"}:
-        raise ApiError(400, f"timestamp_granularities {sorted(granularities)}: use segment and/or word", param="timestamp_granularities[]")
+        raise ApiError(
+            400,
+            f"timestamp_granularities {sorted(granularities)}: use segment and/or word",
+            param="timestamp_granularities[]",
+        )
     if granularities and fmt != "verbose_json":
-        raise ApiError(400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities[]")
+        raise ApiError(
+            400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities[]"
+        )
     language = form.get("language") or None
     if not model.is_multilingual:
         if task == "translate":
-            raise ApiError(400, "this server's model is English-only: it cannot translate; serve a multilingual package (base, small, ...) for translations", param="model")
+            raise ApiError(
+                400,
+                "this server's model is English-only: it cannot translate; serve a multilingual package (base, small, "
+                "...) for translations",
+                param="model",
+            )
         if language not in (None, "en", "english"):
             raise ApiError(400, f"language {language!r}: this server's model is English-only", param="language")
     elif language is not None:
@@ -124,7 +164,9 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
         try:
             t = float(form["temperature"])
         except ValueError:
-            raise ApiError(400, f"temperature {form['temperature']!r}: a number between 0 and 1", param="temperature") from None
+            raise ApiError(
+                400, f"temperature {form['temperature']!r}: a number between 0 and 1", param="temperature"
+            ) from None
         if not 0 <= t <= 1:
             raise ApiError(400, f"temperature {t}: between 0 and 1", param="temperature")
         if t > 0:
@@ -153,7 +195,18 @@ def render(model, result: dict, fmt: str, granularities: set[str], task: str, du
         out = io.StringIO()
         (write_srt if fmt == "srt" else write_vtt)(result, out)
         return out.getvalue()
-    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+    keys = (
+        "id",
+        "seek",
+        "start",
+        "end",
+        "text",
+        "tokens",
+        "temperature",
+        "avg_logprob",
+        "compression_ratio",
+        "no_speech_prob",
+    )
     body = {
         "task": task,
         "language": model.tokenizer.languages.get(result["language"], result["language"]),
@@ -163,7 +216,11 @@ def render(model, result: dict, fmt: str, granularities: set[str], task: str, du
     if not granularities or "segment" in granularities:
         body["segments"] = [{k: s[k] for k in keys} for s in result["segments"]]
     if "word" in granularities:
-        body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"], "probability": w["probability"]} for s in result["segments"] for w in s.get("words", [])]
+        body["words"] = [
+            {"word": w["word"], "start": w["start"], "end": w["end"], "probability": w["probability"]}
+            for s in result["segments"]
+            for w in s.get("words", [])
+        ]
     return body
 
 
@@ -192,7 +249,12 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
-        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error", headers=getattr(e, "headers", None))
+        return _error(
+            e.status_code,
+            str(e.detail),
+            "invalid_request_error" if e.status_code < 500 else "server_error",
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -211,16 +273,30 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
     @app.get("/v1/models/{name}")
     async def one_model(name: str):
         if name not in (model_id, *ALIASES):
-            raise ApiError(404, f"model {name!r} is not served here; this server serves {model_id!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; this server serves {model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         return _model_card(name)
 
     async def audio(request: Request, task: str):
         form = await _form(request, settings.max_upload_bytes)
         name = form.get("model")
         if not name:
-            raise ApiError(400, "the form has no 'model' field; send the served model's id (see GET /v1/models) or whisper-1", param="model")
+            raise ApiError(
+                400,
+                "the form has no 'model' field; send the served model's id (see GET /v1/models) or whisper-1",
+                param="model",
+            )
         if name not in (model_id, *ALIASES):
-            raise ApiError(404, f"model {name!r} is not served here; this server serves {model_id!r} (or whisper-1)", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; this server serves {model_id!r} (or whisper-1)",
+                param="model",
+                code="model_not_found",
+            )
         options, fmt, granularities = options_for(model, settings, task, form)
         samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
         try:
@@ -228,10 +304,21 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
         except Busy:
             retry = max(1, math.ceil(scheduler.latency))
             raise ApiError(
-                429, f"the server is busy ({scheduler.capacity} requests admitted); retry in {retry} s", "rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)}
+                429,
+                f"the server is busy ({scheduler.capacity} requests admitted); retry in {retry} s",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(retry)},
             ) from None
         result = await _wait(request, scheduler, job, settings.timeout)
-        body = render(model, result, fmt, granularities, "translate" if task == "translate" else "transcribe", len(samples) / SAMPLE_RATE)
+        body = render(
+            model,
+            result,
+            fmt,
+            granularities,
+            "translate" if task == "translate" else "transcribe",
+            len(samples) / SAMPLE_RATE,
+        )
         return JSONResponse(body) if isinstance(body, dict) else PlainTextResponse(body)
 
     @app.post("/v1/audio/transcriptions")
@@ -259,16 +346,26 @@ class _Guard:
             key, limit = self.settings.api_key, self.settings.max_upload_bytes
             length = headers.get("content-length", "")
             if key and scope["path"].startswith("/v1/") and headers.get("authorization") != f"Bearer {key}":
-                response = _error(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+                response = _error(
+                    401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key"
+                )
                 return await response(scope, receive, send)
             if length.isdigit() and int(length) > limit:
                 message = f"the upload is {int(length)} bytes; this server takes at most {limit} (--max_upload_mb)"
-                return await _error(413, message, code="upload_too_large", headers={"Connection": "close"})(scope, receive, send)
+                return await _error(413, message, code="upload_too_large", headers={"Connection": "close"})(
+                    scope, receive, send
+                )
         await self.app(scope, receive, send)
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status, headers=headers)
+def _error(
+    status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _model_card(name: str) -> dict:
@@ -287,19 +384,32 @@ async def _form(request, max_bytes: int) -> dict:
     try:
         unknown = sorted(set(form.keys()) - FIELDS)
         if unknown:
-            raise ApiError(400, f"unknown form field(s) {unknown}; this endpoint takes {sorted(FIELDS)}", param=unknown[0])
+            raise ApiError(
+                400, f"unknown form field(s) {unknown}; this endpoint takes {sorted(FIELDS)}", param=unknown[0]
+            )
         upload = form.get("file")
         if upload is None:
-            raise ApiError(400, "the form has no 'file' field; send the audio as a file in a field named 'file'", param="file")
+            raise ApiError(
+                400, "the form has no 'file' field; send the audio as a file in a field named 'file'", param="file"
+            )
         if not isinstance(upload, UploadFile):
-            raise ApiError(400, "'file' is a text field; send the audio as a file (multipart with a filename)", param="file")
+            raise ApiError(
+                400, "'file' is a text field; send the audio as a file (multipart with a filename)", param="file"
+            )
         size = upload.file.seek(0, os.SEEK_END)  # spooled to disk past 1 MB: measured before it is read in
         if size > max_bytes:  # a chunked upload declares no length; it is caught here
-            raise ApiError(413, f"the upload is {size} bytes; this server takes at most {max_bytes} (--max_upload_mb)", code="upload_too_large")
+            raise ApiError(
+                413,
+                f"the upload is {size} bytes; this server takes at most {max_bytes} (--max_upload_mb)",
+                code="upload_too_large",
+            )
         upload.file.seek(0)
         data = await upload.read()
         out = {k: v for k, v in form.items() if isinstance(v, str) and not k.startswith("timestamp_granularities")}
-        out["timestamp_granularities"] = [*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")]
+        out["timestamp_granularities"] = [
+            *form.getlist("timestamp_granularities[]"),
+            *form.getlist("timestamp_granularities"),
+        ]
         out["file"] = (upload.filename or "", data)
         return out
     finally:
@@ -316,7 +426,12 @@ async def _wait(request, scheduler: Scheduler, job: Job, timeout: float) -> dict
             if done:
                 return future.result()
             if time.monotonic() >= deadline:
-                raise ApiError(504, f"the transcription took longer than {timeout:g} s (--timeout); it was stopped", "timeout_error", code="timeout")
+                raise ApiError(
+                    504,
+                    f"the transcription took longer than {timeout:g} s (--timeout); it was stopped",
+                    "timeout_error",
+                    code="timeout",
+                )
             if await request.is_disconnected():
                 raise asyncio.CancelledError()
     except asyncio.CancelledError:

@@ -66,7 +66,9 @@ class TranscribeOptions:
         mine = {f.name for f in fields(cls)} - {"decode"}
         unknown = set(options) - mine - _DECODE_FIELDS
         if "prompt" in unknown:
-            raise ValueError("prompt: the long-form loop prompts each window with the previous text; give initial_prompt")
+            raise ValueError(
+                "prompt: the long-form loop prompts each window with the previous text; give initial_prompt"
+            )
         if unknown:
             raise TypeError(f"unknown transcribe options {sorted(unknown)}")
         own = {k: v for k, v in options.items() if k in mine}
@@ -74,7 +76,9 @@ class TranscribeOptions:
             own["temperature"] = _floats(own["temperature"])
         if "clip_timestamps" in own:
             clips = own["clip_timestamps"]
-            own["clip_timestamps"] = _floats([float(t) for t in clips.split(",") if t.strip()] if isinstance(clips, str) else clips)
+            own["clip_timestamps"] = _floats(
+                [float(t) for t in clips.split(",") if t.strip()] if isinstance(clips, str) else clips
+            )
         if isinstance(own.get("vad_parameters"), dict):
             own["vad_parameters"] = VadOptions.from_dict(own["vad_parameters"])
         decode = {k: v for k, v in options.items() if k in _DECODE_FIELDS}

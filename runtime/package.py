@@ -58,7 +58,17 @@ SELECT_RULES = 2 * SELECT_RANGES + 1
 _ALIGN = 64
 # CPU features a MEF compiled for this host may use; a package built where one is present
 # cannot run where it is absent.
-_TARGET_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+_TARGET_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+)
 
 
 class PackageError(RuntimeError):
@@ -174,7 +184,11 @@ def with_derived(weights: dict, names) -> dict:
         if panels_source(name) is not None:
             rank = len(getattr(w, "shape", ()))  # a numpy array, or a MAX Buffer (bfloat16)
             if kind not in ("float32", "float16", "bfloat16") or rank != 2:
-                raise PackageError(f"panel weight {name!r}: its source {src!r} is {'missing' if w is None else f'{kind} of rank {rank}'}, not a stored float32, float16 or bfloat16 matrix")
+                raise PackageError(
+                    f"panel weight {name!r}: its source {src!r} is "
+                    f"{'missing' if w is None else f'{kind} of rank {rank}'}, not a stored float32, float16 or "
+                    "bfloat16 matrix"
+                )
             if kind == "bfloat16":  # a MAX Buffer: its bits in panels, viewed as bfloat16 again
                 from max.dtype import DType
 
@@ -186,7 +200,10 @@ def with_derived(weights: dict, names) -> dict:
         elif kind == "float16":
             out[name] = np.asarray(w, np.float32)
         else:
-            raise PackageError(f"widened weight {name!r}: its source {src!r} is {'missing' if w is None else w.dtype}, not a stored bfloat16 or float16 weight")
+            raise PackageError(
+                f"widened weight {name!r}: its source {src!r} is {'missing' if w is None else w.dtype}, not a stored "
+                "bfloat16 or float16 weight"
+            )
     return out
 
 
@@ -213,7 +230,19 @@ def pack_weights(weights: dict) -> tuple[bytes, bytes]:
 
 
 # the dtypes weights.bin may hold (no object or structured dtypes: plain numbers only)
-_WEIGHT_DTYPES = ("float32", "float16", "float64", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "uint16", "bool")
+_WEIGHT_DTYPES = (
+    "float32",
+    "float16",
+    "float64",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "uint16",
+    "bool",
+)
 
 
 def _count(x) -> bool:
@@ -231,9 +260,16 @@ def unpack_weights(index_json: bytes, blob: bytes | bytearray) -> dict:
         raise PackageError("weights.json is not a name -> entry table")
     out = {}
     for name, e in index.items():
-        ok = isinstance(e, dict) and e.get("dtype") in _WEIGHT_DTYPES and isinstance(e.get("shape"), list) and all(map(_count, e["shape"]))
+        ok = (
+            isinstance(e, dict)
+            and e.get("dtype") in _WEIGHT_DTYPES
+            and isinstance(e.get("shape"), list)
+            and all(map(_count, e["shape"]))
+        )
         if not ok or not _count(e.get("offset")) or not _count(e.get("nbytes")):
-            raise PackageError(f"weights.json: entry {name!r} is not {{dtype, shape, offset, nbytes}} of a plain numeric tensor")
+            raise PackageError(
+                f"weights.json: entry {name!r} is not {{dtype, shape, offset, nbytes}} of a plain numeric tensor"
+            )
         bf16 = e["dtype"] == "bfloat16"
         dtype = np.dtype(np.uint16 if bf16 else e["dtype"])
         count = 1
@@ -257,7 +293,10 @@ def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> dict:
             for name, data in sorted(files.items()):
                 z.writestr(name, data)
     except OSError as e:  # a full disk, a file size limit: the temp file is gone, `path` untouched
-        raise PackageError(f"{path}: cannot write the package ({e.strerror or e}); nothing was written, any earlier file there is unchanged") from e
+        raise PackageError(
+            f"{path}: cannot write the package ({e.strerror or e}); nothing was written, any earlier file there is "
+            "unchanged"
+        ) from e
     return manifest
 
 
@@ -272,33 +311,64 @@ def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
     for info in z.infolist():
         name = info.filename
         parts = name.split("/")
-        if not name or name.startswith("/") or "\\" in name or ":" in parts[0] or any(p in ("", ".", "..") for p in parts):
-            raise PackageError(f"{path}: entry {name!r} is not a plain relative name; not a package whisper-convert wrote")
+        if (
+            not name
+            or name.startswith("/")
+            or "\\" in name
+            or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)
+        ):
+            raise PackageError(
+                f"{path}: entry {name!r} is not a plain relative name; not a package whisper-convert wrote"
+            )
         if name.lower().endswith(_PICKLE_SUFFIXES):
-            raise PackageError(f"{path}: entry {name!r} is in a format that can hold a pickle (code run on loading); a package holds none")
+            raise PackageError(
+                f"{path}: entry {name!r} is in a format that can hold a pickle (code run on loading); a package holds "
+                "none"
+            )
         if name in seen:
             raise PackageError(f"{path}: entry {name!r} appears twice; not a package whisper-convert wrote")
         seen.add(name)
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise PackageError(f"{path}: entry {name!r} is a symlink; not a package whisper-convert wrote")
-        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
-            raise PackageError(f"{path}: entry {name!r} is compressed or declares {info.file_size} bytes the file does not hold; not a package whisper-convert wrote")
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            or info.file_size != info.compress_size
+            or info.header_offset + info.compress_size > size
+        ):
+            raise PackageError(
+                f"{path}: entry {name!r} is compressed or declares {info.file_size} bytes the file does not hold; not "
+                "a package whisper-convert wrote"
+            )
 
 
 def _manifest_problem(m: dict) -> str | None:
     """What is wrong with the manifest's shape (the fields the loader reads), or None."""
     files = m.get("files")
-    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) and _count(e.get("bytes")) for e in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) and _count(e.get("bytes")) for e in files.values()
+    ):
         return "'files' is not a table of name -> {sha256, bytes}"
     graphs = m.get("graphs")
-    if not isinstance(graphs, dict) or not all(isinstance(g, dict) and isinstance(g.get("weights"), list) for g in graphs.values()):
+    if not isinstance(graphs, dict) or not all(
+        isinstance(g, dict) and isinstance(g.get("weights"), list) for g in graphs.values()
+    ):
         return "'graphs' is not a table of name -> {weights: [...]}"
     for g in graphs.values():
         for w in g["weights"]:
-            if not (isinstance(w, dict) and isinstance(w.get("name"), str) and isinstance(w.get("dtype"), str) and isinstance(w.get("shape"), list)):
+            if not (
+                isinstance(w, dict)
+                and isinstance(w.get("name"), str)
+                and isinstance(w.get("dtype"), str)
+                and isinstance(w.get("shape"), list)
+            ):
                 return "a graph's 'weights' entry is not {name, dtype, shape}"
     target = m.get("target_cpu")
-    if not isinstance(m.get("max_version"), str) or not isinstance(target, dict) or not isinstance(target.get("arch"), str):
+    if (
+        not isinstance(m.get("max_version"), str)
+        or not isinstance(target, dict)
+        or not isinstance(target.get("arch"), str)
+    ):
         return "lacks 'max_version' or 'target_cpu'"
     if not isinstance(target.get("features"), list) or not all(isinstance(f, str) for f in target["features"]):
         return "'target_cpu.features' is not a list of names"
@@ -326,10 +396,14 @@ class Package:
         except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackageError(f"{path}: not a whisper-max package (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
+            raise PackageError(
+                f"{path}: not a whisper-max package (format "
+                f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
+            )
         if type(manifest.get("format_version")) is not int or manifest["format_version"] not in READS:
             raise PackageError(
-                f"{path}: package format {manifest.get('format_version')!r}, this runtime reads formats {READS[0]} to {READS[-1]}; convert the model again with this version's whisper-convert"
+                f"{path}: package format {manifest.get('format_version')!r}, this runtime reads formats {READS[0]} to "
+                f"{READS[-1]}; convert the model again with this version's whisper-convert"
             )
         problem = _manifest_problem(manifest)
         if problem:
@@ -337,7 +411,10 @@ class Package:
         listed = set(manifest["files"]) | {"manifest.json"}
         if listed != set(z.namelist()):
             extra, missing = sorted(set(z.namelist()) - listed), sorted(listed - set(z.namelist()))
-            raise PackageError(f"{path}: the zip's entries and the manifest's differ (not listed: {extra[:5]}; missing: {missing[:5]}); convert the model again")
+            raise PackageError(
+                f"{path}: the zip's entries and the manifest's differ (not listed: {extra[:5]}; missing: "
+                f"{missing[:5]}); convert the model again"
+            )
         return cls(path, manifest, z)
 
     def names(self) -> list[str]:
@@ -350,9 +427,14 @@ class Package:
         try:
             data = self._zip.read(name)  # zipfile checks the CRC
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
-            raise PackageError(f"{self.path}: {name} cannot be read ({e}): the file is damaged; convert the model again") from e
+            raise PackageError(
+                f"{self.path}: {name} cannot be read ({e}): the file is damaged; convert the model again"
+            ) from e
         if verify and _sha256(data) != entry["sha256"]:
-            raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after conversion; convert the model again")
+            raise PackageError(
+                f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after "
+                "conversion; convert the model again"
+            )
         return data
 
     def weights(self) -> dict:
@@ -375,14 +457,22 @@ class Package:
             header = f.read(30)
             if header[:4] != b"PK\x03\x04":
                 raise PackageError(f"{self.path}: {name} has a damaged zip header")
-            f.seek(info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little"))
+            f.seek(
+                info.header_offset
+                + 30
+                + int.from_bytes(header[26:28], "little")
+                + int.from_bytes(header[28:30], "little")
+            )
             if f.readinto(buf) != info.file_size:
                 raise PackageError(f"{self.path}: {name} is truncated")
         # the manifest's sha256, not the zip's CRC (which a re-zipped change passes), says the bytes
         # are the ones converted; it also catches what the CRC would, so the CRC is not computed
         entry = self.manifest["files"].get(name)
         if entry is None or _sha256(buf) != entry["sha256"]:
-            raise PackageError(f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after conversion; convert the model again")
+            raise PackageError(
+                f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after "
+                "conversion; convert the model again"
+            )
         return buf
 
     def npy(self, name: str) -> np.ndarray:
@@ -390,7 +480,9 @@ class Package:
         try:
             return np.load(io.BytesIO(self.read(name)), allow_pickle=False)
         except ValueError as e:
-            raise PackageError(f"{self.path}: {name} is not a plain .npy array ({e}); a package holds no pickles") from e
+            raise PackageError(
+                f"{self.path}: {name} is not a plain .npy array ({e}); a package holds no pickles"
+            ) from e
 
     def json(self, name: str):
         return json.loads(self.read(name))
@@ -400,12 +492,18 @@ class Package:
         redo = f"rebuild it here from its own IR and weights: `whisper-convert --rebuild {self.path}`"
         want, have = self.manifest["max_version"], max_version()
         if want != have:
-            raise PackageError(f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that made it. Install max=={want}, or {redo}")
+            raise PackageError(
+                f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that made "
+                f"it. Install max=={want}, or {redo}"
+            )
         here = cpu_target()
         target = self.manifest["target_cpu"]
         missing = sorted(set(target["features"]) - set(here["features"]))
         if target["arch"] != here["arch"] or missing:
-            raise PackageError(f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} lacking {missing}; {redo}")
+            raise PackageError(
+                f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} "
+                f"lacking {missing}; {redo}"
+            )
 
     def check_trusted(self, trust: bool = False) -> None:
         """Refuse a compiled program (machine code) this machine did not make and the user did not
@@ -415,7 +513,8 @@ class Package:
             return
         if not trust:
             raise PackageError(
-                f"{self.path}: its compiled program (model.mef, machine code) was not made on this machine, and loading it would run it. "
+                f"{self.path}: its compiled program (model.mef, machine code) was not made on this machine, and "
+                "loading it would run it. "
                 f"Rebuild it here from its IR and weights, which are data: `whisper-convert --rebuild {self.path}`; "
                 f"or, if you trust where it came from, pass --trust (Python: load(path, trust=True)) once"
             )
@@ -448,4 +547,7 @@ class Package:
                 if a is None:
                     raise PackageError(f"{self.path}: weight {w['name']!r} missing from weights.bin")
                 if list(a.shape) != w["shape"] or a.dtype.name != w["dtype"]:
-                    raise PackageError(f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, the graphs want {w['dtype']}{w['shape']}")
+                    raise PackageError(
+                        f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, the graphs want "
+                        f"{w['dtype']}{w['shape']}"
+                    )

@@ -76,7 +76,10 @@ class RowPool:
     def reserve(self, rows: int, windows: int) -> None:
         """Room for at least `rows` rows of `windows` windows at once, made now in one step: growing
         on demand doubles, copying what is there each time (hundreds of MB for 40 rows)."""
-        for arrays, specs, free, n in ((self.slots, self._caches, self._free_slots, rows), (self.windows, self._cross, self._free_windows, windows)):
+        for arrays, specs, free, n in (
+            (self.slots, self._caches, self._free_slots, rows),
+            (self.windows, self._cross, self._free_windows, windows),
+        ):
             if len(free) < n:
                 self._grow(arrays, specs, free, n - len(free), exact=True)
 
@@ -115,7 +118,12 @@ class RowPool:
             LINEAGE: np.ascontiguousarray(np.concatenate([rows.lineage[st.rows] for rows, st in items])),
             WINDOW: np.concatenate([np.full(c, rows.window, np.int32) for (rows, _), c in zip(items, counts)]),
             **self._buffers,
-            **self.model.selection(np.concatenate([st.rules for st in steps]), steps[0].suppress, np.concatenate([st.sampling for st in steps]), k),
+            **self.model.selection(
+                np.concatenate([st.rules for st in steps]),
+                steps[0].suppress,
+                np.concatenate([st.sampling for st in steps]),
+                k,
+            ),
         }
         choice = self.model._run(Role.DECODER_ROWS, feeds)[CHOICE].to_numpy()
         out, at = [], 0

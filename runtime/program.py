@@ -174,7 +174,12 @@ _ONE_SLOT = np.zeros(1, np.int32)
 def no_selection(rows: int) -> dict:
     """select inputs that filter nothing, for calls whose choice nobody reads (parity, language
     detection): the step graphs compute one anyway."""
-    return {RULES: np.zeros((rows, SELECT_RULES), np.int32), SUPPRESS: _NO_SUPPRESS, SAMPLING: np.zeros((rows, 2), np.float32), SLOTS: _ONE_SLOT}
+    return {
+        RULES: np.zeros((rows, SELECT_RULES), np.int32),
+        SUPPRESS: _NO_SUPPRESS,
+        SAMPLING: np.zeros((rows, 2), np.float32),
+        SLOTS: _ONE_SLOT,
+    }
 
 
 def select_call(run, logits, select: dict) -> np.ndarray:

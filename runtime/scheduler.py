@@ -90,7 +90,13 @@ class Scheduler:
 
     def _publish(self) -> None:
         e = self.engine
-        stats = {"active": len(self._active), "live_rows": e.live_rows, "decoder_calls": e.calls, "rows_decoded": e.rows_decoded, "served": self.served}
+        stats = {
+            "active": len(self._active),
+            "live_rows": e.live_rows,
+            "decoder_calls": e.calls,
+            "rows_decoded": e.rows_decoded,
+            "served": self.served,
+        }
         with self._lock:
             self._stats = stats
 

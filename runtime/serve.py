@@ -19,7 +19,15 @@ import typer
 from .cliutil import flag_optional, run_app
 
 
-def serve(package: str | Path, host: str = "127.0.0.1", port: int = 8000, settings=None, trust: bool = False, log_level: str = "info", model_dir: str | Path | None = None) -> int:
+def serve(
+    package: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings=None,
+    trust: bool = False,
+    log_level: str = "info",
+    model_dir: str | Path | None = None,
+) -> int:
     """Load `package` and serve it until SIGTERM or SIGINT: stop accepting, finish the requests in
     flight, exit. Returns the exit code: 0 after SIGTERM, 130 after Ctrl-C. `settings`: an
     openai_api.Settings (its defaults if None)."""
@@ -47,7 +55,13 @@ def serve(package: str | Path, host: str = "127.0.0.1", port: int = 8000, settin
             self.handle_exit(sig, frame)  # a second Ctrl-C forces the exit
 
     model = load(package, trust=trust, model_dir=model_dir)
-    config = uvicorn.Config(create_app(model, settings), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(settings.timeout) + 5)
+    config = uvicorn.Config(
+        create_app(model, settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(settings.timeout) + 5,
+    )
     server = Server(config)
     server.run()
     if not server.started:
@@ -60,19 +74,46 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 @app.command()
 def serve_cmd(
-    package: str = typer.Argument(..., help="a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"),
+    package: str = typer.Argument(
+        ...,
+        help=(
+            "a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 "
+            "folder, or a .maxpkg"
+        ),
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, "--port", help="port to listen on"),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="WHISPER_MAX_API_KEY", help="require Authorization: Bearer KEY on /v1/ (also WHISPER_MAX_API_KEY)"),
-    max_upload_mb: float = typer.Option(100.0, "--max_upload_mb", min=0.001, help="largest upload accepted (413 beyond)"),
-    max_audio_seconds: float = typer.Option(3600.0, "--max_audio_seconds", min=1, help="longest audio accepted (400 beyond)"),
-    max_active: int = typer.Option(8, "--max_active", min=1, help="requests decoding at once (their rows share decoder calls)"),
-    queue_size: int = typer.Option(32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="WHISPER_MAX_API_KEY",
+        help="require Authorization: Bearer KEY on /v1/ (also WHISPER_MAX_API_KEY)",
+    ),
+    max_upload_mb: float = typer.Option(
+        100.0, "--max_upload_mb", min=0.001, help="largest upload accepted (413 beyond)"
+    ),
+    max_audio_seconds: float = typer.Option(
+        3600.0, "--max_audio_seconds", min=1, help="longest audio accepted (400 beyond)"
+    ),
+    max_active: int = typer.Option(
+        8, "--max_active", min=1, help="requests decoding at once (their rows share decoder calls)"
+    ),
+    queue_size: int = typer.Option(
+        32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"
+    ),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
-    beam_size: str = typer.Option("5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"),
+    beam_size: str = typer.Option(
+        "5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"
+    ),
     best_of: str = typer.Option("5", "--best_of", help="samples at temperature > 0; None: one"),
-    model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)"),
-    trust: bool = typer.Option(False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"),
+    model_dir: Path | None = typer.Option(
+        None,
+        "--model_dir",
+        help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)",
+    ),
+    trust: bool = typer.Option(
+        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"
+    ),
     log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
 ) -> None:
     beams, best = (flag_optional(v, int) for v in (beam_size, best_of))

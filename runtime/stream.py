@@ -76,7 +76,13 @@ class TranscriptionStream:
     With `options.vad_filter`, or when `audio` is a runtime.vad.Speech, only the speech is
     transcribed (joined end to end); events and the result are in the audio's own timeline."""
 
-    def __init__(self, model: WhisperModel, audio, options: TranscribeOptions | None = None, on_event: Callable[[object], None] | None = None):
+    def __init__(
+        self,
+        model: WhisperModel,
+        audio,
+        options: TranscribeOptions | None = None,
+        on_event: Callable[[object], None] | None = None,
+    ):
         self._steps = _steps(model, audio, options or TranscribeOptions(), on_event or (lambda event: None))
         self._window: Window | None = None
         self._result: dict | None = None
@@ -127,7 +133,9 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
     (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
     What openai-whisper prints becomes events given to `emit`."""
     speech = audio if isinstance(audio, Speech) else _speech(audio, options) if options.vad_filter else None
-    mel = model.features(audio if speech is None else speech.samples)  # read and transformed here, so a bad file fails at once
+    mel = model.features(
+        audio if speech is None else speech.samples
+    )  # read and transformed here, so a bad file fails at once
     try:
         if speech is None:
             return (yield from _loop(model, mel, options, emit))
@@ -152,9 +160,15 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
 
     def mapped(event) -> None:
         if isinstance(event, SegmentDone):
-            event = SegmentDone(speech.original_time(event.start), speech.original_time(event.end, is_end=True), event.text)
+            event = SegmentDone(
+                speech.original_time(event.start), speech.original_time(event.end, is_end=True), event.text
+            )
         elif isinstance(event, Progress):
-            done = total if event.frames >= event.total else round(speech.original_time(event.frames / FRAMES_PER_SECOND, is_end=True) * FRAMES_PER_SECOND)
+            done = (
+                total
+                if event.frames >= event.total
+                else round(speech.original_time(event.frames / FRAMES_PER_SECOND, is_end=True) * FRAMES_PER_SECOND)
+            )
             event = Progress(min(done, total), total)
         emit(event)
 
@@ -170,7 +184,14 @@ def spoken_language(model: WhisperModel, mel: LogMel) -> str:
 
 def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Callable[[object], None]):
     o = options
-    (compression_ratio_threshold, logprob_threshold, no_speech_threshold, initial_prompt, word_timestamps, hallucination_silence_threshold) = (
+    (
+        compression_ratio_threshold,
+        logprob_threshold,
+        no_speech_threshold,
+        initial_prompt,
+        word_timestamps,
+        hallucination_silence_threshold,
+    ) = (
         o.compression_ratio_threshold,
         o.logprob_threshold,
         o.no_speech_threshold,
@@ -207,7 +228,12 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
                 needs_fallback = True  # too repetitive
             if logprob_threshold is not None and result.avg_logprob < logprob_threshold:
                 needs_fallback = True  # average log probability too low
-            if no_speech_threshold is not None and result.no_speech_prob > no_speech_threshold and logprob_threshold is not None and result.avg_logprob < logprob_threshold:
+            if (
+                no_speech_threshold is not None
+                and result.no_speech_prob > no_speech_threshold
+                and logprob_threshold is not None
+                and result.avg_logprob < logprob_threshold
+            ):
                 needs_fallback = False  # silence
             if not needs_fallback:
                 break
@@ -279,7 +305,14 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
                 piece = tokens[last_slice:current]
                 start_pos = piece[0] - tokenizer.timestamp_begin
                 end_pos = piece[-1] - tokenizer.timestamp_begin
-                current_segments.append(new_segment(start=time_offset + start_pos * time_precision, end=time_offset + end_pos * time_precision, tokens=piece, result=result))
+                current_segments.append(
+                    new_segment(
+                        start=time_offset + start_pos * time_precision,
+                        end=time_offset + end_pos * time_precision,
+                        tokens=piece,
+                        result=result,
+                    )
+                )
                 last_slice = current
             if single_timestamp_ending:
                 seek += segment_size  # no speech after the last timestamp: go to the window's end
@@ -290,7 +323,9 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
             stamps = [t for t, ts in zip(tokens, is_ts) if ts]
             if stamps and stamps[-1] != tokenizer.timestamp_begin:
                 duration = (stamps[-1] - tokenizer.timestamp_begin) * time_precision
-            current_segments.append(new_segment(start=time_offset, end=time_offset + duration, tokens=tokens, result=result))
+            current_segments.append(
+                new_segment(start=time_offset, end=time_offset + duration, tokens=tokens, result=result)
+            )
             seek += segment_size
 
         if word_timestamps:
@@ -341,7 +376,11 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
             prompt_reset_since = len(all_tokens)  # don't condition on a text that needed a high temperature
         emit(Progress(min(content_frames, seek), content_frames))
     log.debug("transcribed %.1f s of audio", content_duration)
-    return {"text": tokenizer.decode(all_tokens[len(initial_prompt_tokens) :]), "segments": all_segments, "language": language}
+    return {
+        "text": tokenizer.decode(all_tokens[len(initial_prompt_tokens) :]),
+        "segments": all_segments,
+        "language": language,
+    }
 
 
 _PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
@@ -373,7 +412,17 @@ def _next_words_segment(segments: list[dict]) -> dict | None:
 
 
 def _skip_hallucinations(
-    segments, threshold, single_timestamp_ending, time_offset, window_end_time, segment_duration, content_duration, content_frames, previous_seek, segment_size, last_speech_timestamp
+    segments,
+    threshold,
+    single_timestamp_ending,
+    time_offset,
+    window_end_time,
+    segment_duration,
+    content_duration,
+    content_frames,
+    previous_seek,
+    segment_size,
+    last_speech_timestamp,
 ):
     """openai-whisper's hallucination_silence_threshold: a new seek, and whether to redo the window.
     Drops anomalous segments surrounded by silence from `segments` in place; None keeps the seek."""
@@ -396,8 +445,16 @@ def _skip_hallucinations(
         if _is_anomaly(segment):
             following = _next_words_segment(segments[si + 1 :])
             hal_next_start = following["words"][0]["start"] if following is not None else time_offset + segment_duration
-            silence_before = segment["start"] - hal_last_end > threshold or segment["start"] < threshold or segment["start"] - time_offset < 2.0
-            silence_after = hal_next_start - segment["end"] > threshold or _is_anomaly(following) or window_end_time - segment["end"] < 2.0
+            silence_before = (
+                segment["start"] - hal_last_end > threshold
+                or segment["start"] < threshold
+                or segment["start"] - time_offset < 2.0
+            )
+            silence_after = (
+                hal_next_start - segment["end"] > threshold
+                or _is_anomaly(following)
+                or window_end_time - segment["end"] < 2.0
+            )
             if silence_before and silence_after:
                 seek = round(max(time_offset + 1, segment["start"]) * FRAMES_PER_SECOND)
                 if content_duration - segment["end"] < threshold:

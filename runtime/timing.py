@@ -72,7 +72,15 @@ def dtw(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return path_arr[0], path_arr[1]
 
 
-def find_alignment(model, tokenizer, text_tokens: list[int], audio_features, num_frames: int, medfilt_width: int = 7, qk_scale: float = 1.0) -> list[WordTiming]:
+def find_alignment(
+    model,
+    tokenizer,
+    text_tokens: list[int],
+    audio_features,
+    num_frames: int,
+    medfilt_width: int = 7,
+    qk_scale: float = 1.0,
+) -> list[WordTiming]:
     if not text_tokens:
         return []
     tokens = np.array([[*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]], np.int64)
@@ -98,7 +106,10 @@ def find_alignment(model, tokenizer, text_tokens: list[int], audio_features, num
     jump_times = time_indices[jumps] / TOKENS_PER_SECOND
     starts, ends = jump_times[boundaries[:-1]], jump_times[boundaries[1:]]
     word_probs = [np.mean(text_token_probs[i:j]) for i, j in zip(boundaries[:-1], boundaries[1:])]
-    return [WordTiming(w, t, float(s), float(e), float(p)) for w, t, s, e, p in zip(words, word_tokens, starts, ends, word_probs)]
+    return [
+        WordTiming(w, t, float(s), float(e), float(p))
+        for w, t, s, e, p in zip(words, word_tokens, starts, ends, word_probs)
+    ]
 
 
 def merge_punctuations(alignment: list[WordTiming], prepended: str, appended: str) -> None:
@@ -123,7 +134,17 @@ def merge_punctuations(alignment: list[WordTiming], prepended: str, appended: st
         j += 1
 
 
-def add_word_timestamps(*, segments: list[dict], model, tokenizer, audio_features, num_frames: int, prepend_punctuations: str, append_punctuations: str, last_speech_timestamp: float) -> None:
+def add_word_timestamps(
+    *,
+    segments: list[dict],
+    model,
+    tokenizer,
+    audio_features,
+    num_frames: int,
+    prepend_punctuations: str,
+    append_punctuations: str,
+    last_speech_timestamp: float,
+) -> None:
     """Fill each segment's "words" (word, start, end, probability), adjusting segment bounds."""
     if not segments:
         return
@@ -152,13 +173,21 @@ def add_word_timestamps(*, segments: list[dict], model, tokenizer, audio_feature
         while word_index < len(alignment) and saved < len(text_tokens):
             timing = alignment[word_index]
             if timing.word:
-                words.append({"word": timing.word, "start": round(time_offset + timing.start, 2), "end": round(time_offset + timing.end, 2), "probability": timing.probability})
+                words.append(
+                    {
+                        "word": timing.word,
+                        "start": round(time_offset + timing.start, 2),
+                        "end": round(time_offset + timing.end, 2),
+                        "probability": timing.probability,
+                    }
+                )
             saved += len(timing.tokens)
             word_index += 1
         if words:
             # the first and second word after a pause are no longer than twice the median word
             if words[0]["end"] - last_speech_timestamp > median_duration * 4 and (
-                words[0]["end"] - words[0]["start"] > max_duration or (len(words) > 1 and words[1]["end"] - words[0]["start"] > max_duration * 2)
+                words[0]["end"] - words[0]["start"] > max_duration
+                or (len(words) > 1 and words[1]["end"] - words[0]["start"] > max_duration * 2)
             ):
                 if len(words) > 1 and words[1]["end"] - words[1]["start"] > max_duration:
                     boundary = max(words[1]["end"] / 2, words[1]["end"] - max_duration)
@@ -178,4 +207,6 @@ def add_word_timestamps(*, segments: list[dict], model, tokenizer, audio_feature
 
 
 def get_end(segments: list[dict]) -> float | None:
-    return next((w["end"] for s in reversed(segments) for w in reversed(s["words"])), segments[-1]["end"] if segments else None)
+    return next(
+        (w["end"] for s in reversed(segments) for w in reversed(s["words"])), segments[-1]["end"] if segments else None
+    )

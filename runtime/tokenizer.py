@@ -71,7 +71,13 @@ class Tokenizer:
     def with_language(self, language: str | None, task: str | None) -> Tokenizer:
         """The same vocabulary with another language/task (shares the tiktoken encoding)."""
         new = object.__new__(Tokenizer)
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech", "_specials_marked")})  # language-independent
+        new.__dict__.update(
+            {
+                k: v
+                for k, v in self.__dict__.items()
+                if k in ("encoding", "special_tokens", "languages", "multilingual", "_non_speech", "_specials_marked")
+            }
+        )  # language-independent
         new._configure(language, task)
         return new
 
@@ -82,12 +88,18 @@ class Tokenizer:
         by_name = {name: code for code, name in self.languages.items()} | _ALIASES
         if lang in by_name and by_name[lang] in self.languages:
             return by_name[lang]
-        raise ValueError(f"unsupported language {language!r}; use one of {sorted(self.languages)} or their English names")
+        raise ValueError(
+            f"unsupported language {language!r}; use one of {sorted(self.languages)} or their English names"
+        )
 
     def encode(self, text: str) -> list[int]:
         # tiktoken's check that `text` holds no special token compiles a regex of all of them on
         # first use (~0.1 s of start-up); when they all start with "<|", text without it passes
-        return self.encoding.encode_ordinary(text) if self._specials_marked and "<|" not in text else self.encoding.encode(text)
+        return (
+            self.encoding.encode_ordinary(text)
+            if self._specials_marked and "<|" not in text
+            else self.encoding.encode(text)
+        )
 
     def decode(self, tokens) -> str:
         return self.encoding.decode([t for t in tokens if t < self.timestamp_begin])

@@ -38,10 +38,16 @@ def transcribe(model: WhisperModel, audio, **options) -> dict:
     if options.pop("batched", False):
         batch_size = options.pop("batch_size", 8)
         options.setdefault("without_timestamps", True)
-        return transcribe_batched(model, audio, batch_size=batch_size, options=TranscribeOptions.from_kwargs(**options), engine=engine)
+        return transcribe_batched(
+            model, audio, batch_size=batch_size, options=TranscribeOptions.from_kwargs(**options), engine=engine
+        )
     if "batch_size" in options:
-        raise TypeError("batch_size: a transcribe() option only with batched=True (transcribe_many takes files in flight)")
-    return next(transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options), engine=engine))[1]
+        raise TypeError(
+            "batch_size: a transcribe() option only with batched=True (transcribe_many takes files in flight)"
+        )
+    return next(
+        transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options), engine=engine)
+    )[1]
 
 
 def _say(line: str) -> None:
@@ -155,7 +161,15 @@ def transcribe_many(
         start()
 
 
-def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, options: TranscribeOptions | None = None, engine: Engine | None = None, say=_say) -> dict:
+def transcribe_batched(
+    model: WhisperModel,
+    audio,
+    *,
+    batch_size: int = 8,
+    options: TranscribeOptions | None = None,
+    engine: Engine | None = None,
+    say=_say,
+) -> dict:
     """faster-whisper's batched mode on the engine: Silero VAD finds the speech (`vad_parameters`,
     default vad.BATCHED; spans are split at 30 s whatever is asked), consecutive spans are joined
     into chunks of at most 30 s, and each chunk is transcribed as a stream of its own, up to
@@ -179,7 +193,10 @@ def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, optio
             language = "en"
         elif chunks:
             if options.verbose:
-                say("Detecting language using up to the first 30 seconds of speech. Use `--language` to specify the language")
+                say(
+                    "Detecting language using up to the first 30 seconds of speech. Use `--language` to specify the "
+                    "language"
+                )
             mel = model.features(chunks[0].samples)
             try:
                 language = spoken_language(model, mel)
@@ -196,7 +213,9 @@ def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, optio
     )
     engine = engine or Engine(model)
     d = options.decode
-    engine.pool.reserve(rows=min(len(chunks), batch_size) * max(d.beam_size or 1, d.best_of or 1), windows=min(len(chunks), batch_size))
+    engine.pool.reserve(
+        rows=min(len(chunks), batch_size) * max(d.beam_size or 1, d.best_of or 1), windows=min(len(chunks), batch_size)
+    )
     bar = None
     if options.verbose is False:
         from tqdm import tqdm
@@ -206,11 +225,17 @@ def transcribe_batched(model: WhisperModel, audio, *, batch_size: int = 8, optio
     try:
         for i, result in transcribe_many(model, chunks, batch_size=batch_size, say=say, options=each, engine=engine):
             seek = chunks[i].regions[0][0] // HOP_LENGTH
-            segments.extend({**segment, "id": len(segments) + n, "seek": seek} for n, segment in enumerate(result["segments"]))
+            segments.extend(
+                {**segment, "id": len(segments) + n, "seek": seek} for n, segment in enumerate(result["segments"])
+            )
             texts.append(result["text"])
             if bar is not None:
                 bar.update(round(chunks[i].seconds, 2))
     finally:
         if bar is not None:
             bar.close()
-    return {"text": "".join(texts), "segments": segments, "language": language}  # None: multilingual, no speech, none given
+    return {
+        "text": "".join(texts),
+        "segments": segments,
+        "language": language,
+    }  # None: multilingual, no speech, none given

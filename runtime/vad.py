@@ -54,7 +54,9 @@ class VadOptions:
         if not 0 < self.threshold < 1:
             raise ValueError(f"vad threshold {self.threshold}: between 0 and 1 expected")
         if self.neg_threshold is not None and not 0 < self.neg_threshold <= self.threshold:
-            raise ValueError(f"vad neg_threshold {self.neg_threshold}: between 0 and threshold ({self.threshold}) expected")
+            raise ValueError(
+                f"vad neg_threshold {self.neg_threshold}: between 0 and threshold ({self.threshold}) expected"
+            )
         for name in ("min_speech_duration_ms", "min_silence_duration_ms", "speech_pad_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"vad {name} {getattr(self, name)}: >= 0 expected")
@@ -81,7 +83,9 @@ def _session():
 
     opts = onnxruntime.SessionOptions()
     opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = 1  # the LSTM runs window after window: 2 threads took 0.33 s for 231 s of audio against 0.35 s
+    opts.intra_op_num_threads = (
+        1  # the LSTM runs window after window: 2 threads took 0.33 s for 231 s of audio against 0.35 s
+    )
     opts.log_severity_level = 3
     return onnxruntime.InferenceSession(str(MODEL_PATH), sess_options=opts, providers=["CPUExecutionProvider"])
 
@@ -106,7 +110,9 @@ def speech_probabilities(samples: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def speech_regions(samples: np.ndarray, options: VadOptions = VadOptions(), probabilities: np.ndarray | None = None) -> list[tuple[int, int]]:
+def speech_regions(
+    samples: np.ndarray, options: VadOptions = VadOptions(), probabilities: np.ndarray | None = None
+) -> list[tuple[int, int]]:
     """The speech in 16 kHz mono `samples` as (start, end) sample spans, in order, padded and
     not overlapping: Silero's hysteresis over the window probabilities (speech from `threshold`
     up, until `min_silence_duration_ms` below `neg_threshold`), long spans split, short dropped."""
@@ -249,5 +255,8 @@ class Speech:
                     w["start"], w["end"] = self.original_time(w["start"], i), self.original_time(w["end"], i)
                 segment["start"], segment["end"] = words[0]["start"], words[-1]["end"]
             else:
-                segment["start"], segment["end"] = self.original_time(segment["start"]), self.original_time(segment["end"], is_end=True)
+                segment["start"], segment["end"] = (
+                    self.original_time(segment["start"]),
+                    self.original_time(segment["end"], is_end=True),
+                )
         return result

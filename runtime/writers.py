@@ -46,7 +46,12 @@ def _subtitles(result: dict, always_include_hours: bool, decimal_marker: str, op
                         line_len += len(timing["word"])  # same line
                     else:
                         timing["word"] = timing["word"].strip()
-                        if len(cue) > 0 and max_line_count is not None and (long_pause or line_count >= max_line_count) or seg_break:
+                        if (
+                            len(cue) > 0
+                            and max_line_count is not None
+                            and (long_pause or line_count >= max_line_count)
+                            or seg_break
+                        ):
                             yield cue  # new cue
                             cue, line_count = [], 1
                         elif line_len > 0:
@@ -71,7 +76,13 @@ def _subtitles(result: dict, always_include_hours: bool, decimal_marker: str, op
             w_start, w_end = fmt(w["start"]), fmt(w["end"])
             if last != w_start:
                 yield last, w_start, text
-            yield w_start, w_end, "".join(re.sub(r"^(\s*)(.*)$", r"\1<u>\2</u>", word) if j == i else word for j, word in enumerate(words))
+            yield (
+                w_start,
+                w_end,
+                "".join(
+                    re.sub(r"^(\s*)(.*)$", r"\1<u>\2</u>", word) if j == i else word for j, word in enumerate(words)
+                ),
+            )
             last = w_end
 
 
@@ -95,14 +106,22 @@ def write_tsv(result: dict, file: TextIO, options: dict | None = None) -> None:
     # integer milliseconds: no locale can turn the decimal point into a comma
     print("start", "end", "text", sep="\t", file=file)
     for s in result["segments"]:
-        print(round(1000 * s["start"]), round(1000 * s["end"]), s["text"].strip().replace("\t", " "), sep="\t", file=file)
+        print(
+            round(1000 * s["start"]), round(1000 * s["end"]), s["text"].strip().replace("\t", " "), sep="\t", file=file
+        )
 
 
 def write_json(result: dict, file: TextIO, options: dict | None = None) -> None:
     json.dump(result, file)
 
 
-WRITERS: dict[str, Callable[[dict, TextIO, dict | None], None]] = {"txt": write_txt, "vtt": write_vtt, "srt": write_srt, "tsv": write_tsv, "json": write_json}
+WRITERS: dict[str, Callable[[dict, TextIO, dict | None], None]] = {
+    "txt": write_txt,
+    "vtt": write_vtt,
+    "srt": write_srt,
+    "tsv": write_tsv,
+    "json": write_json,
+}
 
 
 def output_formats(output_format: str) -> list[str]:
@@ -112,7 +131,14 @@ def output_formats(output_format: str) -> list[str]:
     return list(WRITERS) if output_format == "all" else [output_format]
 
 
-def write_result(result: dict, audio_path: str | Path, output_dir: str | Path, output_format: str = "all", options: dict | None = None, stem: str | None = None) -> list[Path]:
+def write_result(
+    result: dict,
+    audio_path: str | Path,
+    output_dir: str | Path,
+    output_format: str = "all",
+    options: dict | None = None,
+    stem: str | None = None,
+) -> list[Path]:
     """Write `<audio basename>.<ext>` files (or `<stem>.<ext>`) into output_dir, each atomically; returns their paths.
     `options`: max_line_width, max_line_count, max_words_per_line, highlight_words (word-level subtitles)."""
     written = []

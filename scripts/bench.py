@@ -70,7 +70,11 @@ def machine() -> dict:
     flags = set(info.get("flags", "").split())
     model, vendor = info.get("model name", "unknown CPU"), info.get("vendor_id", "")
     family, number = int(info.get("cpu family", 0)), int(info.get("model", 0))
-    if vendor == "AuthenticAMD" and family == 0x19 and (0x10 <= number <= 0x1F or 0x60 <= number <= 0x7F or 0xA0 <= number <= 0xAF):
+    if (
+        vendor == "AuthenticAMD"
+        and family == 0x19
+        and (0x10 <= number <= 0x1F or 0x60 <= number <= 0x7F or 0xA0 <= number <= 0xAF)
+    ):
         kind = "AMD EPYC (Zen 4)"
     elif vendor == "AuthenticAMD" and family == 0x19 and number < 0x10:
         kind = "AMD EPYC (Zen 3)"  # Milan: AVX2, no AVX-512 (no bfloat16 packages)
@@ -138,7 +142,11 @@ def dev_set(shared: Path = SHARED) -> list[dict]:
     """The English clips of ../shared/audio with exact references, one encoding of each recording
     (the 7 short dev clips and the long-form file), in the manifest's order."""
     entries = json.loads((shared / "manifest.json").read_text())
-    return [e for e in entries if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")]
+    return [
+        e
+        for e in entries
+        if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")
+    ]
 
 
 def references(paths: list[str]) -> list[str]:
@@ -226,7 +234,12 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         out["load_s"] = time.perf_counter() - t
         # how much of this process the kernel backs with 2 MiB pages (the weights ask for them)
         smaps = Path("/proc/self/smaps")
-        out["huge_pages_mb"] = sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:")) / 1024 if smaps.exists() else None
+        out["huge_pages_mb"] = (
+            sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:"))
+            / 1024
+            if smaps.exists()
+            else None
+        )
         t0 = time.perf_counter()
         for a in audios:
             model.log_mel(np.asarray(a), padding=16000 * 30)
@@ -237,15 +250,32 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         from whisper_max.runtime.transcribe import transcribe_many
 
         eng = Engine(model)
-        if engine.endswith("batched"):  # faster-whisper's batched mode: VAD chunks, 8 at once, temperature fallback as openai-whisper's
+        if engine.endswith(
+            "batched"
+        ):  # faster-whisper's batched mode: VAD chunks, 8 at once, temperature fallback as openai-whisper's
             from whisper_max.runtime.options import TranscribeOptions
             from whisper_max.runtime.transcribe import transcribe_batched
 
-            options = TranscribeOptions.from_kwargs(language="en", beam_size=beam, without_timestamps=True, verbose=None)
+            options = TranscribeOptions.from_kwargs(
+                language="en", beam_size=beam, without_timestamps=True, verbose=None
+            )
             results = [transcribe_batched(model, a, batch_size=8, options=options, engine=eng) for a in audios]
         else:
             batch = 1 if engine.endswith("sequential") else 8
-            results = [r for _, r in transcribe_many(model, audios, batch_size=batch, temperature=0.0, language="en", condition_on_previous_text=True, verbose=None, beam_size=beam, engine=eng)]
+            results = [
+                r
+                for _, r in transcribe_many(
+                    model,
+                    audios,
+                    batch_size=batch,
+                    temperature=0.0,
+                    language="en",
+                    condition_on_previous_text=True,
+                    verbose=None,
+                    beam_size=beam,
+                    engine=eng,
+                )
+            ]
         out["wall_s"] = time.perf_counter() - t
         out["texts"] = [r["text"] for r in results]
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
@@ -279,7 +309,19 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        results = [whisper.transcribe(model, a, temperature=0.0, language="en", condition_on_previous_text=True, fp16=False, beam_size=beam, best_of=None) for a in audios]
+        results = [
+            whisper.transcribe(
+                model,
+                a,
+                temperature=0.0,
+                language="en",
+                condition_on_previous_text=True,
+                fp16=False,
+                beam_size=beam,
+                best_of=None,
+            )
+            for a in audios
+        ]
         out["wall_s"] = time.perf_counter() - t
         out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
     elif engine.startswith("faster-whisper"):
@@ -288,7 +330,9 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
         location = manifest["source"]["location"].split(" + ")[0]
         if manifest["source"]["kind"] != "ctranslate2":
-            raise SystemExit(f"faster-whisper needs a CTranslate2 model; {package} came from {manifest['source']['kind']}")
+            raise SystemExit(
+                f"faster-whisper needs a CTranslate2 model; {package} came from {manifest['source']['kind']}"
+            )
         model_dir = str(Path(location).parent if location.endswith(".bin") or ".bin." in location else location)
         compute = "int8" if engine.endswith("int8") else "float32"
         model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
@@ -296,10 +340,21 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         t = time.perf_counter()
         out["tokens"], out["texts"] = [], []
         for a in audios:
-            if "batched" in engine:  # its defaults: Silero VAD (30 s spans, 160 ms pauses), without timestamps, the first temperature only
+            if (
+                "batched" in engine
+            ):  # its defaults: Silero VAD (30 s spans, 160 ms pauses), without timestamps, the first temperature only
                 segments, _ = BatchedInferencePipeline(model).transcribe(a, batch_size=8, beam_size=beam, language="en")
             else:
-                segments, _ = model.transcribe(a, beam_size=beam or 1, best_of=1, temperature=0.0, language="en", condition_on_previous_text=True, without_timestamps=False, vad_filter=False)
+                segments, _ = model.transcribe(
+                    a,
+                    beam_size=beam or 1,
+                    best_of=1,
+                    temperature=0.0,
+                    language="en",
+                    condition_on_previous_text=True,
+                    without_timestamps=False,
+                    vad_filter=False,
+                )
             segments = list(segments)  # the generator decodes as it is consumed
             out["tokens"] += [list(s.tokens) for s in segments]
             out["texts"].append("".join(s.text for s in segments))
@@ -328,17 +383,45 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
         if kind == "openvino":
             python, model = peers / "venv-ov" / "bin" / "python", peers / "models" / "ov-tiny.en"
             need = [python, model / "openvino_decoder_model.xml"]
-            cmd = [str(python), str(PEER_TOOLS / "ov_transcribe.py"), str(model), audio_path, "--precision", precision, "--beams", str(beams), "--threads", "2", "--timestamps"]
+            cmd = [
+                str(python),
+                str(PEER_TOOLS / "ov_transcribe.py"),
+                str(model),
+                audio_path,
+                "--precision",
+                precision,
+                "--beams",
+                str(beams),
+                "--threads",
+                "2",
+                "--timestamps",
+            ]
             text_file = log_file = None
         else:
-            prefix = Path(tmp) / "out"  # whispercpp.sh writes PREFIX.txt (the text) and PREFIX.log (whisper-cli's output)
-            need = [peers / "whisper.cpp" / "build" / "bin" / "whisper-cli", peers / "whisper.cpp" / "models" / "tiny.en" / f"ggml-tiny.en-{precision}.bin"]
-            cmd = ["bash", str(PEER_TOOLS / "whispercpp.sh"), "run", precision, audio_path, "greedy" if beams == 1 else f"beam{beams}", str(prefix)]
+            prefix = (
+                Path(tmp) / "out"
+            )  # whispercpp.sh writes PREFIX.txt (the text) and PREFIX.log (whisper-cli's output)
+            need = [
+                peers / "whisper.cpp" / "build" / "bin" / "whisper-cli",
+                peers / "whisper.cpp" / "models" / "tiny.en" / f"ggml-tiny.en-{precision}.bin",
+            ]
+            cmd = [
+                "bash",
+                str(PEER_TOOLS / "whispercpp.sh"),
+                "run",
+                precision,
+                audio_path,
+                "greedy" if beams == 1 else f"beam{beams}",
+                str(prefix),
+            ]
             text_file, log_file = prefix.with_suffix(".txt"), prefix.with_suffix(".log")
         missing = [str(f) for f in need if not f.exists()]
         if missing:
             what = "openvino" if kind == "openvino" else "whispercpp MIRROR"
-            raise SystemExit(f"{engine}: {', '.join(missing)} missing; set it up with `PEERS_DIR={peers} {PEER_TOOLS}/setup.sh {what}` (README there)")
+            raise SystemExit(
+                f"{engine}: {', '.join(missing)} missing; set it up with `PEERS_DIR={peers} {PEER_TOOLS}/setup.sh "
+                f"{what}` (README there)"
+            )
         streams = Path(tmp) / "stdout", Path(tmp) / "stderr"
         with streams[0].open("w") as o, streams[1].open("w") as e:
             t = time.time()
@@ -362,7 +445,9 @@ def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> di
             if "load" not in ms or "total" not in ms:
                 raise SystemExit(f"{engine}: whisper-cli printed no load and total times:\n{log[-1000:]}")
             out["load_s"], out["wall_s"] = ms["load"] / 1000, (ms["total"] - ms["load"]) / 1000
-            out["components"] = {k: v / 1000 for k, v in ms.items() if k in ("mel", "encode", "decode", "batchd", "prompt")}
+            out["components"] = {
+                k: v / 1000 for k, v in ms.items() if k in ("mel", "encode", "decode", "batchd", "prompt")
+            }
             out["texts"] = [" ".join(line.strip() for line in text_file.read_text().splitlines())]
     from whisper_max.runtime.audio import load_audio
 
@@ -382,7 +467,8 @@ def _write_docs(table: str, command: str, block: str = "results", marker: str | 
     text = pages[0].read_text() if len(pages) == 1 else ""
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise SystemExit(
-            f"{DOCS}: expected one {BEGIN} ... {END} block in one page to replace (a machine kind measured for the first time: add that pair of lines under its own heading in docs/benchmarks.md)"
+            f"{DOCS}: expected one {BEGIN} ... {END} block in one page to replace (a machine kind measured for the "
+            "first time: add that pair of lines under its own heading in docs/benchmarks.md)"
         )
     page = pages[0]
     head, rest = text.split(BEGIN)
@@ -396,20 +482,50 @@ def _write_docs(table: str, command: str, block: str = "results", marker: str | 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", required=True)
-    ap.add_argument("--package-bf16", default=None, help="also run whisper-max on this package (converted with --dtype bfloat16)")
+    ap.add_argument(
+        "--package-bf16", default=None, help="also run whisper-max on this package (converted with --dtype bfloat16)"
+    )
     ap.add_argument("--audio", default=str(DEFAULT_AUDIO))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--out", default=None, help="write the JSON here (the Markdown goes to stdout)")
-    ap.add_argument("--docs", action="store_true", help="also replace this machine kind's results block in docs/benchmarks.md with this run's table")
-    ap.add_argument("--corpus", action="store_true", help="the benchmark corpus (scripts/make_corpus.py) and the long-form file, in one process per engine; whisper-max batches them")
-    ap.add_argument("--beam-size", type=int, default=None, help="beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) instead of greedy")
-    ap.add_argument("--batched", action="store_true", help="faster-whisper's batched mode (VAD chunks, batch 8, beam 5) against its BatchedInferencePipeline, with WER")
+    ap.add_argument(
+        "--docs",
+        action="store_true",
+        help="also replace this machine kind's results block in docs/benchmarks.md with this run's table",
+    )
+    ap.add_argument(
+        "--corpus",
+        action="store_true",
+        help=(
+            "the benchmark corpus (scripts/make_corpus.py) and the long-form file, in one process per engine; "
+            "whisper-max batches them"
+        ),
+    )
+    ap.add_argument(
+        "--beam-size",
+        type=int,
+        default=None,
+        help=(
+            "beam search of this width for every engine (openai-whisper's and faster-whisper's default is 5) "
+            "instead of greedy"
+        ),
+    )
+    ap.add_argument(
+        "--batched",
+        action="store_true",
+        help=(
+            "faster-whisper's batched mode (VAD chunks, batch 8, beam 5) against its BatchedInferencePipeline, with WER"
+        ),
+    )
     ap.add_argument(
         "--peers",
         type=Path,
         default=None,
-        help="also time OpenVINO GenAI (f32, bf16) and whisper.cpp (f32, f16, q8_0), set up in this folder by ../shared/tools/peers/setup.sh (PEERS_DIR)",
+        help=(
+            "also time OpenVINO GenAI (f32, bf16) and whisper.cpp (f32, f16, q8_0), set up in this folder by "
+            "../shared/tools/peers/setup.sh (PEERS_DIR)"
+        ),
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -429,13 +545,24 @@ def main() -> None:
         args.engines = ",".join(names)
     if args.peers and not args.child:
         if args.corpus or args.batched:
-            raise SystemExit("--peers: OpenVINO GenAI and whisper.cpp are timed on one file, greedy or beam search; not with --corpus or --batched")
-        args.engines = ",".join([*args.engines.split(","), *(e for e in PEER_ENGINES if e not in args.engines.split(","))])
+            raise SystemExit(
+                "--peers: OpenVINO GenAI and whisper.cpp are timed on one file, greedy or beam search; not with "
+                "--corpus or --batched"
+            )
+        args.engines = ",".join(
+            [*args.engines.split(","), *(e for e in PEER_ENGINES if e not in args.engines.split(","))]
+        )
     if args.child:
         if args.child == "machine":
             print(json.dumps(machine()))
         else:
-            print(json.dumps(_startup(args.package) if args.child == "startup" else _child(args.child, args.package, args.audio, args.beam_size)))
+            print(
+                json.dumps(
+                    _startup(args.package)
+                    if args.child == "startup"
+                    else _child(args.child, args.package, args.audio, args.beam_size)
+                )
+            )
         return
 
     engines = args.engines.split(",")
@@ -451,7 +578,12 @@ def main() -> None:
             raise SystemExit(f"{name}: give its package with --package-bf16")
         beam = [] if args.beam_size is None else ["--beam-size", str(args.beam_size)]
         t = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--package", package, "--audio", audio or args.audio, *beam], capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--package", package, "--audio", audio or args.audio, *beam],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         # the whole process, its bench bookkeeping included (one more log-mel of the audio, timing)
@@ -460,7 +592,11 @@ def main() -> None:
     # in a child: the 1 GiB it reads would otherwise count in every later child's peak RSS (Linux
     # keeps ru_maxrss across exec)
     host = child("machine")
-    print(f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s", file=sys.stderr, flush=True)
+    print(
+        f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s",
+        file=sys.stderr,
+        flush=True,
+    )
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
             runs[e].append(_external(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
@@ -474,8 +610,15 @@ def main() -> None:
         dev = [str(SHARED / e["file"]) for e in dev_set()]
         dev_refs = references(dev)
         for e in engines:
-            wer[e] = {"timed": word_error_rate(timed_refs, runs[e][0]["texts"]), "dev": word_error_rate(dev_refs, child(e, ",".join(dev))["texts"])}
-            print(f"{e}: WER {wer[e]['timed']:.2f} % on the timed audio, {wer[e]['dev']:.2f} % on the dev set", file=sys.stderr, flush=True)
+            wer[e] = {
+                "timed": word_error_rate(timed_refs, runs[e][0]["texts"]),
+                "dev": word_error_rate(dev_refs, child(e, ",".join(dev))["texts"]),
+            }
+            print(
+                f"{e}: WER {wer[e]['timed']:.2f} % on the timed audio, {wer[e]['dev']:.2f} % on the dev set",
+                file=sys.stderr,
+                flush=True,
+            )
 
     duration = runs[engines[0]][0]["duration_s"]
     summary = {}
@@ -490,27 +633,41 @@ def main() -> None:
             "process_s": statistics.median(x["process_s"] for x in rs),
         }
     if startups:
-        summary["whisper-run start-up"] = {k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")}
+        summary["whisper-run start-up"] = {
+            k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")
+        }
     ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
     bf = summary.get(ours_bf16)
     files = [Path(p).name for p in args.audio.split(",")]
     together = "each batched in turn" if args.batched else "whisper-max: in flight together, batch 8"
-    what = f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; {together})"
-    last_columns = (" WER % (timed audio) | WER % (dev set) |", "---:|---:|") if wer else (" tokens = openai-whisper |", ":-:|")
+    what = (
+        f"`{files[0]}`" if len(files) == 1 else f"{len(files)} files one after another ({', '.join(files)}; {together})"
+    )
+    last_columns = (
+        (" WER % (timed audio) | WER % (dev set) |", "---:|---:|") if wer else (" tokens = openai-whisper |", ":-:|")
+    )
     lines = [
-        f"Machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, {', '.join(host['isa'])}; read bandwidth {host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",
+        f"Machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, {', '.join(host['isa'])}; read "
+        f"bandwidth {host['read_gb_s']:.1f} GB/s (two threads summing 1 GiB, best of 5).",
         "",
-        f"Audio: {what} ({duration:.1f} s); {'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no fallback), language en, timestamps, "
+        f"Audio: {what} ({duration:.1f} s); "
+        f"{'greedy' if args.beam_size is None else f'beam search, width {args.beam_size}'}, temperature 0 (no "
+        "fallback), language en, timestamps, "
         f"condition on previous text, 2 threads; {args.repeats} interleaved repeats, one process per run.",
         "",
-        f"| engine | min s | median s | RTF | load s | whole process s | peak RSS MB | {ours} speed-up (median) |" + (f" {ours_bf16} speed-up (median) |" if bf else "") + last_columns[0],
+        f"| engine | min s | median s | RTF | load s | whole process s | peak RSS MB | {ours} speed-up (median) |"
+        + (f" {ours_bf16} speed-up (median) |" if bf else "")
+        + last_columns[0],
         "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if bf else "") + last_columns[1],
     ]
     if args.batched:
         lines[2] = (
-            f"Audio: {what} ({duration:.1f} s); batched mode: Silero VAD with faster-whisper's batched defaults (spans up to 30 s, 160 ms pauses), "
-            f"chunks of up to 30 s, batch 8, beam {args.beam_size}, without timestamps, language en, 2 threads; {args.repeats} interleaved repeats, one process per run. "
-            f"WER: EnglishTextNormalizer, word edits over reference words; dev set: {len(dev)} English clips ({', '.join(Path(d).name for d in dev)})."
+            f"Audio: {what} ({duration:.1f} s); batched mode: Silero VAD with faster-whisper's batched defaults "
+            "(spans up to 30 s, 160 ms pauses), "
+            f"chunks of up to 30 s, batch 8, beam {args.beam_size}, without timestamps, language en, 2 threads; "
+            f"{args.repeats} interleaved repeats, one process per run. "
+            f"WER: EnglishTextNormalizer, word edits over reference words; dev set: {len(dev)} English clips "
+            f"({', '.join(Path(d).name for d in dev)})."
         )
     mx = summary.get(ours)
 
@@ -520,22 +677,36 @@ def main() -> None:
     for e, s in summary.items():
         if e not in runs:
             continue
-        same = "—" if ref_tokens is None or e == "openai-whisper" or "tokens" not in runs[e][0] else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
+        same = (
+            "—"
+            if ref_tokens is None or e == "openai-whisper" or "tokens" not in runs[e][0]
+            else ("yes" if runs[e][0]["tokens"] == ref_tokens else "no")
+        )
         bf_col = f" {ratio(s, bf, e == ours_bf16)} |" if bf else ""
         last = f" {wer[e]['timed']:.2f} | {wer[e]['dev']:.2f} |" if wer else f" {same} |"
-        lines.append(f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | {s['process_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}")
+        lines.append(
+            f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | "
+            f"{s['process_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}"
+        )
     if any(e in runs for e in PEER_ENGINES):
         lines += [
             "",
-            "median s: transcription, load excluded, as each engine reports it (OpenVINO GenAI: ov_transcribe.py's `transcribe wall`; "
-            "whisper.cpp: whisper_print_timings' total minus load); whole process s: spawn to exit, imports, load and audio decoding included "
-            "(whisper-max's and faster-whisper's include this benchmark's bookkeeping). OpenVINO GenAI does not condition on previous text.",
+            "median s: transcription, load excluded, as each engine reports it (OpenVINO GenAI: ov_transcribe.py's "
+            "`transcribe wall`; "
+            "whisper.cpp: whisper_print_timings' total minus load); whole process s: spawn to exit, imports, load and "
+            "audio decoding included "
+            "(whisper-max's and faster-whisper's include this benchmark's bookkeeping). OpenVINO GenAI does not "
+            "condition on previous text.",
         ]
         for own in (ours, ours_bf16):
             if own in summary:
                 lines.append(
                     f"{own} speed-up by whole process (median): "
-                    + ", ".join(f"{e} {summary[e]['process_s'] / summary[own]['process_s']:.2f}x" for e in runs if e != own and not e.startswith("whisper-max"))
+                    + ", ".join(
+                        f"{e} {summary[e]['process_s'] / summary[own]['process_s']:.2f}x"
+                        for e in runs
+                        if e != own and not e.startswith("whisper-max")
+                    )
                     + "."
                 )
         for e in PEER_ENGINES:
@@ -550,8 +721,10 @@ def main() -> None:
         lines += [
             "",
             f"{e} components (last run): log-mel {runs[e][-1]['log_mel_s']:.2f} s, encoder "
-            f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder steps {c['decoder_ms_per_call']:.2f} ms/call "
-            f"({c['decoder_calls']} calls of {c['rows_per_call']:.1f} rows on average, {c['tokens']} tokens, {c['decoder_s']:.2f} s), "
+            f"{1000 * c['encoder_s_per_window']:.0f} ms/window ({c['windows']} windows), decoder steps "
+            f"{c['decoder_ms_per_call']:.2f} ms/call "
+            f"({c['decoder_calls']} calls of {c['rows_per_call']:.1f} rows on average, {c['tokens']} tokens, "
+            f"{c['decoder_s']:.2f} s), "
             f"prompts {c['prompts_s']:.2f} s, load {summary[e]['load_s']:.2f} s; "
             f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s; "
             f"memory in 2 MiB pages after load {huge} MB (each run).",
@@ -560,12 +733,18 @@ def main() -> None:
         manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
         nbytes = step_bytes(manifest)
         floor_ms = nbytes / host["read_gb_s"] / 1e6
-        medians = [x["components"]["decoder_rows_ms_median"] for x in runs[e] if x["components"].get("decoder_rows_calls", 0) >= 20]
+        medians = [
+            x["components"]["decoder_rows_ms_median"]
+            for x in runs[e]
+            if x["components"].get("decoder_rows_calls", 0) >= 20
+        ]
         if medians:
             ms, c = statistics.median(medians), runs[e][-1]["components"]
             lines.append(
-                f"{e} decoder_rows (one token for each row in flight): median {ms:.2f} ms per call of {c['rows_per_call']:.1f} rows on average "
-                f"({c['decoder_rows_calls']} calls in the last run); the bandwidth floor of one row is {floor_ms:.2f} ms "
+                f"{e} decoder_rows (one token for each row in flight): median {ms:.2f} ms per call of "
+                f"{c['rows_per_call']:.1f} rows on average "
+                f"({c['decoder_rows_calls']} calls in the last run); the bandwidth floor of one row is {floor_ms:.2f} "
+                "ms "
                 f"({nbytes / 1e6:.0f} MB of weights and one window's cross K/V at {host['read_gb_s']:.1f} GB/s)."
             )
         timings = manifest.get("timings_s", {})
@@ -578,13 +757,23 @@ def main() -> None:
         st = summary["whisper-run start-up"]
         lines += [
             "",
-            f"whisper-run start-up, `whisper-run PACKAGE {CLIP.name}` with its default options (medians of {len(startups)}): "
-            f"process start to the first token's logits {st['first_token_s']:.2f} s; to the written outputs {st['end_to_end_s']:.2f} s.",
+            f"whisper-run start-up, `whisper-run PACKAGE {CLIP.name}` with its default options (medians of "
+            f"{len(startups)}): "
+            f"process start to the first token's logits {st['first_token_s']:.2f} s; to the written outputs "
+            f"{st['end_to_end_s']:.2f} s.",
         ]
     table = "\n".join(lines)
     print(table)
     if args.docs:
-        block = ("batched corpus results" if args.corpus else "batched results") if args.batched else "corpus results" if args.corpus else "results" if args.beam_size is None else "beam results"
+        block = (
+            ("batched corpus results" if args.corpus else "batched results")
+            if args.batched
+            else "corpus results"
+            if args.corpus
+            else "results"
+            if args.beam_size is None
+            else "beam results"
+        )
         _write_docs(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), f"{block}: {host['kind']}")
     if args.out:
         kept = {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}

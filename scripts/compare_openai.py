@@ -60,7 +60,8 @@ def main() -> None:
         row = {
             "file": clip,
             "tokens_equal": [s["tokens"] for s in a["segments"]] == [s["tokens"] for s in b["segments"]],
-            "timestamps_equal": [(s["start"], s["end"]) for s in a["segments"]] == [(s["start"], s["end"]) for s in b["segments"]],
+            "timestamps_equal": [(s["start"], s["end"]) for s in a["segments"]]
+            == [(s["start"], s["end"]) for s in b["segments"]],
             "text_equal": a["text"] == b["text"],
             "language": f"{a['language']}/{b['language']}",
             "whisper_max_s": round(t_ours, 2),
@@ -69,7 +70,11 @@ def main() -> None:
         }
         rows.append(row)
         yn = lambda v: "yes" if v else "**no**"  # noqa: E731
-        print(f"| {clip} | {yn(row['tokens_equal'])} | {yn(row['timestamps_equal'])} | {yn(row['text_equal'])} | {row['language']} | {t_ours:.2f} | {t_ref:.2f} |", flush=True)
+        print(
+            f"| {clip} | {yn(row['tokens_equal'])} | {yn(row['timestamps_equal'])} | {yn(row['text_equal'])} | "
+            f"{row['language']} | {t_ours:.2f} | {t_ref:.2f} |",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"package": args.package, "options": options, "rows": rows}, indent=1))
 

@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_EN = {"n_audio_state": 384, "n_audio_head": 6, "n_audio_ctx": 1500, "n_text_state": 384, "n_vocab": 51864}  # when no --package
+TINY_EN = {
+    "n_audio_state": 384,
+    "n_audio_head": 6,
+    "n_audio_ctx": 1500,
+    "n_text_state": 384,
+    "n_vocab": 51864,
+}  # when no --package
 STEP_ROWS = (1, 5, 32)  # rows of a decoder call: greedy, beam 5, the engine's rows
 
 
@@ -71,7 +77,9 @@ def main(argv=None) -> int:
     d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
     m = args.windows * ctx
     target = Target.host()
-    kinds = ["fp32", "panels"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
+    kinds = (
+        ["fp32", "panels"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
+    )
     workers = os.cpu_count()
     dev = DeviceRef.CPU()
     peak_lib = ROOT / "scripts" / "peak"
@@ -83,27 +91,54 @@ def main(argv=None) -> int:
         if name == "amx" and not target.amx:
             continue
         for w in (1, workers):
-            with Graph(f"peak_{name}_{w}", input_types=[TensorType(DType.float32, [1], dev)], custom_extensions=[peak_lib], module=mod) as g:
-                out = ops.custom(f"peak.{name}", device=dev, values=[g.inputs[0].tensor], out_types=[TensorType(DType.float32, [w], dev)], parameters={"iters": it})
+            with Graph(
+                f"peak_{name}_{w}",
+                input_types=[TensorType(DType.float32, [1], dev)],
+                custom_extensions=[peak_lib],
+                module=mod,
+            ) as g:
+                out = ops.custom(
+                    f"peak.{name}",
+                    device=dev,
+                    values=[g.inputs[0].tensor],
+                    out_types=[TensorType(DType.float32, [w], dev)],
+                    parameters={"iters": it},
+                )
                 g.output(out[0].tensor)
     for label, (k, n) in shapes.items():
         for kind in kinds:
             wdt = DType.float32 if kind in ("fp32", "panels") else DType.bfloat16
-            with Graph(f"{label}_{kind}", input_types=[TensorType(DType.float32, ["m", k], dev)], custom_extensions=[kernel_library()], module=mod) as g:
+            with Graph(
+                f"{label}_{kind}",
+                input_types=[TensorType(DType.float32, ["m", k], dev)],
+                custom_extensions=[kernel_library()],
+                module=mod,
+            ) as g:
                 x = g.inputs[0].tensor
-                w = g.add_weight(Weight(f"{label}.{kind}.weight", wdt, [-(-n // 64), k, 64] if kind == "panels" else [n, k], dev))
+                w = g.add_weight(
+                    Weight(f"{label}.{kind}.weight", wdt, [-(-n // 64), k, 64] if kind == "panels" else [n, k], dev)
+                )
                 b = g.add_weight(Weight(f"{label}.{kind}.bias", DType.float32, [n], dev))
                 if kind == "panels":  # float32 weight panels (whisper_max.linear_panels)
-                    y = ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
+                    y = ops.custom(
+                        ir.LINEAR_PANELS,
+                        device=dev,
+                        values=[x, w, b],
+                        out_types=[TensorType(DType.float32, [x.shape[0], n], dev)],
+                    )[0].tensor
                 elif kind == "fp32":
                     y = x @ ops.transpose(w, 0, 1) + b
                 else:
                     op = LINEAR_AMX if kind == "amx" else LINEAR_BF16
-                    y = ops.custom(op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor
+                    y = ops.custom(
+                        op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)]
+                    )[0].tensor
                 g.output(y)
     qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
     for kind in kinds:  # "panels": our float32 kernel (whisper_max.attention)
-        with Graph(f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod) as g:
+        with Graph(
+            f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod
+        ) as g:
             q, k_, v = (i.tensor for i in g.inputs)
             scale = float((d // heads) ** -0.25)
             if kind == "fp32":
@@ -115,17 +150,31 @@ def main(argv=None) -> int:
                 y = ops.reshape(ops.permute(ops.softmax(s) @ split(v), [0, 2, 1, 3]), [args.windows, ctx, d])
             else:
                 op = {"amx": ATTENTION_AMX, "bf16": ir.ATTENTION_BF16, "panels": ir.ATTENTION}[kind]
-                y = ops.custom(op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale})[0].tensor
+                y = ops.custom(
+                    op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale}
+                )[0].tensor
             g.output(y)
 
     dt_ = dims["n_text_state"]
     steps = {"vocab": (dt_, dims["n_vocab"]), "fc1": (dt_, 4 * dt_), "fc2": (4 * dt_, dt_)}  # a decoder step's (k, n)
     for label, (k, n) in steps.items():
-        with Graph(f"step_{label}", input_types=[TensorType(DType.float32, ["m", k], dev)], custom_extensions=[kernel_library()], module=mod) as g:
+        with Graph(
+            f"step_{label}",
+            input_types=[TensorType(DType.float32, ["m", k], dev)],
+            custom_extensions=[kernel_library()],
+            module=mod,
+        ) as g:
             w = g.add_weight(Weight(f"step.{label}.panels", DType.float16, [-(-n // 64), k, 64], dev))
             b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
             x = g.inputs[0].tensor
-            g.output(ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)])[0].tensor)
+            g.output(
+                ops.custom(
+                    ir.LINEAR_PANELS,
+                    device=dev,
+                    values=[x, w, b],
+                    out_types=[TensorType(DType.float32, [x.shape[0], n], dev)],
+                )[0].tensor
+            )
 
     rng = np.random.default_rng(0)
     registry = {}
@@ -135,14 +184,23 @@ def main(argv=None) -> int:
     for label, (k, n) in shapes.items():
         w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
         for kind in kinds:
-            registry[f"{label}.{kind}.weight"] = w if kind == "fp32" else to_panels(w) if kind == "panels" else to_bfloat16(w)
+            registry[f"{label}.{kind}.weight"] = (
+                w if kind == "fp32" else to_panels(w) if kind == "panels" else to_bfloat16(w)
+            )
             registry[f"{label}.{kind}.bias"] = rng.standard_normal(n, dtype=np.float32)
     session = InferenceSession()
     print(f"CPU: {cpu_name()}, {workers} workers; kernels: {', '.join(kinds)}; compiling ...", flush=True)
     t = time.perf_counter()
     compiled = session.compile(mod, custom_extensions=[kernel_library(), peak_lib])
     print(f"compiled in {time.perf_counter() - t:.0f} s", flush=True)
-    results: dict = {"cpu": cpu_name(), "features": sorted(target.features), "workers": workers, "rows": m, "peaks": {}, "products": []}
+    results: dict = {
+        "cpu": cpu_name(),
+        "features": sorted(target.features),
+        "workers": workers,
+        "rows": m,
+        "peaks": {},
+        "products": [],
+    }
     models = session.init_all(compiled, weights_registry=registry)
     seed = Buffer.from_numpy(np.ones(1, np.float32))
     peaks = {}
@@ -166,25 +224,66 @@ def main(argv=None) -> int:
             peak = peaks[("amx" if kind == "amx" else "fma", workers)]
             # VDPBF16PS: the share of the FMA peak it could reach at its own rate is not measured
             # here; its row is read against the FMA peak
-            print(f"  {label:4s} {m}x{k} @ {k}x{n} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  {100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak")
-            results["products"].append({"name": label, "m": m, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
+            print(
+                f"  {label:4s} {m}x{k} @ {k}x{n} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  "
+                f"{100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak"
+            )
+            results["products"].append(
+                {
+                    "name": label,
+                    "m": m,
+                    "k": k,
+                    "n": n,
+                    "kernel": kind,
+                    "ms": sec * 1e3,
+                    "gflops": rate,
+                    "share_of_peak": rate / peak,
+                }
+            )
     q = [Buffer.from_numpy(rng.standard_normal((args.windows, ctx, d), dtype=np.float32)) for _ in range(3)]
     flops = 4 * args.windows * heads * ctx * ctx * (d // heads)
     for kind in kinds:
         sec = timed(models[f"attention_{kind}"], q, args.repeats)
         rate = flops / sec / 1e9
         peak = peaks[("amx" if kind == "amx" else "fma", workers)]
-        print(f"  attention {heads} heads x {ctx} x {ctx} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  {100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak")
-        results["products"].append({"name": "attention", "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak})
-    print(f"\ndecoder-step products (whisper_max.linear_panels, float16 weight panels), rows {', '.join(map(str, STEP_ROWS))}, min of {args.repeats}:")
+        print(
+            f"  attention {heads} heads x {ctx} x {ctx} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  "
+            f"{100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak"
+        )
+        results["products"].append(
+            {"name": "attention", "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak}
+        )
+    print(
+        "\ndecoder-step products (whisper_max.linear_panels, float16 weight panels), rows "
+        f"{', '.join(map(str, STEP_ROWS))}, min of {args.repeats}:"
+    )
     for label, (k, n) in steps.items():
         for rows in STEP_ROWS:
-            sec = timed(models[f"step_{label}"], [Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))], args.repeats)
+            sec = timed(
+                models[f"step_{label}"],
+                [Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))],
+                args.repeats,
+            )
             rate = 2 * rows * k * n / sec / 1e9
             gbs = 2 * k * n / sec / 1e9  # the weight's bytes, read once per call
             share = rate / peaks[("fma", workers)]
-            print(f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  {100 * share:5.1f}% of the FMA peak  weight read at {gbs:5.1f} GB/s")
-            results["products"].append({"name": f"step_{label}", "m": rows, "k": k, "n": n, "kernel": "panels_f16", "ms": sec * 1e3, "gflops": rate, "share_of_peak": share, "weight_gb_per_s": gbs})
+            print(
+                f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  {100 * share:5.1f}% "
+                f"of the FMA peak  weight read at {gbs:5.1f} GB/s"
+            )
+            results["products"].append(
+                {
+                    "name": f"step_{label}",
+                    "m": rows,
+                    "k": k,
+                    "n": n,
+                    "kernel": "panels_f16",
+                    "ms": sec * 1e3,
+                    "gflops": rate,
+                    "share_of_peak": share,
+                    "weight_gb_per_s": gbs,
+                }
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

@@ -42,7 +42,11 @@ from bench import machine  # noqa: E402
 
 def dev_clips() -> list[Path]:
     manifest = json.loads((SHARED / "manifest.json").read_text())
-    return [SHARED / m["file"] for m in manifest if m["kind"] == "short" and m["language"] == "en" and m["file"].endswith(".wav")]
+    return [
+        SHARED / m["file"]
+        for m in manifest
+        if m["kind"] == "short" and m["language"] == "en" and m["file"].endswith(".wav")
+    ]
 
 
 class Server:
@@ -54,7 +58,17 @@ class Server:
         self.port = sock.getsockname()[1]
         sock.close()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "whisper_max.runtime.serve", package, "--port", str(self.port), "--log_level", "warning", *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "whisper_max.runtime.serve",
+            package,
+            "--port",
+            str(self.port),
+            "--log_level",
+            "warning",
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while True:
@@ -99,9 +113,17 @@ def main() -> int:
     args = ap.parse_args()
     clips = dev_clips()
     work = [clips[i % len(clips)] for i in range(args.requests)]
-    report: dict = {"machine": machine(), "requests": args.requests, "clients": args.clients, "clips": [c.name for c in clips]}
+    report: dict = {
+        "machine": machine(),
+        "requests": args.requests,
+        "clients": args.clients,
+        "clips": [c.name for c in clips],
+    }
     failures: list[str] = []
-    print(f"CPU: {report['machine']['cpu']} ({report['machine']['kind']}), {len(os.sched_getaffinity(0))} cores", flush=True)
+    print(
+        f"CPU: {report['machine']['cpu']} ({report['machine']['kind']}), {len(os.sched_getaffinity(0))} cores",
+        flush=True,
+    )
 
     flags = ("--beam_size", args.beam_size)
     report["beam_size"] = args.beam_size
@@ -124,7 +146,11 @@ def main() -> int:
         latencies = [t for _, t in together]
         calls = after["decoder_calls"] - before["decoder_calls"]
         rows = after["rows_decoded"] - before["rows_decoded"]
-        report["one_at_a_time"] = {"seconds": round(sequential, 2), "requests_per_s": round(args.requests / sequential, 3), "p50_s": round(percentile([t for _, t in alone], 50), 3)}
+        report["one_at_a_time"] = {
+            "seconds": round(sequential, 2),
+            "requests_per_s": round(args.requests / sequential, 3),
+            "p50_s": round(percentile([t for _, t in alone], 50), 3),
+        }
         report["concurrent"] = {
             "seconds": round(concurrent, 2),
             "requests_per_s": round(args.requests / concurrent, 3),
@@ -155,7 +181,11 @@ def main() -> int:
             first = list(pool.map(attempt, work))
         ok = [(c, t) for c, t, e in first if e is None]
         refused = [(c, e) for c, t, e in first if e is not None]
-        bad = [e.status_code for _, e in refused if e.status_code != 429 or int(e.response.headers.get("retry-after", 0)) < 1]
+        bad = [
+            e.status_code
+            for _, e in refused
+            if e.status_code != 429 or int(e.response.headers.get("retry-after", 0)) < 1
+        ]
         wrong = [c.name for c, t in ok if t != want[c.name]]
         retried = 0
         pending = [c for c, _ in refused]
@@ -170,7 +200,13 @@ def main() -> int:
                 wrong.append(clip.name)
             else:
                 retried += 1
-        report["flood"] = {"answered_first_time": len(ok), "refused_429": len(refused), "other_errors": bad, "wrong": wrong, "answered_on_retry": retried}
+        report["flood"] = {
+            "answered_first_time": len(ok),
+            "refused_429": len(refused),
+            "other_errors": bad,
+            "wrong": wrong,
+            "answered_on_retry": retried,
+        }
         if not refused:
             failures.append("the flood got no 429: the admission queue did not fill")
         if bad or wrong or pending or len(ok) + retried != len(work):
@@ -195,7 +231,12 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001 - reported below
                     answers.append(repr(e))
         code = server.proc.wait(120)
-        report["sigterm"] = {"in_flight_at_signal": in_flight, "answered_correctly": sum(a is True for a in answers), "errors": [a for a in answers if a is not True], "exit_code": code}
+        report["sigterm"] = {
+            "in_flight_at_signal": in_flight,
+            "answered_correctly": sum(a is True for a in answers),
+            "errors": [a for a in answers if a is not True],
+            "exit_code": code,
+        }
         if code != 0 or any(a is not True for a in answers):
             failures.append(f"SIGTERM under load: {report['sigterm']}")
         print(json.dumps({"sigterm": report["sigterm"]}), flush=True)

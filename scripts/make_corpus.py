@@ -37,7 +37,9 @@ def parts(shared: Path = SHARED) -> list[dict]:
             continue
         data = (shared / e["file"]).read_bytes()
         if hashlib.sha256(data).hexdigest() != e["sha256"]:
-            raise SystemExit(f"{shared / e['file']}: sha256 differs from the manifest's; the corpus would not be the reference one")
+            raise SystemExit(
+                f"{shared / e['file']}: sha256 differs from the manifest's; the corpus would not be the reference one"
+            )
         audio, sr = sf.read(shared / e["file"], dtype="float32")
         if sr != SR or audio.ndim != 1:
             raise SystemExit(f"{e['file']}: expected 16 kHz mono, got {sr} Hz, shape {audio.shape}")
@@ -79,7 +81,14 @@ def build(out_dir: Path, files: int = 8, seed: int = 2026, shared: Path = SHARED
         sf.write(tmp, np.concatenate(pieces), SR, subtype="PCM_16", format="WAV")
         os.replace(tmp, out_dir / name)
         refs = {p["name"]: p["reference"] for p in pool}
-        index.append({"file": name, "duration_s": round(t, 3), "parts": layout, "reference": " ".join(refs[x["part"]] for x in layout)})
+        index.append(
+            {
+                "file": name,
+                "duration_s": round(t, 3),
+                "parts": layout,
+                "reference": " ".join(refs[x["part"]] for x in layout),
+            }
+        )
     tmp = out_dir / ".corpus.json.tmp"
     tmp.write_text(json.dumps({"seed": seed, "files": index}, indent=1, ensure_ascii=False))
     os.replace(tmp, out_dir / "corpus.json")

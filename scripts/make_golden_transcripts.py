@@ -33,14 +33,25 @@ def main() -> None:
     cases = []
     for name, options in CASES:
         result = whisper.transcribe(model, audio, fp16=False, **options)
-        segments = [{"tokens": s["tokens"], "start": s["start"], "end": s["end"], "text": s["text"]} for s in result["segments"]]
+        segments = [
+            {"tokens": s["tokens"], "start": s["start"], "end": s["end"], "text": s["text"]} for s in result["segments"]
+        ]
         cases.append({"name": name, "clip": golden.JFK_WAV.name, "options": options, "segments": segments})
     # files at other rates, read by openai-whisper's own loader (ffmpeg): our reader resamples them
     # (soxr, not ffmpeg's resampler) and must still give these tokens
     for clip in RESAMPLED:
         result = whisper.transcribe(model, str(golden.DATA / clip), fp16=False, temperature=0.0, language="en")
-        segments = [{"tokens": s["tokens"], "start": s["start"], "end": s["end"], "text": s["text"]} for s in result["segments"]]
-        cases.append({"name": f"resampled:{clip}", "clip": clip, "options": {"temperature": 0.0, "language": "en"}, "segments": segments})
+        segments = [
+            {"tokens": s["tokens"], "start": s["start"], "end": s["end"], "text": s["text"]} for s in result["segments"]
+        ]
+        cases.append(
+            {
+                "name": f"resampled:{clip}",
+                "clip": clip,
+                "options": {"temperature": 0.0, "language": "en"},
+                "segments": segments,
+            }
+        )
     out = {"tiny.en": {"source_sha256": src.sha256, "openai_whisper": whisper.__version__, "cases": cases}}
     path = Path(golden.__file__).parent / "transcripts.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -61,7 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("--package", required=True)
     ap.add_argument("--rows", default="1,5,32", help="row counts, comma-separated")
     ap.add_argument("--audio", default=str(DEFAULT_AUDIO))
-    ap.add_argument("--repeats", type=int, default=2, help="decode each row count this many times; the calls of all count")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="decode each row count this many times; the calls of all count"
+    )
     args = ap.parse_args(argv)
 
     from whisper_max import runtime
@@ -82,7 +84,10 @@ def main(argv=None) -> int:
         times = [t for _ in range(args.repeats) for t in call_times(model, windows[:m], options)]
         med = statistics.median(times) * 1e3
         base = base or med
-        print(f"rows {m:3d}: median {med:7.2f} ms a call ({len(times)} calls), {med / base:5.2f}x one row, {med / m:6.3f} ms a row")
+        print(
+            f"rows {m:3d}: median {med:7.2f} ms a call ({len(times)} calls), {med / base:5.2f}x one row, "
+            f"{med / m:6.3f} ms a row"
+        )
     return 0
 
 

@@ -33,8 +33,15 @@ from whisper_max.runtime.audio import load_audio
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import SHARED, _write_docs, dev_set  # noqa: E402 (scripts/ is not a package)
 
-MODES = {"default": {}, "vad_filter": {"vad_filter": True}, "batched": {"batched": True, "batch_size": 8, "beam_size": 5}}
-MODE_NOTE = "default, openai-whisper's loop; vad_filter, the same on the speech Silero VAD finds; batched, transcribe(batched=True), batch 8, beam 5, no timestamps"
+MODES = {
+    "default": {},
+    "vad_filter": {"vad_filter": True},
+    "batched": {"batched": True, "batch_size": 8, "beam_size": 5},
+}
+MODE_NOTE = (
+    "default, openai-whisper's loop; vad_filter, the same on the speech Silero VAD finds; batched, "
+    "transcribe(batched=True), batch 8, beam 5, no timestamps"
+)
 
 
 def main() -> None:
@@ -88,18 +95,27 @@ def main() -> None:
         )
     base = rows[0]["wer"]
     lines = [
-        f"English dev set: {len(clips)} clips, {n_words} reference words ({', '.join(e['file'] for e in clips)}); transcribe() defaults, language en, EnglishTextNormalizer"
+        f"English dev set: {len(clips)} clips, {n_words} reference words ({', '.join(e['file'] for e in clips)}); "
+        "transcribe() defaults, language en, EnglishTextNormalizer"
         + (f"; modes: {MODE_NOTE}." if modes != ["default"] else "."),
         "",
-        "| package | mode | dtype | WER % | vs first (points) | word edits | clips with the first's tokens | transcribe s |",
+        "| package | mode | dtype | WER % | vs first (points) | word edits | clips with the first's tokens | "
+        "transcribe s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         same = "—" if r["clips_with_baseline_tokens"] is None else f"{r['clips_with_baseline_tokens']}/{len(clips)}"
-        lines.append(f"| {Path(r['package']).name} | {r['mode']} | {r['dtype']} | {r['wer']:.2f} | {r['wer'] - base:+.2f} | {r['edits']} | {same} | {r['transcribe_s']:.1f} |")
+        lines.append(
+            f"| {Path(r['package']).name} | {r['mode']} | {r['dtype']} | {r['wer']:.2f} | {r['wer'] - base:+.2f} | "
+            f"{r['edits']} | {same} | {r['transcribe_s']:.1f} |"
+        )
     print("\n".join(lines))
     if args.docs:
-        _write_docs("\n".join(lines), " ".join(["python scripts/wer.py", *sys.argv[1:]]), marker="wer.py modes" if modes != ["default"] else "wer.py")
+        _write_docs(
+            "\n".join(lines),
+            " ".join(["python scripts/wer.py", *sys.argv[1:]]),
+            marker="wer.py modes" if modes != ["default"] else "wer.py",
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

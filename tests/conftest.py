@@ -22,7 +22,10 @@ SHARED_AUDIO = ROOT.parent / "shared" / "audio"
 # bfloat16 arithmetic (whisper_max.linear_bf16, attention_bf16) compiles only for CPUs with
 # AVX512_BF16; elsewhere whisper-convert refuses it (test_convert_bfloat16 checks the refusal)
 HAS_BF16 = "avx512_bf16" in cpu_target()["features"]
-needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason=f"this CPU has no AVX512_BF16 (features: {cpu_target()['features']}); bfloat16 kernels cannot compile here")
+needs_bf16 = pytest.mark.skipif(
+    not HAS_BF16,
+    reason=f"this CPU has no AVX512_BF16 (features: {cpu_target()['features']}); bfloat16 kernels cannot compile here",
+)
 # the kinds of our bfloat16 kernels this CPU runs (converter/lower/target.py): "amx" where it has
 # AMX-BF16 (what conversions here use), "bf16" (VDPBF16PS, what Zen 4/5 use) where it has
 # AVX512_BF16; on an AMX CPU both are tested, the second by lowering for the CPU without AMX

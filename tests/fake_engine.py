@@ -175,7 +175,10 @@ def torch_model(tokenizer, multilingual: bool = False):
             windows = xa[:, 0, 0].tolist()
             if len(windows) == 1:  # openai-whisper gives the rows of one window (beams) its features once
                 windows *= history.shape[0]
-            out = [[scripted_logits(w, h[: start + j + 1].numpy(), tokenizer) for j in range(tokens.shape[1])] for w, h in zip(windows, history)]
+            out = [
+                [scripted_logits(w, h[: start + j + 1].numpy(), tokenizer) for j in range(tokens.shape[1])]
+                for w, h in zip(windows, history)
+            ]
             return torch.from_numpy(np.array(out, np.float32))
 
     class Model(torch.nn.Module):

@@ -58,7 +58,23 @@ def test_batch_records_the_corrupt_file_and_writes_the_others(local_run, dev, ti
         assert {f"{stem}.{fmt}" for fmt in WRITERS} <= names, stem
     assert not any(n.startswith("corrupt") for n in names)
     # what whisper-run writes for the same file and options
-    assert whisper_run([str(tiny_en.path), str(golden.JFK_WAV), "-o", str(tmp_path), "-f", "json", "--beam_size", "None", "--verbose", "False"]) == 0
+    assert (
+        whisper_run(
+            [
+                str(tiny_en.path),
+                str(golden.JFK_WAV),
+                "-o",
+                str(tmp_path),
+                "-f",
+                "json",
+                "--beam_size",
+                "None",
+                "--verbose",
+                "False",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "jfk.json").read_text() == (out / "jfk.wav.json").read_text()
 
 
@@ -66,7 +82,9 @@ def test_a_rerun_redoes_only_what_is_missing(local_run, dev, tiny_en):
     rc, out = local_run
     (out / "pv_test_fr.txt").unlink()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(("pv_test_fr.", "summary"))}
-    assert main([str(tiny_en.path), str(dev), "--out", str(out), "--beam_size", "None"]) == 1  # the corrupt file fails again
+    assert (
+        main([str(tiny_en.path), str(dev), "--out", str(out), "--beam_size", "None"]) == 1
+    )  # the corrupt file fails again
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(("pv_test_fr.", "summary"))}
     assert after == before, "files whose outputs were complete were written again"
     assert all((out / f"pv_test_fr.{fmt}").is_file() for fmt in WRITERS)
@@ -84,7 +102,10 @@ def test_the_same_job_on_a_local_ray_gives_the_same_files(local_run, dev, tiny_e
     ray_out = tmp_path / "ray"
     assert main([str(tiny_en.path), str(dev), "--out", str(ray_out), "--beam_size", "None", "--ray"]) == 1
     assert _outputs(ray_out) == _outputs(out)
-    local = {f["input"]: (f["status"] if f["status"] != "skipped" else "done", f["duration"], f["error"]) for f in _summary(out)["files"]}
+    local = {
+        f["input"]: (f["status"] if f["status"] != "skipped" else "done", f["duration"], f["error"])
+        for f in _summary(out)["files"]
+    }
     assert {f["input"]: (f["status"], f["duration"], f["error"]) for f in _summary(ray_out)["files"]} == local
 
 
@@ -95,9 +116,16 @@ def test_inputs_files_folders_and_lists(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("# a comment\nb.flac\n\nc.mp3  # trailing\n")
     jobs = collect([tmp_path / "a", listing, tmp_path / "b.flac"])  # b.flac twice: once
-    assert [(j.audio.relative_to(tmp_path).as_posix(), j.rel.as_posix()) for j in jobs] == [("a/sub/x.wav", "sub/x"), ("a/x.wav", "x"), ("b.flac", "b"), ("c.mp3", "c")]
+    assert [(j.audio.relative_to(tmp_path).as_posix(), j.rel.as_posix()) for j in jobs] == [
+        ("a/sub/x.wav", "sub/x"),
+        ("a/x.wav", "x"),
+        ("b.flac", "b"),
+        ("c.mp3", "c"),
+    ]
     (tmp_path / "empty").mkdir()
-    assert main(["x.maxpkg", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1  # no audio there: an error, not an empty success
+    assert (
+        main(["x.maxpkg", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    )  # no audio there: an error, not an empty success
     with pytest.raises(BatchError, match="no such file or folder"):
         collect([tmp_path / "missing"])
     listing.write_text("b.flac\nnope.wav\n")

@@ -15,7 +15,9 @@ from whisper_max.runtime.package import Package
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(HAS_BF16, reason="this CPU has AVX512_BF16: test_bfloat16_package_parity_size_and_wer converts for real")
+@pytest.mark.skipif(
+    HAS_BF16, reason="this CPU has AVX512_BF16: test_bfloat16_package_parity_size_and_wer converts for real"
+)
 def test_bfloat16_refused_without_avx512_bf16(tmp_path, capsys):
     """On a CPU without AVX512_BF16 the bfloat16 kernels cannot run: whisper-convert says so in
     one line, before compiling anything, and writes nothing."""
@@ -42,14 +44,22 @@ def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
     assert len(entries) == len(fp32.json("parity.json")) and all(e["ok"] for e in entries)
     assert "bfloat16" in pkg.read("MODEL_CARD.md").decode() and "rounded weights" in pkg.read("parity.md").decode()
     index = json.loads(pkg.read("weights.json"))
-    assert index["decoder.token_embedding.weight"]["dtype"] == "bfloat16" and index["decoder.ln.weight"]["dtype"] == "float32"
+    assert (
+        index["decoder.token_embedding.weight"]["dtype"] == "bfloat16"
+        and index["decoder.ln.weight"]["dtype"] == "float32"
+    )
     # half the bytes of the same weights in float32 (the float32 package keeps the decoder step's
     # matrices in float16 where that is exact, so its own size is not the float32 one)
     float32_bytes = sum(4 * int(np.prod(e["shape"])) for e in json.loads(fp32.read("weights.json")).values())
     assert m["files"]["weights.bin"]["bytes"] < 0.51 * float32_bytes
 
     rows_json = tmp_path / "wer.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "wer.py"), str(tiny_en.path), str(out), "--json", str(rows_json)], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "wer.py"), str(tiny_en.path), str(out), "--json", str(rows_json)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     f32, bf16 = json.loads(rows_json.read_text())
     assert (f32["dtype"], bf16["dtype"]) == ("float32", "bfloat16")

@@ -43,13 +43,22 @@ def _fails(capsys, argv, out_dir):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda d, sd: d.pop("n_mels"), r"'dims' does not fit openai-whisper's ModelDimensions: missing \['n_mels'\], extra \[\]"),
+        (
+            lambda d, sd: d.pop("n_mels"),
+            r"'dims' does not fit openai-whisper's ModelDimensions: missing \['n_mels'\], extra \[\]",
+        ),
         (lambda d, sd: d.update(n_heads=4), r"missing \[\], extra \['n_heads'\]"),
         (lambda d, sd: d.update(n_audio_ctx=-3), r"'dims' values must be positive integers: \{'n_audio_ctx': -3\}"),
         (lambda d, sd: sd.pop("decoder.ln.weight"), r"missing \['decoder.ln.weight'\], extra \[\]"),
         (lambda d, sd: sd.update({"decoder.extra": torch.zeros(2)}), r"missing \[\], extra \['decoder.extra'\]"),
-        (lambda d, sd: sd.update({"decoder.ln.bias": torch.zeros(7)}), r"decoder.ln.bias: shape \(7,\), openai-whisper expects \(16,\)"),
-        (lambda d, sd: sd.update({"decoder.ln.bias": [0.0] * 16}), r"entries that are not tensors: \['decoder.ln.bias'\]"),
+        (
+            lambda d, sd: sd.update({"decoder.ln.bias": torch.zeros(7)}),
+            r"decoder.ln.bias: shape \(7,\), openai-whisper expects \(16,\)",
+        ),
+        (
+            lambda d, sd: sd.update({"decoder.ln.bias": [0.0] * 16}),
+            r"entries that are not tensors: \['decoder.ln.bias'\]",
+        ),
     ],
 )
 def test_checkpoint_that_does_not_fit(tmp_path, capsys, edit, message):
@@ -83,8 +92,16 @@ def test_existing_output_needs_force(tmp_path, capsys):
 @pytest.mark.parametrize(
     "limit_kb, message",
     [
-        (2048, "cannot export the compiled program to {tmp}/model.mef (File too large); set TMPDIR to a folder with room, nothing was written"),
-        (65536, "{out}: cannot write the package (File too large); nothing was written, any earlier file there is unchanged"),
+        (
+            2048,
+            "cannot export the compiled program to {tmp}/model.mef (File too large); set TMPDIR to a folder with "
+            "room, nothing was written",
+        ),
+        (
+            65536,
+            "{out}: cannot write the package (File too large); nothing was written, any earlier file there is "
+            "unchanged",
+        ),
     ],
     ids=["mef-export", "package-write"],
 )
@@ -95,7 +112,10 @@ def test_full_disk_while_writing_leaves_nothing_and_a_rerun_works(tiny_en, tmp_p
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "tiny.en.maxpkg"
-    cmd = f"ulimit -f {limit_kb}; exec {sys.executable} -c 'from whisper_max.converter.cli import run; run()' --rebuild {tiny_en.path} --out {out}"
+    cmd = (
+        f"ulimit -f {limit_kb}; exec {sys.executable} -c 'from whisper_max.converter.cli import run; run()' "
+        f"--rebuild {tiny_en.path} --out {out}"
+    )
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     assert proc.returncode == 1, f"exit code {proc.returncode} with ulimit -f {limit_kb}: {proc.stderr}"
     lines = _without_stages(proc.stderr).strip().splitlines()
@@ -130,7 +150,14 @@ def test_killed_while_writing_leaves_no_package_and_a_rerun_cleans_up(tiny_en, t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     left = list(out_dir.iterdir())
-    assert not out.exists() and len(left) == 1 and left[0].name.startswith(".tiny.en.maxpkg.") and left[0].name.endswith(".tmp")
+    assert (
+        not out.exists()
+        and len(left) == 1
+        and left[0].name.startswith(".tiny.en.maxpkg.")
+        and left[0].name.endswith(".tmp")
+    )
     assert main(["--rebuild", str(tiny_en.path), "--out", str(out)]) == 0
     assert [p.name for p in out_dir.iterdir()] == ["tiny.en.maxpkg"]
-    assert np.array_equal(Package.open(out).weights()["decoder.ln.weight"], Package.open(tiny_en.path).weights()["decoder.ln.weight"])
+    assert np.array_equal(
+        Package.open(out).weights()["decoder.ln.weight"], Package.open(tiny_en.path).weights()["decoder.ln.weight"]
+    )

@@ -20,11 +20,26 @@ def test_parity_covers_every_layer_and_passes(tiny_en):
     names = [e["name"] for e in entries]
     dims = pkg.manifest["model"]["dims"]
     expected = (
-        ["encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln", "logits", "logits.incremental", "logits.incremental.decoder", "logits.incremental.rows", "logits.all"]
+        [
+            "encoder.conv1",
+            "encoder.conv2",
+            "encoder.ln_post",
+            "decoder.ln",
+            "logits",
+            "logits.incremental",
+            "logits.incremental.decoder",
+            "logits.incremental.rows",
+            "logits.all",
+        ]
         + [f"decoder.blocks.{i}.cross_attn.qk" for i in range(dims["n_text_layer"])]
         + [f"encoder.blocks.{i}" for i in range(dims["n_audio_layer"])]
         + [f"decoder.blocks.{i}" for i in range(dims["n_text_layer"])]
-        + [f"decoder.blocks.{i}.{a}.{kv}" for i in range(dims["n_text_layer"]) for a in ("attn", "cross_attn") for kv in ("key", "value")]
+        + [
+            f"decoder.blocks.{i}.{a}.{kv}"
+            for i in range(dims["n_text_layer"])
+            for a in ("attn", "cross_attn")
+            for kv in ("key", "value")
+        ]
     )
     assert sorted(names) == sorted(expected)
     bad = [e for e in entries if not e["ok"] or e["max_rel_err"] > e["tol"]]
@@ -42,9 +57,22 @@ def test_manifest_describes_the_package(tiny_en):
     assert m["max_version"].startswith("26.7")
     assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"}
     # the one-token graphs choose the next tokens in the same call; beams carry a lineage
-    assert all([o["name"] for o in m["graphs"][g]["outputs"]] == ["logits", "choice"] for g in ("decoder_step", "decoder_rows"))
-    assert "lineage" in {i["name"] for i in m["graphs"]["decoder_rows"]["inputs"]} - {i["name"] for i in m["graphs"]["decoder_step"]["inputs"]}
-    assert {"model.mef", "weights.bin", "weights.json", "ir/decoder.onnx", "assets/gpt2.tiktoken", "assets/mel_filters.npy", "parity.json", "MODEL_CARD.md"} <= set(m["files"])
+    assert all(
+        [o["name"] for o in m["graphs"][g]["outputs"]] == ["logits", "choice"] for g in ("decoder_step", "decoder_rows")
+    )
+    assert "lineage" in {i["name"] for i in m["graphs"]["decoder_rows"]["inputs"]} - {
+        i["name"] for i in m["graphs"]["decoder_step"]["inputs"]
+    }
+    assert {
+        "model.mef",
+        "weights.bin",
+        "weights.json",
+        "ir/decoder.onnx",
+        "assets/gpt2.tiktoken",
+        "assets/mel_filters.npy",
+        "parity.json",
+        "MODEL_CARD.md",
+    } <= set(m["files"])
 
 
 def test_onnx_in_package_is_the_printed_ir(tiny_en):
@@ -69,13 +97,20 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
         mel = np.zeros((1, dims["n_mels"], 2 * dims["n_audio_ctx"]), np.float32)
         xa = models["encoder"].execute(mel)[0]
         kv = models["cross_kv"].execute(xa)
-        print(json.dumps({{"load_s": load, "torch": "torch" in sys.modules, "xa": list(xa.to_numpy().shape), "kv": len(kv)}}))
+        shape = list(xa.to_numpy().shape)
+        print(json.dumps({{"load_s": load, "torch": "torch" in sys.modules, "xa": shape, "kv": len(kv)}}))
         """
     )
     # The trust list lives in WHISPER_MAX_CACHE (conftest points it at a temp dir where the
     # session's conversions are recorded); without it the new process would refuse the MEF.
-    env = {"MODULAR_CACHE_DIR": str(cache), "PATH": "/usr/bin:/bin", "WHISPER_MAX_CACHE": os.environ["WHISPER_MAX_CACHE"]}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tiny_en.path.parent)
+    env = {
+        "MODULAR_CACHE_DIR": str(cache),
+        "PATH": "/usr/bin:/bin",
+        "WHISPER_MAX_CACHE": os.environ["WHISPER_MAX_CACHE"],
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tiny_en.path.parent
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"package load in a new process: {out['load_s']:.3f} s")
@@ -144,8 +179,12 @@ def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rebuilt, original = Package.open(out), Package.open(tiny_en.path)
     assert rebuilt.manifest["rebuilt"]["from_max_version"] == original.manifest["max_version"]
-    assert rebuilt.manifest["graphs"] == original.manifest["graphs"] and rebuilt.read("ir/select.onnx") == original.read("ir/select.onnx")
-    assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read("ir.txt")
+    assert rebuilt.manifest["graphs"] == original.manifest["graphs"] and rebuilt.read(
+        "ir/select.onnx"
+    ) == original.read("ir/select.onnx")
+    assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read(
+        "ir.txt"
+    )
     from whisper_max import golden, runtime
 
     stored = json.loads((Path(golden.__file__).parent / "transcripts.json").read_text())["tiny.en"]["cases"][0]

@@ -17,7 +17,9 @@ def _fp16_sd(sd):
 def ct2_dir(tmp_path):
     sd = _fp16_sd(state_dict_np(tiny_whisper()))
     variables = to_ct2_variables(sd, TINY_DIMS)
-    (tmp_path / "model.bin").write_bytes(write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    (tmp_path / "model.bin").write_bytes(
+        write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
+    )
     (tmp_path / "config.json").write_text(json.dumps({"alignment_heads": [[1, 0], [1, 1]]}))
     return tmp_path, sd, variables
 
@@ -39,7 +41,9 @@ def test_nonzero_fused_key_bias_is_rejected(ct2_dir):
     b = variables["encoder/layer_0/self_attention/linear_0/bias"].copy()
     b[TINY_DIMS["n_audio_state"]] = 1  # first element of the key part
     variables["encoder/layer_0/self_attention/linear_0/bias"] = b
-    (path / "model.bin").write_bytes(write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    (path / "model.bin").write_bytes(
+        write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
+    )
     with pytest.raises(ct2.CT2FormatError, match="key bias is not zero"):
         ct2.to_whisper(ct2.load_ct2_dir(path))
 
@@ -47,7 +51,9 @@ def test_nonzero_fused_key_bias_is_rejected(ct2_dir):
 def test_unmapped_tensor_is_rejected(ct2_dir):
     path, _, variables = ct2_dir
     variables["decoder/extra/weight"] = np.zeros((2, 2), np.float16)
-    (path / "model.bin").write_bytes(write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"}))
+    (path / "model.bin").write_bytes(
+        write_model_bin(variables, {"decoder/projection/weight": "decoder/embeddings/weight"})
+    )
     with pytest.raises(ct2.CT2FormatError, match="no openai-whisper name"):
         ct2.to_whisper(ct2.load_ct2_dir(path))
 

@@ -56,7 +56,9 @@ def test_decoding_matches_openai_whisper(tokenizer, reference, case):
     ids, options = CASES[case]
     features = FakeEngine.features(ids)
     ours = decode(FakeEngine(tokenizer), features, DecodingOptions(language="en", **options))
-    ref = whisper.decoding.decode(reference, torch.from_numpy(features), whisper.DecodingOptions(language="en", fp16=False, **options))
+    ref = whisper.decoding.decode(
+        reference, torch.from_numpy(features), whisper.DecodingOptions(language="en", fp16=False, **options)
+    )
     assert len(ours) == len(ref) == len(ids)
     for o, r in zip(ours, ref):
         assert o.tokens == r.tokens, f"{case}: window {ids}\nours {o.tokens}\nopenai-whisper {r.tokens}"
@@ -87,7 +89,10 @@ def test_windows_join_and_leave_at_any_time(tokenizer):
         (5, {"without_timestamps": True}),
         (6, {"beam_size": 2, "patience": 2.0}),
     ]
-    alone = {i: decode(FakeEngine(tokenizer), FakeEngine.features([i]), DecodingOptions(language="en", **o))[0].tokens for i, o in jobs}
+    alone = {
+        i: decode(FakeEngine(tokenizer), FakeEngine.features([i]), DecodingOptions(language="en", **o))[0].tokens
+        for i, o in jobs
+    }
     model = FakeEngine(tokenizer)
     engine = Engine(model, max_rows=8)
     got: dict[int, list[int]] = {}

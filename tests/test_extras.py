@@ -27,7 +27,8 @@ from whisper_max.runtime import cli, serve
 package, audio, out = sys.argv[1:]
 text = runtime.load(package).transcribe(audio, beam_size=None, temperature=0.0)["text"]
 lines = {}
-for name, main, args in (("serve", serve.main, [package]), ("vad", cli.main, [package, audio, "-o", out, "--vad_filter", "True", "--verbose", "False"])):
+vad_args = [package, audio, "-o", out, "--vad_filter", "True", "--verbose", "False"]
+for name, main, args in (("serve", serve.main, [package]), ("vad", cli.main, vad_args)):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main(args)
@@ -38,13 +39,23 @@ print(json.dumps({"text": text, "lines": lines, "loaded": loaded}))
 
 
 def test_bare_runtime_transcribes_and_names_the_missing_extras(tiny_en, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_en.path), str(JFK), str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tiny_en.path), str(JFK), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["text"].strip().startswith("And so my fellow Americans")
     assert got["loaded"] == []
     rc, err = got["lines"]["serve"]
-    assert rc == 1 and err == "whisper-serve: error: whisper-serve needs fastapi, which is not installed: pip install 'whisper-max[server]'\n"
+    assert rc == 1 and err == (
+        "whisper-serve: error: whisper-serve needs fastapi, which is not installed: pip install 'whisper-max[server]'\n"
+    )
     rc, err = got["lines"]["vad"]
-    assert rc == 1 and err.splitlines()[-1] == "whisper-run: error: Silero VAD (vad_filter, the batched mode) needs onnxruntime, which is not installed: pip install 'whisper-max[vad]'"
+    assert rc == 1 and err.splitlines()[-1] == (
+        "whisper-run: error: Silero VAD (vad_filter, the batched mode) needs onnxruntime, which is not "
+        "installed: pip install 'whisper-max[vad]'"
+    )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written

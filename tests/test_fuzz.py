@@ -52,7 +52,8 @@ wav_headers = st.builds(
     byte_rate=st.sampled_from([16000, 32000, 96000]) | u32,
     data=st.binary(max_size=2048),
     declared_data=st.none() | u32,
-    extra_chunks=st.sampled_from([b"", b"LIST\x04\x00\x00\x00abcd", b"fact\x04\x00\x00\x00\x10\x00\x00\x00"]) | st.binary(max_size=24),
+    extra_chunks=st.sampled_from([b"", b"LIST\x04\x00\x00\x00abcd", b"fact\x04\x00\x00\x00\x10\x00\x00\x00"])
+    | st.binary(max_size=24),
     riff_size=st.none() | u32,
 )
 
@@ -71,7 +72,11 @@ def _read_all(path):
 
 
 @FUZZ
-@given(wav=wav_headers, edits=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4), cut=st.none() | st.integers(0, 100))
+@given(
+    wav=wav_headers,
+    edits=st.lists(st.tuples(st.integers(0, 80), st.integers(0, 255)), max_size=4),
+    cut=st.none() | st.integers(0, 100),
+)
 def test_any_wav_header_reads_or_raises_audio_error(tmp_path, wav, edits, cut):
     path = tmp_path / "fuzz.wav"
     path.write_bytes(_flip(wav, edits, cut))

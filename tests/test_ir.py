@@ -40,7 +40,9 @@ def test_graph_contracts(program):
     assert [v.name for v in align.inputs] == ["tokens", "encoder"]
     assert [o for o, _ in align.outputs] == ["logits"] + [f"decoder.blocks.{i}.cross_attn.qk" for i in range(2)]
     assert [v.name for v in enc.inputs] == ["mel"] and enc.outputs[0][0] == "encoder"
-    assert [o for o, _ in xkv.outputs] == [f"decoder.blocks.{i}.cross_attn.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [o for o, _ in xkv.outputs] == [
+        f"decoder.blocks.{i}.cross_attn.{kv}" for i in range(2) for kv in ("key", "value")
+    ]
     assert dec.outputs[0][0] == "logits" and dict(dec.types())[dec.outputs[0][1]].shape == ("batch", 50)
     assert {d.name: (d.min, d.max) for d in dec.dims} == {"batch": (1, None), "n": (1, 12), "past": (0, 11)}
     assert [c.name for c in dec.constants] == ["decoder.mask"]
@@ -59,7 +61,14 @@ def test_module_output(program):
 def test_validate_catches_undefined_values(program):
     g = program.graph("cross_kv")
     n = g.nodes[0]
-    broken = ir.Graph(g.name, g.inputs, g.weights, g.constants, (ir.Node(n.name, n.op, ("nope",), n.attrs, n.type, n.scope),) + g.nodes[1:], g.outputs)
+    broken = ir.Graph(
+        g.name,
+        g.inputs,
+        g.weights,
+        g.constants,
+        (ir.Node(n.name, n.op, ("nope",), n.attrs, n.type, n.scope),) + g.nodes[1:],
+        g.outputs,
+    )
     with pytest.raises(ValueError, match="undefined 'nope'"):
         broken.validate()
 

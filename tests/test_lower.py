@@ -85,7 +85,9 @@ def compiled():
     for kind, features in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
         for g in products.graphs:
             lower_graph(g, mod, name=f"{g.name}_{kind}", target=Target("x86_64", features))
-    weights = with_derived(state_dict_np(model), program.weight_names()) | {k: v.detach().numpy().copy() for k, v in micro.state_dict().items()}
+    weights = with_derived(state_dict_np(model), program.weight_names()) | {
+        k: v.detach().numpy().copy() for k, v in micro.state_dict().items()
+    }
     weights |= product_weights | panel_weights
     session = InferenceSession()
     models = session.init_all(compile_with_kernels(session, mod), weights_registry=weights)
@@ -94,7 +96,8 @@ def compiled():
 
 def _panel_products():
     """Graphs `panels_float32` / `_float16` / `_bfloat16`: a product of one position per row with
-    a weight (80, 72) stored in that dtype (values all three hold exactly), which passes.panel_products reads in panels (a last
+    a weight (80, 72) stored in that dtype (values all three hold exactly), which passes.panel_products reads in panels
+    (a last
     panel of 16 columns, a last k block of 8). Returns the program and its bound weights."""
     graphs, stored = [], {}
     rng = np.random.default_rng(15)
@@ -107,7 +110,16 @@ def _panel_products():
                 (ir.Value("x", t("float32", "m", 1, 72)),),
                 (ir.Value(f"w_{dt}", t(dt, 80, 72)), ir.Value("b_panels", t("float32", 80))),
                 (),
-                (ir.Node("step", "aten.linear.default", ("x", f"w_{dt}", "b_panels"), (), t("float32", "m", 1, 80), "step"),),
+                (
+                    ir.Node(
+                        "step",
+                        "aten.linear.default",
+                        ("x", f"w_{dt}", "b_panels"),
+                        (),
+                        t("float32", "m", 1, 80),
+                        "step",
+                    ),
+                ),
                 (("y", "step"),),
                 (ir.SymDim("m", 1, None),),
             )
@@ -177,7 +189,9 @@ def _bf16_products():
         (
             ir.Node("fits", "aten.linear.default", ("x", "w", "b"), (), f32(2, 7, 128), "fits"),
             ir.Node("widened", "aten.linear.default", ("x", "w2", ""), (), f32(2, 7, 48), "widened"),
-            ir.Node("attention", ir.ATTENTION_BF16, ("q", "k", "v"), (("heads", 2), ("scale", 0.125)), qkv, "attention"),
+            ir.Node(
+                "attention", ir.ATTENTION_BF16, ("q", "k", "v"), (("heads", 2), ("scale", 0.125)), qkv, "attention"
+            ),
         ),
         (("y", "fits"), ("y2", "widened"), ("att", "attention")),
     )
@@ -201,7 +215,9 @@ def _bf16_products():
     )
     program = store_weights(ir.Program((g, rows, steps), {}))
     rng = np.random.default_rng(7)
-    w, b, w2, w3, b3 = (rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96), (80, 96), (80,)))
+    w, b, w2, w3, b3 = (
+        rng.standard_normal(s).astype(np.float32) for s in ((128, 96), (128,), (48, 96), (80, 96), (80,))
+    )
     stored = {"w": to_bfloat16(w), "b": b, "w2": to_bfloat16(w2), "w3": to_bfloat16(w3), "b3": b3}
     return program, with_derived(stored, program.weight_names())
 
@@ -272,7 +288,10 @@ def test_bfloat16_rows_are_the_same_in_any_batch(compiled, kind):
     model = models[f"rows_{kind}"]
     x = np.random.default_rng(10).standard_normal((64, 96)).astype(np.float32)
     full = _same_bits_in_any_batch(model, x, seed=11)
-    close(full, _round_bf16(x).astype(np.float64) @ from_bfloat16(compiled[4]["w"]).astype(np.float64).T + compiled[4]["b"])
+    close(
+        full,
+        _round_bf16(x).astype(np.float64) @ from_bfloat16(compiled[4]["w"]).astype(np.float64).T + compiled[4]["b"],
+    )
 
 
 @needs_bf16
@@ -309,7 +328,9 @@ def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
     assert np.array_equal(full, models["panels_float32"].execute(x)[0].to_numpy())
     w = weights["w_float32"].astype(np.float64)
     as_array = lambda a: from_bfloat16(a) if dtype == "bfloat16" else a  # noqa: E731
-    np.testing.assert_array_equal(as_array(weights[f"w_{dtype}/panels"])[1, :, :16], as_array(weights[f"w_{dtype}"])[64:].T)
+    np.testing.assert_array_equal(
+        as_array(weights[f"w_{dtype}/panels"])[1, :, :16], as_array(weights[f"w_{dtype}"])[64:].T
+    )
     close(full, x.astype(np.float64) @ w.T + weights["b_panels"])
 
 
@@ -324,7 +345,11 @@ def test_micro_ops(compiled):
 
 def test_encoder_conv_stem_attention_mlp(compiled):
     model, _, _, models, _ = compiled
-    mel = np.random.default_rng(0).standard_normal((2, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"])).astype(np.float32)
+    mel = (
+        np.random.default_rng(0)
+        .standard_normal((2, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"]))
+        .astype(np.float32)
+    )
     with torch.no_grad():
         ref = model.encoder(torch.from_numpy(mel)).numpy()
     close(models["encoder"].execute(mel)[0].to_numpy(), ref)
@@ -332,7 +357,11 @@ def test_encoder_conv_stem_attention_mlp(compiled):
 
 def test_cross_kv(compiled):
     model, _, _, models, _ = compiled
-    xa = np.random.default_rng(1).standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+    xa = (
+        np.random.default_rng(1)
+        .standard_normal((2, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"]))
+        .astype(np.float32)
+    )
     outs = models["cross_kv"].execute(xa)
     with torch.no_grad():
         for i, b in enumerate(model.decoder.blocks):
@@ -417,7 +446,12 @@ def test_rows_share_one_window_and_reorder_in_place(compiled):
     seqs = np.repeat(seqs, rows, axis=0)
     for _ in range(4):
         new = rng.integers(0, v, (rows, 1)).astype(np.int64)
-        select = {"rules": np.zeros((rows, 9), np.int32), "suppress": np.array([3, 7], np.int32), "sampling": np.zeros((rows, 2), np.float32), "slots": np.zeros(4, np.int32)}
+        select = {
+            "rules": np.zeros((rows, 9), np.int32),
+            "suppress": np.array([3, 7], np.int32),
+            "sampling": np.zeros((rows, 2), np.float32),
+            "slots": np.zeros(4, np.int32),
+        }
         logits, cache, choice = decoder_call(run, steps, new, cache, cross, select)
         assert isinstance(cache, StepCache) and (cache.graph, cache.rows) == ("decoder_rows", rows)
         # the choice made in the same graph call is the select graph's on those logits
@@ -444,7 +478,10 @@ def test_rows_of_many_windows_in_one_call(compiled):
     model, _, program, models, _ = compiled
     rng = np.random.default_rng(11)
     v, cap = TINY_DIMS["n_vocab"], TINY_DIMS["n_text_ctx"]
-    xas = [rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32) for _ in range(3)]
+    xas = [
+        rng.standard_normal((1, TINY_DIMS["n_audio_ctx"], TINY_DIMS["n_audio_state"])).astype(np.float32)
+        for _ in range(3)
+    ]
     runs = [_runner(program, models, xa) for xa in xas]
     run = runs[0][0]
     sig = graph_signature(program.graph("decoder_rows"))
@@ -537,7 +574,12 @@ def compiled_bf16(request):
     for g in program.graphs:
         lower_graph(g, mod, target=Target("x86_64", BF16_TARGETS[request.param]))
     session = InferenceSession()
-    return request.param, model.eval(), program, session.init_all(compile_with_kernels(session, mod), weights_registry=bound)
+    return (
+        request.param,
+        model.eval(),
+        program,
+        session.init_all(compile_with_kernels(session, mod), weights_registry=bound),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -577,7 +619,9 @@ def test_float16_stored_weights_give_the_float32_bits(compiled, compiled_float16
         got = _decode_in_chunks(program, models, tokens, xa, [3, 1, 1, 1], step_graph=step_graph)
         ref = _decode_in_chunks(program32, models32, tokens, xa, [3, 1, 1, 1], step_graph=step_graph)
         for (pos, a), (_, b) in zip(got, ref):
-            assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)), f"position {pos}, step graph {step_graph}"
+            assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)), (
+                f"position {pos}, step graph {step_graph}"
+            )
 
 
 @needs_bf16
@@ -585,7 +629,8 @@ def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
     """Against openai-whisper on the rounded weights: the single-token step graphs read the
     stored bfloat16 weights exactly and sum in float32, so they are held to the float32
     tolerance (the tiny model's width, 16, is not a multiple of 32, so even the AMX kind reads
-    them widened: test_bfloat16_rows_on_amx checks the tile path); the encoder and the general decoder, whose linear layers of many
+    them widened: test_bfloat16_rows_on_amx checks the tile path); the encoder and the general decoder, whose linear
+    layers of many
     rows run in bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the
     bfloat16 package tolerances of golden/tolerances.json. Neither is the float32 model: the
     rounding shows."""
@@ -615,7 +660,16 @@ def test_missing_lowering_names_op_and_module():
         (ir.Value("x", ir.TensorType("float32", (2, 3))),),
         (),
         (),
-        (ir.Node("blocks.0.mlp/frob", "aten.frobnicate.default", ("x",), (), ir.TensorType("float32", (2, 3)), "blocks.0.mlp"),),
+        (
+            ir.Node(
+                "blocks.0.mlp/frob",
+                "aten.frobnicate.default",
+                ("x",),
+                (),
+                ir.TensorType("float32", (2, 3)),
+                "blocks.0.mlp",
+            ),
+        ),
         (("y", "blocks.0.mlp/frob"),),
     )
     with pytest.raises(LoweringError, match=r"no lowering for aten\.frobnicate\.default .*module blocks\.0\.mlp"):
@@ -675,7 +729,13 @@ def test_select_tokens_is_openai_whispers_choice(compiled):
         tokens = np.array([[41, 1, 2] + s[: width - sample_begin] for s in sampled], np.int64)
         want_logits, want_lp = _filtered(logits, tokens, sample_begin, suppress, blank, timestamps, max_initial)
         rules = TokenRules(_Tk(), sample_begin, blank, suppress, timestamps, max_initial)
-        choice = models["select"].execute(logits, rules.rows(tokens), rules.suppress, np.zeros((rows, 2), np.float32), np.zeros(k, np.int32))[0].to_numpy()
+        choice = (
+            models["select"]
+            .execute(
+                logits, rules.rows(tokens), rules.suppress, np.zeros((rows, 2), np.float32), np.zeros(k, np.int32)
+            )[0]
+            .to_numpy()
+        )
         want = np.argsort(-want_logits, axis=-1, kind="stable")[:, :k]
         np.testing.assert_array_equal(choice[:, :, 0].astype(np.int64), want, err_msg=f"case {case}")
         assert (choice[:, 0, 0] == want_logits.argmax(axis=-1)).all()
@@ -684,7 +744,9 @@ def test_select_tokens_is_openai_whispers_choice(compiled):
         np.testing.assert_array_equal(np.isfinite(got_lp), finite)
         np.testing.assert_allclose(got_lp[finite], ref_lp[finite], rtol=0, atol=2e-6)
         if timestamps:
-            forced += int(np.sum(np.isneginf(want_logits[:, :44]).all(axis=1) & ~np.isneginf(logits[:, :44]).all(axis=1)))
+            forced += int(
+                np.sum(np.isneginf(want_logits[:, :44]).all(axis=1) & ~np.isneginf(logits[:, :44]).all(axis=1))
+            )
         exhausted += int((~finite).any())
     assert forced > 30 and exhausted > 10  # the text ban and rows with fewer than k tokens left were exercised
 
@@ -704,7 +766,11 @@ def test_select_tokens_samples_and_reports_nan(compiled):
         tokens = np.array([[41, 1, 2, 44, 7, 9][: 3 + case % 4]] * rows, np.int64)
         u = rng.random(rows).astype(np.float32)
         sampling = np.stack([np.full(rows, temperature, np.float32), u], axis=1)
-        choice = models["select"].execute(logits, rules.rows(tokens), rules.suppress, sampling, np.zeros(2, np.int32))[0].to_numpy()
+        choice = (
+            models["select"]
+            .execute(logits, rules.rows(tokens), rules.suppress, sampling, np.zeros(2, np.int32))[0]
+            .to_numpy()
+        )
         want_logits, want_lp = _filtered(logits, tokens, 3, [41, 43], True, True, 1)
         for r in range(rows):
             y = (want_logits[r] / np.float32(temperature)).astype(np.float32)
@@ -716,5 +782,9 @@ def test_select_tokens_samples_and_reports_nan(compiled):
     logits = rng.standard_normal((2, 50)).astype(np.float32)
     logits[1, 5] = np.nan
     tokens = np.array([[41, 1, 2, 3]] * 2, np.int64)
-    choice = models["select"].execute(logits, rules.rows(tokens), rules.suppress, np.zeros((2, 2), np.float32), np.zeros(3, np.int32))[0].to_numpy()
+    choice = (
+        models["select"]
+        .execute(logits, rules.rows(tokens), rules.suppress, np.zeros((2, 2), np.float32), np.zeros(3, np.int32))[0]
+        .to_numpy()
+    )
     assert np.isfinite(choice[0, :, 1]).all() and np.isnan(choice[1, 0, 1])

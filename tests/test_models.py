@@ -16,7 +16,9 @@ WHISPER_RUN = [sys.executable, "-c", "from whisper_max.runtime.cli import run; r
 
 
 def _whisper_run(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([*WHISPER_RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [*WHISPER_RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def _with_manifest(src: Path, dst: Path, **changes) -> Path:
@@ -39,7 +41,21 @@ def test_a_name_converts_once_for_concurrent_first_uses_then_is_reused(tiny_en, 
     """`whisper-run tiny.en` twice at once on an empty model dir: one converts, the other waits
     for it; both transcribe as the explicit package does; a third run converts nothing."""
     model_dir = tmp_path / "models"
-    runs = [_whisper_run("tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / f"out{i}", "-f", "txt", "--verbose", "False") for i in range(2)]
+    runs = [
+        _whisper_run(
+            "tiny.en",
+            golden.JFK_WAV,
+            "--model_dir",
+            model_dir,
+            "-o",
+            tmp_path / f"out{i}",
+            "-f",
+            "txt",
+            "--verbose",
+            "False",
+        )
+        for i in range(2)
+    ]
     done = [(p.wait(timeout=1800), *p.communicate()) for p in runs]
     for rc, _, err in done:
         assert rc == 0, err
@@ -51,7 +67,9 @@ def test_a_name_converts_once_for_concurrent_first_uses_then_is_reused(tiny_en, 
     pkg = model_dir / "tiny.en.maxpkg"
     assert sorted(p.name for p in model_dir.iterdir()) == ["tiny.en.maxpkg", "tiny.en.maxpkg.lock"]  # no temp left
     made = pkg.stat().st_mtime_ns
-    again = _whisper_run("tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / "out2", "-f", "txt", "--verbose", "False")
+    again = _whisper_run(
+        "tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / "out2", "-f", "txt", "--verbose", "False"
+    )
     rc, _, err = again.wait(timeout=600), *again.communicate()
     assert rc == 0 and "convert" not in err and "rebuild" not in err, err
     assert (tmp_path / "out2" / "jfk.txt").read_text() == jfk_txt
@@ -62,11 +80,16 @@ def test_a_name_converts_once_for_concurrent_first_uses_then_is_reused(tiny_en, 
     "changes, says",
     [
         ({"max_version": "26.6.0"}, "compiled with MAX 26.6.0"),
-        ({"target_cpu": {"arch": "x86_64", "features": [*cpu_target()["features"], "amx_fp16"]}}, "lacking ['amx_fp16']"),
+        (
+            {"target_cpu": {"arch": "x86_64", "features": [*cpu_target()["features"], "amx_fp16"]}},
+            "lacking ['amx_fp16']",
+        ),
     ],
     ids=["max-version", "cpu-features"],
 )
-def test_an_explicit_package_for_another_build_or_cpu_is_refused_with_the_rebuild_hint(tiny_en, tmp_path, capsys, changes, says):
+def test_an_explicit_package_for_another_build_or_cpu_is_refused_with_the_rebuild_hint(
+    tiny_en, tmp_path, capsys, changes, says
+):
     other = _with_manifest(tiny_en.path, tmp_path / "other.maxpkg", **changes)
     assert main([str(other), str(golden.JFK_WAV), "-o", str(tmp_path), "-f", "txt"]) == 1
     err = capsys.readouterr().err
@@ -77,15 +100,22 @@ def test_an_explicit_package_for_another_build_or_cpu_is_refused_with_the_rebuil
 def test_a_cached_package_for_another_cpu_is_rebuilt_in_the_cache(tiny_en, jfk_txt, tmp_path):
     model_dir = tmp_path / "models"
     model_dir.mkdir()
-    stale = _with_manifest(tiny_en.path, model_dir / "tiny.en.maxpkg", target_cpu={"arch": "x86_64", "features": ["avx2", "fma"]})
+    stale = _with_manifest(
+        tiny_en.path, model_dir / "tiny.en.maxpkg", target_cpu={"arch": "x86_64", "features": ["avx2", "fma"]}
+    )
     assert models.stale_reason(stale) is not None
-    run = _whisper_run("tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / "out", "-f", "txt", "--verbose", "False")
+    run = _whisper_run(
+        "tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / "out", "-f", "txt", "--verbose", "False"
+    )
     rc, _, err = run.wait(timeout=1800), *run.communicate()
     assert rc == 0, err
     assert "must be recompiled for this machine" in err and "converting" not in err, err
     assert (tmp_path / "out" / "jfk.txt").read_text() == jfk_txt
     manifest = Package.open(stale).manifest
-    assert manifest["target_cpu"] == cpu_target() and manifest["rebuilt"]["from_target_cpu"]["features"] == ["avx2", "fma"]
+    assert manifest["target_cpu"] == cpu_target() and manifest["rebuilt"]["from_target_cpu"]["features"] == [
+        "avx2",
+        "fma",
+    ]
     assert models.stale_reason(stale) is None
 
 
@@ -109,7 +139,11 @@ def test_the_default_cache_dir_follows_xdg(monkeypatch, tmp_path):
 
 def test_a_name_without_the_converter_installed_says_what_to_install(monkeypatch, tmp_path):
     real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
-    with pytest.raises(PackageError, match=r"needs the converter's dependencies \(torch missing\).*whisper-max\[convert\]"):
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(
+        PackageError, match=r"needs the converter's dependencies \(torch missing\).*whisper-max\[convert\]"
+    ):
         models.resolve("tiny.en", tmp_path / "models")
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny.en.maxpkg.lock"]  # no package

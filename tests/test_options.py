@@ -23,7 +23,20 @@ def test_defaults_are_openai_whispers():
             want = (0.0,)  # openai-whisper's "0", parsed
         assert getattr(ours, name) == want, name
     defaults = whisper.DecodingOptions()
-    for name in ("task", "language", "sample_len", "best_of", "beam_size", "patience", "length_penalty", "prefix", "suppress_tokens", "suppress_blank", "without_timestamps", "max_initial_timestamp"):
+    for name in (
+        "task",
+        "language",
+        "sample_len",
+        "best_of",
+        "beam_size",
+        "patience",
+        "length_penalty",
+        "prefix",
+        "suppress_tokens",
+        "suppress_blank",
+        "without_timestamps",
+        "max_initial_timestamp",
+    ):
         assert getattr(ours.decode, name) == getattr(defaults, name), name
 
 
@@ -42,18 +55,31 @@ def test_flag_values_as_openai_whisper_spells_them():
     assert [flag_bool(v) for v in ("True", "false", "1", "0", "YES", "no")] == [True, False, True, False, True, False]
     with pytest.raises(Exception, match="expected True or False, got 'maybe'"):
         flag_bool("maybe")
-    assert (flag_optional("None", int), flag_optional(None, int), flag_optional("none", float), flag_optional("5", int)) == (None, None, None, 5)
+    assert (
+        flag_optional("None", int),
+        flag_optional(None, int),
+        flag_optional("none", float),
+        flag_optional("5", int),
+    ) == (None, None, None, 5)
 
 
 def test_from_keywords_cli_or_json():
-    o = TranscribeOptions.from_kwargs(temperature=0.0, beam_size=5, best_of=5, language="en", clip_timestamps="1.5,9", suppress_tokens=[1, 2])
+    o = TranscribeOptions.from_kwargs(
+        temperature=0.0, beam_size=5, best_of=5, language="en", clip_timestamps="1.5,9", suppress_tokens=[1, 2]
+    )
     assert o.temperature == (0.0,) and o.clip_timestamps == (1.5, 9.0)
     assert o.decode == DecodingOptions(language="en", beam_size=5, best_of=5, suppress_tokens=(1, 2))
-    assert TranscribeOptions.from_kwargs(temperature=[0, 0.5], clip_timestamps=[0, 3]) == TranscribeOptions(temperature=(0.0, 0.5), clip_timestamps=(0.0, 3.0))
+    assert TranscribeOptions.from_kwargs(temperature=[0, 0.5], clip_timestamps=[0, 3]) == TranscribeOptions(
+        temperature=(0.0, 0.5), clip_timestamps=(0.0, 3.0)
+    )
     assert TranscribeOptions.from_kwargs(clip_timestamps="").clip_timestamps == ()
     # each window: beams only at temperature 0, best-of only above it; the prompt is the window's
-    assert o.window(0.0, [7]) == DecodingOptions(language="en", beam_size=5, suppress_tokens=(1, 2), temperature=0.0, prompt=[7])
-    assert o.window(0.4, []) == DecodingOptions(language="en", best_of=5, suppress_tokens=(1, 2), temperature=0.4, prompt=[])
+    assert o.window(0.0, [7]) == DecodingOptions(
+        language="en", beam_size=5, suppress_tokens=(1, 2), temperature=0.0, prompt=[7]
+    )
+    assert o.window(0.4, []) == DecodingOptions(
+        language="en", best_of=5, suppress_tokens=(1, 2), temperature=0.4, prompt=[]
+    )
 
 
 @pytest.mark.parametrize(

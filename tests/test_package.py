@@ -62,7 +62,9 @@ def test_existing_package_survives_a_failed_rewrite(tmp_path, monkeypatch):
     path = tmp_path / "x.maxpkg"
     package.write_package(path, _manifest(), files)
     before = path.read_bytes()
-    monkeypatch.setattr(zipfile.ZipFile, "writestr", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    monkeypatch.setattr(
+        zipfile.ZipFile, "writestr", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    )
     with pytest.raises(PackageError, match=r"No space left on device\); nothing was written"):
         package.write_package(path, _manifest(), files)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.maxpkg"]
@@ -126,7 +128,12 @@ def test_damaged_weights_are_refused(tmp_path):
     with zipfile.ZipFile(path) as z:
         info = z.getinfo("weights.bin")
     raw = bytearray(path.read_bytes())
-    start = info.header_offset + 30 + len(info.filename.encode()) + int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = (
+        info.header_offset
+        + 30
+        + len(info.filename.encode())
+        + int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    )
     raw[start + 7] ^= 0xFF  # one bit pattern inside a.weight
     path.write_bytes(bytes(raw))
     with pytest.raises(PackageError, match="weights.bin does not match its sha256 in the manifest: damaged"):
@@ -160,14 +167,19 @@ def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
     a[0, :4] = [1.00390625, 1.01171875, -3.0e-5, 65504.0]  # exact ties round to even
     b = package.to_bfloat16(a)
     bits = b.view(DType.uint16).to_numpy()
-    np.testing.assert_array_equal(bits, torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(
+        bits, torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    )
     np.testing.assert_array_equal(package.from_bfloat16(b), torch.from_numpy(a).to(torch.bfloat16).float().numpy())
     with pytest.raises(ValueError, match="inf or nan"):
         package.to_bfloat16(np.array([np.inf], np.float32))
     wj, wb = package.pack_weights({"m.weight": b, "m.bias": a[0]})
     assert json.loads(wj)["m.weight"] == {"dtype": "bfloat16", "shape": [4, 64], "offset": 256, "nbytes": 512}
     m = _manifest()
-    m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, {"name": "m.bias", "dtype": "float32", "shape": [64]}]
+    m["graphs"]["g"]["weights"] = [
+        {"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]},
+        {"name": "m.bias", "dtype": "float32", "shape": [64]},
+    ]
     path = tmp_path / "x.maxpkg"
     package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
     pkg = Package.open(path)
@@ -193,7 +205,11 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
     m = _manifest()
     widened = {"name": "m.weight" + package.WIDENED, "dtype": "float32", "shape": [4, 64]}
     m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, widened]
-    m["graphs"]["h"] = {"inputs": [], "outputs": [], "weights": [widened, {"name": "m.bias", "dtype": "float32", "shape": [64]}]}
+    m["graphs"]["h"] = {
+        "inputs": [],
+        "outputs": [],
+        "weights": [widened, {"name": "m.bias", "dtype": "float32", "shape": [64]}],
+    }
     path = tmp_path / "x.maxpkg"
     package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
     pkg = Package.open(path)
@@ -243,7 +259,11 @@ def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):
         ("absolute", lambda e: e + [("/etc/evil", b"x")], "not a plain relative name"),
         ("backslash", lambda e: e + [("..\\evil", b"x")], "not a plain relative name"),
         ("duplicate", lambda e: e + [e[1]], "appears twice"),
-        ("pickle", lambda e: e + [("model.pkl", b"\x80\x04K\x01.")], "'model.pkl' is in a format that can hold a pickle"),
+        (
+            "pickle",
+            lambda e: e + [("model.pkl", b"\x80\x04K\x01.")],
+            "'model.pkl' is in a format that can hold a pickle",
+        ),
         ("unlisted", lambda e: e + [("extra.bin", b"x")], r"not listed: \['extra.bin'\]"),
         ("missing", lambda e: [x for x in e if x[0] != "notes.txt"], r"missing: \['notes.txt'\]"),
     ],

@@ -32,7 +32,12 @@ def test_hoist_moves_cross_kv_preparation_out_of_the_step():
     moved = {n.name for n in xkv.nodes} - {n.name for n in before.graph("cross_kv").nodes}
     # per layer: K head split, scale, transpose; V head split; nothing that depends on n or past
     assert moved and all(n.scope.endswith(".cross_attn") for n in xkv.nodes if n.name in moved)
-    assert {n.op for n in xkv.nodes if n.name in moved} == {"aten.view.default", "aten.permute.default", "aten.mul.Tensor", "aten.transpose.int"}
+    assert {n.op for n in xkv.nodes if n.name in moved} == {
+        "aten.view.default",
+        "aten.permute.default",
+        "aten.mul.Tensor",
+        "aten.transpose.int",
+    }
     assert all("n" not in str(d) and "past" not in str(d) for n in xkv.nodes for d in n.type.shape)
     # the decoder reads the hoisted values instead of the raw cross K/V; cross_kv keeps its originals
     assert not any(v.name.endswith(("cross_attn.key", "cross_attn.value")) for v in dec.inputs)
@@ -68,7 +73,14 @@ def test_optimise_pipeline():
     assert all(x.type.shape == ("batch", h, "past", d // h) for x in caches)
     assert {"aten.view.default", "aten.permute.default", "aten.mul.Tensor"} <= _whole_cache_ops(d0)
     # left: the concatenation, attention itself and the causal mask slice
-    assert _whole_cache_ops(dec) == {"aten.cat.default", "aten.transpose.int", "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.slice.Tensor"}
+    assert _whole_cache_ops(dec) == {
+        "aten.cat.default",
+        "aten.transpose.int",
+        "aten.matmul.default",
+        "aten.add.Tensor",
+        "aten.softmax.int",
+        "aten.slice.Tensor",
+    }
     # the step graph: the decoder with batch = n = 1, its caches grown in place
     step = after.graph("decoder_step")
     assert [dm.name for dm in step.dims] == ["past", "kv_len", "n_suppress", "k"]
@@ -93,7 +105,11 @@ def test_optimise_pipeline():
     rows = after.graph("decoder_rows")
     assert [dm.name for dm in rows.dims] == ["batch", "pool", "windows", "n_suppress", "k"]
     inputs = dict((x.name, x.type.shape) for x in rows.inputs)
-    assert inputs["tokens"] == ("batch", 1) and inputs["past"] == ("batch",) and set(rows.state_inputs()) == {x.name for x in caches}
+    assert (
+        inputs["tokens"] == ("batch", 1)
+        and inputs["past"] == ("batch",)
+        and set(rows.state_inputs()) == {x.name for x in caches}
+    )
     assert all(inputs[k] == ("pool", h, TINY_DIMS["n_text_ctx"], d // h) for k in rows.state_inputs())
     per_window = {o for o, _ in after.graph("cross_kv").outputs} & set(inputs)
     general = dict((x.name, x.type.shape) for x in dec.inputs)
@@ -105,14 +121,30 @@ def test_optimise_pipeline():
     assert [n.inputs for n in layers] == [n.inputs + (LINEAGE, WINDOW) for n in blocks]
     # the positional embedding: a lookup of each row's position instead of a slice at `past`
     embed = [n for n in rows.nodes if "decoder.positional_embedding" in n.inputs]
-    assert [n.op for n in embed] == ["aten.embedding.default"] and not any(n.op == "aten.slice.Tensor" for n in rows.nodes)
+    assert [n.op for n in embed] == ["aten.embedding.default"] and not any(
+        n.op == "aten.slice.Tensor" for n in rows.nodes
+    )
     with pytest.raises(ValueError, match="already has per-row windows"):
         engine_rows(after)
-    assert [g.name for g in after.graphs] == ["encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"]
+    assert [g.name for g in after.graphs] == [
+        "encoder",
+        "cross_kv",
+        "decoder",
+        "decoder_rows",
+        "decoder_step",
+        "alignment",
+        "select",
+    ]
     select = after.graph("select")  # the next-token choice, after any decoder call
     assert [n.op for n in select.nodes] == [ir.SELECT_TOKENS] and select.outputs == (("choice", "choice"),)
     assert str(select.nodes[0].type) == "float32[batch, k, 2]"
-    assert [str(v.type) for v in select.inputs] == [f"float32[batch, {TINY_DIMS['n_vocab']}]", "int32[batch, 9]", "int32[n_suppress]", "float32[batch, 2]", "int32[k]"]
+    assert [str(v.type) for v in select.inputs] == [
+        f"float32[batch, {TINY_DIMS['n_vocab']}]",
+        "int32[batch, 9]",
+        "int32[n_suppress]",
+        "float32[batch, 2]",
+        "int32[k]",
+    ]
     assert token_selection(after) is after  # added once
     assert ir.format_graph(after.graph("alignment")) == ir.format_graph(before.graph("alignment"))
 
@@ -126,19 +158,47 @@ def test_fuse_decoder_layers_refuses_a_block_it_does_not_know():
     step = p.graph("decoder_step")
 
     def changed(edit) -> ir.Program:
-        g = ir.Graph(step.name, step.inputs, step.weights, step.constants, tuple(edit(n) for n in step.nodes), step.outputs, step.dims)
+        g = ir.Graph(
+            step.name,
+            step.inputs,
+            step.weights,
+            step.constants,
+            tuple(edit(n) for n in step.nodes),
+            step.outputs,
+            step.dims,
+        )
         return ir.Program(tuple(g if x.name == step.name else x for x in p.graphs), p.dims)
 
     # tanh GELU, another scale for the keys, a mask that is not causal: each a different block
-    tanh = changed(lambda n: ir.Node(n.name, n.op, n.inputs, (("approximate", "tanh"),), n.type, n.scope) if n.op == "aten.gelu.default" else n)
+    tanh = changed(
+        lambda n: (
+            ir.Node(n.name, n.op, n.inputs, (("approximate", "tanh"),), n.type, n.scope)
+            if n.op == "aten.gelu.default"
+            else n
+        )
+    )
     with pytest.raises(ValueError, match="products wired differently"):
         fuse_decoder_layers(tanh, "decoder_step")
-    scaled = changed(lambda n: ir.Node(n.name, n.op, n.inputs, (("other", 0.5),), n.type, n.scope) if n.name.endswith("attn/mul.1") else n)
+    scaled = changed(
+        lambda n: (
+            ir.Node(n.name, n.op, n.inputs, (("other", 0.5),), n.type, n.scope) if n.name.endswith("attn/mul.1") else n
+        )
+    )
     with pytest.raises(ValueError, match="attention scales"):
         fuse_decoder_layers(scaled, "decoder_step")
-    open_mask = ir.Graph(step.name, step.inputs, step.weights, tuple(ir.Constant(c.name, np.zeros_like(c.data)) for c in step.constants), step.nodes, step.outputs, step.dims)
+    open_mask = ir.Graph(
+        step.name,
+        step.inputs,
+        step.weights,
+        tuple(ir.Constant(c.name, np.zeros_like(c.data)) for c in step.constants),
+        step.nodes,
+        step.outputs,
+        step.dims,
+    )
     with pytest.raises(ValueError, match="causal mask"):
-        fuse_decoder_layers(ir.Program(tuple(open_mask if x.name == step.name else x for x in p.graphs), p.dims), "decoder_step")
+        fuse_decoder_layers(
+            ir.Program(tuple(open_mask if x.name == step.name else x for x in p.graphs), p.dims), "decoder_step"
+        )
 
 
 def test_share_window_only_under_matrix_products():
@@ -178,7 +238,9 @@ def test_in_place_cache_needs_a_grown_cache_and_one_writer():
     # a second reader of a state input would see it before or after the write: refused
     state, writer = next(iter(step.state_inputs().items()))
     reader = ir.Node("peek", "aten.mul.Tensor", (state,), (("other", 2.0),), step.types()[state], "x")
-    broken = ir.Graph(step.name, step.inputs, step.weights, step.constants, step.nodes + (reader,), step.outputs, step.dims)
+    broken = ir.Graph(
+        step.name, step.inputs, step.weights, step.constants, step.nodes + (reader,), step.outputs, step.dims
+    )
     with pytest.raises(ValueError, match="only the writer may read it"):
         broken.validate()
 
@@ -207,13 +269,17 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
         # only casts are new; every other node keeps its op and shape (a lookup's rows are renamed,
         # its cast takes its name)
         kept = [n for n in g.nodes if n.op != ir.CAST]
-        assert [(n.name.removesuffix("/bfloat16"), n.op, n.type.shape) for n in kept] == [(n.name, n.op, n.type.shape) for n in g0.nodes]
+        assert [(n.name.removesuffix("/bfloat16"), n.op, n.type.shape) for n in kept] == [
+            (n.name, n.op, n.type.shape) for n in g0.nodes
+        ]
         assert {n.name for n in g0.nodes} <= {n.name for n in g.nodes}
         for n in g.nodes:  # the table lookup gathers stored rows, then casts those rows only
             if n.op == "aten.embedding.default":
                 assert n.type.dtype == "bfloat16" and types[n.inputs[0]].dtype == "bfloat16"
             elif n.op == ir.DECODER_LAYER:  # its kernel reads the block's matrices as stored
-                assert all(types[i].dtype == ("bfloat16" if i in matrices else "float32") for i in n.inputs if i in types), n.name
+                assert all(
+                    types[i].dtype == ("bfloat16" if i in matrices else "float32") for i in n.inputs if i in types
+                ), n.name
             elif n.op != ir.CAST:
                 assert all(types[i].dtype == "float32" for i in n.inputs if i in types), n.name
         # a stored matrix is read through a cast only by products of rows of one position each
@@ -225,10 +291,17 @@ def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
         if g.name in ("decoder_step", "decoder_rows"):
             assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
         last = {c.inputs[0] for c in casts if any(m.op == "aten.transpose.int" for m in readers.get(c.name, []))}
-        assert last == ({"decoder.token_embedding.weight"} if g.name in ("decoder", "decoder_step", "decoder_rows") else set()), g.name
+        assert last == (
+            {"decoder.token_embedding.weight"} if g.name in ("decoder", "decoder_step", "decoder_rows") else set()
+        ), g.name
         if g.name in ("encoder", "decoder", "alignment"):
             many_rows = {c.inputs[0] for c in casts if c.inputs[0] in types} - last
-            assert many_rows == {w for w in types if ir.bfloat16_product_fits(types[w].shape) and any(m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)}
+            assert many_rows == {
+                w
+                for w in types
+                if ir.bfloat16_product_fits(types[w].shape)
+                and any(m.op == "aten.linear.default" and m.inputs[1] == f"{w}/float32" for m in g.nodes)
+            }
             assert many_rows and all(types[w].shape[0] % 64 == 0 for w in many_rows)  # the tiny MLP's fc1 (64, 16)
     # one stored dtype per weight; widened weights stand for their bfloat16 source
     assert after.stored_weights() == {n: ("bfloat16" if n in matrices else "float32") for n in before.weight_names()}
@@ -254,7 +327,9 @@ def test_store_weights_float16_keeps_the_step_matrices_that_float16_holds():
     step = after.graph("decoder_rows")
     layers = [n for n in step.nodes if n.op == ir.DECODER_LAYER]
     types = {w.name: w.type.dtype for w in step.weights}
-    assert layers and {i for n in layers for i in n.inputs if types.get(i) == "float16"} == {i for n in layers for i in n.inputs if i in stored}
+    assert layers and {i for n in layers for i in n.inputs if types.get(i) == "float16"} == {
+        i for n in layers for i in n.inputs if i in stored
+    }
     assert not any(widened_source(n) for n in types if n != "decoder.positional_embedding/widened")
     prompt = after.graph("decoder")
     ptypes = {w.name: w.type.dtype for w in prompt.weights}
@@ -262,7 +337,9 @@ def test_store_weights_float16_keeps_the_step_matrices_that_float16_holds():
     for n in linears:  # many rows: the widened copy; one position per row: the stored weight through a cast
         src = n.inputs[1].removesuffix("/widened").removesuffix("/float32")
         if src in stored:
-            assert n.inputs[1] == src + ("/float32" if ir.one_position_per_row(prompt, n.inputs[0]) else "/widened"), n.name
+            assert n.inputs[1] == src + ("/float32" if ir.one_position_per_row(prompt, n.inputs[0]) else "/widened"), (
+                n.name
+            )
     assert any(n.inputs[1].endswith("/widened") for n in linears)
     assert ptypes.get(inexact) == "float32" and all(widened_source(w) in stored for w in ptypes if widened_source(w))
     assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
@@ -279,7 +356,11 @@ def test_panel_products_give_the_step_products_weight_panels():
     bfloat16 weights keep their kernels unless asked (targets without AMX), then panels too."""
     base = optimise(trace_program(tiny_whisper()))
     vocab, d = "decoder.token_embedding.weight", TINY_DIMS["n_text_state"]
-    f16 = store_weights(base, "float16", exact=frozenset(w.name for g in base.graphs for w in g.weights if w.name != "decoder.blocks.1.mlp.0.weight"))
+    f16 = store_weights(
+        base,
+        "float16",
+        exact=frozenset(w.name for g in base.graphs for w in g.weights if w.name != "decoder.blocks.1.mlp.0.weight"),
+    )
     for before in (base, f16):
         after = panel_products(before)
         assert after.stored_weights() == before.stored_weights()
@@ -287,7 +368,9 @@ def test_panel_products_give_the_step_products_weight_panels():
             g = after.graph(name)
             products = [n for n in g.nodes if n.op == ir.LINEAR_PANELS]
             assert [n.inputs[1] for n in products] == [vocab + PANELS]
-            assert not any(n.op in ("aten.matmul.default", "aten.transpose.int", ir.CAST) and vocab in n.inputs[0] for n in g.nodes)
+            assert not any(
+                n.op in ("aten.matmul.default", "aten.transpose.int", ir.CAST) and vocab in n.inputs[0] for n in g.nodes
+            )
             panels = {w.name: w.type for w in g.weights if panels_source(w.name)}
             dtype = before.stored_weights()[vocab]
             assert panels[vocab + PANELS] == ir.TensorType(dtype, (-(-TINY_DIMS["n_vocab"] // 64), d, 64))
@@ -295,7 +378,10 @@ def test_panel_products_give_the_step_products_weight_panels():
             matrices = {n.inputs[i] for n in layers for i in LAYER_MATRICES}
             assert layers and len(matrices) == 8 * len(layers) and matrices | {vocab + PANELS} == set(panels)
             fc1 = f"decoder.blocks.0.mlp.0.weight{PANELS}"
-            assert panels[fc1].shape == (4 * d // 64, d, 64) and panels[fc1].dtype == before.stored_weights()[fc1.removesuffix(PANELS)]
+            assert (
+                panels[fc1].shape == (4 * d // 64, d, 64)
+                and panels[fc1].dtype == before.stored_weights()[fc1.removesuffix(PANELS)]
+            )
             assert products[0].type == next(n for n in before.graph(name).nodes if n.name == products[0].name).type
         assert ir.format_graph(after.graph("encoder")) == ir.format_graph(before.graph("encoder"))
         assert ir.format_program(panel_products(after)) == ir.format_program(after)

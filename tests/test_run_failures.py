@@ -28,11 +28,31 @@ def test_one_bad_file_does_not_stop_the_others(tiny_en, tmp_path, capsys):
     short = shared_audio("ls_1221-135766-0002.wav")
     out = tmp_path / "out"
     files = [golden.JFK_WAV, folder, tmp_path / "missing.wav", empty, short]
-    assert main([str(tiny_en.path), *map(str, files), "-o", str(out), "-f", "txt", "--beam_size", "None", "--verbose", "False"]) == 1
+    assert (
+        main(
+            [
+                str(tiny_en.path),
+                *map(str, files),
+                "-o",
+                str(out),
+                "-f",
+                "txt",
+                "--beam_size",
+                "None",
+                "--verbose",
+                "False",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["jfk.txt", "ls_1221-135766-0002.txt"]
     assert "whisper-run: 3 of 5 files failed, the others were written:" in err
-    for line in (f"{folder}: is a directory", f"{tmp_path / 'missing.wav'}: no such file", f"{empty}: no audio samples"):
+    for line in (
+        f"{folder}: is a directory",
+        f"{tmp_path / 'missing.wav'}: no such file",
+        f"{empty}: no audio samples",
+    ):
         assert err.count(line) == 2, err  # once in its turn, once in the summary
     assert "Traceback" not in err
 
@@ -43,7 +63,11 @@ def test_output_dir_is_checked_before_any_work(tmp_path, capsys):
     # the package does not exist either: the output directory is refused first, before loading
     assert main([str(tmp_path / "none.maxpkg"), str(golden.JFK_WAV), "-o", str(a_file / "sub")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"whisper-run: error: --output_dir {a_file / 'sub'}: cannot write there") and "\n" == err[-1] and err.count("\n") == 1
+    assert (
+        err.startswith(f"whisper-run: error: --output_dir {a_file / 'sub'}: cannot write there")
+        and "\n" == err[-1]
+        and err.count("\n") == 1
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -67,7 +91,9 @@ def test_ctrl_c_stops_at_once_and_leaves_no_partial_output(tiny_en, tmp_path):
         "--batch_size",
         "1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+    )
     for line in proc.stdout:  # segment lines; the long file's first means jfk is written
         if line.startswith("[00:0") and "Printing" not in line and (out / "jfk.json").exists():
             break
@@ -124,8 +150,21 @@ def test_an_hour_of_audio_in_flat_memory(tiny_en, tmp_path):
     sf.write(str(half_minute), speech[: 30 * sr], sr)
     peaks = {}
     for path in (half_minute, hour):
-        args = [str(tiny_en.path), str(path), "-o", str(tmp_path / "out"), "-f", "txt", "--temperature_increment_on_fallback", "None", "--beam_size", "None"]
-        proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        args = [
+            str(tiny_en.path),
+            str(path),
+            "-o",
+            str(tmp_path / "out"),
+            "-f",
+            "txt",
+            "--temperature_increment_on_fallback",
+            "None",
+            "--beam_size",
+            "None",
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[path.name] = float(proc.stdout.split("peak_rss_mb")[-1])
     text = (tmp_path / "out" / "hour.txt").read_text()
@@ -148,10 +187,14 @@ def test_a_full_disk_while_writing_outputs(tiny_en, tmp_path):
     """`ulimit -f 1` (1 KiB files): the small outputs are written, the word-level json is not
     (and no temp file of it is left); one line names it; exit 1."""
     out = tmp_path / "out"
-    cmd = f"ulimit -f 1; exec {sys.executable} -c 'from whisper_max.runtime.cli import run; run()' {tiny_en.path} {golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
+    cmd = (
+        f"ulimit -f 1; exec {sys.executable} -c 'from whisper_max.runtime.cli import run; run()' {tiny_en.path} "
+        f"{golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
+    )
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"whisper-run: error: {out / 'jfk.json'}: cannot write (File too large); stopped here: outputs written before it stay, it and later ones were not written"
+        f"whisper-run: error: {out / 'jfk.json'}: cannot write (File too large); stopped here: outputs written before "
+        "it stay, it and later ones were not written"
     )
     assert sorted(p.name for p in out.iterdir()) == ["jfk.srt", "jfk.tsv", "jfk.txt", "jfk.vtt"]

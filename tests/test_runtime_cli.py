@@ -20,7 +20,18 @@ def test_whisper_run_writes_every_format(tiny_en, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jfk.json", "jfk.srt", "jfk.tsv", "jfk.txt", "jfk.vtt"]
     result = json.loads((tmp_path / "jfk.json").read_text())
     assert set(result) == {"text", "segments", "language"} and result["language"] == "en"
-    assert set(result["segments"][0]) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"}
+    assert set(result["segments"][0]) == {
+        "id",
+        "seek",
+        "start",
+        "end",
+        "text",
+        "tokens",
+        "temperature",
+        "avg_logprob",
+        "compression_ratio",
+        "no_speech_prob",
+    }
 
 
 def test_whisper_run_several_files_in_input_order(tiny_en, tmp_path, capsys):
@@ -28,7 +39,22 @@ def test_whisper_run_several_files_in_input_order(tiny_en, tmp_path, capsys):
     from conftest import shared_audio
 
     short = shared_audio("ls_1221-135766-0002.wav")
-    assert main([str(tiny_en.path), str(golden.JFK_WAV), str(short), "-o", str(tmp_path), "-f", "txt", "--beam_size", "None"]) == 0
+    assert (
+        main(
+            [
+                str(tiny_en.path),
+                str(golden.JFK_WAV),
+                str(short),
+                "-o",
+                str(tmp_path),
+                "-f",
+                "txt",
+                "--beam_size",
+                "None",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     jfk = [i for i, line in enumerate(out) if "country" in line or "fellow Americans" in line]
     other = [i for i, line in enumerate(out) if line.startswith("[") and i not in jfk]
@@ -36,7 +62,23 @@ def test_whisper_run_several_files_in_input_order(tiny_en, tmp_path, capsys):
     for name in ("jfk.txt", "ls_1221-135766-0002.txt"):
         single = tmp_path / "single"
         src = golden.JFK_WAV if name.startswith("jfk") else short
-        assert main([str(tiny_en.path), str(src), "-o", str(single), "-f", "txt", "--beam_size", "None", "--batch_size", "1"]) == 0
+        assert (
+            main(
+                [
+                    str(tiny_en.path),
+                    str(src),
+                    "-o",
+                    str(single),
+                    "-f",
+                    "txt",
+                    "--beam_size",
+                    "None",
+                    "--batch_size",
+                    "1",
+                ]
+            )
+            == 0
+        )
         assert (tmp_path / name).read_text() == (single / name).read_text()
     assert main([str(tiny_en.path), str(short), "--batch_size", "0"]) == 2
 
@@ -78,8 +120,13 @@ def test_one_import_name(tmp_path):
     """Installed, the project is `whisper_max` only: no generic top-level names are claimed."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for name in ("runtime", "converter", "golden", "templates"):
-        proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
         assert proc.returncode != 0 and f"No module named '{name}'" in proc.stderr, (name, proc.stderr)
-    script = "import whisper_max.runtime, whisper_max.golden, whisper_max.templates, whisper_max.converter.lower; print(whisper_max.golden.JFK_WAV)"
+    script = (
+        "import whisper_max.runtime, whisper_max.golden, whisper_max.templates, whisper_max.converter.lower; "
+        "print(whisper_max.golden.JFK_WAV)"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("jfk.wav"), proc.stderr

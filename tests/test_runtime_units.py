@@ -17,20 +17,39 @@ from whisper_max.runtime.tokenizer import Tokenizer
 from whisper_max.runtime.writers import WRITERS, write_result
 
 
-@pytest.mark.parametrize("multilingual, language, task", [(False, None, None), (True, "en", "transcribe"), (True, "de", "translate"), (True, "ja", "transcribe")])
+@pytest.mark.parametrize(
+    "multilingual, language, task",
+    [(False, None, None), (True, "en", "transcribe"), (True, "de", "translate"), (True, "ja", "transcribe")],
+)
 def test_tokenizer_matches_openai_whisper(multilingual, language, task):
     files = tokenizer_assets(multilingual, 99 if not multilingual else 99)
     meta = json.loads(files["assets/tokenizer.json"])
     ours = Tokenizer(files[f"assets/{meta['encoding']}.tiktoken"], meta, language, task)
     ref = wt.get_tokenizer(multilingual, num_languages=99, language=language, task=task)
-    for attr in ["eot", "sot", "transcribe", "translate", "sot_lm", "sot_prev", "no_speech", "no_timestamps", "timestamp_begin", "sot_sequence", "non_speech_tokens"]:
+    for attr in [
+        "eot",
+        "sot",
+        "transcribe",
+        "translate",
+        "sot_lm",
+        "sot_prev",
+        "no_speech",
+        "no_timestamps",
+        "timestamp_begin",
+        "sot_sequence",
+        "non_speech_tokens",
+    ]:
         assert getattr(ours, attr) == getattr(ref, attr), attr
     # openai-whisper's language-token order follows a set's hash order; the pairing is what counts
-    assert dict(zip(ours.all_language_tokens, ours.all_language_codes)) == dict(zip(ref.all_language_tokens, ref.all_language_codes))
+    assert dict(zip(ours.all_language_tokens, ours.all_language_codes)) == dict(
+        zip(ref.all_language_tokens, ref.all_language_codes)
+    )
     text = " And so my fellow Americans, ask not… ♪ ¿Qué? 日本語のテキスト"
     toks = ref.encode(text) + [ref.timestamp_begin + 7, ref.eot]
     assert ours.encode(text) == ref.encode(text)
-    assert ours.decode(toks) == ref.decode(toks) and ours.decode_with_timestamps(toks) == ref.decode_with_timestamps(toks)
+    assert ours.decode(toks) == ref.decode(toks) and ours.decode_with_timestamps(toks) == ref.decode_with_timestamps(
+        toks
+    )
     assert ours.split_to_word_tokens(ref.encode(text)) == ref.split_to_word_tokens(ref.encode(text))
 
 
@@ -73,8 +92,30 @@ def test_writers_match_openai_whisper(tmp_path):
         "text": " Hello --> world. Second\tline.",
         "language": "en",
         "segments": [
-            {"id": 0, "seek": 0, "start": 0.0, "end": 2.5, "text": " Hello --> world.", "tokens": [1, 2], "temperature": 0.0, "avg_logprob": -0.2, "compression_ratio": 1.1, "no_speech_prob": 0.01},
-            {"id": 1, "seek": 0, "start": 3661.04, "end": 3663.999, "text": " Second\tline.", "tokens": [3], "temperature": 0.2, "avg_logprob": -0.4, "compression_ratio": 1.3, "no_speech_prob": 0.02},
+            {
+                "id": 0,
+                "seek": 0,
+                "start": 0.0,
+                "end": 2.5,
+                "text": " Hello --> world.",
+                "tokens": [1, 2],
+                "temperature": 0.0,
+                "avg_logprob": -0.2,
+                "compression_ratio": 1.1,
+                "no_speech_prob": 0.01,
+            },
+            {
+                "id": 1,
+                "seek": 0,
+                "start": 3661.04,
+                "end": 3663.999,
+                "text": " Second\tline.",
+                "tokens": [3],
+                "temperature": 0.2,
+                "avg_logprob": -0.4,
+                "compression_ratio": 1.3,
+                "no_speech_prob": 0.02,
+            },
         ],
     }
     written = write_result(result, "clip.wav", tmp_path / "ours", "all")
@@ -105,7 +146,11 @@ def test_graph_stats_count_calls_and_seconds_and_keep_durations_only_when_asked(
     stats.add("encoder", 0.25)
     stats.add("decoder_rows", 0.002)
     stats.add("decoder_rows", 0.003)
-    assert stats.calls == {"encoder": 1, "decoder_rows": 2} and stats.seconds["decoder_rows"] == 0.005 and stats.durations is None
+    assert (
+        stats.calls == {"encoder": 1, "decoder_rows": 2}
+        and stats.seconds["decoder_rows"] == 0.005
+        and stats.durations is None
+    )
     stats.reset(durations=True)
     stats.add("decoder_rows", 0.004)
     assert stats.calls == {"decoder_rows": 1} and stats.durations == {"decoder_rows": [0.004]}

@@ -70,7 +70,23 @@ def whisper_run_jfk(tiny_en, tmp_path_factory):
     """whisper-run's outputs for jfk.wav with its defaults, and with word timestamps."""
     out = tmp_path_factory.mktemp("whisper-run")
     assert whisper_run([str(tiny_en.path), str(JFK), "-o", str(out / "plain"), "--verbose", "False"]) == 0
-    assert whisper_run([str(tiny_en.path), str(JFK), "-o", str(out / "words"), "-f", "json", "--verbose", "False", "--word_timestamps", "True"]) == 0
+    assert (
+        whisper_run(
+            [
+                str(tiny_en.path),
+                str(JFK),
+                "-o",
+                str(out / "words"),
+                "-f",
+                "json",
+                "--verbose",
+                "False",
+                "--word_timestamps",
+                "True",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -79,7 +95,18 @@ def transcribe(client, path: Path, **kwargs):
         return client.audio.transcriptions.create(file=(path.name, f.read()), model="whisper-1", **kwargs)
 
 
-SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+SEGMENT_KEYS = (
+    "id",
+    "seek",
+    "start",
+    "end",
+    "text",
+    "tokens",
+    "temperature",
+    "avg_logprob",
+    "compression_ratio",
+    "no_speech_prob",
+)
 
 
 def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
@@ -87,10 +114,20 @@ def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
     assert transcribe(served.client, JFK).text == ref["text"]
     assert transcribe(served.client, JFK, response_format="text") == ref["text"]
     for fmt in ("srt", "vtt"):
-        assert transcribe(served.client, JFK, response_format=fmt) == (whisper_run_jfk / "plain" / f"jfk.{fmt}").read_text()
+        assert (
+            transcribe(served.client, JFK, response_format=fmt)
+            == (whisper_run_jfk / "plain" / f"jfk.{fmt}").read_text()
+        )
     verbose = transcribe(served.client, JFK, response_format="verbose_json")
-    assert (verbose.task, verbose.language, verbose.duration, verbose.text) == ("transcribe", "english", 11.0, ref["text"])
-    assert [s.model_dump(include=set(SEGMENT_KEYS)) for s in verbose.segments] == [{k: s[k] for k in SEGMENT_KEYS} for s in ref["segments"]]
+    assert (verbose.task, verbose.language, verbose.duration, verbose.text) == (
+        "transcribe",
+        "english",
+        11.0,
+        ref["text"],
+    )
+    assert [s.model_dump(include=set(SEGMENT_KEYS)) for s in verbose.segments] == [
+        {k: s[k] for k in SEGMENT_KEYS} for s in ref["segments"]
+    ]
     assert verbose.words is None
 
 
@@ -107,7 +144,23 @@ def test_word_and_segment_granularities(served, whisper_run_jfk):
 def test_a_prompt_is_whisper_runs_initial_prompt(served, tiny_en, tmp_path):
     clip = shared_audio("ls_1221-135766-0001.wav")
     prompt = "Sherlock Holmes. Hester Prynne."
-    assert whisper_run([str(tiny_en.path), str(clip), "-o", str(tmp_path), "-f", "json", "--verbose", "False", "--initial_prompt", prompt]) == 0
+    assert (
+        whisper_run(
+            [
+                str(tiny_en.path),
+                str(clip),
+                "-o",
+                str(tmp_path),
+                "-f",
+                "json",
+                "--verbose",
+                "False",
+                "--initial_prompt",
+                prompt,
+            ]
+        )
+        == 0
+    )
     ref = json.loads((tmp_path / f"{clip.stem}.json").read_text())
     got = transcribe(served.client, clip, prompt=prompt, response_format="verbose_json")
     assert got.text == ref["text"] and [s.tokens for s in got.segments] == [s["tokens"] for s in ref["segments"]]
@@ -116,7 +169,10 @@ def test_a_prompt_is_whisper_runs_initial_prompt(served, tiny_en, tmp_path):
 
 
 def test_concurrent_requests_decode_in_the_same_calls(served):
-    clips = [JFK, *(shared_audio(n) for n in ("ls_1089-134686-0001.wav", "ls_1221-135766-0002.wav", "lj_LJ050-0131.wav"))]
+    clips = [
+        JFK,
+        *(shared_audio(n) for n in ("ls_1089-134686-0001.wav", "ls_1221-135766-0002.wav", "lj_LJ050-0131.wav")),
+    ]
     alone = [transcribe(served.client, c).text for c in clips]
     before = served.health()
     with ThreadPoolExecutor(len(clips)) as pool:
@@ -144,7 +200,9 @@ def test_models_health_and_errors_in_openais_shape(served):
 
 
 def bad(served, files, data=None):
-    r = httpx.post(f"{served.url}/v1/audio/transcriptions", files=files, data={"model": "whisper-1"} if data is None else data)
+    r = httpx.post(
+        f"{served.url}/v1/audio/transcriptions", files=files, data={"model": "whisper-1"} if data is None else data
+    )
     return r.status_code, r.json()["error"]["message"]
 
 
@@ -170,7 +228,12 @@ def test_bad_uploads_get_400_and_the_server_keeps_serving(served, tmp_path):
 
 
 def test_limits_api_key_and_queue(model):
-    s = Served(create_app(model, Settings(max_upload_bytes=600_000, max_audio_seconds=11.5, max_active=1, queue_size=1, api_key="k3y")), api_key="k3y")
+    s = Served(
+        create_app(
+            model, Settings(max_upload_bytes=600_000, max_audio_seconds=11.5, max_active=1, queue_size=1, api_key="k3y")
+        ),
+        api_key="k3y",
+    )
     try:
         nokey = openai.OpenAI(base_url=f"{s.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError, match="API key"):
@@ -182,10 +245,17 @@ def test_limits_api_key_and_queue(model):
         assert e.value.status_code == 413
         # the same without a declared length (chunked): measured once parsed, before it is read in
         boundary = "whisper-max-test"
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="long.wav"\r\n\r\n'
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="long.wav"\r\n\r\n'
+        )
         body = head.encode() + _cut(long_clip, 25.0) + f"\r\n--{boundary}--\r\n".encode()
         chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
-        r = httpx.post(f"{s.url}/v1/audio/transcriptions", content=chunks, headers={"content-type": f"multipart/form-data; boundary={boundary}", "authorization": "Bearer k3y"})
+        r = httpx.post(
+            f"{s.url}/v1/audio/transcriptions",
+            content=chunks,
+            headers={"content-type": f"multipart/form-data; boundary={boundary}", "authorization": "Bearer k3y"},
+        )
         assert r.status_code == 413 and "at most 600000" in r.json()["error"]["message"], r.text
         with pytest.raises(openai.BadRequestError, match="longer than this server takes"):
             s.client.audio.transcriptions.create(file=("long.wav", _cut(long_clip, 12.5)), model="whisper-1")
@@ -196,7 +266,9 @@ def test_limits_api_key_and_queue(model):
         answered = [o for o in outcomes if isinstance(o, str)]
         refused = [o for o in outcomes if not isinstance(o, str)]
         assert answered and all(a == alone for a in answered), outcomes
-        assert refused and all(e.status_code == 429 and int(e.response.headers["retry-after"]) >= 1 for e in refused), outcomes
+        assert refused and all(e.status_code == 429 and int(e.response.headers["retry-after"]) >= 1 for e in refused), (
+            outcomes
+        )
         _idle(s)
     finally:
         s.close()
@@ -254,7 +326,21 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
     port = sock.getsockname()[1]
     sock.close()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "whisper_max.runtime.serve", str(tiny_en.path), "--port", str(port), "--log_level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "whisper_max.runtime.serve",
+            str(tiny_en.path),
+            "--port",
+            str(port),
+            "--log_level",
+            "warning",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -285,11 +371,18 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
 @pytest.mark.slow
 def test_translations_and_languages_on_base(base_pkg, tmp_path):
     clip = shared_audio("pv_test_de.wav")
-    assert whisper_run([str(base_pkg), str(clip), "-o", str(tmp_path), "-f", "json", "--verbose", "False", "--task", "translate"]) == 0
+    assert (
+        whisper_run(
+            [str(base_pkg), str(clip), "-o", str(tmp_path), "-f", "json", "--verbose", "False", "--task", "translate"]
+        )
+        == 0
+    )
     ref = json.loads((tmp_path / f"{clip.stem}.json").read_text())
     s = Served(create_app(runtime.load(base_pkg)))
     try:
-        got = s.client.audio.translations.create(file=(clip.name, clip.read_bytes()), model="whisper-1", response_format="verbose_json")
+        got = s.client.audio.translations.create(
+            file=(clip.name, clip.read_bytes()), model="whisper-1", response_format="verbose_json"
+        )
         assert (got.task, got.language, got.text) == ("translate", "german", ref["text"])
         assert [seg.tokens for seg in got.segments] == [seg["tokens"] for seg in ref["segments"]]
         german = transcribe(s.client, clip, language="de", response_format="verbose_json")

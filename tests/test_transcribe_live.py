@@ -41,7 +41,9 @@ def tiny(tiny_en):
 def compare(ours: dict, ref: dict) -> None:
     """Same segments: tokens, start/end, text; and the same language and full text."""
     if any(s["temperature"] > 0 for s in ref["segments"]):
-        pytest.fail("openai-whisper sampled at T > 0 on this clip; sampling draws from torch's RNG, so no identity is defined")
+        pytest.fail(
+            "openai-whisper sampled at T > 0 on this clip; sampling draws from torch's RNG, so no identity is defined"
+        )
     assert ours["language"] == ref["language"]
     assert len(ours["segments"]) == len(ref["segments"])
     for a, b in zip(ours["segments"], ref["segments"]):
@@ -53,7 +55,10 @@ def compare(ours: dict, ref: dict) -> None:
             # the issue's bound: each word within 20 ms (one timestamp step) of openai-whisper's
             assert [w["word"] for w in a["words"]] == [w["word"] for w in b["words"]]
             for wa, wb in zip(a["words"], b["words"]):
-                assert abs(wa["start"] - wb["start"]) <= 0.02 + 1e-9 and abs(wa["end"] - wb["end"]) <= 0.02 + 1e-9, (wa, wb)
+                assert abs(wa["start"] - wb["start"]) <= 0.02 + 1e-9 and abs(wa["end"] - wb["end"]) <= 0.02 + 1e-9, (
+                    wa,
+                    wb,
+                )
                 assert abs(wa["probability"] - wb["probability"]) < 1e-3
     assert ours["text"] == ref["text"]
 
@@ -82,10 +87,16 @@ def test_tiny_en_long_form(tiny, reference_model):
 
 @pytest.mark.slow
 def test_tiny_en_long_form_beam5(tiny, reference_model):
-    compare(*both(tiny, reference_model("tiny.en"), "longform_lj001_0001-0032.wav", beam_size=5, best_of=5, language="en"))
+    compare(
+        *both(tiny, reference_model("tiny.en"), "longform_lj001_0001-0032.wav", beam_size=5, best_of=5, language="en")
+    )
 
 
-@pytest.mark.parametrize("options", [{"temperature": FALLBACK}, {"beam_size": 5, "best_of": 5}, {"temperature": 0.0, "word_timestamps": True}], ids=["greedy", "beam5", "words"])
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": FALLBACK}, {"beam_size": 5, "best_of": 5}, {"temperature": 0.0, "word_timestamps": True}],
+    ids=["greedy", "beam5", "words"],
+)
 def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, options):
     """Several files at once on the engine: the rows of all their windows decode in the same
     calls (continuous batching); each file's result is still openai-whisper's."""
@@ -95,20 +106,26 @@ def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, 
     audios = [load_audio(shared_audio(c)) for c in clips]
     calls = []
     run = tiny._run
-    tiny._run = lambda graph, inputs: calls.append((graph, inputs["tokens"].shape[0] if "tokens" in inputs else None)) or run(graph, inputs)
+    tiny._run = lambda graph, inputs: (
+        calls.append((graph, inputs["tokens"].shape[0] if "tokens" in inputs else None)) or run(graph, inputs)
+    )
     try:
         ours = list(transcribe_many(tiny, audios, batch_size=3, verbose=None, language="en", **options))
     finally:
         tiny._run = run
     assert [i for i, _ in ours] == [0, 1, 2, 3]
     # the three files in flight decode in the same calls, and never a fourth with them
-    assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder_rows") == 3 * options.get("beam_size", 1)
+    assert ("encoder", None) in calls and max(n or 0 for g, n in calls if g == "decoder_rows") == 3 * options.get(
+        "beam_size", 1
+    )
     torch.set_num_threads(2)
     for (_, result), audio in zip(ours, audios):
         compare(result, whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options))
 
 
-@pytest.mark.parametrize("options", [{"temperature": 0.0}, {"temperature": 0.0, "beam_size": 5}], ids=["greedy", "beam5"])
+@pytest.mark.parametrize(
+    "options", [{"temperature": 0.0}, {"temperature": 0.0, "beam_size": 5}], ids=["greedy", "beam5"]
+)
 def test_dev_set_eight_at_a_time(tiny, reference_model, options):
     """The English dev clips all in flight at once (rows of up to eight windows, at different
     positions with different prompts, in each decoder call): every file's tokens are
@@ -119,7 +136,9 @@ def test_dev_set_eight_at_a_time(tiny, reference_model, options):
     engine = tiny.engine
     calls, rows = engine.calls, engine.rows_decoded
     ours = list(transcribe_many(tiny, audios, batch_size=8, verbose=None, language="en", engine=engine, **options))
-    assert (engine.rows_decoded - rows) / (engine.calls - calls) > 2 * options.get("beam_size", 1)  # rows of several windows per call
+    assert (engine.rows_decoded - rows) / (engine.calls - calls) > 2 * options.get(
+        "beam_size", 1
+    )  # rows of several windows per call
     torch.set_num_threads(2)
     for (_, result), audio, clip in zip(ours, audios, ENGLISH):
         ref = whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options)
@@ -142,11 +161,32 @@ def test_base_language_detected(base, reference_model, clip, temperature):
 
 
 def test_options_follow_openai_whisper(tiny, reference_model):
-    options = dict(temperature=0.0, language="en", initial_prompt="Sherlock Holmes.", clip_timestamps="1.5,9", condition_on_previous_text=False)
+    options = dict(
+        temperature=0.0,
+        language="en",
+        initial_prompt="Sherlock Holmes.",
+        clip_timestamps="1.5,9",
+        condition_on_previous_text=False,
+    )
     compare(*both(tiny, reference_model("tiny.en"), "ls_1221-135766-0001.wav", **options))
-    compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", without_timestamps=True, suppress_tokens="", suppress_blank=False))
-    compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", prefix="And so, my fellow"))
-    compare(*both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", sample_len=10, patience=None))
+    compare(
+        *both(
+            tiny,
+            reference_model("tiny.en"),
+            "jfk.wav",
+            temperature=0.0,
+            language="en",
+            without_timestamps=True,
+            suppress_tokens="",
+            suppress_blank=False,
+        )
+    )
+    compare(
+        *both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", prefix="And so, my fellow")
+    )
+    compare(
+        *both(tiny, reference_model("tiny.en"), "jfk.wav", temperature=0.0, language="en", sample_len=10, patience=None)
+    )
 
 
 @pytest.mark.parametrize("clip", ["jfk.wav", "ls_1221-135766-0001.wav"])
@@ -155,7 +195,17 @@ def test_word_timestamps(tiny, reference_model, clip):
 
 
 def test_hallucination_silence_threshold(tiny, reference_model):
-    compare(*both(tiny, reference_model("tiny.en"), "mfa_acoustic_corpus_spontaneous.wav", temperature=0.0, language="en", word_timestamps=True, hallucination_silence_threshold=1.0))
+    compare(
+        *both(
+            tiny,
+            reference_model("tiny.en"),
+            "mfa_acoustic_corpus_spontaneous.wav",
+            temperature=0.0,
+            language="en",
+            word_timestamps=True,
+            hallucination_silence_threshold=1.0,
+        )
+    )
 
 
 def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
@@ -164,7 +214,9 @@ def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
     from whisper_max.runtime.writers import write_result
 
     result = tiny.transcribe(load_audio(shared_audio("jfk.wav")), temperature=0.0, word_timestamps=True)
-    for i, options in enumerate([{"highlight_words": True}, {"max_line_width": 20, "max_line_count": 2}, {"max_words_per_line": 3}]):
+    for i, options in enumerate(
+        [{"highlight_words": True}, {"max_line_width": 20, "max_line_count": 2}, {"max_words_per_line": 3}]
+    ):
         ours, ref = tmp_path / f"ours{i}", tmp_path / f"ref{i}"
         ref.mkdir()
         write_result(result, "jfk.wav", ours, "all", options)

@@ -51,7 +51,11 @@ def _music(seconds: float = 20.0) -> np.ndarray:
 def spaced():
     """(samples, parts): LJ001-0001..0004 with silence of 6 s before, 5 s after the first, 8 s
     after the third and 4 s at the end; parts are (start_s, end_s, reference) in these samples."""
-    entry = next(e for e in json.loads((SHARED_AUDIO / "manifest.json").read_text()) if e["file"] == "longform_lj001_0001-0032.wav")
+    entry = next(
+        e
+        for e in json.loads((SHARED_AUDIO / "manifest.json").read_text())
+        if e["file"] == "longform_lj001_0001-0032.wav"
+    )
     source = load_audio(shared_audio(entry["file"]))
     silence_before = {0: 6.0, 1: 5.0, 3: 8.0}
     pieces, parts, at = [], [], 0.0
@@ -101,13 +105,24 @@ def test_regions_follow_the_probabilities():
     # a window below neg_threshold ends speech at once when no minimum silence is asked
     assert speech_regions(np.zeros(n), plain, p) == [(10 * 512, 20 * 512), (21 * 512, 30 * 512), (40 * 512, 45 * 512)]
     # 100 ms of silence is needed to end speech: the one-window dip (32 ms) is bridged
-    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=0), p) == [(10 * 512, 30 * 512), (40 * 512, 45 * 512)]
+    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=0), p) == [
+        (10 * 512, 30 * 512),
+        (40 * 512, 45 * 512),
+    ]
     # spans of 5 windows (160 ms) or shorter are dropped
-    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=0, min_speech_duration_ms=200), p) == [(10 * 512, 30 * 512)]
+    assert speech_regions(
+        np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=0, min_speech_duration_ms=200), p
+    ) == [(10 * 512, 30 * 512)]
     # pads: 64 ms each side, the gap between the spans (10 windows) is wider than two pads
-    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=64), p) == [(10 * 512 - 1024, 30 * 512 + 1024), (40 * 512 - 1024, 45 * 512 + 1024)]
+    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=64), p) == [
+        (10 * 512 - 1024, 30 * 512 + 1024),
+        (40 * 512 - 1024, 45 * 512 + 1024),
+    ]
     # ... and a gap narrower than two pads is shared half and half
-    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=200), p) == [(10 * 512 - 3200, 35 * 512), (35 * 512, 45 * 512 + 3200)]
+    assert speech_regions(np.zeros(n), VadOptions(min_silence_duration_ms=100, speech_pad_ms=200), p) == [
+        (10 * 512 - 3200, 35 * 512),
+        (35 * 512, 45 * 512 + 3200),
+    ]
     # probabilities between neg_threshold and threshold continue speech but do not start it
     q = np.zeros(100, np.float32)
     q[5:10] = 0.4
@@ -119,7 +134,9 @@ def test_regions_follow_the_probabilities():
 def test_long_speech_is_split_at_max_duration():
     p = np.full(300, 0.9, np.float32)  # 9.6 s of speech, no pause
     p[100:105] = 0.1  # one pause of 160 ms (longer than the 98 ms a split may use)
-    got = speech_regions(np.zeros(300 * 512), VadOptions(max_speech_duration_s=5, min_silence_duration_ms=2000, speech_pad_ms=0), p)
+    got = speech_regions(
+        np.zeros(300 * 512), VadOptions(max_speech_duration_s=5, min_silence_duration_ms=2000, speech_pad_ms=0), p
+    )
     assert got[0] == (0, 100 * 512)  # split at the pause, not at 5 s
     assert all(e - s <= 5 * SR for s, e in got) and got[-1][1] == 300 * 512
 
@@ -150,7 +167,9 @@ def test_speech_maps_back_to_the_original_timeline():
     assert speech.original_time(2.5) == 6.5
     assert speech.original_time(2.0) == 6.0  # a start at a joint is in the later region
     assert speech.original_time(2.0, is_end=True) == 3.0  # an end there, in the earlier one
-    result = {"segments": [{"start": 0.0, "end": 2.0}, {"start": 1.9, "end": 2.2, "words": [{"start": 1.9, "end": 2.2}]}]}
+    result = {
+        "segments": [{"start": 0.0, "end": 2.0}, {"start": 1.9, "end": 2.2, "words": [{"start": 1.9, "end": 2.2}]}]
+    }
     speech.restore(result)
     assert (result["segments"][0]["start"], result["segments"][0]["end"]) == (1.0, 3.0)
     # a word straddling the joint moves with the region its middle is in (the second)
@@ -198,7 +217,9 @@ def test_vad_filter_keeps_the_text_in_the_original_timeline(model, spaced):
     reference = " ".join(r for _, _, r in parts)
     assert _wer(reference, result["text"]) <= _wer(reference, plain["text"]) + 0.05, (result["text"], plain["text"])
     segments = result["segments"]
-    assert segments and all(_inside(s["start"], s["end"], parts, TEXT_SLACK) for s in segments), [(s["start"], s["end"]) for s in segments]
+    assert segments and all(_inside(s["start"], s["end"], parts, TEXT_SLACK) for s in segments), [
+        (s["start"], s["end"]) for s in segments
+    ]
     words = [w for s in segments for w in s["words"]]
     assert all(_inside(w["start"], w["end"], parts, TEXT_SLACK) for w in words)
     assert words[0]["start"] >= parts[0][0] - TEXT_SLACK and words[-1]["end"] <= parts[-1][1] + TEXT_SLACK
@@ -218,10 +239,15 @@ def test_batched_mode(model, spaced, word_timestamps):
     # without timestamp tokens a segment is a chunk, the silences between its regions included:
     # its start and its end are each in speech
     assert starts == sorted(starts), starts
-    assert all(_inside(s["start"], s["start"], parts, TEXT_SLACK) and _inside(s["end"], s["end"], parts, TEXT_SLACK) for s in segments), [(s["start"], s["end"]) for s in segments]
+    assert all(
+        _inside(s["start"], s["start"], parts, TEXT_SLACK) and _inside(s["end"], s["end"], parts, TEXT_SLACK)
+        for s in segments
+    ), [(s["start"], s["end"]) for s in segments]
     if word_timestamps:
         words = [w for s in segments for w in s["words"]]
-        assert len(words) >= 0.9 * len(_words(reference)) and all(_inside(w["start"], w["end"], parts, TEXT_SLACK) for w in words)
+        assert len(words) >= 0.9 * len(_words(reference)) and all(
+            _inside(w["start"], w["end"], parts, TEXT_SLACK) for w in words
+        )
     # each chunk decoded on its own gives what a batch of one gives
     alone = model.transcribe(samples, batched=True, batch_size=1, word_timestamps=word_timestamps)
     assert [s["tokens"] for s in alone["segments"]] == [s["tokens"] for s in segments]
@@ -246,11 +272,45 @@ def test_whisper_run_and_whisper_batch_vad_filter(tiny_en, tmp_path):
     sf.write(silence, np.zeros(20 * SR, np.float32), SR)
     speech = shared_audio("jfk.wav")
     out = tmp_path / "run"
-    assert cli.main([str(tiny_en.path), str(silence), str(speech), "--vad_filter", "True", "-o", str(out), "-f", "txt", "--verbose", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                str(tiny_en.path),
+                str(silence),
+                str(speech),
+                "--vad_filter",
+                "True",
+                "-o",
+                str(out),
+                "-f",
+                "txt",
+                "--verbose",
+                "False",
+            ]
+        )
+        == 0
+    )
     assert (out / "silence.txt").read_text() == ""
     assert "ask not what your country can do for you" in (out / "jfk.txt").read_text()
     out = tmp_path / "batched"
-    assert cli.main([str(tiny_en.path), str(silence), str(speech), "--batched", "True", "-o", str(out), "-f", "json", "--verbose", "False"]) == 0
+    assert (
+        cli.main(
+            [
+                str(tiny_en.path),
+                str(silence),
+                str(speech),
+                "--batched",
+                "True",
+                "-o",
+                str(out),
+                "-f",
+                "json",
+                "--verbose",
+                "False",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "silence.json").read_text())["segments"] == []
     assert "ask not what your country can do for you" in json.loads((out / "jfk.json").read_text())["text"]
     out = tmp_path / "batch"

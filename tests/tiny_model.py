@@ -44,12 +44,27 @@ def _string(s: str) -> bytes:
     return struct.pack("<H", len(b)) + b
 
 
-def write_model_bin(variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6, spec: str = "WhisperSpec") -> bytes:
-    codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3, np.dtype(np.float16): 4}
+def write_model_bin(
+    variables: dict[str, np.ndarray], aliases: dict[str, str], version: int = 6, spec: str = "WhisperSpec"
+) -> bytes:
+    codes = {
+        np.dtype(np.float32): 0,
+        np.dtype(np.int8): 1,
+        np.dtype(np.int16): 2,
+        np.dtype(np.int32): 3,
+        np.dtype(np.float16): 4,
+    }
     out = [struct.pack("<I", version), _string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name, a in variables.items():
         a = np.asarray(a).copy(order="C")  # keeps rank 0 (ascontiguousarray would make it 1-d)
-        out += [_string(name), struct.pack("<B", a.ndim), struct.pack(f"<{a.ndim}I", *a.shape), struct.pack("<B", codes[a.dtype]), struct.pack("<I", a.nbytes), a.tobytes()]
+        out += [
+            _string(name),
+            struct.pack("<B", a.ndim),
+            struct.pack(f"<{a.ndim}I", *a.shape),
+            struct.pack("<B", codes[a.dtype]),
+            struct.pack("<I", a.nbytes),
+            a.tobytes(),
+        ]
     out.append(struct.pack("<I", len(aliases)))
     for k, v in aliases.items():
         out += [_string(k), _string(v)]
@@ -84,7 +99,9 @@ def to_ct2_variables(sd: dict[str, np.ndarray], dims: dict) -> dict[str, np.ndar
     def fused(dst, src, names):
         v[f"{dst}/weight"] = h(np.concatenate([sd[f"{src}.{n}.weight"] for n in names]))
         d = sd[f"{src}.{names[-1]}.bias"].shape[0]
-        v[f"{dst}/bias"] = h(np.concatenate([sd[f"{src}.{n}.bias"] if n != "key" else np.zeros(d, np.float32) for n in names]))
+        v[f"{dst}/bias"] = h(
+            np.concatenate([sd[f"{src}.{n}.bias"] if n != "key" else np.zeros(d, np.float32) for n in names])
+        )
 
     for side, n_layer in (("encoder", dims["n_audio_layer"]), ("decoder", dims["n_text_layer"])):
         for i in range(n_layer):

@@ -47,7 +47,12 @@ def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+}
 
 
 def max_dtype(name: str) -> DType:
@@ -124,19 +129,32 @@ def _conform(out: TensorValue, node: ir.Node, ctx: LoweringContext) -> TensorVal
     """Check the lowered value against the IR type; give symbolic dims the IR's names."""
     want_dtype = max_dtype(node.type.dtype)
     if out.dtype != want_dtype:
-        raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered dtype {out.dtype}, IR says {node.type.dtype}")
+        raise LoweringError(
+            f"{node.name} ({node.op}, module {node.scope}): lowered dtype {out.dtype}, IR says {node.type.dtype}"
+        )
     if len(out.shape) != len(node.type.shape):
-        raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered rank {len(out.shape)}, IR says {node.type}")
+        raise LoweringError(
+            f"{node.name} ({node.op}, module {node.scope}): lowered rank {len(out.shape)}, IR says {node.type}"
+        )
     want = ctx.shape(node.type)
     if [str(d) for d in out.shape] == [str(Dim(d)) for d in want]:
         return out
     for got, exp in zip(out.shape, want):
         if isinstance(exp, int) and str(got).lstrip("-").isdigit() and int(str(got)) != exp:
-            raise LoweringError(f"{node.name} ({node.op}, module {node.scope}): lowered shape {out.shape}, IR says {node.type}")
+            raise LoweringError(
+                f"{node.name} ({node.op}, module {node.scope}): lowered shape {out.shape}, IR says {node.type}"
+            )
     return ops.rebind(out, want, message=f"{node.name}: shape differs from the traced {node.type}")
 
 
-def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[str, ...] = (), device: DeviceRef | None = None, target: Target | None = None) -> Graph:
+def lower_graph(
+    g: ir.Graph,
+    module=None,
+    name: str | None = None,
+    taps: tuple[str, ...] = (),
+    device: DeviceRef | None = None,
+    target: Target | None = None,
+) -> Graph:
     """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own.
     `target` (default: this host) picks among our kernel kinds (lower/target.py)."""
     from . import activation, cache, cast, conv, custom, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
@@ -144,13 +162,18 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
     device = device or DeviceRef.CPU()
     ctx = LoweringContext(g, device, target or Target.host())
     state = g.state_inputs()  # written in place: buffers, not values
-    in_types = [(BufferType if v.name in state else TensorType)(max_dtype(v.type.dtype), ctx.shape(v.type), device) for v in g.inputs]
+    in_types = [
+        (BufferType if v.name in state else TensorType)(max_dtype(v.type.dtype), ctx.shape(v.type), device)
+        for v in g.inputs
+    ]
     stop_after = os.environ.get("WHISPER_MAX_STOP_AFTER")
     verbose = os.environ.get("WHISPER_MAX_LOWER_LOG") == "1"
     kwargs = {"module": module} if module is not None else {}
     with Graph(name or g.name, input_types=in_types, custom_extensions=[custom.kernel_library()], **kwargs) as mg:
         env = ctx.env
-        env.update({v.name: mg.inputs[i].buffer if v.name in state else mg.inputs[i].tensor for i, v in enumerate(g.inputs)})
+        env.update(
+            {v.name: mg.inputs[i].buffer if v.name in state else mg.inputs[i].tensor for i, v in enumerate(g.inputs)}
+        )
         for w in g.weights:
             env[w.name] = mg.add_weight(Weight(w.name, max_dtype(w.type.dtype), ctx.shape(w.type), device))
         for c in g.constants:
@@ -158,7 +181,10 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
         for node in g.nodes:
             fn = _REGISTRY.get(node.op)
             if fn is None:
-                raise LoweringError(f"no lowering for {node.op} (node {node.name}, module {node.scope}, graph {g.name}); add one with @register({node.op!r}) in converter/lower/")
+                raise LoweringError(
+                    f"no lowering for {node.op} (node {node.name}, module {node.scope}, graph {g.name}); add one with "
+                    f"@register({node.op!r}) in converter/lower/"
+                )
             if verbose:
                 log.info("lower %s = %s%s", node.name, node.op, node.inputs)
             args = [env[i] if i else None for i in node.inputs]
@@ -167,7 +193,9 @@ def lower_graph(g: ir.Graph, module=None, name: str | None = None, taps: tuple[s
             except LoweringError:
                 raise
             except Exception as e:  # MAX raises ValueError/TypeError from op builders
-                raise LoweringError(f"lowering {node.op} failed at {node.name} (module {node.scope}, graph {g.name}): {e}") from e
+                raise LoweringError(
+                    f"lowering {node.op} failed at {node.name} (module {node.scope}, graph {g.name}): {e}"
+                ) from e
             env[node.name] = _conform(out, node, ctx)
             if node.name == stop_after:
                 mg.output(env[node.name])

@@ -44,7 +44,9 @@ def kernel_library() -> Path:
 
     sources = sorted(KERNELS.glob("*.mojo"))
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
-    out_dir = Path(os.environ.get("WHISPER_MAX_KERNEL_CACHE", Path(tempfile.gettempdir()) / f"whisper-max-kernels-{os.getuid()}"))
+    out_dir = Path(
+        os.environ.get("WHISPER_MAX_KERNEL_CACHE", Path(tempfile.gettempdir()) / f"whisper-max-kernels-{os.getuid()}")
+    )
     out = out_dir / digest / "whisper_max_kernels.mojoc"  # the file's stem is the module's name
     if out.is_file():
         return out
@@ -54,7 +56,10 @@ def kernel_library() -> Path:
     proc = subprocess_run_mojo(["precompile", str(KERNELS), "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0 or not tmp.is_file():
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise LoweringError(f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); is the mojo-compiler wheel that max installs present?\n{_errors(proc.stderr)}")
+        raise LoweringError(
+            f"compiling whisper-max's Mojo kernels ({KERNELS}) failed (mojo exit {proc.returncode}); is the "
+            f"mojo-compiler wheel that max installs present?\n{_errors(proc.stderr)}"
+        )
     try:
         tmp_dir.rename(out.parent)  # atomic; another process may have won the race
     except OSError:
@@ -105,9 +110,14 @@ def linear_panels(ctx, node, x, panels, bias=None):
     when absent) -> (..., n) float32."""
     n = node.type.shape[-1]
     if not isinstance(n, int) or int(panels.shape[0]) != -(-n // 64) or int(panels.shape[2]) != 64:
-        raise LoweringError(f"{node.name}: weight panels of shape {[int(d) for d in panels.shape]} for {n} outputs; expected ({-(-n // 64) if isinstance(n, int) else '?'}, k, 64)")
+        raise LoweringError(
+            f"{node.name}: weight panels of shape {[int(d) for d in panels.shape]} for {n} outputs; expected "
+            f"({-(-n // 64) if isinstance(n, int) else '?'}, k, 64)"
+        )
     if panels.dtype not in (DType.float32, DType.float16, DType.bfloat16):
-        raise LoweringError(f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32, float16 or bfloat16")
+        raise LoweringError(
+            f"{node.name}: {panels.dtype} weight panels; whisper_max.linear_panels takes float32, float16 or bfloat16"
+        )
     return _product(ctx, ir.LINEAR_PANELS, x, panels, bias, n)
 
 
@@ -132,9 +142,15 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     matrices = [operands[i] for i in (2, 4, 5, 7, 11, 13, 17, 19)]  # wq wk wv wo wcq wco w1 w2
-    amx = all(w.rank == 2 for w in matrices) and _rows_on_amx(ctx, *matrices) and all(int(w.shape[0]) % 32 == 0 for w in matrices)
+    amx = (
+        all(w.rank == 2 for w in matrices)
+        and _rows_on_amx(ctx, *matrices)
+        and all(int(w.shape[0]) % 32 == 0 for w in matrices)
+    )
     parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": amx}
-    y = ops.inplace_custom(ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters)[0].tensor
+    y = ops.inplace_custom(
+        ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters
+    )[0].tensor
     return ops.reshape(y, x.shape)
 
 
@@ -144,18 +160,32 @@ def attention_bf16(ctx, node, q, k, v, heads, scale):
     target has AMX, else whisper_max.attention_bf16 (the same arithmetic on AVX512_BF16)."""
     op = ATTENTION_AMX if ctx.target.bfloat16_kernels() == "amx" else ir.ATTENTION_BF16
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
-    return ops.custom(op, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
+    return ops.custom(
+        op,
+        device=ctx.device,
+        values=[q, k, v],
+        out_types=[out_type],
+        parameters={"heads": int(heads), "scale": float(scale)},
+    )[0].tensor
 
 
 @register(ir.ATTENTION)
 def attention(ctx, node, q, k, v, heads, scale):
     """passes.fuse_encoder_attention's float32 node as the kernel whisper_max.attention."""
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
-    return ops.custom(ir.ATTENTION, device=ctx.device, values=[q, k, v], out_types=[out_type], parameters={"heads": int(heads), "scale": float(scale)})[0].tensor
+    return ops.custom(
+        ir.ATTENTION,
+        device=ctx.device,
+        values=[q, k, v],
+        out_types=[out_type],
+        parameters={"heads": int(heads), "scale": float(scale)},
+    )[0].tensor
 
 
 @register(ir.SELECT_TOKENS)
 def select_tokens(ctx, node, logits, rules, suppress, sampling, slots):
     """The kernel whisper_max.select_tokens; its output's middle dim is the length of `slots`."""
     out_type = TensorType(DType.float32, [logits.shape[0], slots.shape[0], 2], ctx.device)
-    return ops.custom(ir.SELECT_TOKENS, device=ctx.device, values=[logits, rules, suppress, sampling], out_types=[out_type])[0].tensor
+    return ops.custom(
+        ir.SELECT_TOKENS, device=ctx.device, values=[logits, rules, suppress, sampling], out_types=[out_type]
+    )[0].tensor

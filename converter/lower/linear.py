@@ -12,8 +12,10 @@ passes.fuse_decoder_layers.)
 A weight stored in bfloat16 or float16 (passes.store_weights reads it through a cast in such
 products) is read as stored by the same kernel, which widens each element exactly as it loads
 it: half the bytes, float32 arithmetic (a float16 weight of a float32 package is one whose
-values float16 holds exactly, so those sums are the float32 ones bit for bit); where the target has AMX, by whisper_max.linear_rows_amx instead (the
-rows rounded to bfloat16, the weight the tiles' A operand as stored). A linear layer of many rows with a stored weight (the encoder, cross
+values float16 holds exactly, so those sums are the float32 ones bit for bit); where the target has AMX, by
+whisper_max.linear_rows_amx instead (the
+rows rounded to bfloat16, the weight the tiles' A operand as stored). A linear layer of many rows with a stored weight
+(the encoder, cross
 K/V, a prompt) runs as our kernel whisper_max.linear_bf16 (custom.linear_bf16): rows rounded to
 bfloat16, AVX512_BF16 pair products summed in float32, ~2.5x MAX's float32 matmul on an AMD EPYC
 (Zen 4); MAX's own bfloat16 matmul was no faster than its float32 one there. Every other product
@@ -53,7 +55,10 @@ def linear(ctx, node, x, weight, bias):
     if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
         return linear_rows(ctx, x, w, bias)
     if w is not None and w.dtype == DType.float16:
-        raise LoweringError(f"{node.name}: a product of many rows reads the float16 weight {node.inputs[1]!r}; passes.store_weights should have bound its widened copy")
+        raise LoweringError(
+            f"{node.name}: a product of many rows reads the float16 weight {node.inputs[1]!r}; passes.store_weights "
+            "should have bound its widened copy"
+        )
     if w is not None and w.dtype == DType.bfloat16:
         if not ir.bfloat16_product_fits([int(d) for d in w.shape]):
             raise LoweringError(

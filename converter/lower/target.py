@@ -48,4 +48,7 @@ class Target:
             return "amx"
         if "avx512_bf16" in self.features:
             return "bf16"
-        raise ValueError(f"this CPU ({self.arch}, {sorted(self.features)}) has neither AMX-BF16 nor AVX512_BF16 for bfloat16 arithmetic")
+        raise ValueError(
+            f"this CPU ({self.arch}, {sorted(self.features)}) has neither AMX-BF16 nor AVX512_BF16 for bfloat16 "
+            "arithmetic"
+        )

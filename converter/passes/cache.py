@@ -1,4 +1,5 @@
-"""sink_cache_layout (the self-attention cache kept in attention's layout) and in_place_cache (a step graph that grows its caches in place)."""
+"""sink_cache_layout (the self-attention cache kept in attention's layout) and in_place_cache (a
+step graph that grows its caches in place)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,13 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
         if len(c.type.shape) != 3 or len(cat_users) != 1:
             continue
         cat = cat_users[0]
-        if cat.op != "aten.cat.default" or cat.inputs[0] != c.name or len(cat.inputs) != 2 or cat.attr("dim") % 3 != 1 or cat.name not in output_of:
+        if (
+            cat.op != "aten.cat.default"
+            or cat.inputs[0] != c.name
+            or len(cat.inputs) != 2
+            or cat.attr("dim") % 3 != 1
+            or cat.name not in output_of
+        ):
             continue
         new = cat.inputs[1]
         axis, chain, cur_type, cur = 1, [], cat.type, cat.name
@@ -92,7 +99,11 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
                 rebuilt.extend(moved)
                 rebuilt.append(new_cat)
                 continue
-            rebuilt.append(ir.Node(n.name, n.op, tuple(cat.name if i == last.name else i for i in n.inputs), n.attrs, n.type, n.scope))
+            rebuilt.append(
+                ir.Node(
+                    n.name, n.op, tuple(cat.name if i == last.name else i for i in n.inputs), n.attrs, n.type, n.scope
+                )
+            )
         nodes = rebuilt
         users = consumers(ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
         changed += 1
@@ -103,7 +114,9 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
     return replace_graph(p, ir.Graph(g.name, inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
 
 
-def in_place_cache(p: ir.Program, graph: str = Role.DECODER_STEP, position: str = "past", length: str = "kv_len") -> ir.Program:
+def in_place_cache(
+    p: ir.Program, graph: str = Role.DECODER_STEP, position: str = "past", length: str = "kv_len"
+) -> ir.Program:
     """Grow `graph`'s self-attention caches in place instead of by concatenation.
 
     Each cache input `X` (…, past, …) that one `cat(X, new)` extends and that is returned becomes
@@ -133,7 +146,9 @@ def in_place_cache(p: ir.Program, graph: str = Role.DECODER_STEP, position: str 
             if grown not in (None, n.type.shape[axis]):
                 raise ValueError(f"{graph}: caches grow to {grown} and {n.type.shape[axis]}; expected one length")
             grown = n.type.shape[axis]
-            appends[n.name] = ir.Node(n.name, ir.CACHE_APPEND, (n.inputs[0], n.inputs[1], position), (("axis", axis),), n.type, n.scope)
+            appends[n.name] = ir.Node(
+                n.name, ir.CACHE_APPEND, (n.inputs[0], n.inputs[1], position), (("axis", axis),), n.type, n.scope
+            )
     if not appends:
         raise ValueError(f"{graph}: no cache input grown by concatenation along {position!r}")
 
@@ -141,13 +156,18 @@ def in_place_cache(p: ir.Program, graph: str = Role.DECODER_STEP, position: str 
         shape = tuple(capacity if stored and d == position else length if d == grown else d for d in t.shape)
         left = [d for d in shape if position in ir.dim_symbols(d)]
         if left:
-            raise ValueError(f"{graph}: a value of type {t} has a size in {position!r} other than {grown}; cannot cache in place")
+            raise ValueError(
+                f"{graph}: a value of type {t} has a size in {position!r} other than {grown}; cannot cache in place"
+            )
         return ir.TensorType(t.dtype, shape)
 
     state = {a.inputs[0] for a in appends.values()}
     new_inputs = [ir.Value(v.name, retype(v.type, v.name in state)) for v in g.inputs]
     new_inputs.insert(1, ir.Value(position, ir.TensorType("int64", ())))
-    nodes = tuple(ir.Node(m.name, m.op, m.inputs, m.attrs, retype(m.type), m.scope) for m in (appends.get(n.name, n) for n in g.nodes))
+    nodes = tuple(
+        ir.Node(m.name, m.op, m.inputs, m.attrs, retype(m.type), m.scope)
+        for m in (appends.get(n.name, n) for n in g.nodes)
+    )
     outputs = tuple((o, v) for o, v in g.outputs if v not in appends)
     dims = tuple(g.dims) + (ir.SymDim(length, 1, capacity),)
     out = ir.Graph(g.name, tuple(new_inputs), g.weights, g.constants, nodes, outputs, dims)

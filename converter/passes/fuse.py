@@ -15,12 +15,26 @@ log = logging.getLogger(__name__)
 
 # The ops of one traced residual attention block of the text decoder in a graph of one position
 # per row, after in_place_cache, in trace order: fuse_decoder_layers replaces exactly these.
-_LN, _LIN, _VIEW, _PERM, _MUL = "aten.layer_norm.default", "aten.linear.default", "aten.view.default", "aten.permute.default", "aten.mul.Tensor"
-_MM, _ADD, _SM, _FLAT, _SLICE = "aten.matmul.default", "aten.add.Tensor", "aten.softmax.int", "aten.flatten.using_ints", "aten.slice.Tensor"
+_LN, _LIN, _VIEW, _PERM, _MUL = (
+    "aten.layer_norm.default",
+    "aten.linear.default",
+    "aten.view.default",
+    "aten.permute.default",
+    "aten.mul.Tensor",
+)
+_MM, _ADD, _SM, _FLAT, _SLICE = (
+    "aten.matmul.default",
+    "aten.add.Tensor",
+    "aten.softmax.int",
+    "aten.flatten.using_ints",
+    "aten.slice.Tensor",
+)
 # fmt: off
 _BLOCK_OPS = (
-    _LN, _LIN, _LIN, _VIEW, _PERM, _MUL, ir.CACHE_APPEND, _LIN, _VIEW, _PERM, ir.CACHE_APPEND,  # ln, q, k, v; cache writes
-    _VIEW, _PERM, _MUL, "aten.transpose.int", _MM, _SLICE, _SLICE, _ADD, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # self-attention
+    # ln, q, k, v; cache writes
+    _LN, _LIN, _LIN, _VIEW, _PERM, _MUL, ir.CACHE_APPEND, _LIN, _VIEW, _PERM, ir.CACHE_APPEND,
+    # self-attention
+    _VIEW, _PERM, _MUL, "aten.transpose.int", _MM, _SLICE, _SLICE, _ADD, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,
     _LN, _LIN, _VIEW, _PERM, _MUL, _MM, _SM, _MM, _PERM, _FLAT, _LIN, _ADD,  # cross-attention
     _LN, _LIN, "aten.gelu.default", _LIN, _ADD,  # MLP
 )
@@ -64,7 +78,10 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
             break
         where = f"{graph}: {prefix}"
         if tuple(n.op for n in region) != _BLOCK_OPS:
-            raise ValueError(f"{where} is not the residual attention block fuse_decoder_layers knows: ops {[n.op.split('.', 1)[-1] for n in region]}")
+            raise ValueError(
+                f"{where} is not the residual attention block fuse_decoder_layers knows: ops "
+                f"{[n.op.split('.', 1)[-1] for n in region]}"
+            )
         by = {n.name: n for n in region}
 
         def node(local: str) -> ir.Node:
@@ -85,7 +102,11 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
         kcat, vcat = node(".attn.key/cat"), node(".attn.value/cat")
         x = ln1.inputs[0]
         expect(
-            add0.inputs[:2] == (x, o.name) and ln2.inputs[0] == add0.name and add1.inputs[:2] == (add0.name, co.name) and ln3.inputs[0] == add1.name and add2.inputs[:2] == (add1.name, fc2.name),
+            add0.inputs[:2] == (x, o.name)
+            and ln2.inputs[0] == add0.name
+            and add1.inputs[:2] == (add0.name, co.name)
+            and ln3.inputs[0] == add1.name
+            and add2.inputs[:2] == (add1.name, fc2.name),
             "residual wiring differs",
         )
         expect(all(a.attr("alpha") == 1 for a in (add0, add1, add2)), "a residual add has alpha != 1")
@@ -98,13 +119,18 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
             and gelu.attr("approximate") == "none",
             "products wired differently",
         )
-        expect(all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2], "biases differ (key has none, the rest have one)")
+        expect(
+            all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2],
+            "biases differ (key has none, the rest have one)",
+        )
         expect(all(ln.inputs[1] and ln.inputs[2] for ln in (ln1, ln2, ln3)), "a layer norm lacks weight or bias")
         eps = {ln.attr("eps") for ln in (ln1, ln2, ln3)}
         scales = {node(m).attr("other") for m in (".attn/mul", ".attn/mul.1", ".cross_attn/mul")}
         expect(len(eps) == 1 and len(scales) == 1, f"layer norms' eps {eps} or attention scales {scales} differ")
         expect(
-            node(".attn/mul").inputs[0] == node(".attn/permute").name and node(".attn/permute").inputs[0] == node(".attn/view").name and node(".attn/view").inputs[0] == q.name,
+            node(".attn/mul").inputs[0] == node(".attn/permute").name
+            and node(".attn/permute").inputs[0] == node(".attn/view").name
+            and node(".attn/view").inputs[0] == q.name,
             "q is not scaled after its product",
         )
         expect(
@@ -115,11 +141,16 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
             "the key cache does not store the scaled key",
         )
         expect(
-            vcat.inputs[1] == node(".attn/permute.2").name and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name and node(".attn/view.2").inputs[0] == v.name,
+            vcat.inputs[1] == node(".attn/permute.2").name
+            and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name
+            and node(".attn/view.2").inputs[0] == v.name,
             "the value cache does not store the value",
         )
         position = kcat.inputs[2]
-        expect(vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs, "the caches are written elsewhere")
+        expect(
+            vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs,
+            "the caches are written elsewhere",
+        )
         expect(
             node(".attn/transpose").inputs[0] == kcat.name
             and node(".attn/matmul").inputs == (node(".attn/mul").name, node(".attn/transpose").name)
@@ -149,7 +180,10 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
             "cross-attention reads other values",
         )
         outside = {i for n in nodes if n.name not in by for i in n.inputs} | {val for _, val in g.outputs}
-        expect(outside & set(by) == {add2.name}, f"values inside the block are read outside it: {sorted(outside & set(by) - {add2.name})}")
+        expect(
+            outside & set(by) == {add2.name},
+            f"values inside the block are read outside it: {sorted(outside & set(by) - {add2.name})}",
+        )
         heads = node(".attn/view").type.shape[2]
         operands = (
             x,
@@ -180,7 +214,14 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
             ckt,
             cv,
         )
-        layer = ir.Node(add2.name, ir.DECODER_LAYER, operands, (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())), add2.type, prefix)
+        layer = ir.Node(
+            add2.name,
+            ir.DECODER_LAYER,
+            operands,
+            (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())),
+            add2.type,
+            prefix,
+        )
         at = nodes.index(region[0])
         nodes = [n for n in nodes if n.name not in by]
         nodes.insert(at, layer)
@@ -188,12 +229,22 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
     if not fused:
         raise ValueError(f"{graph}: no decoder blocks to fuse")
     read = {i for n in nodes for i in n.inputs}
-    out = ir.Graph(g.name, g.inputs, tuple(w for w in g.weights if w.name in read), tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims)
+    out = ir.Graph(
+        g.name,
+        g.inputs,
+        tuple(w for w in g.weights if w.name in read),
+        tuple(c for c in g.constants if c.name in read),
+        tuple(nodes),
+        g.outputs,
+        g.dims,
+    )
     log.info("%s: %d decoder blocks fused into decoder_layer kernels", graph, fused)
     return replace_graph(p, out)
 
 
-def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: int = 64, op: str = ir.ATTENTION_BF16, require: bool = True) -> ir.Program:
+def fuse_encoder_attention(
+    p: ir.Program, graph: str = Role.ENCODER, head_dim: int = 64, op: str = ir.ATTENTION_BF16, require: bool = True
+) -> ir.Program:
     """Replace the attention of each block of `graph` (the encoder: no mask) by one
     `op(q, k, v)` node, which lowering runs as our kernel: `attention_bf16` for bfloat16
     packages (the kernel rounds q, k, v and the softmax's numerators to bfloat16), `attention`
@@ -240,7 +291,13 @@ def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: i
             continue
         qk = only(sm.inputs[0], "aten.matmul.default")
         pv = users.get(sm.name, [])
-        if qk is None or len(pv) != 1 or pv[0].op != "aten.matmul.default" or pv[0].inputs[0] != sm.name or sm.name in outputs:
+        if (
+            qk is None
+            or len(pv) != 1
+            or pv[0].op != "aten.matmul.default"
+            or pv[0].inputs[0] != sm.name
+            or sm.name in outputs
+        ):
             continue
         pv = pv[0]
         mq = only(qk.inputs[0], "aten.mul.Tensor")
@@ -253,7 +310,11 @@ def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: i
             continue
         q, k, v = head_view(mq.inputs[0]), head_view(mk.inputs[0]), head_view(pv.inputs[1])
         after = users.get(pv.name, [])
-        back = only(after[0].name, "aten.permute.default", dims=(0, 2, 1, 3)) if len(after) == 1 and pv.name not in outputs else None
+        back = (
+            only(after[0].name, "aten.permute.default", dims=(0, 2, 1, 3))
+            if len(after) == 1 and pv.name not in outputs
+            else None
+        )
         flat = users.get(back.name, []) if back is not None else []
         if q is None or k is None or v is None or len(flat) != 1:
             continue
@@ -264,10 +325,29 @@ def fuse_encoder_attention(p: ir.Program, graph: str = Role.ENCODER, head_dim: i
         sources = (q[0].inputs[0], k[0].inputs[0], v[0].inputs[0])
         if not isinstance(heads, int) or any(types[x] != flat.type for x in sources):
             continue
-        replace[flat.name] = ir.Node(flat.name, op, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope)
-        drop |= {q[0].name, q[1].name, k[0].name, k[1].name, v[0].name, v[1].name, mq.name, mk.name, tr.name, qk.name, sm.name, pv.name, back.name}
+        replace[flat.name] = ir.Node(
+            flat.name, op, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope
+        )
+        drop |= {
+            q[0].name,
+            q[1].name,
+            k[0].name,
+            k[1].name,
+            v[0].name,
+            v[1].name,
+            mq.name,
+            mk.name,
+            tr.name,
+            qk.name,
+            sm.name,
+            pv.name,
+            back.name,
+        }
     if not replace:
-        why = f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, matmul, softmax, matmul, permute, flatten; heads of {head_dim})"
+        why = (
+            f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, "
+            f"matmul, softmax, matmul, permute, flatten; heads of {head_dim})"
+        )
         if require:
             raise ValueError(why)
         log.info("%s; MAX's ops compute it", why)

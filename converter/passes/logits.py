@@ -38,15 +38,34 @@ def last_position_logits(p: ir.Program, graph: str = Role.DECODER) -> ir.Program
             and (src.attr("end") is None or (isinstance(src.attr("end"), int) and src.attr("end") >= ir.OPEN_END))
         ):
             src = producer.get(src.inputs[0])
-        if src is None or src.op != "aten.matmul.default" or len(src.type.shape) != 3 or len(users.get(src.name, [])) != 1:
+        if (
+            src is None
+            or src.op != "aten.matmul.default"
+            or len(src.type.shape) != 3
+            or len(users.get(src.name, [])) != 1
+        ):
             continue
         x_name, w_name = src.inputs
         w_type = types[w_name]
         if len(w_type.shape) != 2:
             continue
         x_type = types[x_name]
-        row = ir.Node(f"{src.name}/row", "aten.select.int", (x_name,), (("dim", 1), ("index", -1)), ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])), src.scope)
-        mm = ir.Node(f"{src.name}/last", "aten.matmul.default", (row.name, w_name), (), ir.TensorType(src.type.dtype, (x_type.shape[0], w_type.shape[1])), src.scope)
+        row = ir.Node(
+            f"{src.name}/row",
+            "aten.select.int",
+            (x_name,),
+            (("dim", 1), ("index", -1)),
+            ir.TensorType(x_type.dtype, (x_type.shape[0], x_type.shape[2])),
+            src.scope,
+        )
+        mm = ir.Node(
+            f"{src.name}/last",
+            "aten.matmul.default",
+            (row.name, w_name),
+            (),
+            ir.TensorType(src.type.dtype, (x_type.shape[0], w_type.shape[1])),
+            src.scope,
+        )
         nodes.insert(nodes.index(src), row)
         nodes.insert(nodes.index(src), mm)
         renamed[sel.name] = mm.name

@@ -1,4 +1,5 @@
-"""Helpers every pass uses to rewrite a graph: who reads a value, dead nodes, a graph replaced in its program, a dim renamed."""
+"""Helpers every pass uses to rewrite a graph: who reads a value, dead nodes, a graph replaced in
+its program, a dim renamed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""share_window, row_lineage, engine_rows: the decoder_rows graph the engine calls, rows of many windows and lineages in one call."""
+"""share_window, row_lineage, engine_rows: the decoder_rows graph the engine calls, rows of many
+windows and lineages in one call."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def share_window(p: ir.Program, graph: str, source: str = Role.CROSS_KV) -> ir.P
         raise ValueError(f"{graph}: no inputs computed by {source}")
     for n in g.nodes:
         if set(n.inputs) & shared and n.op not in ("aten.matmul.default", "aten.bmm.default"):
-            raise ValueError(f"{graph}: {n.name} ({n.op}) reads a per-window value; only matrix products can share one across rows")
+            raise ValueError(
+                f"{graph}: {n.name} ({n.op}) reads a per-window value; only matrix products can share one across rows"
+            )
     inputs = []
     for v in g.inputs:
         if v.name in shared:
@@ -57,7 +60,10 @@ def row_lineage(p: ir.Program, graph: str) -> ir.Program:
     if len(caps) != 1 or len(rows) != 1:
         raise ValueError(f"{graph}: caches of capacities {caps} and rows {rows}; expected one of each")
     lineage = ir.Value(LINEAGE, ir.TensorType("int32", (rows.pop(), caps.pop())))
-    nodes = tuple(ir.Node(n.name, n.op, n.inputs + (LINEAGE,), n.attrs, n.type, n.scope) if n.op == ir.DECODER_LAYER else n for n in g.nodes)
+    nodes = tuple(
+        ir.Node(n.name, n.op, n.inputs + (LINEAGE,), n.attrs, n.type, n.scope) if n.op == ir.DECODER_LAYER else n
+        for n in g.nodes
+    )
     out = ir.Graph(g.name, g.inputs + (lineage,), g.weights, g.constants, nodes, g.outputs, g.dims)
     out.validate()
     return replace_graph(p, out)
@@ -82,7 +88,9 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
         raise ValueError(f"{graph}: already has per-row windows or slots")
     layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
     if not layers or any(len(n.inputs) != 28 or n.inputs[-1] != LINEAGE for n in layers):
-        raise ValueError(f"{graph}: expected decoder_layer nodes with a lineage (run fuse_decoder_layers and row_lineage first)")
+        raise ValueError(
+            f"{graph}: expected decoder_layer nodes with a lineage (run fuse_decoder_layers and row_lineage first)"
+        )
     if inputs.get(position) is None or inputs[position].type.shape != ():
         raise ValueError(f"{graph}: no scalar input {position!r} (the position every row writes at)")
     caches = {n.inputs[i] for n in layers for i in (1, 2)}
@@ -91,11 +99,19 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
         raise ValueError(f"{graph}: cross keys/values not shared by all rows (leading dim 1; run share_window first)")
     rows = g.types()[layers[0].inputs[0]].shape[0]
     embed = [n for n in g.nodes if n.op == "aten.slice.Tensor" and n.inputs[0] == "decoder.positional_embedding"]
-    if len(embed) != 1 or embed[0].attr("start") != position or embed[0].attr("end") != f"{position} + 1" or embed[0].attr("dim") != 0:
+    if (
+        len(embed) != 1
+        or embed[0].attr("start") != position
+        or embed[0].attr("end") != f"{position} + 1"
+        or embed[0].attr("dim") != 0
+    ):
         raise ValueError(f"{graph}: the positional embedding is not one slice at {position!r}")
     users = [n for n in g.nodes if position in n.inputs or position in ir.dim_symbols(str(n.attrs))]
     if {n.name for n in users} != {n.name for n in layers} | {embed[0].name}:
-        raise ValueError(f"{graph}: {position!r} is read by {[n.name for n in users if n.op != ir.DECODER_LAYER]} as well; only the layers and the positional embedding may")
+        raise ValueError(
+            f"{graph}: {position!r} is read by {[n.name for n in users if n.op != ir.DECODER_LAYER]} as well; only "
+            "the layers and the positional embedding may"
+        )
 
     def retype(v: ir.Value) -> ir.Value:
         if v.name == position:
@@ -108,7 +124,14 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
 
     e = embed[0]
     d = e.type.shape[-1]
-    at = ir.Node(f"{e.name}/rows", "aten.view.default", (position,), (("size", [-1, 1]),), ir.TensorType("int64", (rows, 1)), e.scope)
+    at = ir.Node(
+        f"{e.name}/rows",
+        "aten.view.default",
+        (position,),
+        (("size", [-1, 1]),),
+        ir.TensorType("int64", (rows, 1)),
+        e.scope,
+    )
     looked_up = ir.Node(
         e.name,
         "aten.embedding.default",
@@ -126,8 +149,13 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
         else:
             nodes.append(n)
     new_inputs = tuple(retype(v) for v in g.inputs) + (ir.Value(WINDOW, ir.TensorType("int32", (rows,))),)
-    used = {s for v in new_inputs for dim in v.type.shape for s in ir.dim_symbols(dim)} | {s for n in nodes for dim in n.type.shape for s in ir.dim_symbols(dim)}
-    dims = tuple(dim for dim in g.dims if dim.name in used) + (ir.SymDim("pool", 1, None), ir.SymDim("windows", 1, None))
+    used = {s for v in new_inputs for dim in v.type.shape for s in ir.dim_symbols(dim)} | {
+        s for n in nodes for dim in n.type.shape for s in ir.dim_symbols(dim)
+    }
+    dims = tuple(dim for dim in g.dims if dim.name in used) + (
+        ir.SymDim("pool", 1, None),
+        ir.SymDim("windows", 1, None),
+    )
     out = ir.Graph(g.name, new_inputs, g.weights, g.constants, tuple(nodes), g.outputs, dims)
     out.validate()
     log.info("%s: per-row positions, %d cache slots and windows by index", graph, len(caches))

@@ -37,14 +37,44 @@ def token_selection(p: ir.Program, steps: tuple[str, ...] = STEP_GRAPHS) -> ir.P
         logits = dict(g.outputs)[LOGITS]
         rows = g.types()[logits].shape[0]
         extra = _selection_inputs(rows)
-        node = ir.Node(CHOICE, ir.SELECT_TOKENS, (logits, *(v.name for v in extra)), (), ir.TensorType("float32", (rows, "k", 2)), Role.SELECT)
-        out = ir.Graph(g.name, g.inputs + extra, g.weights, g.constants, g.nodes + (node,), g.outputs + ((CHOICE, CHOICE),), g.dims + _selection_dims(n_vocab))
+        node = ir.Node(
+            CHOICE,
+            ir.SELECT_TOKENS,
+            (logits, *(v.name for v in extra)),
+            (),
+            ir.TensorType("float32", (rows, "k", 2)),
+            Role.SELECT,
+        )
+        out = ir.Graph(
+            g.name,
+            g.inputs + extra,
+            g.weights,
+            g.constants,
+            g.nodes + (node,),
+            g.outputs + ((CHOICE, CHOICE),),
+            g.dims + _selection_dims(n_vocab),
+        )
         out.validate()
         graphs[i] = out
     if not any(g.name == Role.SELECT for g in graphs):
         inputs = (ir.Value(LOGITS, ir.TensorType("float32", ("batch", n_vocab))),) + _selection_inputs("batch")
-        node = ir.Node(CHOICE, ir.SELECT_TOKENS, tuple(v.name for v in inputs), (), ir.TensorType("float32", ("batch", "k", 2)), Role.SELECT)
-        g = ir.Graph(Role.SELECT, inputs, (), (), (node,), ((CHOICE, CHOICE),), (ir.SymDim("batch", 1, None),) + _selection_dims(n_vocab))
+        node = ir.Node(
+            CHOICE,
+            ir.SELECT_TOKENS,
+            tuple(v.name for v in inputs),
+            (),
+            ir.TensorType("float32", ("batch", "k", 2)),
+            Role.SELECT,
+        )
+        g = ir.Graph(
+            Role.SELECT,
+            inputs,
+            (),
+            (),
+            (node,),
+            ((CHOICE, CHOICE),),
+            (ir.SymDim("batch", 1, None),) + _selection_dims(n_vocab),
+        )
         g.validate()
         graphs.append(g)
     return ir.Program(tuple(graphs), p.dims) if graphs != list(p.graphs) else p

@@ -41,7 +41,17 @@ def specialise(p: ir.Program, graph: str, values: dict[str, int], name: str) -> 
         tuple(ir.Value(v.name, sub(v.type)) for v in g.inputs),
         g.weights,
         g.constants,
-        tuple(ir.Node(n.name, n.op, n.inputs, tuple((k, _dim_subst(v, values, names)) for k, v in n.attrs), sub(n.type), n.scope) for n in g.nodes),
+        tuple(
+            ir.Node(
+                n.name,
+                n.op,
+                n.inputs,
+                tuple((k, _dim_subst(v, values, names)) for k, v in n.attrs),
+                sub(n.type),
+                n.scope,
+            )
+            for n in g.nodes
+        ),
         g.outputs,
         tuple(d for d in g.dims if d.name not in values),
     )

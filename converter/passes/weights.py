@@ -1,4 +1,5 @@
-"""store_weights (matrices stored in bfloat16 or exact float16) and panel_products (products of one position per row read weight panels)."""
+"""store_weights (matrices stored in bfloat16 or exact float16) and panel_products (products of one
+position per row read weight panels)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ log = logging.getLogger(__name__)
 STORED_DTYPES = ("bfloat16", "float16")
 
 
-def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exact: frozenset[str] | None = None) -> ir.Program:
+def store_weights(
+    p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exact: frozenset[str] | None = None
+) -> ir.Program:
     """Store the float32 weight matrices (rank >= `min_rank`: linear and conv weights, the
     embedding tables) as `dtype`, and keep computing in float32.
 
@@ -41,19 +44,30 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
     if dtype not in STORED_DTYPES:
         raise ValueError(f"store_weights: dtype {dtype!r}; packages store weights as {' or '.join(STORED_DTYPES)}")
     if (dtype == "float16") != (exact is not None):
-        raise ValueError("store_weights: float16 storage takes `exact`, the weights a float16 holds exactly; bfloat16 takes none")
+        raise ValueError(
+            "store_weights: float16 storage takes `exact`, the weights a float16 holds exactly; bfloat16 takes none"
+        )
     step_only = dtype == "float16"  # only step reads read the stored weight; the rest are widened
 
     def reads_stored(g: ir.Graph, users: dict, shapes: dict, n: ir.Node, w: str) -> bool:
         if n.op == "aten.linear.default":
-            return n.inputs[1] == w and (ir.one_position_per_row(g, n.inputs[0]) or (not step_only and ir.bfloat16_product_fits(shapes[w])))
+            return n.inputs[1] == w and (
+                ir.one_position_per_row(g, n.inputs[0]) or (not step_only and ir.bfloat16_product_fits(shapes[w]))
+            )
         if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
             after = users.get(n.name, [])
-            return bool(after) and all(m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0]) for m in after)
+            return bool(after) and all(
+                m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0])
+                for m in after
+            )
         return False
 
     def matrices(g: ir.Graph) -> set[str]:
-        return {w.name for w in g.weights if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None}
+        return {
+            w.name
+            for w in g.weights
+            if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None
+        }
 
     chosen = None  # every matrix for bfloat16; for float16 the exact ones some step reads stored
     if step_only:
@@ -61,7 +75,11 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
         for g in p.graphs:
             shapes, users, candidates = {w.name: w.type.shape for w in g.weights}, consumers(g), matrices(g) & exact
             for n in g.nodes:
-                chosen.update(i for i in n.inputs if i in candidates and (n.op == ir.DECODER_LAYER or reads_stored(g, users, shapes, n, i)))
+                chosen.update(
+                    i
+                    for i in n.inputs
+                    if i in candidates and (n.op == ir.DECODER_LAYER or reads_stored(g, users, shapes, n, i))
+                )
     graphs = []
     for g in p.graphs:
         stored = matrices(g) if chosen is None else matrices(g) & chosen
@@ -75,7 +93,9 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
         nodes: list[ir.Node] = []
         for n in g.nodes:
             if n.op == "aten.embedding.default" and n.inputs[0] in stored:
-                rows = ir.Node(f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope)
+                rows = ir.Node(
+                    f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope
+                )
                 nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
                 read[n.inputs[0]] = dtype
                 continue
@@ -89,7 +109,14 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
                     inputs.append(i)
                 elif reads_stored(g, users, shapes, n, i):
                     if i not in casts:
-                        casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), ir.TensorType("float32", shapes[i]), n.scope)
+                        casts[i] = ir.Node(
+                            f"{i}/float32",
+                            ir.CAST,
+                            (i,),
+                            (("dtype", "float32"),),
+                            ir.TensorType("float32", shapes[i]),
+                            n.scope,
+                        )
                         nodes.append(casts[i])
                         read[i] = dtype
                     inputs.append(casts[i].name)
@@ -98,10 +125,18 @@ def store_weights(p: ir.Program, dtype: str = "bfloat16", min_rank: int = 2, exa
                     inputs.append(i + WIDENED)
             nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
         weights = [w for w in g.weights if w.name not in stored]
-        weights += [ir.Value(name, ir.TensorType(dt, shapes[name.removesuffix(WIDENED)])) for name, dt in sorted(read.items())]
+        weights += [
+            ir.Value(name, ir.TensorType(dt, shapes[name.removesuffix(WIDENED)])) for name, dt in sorted(read.items())
+        ]
         out = ir.Graph(g.name, g.inputs, tuple(weights), g.constants, tuple(nodes), g.outputs, g.dims)
         out.validate()
-        log.info("%s: %d weights stored as %s (%d read widened)", g.name, len(stored), dtype, sum(dt == "float32" for dt in read.values()))
+        log.info(
+            "%s: %d weights stored as %s (%d read widened)",
+            g.name,
+            len(stored),
+            dtype,
+            sum(dt == "float32" for dt in read.values()),
+        )
         graphs.append(out)
     return ir.Program(tuple(graphs), p.dims)
 
@@ -151,7 +186,11 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
                 src, bias = source(n.inputs[1]), (n.inputs[2] if len(n.inputs) > 2 else "")
             elif n.op == "aten.matmul.default" and ir.one_position_per_row(g, n.inputs[0]):
                 t = producers.get(n.inputs[1])
-                if t is not None and t.op == "aten.transpose.int" and sorted((t.attr("dim0"), t.attr("dim1"))) in ([0, 1], [-2, -1]):
+                if (
+                    t is not None
+                    and t.op == "aten.transpose.int"
+                    and sorted((t.attr("dim0"), t.attr("dim1"))) in ([0, 1], [-2, -1])
+                ):
                     src = source(t.inputs[0])
             if n.op == ir.DECODER_LAYER:
                 sources = [source(n.inputs[i]) for i in LAYER_MATRICES]
@@ -176,8 +215,12 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
             continue
         nodes = drop_dead(nodes, g.outputs)
         read = {i for n in nodes for i in n.inputs if i}
-        kept = tuple(w for w in g.weights if w.name in read) + tuple(ir.Value(name, t) for name, t in sorted(panels.items()))
-        out = ir.Graph(g.name, g.inputs, kept, tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims)
+        kept = tuple(w for w in g.weights if w.name in read) + tuple(
+            ir.Value(name, t) for name, t in sorted(panels.items())
+        )
+        out = ir.Graph(
+            g.name, g.inputs, kept, tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims
+        )
         out.validate()
         log.info("%s: %d products of one position per row read weights in panels", g.name, len(panels))
         graphs.append(out)

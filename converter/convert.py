@@ -17,6 +17,7 @@ import numpy as np
 from ..runtime import package, trust
 from ..runtime.package import WINDOW
 from ..runtime.program import Role
+from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
 from .lower.target import Target
@@ -123,7 +124,7 @@ def float16_exact(state_dict: dict) -> frozenset[str]:
 def stored_as(w: np.ndarray, dtype: str):
     """A float32 checkpoint tensor as the package stores it (passes.store_weights chose dtype)."""
     if dtype == "bfloat16":
-        return package.to_bfloat16(w)
+        return to_bfloat16(w)
     if dtype == "float16":
         out = np.asarray(w).astype(np.float16)
         if not np.array_equal(out.astype(np.float32), w):
@@ -175,14 +176,13 @@ def convert(
         raise ConvertError(f"traced program does not use checkpoint tensors {unused[:5]}: the trace is incomplete")
     # what weights.bin holds; the graphs also bind the widened weights made from it at load
     weights = {name: stored_as(src.state_dict[name], dt) for name, dt in stored.items()}
-    bound = package.with_derived(weights, program.weight_names())
+    bound = with_derived(weights, program.weight_names())
     if dtype != "float32":
         # the oracle for parity is openai-whisper (fp32) on the weights the package holds: the
         # program must compute what it computes (the bfloat16 step within its own tolerance);
         # what rounding the weights costs is measured on transcripts (scripts/wer.py)
         widened = {
-            k: package.from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w
-            for k, w in src.state_dict.items()
+            k: from_bfloat16(weights[k]) if stored.get(k) == "bfloat16" else w for k, w in src.state_dict.items()
         }
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
@@ -261,7 +261,7 @@ def convert(
     stage(f"writing {out}")
     files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
     files.update(onnx_io.to_onnx_files(program))
-    files["weights.json"], files["weights.bin"] = package.pack_weights(weights)
+    files["weights.json"], files["weights.bin"] = pack_weights(weights)
     files.update(tokenizer_assets(src.multilingual, model.num_languages))
     files.update(mel_assets(src.dims["n_mels"]))
     files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()

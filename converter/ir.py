@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.package import panels_source, widened_source
+from ..runtime.weights import panels_source, widened_source
 
 Dim = int | str
 
@@ -58,7 +58,7 @@ ATTENTION_BF16 = f"{OWN_DOMAIN}.attention_bf16"
 # of a float32 package.
 ATTENTION = f"{OWN_DOMAIN}.attention"
 # `linear_panels(x, w, bias)`: x (..., k) @ W^T + bias -> (..., n), n = len(bias), for x of one
-# position per row (decoder steps), with W (n, k) given as `W/panels` (runtime.package.to_panels:
+# position per row (decoder steps), with W (n, k) given as `W/panels` (runtime.weights.to_panels:
 # (ceil(n / 64), k, 64), float32, float16 or bfloat16): passes.panel_products makes it; the kernel
 # whisper_max.linear_panels sums each output in the same order whatever the number of rows.
 LINEAR_PANELS = f"{OWN_DOMAIN}.linear_panels"
@@ -301,8 +301,8 @@ class Program:
 
     def stored_weights(self) -> dict[str, str]:
         """The weights a package stores, each with its stored dtype: every graph weight, except
-        that a derived one stands for its source X: `X/panels` (runtime.package.PANELS) for X
-        stored in its own dtype, `X/widened` (runtime.package.WIDENED) for X stored as a graph
+        that a derived one stands for its source X: `X/panels` (runtime.weights.PANELS) for X
+        stored in its own dtype, `X/widened` (runtime.weights.WIDENED) for X stored as a graph
         that reads X binds it (or panels it), or as bfloat16 where only widened copies are read."""
         out: dict[str, str] = {}
         weights = [w for g in self.graphs for w in g.weights]

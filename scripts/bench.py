@@ -95,14 +95,14 @@ def machine() -> dict:
 
 def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     """GB/s read by two threads summing halves of a 1 GiB float32 array (numpy releases the GIL),
-    in memory of the kind package weights load into (runtime.package.huge_buffer: 2 MiB pages
+    in memory of the kind package weights load into (runtime.weights.huge_buffer: 2 MiB pages
     where the kernel gives them): the best of `repeats`, so the bandwidth floor it gives is the
     strictest this run saw."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
-    from whisper_max.runtime.package import huge_buffer
+    from whisper_max.runtime.weights import huge_buffer
 
     a = np.frombuffer(huge_buffer(mib * 2**20), np.float32)  # memory of the kind weights load into
     a[:] = 1

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     from whisper_max.converter import ir
     from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
     from whisper_max.converter.lower.target import Target
-    from whisper_max.runtime.package import Package, to_bfloat16, to_panels
+    from whisper_max.runtime.package import Package
+    from whisper_max.runtime.weights import to_bfloat16, to_panels
 
     dims = Package.open(args.package).manifest["model"]["dims"] if args.package else TINY_EN
     d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]

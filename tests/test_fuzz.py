@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from whisper_max.runtime import package
+from whisper_max.runtime import weights as wt
 from whisper_max.runtime.audio import AudioError, read_audio
 from whisper_max.runtime.package import Package, PackageError
 
@@ -120,7 +121,7 @@ WEIGHT_FIELDS = ["dtype", "shape", "offset", "nbytes"]
 
 def _good_entries():
     weights = {"a.weight": np.arange(15, dtype=np.float32).reshape(3, 5), "b.bias": np.array([1, 2, 3], np.int64)}
-    wj, wb = package.pack_weights(weights)
+    wj, wb = wt.pack_weights(weights)
     return {"weights.json": wj, "weights.bin": wb, "notes.txt": b"hello"}
 
 

@@ -23,8 +23,8 @@ from whisper_max.converter.parity import empty_cache
 from whisper_max.converter.passes import optimise, panel_products, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
 from whisper_max.runtime.model import WhisperModel
-from whisper_max.runtime.package import from_bfloat16, to_bfloat16, with_derived
 from whisper_max.runtime.program import StepCache, decoder_call, state_specs
+from whisper_max.runtime.weights import from_bfloat16, to_bfloat16, with_derived
 
 PANEL_KINDS = ("float32", "float16", "bfloat16")  # weight dtypes whisper_max.linear_panels reads
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from whisper_max.runtime import package
+from whisper_max.runtime import weights as wt
 from whisper_max.runtime.package import Package, PackageError
 
 
@@ -23,7 +24,7 @@ def _manifest():
 
 def _files():
     weights = {"a.weight": np.arange(15, dtype=np.float32).reshape(3, 5), "b.bias": np.array([1, 2, 3], np.int64)}
-    wj, wb = package.pack_weights(weights)
+    wj, wb = wt.pack_weights(weights)
     return {"weights.json": wj, "weights.bin": wb, "notes.txt": b"hello"}, weights
 
 
@@ -165,15 +166,15 @@ def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     a = (rng.standard_normal((4, 64)) * 10).astype(np.float32)
     a[0, :4] = [1.00390625, 1.01171875, -3.0e-5, 65504.0]  # exact ties round to even
-    b = package.to_bfloat16(a)
+    b = wt.to_bfloat16(a)
     bits = b.view(DType.uint16).to_numpy()
     np.testing.assert_array_equal(
         bits, torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     )
-    np.testing.assert_array_equal(package.from_bfloat16(b), torch.from_numpy(a).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(wt.from_bfloat16(b), torch.from_numpy(a).to(torch.bfloat16).float().numpy())
     with pytest.raises(ValueError, match="inf or nan"):
-        package.to_bfloat16(np.array([np.inf], np.float32))
-    wj, wb = package.pack_weights({"m.weight": b, "m.bias": a[0]})
+        wt.to_bfloat16(np.array([np.inf], np.float32))
+    wj, wb = wt.pack_weights({"m.weight": b, "m.bias": a[0]})
     assert json.loads(wj)["m.weight"] == {"dtype": "bfloat16", "shape": [4, 64], "offset": 256, "nbytes": 512}
     m = _manifest()
     m["graphs"]["g"]["weights"] = [
@@ -200,10 +201,10 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
     from max.dtype import DType
 
     a = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
-    wj, wb = package.pack_weights({"m.weight": package.to_bfloat16(a), "m.bias": a[0]})
+    wj, wb = wt.pack_weights({"m.weight": wt.to_bfloat16(a), "m.bias": a[0]})
     assert set(json.loads(wj)) == {"m.weight", "m.bias"}
     m = _manifest()
-    widened = {"name": "m.weight" + package.WIDENED, "dtype": "float32", "shape": [4, 64]}
+    widened = {"name": "m.weight" + wt.WIDENED, "dtype": "float32", "shape": [4, 64]}
     m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, widened]
     m["graphs"]["h"] = {
         "inputs": [],
@@ -216,30 +217,30 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
     got = pkg.weights()
     w = got["m.weight/widened"]
     assert isinstance(w, np.ndarray) and w.dtype == np.float32 and w.flags.c_contiguous
-    np.testing.assert_array_equal(w, package.from_bfloat16(got["m.weight"]))
+    np.testing.assert_array_equal(w, wt.from_bfloat16(got["m.weight"]))
     assert got["m.weight"].dtype == DType.bfloat16
     pkg.check_weights(got)
-    assert package.widened_source("m.weight/widened") == "m.weight" and package.widened_source("m.weight") is None
+    assert wt.widened_source("m.weight/widened") == "m.weight" and wt.widened_source("m.weight") is None
     with pytest.raises(PackageError, match=r"'m.bias/widened'.*'m.bias'.*float32"):
-        package.with_derived(got, ["m.bias/widened"])
+        wt.with_derived(got, ["m.bias/widened"])
     with pytest.raises(PackageError, match=r"'x/widened'.*missing"):
-        package.with_derived(got, ["x/widened"])
+        wt.with_derived(got, ["x/widened"])
 
 
 def test_panels_are_the_weight_transposed_in_blocks_of_64_columns():
     """`X/panels` (made at load): X (n, k) as (ceil(n / 64), k, 64), zero columns after n, in X's
     dtype; refused for a bfloat16 or missing source with the weight's name."""
     w = np.arange(130 * 3, dtype=np.float16).reshape(130, 3)
-    got = package.with_derived({"w": w, "b": np.zeros(5, np.float32)}, ["w/panels", "w"])
+    got = wt.with_derived({"w": w, "b": np.zeros(5, np.float32)}, ["w/panels", "w"])
     p = got["w/panels"]
     assert p.shape == (3, 3, 64) and p.dtype == np.float16 and p.flags.c_contiguous
     for j in range(192):
         np.testing.assert_array_equal(p[j // 64, :, j % 64], w[j] if j < 130 else 0)
-    assert package.panels_source("w/panels") == "w" and package.derived_source("w/widened") == "w"
+    assert wt.panels_source("w/panels") == "w" and wt.derived_source("w/widened") == "w"
     with pytest.raises(PackageError, match=r"'b/panels'.*rank 1"):
-        package.with_derived(got, ["b/panels"])
+        wt.with_derived(got, ["b/panels"])
     with pytest.raises(PackageError, match=r"'x/panels'.*missing"):
-        package.with_derived(got, ["x/panels"])
+        wt.with_derived(got, ["x/panels"])
 
 
 def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):

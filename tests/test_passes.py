@@ -22,7 +22,8 @@ from whisper_max.converter.passes import (
     token_selection,
 )
 from whisper_max.converter.trace import trace_program
-from whisper_max.runtime.package import LINEAGE, PANELS, WINDOW, panels_source, widened_source
+from whisper_max.runtime.package import LINEAGE, WINDOW
+from whisper_max.runtime.weights import PANELS, panels_source, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ...runtime.package import PANEL, PANELS, WIDENED, widened_source
+from ...runtime.weights import PANEL, PANELS, WIDENED, widened_source
 from .. import ir
 from .rewrite import consumers, drop_dead
 
@@ -30,7 +30,7 @@ def store_weights(
     cross K/V, prompts) reads it through a cast too, which lowering runs as our bfloat16 product
     (whisper_max.linear_bf16: the rows are rounded to bfloat16, the sums are float32) when the
     weight's shape fits it (ir.bfloat16_product_fits). Every other use reads `X/widened`
-    (runtime.package.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
+    (runtime.weights.WIDENED), a float32 weight the runtime makes from X once, at load, and binds
     to every graph that names it: one float32 copy in all, where a cast would have MAX make one
     per graph at initialisation. LayerNorm parameters and biases stay float32 (0.2% of the bytes).
 
@@ -149,7 +149,7 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
     """Give each product of one position per row (the vocabulary projection of decoder steps,
     beams and the engine's rows, tied or not; any linear layer outside the fused blocks) with a
     weight W stored in float32 or float16 its own op, `linear_panels(x, W/panels, bias)`, which
-    reads W in panels of 64 output columns (runtime.package.to_panels, made at load); and have
+    reads W in panels of 64 output columns (runtime.weights.to_panels, made at load); and have
     each fused decoder block read its eight matrices in panels (its kernel then runs its
     products as linear_panels does).
 

@@ -188,7 +188,7 @@ struct DecoderLayer:
         var slots = kc.dim_size(0)
         var cap = kc.dim_size(2)
         var f = b1.dim_size(0)
-        comptime panels = wq.rank == 3  # the matrices in panels (runtime.package.to_panels)
+        comptime panels = wq.rank == 3  # the matrices in panels (runtime.weights.to_panels)
         comptime if panels:
             if wq.rank != 3 or wk.rank != 3 or wv.rank != 3 or wo.rank != 3 or wcq.rank != 3 or wco.rank != 3 or w1.rank != 3 or w2.rank != 3:
                 raise Error("whisper_max.decoder_layer: some weight matrices in panels and some not")

@@ -241,7 +241,7 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
     rows: Int, n: Int, k: Int,
 ):
     """rows x (k) times W (n, k)^T into y (rows, n) with the epilogue `mode`, W given in panels
-    w (ceil(n / PANEL), k, PANEL) (runtime.package.to_panels). The panels are split across the
+    w (ceil(n / PANEL), k, PANEL) (runtime.weights.to_panels). The panels are split across the
     workers; for each block of PANEL values of k, every tile of rows multiplies the block while
     it is in L1, its sums in registers. Each output is summed in one order whatever the number of
     rows and its place among them: the products of a block in k order, the blocks' sums added in
@@ -277,7 +277,7 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
 @extensibility.register("whisper_max.linear_panels")
 struct LinearPanels:
     """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) given in
-    panels w (ceil(n / 64), k, 64) (runtime.package.to_panels), float32, float16 or bfloat16
+    panels w (ceil(n / 64), k, 64) (runtime.weights.to_panels), float32, float16 or bfloat16
     (widened exactly as it is read); x, b and the sums float32. A row's result is bit-identical whatever
     the number of rows (linear_panels)."""
 

@@ -4,15 +4,10 @@ from `WhisperModel.pool()`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .package import LINEAGE, WINDOW
 from .program import CHOICE, TOKENS, Role, StepCache, host
-
-if TYPE_CHECKING:
-    from .model import WhisperModel
 
 
 def _pool_zeros(shape, dtype) -> np.ndarray:
@@ -47,7 +42,7 @@ class RowPool:
     values (each row reads the window its WINDOW input names). Both grow on demand and are reused
     as windows close."""
 
-    def __init__(self, model: WhisperModel):
+    def __init__(self, model):  # a runtime.model.WhisperModel (the layer above; not imported)
         self.model = model
         sig = model._sig[Role.DECODER_ROWS]
         self._caches = [i for i in sig["inputs"] if "state" in i]

@@ -3,7 +3,7 @@
     python scripts/cli_docs.py          # rewrite docs/cli.md
     python scripts/cli_docs.py --check  # exit 1 if docs/cli.md is not what the apps say
 
-tests/test_docs.py runs the check, so a flag added, renamed or re-described without
+tests/unit/test_docs.py runs the check, so a flag added, renamed or re-described without
 regenerating the page fails the suite.
 """
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BF16_TARGETS, HAS_BF16, needs_bf16
-from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
+from helpers import BF16_TARGETS, HAS_BF16, needs_bf16
+from helpers.tiny_model import TINY_DIMS, state_dict_np, tiny_whisper
 from torch import nn
 from torch.export import Dim, export
 from whisper.model import Conv1d, LayerNorm, Linear

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SHARED_AUDIO, shared_audio
+from helpers import SHARED_AUDIO, shared_audio
 
 from whisper_max.golden import word_edits
 from whisper_max.runtime.audio import SAMPLE_RATE, load_audio

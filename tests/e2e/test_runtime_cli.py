@@ -36,7 +36,7 @@ def test_whisper_run_writes_every_format(tiny_en, tmp_path, capsys):
 
 def test_whisper_run_several_files_in_input_order(tiny_en, tmp_path, capsys):
     """Files decoded together still print and write as one after another would."""
-    from conftest import shared_audio
+    from helpers import shared_audio
 
     short = shared_audio("ls_1221-135766-0002.wav")
     assert (

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import whisper
-from conftest import shared_audio
+from helpers import shared_audio
 
 from whisper_max import runtime
 from whisper_max.runtime.audio import AudioError, load_audio

@@ -4,7 +4,7 @@ optimised program with PyTorch is checked by test_lower, which compiles the hois
 import numpy as np
 import onnx
 import pytest
-from tiny_model import TINY_DIMS, tiny_whisper
+from helpers.tiny_model import TINY_DIMS, tiny_whisper
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.passes import (

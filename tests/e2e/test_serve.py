@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from conftest import shared_audio
+from helpers import shared_audio
 
 from whisper_max import golden, runtime
 from whisper_max.runtime.cli import main as whisper_run

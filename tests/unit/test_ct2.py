@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_model import TINY_DIMS, state_dict_np, tiny_whisper, to_ct2_variables, write_model_bin
+from helpers.tiny_model import TINY_DIMS, state_dict_np, tiny_whisper, to_ct2_variables, write_model_bin
 
 from whisper_max.converter import ct2
 

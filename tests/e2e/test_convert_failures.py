@@ -12,7 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from tiny_model import TINY_DIMS, tiny_whisper, to_ct2_variables, write_model_bin
+from helpers.tiny_model import TINY_DIMS, tiny_whisper, to_ct2_variables, write_model_bin
 
 from whisper_max.converter.cli import main
 from whisper_max.runtime.package import Package

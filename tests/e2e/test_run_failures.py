@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import shared_audio
+from helpers import shared_audio
 
 from whisper_max import golden
 from whisper_max.runtime.cli import main
@@ -92,7 +92,7 @@ def test_ctrl_c_stops_at_once_and_leaves_no_partial_output(tiny_en, tmp_path):
         "1",
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
     )
     for line in proc.stdout:  # segment lines; the long file's first means jfk is written
         if line.startswith("[00:0") and "Printing" not in line and (out / "jfk.json").exists():
@@ -163,7 +163,7 @@ def test_an_hour_of_audio_in_flat_memory(tiny_en, tmp_path):
             "None",
         ]
         proc = subprocess.run(
-            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+            [sys.executable, "-c", _RSS_SCRIPT, *args], capture_output=True, text=True, cwd=Path(__file__).parents[2]
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[path.name] = float(proc.stdout.split("peak_rss_mb")[-1])
@@ -191,7 +191,7 @@ def test_a_full_disk_while_writing_outputs(tiny_en, tmp_path):
         f"ulimit -f 1; exec {sys.executable} -c 'from whisper_max.runtime.cli import run; run()' {tiny_en.path} "
         f"{golden.JFK_WAV} -o {out} --word_timestamps True --beam_size None"
     )
-    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"whisper-run: error: {out / 'jfk.json'}: cannot write (File too large); stopped here: outputs written before "

@@ -9,7 +9,7 @@ import torch
 import whisper
 import whisper.tokenizer as wt
 import whisper.utils as wu
-from conftest import shared_audio
+from helpers import shared_audio
 
 from whisper_max.converter.convert import mel_assets, tokenizer_assets
 from whisper_max.runtime.audio import N_SAMPLES, AudioError, load_audio, log_mel_spectrogram

@@ -5,7 +5,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from tiny_model import state_dict_np, tiny_whisper
+from helpers.tiny_model import state_dict_np, tiny_whisper
 
 from whisper_max.converter.sources import ModelSourceError, resolve
 

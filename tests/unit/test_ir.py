@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from tiny_model import tiny_whisper
+from helpers.tiny_model import tiny_whisper
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.trace import trace_program

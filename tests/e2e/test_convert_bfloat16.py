@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HAS_BF16, needs_bf16
+from helpers import HAS_BF16, needs_bf16
 
 from whisper_max.runtime.package import Package
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import shared_audio
+from helpers import shared_audio
 
 from whisper_max import golden
 from whisper_max.converter.convert import mel_assets

@@ -1,4 +1,4 @@
-"""runtime.decoding on a fake engine (tests/fake_engine.py): no MAX, no package, a few seconds.
+"""runtime.decoding on a fake engine (tests/helpers/fake_engine.py): no MAX, no package, a few seconds.
 
 Each case decodes the same scripted logits twice: with our DecodingTask on the fake engine, and
 with openai-whisper's own DecodingTask on a fake torch model. The tokens must be equal, and
@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 import whisper
-from fake_engine import FakeEngine, torch_model
+from helpers.fake_engine import FakeEngine, torch_model
 
 from whisper_max.converter.convert import tokenizer_assets
 from whisper_max.runtime.decoding import DecodingOptions

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-JFK = Path(__file__).resolve().parents[1] / "golden" / "data" / "jfk.wav"
+JFK = Path(__file__).resolve().parents[2] / "golden" / "data" / "jfk.wav"
 
 # A child process in which the extras' packages (and the converter's) cannot be imported.
 CHILD = """

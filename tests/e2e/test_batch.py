@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_AUDIO, shared_audio
+from helpers import SHARED_AUDIO, shared_audio
 
 from whisper_max import golden
 from whisper_max.runtime.batch import BatchError, collect, main

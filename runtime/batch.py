@@ -29,6 +29,7 @@ from pathlib import Path
 import typer
 
 from .cliutil import flag_optional, run_app
+from .extras import require
 from .files import atomic_open
 
 AUDIO_EXTENSIONS = frozenset(
@@ -276,11 +277,9 @@ class _Worker:
 
 
 def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, model_dir, trust, address, workers) -> None:
-    try:
-        import ray
-        from ray.util import ActorPool
-    except ImportError as e:
-        raise BatchError("--ray needs Ray: pip install 'whisper-max[ray]'") from e
+    ray = require("ray", "ray", "whisper-batch --ray")
+    from ray.util import ActorPool
+
     from . import models
 
     if address is None:  # a local Ray: make (or reuse) the package once, here, before the actors load it

@@ -4,7 +4,7 @@ The app reads and checks uploads, hands each request to the scheduler (runtime.s
 thread owns the model and its engine, and the windows of concurrent requests decode in the same
 decoder calls) and waits for it; a request that times out or whose client goes away is cancelled
 and its rows are freed. Admission is bounded: past `max_active + queue_size` requests a 429 with
-Retry-After. Needs the `server` extra (FastAPI, uvicorn, python-multipart).
+Retry-After. Needs FastAPI and python-multipart (the `server` extra); any ASGI server runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import numpy as np
 from .extras import require
 
 require("fastapi", "server", "whisper-serve")
-require("uvicorn", "server", "whisper-serve")
 require("python_multipart", "server", "whisper-serve (uploads)")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402

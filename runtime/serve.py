@@ -17,6 +17,7 @@ from pathlib import Path
 import typer
 
 from .cliutil import flag_optional, run_app
+from .extras import require
 
 
 def serve(
@@ -31,11 +32,10 @@ def serve(
     """Load `package` and serve it until SIGTERM or SIGINT: stop accepting, finish the requests in
     flight, exit. Returns the exit code: 0 after SIGTERM, 130 after Ctrl-C. `settings`: an
     openai_api.Settings (its defaults if None)."""
-    import uvicorn
-
     from . import load
     from .openai_api import Settings, create_app  # MissingExtra without the server extra
 
+    uvicorn = require("uvicorn", "server", "whisper-serve")
     settings = Settings() if settings is None else settings
 
     class Server(uvicorn.Server):

@@ -22,13 +22,14 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 from whisper_max import runtime
-from whisper_max.runtime import cli, serve
+from whisper_max.runtime import batch, cli, serve
 
 package, audio, out = sys.argv[1:]
 text = runtime.load(package).transcribe(audio, beam_size=None, temperature=0.0)["text"]
 lines = {}
 vad_args = [package, audio, "-o", out, "--vad_filter", "True", "--verbose", "False"]
-for name, main, args in (("serve", serve.main, [package]), ("vad", cli.main, vad_args)):
+ray_args = [package, audio, "-o", out + "-ray", "--ray"]
+for name, main, args in (("serve", serve.main, [package]), ("vad", cli.main, vad_args), ("ray", batch.main, ray_args)):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main(args)
@@ -59,3 +60,7 @@ def test_bare_runtime_transcribes_and_names_the_missing_extras(tiny_en, tmp_path
         "installed: pip install 'whisper-max[vad]'"
     )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+    rc, err = got["lines"]["ray"]
+    assert rc == 1 and err.splitlines()[-1] == (
+        "whisper-batch: error: whisper-batch --ray needs ray, which is not installed: pip install 'whisper-max[ray]'"
+    )

@@ -36,20 +36,20 @@ struct LinearRows:
 
 
 def dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> Float32:
-    """sum(a[:k] * x[:k]) with a widened to float32: four vector sums over blocks of 64, then
-    16-wide and single tails."""
-    var k64 = k - k % 64
+    """sum(a[:k] * x[:k]) with a widened to float32: four vector sums over blocks of 4 V, then
+    V-wide and single tails."""
+    var k4v = k - k % (4 * V)
     var k16 = k - k % V
     var a0 = SIMD[F32, V](0)
     var a1 = SIMD[F32, V](0)
     var a2 = SIMD[F32, V](0)
     var a3 = SIMD[F32, V](0)
-    for c in range(0, k64, 64):
+    for c in range(0, k4v, 4 * V):
         a0 += wide(a, c) * x.unsafe_load[width=V](c)
-        a1 += wide(a, c + 16) * x.unsafe_load[width=V](c + 16)
-        a2 += wide(a, c + 32) * x.unsafe_load[width=V](c + 32)
-        a3 += wide(a, c + 48) * x.unsafe_load[width=V](c + 48)
-    for c in range(k64, k16, V):
+        a1 += wide(a, c + V) * x.unsafe_load[width=V](c + V)
+        a2 += wide(a, c + 2 * V) * x.unsafe_load[width=V](c + 2 * V)
+        a3 += wide(a, c + 3 * V) * x.unsafe_load[width=V](c + 3 * V)
+    for c in range(k4v, k16, V):
         a0 += wide(a, c) * x.unsafe_load[width=V](c)
     var s = ((a0 + a1) + (a2 + a3)).reduce_add()
     for c in range(k16, k):
@@ -58,12 +58,12 @@ def dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _]
 
 
 def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> SIMD[F32, 4]:
-    """sum(a[:k] * x[i * k : i * k + k]) for four consecutive rows i of x: each 16-wide block of a
+    """sum(a[:k] * x[i * k : i * k + k]) for four consecutive rows i of x: each V-wide block of a
     is loaded and widened once for the four (a beam step's rows share every weight row). Each
     row is summed exactly as dot sums it (the same blocks, accumulators, order and tail), so a
     row's result does not depend on the rows it is decoded with: alone, in a group of four, or
     among the remainder."""
-    var k64 = k - k % 64
+    var k4v = k - k % (4 * V)
     var k16 = k - k % V
     var x1 = x + k
     var x2 = x + 2 * k
@@ -84,28 +84,28 @@ def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, 
     var t1 = SIMD[F32, V](0)
     var t2 = SIMD[F32, V](0)
     var t3 = SIMD[F32, V](0)
-    for c in range(0, k64, 64):
+    for c in range(0, k4v, 4 * V):
         var w0 = wide(a, c)
-        var w1 = wide(a, c + 16)
-        var w2 = wide(a, c + 32)
-        var w3 = wide(a, c + 48)
+        var w1 = wide(a, c + V)
+        var w2 = wide(a, c + 2 * V)
+        var w3 = wide(a, c + 3 * V)
         p0 += w0 * x.unsafe_load[width=V](c)
-        p1 += w1 * x.unsafe_load[width=V](c + 16)
-        p2 += w2 * x.unsafe_load[width=V](c + 32)
-        p3 += w3 * x.unsafe_load[width=V](c + 48)
+        p1 += w1 * x.unsafe_load[width=V](c + V)
+        p2 += w2 * x.unsafe_load[width=V](c + 2 * V)
+        p3 += w3 * x.unsafe_load[width=V](c + 3 * V)
         q0 += w0 * x1.unsafe_load[width=V](c)
-        q1 += w1 * x1.unsafe_load[width=V](c + 16)
-        q2 += w2 * x1.unsafe_load[width=V](c + 32)
-        q3 += w3 * x1.unsafe_load[width=V](c + 48)
+        q1 += w1 * x1.unsafe_load[width=V](c + V)
+        q2 += w2 * x1.unsafe_load[width=V](c + 2 * V)
+        q3 += w3 * x1.unsafe_load[width=V](c + 3 * V)
         r0 += w0 * x2.unsafe_load[width=V](c)
-        r1 += w1 * x2.unsafe_load[width=V](c + 16)
-        r2 += w2 * x2.unsafe_load[width=V](c + 32)
-        r3 += w3 * x2.unsafe_load[width=V](c + 48)
+        r1 += w1 * x2.unsafe_load[width=V](c + V)
+        r2 += w2 * x2.unsafe_load[width=V](c + 2 * V)
+        r3 += w3 * x2.unsafe_load[width=V](c + 3 * V)
         t0 += w0 * x3.unsafe_load[width=V](c)
-        t1 += w1 * x3.unsafe_load[width=V](c + 16)
-        t2 += w2 * x3.unsafe_load[width=V](c + 32)
-        t3 += w3 * x3.unsafe_load[width=V](c + 48)
-    for c in range(k64, k16, V):
+        t1 += w1 * x3.unsafe_load[width=V](c + V)
+        t2 += w2 * x3.unsafe_load[width=V](c + 2 * V)
+        t3 += w3 * x3.unsafe_load[width=V](c + 3 * V)
+    for c in range(k4v, k16, V):
         var w = wide(a, c)
         p0 += w * x.unsafe_load[width=V](c)
         q0 += w * x1.unsafe_load[width=V](c)
@@ -182,9 +182,12 @@ def linear[dt: DType, mode: Int, o: MutOrigin](
 
 
 comptime PANEL = 64  # output columns of one panel of a weight in panels (runtime.package.PANEL)
-comptime NV = 4  # vectors of columns in one register tile: the panel, or half of it on AVX2
-comptime CW = NV * V  # columns of one register tile
-comptime MR = 6 if V >= 16 else 3  # rows of one register tile: MR x NV sums, NV panel loads
+# One register tile: MR rows x NV vectors of columns, MR * NV sums + NV panel vectors + one
+# broadcast held in registers: 6 x 4 (29 of AVX-512's 32), or 6 x 2 on AVX2 (15 of its 16; a
+# 3 x 4 tile there needs 17 and spills one every step).
+comptime NV = 4 if V >= 16 else 2
+comptime CW = NV * V  # columns of one register tile: the panel, or a quarter of it on AVX2
+comptime MR = 6
 comptime STACK_ROWS = 64  # rows whose sums of one panel linear_panels keeps on the stack (16 KB)
 
 

@@ -18,7 +18,7 @@ def _fill(s: UnsafePointer[Float32, MutUntrackedOrigin], lo: Int, hi: Int, v: Fl
 
 
 def _log_sum_exp(s: UnsafePointer[Float32, _], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32) -> Float32:
-    """log(sum(exp(((s[lo:hi] - m) - lse) - top))), 16 lanes at a time: with lse = top = 0 the
+    """log(sum(exp(((s[lo:hi] - m) - lse) - top))), V lanes at a time: with lse = top = 0 the
     log of softmax's sum (subtracting 0 is exact); with the log-probabilities' lse and their max
     `top`, logsumexp of those log-probabilities less `top`."""
     var v16 = lo + max(0, hi - lo) // V * V

@@ -29,7 +29,7 @@ def round_bf16[o: MutOrigin](dst: UnsafePointer[BFloat16, o], src: UnsafePointer
 
 
 def range_max(s: UnsafePointer[Float32, _], lo: Int, hi: Int) -> Float32:
-    """max(s[lo:hi]) (-inf when empty), 16 lanes at a time."""
+    """max(s[lo:hi]) (-inf when empty), V lanes at a time."""
     var v16 = lo + max(0, hi - lo) // V * V
     var mv = SIMD[F32, V](neg_inf[F32]())
     for i in range(lo, v16, V):
@@ -41,7 +41,7 @@ def range_max(s: UnsafePointer[Float32, _], lo: Int, hi: Int) -> Float32:
 
 
 def softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
-    """s[:n] = softmax(s[:n]) in place: exp(s - max) / sum, 16 lanes at a time (the cross
+    """s[:n] = softmax(s[:n]) in place: exp(s - max) / sum, V lanes at a time (the cross
     attention of a beam step takes ~45k exponentials per layer)."""
     var n16 = n - n % V
     var m = range_max(s, 0, n)

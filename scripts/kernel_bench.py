@@ -3,7 +3,7 @@
     python scripts/kernel_bench.py [--package tiny.en.maxpkg] [--windows 1] [--repeats 20] [--out bench.json]
 
 First the peaks, measured here by tight loops with no memory traffic (scripts/peak): float32 FMA
-(24 chains of V lanes) and, on CPUs with AMX, TDPBF16PS (4 tiles of sums). Then each product of
+(24 chains of V lanes, 12 on AVX2) and, on CPUs with AMX, TDPBF16PS (4 tiles of sums). Then each product of
 an encoder layer (x (windows * n_audio_ctx, k) @ w (n, k)^T + b, and the attention of all heads)
 through every kernel this CPU can run: MAX's float32 matmul (and attention of graph ops), ours
 on float32 weight panels (whisper_max.linear_panels; for the attention, whisper_max.attention),
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
         if name == "amx" and not target.amx:
             continue
         lanes = 16 if "avx512f" in target.features else 8  # scripts/peak's V: simd_width_of[float32]
-        per_call = 2 * 24 * lanes * it if name == "fma" else 4 * 16 * 16 * 32 * 2 * it  # flops per worker
+        chains = 24 if lanes == 16 else 12  # scripts/peak's CHAINS
+        per_call = 2 * chains * lanes * it if name == "fma" else 4 * 16 * 16 * 32 * 2 * it  # flops per worker
         for w in (1, workers):
             sec = timed(models[f"peak_{name}_{w}"], [seed], 3)
             rate = per_call * w / sec / 1e9

@@ -60,9 +60,7 @@ def convert_cmd(
         from .convert import rebuild as rebuild_package
 
         result = rebuild_package(Path(model), out, stage=stage)
-        typer.echo(
-            f"rebuilt {result.path} for MAX {result.manifest['max_version']} in {result.timings['compile']:.1f}s"
-        )
+        typer.echo(f"rebuilt {result.path} for MAX {result.manifest.max_version} in {result.timings['compile']:.1f}s")
         return
     if print_ir:
         from . import ir, sources, trace
@@ -80,7 +78,7 @@ def convert_cmd(
     from .convert import convert
 
     result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype, stage=stage)
-    p = result.manifest["parity"]
+    p = result.manifest.parity
     t = result.timings
     parity = (
         f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"

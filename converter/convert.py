@@ -7,7 +7,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import package, trust
-from ..runtime.package import WINDOW
-from ..runtime.program import Role
+from ..runtime.manifest import GraphSignature, Manifest, ModelInfo, Rebuilt, Source, Target
+from ..runtime.program import WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
-from .lower.target import Target
+from .lower.target import amx, bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ConvertError(RuntimeError):
 @dataclass
 class ConvertResult:
     path: Path
-    manifest: dict
+    manifest: Manifest
     parity: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
@@ -40,10 +40,10 @@ class ConvertResult:
 def require_cpu_features(program: ir.Program) -> None:
     """Raise unless this CPU has the instructions the program's kernels are compiled to: the
     bfloat16 products and attention of a bfloat16 package use AMX-BF16 or AVX512_BF16."""
-    if ir.uses_bfloat16_arithmetic(program) and not Target.host().bfloat16:
+    if ir.uses_bfloat16_arithmetic(program) and not bfloat16(Target.host()):
         raise ConvertError(
             "this program computes products in bfloat16 (our AMX or AVX512_BF16 kernels), which need "
-            f"AMX-BF16 or AVX512_BF16, and this CPU has only {package.cpu_target()['features']}; convert with --dtype "
+            f"AMX-BF16 or AVX512_BF16, and this CPU has only {list(Target.host().features)}; convert with --dtype "
             "float32 here"
         )
 
@@ -167,7 +167,7 @@ def convert(
         program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
         program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
     program = passes.panel_products(
-        program, bfloat16=not Target.host().amx
+        program, bfloat16=not amx(Target.host())
     )  # the products of a few rows read weight panels
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
@@ -236,28 +236,25 @@ def convert(
                 "--skip-check writes the package anyway and records that in the manifest"
             )
 
-    manifest = {
-        "model": {
-            "name": src.name,
-            "dims": src.dims,
-            "multilingual": src.multilingual,
-            "alignment_heads": src.alignment_heads,
-        },
-        "source": {"kind": src.kind, "location": src.location, "sha256": src.sha256},
-        "max_version": package.max_version(),
-        "target_cpu": package.cpu_target(),
-        "dtype": dtype,
-        "graphs": {g.name: ir.graph_signature(g) for g in program.graphs},
-        "parity": parity_info,
-        "skip_check": skip_check,
-        "converter": {
+    manifest = Manifest(
+        model=ModelInfo(
+            src.name, dict(src.dims), src.multilingual, tuple((int(a), int(b)) for a, b in src.alignment_heads)
+        ),
+        source=Source(src.kind, src.location, src.sha256),
+        max_version=package.max_version(),
+        target=Target.host(),
+        dtype=dtype,
+        graphs=_signatures(program),
+        parity=parity_info,
+        skip_check=skip_check,
+        converter={
             "whisper_max": version("whisper-max"),
             "torch": torch.__version__,
             "openai_whisper": whisper.__version__,
         },
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
-    }
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        timings_s={k: round(v, 2) for k, v in timings.items()},
+    )
     stage(f"writing {out}")
     files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
     files.update(onnx_io.to_onnx_files(program))
@@ -267,9 +264,9 @@ def convert(
     files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()
     files.update(report.render(manifest, entries, report_format))
     written = package.write_package(out, manifest, files)
-    trust.record(written["files"]["model.mef"]["sha256"], out)  # this machine compiled it
+    trust.record(written.files["model.mef"].sha256, out)  # this machine compiled it
     log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
-    return ConvertResult(Path(out), manifest, entries, timings)
+    return ConvertResult(Path(out), written, entries, timings)
 
 
 def _quiet(message: str) -> None:
@@ -297,14 +294,14 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
 
     pkg = package.Package.open(pkg_path)
     program = onnx_io.from_onnx_files({n: pkg.read(n) for n in pkg.names() if n.startswith("ir/")})
-    if {g.name for g in program.graphs} != set(pkg.manifest["graphs"]):
+    if {g.name for g in program.graphs} != set(pkg.manifest.graphs):
         raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
     weights = pkg.weights()
     pkg.check_weights(weights)
     # what later converters add that needs no source model (a package made before them gets it)
     if any(g.name == Role.DECODER_ROWS and WINDOW not in {v.name for v in g.inputs} for g in program.graphs):
         program = passes.engine_rows(program)
-    program = passes.panel_products(passes.token_selection(program), bfloat16=not Target.host().amx)
+    program = passes.panel_products(passes.token_selection(program), bfloat16=not amx(Target.host()))
     require_cpu_features(program)
     (stage or _quiet)(
         f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a "
@@ -318,19 +315,24 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
     files["ir.txt"] = ir.format_program(program).encode()
     files.update(onnx_io.to_onnx_files(program))
     old = pkg.manifest
-    manifest = {k: v for k, v in old.items() if k not in ("files", "format", "format_version")}
-    manifest["graphs"] = {g.name: ir.graph_signature(g) for g in program.graphs}
-    manifest.update(
+    manifest = replace(
+        old,
+        graphs=_signatures(program),
         max_version=package.max_version(),
-        target_cpu=package.cpu_target(),
-        rebuilt={
-            "from_max_version": old["max_version"],
-            "from_target_cpu": old["target_cpu"],
-            "at_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "note": "recompiled from the package's IR and weights; parity.json describes the original build",
-        },
+        target=Target.host(),
+        rebuilt=Rebuilt(
+            from_max_version=old.max_version,
+            from_target=old.target,
+            at_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            note="recompiled from the package's IR and weights; parity.json describes the original build",
+        ),
     )
     out = Path(out or pkg_path)
     written = package.write_package(out, manifest, files)
-    trust.record(written["files"]["model.mef"]["sha256"], out)  # this machine compiled it
-    return ConvertResult(out, manifest, [], {"compile": elapsed})
+    trust.record(written.files["model.mef"].sha256, out)  # this machine compiled it
+    return ConvertResult(out, written, [], {"compile": elapsed})
+
+
+def _signatures(program: ir.Program) -> dict[str, GraphSignature]:
+    """Each graph's signature as the manifest records it (ir.graph_signature, typed)."""
+    return {g.name: GraphSignature.from_json(ir.graph_signature(g), g.name) for g in program.graphs}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jinja2
 
 from .. import templates
+from ..runtime.manifest import Manifest
 
 
 def _env() -> jinja2.Environment:
@@ -15,7 +16,7 @@ def _env() -> jinja2.Environment:
     )
 
 
-def render(manifest: dict, entries: list, fmt: str = "md") -> dict[str, bytes]:
+def render(manifest: Manifest, entries: list, fmt: str = "md") -> dict[str, bytes]:
     """{"parity.md" or "parity.html", "MODEL_CARD.md"}; no parity report when the check was skipped."""
     if fmt not in ("md", "html"):
         raise ValueError(f"report format {fmt!r}: use md or html")

@@ -16,7 +16,7 @@ import numpy as np
 
 from .audio import CHUNK_LENGTH
 from .model import WhisperModel
-from .package import SELECT_RANGES, SELECT_RULES
+from .program import SELECT_RANGES, SELECT_RULES
 from .tokenizer import Tokenizer
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .audio import N_FRAMES, LogMel, is_path, log_mel_spectrogram, read_audio
-from .package import WINDOW, Package, PackageError
+from .package import Package, PackageError
 from .program import (
     AUDIO_FEATURES,
     LOGITS,
@@ -23,6 +23,7 @@ from .program import (
     STEP_GRAPHS,
     SUPPRESS,
     TOKENS,
+    WINDOW,
     Role,
     StepCache,
     decoder_call,
@@ -63,10 +64,10 @@ class WhisperModel:
         self.package = pkg
         self.stats = GraphStats()
         m = pkg.manifest
-        self.dims: dict = m["model"]["dims"]
-        self.is_multilingual: bool = m["model"]["multilingual"]
-        self.alignment_heads = m["model"]["alignment_heads"]
-        self._sig = m["graphs"]
+        self.dims: dict = m.model.dims
+        self.is_multilingual: bool = m.model.multilingual
+        self.alignment_heads = m.model.alignment_heads
+        self._sig = m.graphs
         if Role.SELECT not in self._sig:
             raise PackageError(
                 f"{pkg.path} has no select graph (made by an older whisper-convert); `whisper-convert --rebuild "
@@ -82,11 +83,12 @@ class WhisperModel:
             self._models = pkg.load_models(weights=weights, trust=trust)
             self.tokenizer = tokenizer.result()
         self._slots: dict[int, np.ndarray] = {}
-        self._decoder_inputs = {i["name"] for i in self._sig[Role.DECODER]["inputs"]}
+        self._decoder_inputs = set(self._sig[Role.DECODER].input_names())
         # the in-place graphs' caches (a package may have neither: then all calls are general)
         self._steps = {g: state_specs(self._sig[g]) for g in STEP_GRAPHS if g in self._sig}
         self.num_languages: int = len(self.tokenizer.languages)
-        if WINDOW not in {i["name"] for i in self._sig.get(Role.DECODER_ROWS, {}).get("inputs", [])}:
+        rows = self._sig.get(Role.DECODER_ROWS)
+        if rows is None or WINDOW not in rows.input_names():
             raise PackageError(
                 f"{pkg.path}: its decoder_rows graph decodes the rows of one window only (made by an older "
                 "whisper-convert); "
@@ -103,9 +105,9 @@ class WhisperModel:
     def _run(self, graph: str, inputs: dict) -> dict:
         sig = self._sig[graph]
         t = time.perf_counter()
-        outs = self._models[graph].execute(*[inputs[i["name"]] for i in sig["inputs"]])
+        outs = self._models[graph].execute(*[inputs[i.name] for i in sig.inputs])
         self.stats.add(graph, time.perf_counter() - t)
-        return {o["name"]: v for o, v in zip(sig["outputs"], outs)}
+        return dict(zip(sig.output_names(), outs))
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
         return log_mel_spectrogram(audio, self.mel_filters, padding)
@@ -132,16 +134,16 @@ class WhisperModel:
         return {k: v for k, v in out.items() if k in self._decoder_inputs}
 
     def self_cache_names(self) -> list[str]:
-        return [o["name"] for o in self._sig[Role.DECODER]["outputs"] if o["name"] != LOGITS]
+        return [o for o in self._sig[Role.DECODER].output_names() if o != LOGITS]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """Zero-length self-attention caches, in the layout the decoder declares for them
         (the converter may store them head-major; the runtime treats them as opaque state)."""
-        shapes = {i["name"]: i for i in self._sig[Role.DECODER]["inputs"]}
+        specs = {i.name: i for i in self._sig[Role.DECODER].inputs}
         cache = {}
         for name in self.self_cache_names():
-            sig = shapes[name]
-            cache[name] = np.zeros(empty_cache_shape(sig["shape"], batch), np.dtype(sig["dtype"]))
+            spec = specs[name]
+            cache[name] = np.zeros(empty_cache_shape(spec.shape, batch), np.dtype(spec.dtype))
         return cache
 
     def decoder_step(self, tokens: np.ndarray, cache: dict, cross: dict) -> tuple[np.ndarray, dict]:

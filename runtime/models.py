@@ -27,7 +27,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .package import Package, PackageError, cpu_target, max_version
+from .manifest import Target
+from .package import Package, PackageError, max_version
 from .trust import cache_dir, is_trusted
 
 # openai-whisper's model names (whisper.available_models()); the converter resolves each from
@@ -82,15 +83,12 @@ def stale_reason(path: Path) -> str | None:
     """Why a cached package must be recompiled here, or None when it runs as it is."""
     pkg = Package.open(path)
     m = pkg.manifest
-    if m["max_version"] != max_version():
-        return f"it was compiled with MAX {m['max_version']}, this is MAX {max_version()}"
-    here = cpu_target()
-    if m["target_cpu"]["arch"] != here["arch"] or sorted(m["target_cpu"]["features"]) != sorted(here["features"]):
-        return (
-            f"it was compiled for {m['target_cpu']['arch']} {m['target_cpu']['features']}, this CPU is "
-            f"{here['arch']} {here['features']}"
-        )
-    if not is_trusted(m["files"].get("model.mef", {}).get("sha256", "")):
+    if m.max_version != max_version():
+        return f"it was compiled with MAX {m.max_version}, this is MAX {max_version()}"
+    here = Target.host()
+    if m.target.arch != here.arch or sorted(m.target.features) != sorted(here.features):
+        return f"it was compiled for {m.target}, this CPU is {here}"
+    if not is_trusted(m.files["model.mef"].sha256 if "model.mef" in m.files else ""):
         return "its compiled program was not made on this machine (not in the trust list)"
     return None
 

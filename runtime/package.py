@@ -1,8 +1,8 @@
 """The `.maxpkg` format: one zip (stored, not compressed) that a runtime loads without torch.
 
 Entries:
-  manifest.json     format version, model dims, source and its hash, MAX version, CPU target,
-                    dtype, graph signatures, sha256 of every other entry
+  manifest.json     format version, model dims, source and its hash, MAX version, target,
+                    dtype, graph signatures, sha256 of every other entry (runtime.manifest)
   weights.json      name -> dtype, shape, byte offset, byte count in weights.bin
   weights.bin       raw little-endian tensors, 64-byte aligned; loading never unpickles.
                     A bfloat16 tensor is its 16-bit patterns (numpy has no bfloat16); it loads
@@ -19,61 +19,16 @@ import hashlib
 import io
 import json
 import os
-import platform
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_open
+from .manifest import FORMAT_VERSION, FileEntry, Manifest, Target
 from .trust import is_trusted, record
-from .weights import PackageError, _count, huge_buffer, unpack_weights, with_derived
-
-FORMAT = "whisper-max"
-# 2: decoder_step grows its caches in place (state inputs); 3: bfloat16 weights; 4: widened
-# weights; 5: the select graph; 6: decoder_rows for rows of many windows; 7: float16 weights
-# (exact ones) in float32 packages; 8: panel weights (`X/panels`, made at load)
-FORMAT_VERSION = 8
-# a format 2 package is a format 3 one whose weights are all float32; 3 has no widened weights;
-# before 5 there is no select graph, before 6 decoder_rows takes the rows of one window: those
-# open, the runtime refuses them with the hint, and `whisper-convert --rebuild` makes them anew
-READS = (2, 3, 4, 5, 6, 7, 8)
-# The input of a step graph that maps each row's cached positions to the cache rows holding
-# them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (model.StepCache).
-LINEAGE = "lineage"
-# The input of decoder_rows naming the window each row reads, (rows,) int32 into the cross K/V
-# inputs' leading dim (passes.engine_rows).
-WINDOW = "window"
-# The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
-# token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
-SELECT_RANGES = 4
-SELECT_RULES = 2 * SELECT_RANGES + 1
-# CPU features a MEF compiled for this host may use; a package built where one is present
-# cannot run where it is absent.
-_TARGET_FEATURES = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_vnni",
-    "avx512_bf16",
-    "amx_tile",
-    "amx_bf16",
-)
-
-
-def cpu_target() -> dict:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {"arch": platform.machine(), "features": [f for f in _TARGET_FEATURES if f in flags]}
+from .weights import PackageError, huge_buffer, unpack_weights, with_derived
 
 
 def max_version() -> str:
@@ -86,14 +41,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_package(path: Path, manifest: dict, files: dict[str, bytes]) -> dict:
+def write_package(path: Path, manifest: Manifest, files: dict[str, bytes]) -> Manifest:
     """Write atomically: a temp file beside `path`, renamed over it only when complete. Returns
-    the manifest written (with format and per-file sha256)."""
-    manifest = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION)
-    manifest["files"] = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
+    the manifest written (with the current format and every entry's sha256 and size)."""
+    entries = {name: FileEntry(_sha256(data), len(data)) for name, data in files.items()}
+    manifest = replace(manifest, files=entries, format_version=FORMAT_VERSION)
     try:
         with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-            z.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            z.writestr("manifest.json", json.dumps(manifest.to_json(), indent=2, sort_keys=True))
             for name, data in sorted(files.items()):
                 z.writestr(name, data)
     except OSError as e:  # a full disk, a file size limit: the temp file is gone, `path` untouched
@@ -146,46 +101,13 @@ def _check_entries(path: Path, z: zipfile.ZipFile) -> None:
             )
 
 
-def _manifest_problem(m: dict) -> str | None:
-    """What is wrong with the manifest's shape (the fields the loader reads), or None."""
-    files = m.get("files")
-    if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("sha256"), str) and _count(e.get("bytes")) for e in files.values()
-    ):
-        return "'files' is not a table of name -> {sha256, bytes}"
-    graphs = m.get("graphs")
-    if not isinstance(graphs, dict) or not all(
-        isinstance(g, dict) and isinstance(g.get("weights"), list) for g in graphs.values()
-    ):
-        return "'graphs' is not a table of name -> {weights: [...]}"
-    for g in graphs.values():
-        for w in g["weights"]:
-            if not (
-                isinstance(w, dict)
-                and isinstance(w.get("name"), str)
-                and isinstance(w.get("dtype"), str)
-                and isinstance(w.get("shape"), list)
-            ):
-                return "a graph's 'weights' entry is not {name, dtype, shape}"
-    target = m.get("target_cpu")
-    if (
-        not isinstance(m.get("max_version"), str)
-        or not isinstance(target, dict)
-        or not isinstance(target.get("arch"), str)
-    ):
-        return "lacks 'max_version' or 'target_cpu'"
-    if not isinstance(target.get("features"), list) or not all(isinstance(f, str) for f in target["features"]):
-        return "'target_cpu.features' is not a list of names"
-    return None
-
-
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib", ".npz", ".ckpt")
 
 
 @dataclass
 class Package:
     path: Path
-    manifest: dict
+    manifest: Manifest
     _zip: zipfile.ZipFile
 
     @classmethod
@@ -196,23 +118,14 @@ class Package:
         try:
             z = zipfile.ZipFile(path)
             _check_entries(path, z)
-            manifest = json.loads(z.read("manifest.json"))
+            raw = json.loads(z.read("manifest.json"))
         except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise PackageError(
-                f"{path}: not a whisper-max package (format "
-                f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
-            )
-        if type(manifest.get("format_version")) is not int or manifest["format_version"] not in READS:
-            raise PackageError(
-                f"{path}: package format {manifest.get('format_version')!r}, this runtime reads formats {READS[0]} to "
-                f"{READS[-1]}; convert the model again with this version's whisper-convert"
-            )
-        problem = _manifest_problem(manifest)
-        if problem:
-            raise PackageError(f"{path}: manifest.json {problem}; not a package whisper-convert wrote")
-        listed = set(manifest["files"]) | {"manifest.json"}
+        try:
+            manifest = Manifest.from_json(raw)
+        except PackageError as e:
+            raise PackageError(f"{path}: {e}") from None
+        listed = set(manifest.files) | {"manifest.json"}
         if listed != set(z.namelist()):
             extra, missing = sorted(set(z.namelist()) - listed), sorted(listed - set(z.namelist()))
             raise PackageError(
@@ -222,10 +135,10 @@ class Package:
         return cls(path, manifest, z)
 
     def names(self) -> list[str]:
-        return sorted(self.manifest["files"])
+        return sorted(self.manifest.files)
 
     def read(self, name: str, verify: bool = True) -> bytes:
-        entry = self.manifest["files"].get(name)
+        entry = self.manifest.files.get(name)
         if entry is None:
             raise PackageError(f"{self.path}: no entry {name!r} (has {self.names()})")
         try:
@@ -234,7 +147,7 @@ class Package:
             raise PackageError(
                 f"{self.path}: {name} cannot be read ({e}): the file is damaged; convert the model again"
             ) from e
-        if verify and _sha256(data) != entry["sha256"]:
+        if verify and _sha256(data) != entry.sha256:
             raise PackageError(
                 f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after "
                 "conversion; convert the model again"
@@ -246,7 +159,7 @@ class Package:
         panels) made from them."""
         # the zip's CRC covers weights.bin; a bytearray keeps the arrays writable for MAX
         stored = unpack_weights(self.read("weights.json"), self._read_stored("weights.bin"))
-        return with_derived(stored, (w["name"] for g in self.manifest["graphs"].values() for w in g["weights"]))
+        return with_derived(stored, self.manifest.weight_names())
 
     def _read_stored(self, name: str) -> bytearray:
         """A stored (uncompressed) member read straight into one writable buffer, checked against
@@ -271,8 +184,8 @@ class Package:
                 raise PackageError(f"{self.path}: {name} is truncated")
         # the manifest's sha256, not the zip's CRC (which a re-zipped change passes), says the bytes
         # are the ones converted; it also catches what the CRC would, so the CRC is not computed
-        entry = self.manifest["files"].get(name)
-        if entry is None or _sha256(buf) != entry["sha256"]:
+        entry = self.manifest.files.get(name)
+        if entry is None or _sha256(buf) != entry.sha256:
             raise PackageError(
                 f"{self.path}: {name} does not match its sha256 in the manifest: damaged, or changed after "
                 "conversion; convert the model again"
@@ -294,25 +207,23 @@ class Package:
     def check_compatible(self) -> None:
         """Raise if this package's compiled artifact cannot run here (other MAX build or CPU)."""
         redo = f"rebuild it here from its own IR and weights: `whisper-convert --rebuild {self.path}`"
-        want, have = self.manifest["max_version"], max_version()
+        want, have = self.manifest.max_version, max_version()
         if want != have:
             raise PackageError(
                 f"{self.path}: compiled with MAX {want}, this is MAX {have}; a MEF runs only on the build that made "
                 f"it. Install max=={want}, or {redo}"
             )
-        here = cpu_target()
-        target = self.manifest["target_cpu"]
-        missing = sorted(set(target["features"]) - set(here["features"]))
-        if target["arch"] != here["arch"] or missing:
+        target, here = self.manifest.target, Target.host()
+        if not target.runs_on(here):
             raise PackageError(
-                f"{self.path}: compiled for {target['arch']} with {target['features']}; this CPU is {here['arch']} "
-                f"lacking {missing}; {redo}"
+                f"{self.path}: compiled for {target}; this CPU is {here.arch} {here.device} lacking "
+                f"{target.missing_on(here)}; {redo}"
             )
 
     def check_trusted(self, trust: bool = False) -> None:
         """Refuse a compiled program (machine code) this machine did not make and the user did not
         vouch for (runtime.trust); `trust=True` vouches, and records it."""
-        mef = self.manifest["files"].get("model.mef", {}).get("sha256", "")
+        mef = self.manifest.files["model.mef"].sha256 if "model.mef" in self.manifest.files else ""
         if is_trusted(mef):
             return
         if not trust:
@@ -345,13 +256,13 @@ class Package:
 
     def check_weights(self, weights: dict) -> None:
         # MAX does not check a bound weight's shape or dtype; the manifest says what each graph wants
-        for g in self.manifest["graphs"].values():
-            for w in g["weights"]:
-                a = weights.get(w["name"])
+        for g in self.manifest.graphs.values():
+            for w in g.weights:
+                a = weights.get(w.name)
                 if a is None:
-                    raise PackageError(f"{self.path}: weight {w['name']!r} missing from weights.bin")
-                if list(a.shape) != w["shape"] or a.dtype.name != w["dtype"]:
+                    raise PackageError(f"{self.path}: weight {w.name!r} missing from weights.bin")
+                if list(a.shape) != list(w.shape) or a.dtype.name != w.dtype:
                     raise PackageError(
-                        f"{self.path}: weight {w['name']!r} is {a.dtype.name}{list(a.shape)}, the graphs want "
-                        f"{w['dtype']}{w['shape']}"
+                        f"{self.path}: weight {w.name!r} is {a.dtype.name}{list(a.shape)}, the graphs want "
+                        f"{w.dtype}{list(w.shape)}"
                     )

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .package import LINEAGE, WINDOW
-from .program import CHOICE, TOKENS, Role, StepCache, host
+from .manifest import TensorSpec
+from .program import CHOICE, LINEAGE, TOKENS, WINDOW, Role, StepCache, host
 
 
 def _pool_zeros(shape, dtype) -> np.ndarray:
@@ -45,26 +45,26 @@ class RowPool:
     def __init__(self, model):  # a runtime.model.WhisperModel (the layer above; not imported)
         self.model = model
         sig = model._sig[Role.DECODER_ROWS]
-        self._caches = [i for i in sig["inputs"] if "state" in i]
-        self._cross = [i for i in sig["inputs"] if i["shape"][:1] == ["windows"]]
-        self.position = self._caches[0]["state"]["position"]
-        self.axis = {i["name"]: i["state"]["axis"] for i in self._caches}
-        self.capacity = min(i["shape"][i["state"]["axis"]] for i in self._caches)
+        self._caches = [i for i in sig.inputs if i.state is not None]
+        self._cross = [i for i in sig.inputs if i.shape[:1] == ("windows",)]
+        self.position = self._caches[0].state.position
+        self.axis = {i.name: i.state.axis for i in self._caches}
+        self.capacity = min(i.shape[i.state.axis] for i in self._caches)
         self.slots: dict[str, np.ndarray] = {}
         self.windows: dict[str, np.ndarray] = {}
         self._buffers: dict = {}
         self._free_slots: list[int] = []
         self._free_windows: list[int] = []
 
-    def _grow(self, arrays: dict, specs: list[dict], free: list[int], need: int, exact: bool = False) -> None:
+    def _grow(self, arrays: dict, specs: list[TensorSpec], free: list[int], need: int, exact: bool = False) -> None:
         from max.driver import Buffer
 
         have = len(next(iter(arrays.values()))) if arrays else 0
         n = have + need if exact else max(have * 2, have + need, 4)
         for i in specs:
-            shape = [n, *i["shape"][1:]]
-            arrays[i["name"]] = _grown(arrays[i["name"]], n) if have else _pool_zeros(shape, i["dtype"])
-        for name in (i["name"] for i in specs):
+            shape = [n, *i.shape[1:]]
+            arrays[i.name] = _grown(arrays[i.name], n) if have else _pool_zeros(shape, i.dtype)
+        for name in (i.name for i in specs):
             self._buffers[name] = Buffer.from_numpy(arrays[name])  # zero-copy views, remade as they grow
         free.extend(range(n - 1, have - 1, -1))
 
@@ -87,7 +87,7 @@ class RowPool:
         """Rows for a window whose cross_kv outputs are `cross` (one window, leading dim 1)."""
         (w,) = self._take(self.windows, self._cross, self._free_windows, 1)
         for i in self._cross:
-            self.windows[i["name"]][w] = host(cross[i["name"]])[0]
+            self.windows[i.name][w] = host(cross[i.name])[0]
         return PoolRows(self, w, cross)
 
     def step(self, items: list) -> list[np.ndarray]:

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .package import LINEAGE, SELECT_RULES, WINDOW
+from .manifest import GraphSignature, TensorSpec
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -41,6 +41,16 @@ class Role(StrEnum):
 MEL, AUDIO_FEATURES, TOKENS, LOGITS, CHOICE = "mel", "encoder", "tokens", "logits", "choice"
 RULES, SUPPRESS, SAMPLING, SLOTS = "rules", "suppress", "sampling", "slots"  # the choice's inputs besides the logits
 STEP_GRAPHS = (Role.DECODER_STEP, Role.DECODER_ROWS)  # the graphs that grow their caches in place
+# The input of a step graph that maps each row's cached positions to the cache rows holding
+# them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (StepCache).
+LINEAGE = "lineage"
+# The input of decoder_rows naming the window each row reads, (rows,) int32 into the cross K/V
+# inputs' leading dim (passes.engine_rows).
+WINDOW = "window"
+# The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
+# token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
+SELECT_RANGES = 4
+SELECT_RULES = 2 * SELECT_RANGES + 1
 
 
 def empty_cache_shape(shape, batch: int) -> list[int]:
@@ -56,13 +66,13 @@ def host(x) -> np.ndarray:
     return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
 
 
-def state_specs(signature: dict) -> list[dict]:
+def state_specs(signature: GraphSignature) -> list[TensorSpec]:
     """A graph signature's state inputs (written in place), and the inputs that say where each
     row is (the position they are written at, the rows' LINEAGE and WINDOW) where it takes
     them, as StepCache takes them."""
-    inputs = signature.get("inputs", [])
-    positions = {i["state"]["position"] for i in inputs if "state" in i}
-    return [i for i in inputs if "state" in i or i["name"] in (LINEAGE, WINDOW) or i["name"] in positions]
+    inputs = signature.inputs
+    positions = {i.state.position for i in inputs if i.state is not None}
+    return [i for i in inputs if i.state is not None or i.name in (LINEAGE, WINDOW) or i.name in positions]
 
 
 class StepCache:
@@ -71,30 +81,30 @@ class StepCache:
     filled.
 
     `specs` are the graph's state inputs from the manifest (name, dtype, shape at capacity, and
-    `state`: the axis it grows along and the input that carries the position), and the
+    `state`: the axis it grows along and the input that carries the position; state_specs), and the
     graph's LINEAGE input if it has one; a dim `batch` becomes `rows`. `graph` names the graph
     the buffers are laid out for."""
 
-    def __init__(self, specs: list[dict], rows: int = 1, graph: str = Role.DECODER_STEP):
+    def __init__(self, specs: list[TensorSpec], rows: int = 1, graph: str = Role.DECODER_STEP):
         from max.driver import Buffer
 
-        by_name = {s["name"]: s for s in specs}
+        by_name = {s.name: s for s in specs}
         lineage, window = LINEAGE in by_name, WINDOW in by_name
-        caches = [s for s in specs if "state" in s]
-        positions = {s["state"]["position"] for s in caches}
+        caches = [s for s in specs if s.state is not None]
+        positions = {s.state.position for s in caches}
         if len(positions) != 1:
             raise ValueError(f"state inputs with positions {sorted(positions)}; expected one")
         self.position = positions.pop()
         # one position for every row (a scalar), or one per row (passes.engine_rows): all the same here
-        self.per_row = bool(by_name.get(self.position, {}).get("shape"))
-        shapes = {s["name"]: [rows if d in ("batch", "pool") else d for d in s["shape"]] for s in caches}
+        self.per_row = self.position in by_name and bool(by_name[self.position].shape)
+        shapes = {s.name: [rows if d in ("batch", "pool") else d for d in s.shape] for s in caches}
         if any(d != rows for v in shapes.values() for d in v[:1]):
             raise ValueError(f"{graph}: caches of {rows} rows cannot hold shapes {sorted(map(tuple, shapes.values()))}")
         self.graph, self.rows = graph, rows
-        self.arrays = {s["name"]: np.zeros(shapes[s["name"]], np.dtype(s["dtype"])) for s in caches}
+        self.arrays = {s.name: np.zeros(shapes[s.name], np.dtype(s.dtype)) for s in caches}
         self.buffers = {k: Buffer.from_numpy(a) for k, a in self.arrays.items()}  # zero-copy views
-        self.axis = {s["name"]: s["state"]["axis"] for s in caches}
-        self.capacity = min(s["shape"][s["state"]["axis"]] for s in caches)
+        self.axis = {s.name: s.state.axis for s in caches}
+        self.capacity = min(s.shape[s.state.axis] for s in caches)
         self.length = 0
         # with a lineage (the graph's input LINEAGE), row r's position i is in cache row
         # lineage[r, i]: reordering rewrites these ints, not the caches. Positions not yet
@@ -106,7 +116,7 @@ class StepCache:
             self.buffers[WINDOW] = np.zeros(rows, np.int32)
 
     @classmethod
-    def holding(cls, specs: list[dict], cache: dict, rows: int = 1, graph: str = Role.DECODER_STEP) -> StepCache:
+    def holding(cls, specs: list[TensorSpec], cache: dict, rows: int = 1, graph: str = Role.DECODER_STEP) -> StepCache:
         """A StepCache filled with `cache` (name -> (rows, …, positions, …) from the general
         decoder, or another StepCache); a cache of one row is repeated into every row (all beams
         share the prompt)."""

@@ -116,7 +116,14 @@ def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
-def step_bytes(manifest: dict) -> int:
+def package_manifest(path):
+    """The package's manifest (runtime.manifest.Manifest), read without loading the program."""
+    from whisper_max.runtime.package import Package
+
+    return Package.open(path).manifest
+
+
+def step_bytes(manifest) -> int:
     """Bytes one single-row decoder step must read: the weights decoder_step binds (one row of
     the positional table, and of the token table where the vocabulary product reads its panels)
     and the window's cross-attention keys and values; the self-attention caches (under 1 MB on
@@ -124,17 +131,17 @@ def step_bytes(manifest: dict) -> int:
     import numpy as np
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
-    sig = manifest["graphs"]["decoder_step"]
-    per_window = {o["name"] for o in manifest["graphs"]["cross_kv"]["outputs"]}
-    names = {w["name"] for w in sig["weights"]}
+    sig = manifest.graphs["decoder_step"]
+    per_window = set(manifest.graphs["cross_kv"].output_names())
+    names = {w.name for w in sig.weights}
     gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}
     total = 0
-    for w in sig["weights"]:
-        shape = w["shape"][1:] if w["name"] in gathered else w["shape"]
-        total += int(np.prod(shape)) * size[w["dtype"]]
-    for i in sig["inputs"]:
-        if i["name"] in per_window:
-            total += int(np.prod(i["shape"])) * size[i["dtype"]]
+    for w in sig.weights:
+        shape = w.shape[1:] if w.name in gathered else w.shape
+        total += int(np.prod(shape)) * size[w.dtype]
+    for i in sig.inputs:
+        if i.name in per_window:
+            total += int(np.prod(i.shape)) * size[i.dtype]
     return total
 
 
@@ -304,8 +311,7 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
         from whisper_max.converter.trace import model_from_state_dict
 
         torch.set_num_threads(2)
-        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
-        src = resolve(manifest["model"]["name"])
+        src = resolve(package_manifest(package).model.name)
         model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
         out["load_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -327,12 +333,12 @@ def _child(engine: str, package: str, audio_path: str, beam: int | None = None) 
     elif engine.startswith("faster-whisper"):
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
-        location = manifest["source"]["location"].split(" + ")[0]
-        if manifest["source"]["kind"] != "ctranslate2":
+        source = package_manifest(package).source
+        if source is None or source.kind != "ctranslate2":
             raise SystemExit(
-                f"faster-whisper needs a CTranslate2 model; {package} came from {manifest['source']['kind']}"
+                f"faster-whisper needs a CTranslate2 model; {package} came from {source.kind if source else 'nowhere'}"
             )
+        location = source.location.split(" + ")[0]
         model_dir = str(Path(location).parent if location.endswith(".bin") or ".bin." in location else location)
         compute = "int8" if engine.endswith("int8") else "float32"
         model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
@@ -730,7 +736,7 @@ def main() -> None:
             f"memory in 2 MiB pages after load {huge} MB (each run).",
         ]
         package = args.package_bf16 if "bfloat16" in e else args.package
-        manifest = json.loads(__import__("zipfile").ZipFile(package).read("manifest.json"))
+        manifest = package_manifest(package)
         nbytes = step_bytes(manifest)
         floor_ms = nbytes / host["read_gb_s"] / 1e6
         medians = [
@@ -747,9 +753,9 @@ def main() -> None:
                 "ms "
                 f"({nbytes / 1e6:.0f} MB of weights and one window's cross K/V at {host['read_gb_s']:.1f} GB/s)."
             )
-        timings = manifest.get("timings_s", {})
+        timings = manifest.timings_s
         lines.append(
-            f"{e} package: converted by whisper-max {manifest['converter']['whisper_max']} in "
+            f"{e} package: converted by whisper-max {manifest.converter.get('whisper_max', '?')} in "
             f"{sum(timings.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
             "the compile times depend on MAX's cache being cold or warm)."
         )

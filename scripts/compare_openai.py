@@ -37,7 +37,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     ours = runtime.load(args.package)
-    name = args.model or ours.package.manifest["model"]["name"]
+    name = args.model or ours.package.manifest.model.name
     src = resolve(name)
     ref = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
     clips = args.clips.split(",") if args.clips else sorted(p.name for p in SHARED.glob("*.wav"))

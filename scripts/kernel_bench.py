@@ -70,16 +70,16 @@ def main(argv=None) -> int:
 
     from whisper_max.converter import ir
     from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
-    from whisper_max.converter.lower.target import Target
+    from whisper_max.converter.lower.target import Target, amx
     from whisper_max.runtime.package import Package
     from whisper_max.runtime.weights import to_bfloat16, to_panels
 
-    dims = Package.open(args.package).manifest["model"]["dims"] if args.package else TINY_EN
+    dims = Package.open(args.package).manifest.model.dims if args.package else TINY_EN
     d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
     m = args.windows * ctx
     target = Target.host()
     kinds = (
-        ["fp32", "panels"] + (["amx"] if target.amx else []) + (["bf16"] if "avx512_bf16" in target.features else [])
+        ["fp32", "panels"] + (["amx"] if amx(target) else []) + (["bf16"] if "avx512_bf16" in target.features else [])
     )
     workers = os.cpu_count()
     dev = DeviceRef.CPU()
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     mod = Module()
     iters = {"fma": 2_000_000, "amx": 200_000}
     for name, it in iters.items():
-        if name == "amx" and not target.amx:
+        if name == "amx" and not amx(target):
             continue
         for w in (1, workers):
             with Graph(
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     seed = Buffer.from_numpy(np.ones(1, np.float32))
     peaks = {}
     for name, it in iters.items():
-        if name == "amx" and not target.amx:
+        if name == "amx" and not amx(target):
             continue
         lanes = 16 if "avx512f" in target.features else 8  # scripts/peak's V: simd_width_of[float32]
         chains = 24 if lanes == 16 else 12  # scripts/peak's CHAINS

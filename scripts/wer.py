@@ -84,7 +84,7 @@ def main() -> None:
             {
                 "package": path,
                 "mode": mode,
-                "dtype": model.package.manifest.get("dtype", "float32"),
+                "dtype": model.package.manifest.dtype,
                 "words": n_words,
                 "edits": sum(edits.values()),
                 "wer": 100.0 * sum(edits.values()) / n_words,

@@ -31,7 +31,7 @@ def tiny_en(tmp_path_factory):
         from whisper_max.runtime.trust import record
 
         pkg = Package.open(given)
-        record(pkg.manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
+        record(pkg.manifest.files["model.mef"].sha256, given)  # the developer vouches for it
         return ConvertResult(Path(given), pkg.manifest, [], {})
     out = tmp_path_factory.mktemp("pkg") / "tiny.en.maxpkg"
     return convert("tiny.en", out)
@@ -53,7 +53,7 @@ def base_pkg(tmp_path_factory):
         from whisper_max.runtime.package import Package
         from whisper_max.runtime.trust import record
 
-        record(Package.open(given).manifest["files"]["model.mef"]["sha256"], given)  # the developer vouches for it
+        record(Package.open(given).manifest.files["model.mef"].sha256, given)  # the developer vouches for it
         return Path(given)
     out = tmp_path_factory.mktemp("pkg") / "base.maxpkg"
     convert("base", out)

@@ -20,6 +20,7 @@ from max.graph import TensorType, ops
 
 from .. import ir
 from . import LoweringError, register
+from .target import bfloat16_kernels
 
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
 LINEAR_ROWS = "whisper_max.linear_rows"
@@ -100,7 +101,7 @@ def linear_bf16(ctx, x, weight, bias=None):
     """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32: x
     rounded to bfloat16, pair products summed in float32; on AMX tiles (whisper_max.linear_amx)
     where the target has them, else by AVX512_BF16 (whisper_max.linear_bf16)."""
-    return _product(ctx, LINEAR_AMX if ctx.target.bfloat16_kernels() == "amx" else LINEAR_BF16, x, weight, bias)
+    return _product(ctx, LINEAR_AMX if bfloat16_kernels(ctx.target) == "amx" else LINEAR_BF16, x, weight, bias)
 
 
 @register(ir.LINEAR_PANELS)
@@ -158,7 +159,7 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
 def attention_bf16(ctx, node, q, k, v, heads, scale):
     """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_amx where the
     target has AMX, else whisper_max.attention_bf16 (the same arithmetic on AVX512_BF16)."""
-    op = ATTENTION_AMX if ctx.target.bfloat16_kernels() == "amx" else ir.ATTENTION_BF16
+    op = ATTENTION_AMX if bfloat16_kernels(ctx.target) == "amx" else ir.ATTENTION_BF16
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
     return ops.custom(
         op,

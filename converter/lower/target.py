@@ -1,7 +1,7 @@
 """The CPU a program is compiled for, and which of our kernels each kind of CPU runs.
 
 MAX compiles a graph for the host CPU, and so do our kernels: the package records the host's
-features (runtime.package.cpu_target) and runs only where they are all present. Mojo cannot
+features (runtime.manifest.Target.host) and runs only where they are all present. Mojo cannot
 always tell which instructions the host has (under KVM a Sapphire Rapids reports a Rocket Lake
 model number and Mojo enables neither AVX512_BF16 nor AMX), so the choice between kernel kinds
 is made here, from /proc/cpuinfo's flags, and the lowering names the kernel it wants:
@@ -17,38 +17,25 @@ float32 programs run the same kernels everywhere (MAX's, and ours for the decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ...runtime.manifest import Target
 
-from ...runtime.package import cpu_target
+__all__ = ["Target", "amx", "bfloat16", "bfloat16_kernels"]
 
 
-@dataclass(frozen=True)
-class Target:
-    arch: str
-    features: frozenset[str]
+def amx(target: Target) -> bool:
+    """Whether bfloat16 products run on AMX tiles there."""
+    return target.has("amx_tile", "amx_bf16")
 
-    @classmethod
-    def host(cls) -> Target:
-        t = cpu_target()
-        return cls(t["arch"], frozenset(t["features"]))
 
-    @property
-    def amx(self) -> bool:
-        """Whether bfloat16 products run on AMX tiles."""
-        return {"amx_tile", "amx_bf16"} <= self.features
+def bfloat16(target: Target) -> bool:
+    """Whether the target has any kernel of ours for bfloat16 arithmetic (AMX or AVX512_BF16)."""
+    return amx(target) or target.has("avx512_bf16")
 
-    @property
-    def bfloat16(self) -> bool:
-        """Whether this CPU has any kernel for bfloat16 arithmetic (AMX or AVX512_BF16)."""
-        return self.amx or "avx512_bf16" in self.features
 
-    def bfloat16_kernels(self) -> str:
-        """The kind of our bfloat16 kernels for this CPU: "amx" or "bf16"."""
-        if self.amx:
-            return "amx"
-        if "avx512_bf16" in self.features:
-            return "bf16"
-        raise ValueError(
-            f"this CPU ({self.arch}, {sorted(self.features)}) has neither AMX-BF16 nor AVX512_BF16 for bfloat16 "
-            "arithmetic"
-        )
+def bfloat16_kernels(target: Target) -> str:
+    """The kind of our bfloat16 kernels for the target: "amx" or "bf16"."""
+    if amx(target):
+        return "amx"
+    if target.has("avx512_bf16"):
+        return "bf16"
+    raise ValueError(f"this CPU ({target}) has neither AMX-BF16 nor AVX512_BF16 for bfloat16 arithmetic")

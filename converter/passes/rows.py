@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ...runtime.package import LINEAGE, WINDOW
-from ...runtime.program import Role
+from ...runtime.program import LINEAGE, WINDOW, Role
 from .. import ir
 from .rewrite import replace_graph
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ...runtime.package import SELECT_RULES
-from ...runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SLOTS, STEP_GRAPHS, SUPPRESS, Role
+from ...runtime.program import CHOICE, LOGITS, RULES, SAMPLING, SELECT_RULES, SLOTS, STEP_GRAPHS, SUPPRESS, Role
 from .. import ir
 
 

@@ -160,7 +160,7 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
     float32 view (a cast of a float16 one, passes.store_weights); the tied vocabulary product
     is `x @ transpose(W)`. A bfloat16 weight is read in panels too when `bfloat16` (a target
     without AMX: VDPBF16PS kernels would round the rows to bfloat16, and a dot product per output
-    is load-bound), else it keeps its AMX kernels (convert passes `not Target.amx`)."""
+    is load-bound), else it keeps its AMX kernels (convert passes `not amx(Target.host())`)."""
     dtypes = (*PANEL_DTYPES, "bfloat16") if bfloat16 else PANEL_DTYPES
     graphs = []
     for g in p.graphs:

@@ -18,10 +18,10 @@ from whisper.model import Conv1d, LayerNorm, Linear
 from whisper_max.converter import ir
 from whisper_max.converter.ir import graph_signature
 from whisper_max.converter.lower import LoweringError, compile_with_kernels, lower_graph, register
-from whisper_max.converter.lower.target import Target
 from whisper_max.converter.parity import empty_cache
 from whisper_max.converter.passes import optimise, panel_products, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
+from whisper_max.runtime.manifest import Target
 from whisper_max.runtime.model import WhisperModel
 from whisper_max.runtime.program import StepCache, decoder_call, state_specs
 from whisper_max.runtime.weights import from_bfloat16, to_bfloat16, with_derived
@@ -82,9 +82,9 @@ def compiled():
     panels, panel_weights = _panel_products()
     for g in program.graphs + (micro_ir,) + panels.graphs + (_attention_f32(),):
         lower_graph(g, mod)
-    for kind, features in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
+    for kind, target in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
         for g in products.graphs:
-            lower_graph(g, mod, name=f"{g.name}_{kind}", target=Target("x86_64", features))
+            lower_graph(g, mod, name=f"{g.name}_{kind}", target=target)
     weights = with_derived(state_dict_np(model), program.weight_names()) | {
         k: v.detach().numpy().copy() for k, v in micro.state_dict().items()
     }
@@ -547,7 +547,8 @@ def test_amx_kernels_compile_on_any_cpu():
     from max.graph import Module
 
     products, _ = _bf16_products()
-    amx = Target("x86_64", Target.host().features | {"amx_tile", "amx_bf16"})
+    host = Target.host()
+    amx = Target(host.device, host.arch, (*host.without("amx_tile", "amx_bf16").features, "amx_tile", "amx_bf16"))
     mod = Module()
     for g in products.graphs:
         lower_graph(g, mod, name=f"{g.name}_amx_compiled", target=amx)
@@ -572,7 +573,7 @@ def compiled_bf16(request):
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in widened.items()})
     mod = Module()
     for g in program.graphs:
-        lower_graph(g, mod, target=Target("x86_64", BF16_TARGETS[request.param]))
+        lower_graph(g, mod, target=BF16_TARGETS[request.param])
     session = InferenceSession()
     return (
         request.param,

@@ -39,7 +39,7 @@ def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
     assert main(["tiny.en", "--out", str(out), "--dtype", "bfloat16"]) == 0
     pkg, fp32 = Package.open(out), Package.open(tiny_en.path)
     m = pkg.manifest
-    assert m["dtype"] == "bfloat16" and m["parity"]["dtype"] == "bfloat16" and m["parity"]["all_ok"]
+    assert m.dtype == "bfloat16" and m.parity["dtype"] == "bfloat16" and m.parity["all_ok"]
     entries = pkg.json("parity.json")
     assert len(entries) == len(fp32.json("parity.json")) and all(e["ok"] for e in entries)
     assert "bfloat16" in pkg.read("MODEL_CARD.md").decode() and "rounded weights" in pkg.read("parity.md").decode()
@@ -51,7 +51,7 @@ def test_bfloat16_package_parity_size_and_wer(tiny_en, tmp_path):
     # half the bytes of the same weights in float32 (the float32 package keeps the decoder step's
     # matrices in float16 where that is exact, so its own size is not the float32 one)
     float32_bytes = sum(4 * int(np.prod(e["shape"])) for e in json.loads(fp32.read("weights.json")).values())
-    assert m["files"]["weights.bin"]["bytes"] < 0.51 * float32_bytes
+    assert m.files["weights.bin"].bytes < 0.51 * float32_bytes
 
     rows_json = tmp_path / "wer.json"
     run = subprocess.run(

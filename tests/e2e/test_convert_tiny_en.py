@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.cli import main
+from whisper_max.runtime.manifest import FORMAT_VERSION, Target
 from whisper_max.runtime.package import Package
 
 
@@ -18,7 +20,7 @@ def test_parity_covers_every_layer_and_passes(tiny_en):
     pkg = Package.open(tiny_en.path)
     entries = pkg.json("parity.json")
     names = [e["name"] for e in entries]
-    dims = pkg.manifest["model"]["dims"]
+    dims = pkg.manifest.model.dims
     expected = (
         [
             "encoder.conv1",
@@ -45,24 +47,20 @@ def test_parity_covers_every_layer_and_passes(tiny_en):
     bad = [e for e in entries if not e["ok"] or e["max_rel_err"] > e["tol"]]
     assert not bad, bad
     assert all(set(e) == {"name", "shape", "max_abs_err", "max_rel_err", "tol", "ok"} for e in entries)
-    assert pkg.manifest["parity"]["all_ok"] and not pkg.manifest["skip_check"]
+    assert pkg.manifest.parity["all_ok"] and not pkg.manifest.skip_check
     assert f"all {len(expected)} entries pass" in pkg.read("parity.md").decode()
 
 
 def test_manifest_describes_the_package(tiny_en):
     m = Package.open(tiny_en.path).manifest
-    assert m["format"] == "whisper-max" and m["dtype"] == "float32"
-    assert m["model"]["dims"]["n_vocab"] == 51864 and not m["model"]["multilingual"]
-    assert m["source"]["kind"] == "ctranslate2" and len(m["source"]["sha256"]) == 64
-    assert m["max_version"].startswith("26.7")
-    assert set(m["graphs"]) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"}
+    assert m.format_version == FORMAT_VERSION and m.dtype == "float32" and m.target == Target.host()
+    assert m.model.dims["n_vocab"] == 51864 and not m.model.multilingual
+    assert m.source.kind == "ctranslate2" and len(m.source.sha256) == 64
+    assert m.max_version.startswith("26.7")
+    assert set(m.graphs) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"}
     # the one-token graphs choose the next tokens in the same call; beams carry a lineage
-    assert all(
-        [o["name"] for o in m["graphs"][g]["outputs"]] == ["logits", "choice"] for g in ("decoder_step", "decoder_rows")
-    )
-    assert "lineage" in {i["name"] for i in m["graphs"]["decoder_rows"]["inputs"]} - {
-        i["name"] for i in m["graphs"]["decoder_step"]["inputs"]
-    }
+    assert all(m.graphs[g].output_names() == ["logits", "choice"] for g in ("decoder_step", "decoder_rows"))
+    assert "lineage" in set(m.graphs["decoder_rows"].input_names()) - set(m.graphs["decoder_step"].input_names())
     assert {
         "model.mef",
         "weights.bin",
@@ -72,7 +70,7 @@ def test_manifest_describes_the_package(tiny_en):
         "assets/mel_filters.npy",
         "parity.json",
         "MODEL_CARD.md",
-    } <= set(m["files"])
+    } <= set(m.files)
 
 
 def test_onnx_in_package_is_the_printed_ir(tiny_en):
@@ -93,7 +91,7 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
         pkg = Package.open({str(tiny_en.path)!r})
         models = pkg.load_models()
         load = time.perf_counter() - t
-        dims = pkg.manifest["model"]["dims"]
+        dims = pkg.manifest.model.dims
         mel = np.zeros((1, dims["n_mels"], 2 * dims["n_audio_ctx"]), np.float32)
         xa = models["encoder"].execute(mel)[0]
         kv = models["cross_kv"].execute(xa)
@@ -115,7 +113,7 @@ def test_loads_in_a_new_process_without_torch_or_compiling(tiny_en, tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"package load in a new process: {out['load_s']:.3f} s")
     assert out["torch"] is False
-    xkv = [o["name"] for o in Package.open(tiny_en.path).manifest["graphs"]["cross_kv"]["outputs"]]
+    xkv = Package.open(tiny_en.path).manifest.graphs["cross_kv"].output_names()
     # the 2 per layer cross K/V, then the values hoisted out of the decoder step (head-split, scaled)
     assert xkv[:8] == [f"decoder.blocks.{i}.cross_attn.{kv}" for i in range(4) for kv in ("key", "value")]
     assert out["xa"] == [1, 1500, 384] and out["kv"] == len(xkv) == 16
@@ -128,7 +126,7 @@ def test_skip_check_is_recorded(tmp_path):
 
     out = convert("tiny.en", tmp_path / "t.maxpkg", skip_check=True)
     m = Package.open(out.path).manifest
-    assert m["skip_check"] is True and m["parity"] == {"checked": False}
+    assert m.skip_check is True and m.parity == {"checked": False}
     assert json.loads(Package.open(out.path).read("parity.json")) == []
 
 
@@ -149,9 +147,8 @@ def _without_select(src: Path, out: Path) -> Path:
     files = {n: pkg.read(n) for n in pkg.names() if n not in ("manifest.json", "ir/select.onnx")}
     program = onnx_io.from_onnx_files({n: d for n, d in files.items() if n.startswith("ir/")})
     files["ir.txt"] = ir.format_program(program).encode()
-    manifest = {k: v for k, v in pkg.manifest.items() if k not in ("files", "format", "format_version")}
-    manifest["graphs"] = {g: sig for g, sig in manifest["graphs"].items() if g != "select"}
-    write_package(out, manifest, files)
+    graphs = {g: sig for g, sig in pkg.manifest.graphs.items() if g != "select"}
+    write_package(out, replace(pkg.manifest, graphs=graphs), files)
     return out
 
 
@@ -178,10 +175,10 @@ def test_rebuild_from_the_package_alone(tiny_en, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rebuilt, original = Package.open(out), Package.open(tiny_en.path)
-    assert rebuilt.manifest["rebuilt"]["from_max_version"] == original.manifest["max_version"]
-    assert rebuilt.manifest["graphs"] == original.manifest["graphs"] and rebuilt.read(
+    assert rebuilt.manifest.rebuilt.from_max_version == original.manifest.max_version
+    assert rebuilt.manifest.graphs == original.manifest.graphs and rebuilt.read("ir/select.onnx") == original.read(
         "ir/select.onnx"
-    ) == original.read("ir/select.onnx")
+    )
     assert rebuilt.read("weights.bin") == original.read("weights.bin") and rebuilt.read("ir.txt") == original.read(
         "ir.txt"
     )

@@ -98,7 +98,7 @@ def test_stored_golden_without_torch(tiny_en, tmp_path):
         import json, sys
         from whisper_max import runtime
         model = runtime.load({str(tiny_en.path)!r})
-        src = model.package.manifest["source"]["sha256"]
+        src = model.package.manifest.source.sha256
         out = {{}}
         for case in json.loads(open({str(STORED)!r}).read())["tiny.en"]["cases"]:
             r = model.transcribe({str(golden.DATA)!r} + "/" + case["clip"], **case["options"])

@@ -42,5 +42,5 @@ def test_whisper_run_says_how_to_trust_or_rebuild(stranger, tmp_path, capsys):
 def test_converting_here_trusts_the_result(tiny_en):
     from whisper_max.runtime.trust import is_trusted
 
-    assert is_trusted(Package.open(tiny_en.path).manifest["files"]["model.mef"]["sha256"])
+    assert is_trusted(Package.open(tiny_en.path).manifest.files["model.mef"].sha256)
     assert not is_trusted("0" * 64)

@@ -14,10 +14,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from helpers import manifest_doc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from whisper_max.runtime import package
 from whisper_max.runtime import weights as wt
 from whisper_max.runtime.audio import AudioError, read_audio
 from whisper_max.runtime.package import Package, PackageError
@@ -111,9 +111,15 @@ MANIFEST_PATHS = [
     ("graphs", "g", "weights", 0, "shape"),
     ("graphs", "g", "weights", 0, "dtype"),
     ("max_version",),
-    ("target_cpu",),
-    ("target_cpu", "arch"),
-    ("target_cpu", "features"),
+    ("target",),
+    ("target", "arch"),
+    ("target", "features"),
+    ("target", "device"),
+    ("model",),
+    ("model", "dims"),
+    ("model", "alignment_heads"),
+    ("dtype",),
+    ("rebuilt",),
 ]
 # fields of one weights.json entry
 WEIGHT_FIELDS = ["dtype", "shape", "offset", "nbytes"]
@@ -126,15 +132,7 @@ def _good_entries():
 
 
 def _manifest(files: dict[str, bytes]) -> dict:
-    return {
-        "format": package.FORMAT,
-        "format_version": package.FORMAT_VERSION,
-        "model": {"name": "fuzz"},
-        "max_version": package.max_version(),
-        "target_cpu": package.cpu_target(),
-        "graphs": {"g": {"weights": [{"name": "a.weight", "dtype": "float32", "shape": [3, 5]}]}},
-        "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()},
-    }
+    return manifest_doc(files={n: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)} for n, d in files.items()})
 
 
 def _set(doc, path, value):

@@ -7,19 +7,16 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import manifest_doc, typed
 
 from whisper_max.runtime import package
 from whisper_max.runtime import weights as wt
+from whisper_max.runtime.manifest import FORMAT_VERSION, Target
 from whisper_max.runtime.package import Package, PackageError
 
 
-def _manifest():
-    return {
-        "model": {"name": "tiny.en"},
-        "max_version": package.max_version(),
-        "target_cpu": package.cpu_target(),
-        "graphs": {"g": {"weights": [{"name": "a.weight", "dtype": "float32", "shape": [3, 5]}]}},
-    }
+def _manifest(**fields):
+    return typed(manifest_doc(**fields))
 
 
 def _files():
@@ -39,7 +36,9 @@ def test_weights_round_trip_aligned_and_writable(tmp_path):
         assert got[k].dtype == v.dtype and got[k].flags.writeable
     assert all(e["offset"] % 64 == 0 for e in json.loads(files["weights.json"]).values())
     assert pkg.read("notes.txt") == b"hello"
-    assert pkg.manifest["format_version"] == package.FORMAT_VERSION
+    assert pkg.manifest.format_version == FORMAT_VERSION
+    with zipfile.ZipFile(path) as z:  # written and read through one typed object: a round trip
+        assert json.loads(z.read("manifest.json")) == pkg.manifest.to_json()
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
@@ -102,21 +101,21 @@ def test_integrity_and_version_checks(tmp_path):
 def test_compatibility_check_names_the_fix(tmp_path):
     files, _ = _files()
     path = tmp_path / "x.maxpkg"
-    package.write_package(path, dict(_manifest(), max_version="0.0.1"), files)
+    package.write_package(path, _manifest(max_version="0.0.1"), files)
     with pytest.raises(PackageError, match=r"MAX 0\.0\.1.*whisper-convert --rebuild"):
         Package.open(path).check_compatible()
-    target = dict(package.cpu_target(), features=["avx9000"])
-    package.write_package(path, dict(_manifest(), target_cpu=target), files)
+    target = dict(Target.host().to_json(), features=["avx9000"])
+    package.write_package(path, _manifest(target=target), files)
     with pytest.raises(PackageError, match="lacking.*avx9000"):
         Package.open(path).check_compatible()
 
 
 def test_weight_shape_mismatch_is_caught(tmp_path):
     files, _ = _files()
-    m = _manifest()
+    m = manifest_doc()
     m["graphs"]["g"]["weights"][0]["shape"] = [5, 3]
     path = tmp_path / "x.maxpkg"
-    package.write_package(path, m, files)
+    package.write_package(path, typed(m), files)
     pkg = Package.open(path)
     with pytest.raises(PackageError, match="a.weight.*float32\\[3, 5\\].*float32\\[5, 3\\]"):
         pkg.check_weights(pkg.weights())
@@ -176,20 +175,20 @@ def test_bfloat16_weights_round_to_nearest_even_and_round_trip(tmp_path):
         wt.to_bfloat16(np.array([np.inf], np.float32))
     wj, wb = wt.pack_weights({"m.weight": b, "m.bias": a[0]})
     assert json.loads(wj)["m.weight"] == {"dtype": "bfloat16", "shape": [4, 64], "offset": 256, "nbytes": 512}
-    m = _manifest()
+    m = manifest_doc()
     m["graphs"]["g"]["weights"] = [
         {"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]},
         {"name": "m.bias", "dtype": "float32", "shape": [64]},
     ]
     path = tmp_path / "x.maxpkg"
-    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    package.write_package(path, typed(m), {"weights.json": wj, "weights.bin": wb})
     pkg = Package.open(path)
     got = pkg.weights()
     assert got["m.weight"].dtype == DType.bfloat16 and got["m.weight"].shape == (4, 64)
     np.testing.assert_array_equal(got["m.weight"].view(DType.uint16).to_numpy(), bits)
     pkg.check_weights(got)
     m["graphs"]["g"]["weights"][0]["dtype"] = "float32"  # a float32 graph given bfloat16 weights
-    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    package.write_package(path, typed(m), {"weights.json": wj, "weights.bin": wb})
     with pytest.raises(PackageError, match=r"m.weight.*bfloat16\[4, 64\].*float32\[4, 64\]"):
         Package.open(path).check_weights(got)
 
@@ -203,7 +202,7 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
     a = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
     wj, wb = wt.pack_weights({"m.weight": wt.to_bfloat16(a), "m.bias": a[0]})
     assert set(json.loads(wj)) == {"m.weight", "m.bias"}
-    m = _manifest()
+    m = manifest_doc()
     widened = {"name": "m.weight" + wt.WIDENED, "dtype": "float32", "shape": [4, 64]}
     m["graphs"]["g"]["weights"] = [{"name": "m.weight", "dtype": "bfloat16", "shape": [4, 64]}, widened]
     m["graphs"]["h"] = {
@@ -212,7 +211,7 @@ def test_widened_weights_are_made_once_at_load_from_their_bfloat16_source(tmp_pa
         "weights": [widened, {"name": "m.bias", "dtype": "float32", "shape": [64]}],
     }
     path = tmp_path / "x.maxpkg"
-    package.write_package(path, m, {"weights.json": wj, "weights.bin": wb})
+    package.write_package(path, typed(m), {"weights.json": wj, "weights.bin": wb})
     pkg = Package.open(path)
     got = pkg.weights()
     w = got["m.weight/widened"]
@@ -323,3 +322,47 @@ def test_an_npy_holding_a_pickle_is_refused(tmp_path):
     package.write_package(path, _manifest(), files)
     with pytest.raises(PackageError, match="mel_filters.npy is not a plain .npy array .*no pickles"):
         Package.open(path).npy("assets/mel_filters.npy")
+
+
+def test_format_8_packages_are_read_with_their_target_cpu(tmp_path):
+    """Formats before 9 name the target `target_cpu` (arch, features; the device was always the
+    CPU), and a rebuilt one `from_target_cpu`: they open as a Target, and are written back as 9."""
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    here = Target.host()
+    old = {"arch": here.arch, "features": list(here.features)}
+
+    def as_format_8(m):
+        del m["target"]
+        m.update(format_version=8, target_cpu=old, rebuilt={"from_max_version": "26.6.0", "from_target_cpu": old})
+
+    _rewrite(path, as_format_8)
+    pkg = Package.open(path)
+    assert pkg.manifest.format_version == 8 and pkg.manifest.target == here
+    assert pkg.manifest.rebuilt.from_target == here and pkg.manifest.rebuilt.from_max_version == "26.6.0"
+    pkg.check_compatible()
+    out = tmp_path / "y.maxpkg"
+    package.write_package(out, pkg.manifest, {n: pkg.read(n) for n in pkg.names()})
+    doc = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert doc["format_version"] == FORMAT_VERSION and doc["target"] == here.to_json() and "target_cpu" not in doc
+    assert doc["rebuilt"]["from_target"] == here.to_json()
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("target"), "'target' is missing or not a table"),
+        (lambda m: m["target"].update(features="avx2"), "'target.features' is not a list of names"),
+        (lambda m: m["model"].update(dims={"n_mels": "80"}), "'model.dims' is not a table of name -> integer"),
+        (lambda m: m["graphs"]["g"]["weights"][0].update(shape=[3, None]), r"'graphs.g.weights\[0\].shape' is not"),
+        (lambda m: m.update(dtype=16), "'dtype' is missing or not a string"),
+    ],
+)
+def test_a_manifest_field_out_of_shape_is_named(tmp_path, edit, match):
+    files, _ = _files()
+    path = tmp_path / "x.maxpkg"
+    package.write_package(path, _manifest(), files)
+    _rewrite(path, edit)
+    with pytest.raises(PackageError, match=f"x.maxpkg: manifest.json {match}.*not a package whisper-convert wrote"):
+        Package.open(path)

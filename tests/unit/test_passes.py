@@ -22,7 +22,7 @@ from whisper_max.converter.passes import (
     token_selection,
 )
 from whisper_max.converter.trace import trace_program
-from whisper_max.runtime.package import LINEAGE, WINDOW
+from whisper_max.runtime.program import LINEAGE, WINDOW
 from whisper_max.runtime.weights import PANELS, panels_source, widened_source
 
 

@@ -334,5 +334,5 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
 
 
 def _signatures(program: ir.Program) -> dict[str, GraphSignature]:
-    """Each graph's signature as the manifest records it (ir.graph_signature, typed)."""
-    return {g.name: GraphSignature.from_json(ir.graph_signature(g), g.name) for g in program.graphs}
+    """Each graph's signature as the manifest records it (ir.graph_signature)."""
+    return {g.name: ir.graph_signature(g) for g in program.graphs}

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime import manifest
+from ..runtime.manifest import GraphSignature, State, TensorSpec
 from ..runtime.weights import panels_source, widened_source
 
 Dim = int | str
@@ -187,24 +189,22 @@ class Graph:
         return out
 
 
-def graph_signature(g: Graph) -> dict:
-    """What a runtime needs to call a graph: inputs, outputs and weights by name, with types."""
+def graph_signature(g: Graph) -> GraphSignature:
+    """What a runtime needs to call a graph (the manifest's record of it): inputs, outputs and
+    weights by name, with types; the inputs written in place with their axis and position."""
     types = g.types()
-    sig = lambda name, t: {"name": name, "dtype": t.dtype, "shape": list(t.shape)}  # noqa: E731
     state = g.state_inputs()
 
-    def arg(v: Value) -> dict:
-        out = sig(v.name, v.type)
-        if v.name in state:  # written in place at the position another input holds
-            out["state"] = {"axis": state[v.name].attr("axis"), "position": write_position(state[v.name])}
-        return out
+    def arg(name: str, t, written: Node | None = None) -> TensorSpec:
+        where = None if written is None else State(written.attr("axis"), write_position(written))
+        return TensorSpec(name, t.dtype, tuple(t.shape), where)
 
-    return {
-        "inputs": [arg(v) for v in g.inputs],
-        "outputs": [sig(name, types[v]) for name, v in g.outputs],
-        "weights": [sig(w.name, w.type) for w in g.weights],
-        "dims": [{"name": d.name, "min": d.min, "max": d.max} for d in g.dims],
-    }
+    return GraphSignature(
+        inputs=tuple(arg(v.name, v.type, state.get(v.name)) for v in g.inputs),
+        outputs=tuple(arg(name, types[v]) for name, v in g.outputs),
+        weights=tuple(arg(w.name, w.type) for w in g.weights),
+        dims=tuple(manifest.Dim(d.name, d.min, d.max) for d in g.dims),
+    )
 
 
 def one_position_per_row(g: Graph, name: str) -> bool:

@@ -20,7 +20,7 @@ from max.graph import TensorType, ops
 
 from .. import ir
 from . import LoweringError, register
-from .target import bfloat16_kernels
+from .target import amx, bfloat16_kernels
 
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
 LINEAR_ROWS = "whisper_max.linear_rows"
@@ -94,7 +94,7 @@ def linear_rows(ctx, x, weight, bias=None):
 def _rows_on_amx(ctx, *weights) -> bool:
     """Whether products of a few rows with these stored weights run on AMX: the target has it
     and every weight is bfloat16 with columns in whole 32s (the kernels' steps of k)."""
-    return ctx.target.amx and all(w.dtype == DType.bfloat16 and int(w.shape[1]) % 32 == 0 for w in weights)
+    return amx(ctx.target) and all(w.dtype == DType.bfloat16 and int(w.shape[1]) % 32 == 0 for w in weights)
 
 
 def linear_bf16(ctx, x, weight, bias=None):
@@ -143,12 +143,12 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     matrices = [operands[i] for i in (2, 4, 5, 7, 11, 13, 17, 19)]  # wq wk wv wo wcq wco w1 w2
-    amx = (
+    on_amx = (
         all(w.rank == 2 for w in matrices)
         and _rows_on_amx(ctx, *matrices)
         and all(int(w.shape[0]) % 32 == 0 for w in matrices)
     )
-    parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": amx}
+    parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": on_amx}
     y = ops.inplace_custom(
         ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters
     )[0].tensor

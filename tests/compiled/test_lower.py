@@ -485,12 +485,12 @@ def test_rows_of_many_windows_in_one_call(compiled):
     runs = [_runner(program, models, xa) for xa in xas]
     run = runs[0][0]
     sig = graph_signature(program.graph("decoder_rows"))
-    caches = [i for i in sig["inputs"] if "state" in i]
-    cross_names = [i["name"] for i in sig["inputs"] if i["shape"][0] == "windows"]
+    caches = [i for i in sig.inputs if i.state is not None]
+    cross_names = [i.name for i in sig.inputs if i.shape[0] == "windows"]
     windows = {k: np.concatenate([r[1][k].to_numpy() for r in runs]) for k in cross_names}
     beams = 10  # window 2's rows: more than STREAM_ROWS
     slots = 2 + beams
-    pool = {i["name"]: np.zeros([slots, *i["shape"][1:]], np.float32) for i in caches}
+    pool = {i.name: np.zeros([slots, *i.shape[1:]], np.float32) for i in caches}
     buffers = {k: Buffer.from_numpy(a) for k, a in pool.items()}  # written in place by the graph
     prompts = [rng.integers(0, v, (1, n)).astype(np.int64) for n in (2, 5, 3)]
     # rows: (window, prompt slot, own slot); window 2 decodes `beams` rows
@@ -498,7 +498,7 @@ def test_rows_of_many_windows_in_one_call(compiled):
     for w, (prompt, (_, cross)) in enumerate(zip(prompts, runs)):
         _, cache, _ = decoder_call(run, {}, prompt, empty_cache(program.graph("decoder"), 1), cross)
         for i in caches:
-            pool[i["name"]][w, :, : prompt.shape[1]] = cache[i["name"]].to_numpy()[0]
+            pool[i.name][w, :, : prompt.shape[1]] = cache[i.name].to_numpy()[0]
     seqs = [prompts[w][0].tolist() for w, _, _ in rows]
     lineage = np.array([[own] * cap for _, _, own in rows], np.int32)
     for r, (w, shared, _) in enumerate(rows):

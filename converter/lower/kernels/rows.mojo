@@ -182,23 +182,36 @@ def linear[dt: DType, mode: Int, o: MutOrigin](
 
 
 comptime PANEL = 64  # output columns of one panel of a weight in panels (runtime.package.PANEL)
-# One register tile: MR rows x NV vectors of columns, MR * NV sums + NV panel vectors + one
-# broadcast held in registers: 6 x 4 (29 of AVX-512's 32), or 6 x 2 on AVX2 (15 of its 16; a
-# 3 x 4 tile there needs 17 and spills one every step).
-comptime NV = 4 if V >= 16 else 2
-comptime CW = NV * V  # columns of one register tile: the panel, or a quarter of it on AVX2
+# One register tile: R rows x NV vectors of columns, R * NV sums + NV panel vectors + one
+# broadcast held in registers. MR rows at most: 6 x 4 (29 of AVX-512's 32), or 6 x 2 on AVX2
+# (15 of its 16; a 3 x 4 tile there needs 17 and spills one every step).
 comptime MR = 6
 comptime STACK_ROWS = 64  # rows whose sums of one panel linear_panels keeps on the stack (16 KB)
 
 
+def tile_vectors(rows: Int) -> Int:
+    """NV, the vectors of columns in a register tile of `rows` rows. Each vector of sums is one
+    chain of dependent FMAs (a step's sum needs the last one's), so a tile of few rows is bound
+    by the FMA's latency unless it keeps enough chains: one row on AVX2 takes the whole panel (8
+    chains; each panel vector is used once, so 8 sums and a temporary), two rows 4 (13 registers),
+    more rows 2; on AVX-512 every tile is the whole panel (4 vectors of 16)."""
+    if V >= 16:
+        return PANEL // V
+    if rows == 1:
+        return PANEL // V
+    if rows == 2:
+        return 4
+    return 2
+
+
 @always_inline
-def _tile[dt: DType, R: Int](
+def _tile[dt: DType, R: Int, NV: Int](
     tot: UnsafePointer[Float32, MutUntrackedOrigin], ldt: Int, x: UnsafePointer[Float32, _], ldx: Int,
     panel: UnsafePointer[Scalar[dt], _], ldp: Int, kb: Int, kl: Int, first: Bool,
 ):
-    """tot[i, 0:CW] (rows ldt apart) = (first) or += the sums over c in kb ..< kb + kl of
-    x[i, c] * panel[c, 0:CW] for i < R (x rows ldx apart, panel rows ldp apart), the R x CW sums
-    in registers, each summed in c order."""
+    """tot[i, 0:NV V] (rows ldt apart) = (first) or += the sums over c in kb ..< kb + kl of
+    x[i, c] * panel[c, 0:NV V] for i < R (x rows ldx apart, panel rows ldp apart), the R x NV V
+    sums in registers, each summed in c order."""
     var acc = stack_allocation[R * NV * V, Float32, alignment=64]()
     var b = stack_allocation[NV * V, Float32, alignment=64]()
     comptime for i in range(R * NV):
@@ -220,22 +233,32 @@ def _tile[dt: DType, R: Int](
                 tot.store(o, tot.load[width=V](o) + acc.load[width=V]((i * NV + q) * V))
 
 
+@always_inline
+def _tiles[dt: DType, R: Int](
+    tot: UnsafePointer[Float32, MutUntrackedOrigin], ldt: Int, x: UnsafePointer[Float32, _], ldx: Int,
+    panel: UnsafePointer[Scalar[dt], _], ldp: Int, kb: Int, kl: Int, first: Bool,
+):
+    """R rows of block_product, all PANEL columns, in register tiles of tile_vectors(R) vectors."""
+    comptime NV = tile_vectors(R)
+    comptime for cw in range(0, PANEL, NV * V):
+        _tile[dt, R, NV](tot + cw, ldt, x, ldx, panel + cw, ldp, kb, kl, first)
+
+
 def block_product[dt: DType](
     tot: UnsafePointer[Float32, MutUntrackedOrigin], ldt: Int, x: UnsafePointer[Float32, _], ldx: Int, rows: Int,
     panel: UnsafePointer[Scalar[dt], _], ldp: Int, kb: Int, kl: Int, first: Bool,
 ):
     """tot[0:rows, 0:PANEL] (rows ldt apart) = (first) or += x[0:rows, kb:kb + kl] (rows ldx
     apart) @ panel[kb:kb + kl, 0:PANEL] (rows ldp apart): tiles of MR rows, then one tile of the
-    rest, CW columns at a time. Each sum runs in c order, whatever `rows` is."""
-    for cw in range(0, PANEL, CW):
-        var r0 = 0
-        while r0 + MR <= rows:
-            _tile[dt, MR](tot + r0 * ldt + cw, ldt, x + r0 * ldx, ldx, panel + cw, ldp, kb, kl, first)
-            r0 += MR
-        var rest = rows - r0
-        comptime for R in range(1, MR):
-            if rest == R:
-                _tile[dt, R](tot + r0 * ldt + cw, ldt, x + r0 * ldx, ldx, panel + cw, ldp, kb, kl, first)
+    rest. Each sum runs in c order, whatever `rows` is and whatever tile holds it."""
+    var r0 = 0
+    while r0 + MR <= rows:
+        _tiles[dt, MR](tot + r0 * ldt, ldt, x + r0 * ldx, ldx, panel, ldp, kb, kl, first)
+        r0 += MR
+    var rest = rows - r0
+    comptime for R in range(1, MR):
+        if rest == R:
+            _tiles[dt, R](tot + r0 * ldt, ldt, x + r0 * ldx, ldx, panel, ldp, kb, kl, first)
 
 
 def linear_panels[dt: DType, mode: Int, o: MutOrigin](

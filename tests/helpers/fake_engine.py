@@ -9,7 +9,7 @@ decoders can be compared token for token on identical logits.
 The next-token choice is the select graph's (kernel whisper_max.select_tokens) in numpy: the
 filters as a suppressed list and banned ranges per row, the timestamp rule's text ban, then
 log_softmax and the k best (ties to the lower token) or a sample drawn with the given u.
-tests/compiled/test_lower.py holds the kernel itself to openai-whisper's filter classes; here the
+tests/compiled/test_select.py holds the kernel itself to openai-whisper's filter classes; here the
 host side of decoding (runtime.decoding: rules, greedy and beam bookkeeping, ranking) is what
 is tested.
 """

@@ -1,5 +1,5 @@
 """IR passes: what hoisting moves, and that the graphs stay well formed. (Numerical equality of the
-optimised program with PyTorch is checked by test_lower, which compiles the hoisted form.)"""
+optimised program with PyTorch is checked by tests/compiled/test_decoder.py, which compiles the hoisted form.)"""
 
 import numpy as np
 import onnx

@@ -41,430 +41,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_AUDIO = ROOT.parent / "shared" / "audio" / "longform_lj001_0001-0032.wav"
-CLIP = ROOT / "golden" / "data" / "jfk.wav"  # bundled; start-up is measured on it
+from bench_engines import run_engine, run_peer, startup
+from bench_setup import (
+    CLIP,
+    DEFAULT_AUDIO,
+    ROOT,
+    SHARED,
+    corpus_files,
+    dev_set,
+    machine,
+    package_manifest,
+    references,
+    step_bytes,
+    word_error_rate,
+)
+
 ENGINES = ["whisper-max", "openai-whisper", "faster-whisper-fp32", "faster-whisper-int8"]
 BATCHED_ENGINES = ["whisper-max-batched", "faster-whisper-batched", "faster-whisper-batched-int8"]
 # peers outside this Python, set up and run by ../shared/tools/peers (its README): OpenVINO GenAI's
 # WhisperPipeline in its own venv and whisper.cpp's whisper-cli
 PEER_ENGINES = ["openvino-f32", "openvino-bf16", "whisper.cpp-f32", "whisper.cpp-f16", "whisper.cpp-q8_0"]
-SHARED = ROOT.parent / "shared" / "audio"
-PEER_TOOLS = ROOT.parent / "shared" / "tools" / "peers"
-
-
-def machine() -> dict:
-    """The CPU this run is on: model, kind (docs/benchmarks.md keeps one table per kind), cores, the
-    instruction sets that matter here, and its read bandwidth as measured now."""
-    info: dict[str, str] = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    flags = set(info.get("flags", "").split())
-    model, vendor = info.get("model name", "unknown CPU"), info.get("vendor_id", "")
-    family, number = int(info.get("cpu family", 0)), int(info.get("model", 0))
-    if (
-        vendor == "AuthenticAMD"
-        and family == 0x19
-        and (0x10 <= number <= 0x1F or 0x60 <= number <= 0x7F or 0xA0 <= number <= 0xAF)
-    ):
-        kind = "AMD EPYC (Zen 4)"
-    elif vendor == "AuthenticAMD" and family == 0x19 and number < 0x10:
-        kind = "AMD EPYC (Zen 3)"  # Milan: AVX2, no AVX-512 (no bfloat16 packages)
-    elif vendor == "AuthenticAMD" and family == 0x1A:
-        kind = "AMD EPYC (Zen 5)"
-    elif vendor == "GenuineIntel" and "amx_tile" in flags:
-        kind = "Intel Xeon (AMX)"
-    else:
-        kind = f"{model} (family {family}, model {number})"
-    return {
-        "cpu": model,
-        "kind": kind,
-        "cores": len(os.sched_getaffinity(0)),
-        "isa": sorted(flags & {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
-        "read_gb_s": read_bandwidth(),
-    }
-
-
-def read_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
-    """GB/s read by two threads summing halves of a 1 GiB float32 array (numpy releases the GIL),
-    in memory of the kind package weights load into (runtime.weights.huge_buffer: 2 MiB pages
-    where the kernel gives them): the best of `repeats`, so the bandwidth floor it gives is the
-    strictest this run saw."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    from whisper_max.runtime.weights import huge_buffer
-
-    a = np.frombuffer(huge_buffer(mib * 2**20), np.float32)  # memory of the kind weights load into
-    a[:] = 1
-    halves = np.array_split(a, 2)
-    best = float("inf")
-    with ThreadPoolExecutor(2) as pool:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            list(pool.map(np.add.reduce, halves))
-            best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
-
-
-def package_manifest(path):
-    """The package's manifest (runtime.manifest.Manifest), read without loading the program."""
-    from whisper_max.runtime.package import Package
-
-    return Package.open(path).manifest
-
-
-def step_bytes(manifest) -> int:
-    """Bytes one single-row decoder step must read: the weights decoder_step binds (one row of
-    the positional table, and of the token table where the vocabulary product reads its panels)
-    and the window's cross-attention keys and values; the self-attention caches (under 1 MB on
-    average here) are left out, which makes the floor lower, not higher."""
-    import numpy as np
-
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}
-    sig = manifest.graphs["decoder_step"]
-    per_window = set(manifest.graphs["cross_kv"].output_names())
-    names = {w.name for w in sig.weights}
-    gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}
-    total = 0
-    for w in sig.weights:
-        shape = w.shape[1:] if w.name in gathered else w.shape
-        total += int(np.prod(shape)) * size[w.dtype]
-    for i in sig.inputs:
-        if i.name in per_window:
-            total += int(np.prod(i.shape)) * size[i.dtype]
-    return total
-
-
-def dev_set(shared: Path = SHARED) -> list[dict]:
-    """The English clips of ../shared/audio with exact references, one encoding of each recording
-    (the 7 short dev clips and the long-form file), in the manifest's order."""
-    entries = json.loads((shared / "manifest.json").read_text())
-    return [
-        e
-        for e in entries
-        if e["language"] == "en" and e["reference_quality"].startswith("exact") and e["file"].endswith(".wav")
-    ]
-
-
-def references(paths: list[str]) -> list[str]:
-    """The reference text of each file: a dev-set file's from the manifest, a corpus file's from
-    corpus.json (the references of its parts, joined)."""
-    by_name = {e["file"]: e["reference"] for e in json.loads((SHARED / "manifest.json").read_text())}
-    refs = []
-    for p in paths:
-        path = Path(p)
-        index = path.parent / "corpus.json"
-        if path.name in by_name and path.parent == SHARED:
-            refs.append(by_name[path.name])
-        elif index.is_file():
-            refs.append(next(f["reference"] for f in json.loads(index.read_text())["files"] if f["file"] == path.name))
-        else:
-            raise SystemExit(f"{p}: no reference text (neither a file of {SHARED} nor of a corpus with corpus.json)")
-    return refs
-
-
-def word_error_rate(refs: list[str], hyps: list[str]) -> float:
-    """WER % over all the files: word edits (after EnglishTextNormalizer) over reference words."""
-    from whisper.normalizers import EnglishTextNormalizer
-
-    from whisper_max.golden import word_edits
-
-    norm = EnglishTextNormalizer()
-    pairs = [(norm(r).split(), norm(h).split()) for r, h in zip(refs, hyps, strict=True)]
-    return 100.0 * sum(word_edits(r, h) for r, h in pairs) / sum(len(r) for r, _ in pairs)
-
-
-def corpus_files() -> list[str]:
-    """The benchmark corpus's files, built (scripts/make_corpus.py) into the temp dir once."""
-    import tempfile
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_corpus
-
-    out = Path(tempfile.gettempdir()) / f"whisper-max-corpus-{os.getuid()}"
-    index = out / "corpus.json"
-    if not index.is_file():
-        make_corpus.build(out)
-    return [str(out / e["file"]) for e in json.loads(index.read_text())["files"]]
-
-
-def _startup(package: str) -> dict:
-    """Runs in its own process: `whisper-run PACKAGE CLIP` with its default options on the
-    bundled clip, timed from process start (the parent's clock just before spawning) to the
-    first token's logits, and to the written outputs."""
-    import tempfile
-
-    from whisper_max.runtime import cli
-    from whisper_max.runtime.model import WhisperModel
-
-    spawned = float(os.environ["WHISPER_MAX_BENCH_SPAWN"])
-    out: dict = {"engine": "whisper-run start-up", "clip": CLIP.name}
-    step = WhisperModel.decoder_step
-
-    def first(self, *a, **k):
-        r = step(self, *a, **k)
-        out.setdefault("first_token_s", time.time() - spawned)
-        return r
-
-    WhisperModel.decoder_step = first
-    with tempfile.TemporaryDirectory() as tmp:
-        if cli.main([package, str(CLIP), "--output_dir", tmp, "--verbose", "False"]) != 0:
-            raise SystemExit("whisper-run failed on the bundled clip")
-    out["end_to_end_s"] = time.time() - spawned
-    return out
-
-
-def _child(engine: str, package: str, audio_path: str, beam: int | None = None) -> dict:
-    """Runs in its own process: load, transcribe once, report times, tokens and peak RSS.
-    `beam`: beam search of that width instead of greedy decoding."""
-    from whisper_max.runtime.audio import load_audio
-
-    audios = [load_audio(p) for p in audio_path.split(",")]  # several: a corpus, one after another
-    out: dict = {"engine": engine, "duration_s": sum(len(a) for a in audios) / 16000}
-    t = time.perf_counter()
-    if engine.startswith("whisper-max"):
-        import numpy as np
-
-        from whisper_max import runtime
-
-        model = runtime.load(package)
-        out["load_s"] = time.perf_counter() - t
-        # how much of this process the kernel backs with 2 MiB pages (the weights ask for them)
-        smaps = Path("/proc/self/smaps")
-        out["huge_pages_mb"] = (
-            sum(int(line.split()[1]) for line in smaps.read_text().splitlines() if line.startswith("AnonHugePages:"))
-            / 1024
-            if smaps.exists()
-            else None
-        )
-        t0 = time.perf_counter()
-        for a in audios:
-            model.log_mel(np.asarray(a), padding=16000 * 30)
-        out["log_mel_s"] = time.perf_counter() - t0
-        model.stats.reset(durations=True)  # the graphs' calls and seconds, as the model counts them
-        t = time.perf_counter()
-        from whisper_max.runtime.engine import Engine
-        from whisper_max.runtime.transcribe import transcribe_many
-
-        eng = Engine(model)
-        if engine.endswith(
-            "batched"
-        ):  # faster-whisper's batched mode: VAD chunks, 8 at once, temperature fallback as openai-whisper's
-            from whisper_max.runtime.options import TranscribeOptions
-            from whisper_max.runtime.transcribe import transcribe_batched
-
-            options = TranscribeOptions.from_kwargs(
-                language="en", beam_size=beam, without_timestamps=True, verbose=None
-            )
-            results = [transcribe_batched(model, a, batch_size=8, options=options, engine=eng) for a in audios]
-        else:
-            batch = 1 if engine.endswith("sequential") else 8
-            results = [
-                r
-                for _, r in transcribe_many(
-                    model,
-                    audios,
-                    batch_size=batch,
-                    temperature=0.0,
-                    language="en",
-                    condition_on_previous_text=True,
-                    verbose=None,
-                    beam_size=beam,
-                    engine=eng,
-                )
-            ]
-        out["wall_s"] = time.perf_counter() - t
-        out["texts"] = [r["text"] for r in results]
-        out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
-        n_tokens = sum(len(s) for s in out["tokens"])
-        graph_s, stats = dict(model.stats.seconds), model.stats
-        steps = {"decoder_rows": stats.durations.get("decoder_rows", [])}  # one token for each row in flight
-        out["components"] = {
-            "encoder_s_per_window": graph_s.get("encoder", 0.0) / max(stats.calls.get("encoder", 0), 1),
-            "windows": stats.calls.get("encoder", 0),
-            "decoder_calls": eng.calls,
-            "rows_per_call": eng.rows_decoded / max(eng.calls, 1),
-            "decoder_ms_per_call": 1000 * graph_s.get("decoder_rows", 0.0) / max(eng.calls, 1),
-            "decoder_s": graph_s.get("decoder_rows", 0.0),
-            "prompts_s": sum(graph_s.get(g, 0.0) for g in ("decoder", "decoder_step", "select")),
-            "tokens": n_tokens,
-            "graph_s": graph_s,
-            "outside_graphs_s": out["wall_s"] - sum(graph_s.values()),
-            **{f"{g}_ms_median": 1000 * statistics.median(v) for g, v in steps.items() if v},
-            **{f"{g}_calls": len(v) for g, v in steps.items()},
-        }
-    elif engine == "openai-whisper":
-        import torch
-        import whisper
-
-        from whisper_max.converter.sources import resolve
-        from whisper_max.converter.trace import model_from_state_dict
-
-        torch.set_num_threads(2)
-        src = resolve(package_manifest(package).model.name)
-        model = model_from_state_dict(src.dims, src.state_dict, src.alignment_heads)
-        out["load_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        results = [
-            whisper.transcribe(
-                model,
-                a,
-                temperature=0.0,
-                language="en",
-                condition_on_previous_text=True,
-                fp16=False,
-                beam_size=beam,
-                best_of=None,
-            )
-            for a in audios
-        ]
-        out["wall_s"] = time.perf_counter() - t
-        out["tokens"] = [s["tokens"] for r in results for s in r["segments"]]
-    elif engine.startswith("faster-whisper"):
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
-
-        source = package_manifest(package).source
-        if source is None or source.kind != "ctranslate2":
-            raise SystemExit(
-                f"faster-whisper needs a CTranslate2 model; {package} came from {source.kind if source else 'nowhere'}"
-            )
-        location = source.location.split(" + ")[0]
-        model_dir = str(Path(location).parent if location.endswith(".bin") or ".bin." in location else location)
-        compute = "int8" if engine.endswith("int8") else "float32"
-        model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=2, num_workers=1)
-        out["load_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        out["tokens"], out["texts"] = [], []
-        for a in audios:
-            if (
-                "batched" in engine
-            ):  # its defaults: Silero VAD (30 s spans, 160 ms pauses), without timestamps, the first temperature only
-                segments, _ = BatchedInferencePipeline(model).transcribe(a, batch_size=8, beam_size=beam, language="en")
-            else:
-                segments, _ = model.transcribe(
-                    a,
-                    beam_size=beam or 1,
-                    best_of=1,
-                    temperature=0.0,
-                    language="en",
-                    condition_on_previous_text=True,
-                    without_timestamps=False,
-                    vad_filter=False,
-                )
-            segments = list(segments)  # the generator decodes as it is consumed
-            out["tokens"] += [list(s.tokens) for s in segments]
-            out["texts"].append("".join(s.text for s in segments))
-        out["wall_s"] = time.perf_counter() - t
-    else:
-        raise SystemExit(f"unknown engine {engine}")
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
-
-
-def _external(engine: str, audio_path: str, beam: int | None, peers: Path) -> dict:
-    """One run of a peer outside this Python (PEER_ENGINES), as ../shared/tools/peers/wall.sh runs
-    it (the same flags): its whole process timed from spawn to exit, its peak RSS from the
-    kernel's account of the process and its children, and the load and transcription times it
-    reports itself (OpenVINO GenAI: ov_transcribe.py's `load` and `transcribe wall`; whisper.cpp:
-    whisper_print_timings' load and total, and its encoder, decoder and prompt shares)."""
-    import re
-    import tempfile
-
-    if "," in audio_path:
-        raise SystemExit(f"{engine}: one audio file per run; the peers outside this Python are not timed on a corpus")
-    kind, precision = engine.rsplit("-", 1)  # openvino | whisper.cpp, and its precision
-    beams = beam or 1
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PEERS_DIR=str(peers))
-        if kind == "openvino":
-            python, model = peers / "venv-ov" / "bin" / "python", peers / "models" / "ov-tiny.en"
-            need = [python, model / "openvino_decoder_model.xml"]
-            cmd = [
-                str(python),
-                str(PEER_TOOLS / "ov_transcribe.py"),
-                str(model),
-                audio_path,
-                "--precision",
-                precision,
-                "--beams",
-                str(beams),
-                "--threads",
-                "2",
-                "--timestamps",
-            ]
-            text_file = log_file = None
-        else:
-            prefix = (
-                Path(tmp) / "out"
-            )  # whispercpp.sh writes PREFIX.txt (the text) and PREFIX.log (whisper-cli's output)
-            need = [
-                peers / "whisper.cpp" / "build" / "bin" / "whisper-cli",
-                peers / "whisper.cpp" / "models" / "tiny.en" / f"ggml-tiny.en-{precision}.bin",
-            ]
-            cmd = [
-                "bash",
-                str(PEER_TOOLS / "whispercpp.sh"),
-                "run",
-                precision,
-                audio_path,
-                "greedy" if beams == 1 else f"beam{beams}",
-                str(prefix),
-            ]
-            text_file, log_file = prefix.with_suffix(".txt"), prefix.with_suffix(".log")
-        missing = [str(f) for f in need if not f.exists()]
-        if missing:
-            what = "openvino" if kind == "openvino" else "whispercpp MIRROR"
-            raise SystemExit(
-                f"{engine}: {', '.join(missing)} missing; set it up with `PEERS_DIR={peers} {PEER_TOOLS}/setup.sh "
-                f"{what}` (README there)"
-            )
-        streams = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        with streams[0].open("w") as o, streams[1].open("w") as e:
-            t = time.time()
-            proc = subprocess.Popen(cmd, stdout=o, stderr=e, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)  # this process and the children it waited for
-            process_s = time.time() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-        stdout, stderr = (f.read_text() for f in streams)
-        if proc.returncode != 0:
-            log = log_file.read_text() if log_file and log_file.exists() else stderr
-            raise SystemExit(f"{engine} failed (exit {proc.returncode}):\n{log[-2000:]}")
-        out: dict = {"engine": engine, "process_s": process_s, "peak_rss_mb": usage.ru_maxrss / 1024, "components": {}}
-        if kind == "openvino":
-            m = re.search(r"load ([0-9.]+) s \| transcribe wall ([0-9.]+) s", stderr)
-            if not m:
-                raise SystemExit(f"{engine}: ov_transcribe.py reported no load and transcribe times:\n{stderr[-1000:]}")
-            out["load_s"], out["wall_s"], out["texts"] = float(m.group(1)), float(m.group(2)), [stdout.strip()]
-        else:
-            log = log_file.read_text()
-            ms = {k: float(v) for k, v in re.findall(r"whisper_print_timings:\s+(\w+) time =\s+([0-9.]+) ms", log)}
-            if "load" not in ms or "total" not in ms:
-                raise SystemExit(f"{engine}: whisper-cli printed no load and total times:\n{log[-1000:]}")
-            out["load_s"], out["wall_s"] = ms["load"] / 1000, (ms["total"] - ms["load"]) / 1000
-            out["components"] = {
-                k: v / 1000 for k, v in ms.items() if k in ("mel", "encode", "decode", "batchd", "prompt")
-            }
-            out["texts"] = [" ".join(line.strip() for line in text_file.read_text().splitlines())]
-    from whisper_max.runtime.audio import load_audio
-
-    out["duration_s"] = len(load_audio(audio_path)) / 16000  # as _child counts it
-    return out
 
 
 DOCS = ROOT / "docs"
 
 
-def _write_docs(table: str, command: str, block: str = "results", marker: str | None = None) -> None:
+def write_docs(table: str, command: str, block: str = "results", marker: str | None = None) -> None:
     """Replace the docs' block `block` (between its markers, in whichever page of docs/ holds
     them; `marker` names them in full) with this run's table."""
     marker = marker or f"bench.py {block}"
@@ -564,9 +172,9 @@ def main() -> None:
         else:
             print(
                 json.dumps(
-                    _startup(args.package)
+                    startup(args.package)
                     if args.child == "startup"
-                    else _child(args.child, args.package, args.audio, args.beam_size)
+                    else run_engine(args.child, args.package, args.audio, args.beam_size)
                 )
             )
         return
@@ -605,7 +213,7 @@ def main() -> None:
     )
     for r in range(args.repeats):
         for e in engines:  # interleaved: machine noise hits every engine alike
-            runs[e].append(_external(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
+            runs[e].append(run_peer(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
             print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
         if "whisper-max" in engines and not args.corpus and args.beam_size is None:
             startups.append(child("startup"))
@@ -780,7 +388,7 @@ def main() -> None:
             if args.beam_size is None
             else "beam results"
         )
-        _write_docs(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), f"{block}: {host['kind']}")
+        write_docs(table, " ".join(["python scripts/bench.py", *sys.argv[1:]]), f"{block}: {host['kind']}")
     if args.out:
         kept = {e: [{k: v for k, v in x.items() if k != "tokens"} for x in rs] for e, rs in runs.items()}
         Path(args.out).write_text(json.dumps({"machine": host, "summary": summary, "wer": wer, "runs": kept}, indent=1))

@@ -37,7 +37,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "audio"
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import machine  # noqa: E402
+from bench_setup import machine  # noqa: E402
 
 
 def dev_clips() -> list[Path]:

@@ -31,7 +31,8 @@ from whisper_max.golden import word_edits
 from whisper_max.runtime.audio import load_audio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import SHARED, _write_docs, dev_set  # noqa: E402 (scripts/ is not a package)
+from bench import write_docs  # noqa: E402 (scripts/ is not a package)
+from bench_setup import SHARED, dev_set  # noqa: E402 (scripts/ is not a package)
 
 MODES = {
     "default": {},
@@ -111,7 +112,7 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.docs:
-        _write_docs(
+        write_docs(
             "\n".join(lines),
             " ".join(["python scripts/wer.py", *sys.argv[1:]]),
             marker="wer.py modes" if modes != ["default"] else "wer.py",

@@ -139,13 +139,9 @@ def convert(
     """Convert a model into a package at `out`. `dtype` bfloat16 stores the weight matrices in
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances.
     `stage(str)` is told as each stage starts (whisper-convert prints it with the time)."""
-    import torch
-    import whisper
-    from max import engine
     from max.engine import InferenceSession
 
-    from ..golden import capture as gc
-    from . import parity, sources, trace
+    from . import sources, trace
 
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
@@ -159,16 +155,7 @@ def convert(
 
     stage("tracing with torch.export, optimising the IR")
     t = time.perf_counter()
-    program = passes.optimise(trace.trace_program(model))
-    if dtype != "float32":
-        program = passes.fuse_encoder_attention(passes.store_weights(program, dtype))
-        require_cpu_features(program)
-    else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
-        program = passes.store_weights(program, "float16", exact=float16_exact(src.state_dict))
-        program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
-    program = passes.panel_products(
-        program, bfloat16=not amx(Target.host())
-    )  # the products of a few rows read weight panels
+    program = _program(trace.trace_program(model), dtype, src.state_dict)
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -192,51 +179,94 @@ def convert(
         "result)"
     )
     t = time.perf_counter()
-    compiled = compile_module(program, session)
-    mef = export_mef(compiled)
+    mef = export_mef(compile_module(program, session))
     timings["compile"] = time.perf_counter() - t
-    # what the runtime will load: the exported artifact, not the in-memory compile
-    models = session.init_all(engine.read(io.BytesIO(mef)), weights_registry=bound)
-
-    entries: list[parity.Entry] = []
+    entries: list = []
     parity_info: dict = {"checked": False}
     if not skip_check:
-        stage("compiling the parity probe (the graphs with every layer's output)")
-        t = time.perf_counter()
-        probe_compiled, taps = compile_module_probe(program, session)
-        probe = session.init_all(probe_compiled, weights_registry=bound)
-        timings["compile_probe"] = time.perf_counter() - t
-        stage("parity: every layer against openai-whisper (PyTorch fp32) on jfk.wav")
-        t = time.perf_counter()
-        audio = gc.load_clip()
-        mel = gc.mel_for(model, audio)
-        tokens, text = gc.decode_tokens(model, mel)
-        ref = gc.capture(model, mel, tokens)
-        entries = parity.check(program, models, probe, taps, ref, np.ascontiguousarray(mel.numpy()), tokens, dtype)
-        timings["parity"] = time.perf_counter() - t
-        failed = [e for e in entries if not e.ok]
-        parity_info = {
-            "checked": True,
-            "clip": gc.JFK_WAV.name,
-            "dtype": dtype,
-            "tokens": len(tokens),
-            "reference_text": text.strip(),
-            "entries": len(entries),
-            "all_ok": not failed,
-            "worst_rel_err": max(e.max_rel_err for e in entries),
-        }
-        if failed:
-            lines = "\n".join(
-                f"  {e.name}: max_abs_err {e.max_abs_err:.3g}, max_rel_err {e.max_rel_err:.3g} > tol {e.tol:g}"
-                for e in failed
-            )
-            raise ConvertError(
-                f"parity failed for {len(failed)} of {len(entries)} tensors; no package written:\n{lines}\n"
-                "Bisect with WHISPER_MAX_STOP_AFTER=<IR node> (see `whisper-convert --print-ir`); "
-                "--skip-check writes the package anyway and records that in the manifest"
-            )
+        entries, parity_info = _check_parity(program, session, mef, bound, model, dtype, stage, timings)
 
-    manifest = Manifest(
+    stage(f"writing {out}")
+    manifest = _manifest(src, program, dtype, parity_info, skip_check, timings)
+    files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
+    files.update(onnx_io.to_onnx_files(program))
+    files["weights.json"], files["weights.bin"] = pack_weights(weights)
+    files.update(tokenizer_assets(src.multilingual, model.num_languages))
+    files.update(mel_assets(src.dims["n_mels"]))
+    files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()
+    files.update(report.render(manifest, entries, report_format))
+    written = package.write_package(out, manifest, files)
+    trust.record(written.files["model.mef"].sha256, out)  # this machine compiled it
+    log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
+    return ConvertResult(Path(out), written, entries, timings)
+
+
+def _program(traced: ir.Program, dtype: str, state_dict: dict) -> ir.Program:
+    """The traced program optimised for a package of `dtype`: the passes, the weights' storage
+    (bfloat16 matrices; or float16 where it holds a float32 package's step matrices exactly),
+    the encoder's attention as one op, and panels for the products of a few rows."""
+    program = passes.optimise(traced)
+    if dtype != "float32":
+        program = passes.fuse_encoder_attention(passes.store_weights(program, dtype))
+        require_cpu_features(program)
+    else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
+        program = passes.store_weights(program, "float16", exact=float16_exact(state_dict))
+        program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
+    return passes.panel_products(program, bfloat16=not amx(Target.host()))  # a few rows' products read panels
+
+
+def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, dtype: str, stage, timings: dict):
+    """Every layer of the compiled program (the exported MEF, as the runtime loads it) against
+    openai-whisper on the bundled clip: (entries, the manifest's parity record). Raises
+    ConvertError naming each tensor out of tolerance; nothing is written then."""
+    from max import engine
+
+    from ..golden import capture as gc
+    from . import parity
+
+    models = session.init_all(engine.read(io.BytesIO(mef)), weights_registry=bound)
+    stage("compiling the parity probe (the graphs with every layer's output)")
+    t = time.perf_counter()
+    probe_compiled, taps = compile_module_probe(program, session)
+    probe = session.init_all(probe_compiled, weights_registry=bound)
+    timings["compile_probe"] = time.perf_counter() - t
+    stage("parity: every layer against openai-whisper (PyTorch fp32) on jfk.wav")
+    t = time.perf_counter()
+    audio = gc.load_clip()
+    mel = gc.mel_for(model, audio)
+    tokens, text = gc.decode_tokens(model, mel)
+    ref = gc.capture(model, mel, tokens)
+    entries = parity.check(program, models, probe, taps, ref, np.ascontiguousarray(mel.numpy()), tokens, dtype)
+    timings["parity"] = time.perf_counter() - t
+    failed = [e for e in entries if not e.ok]
+    if failed:
+        lines = "\n".join(
+            f"  {e.name}: max_abs_err {e.max_abs_err:.3g}, max_rel_err {e.max_rel_err:.3g} > tol {e.tol:g}"
+            for e in failed
+        )
+        raise ConvertError(
+            f"parity failed for {len(failed)} of {len(entries)} tensors; no package written:\n{lines}\n"
+            "Bisect with WHISPER_MAX_STOP_AFTER=<IR node> (see `whisper-convert --print-ir`); "
+            "--skip-check writes the package anyway and records that in the manifest"
+        )
+    return entries, {
+        "checked": True,
+        "clip": gc.JFK_WAV.name,
+        "dtype": dtype,
+        "tokens": len(tokens),
+        "reference_text": text.strip(),
+        "entries": len(entries),
+        "all_ok": True,
+        "worst_rel_err": max(e.max_rel_err for e in entries),
+    }
+
+
+def _manifest(src, program: ir.Program, dtype: str, parity_info: dict, skip_check: bool, timings: dict) -> Manifest:
+    """The new package's manifest (its `files` are filled in as it is written)."""
+    import torch
+    import whisper
+
+    return Manifest(
         model=ModelInfo(
             src.name, dict(src.dims), src.multilingual, tuple((int(a), int(b)) for a, b in src.alignment_heads)
         ),
@@ -255,18 +285,6 @@ def convert(
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         timings_s={k: round(v, 2) for k, v in timings.items()},
     )
-    stage(f"writing {out}")
-    files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
-    files.update(onnx_io.to_onnx_files(program))
-    files["weights.json"], files["weights.bin"] = pack_weights(weights)
-    files.update(tokenizer_assets(src.multilingual, model.num_languages))
-    files.update(mel_assets(src.dims["n_mels"]))
-    files["parity.json"] = json.dumps([e.as_json() for e in entries], indent=1).encode()
-    files.update(report.render(manifest, entries, report_format))
-    written = package.write_package(out, manifest, files)
-    trust.record(written.files["model.mef"].sha256, out)  # this machine compiled it
-    log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
-    return ConvertResult(Path(out), written, entries, timings)
 
 
 def _quiet(message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -118,3 +119,20 @@ def to_ct2_variables(sd: dict[str, np.ndarray], dims: dict) -> dict[str, np.ndar
                 lin(f"{c}/attention/linear_2", f"{s}.cross_attn.out")
                 ln(f"{c}/attention/layer_norm", f"{s}.cross_attn_ln")
     return v
+
+
+@functools.cache
+def traced_tiny():
+    """trace_program(tiny_whisper()), once per session: the IR is frozen and passes return new
+    programs, so tests share it (each torch.export of the tiny model takes seconds)."""
+    from whisper_max.converter.trace import trace_program
+
+    return trace_program(tiny_whisper())
+
+
+@functools.cache
+def optimised_tiny():
+    """passes.optimise(traced_tiny()), once per session."""
+    from whisper_max.converter.passes import optimise
+
+    return optimise(traced_tiny())

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers.tiny_model import tiny_whisper
+from helpers.tiny_model import tiny_whisper, traced_tiny
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.trace import trace_program
@@ -16,7 +16,7 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "tiny_random.ir.txt"
 
 @pytest.fixture(scope="module")
 def program():
-    return trace_program(tiny_whisper())
+    return traced_tiny()
 
 
 def test_snapshot(program):

@@ -4,7 +4,7 @@ optimised program with PyTorch is checked by tests/compiled/test_decoder.py, whi
 import numpy as np
 import onnx
 import pytest
-from helpers.tiny_model import TINY_DIMS, tiny_whisper
+from helpers.tiny_model import TINY_DIMS, optimised_tiny, traced_tiny
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.passes import (
@@ -21,13 +21,12 @@ from whisper_max.converter.passes import (
     store_weights,
     token_selection,
 )
-from whisper_max.converter.trace import trace_program
 from whisper_max.runtime.program import LINEAGE, WINDOW
 from whisper_max.runtime.weights import PANELS, panels_source, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
-    before = trace_program(tiny_whisper())
+    before = traced_tiny()
     after = hoist_invariants(before)
     dec, xkv = after.graph("decoder"), after.graph("cross_kv")
     moved = {n.name for n in xkv.nodes} - {n.name for n in before.graph("cross_kv").nodes}
@@ -57,8 +56,8 @@ def _whole_cache_ops(g: ir.Graph) -> set[str]:
 
 
 def test_optimise_pipeline():
-    before = hoist_invariants(trace_program(tiny_whisper()))
-    after = optimise(trace_program(tiny_whisper()))
+    before = hoist_invariants(traced_tiny())
+    after = optimised_tiny()
     dec, d0 = after.graph("decoder"), before.graph("decoder")
     v = TINY_DIMS["n_vocab"]
     # logits: one vocabulary product for the last position, none over every position
@@ -151,7 +150,7 @@ def test_optimise_pipeline():
 
 
 def test_fuse_decoder_layers_refuses_a_block_it_does_not_know():
-    p = optimise(trace_program(tiny_whisper()), fuse=False)
+    p = optimise(traced_tiny(), fuse=False)
     fused = fuse_decoder_layers(p, "decoder_step").graph("decoder_step")
     assert sum(n.op == ir.DECODER_LAYER for n in fused.nodes) == TINY_DIMS["n_text_layer"]
     with pytest.raises(ValueError, match="dim n"):
@@ -203,7 +202,7 @@ def test_fuse_decoder_layers_refuses_a_block_it_does_not_know():
 
 
 def test_share_window_only_under_matrix_products():
-    p = hoist_invariants(trace_program(tiny_whisper()))
+    p = hoist_invariants(traced_tiny())
     shared = share_window(p, "decoder").graph("decoder")
     dec = p.graph("decoder")
     per_window = {o for o, _ in p.graph("cross_kv").outputs}
@@ -222,7 +221,7 @@ def test_share_window_only_under_matrix_products():
 
 
 def test_specialise_rejects_unknown_or_out_of_range_dims():
-    p = trace_program(tiny_whisper())
+    p = traced_tiny()
     with pytest.raises(ValueError, match="no dims"):
         specialise(p, "decoder", {"frames": 1}, "x")
     with pytest.raises(ValueError, match="outside"):
@@ -230,7 +229,7 @@ def test_specialise_rejects_unknown_or_out_of_range_dims():
 
 
 def test_in_place_cache_needs_a_grown_cache_and_one_writer():
-    p = specialise(trace_program(tiny_whisper()), "decoder", {"batch": 1, "n": 1}, "step")
+    p = specialise(traced_tiny(), "decoder", {"batch": 1, "n": 1}, "step")
     with pytest.raises(ValueError, match="no cache input grown"):
         in_place_cache(p, "encoder")
     step = in_place_cache(p, "step").graph("step")
@@ -247,7 +246,7 @@ def test_in_place_cache_needs_a_grown_cache_and_one_writer():
 
 
 def test_optimised_program_round_trips_through_onnx():
-    p = optimise(trace_program(tiny_whisper()))
+    p = optimised_tiny()
     files = onnx_io.to_onnx_files(p)
     for data in files.values():
         onnx.checker.check_model(onnx.load_from_string(data))
@@ -255,7 +254,7 @@ def test_optimised_program_round_trips_through_onnx():
 
 
 def test_store_weights_keeps_matrices_in_bfloat16_and_computes_in_float32():
-    before = optimise(trace_program(tiny_whisper()))
+    before = optimised_tiny()
     after = store_weights(before)
     matrices = {w.name for g in before.graphs for w in g.weights if len(w.type.shape) >= 2}
     for g0, g in zip(before.graphs, after.graphs):
@@ -317,7 +316,7 @@ def test_store_weights_float16_keeps_the_step_matrices_that_float16_holds():
     decoder step reads as stored (the blocks' matrices, the vocabulary product) are stored; the
     encoder's stay float32, a prompt's products of many rows read the widened copy, and a matrix
     not named exact stays float32 everywhere."""
-    before = optimise(trace_program(tiny_whisper()))
+    before = optimised_tiny()
     matrices = {w.name for g in before.graphs for w in g.weights if len(w.type.shape) >= 2}
     inexact = "decoder.blocks.0.mlp.0.weight"
     assert inexact in matrices
@@ -355,7 +354,7 @@ def test_panel_products_give_the_step_products_weight_panels():
     matrix among float16 ones here); the stored weights are the same (panels
     are made at load), nothing of many rows changes, and the IR round-trips through ONNX;
     bfloat16 weights keep their kernels unless asked (targets without AMX), then panels too."""
-    base = optimise(trace_program(tiny_whisper()))
+    base = optimised_tiny()
     vocab, d = "decoder.token_embedding.weight", TINY_DIMS["n_text_state"]
     f16 = store_weights(
         base,
@@ -405,7 +404,7 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
     """Each encoder block's qkv_attention (view, permute, scale, matmul, softmax, matmul, permute,
     flatten) becomes one attention_bf16 node on the three linear outputs, nothing else changes;
     a chain that differs (here: another head size) is refused with the reason."""
-    p = store_weights(optimise(trace_program(tiny_whisper())))
+    p = store_weights(optimised_tiny())
     hd = TINY_DIMS["n_audio_state"] // TINY_DIMS["n_audio_head"]
     fused = fuse_encoder_attention(p, head_dim=hd)
     before, after = p.graph("encoder"), fused.graph("encoder")
@@ -422,9 +421,9 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
         fuse_encoder_attention(p, head_dim=64)
     # what needs AVX512_BF16 (convert.require_cpu_features): bfloat16 products of many rows, the attention
     assert ir.uses_bfloat16_arithmetic(p) and ir.uses_bfloat16_arithmetic(fused)
-    assert not ir.uses_bfloat16_arithmetic(optimise(trace_program(tiny_whisper())))
+    assert not ir.uses_bfloat16_arithmetic(optimised_tiny())
     # float32 packages: the same chain as the float32 kernel's node; none matched is no error there
-    f32 = optimise(trace_program(tiny_whisper()))
+    f32 = optimised_tiny()
     fused32 = fuse_encoder_attention(f32, head_dim=hd, op=ir.ATTENTION)
     assert [n.inputs for n in fused32.graph("encoder").nodes if n.op == ir.ATTENTION] == [n.inputs for n in att]
     assert not ir.uses_bfloat16_arithmetic(fused32)

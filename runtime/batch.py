@@ -28,7 +28,7 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import flag_optional, run_app
+from .cliutil import ModelDir, Trust, flag_optional, run_app
 from .extras import require
 from .files import atomic_open
 
@@ -350,10 +350,8 @@ def batch_cmd(
         help="seed of the sampling at fallback temperatures: a file gives the same text in every run, here or on Ray",
     ),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files decoded together on one engine"),
-    model_dir: Path | None = typer.Option(None, "--model_dir", help="where packages made from model names are kept"),
-    trust: bool = typer.Option(
-        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"
-    ),
+    model_dir: ModelDir = None,
+    trust: Trust = False,
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray instance started for this job"),
     ray_address: str | None = typer.Option(
         None, "--ray-address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"

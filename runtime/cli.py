@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import flag_bool, flag_optional
+from .cliutil import ModelDir, Trust, flag_bool, flag_optional
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__)
 
@@ -113,14 +113,8 @@ def run_cmd(
         "--without_timestamps",
         help="decode no timestamp tokens: one segment per window (default: True with --batched, else False)",
     ),
-    model_dir: Path | None = typer.Option(
-        None,
-        "--model_dir",
-        help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)",
-    ),
-    trust: bool = typer.Option(
-        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"
-    ),
+    model_dir: ModelDir = None,
+    trust: Trust = False,
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
     batch_size: int = typer.Option(
         8,

@@ -4,10 +4,26 @@ parse openai-whisper's spelling of flag values (booleans as values, "None" for n
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .extras import MissingExtra
+
+# Options every command that loads a model takes, declared once: `model_dir: ModelDir = None`,
+# `trust: Trust = False`.
+ModelDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--model_dir",
+        help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)",
+    ),
+]
+Trust = Annotated[
+    bool,
+    typer.Option("--trust", help="run a package compiled elsewhere (its model.mef is machine code), and remember it"),
+]
 
 
 def flag_bool(value: str) -> bool:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException  # noqa: E402
 from .audio import SAMPLE_RATE, AudioError, read_audio  # noqa: E402
 from .options import TEMPERATURES, TranscribeOptions  # noqa: E402
 from .scheduler import Busy, Job, Scheduler  # noqa: E402
+from .stream import SEGMENT_KEYS  # noqa: E402
 from .writers import write_srt, write_vtt  # noqa: E402
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -194,18 +195,6 @@ def render(model, result: dict, fmt: str, granularities: set[str], task: str, du
         out = io.StringIO()
         (write_srt if fmt == "srt" else write_vtt)(result, out)
         return out.getvalue()
-    keys = (
-        "id",
-        "seek",
-        "start",
-        "end",
-        "text",
-        "tokens",
-        "temperature",
-        "avg_logprob",
-        "compression_ratio",
-        "no_speech_prob",
-    )
     body = {
         "task": task,
         "language": model.tokenizer.languages.get(result["language"], result["language"]),
@@ -213,7 +202,7 @@ def render(model, result: dict, fmt: str, granularities: set[str], task: str, du
         "text": result["text"],
     }
     if not granularities or "segment" in granularities:
-        body["segments"] = [{k: s[k] for k in keys} for s in result["segments"]]
+        body["segments"] = [{k: s[k] for k in SEGMENT_KEYS} for s in result["segments"]]
     if "word" in granularities:
         body["words"] = [
             {"word": w["word"], "start": w["start"], "end": w["end"], "probability": w["probability"]}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import flag_optional, run_app
+from .cliutil import ModelDir, Trust, flag_optional, run_app
 from .extras import require
 
 
@@ -106,14 +106,8 @@ def serve_cmd(
         "5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"
     ),
     best_of: str = typer.Option("5", "--best_of", help="samples at temperature > 0; None: one"),
-    model_dir: Path | None = typer.Option(
-        None,
-        "--model_dir",
-        help="where packages made from model names are kept (default: $XDG_CACHE_HOME/whisper-max/models)",
-    ),
-    trust: bool = typer.Option(
-        False, "--trust", help="run a package compiled elsewhere (its model.mef is machine code)"
-    ),
+    model_dir: ModelDir = None,
+    trust: Trust = False,
     log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
 ) -> None:
     beams, best = (flag_optional(v, int) for v in (beam_size, best_of))

@@ -175,6 +175,22 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
     return mapped
 
 
+# The fields of a segment of the result, in openai-whisper's order (`id` is added last, when
+# segments are numbered): what JSON writers and the OpenAI API's verbose_json return.
+SEGMENT_KEYS = (
+    "id",
+    "seek",
+    "start",
+    "end",
+    "text",
+    "tokens",
+    "temperature",
+    "avg_logprob",
+    "compression_ratio",
+    "no_speech_prob",
+)
+
+
 def spoken_language(model: WhisperModel, mel: LogMel) -> str:
     """The most likely language of the first 30 s of `mel` (a multilingual model's)."""
     features = model.embed_audio(pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)[None])

@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from helpers import shared_audio
+from helpers import OPENAI_SEGMENT_KEYS, shared_audio
 
 from whisper_max import golden, runtime
 from whisper_max.runtime.cli import main as whisper_run
@@ -95,20 +95,6 @@ def transcribe(client, path: Path, **kwargs):
         return client.audio.transcriptions.create(file=(path.name, f.read()), model="whisper-1", **kwargs)
 
 
-SEGMENT_KEYS = (
-    "id",
-    "seek",
-    "start",
-    "end",
-    "text",
-    "tokens",
-    "temperature",
-    "avg_logprob",
-    "compression_ratio",
-    "no_speech_prob",
-)
-
-
 def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
     ref = json.loads((whisper_run_jfk / "plain" / "jfk.json").read_text())
     assert transcribe(served.client, JFK).text == ref["text"]
@@ -125,8 +111,8 @@ def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
         11.0,
         ref["text"],
     )
-    assert [s.model_dump(include=set(SEGMENT_KEYS)) for s in verbose.segments] == [
-        {k: s[k] for k in SEGMENT_KEYS} for s in ref["segments"]
+    assert [s.model_dump(include=set(OPENAI_SEGMENT_KEYS)) for s in verbose.segments] == [
+        {k: s[k] for k in OPENAI_SEGMENT_KEYS} for s in ref["segments"]
     ]
     assert verbose.words is None
 

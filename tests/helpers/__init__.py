@@ -31,6 +31,22 @@ if HAS_BF16:
     BF16_TARGETS["bf16"] = _HOST.without("amx_tile", "amx_bf16")
 
 
+# the fields of a segment in openai-whisper's result (and the OpenAI API's verbose_json), in its
+# order: the contract whisper-run's JSON and whisper-serve's responses are held to
+OPENAI_SEGMENT_KEYS = (
+    "id",
+    "seek",
+    "start",
+    "end",
+    "text",
+    "tokens",
+    "temperature",
+    "avg_logprob",
+    "compression_ratio",
+    "no_speech_prob",
+)
+
+
 def shared_audio(name: str) -> Path:
     path = SHARED_AUDIO / name
     if not path.is_file():

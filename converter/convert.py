@@ -21,6 +21,7 @@ from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_der
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
 from .lower.target import amx, bfloat16
+from .recipes import RECIPES, Context, Recipe, RecipeError, recipe_for
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +105,7 @@ def mel_assets(n_mels: int) -> dict[str, bytes]:
     return {"assets/mel_filters.npy": buf.getvalue()}
 
 
-DTYPES = ("float32", "bfloat16")
-
-
-def float16_exact(state_dict: dict) -> frozenset[str]:
-    """The float32 tensors of `state_dict` whose every value a float16 holds exactly (finite, in
-    range, no bits below float16's precision): all of a checkpoint published in float16, as
-    openai-whisper's and CTranslate2's are; none of one trained or saved in float32."""
-    out = set()
-    for name, w in state_dict.items():
-        a = np.asarray(w)
-        if a.dtype == np.float32 and np.isfinite(a).all():
-            with np.errstate(over="ignore"):
-                if np.array_equal(a.astype(np.float16).astype(np.float32), a):
-                    out.add(name)
-    return frozenset(out)
+DTYPES = tuple(precision for family, precision in RECIPES if family == "whisper")
 
 
 def stored_as(w: np.ndarray, dtype: str):
@@ -143,8 +130,11 @@ def convert(
 
     from . import sources, trace
 
-    if dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    target = Target.host()
+    try:
+        recipe = recipe_for("whisper", dtype, target)
+    except RecipeError as e:
+        raise ConvertError(f"--dtype {dtype}: {e}") from None
     stage = stage or _quiet
     timings: dict[str, float] = {}
     stage(f"reading the weights of {model_arg}")
@@ -155,7 +145,7 @@ def convert(
 
     stage("tracing with torch.export, optimising the IR")
     t = time.perf_counter()
-    program = _program(trace.trace_program(model), dtype, src.state_dict)
+    program = recipe.apply(trace.trace_program(model), Context(target, src.state_dict))
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -184,10 +174,10 @@ def convert(
     entries: list = []
     parity_info: dict = {"checked": False}
     if not skip_check:
-        entries, parity_info = _check_parity(program, session, mef, bound, model, dtype, stage, timings)
+        entries, parity_info = _check_parity(program, session, mef, bound, model, recipe, stage, timings)
 
     stage(f"writing {out}")
-    manifest = _manifest(src, program, dtype, parity_info, skip_check, timings)
+    manifest = _manifest(src, program, recipe, target, parity_info, skip_check, timings)
     files: dict[str, bytes] = {"model.mef": mef, "ir.txt": ir.format_program(program).encode()}
     files.update(onnx_io.to_onnx_files(program))
     files["weights.json"], files["weights.bin"] = pack_weights(weights)
@@ -201,21 +191,7 @@ def convert(
     return ConvertResult(Path(out), written, entries, timings)
 
 
-def _program(traced: ir.Program, dtype: str, state_dict: dict) -> ir.Program:
-    """The traced program optimised for a package of `dtype`: the passes, the weights' storage
-    (bfloat16 matrices; or float16 where it holds a float32 package's step matrices exactly),
-    the encoder's attention as one op, and panels for the products of a few rows."""
-    program = passes.optimise(traced)
-    if dtype != "float32":
-        program = passes.fuse_encoder_attention(passes.store_weights(program, dtype))
-        require_cpu_features(program)
-    else:  # the decoder step's matrices in half the bytes where float16 holds them exactly
-        program = passes.store_weights(program, "float16", exact=float16_exact(state_dict))
-        program = passes.fuse_encoder_attention(program, op=ir.ATTENTION, require=False)  # heads of 64: every Whisper
-    return passes.panel_products(program, bfloat16=not amx(Target.host()))  # a few rows' products read panels
-
-
-def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, dtype: str, stage, timings: dict):
+def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, recipe: Recipe, stage, timings: dict):
     """Every layer of the compiled program (the exported MEF, as the runtime loads it) against
     openai-whisper on the bundled clip: (entries, the manifest's parity record). Raises
     ConvertError naming each tensor out of tolerance; nothing is written then."""
@@ -236,7 +212,8 @@ def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, 
     mel = gc.mel_for(model, audio)
     tokens, text = gc.decode_tokens(model, mel)
     ref = gc.capture(model, mel, tokens)
-    entries = parity.check(program, models, probe, taps, ref, np.ascontiguousarray(mel.numpy()), tokens, dtype)
+    mel_np = np.ascontiguousarray(mel.numpy())
+    entries = parity.check(program, models, probe, taps, ref, mel_np, tokens, recipe.tolerances)
     timings["parity"] = time.perf_counter() - t
     failed = [e for e in entries if not e.ok]
     if failed:
@@ -252,7 +229,7 @@ def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, 
     return entries, {
         "checked": True,
         "clip": gc.JFK_WAV.name,
-        "dtype": dtype,
+        "dtype": recipe.precision,
         "tokens": len(tokens),
         "reference_text": text.strip(),
         "entries": len(entries),
@@ -261,8 +238,11 @@ def _check_parity(program: ir.Program, session, mef: bytes, bound: dict, model, 
     }
 
 
-def _manifest(src, program: ir.Program, dtype: str, parity_info: dict, skip_check: bool, timings: dict) -> Manifest:
-    """The new package's manifest (its `files` are filled in as it is written)."""
+def _manifest(
+    src, program: ir.Program, recipe: Recipe, target: Target, parity_info: dict, skip_check: bool, timings: dict
+) -> Manifest:
+    """The new package's manifest (its `files` are filled in as it is written); the converter's
+    record names the recipe, its passes and the kind of kernels it compiled to."""
     import torch
     import whisper
 
@@ -272,8 +252,8 @@ def _manifest(src, program: ir.Program, dtype: str, parity_info: dict, skip_chec
         ),
         source=Source(src.kind, src.location, src.sha256),
         max_version=package.max_version(),
-        target=Target.host(),
-        dtype=dtype,
+        target=target,
+        dtype=recipe.precision,
         graphs=_signatures(program),
         parity=parity_info,
         skip_check=skip_check,
@@ -281,6 +261,12 @@ def _manifest(src, program: ir.Program, dtype: str, parity_info: dict, skip_chec
             "whisper_max": version("whisper-max"),
             "torch": torch.__version__,
             "openai_whisper": whisper.__version__,
+            "recipe": {
+                "family": recipe.family,
+                "precision": recipe.precision,
+                "passes": recipe.pass_names,
+                "kernels": recipe.kernels(target),
+            },
         },
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         timings_s={k: round(v, 2) for k, v in timings.items()},

@@ -1,6 +1,6 @@
 """IR optimisation passes: rewrite a Program without changing what it computes. One module per
 pass (or per family of passes), the helpers they share in `rewrite`; `optimise` is the pipeline
-packages ship, and whisper-convert adds the precision's passes after it (converter.convert)."""
+packages ship, and each precision's recipe (converter.recipes) names the passes after it."""
 
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ def compiled_float16():
     from max.engine import InferenceSession
     from max.graph import Module
 
-    from whisper_max.converter.convert import float16_exact, stored_as
+    from whisper_max.converter.convert import stored_as
+    from whisper_max.converter.recipes import float16_exact
 
     model = float16_exact_tiny_whisper()
     sd = state_dict_np(model)

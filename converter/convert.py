@@ -20,8 +20,8 @@ from ..runtime.program import WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
-from .lower.target import amx, bfloat16
 from .recipes import RECIPES, Context, Recipe, RecipeError, recipe_for
+from .target import amx, bfloat16
 
 log = logging.getLogger(__name__)
 

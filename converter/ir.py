@@ -64,6 +64,19 @@ ATTENTION = f"{OWN_DOMAIN}.attention"
 # (ceil(n / 64), k, 64), float32, float16 or bfloat16): passes.panel_products makes it; the kernel
 # whisper_max.linear_panels sums each output in the same order whatever the number of rows.
 LINEAR_PANELS = f"{OWN_DOMAIN}.linear_panels"
+# The products and attention passes.select_kernels picks for a target (the package's IR holds
+# none of them: it is the same for every CPU, and each compile chooses for its own):
+# `linear_rows(x, w[, bias])`: x (..., k) of one position per row @ w^T (+ bias), w (n, k) a graph
+# weight read as stored (float32, float16 or bfloat16; the kernel widens it exactly);
+# `linear_rows_amx`: the same with a bfloat16 w on AMX tiles (x rounded to bfloat16);
+# `linear_bf16(x, w[, bias])`: many rows with a bfloat16 w (n, k): x rounded to bfloat16, pair
+# products summed in float32 (AVX512_BF16); `linear_amx`: the same on AMX tiles;
+# `attention_amx(q, k, v, heads=h, scale=s)`: attention_bf16's arithmetic on AMX tiles.
+LINEAR_ROWS = f"{OWN_DOMAIN}.linear_rows"
+LINEAR_ROWS_AMX = f"{OWN_DOMAIN}.linear_rows_amx"
+LINEAR_BF16 = f"{OWN_DOMAIN}.linear_bf16"
+LINEAR_AMX = f"{OWN_DOMAIN}.linear_amx"
+ATTENTION_AMX = f"{OWN_DOMAIN}.attention_amx"
 # op -> (the operands it writes in place, the operand holding the position it writes at)
 IN_PLACE_OPS = {CACHE_APPEND: ((0,), 2), DECODER_LAYER: ((1, 2), 3)}
 
@@ -210,9 +223,9 @@ def graph_signature(g: Graph) -> GraphSignature:
 def one_position_per_row(g: Graph, name: str) -> bool:
     """Whether the value `name` holds one position per row: every dim between the rows and the
     last is 1 (a decoder step, one token for each row), or it is one position selected from
-    (rows, positions, d) (passes.last_position_logits: the prompt's last position). Lowering
-    runs products of such values with weights as its matrix-vector kernels, which read stored
-    weights as they are stored."""
+    (rows, positions, d) (passes.last_position_logits: the prompt's last position).
+    passes.select_kernels gives products of such values with weights to the matrix-vector
+    kernels, which read stored weights as they are stored."""
     types = g.types()
     shape = types[name].shape
     if len(shape) >= 3:
@@ -238,7 +251,7 @@ def bfloat16_product_fits(weight_shape) -> bool:
 def uses_bfloat16_arithmetic(p: Program) -> bool:
     """Whether lowering runs any of the program's products in bfloat16 arithmetic: a fused
     bfloat16 attention, or a linear layer of many rows reading a stored bfloat16 weight through
-    a cast (lowering: whisper_max.linear_bf16)."""
+    a cast (passes.select_kernels: whisper_max.linear_bf16)."""
     for g in p.graphs:
         stored = {w.name for w in g.weights if w.type.dtype == "bfloat16"}
         casts = {n.name for n in g.nodes if n.op == CAST and n.inputs[0] in stored}

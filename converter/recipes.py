@@ -20,7 +20,7 @@ import numpy as np
 
 from ..runtime.manifest import Target
 from . import ir, passes
-from .lower.target import amx, bfloat16, bfloat16_kernels
+from .target import amx, bfloat16, bfloat16_kernels
 
 
 class RecipeError(ValueError):

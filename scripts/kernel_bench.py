@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     from whisper_max.converter import ir
     from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
-    from whisper_max.converter.lower.target import Target, amx
+    from whisper_max.converter.target import Target, amx
     from whisper_max.runtime.package import Package
     from whisper_max.runtime.weights import to_bfloat16, to_panels
 

@@ -20,7 +20,7 @@ from max.dtype import DType
 from max.graph import BufferType, DeviceRef, Dim, Graph, TensorType, TensorValue, Weight, ops
 
 from .. import ir
-from .target import Target
+from ..target import Target
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class LoweringContext:
     def __init__(self, graph: ir.Graph, device: DeviceRef, target: Target):
         self.graph = graph
         self.device = device
-        self.target = target  # the CPU compiled for: which of our kernel kinds to use
+        self.target = target  # the CPU compiled for (passes.select_kernels chose its kernels)
         # values also held in channels-last form (conv stem), so a later permute back is free
         self.nwc: dict[str, TensorValue] = {}
         self.env: dict[str, TensorValue] = {}  # IR value name -> MAX value, filled while lowering
@@ -156,11 +156,15 @@ def lower_graph(
     target: Target | None = None,
 ) -> Graph:
     """Build the MAX graph for `g`; `taps` are IR values added as extra outputs after g's own.
-    `target` (default: this host) picks among our kernel kinds (lower/target.py)."""
+    `target` (default: this host) is the CPU compiled for: passes.select_kernels gives g's
+    products and attention to the kernels it runs (converter/target.py) before lowering."""
+    from ..passes.kernels import select_kernels
     from . import activation, cache, cast, conv, custom, elementwise, embedding, linear, norm, shape  # noqa: F401 (registers)
 
     device = device or DeviceRef.CPU()
-    ctx = LoweringContext(g, device, target or Target.host())
+    target = target or Target.host()
+    g = select_kernels(g, target)
+    ctx = LoweringContext(g, device, target)
     state = g.state_inputs()  # written in place: buffers, not values
     in_types = [
         (BufferType if v.name in state else TensorType)(max_dtype(v.type.dtype), ctx.shape(v.type), device)

@@ -20,14 +20,8 @@ from max.graph import TensorType, ops
 
 from .. import ir
 from . import LoweringError, register
-from .target import amx, bfloat16_kernels
 
 KERNELS = Path(__file__).parent / "kernels"  # a Mojo package: __init__.mojo registers the ops
-LINEAR_ROWS = "whisper_max.linear_rows"
-LINEAR_BF16 = "whisper_max.linear_bf16"
-LINEAR_AMX = "whisper_max.linear_amx"
-LINEAR_ROWS_AMX = "whisper_max.linear_rows_amx"
-ATTENTION_AMX = "whisper_max.attention_amx"
 
 
 def _errors(stderr: str, context: int = 4) -> str:
@@ -83,25 +77,15 @@ def _product(ctx, op: str, x, weight, bias, n=None):
     return ops.reshape(y, [*x.shape[:-1], n])
 
 
-def linear_rows(ctx, x, weight, bias=None):
-    """x (..., k) float32, one position per row, times weight (n, k) (float32, float16 or bfloat16),
-    plus bias (n) -> (..., n) float32: `x @ weight.T + bias` by whisper_max.linear_rows, which
-    reads each weight row once for all rows; a bfloat16 weight on AMX tiles where the target
-    has them (whisper_max.linear_rows_amx: x rounded to bfloat16, the weight read as stored)."""
-    return _product(ctx, LINEAR_ROWS_AMX if _rows_on_amx(ctx, weight) else LINEAR_ROWS, x, weight, bias)
-
-
-def _rows_on_amx(ctx, *weights) -> bool:
-    """Whether products of a few rows with these stored weights run on AMX: the target has it
-    and every weight is bfloat16 with columns in whole 32s (the kernels' steps of k)."""
-    return amx(ctx.target) and all(w.dtype == DType.bfloat16 and int(w.shape[1]) % 32 == 0 for w in weights)
-
-
-def linear_bf16(ctx, x, weight, bias=None):
-    """x (..., k) float32 times weight (n, k) bfloat16 plus bias (n) -> (..., n) float32: x
-    rounded to bfloat16, pair products summed in float32; on AMX tiles (whisper_max.linear_amx)
-    where the target has them, else by AVX512_BF16 (whisper_max.linear_bf16)."""
-    return _product(ctx, LINEAR_AMX if bfloat16_kernels(ctx.target) == "amx" else LINEAR_BF16, x, weight, bias)
+@register(ir.LINEAR_ROWS, ir.LINEAR_ROWS_AMX, ir.LINEAR_BF16, ir.LINEAR_AMX)
+def linear_kernel(ctx, node, x, weight, bias=None):
+    """passes.select_kernels' products as their kernels: x (..., k) float32 times the weight (n, k)
+    as stored, plus bias (n) -> (..., n) float32. whisper_max.linear_rows: one position per row,
+    each weight row read once for all rows, a float16 or bfloat16 weight widened exactly;
+    linear_rows_amx: a bfloat16 weight on AMX tiles, x rounded to bfloat16; linear_bf16 (AVX512_BF16)
+    and linear_amx (tiles): many rows with a bfloat16 weight, x rounded to bfloat16, pair products
+    summed in float32."""
+    return _product(ctx, node.op, x, weight, bias)
 
 
 @register(ir.LINEAR_PANELS)
@@ -123,14 +107,14 @@ def linear_panels(ctx, node, x, panels, bias=None):
 
 
 @register(ir.DECODER_LAYER)
-def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps):
+def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps, amx=False):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
     -> (rows, 1, d); writes the new key and value into the caches (slots, heads, capacity, hd).
     After the block's 23 operands may come the rows' lineage (passes.row_lineage) and then
     their windows (passes.engine_rows); the kernel takes both, empty when absent. `position` is
-    a scalar (every row's) or one per row. With bfloat16 weight matrices (not in panels) on a
-    target with AMX the block's products run on tiles (amx=True: x rounded to bfloat16 before
-    each product)."""
+    a scalar (every row's) or one per row. `amx` (passes.select_kernels: bfloat16 weight
+    matrices, not in panels, on a target with AMX): the block's products run on tiles, x rounded
+    to bfloat16 before each product."""
     if axis != 2:
         raise ValueError(f"{node.name}: caches written along axis {axis}; the kernel writes along 2")
     if not 23 <= len(operands) <= 25:
@@ -142,27 +126,20 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     position = ops.reshape(position, [1]) if position.rank == 0 else position
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
-    matrices = [operands[i] for i in (2, 4, 5, 7, 11, 13, 17, 19)]  # wq wk wv wo wcq wco w1 w2
-    on_amx = (
-        all(w.rank == 2 for w in matrices)
-        and _rows_on_amx(ctx, *matrices)
-        and all(int(w.shape[0]) % 32 == 0 for w in matrices)
-    )
-    parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": on_amx}
+    parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": bool(amx)}
     y = ops.inplace_custom(
         ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters
     )[0].tensor
     return ops.reshape(y, x.shape)
 
 
-@register(ir.ATTENTION_BF16)
+@register(ir.ATTENTION_BF16, ir.ATTENTION_AMX)
 def attention_bf16(ctx, node, q, k, v, heads, scale):
-    """passes.fuse_encoder_attention's node as the kernel whisper_max.attention_amx where the
-    target has AMX, else whisper_max.attention_bf16 (the same arithmetic on AVX512_BF16)."""
-    op = ATTENTION_AMX if bfloat16_kernels(ctx.target) == "amx" else ir.ATTENTION_BF16
+    """passes.fuse_encoder_attention's bfloat16 node as its kernel: whisper_max.attention_bf16
+    (AVX512_BF16), or attention_amx (the same arithmetic on tiles) where select_kernels chose it."""
     out_type = TensorType(DType.float32, list(q.shape), ctx.device)
     return ops.custom(
-        op,
+        node.op,
         device=ctx.device,
         values=[q, k, v],
         out_types=[out_type],

@@ -1,72 +1,29 @@
-"""Linear layers and matrix products; weights stay in torch's (out, in) layout.
-
-A product whose left operand holds one position per row (ir.one_position_per_row: a decoder
-step, one token for each of one or several rows) is a matrix-vector product, bound by reading
-the weight. It runs as our kernel whisper_max.linear_rows (custom.linear_rows), which reads each
-weight row once for all rows and splits the weight's rows across the workers. Measured on an AMD
-EPYC (Zen 4, 2 cores), the 80 MB vocabulary product of one row: 2.2-2.5 ms with the kernel,
-7.7-8.3 ms as MAX's fused broadcast-multiply-sum (the form used before); of 5 rows: 2.8-3.0 ms
-against 5.4-6.0 ms as MAX's matmul. (The decoder blocks of those graphs are fused whole:
-passes.fuse_decoder_layers.)
-
-A weight stored in bfloat16 or float16 (passes.store_weights reads it through a cast in such
-products) is read as stored by the same kernel, which widens each element exactly as it loads
-it: half the bytes, float32 arithmetic (a float16 weight of a float32 package is one whose
-values float16 holds exactly, so those sums are the float32 ones bit for bit); where the target has AMX, by
-whisper_max.linear_rows_amx instead (the
-rows rounded to bfloat16, the weight the tiles' A operand as stored). A linear layer of many rows with a stored weight
-(the encoder, cross
-K/V, a prompt) runs as our kernel whisper_max.linear_bf16 (custom.linear_bf16): rows rounded to
-bfloat16, AVX512_BF16 pair products summed in float32, ~2.5x MAX's float32 matmul on an AMD EPYC
-(Zen 4); MAX's own bfloat16 matmul was no faster than its float32 one there. Every other product
-of a stored weight binds its float32 widening (`X/widened`, made at load) and computes in
-float32; a cast of a weight would be folded by MAX into a float32 copy per graph.
+"""Linear layers and matrix products that MAX's own ops run; weights stay in torch's (out, in)
+layout. Which products run as our kernels instead is passes.select_kernels' choice, made before
+lowering for the target: a product of one position per row with a weight (a decoder step) as
+whisper_max.linear_rows (custom.py; it reads each weight row once for all rows, a stored
+bfloat16 or float16 weight as stored; measured on an AMD EPYC (Zen 4, 2 cores), the 80 MB
+vocabulary product of one row: 2.2-2.5 ms, against 7.7-8.3 ms as MAX's fused
+broadcast-multiply-sum; of 5 rows 2.8-3.0 ms against 5.4-6.0 ms as MAX's matmul), and one of
+many rows with a bfloat16 weight as whisper_max.linear_bf16 or linear_amx (~2.5x MAX's float32
+matmul on Zen 4; MAX's own bfloat16 matmul was no faster than its float32 one there). What is
+left here: products of many rows with a float32 weight (the encoder, cross K/V, a prompt), by
+MAX's matmul, and products of two activations.
 """
 
 from max.dtype import DType
 from max.graph import ops
 
-from .. import ir
 from . import LoweringError, register
-from .custom import linear_bf16, linear_rows
-
-
-def _weight(ctx, name: str):
-    """The weight the IR value `name` is, as MAX binds it: the stored bfloat16 weight when
-    `name` widens one (a cast), else the weight itself; None if `name` is not a weight."""
-    stored = stored_weight(ctx, name)
-    if stored is not None:
-        return stored
-    return ctx.value(name) if name in ctx.weight_names else None
-
-
-def stored_weight(ctx, name: str):
-    """The bfloat16 or float16 weight that the IR value `name` widens (a cast of a weight), or None."""
-    src = ctx.producer(name)
-    if src is None or src.op != ir.CAST:
-        return None
-    w = ctx.value(src.inputs[0])
-    return w if w.dtype in (DType.bfloat16, DType.float16) and ctx.producer(src.inputs[0]) is None else None
 
 
 @register("aten.linear.default")
 def linear(ctx, node, x, weight, bias):
-    w = _weight(ctx, node.inputs[1])
-    if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
-        return linear_rows(ctx, x, w, bias)
-    if w is not None and w.dtype == DType.float16:
+    if weight.dtype != DType.float32:
         raise LoweringError(
-            f"{node.name}: a product of many rows reads the float16 weight {node.inputs[1]!r}; passes.store_weights "
-            "should have bound its widened copy"
+            f"{node.name}: aten.linear of a {weight.dtype} weight {node.inputs[1]!r}; passes.select_kernels gives "
+            "every product of a stored weight to one of our kernels"
         )
-    if w is not None and w.dtype == DType.bfloat16:
-        if not ir.bfloat16_product_fits([int(d) for d in w.shape]):
-            raise LoweringError(
-                f"{node.name}: a product of many rows reads the bfloat16 weight {node.inputs[1]!r} of shape "
-                f"{[int(d) for d in w.shape]}, which whisper_max.linear_bf16 cannot take (rows a multiple of 64, "
-                f"even columns); passes.store_weights should have bound its widened copy"
-            )
-        return linear_bf16(ctx, x, w, bias)
     y = x @ ops.transpose(weight, 0, 1)  # (..., in) @ (in, out); as fast as a pre-transposed weight
     return y if bias is None else y + bias
 
@@ -87,11 +44,6 @@ def rows_as_m(a, b):
 
 @register("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
 def matmul(ctx, node, a, b):
-    # x @ W.T with W an (out, in) weight (the tied vocabulary projection): a matrix-vector product
-    src = ctx.producer(node.inputs[1])
-    w = _weight(ctx, src.inputs[0]) if src is not None and src.op == "aten.transpose.int" and b.rank == 2 else None
-    if w is not None and ir.one_position_per_row(ctx.graph, node.inputs[0]):
-        return linear_rows(ctx, a, w)
     if _rows_share_b(a, b):
         return rows_as_m(a, b)
     return a @ b

@@ -24,7 +24,7 @@ def specialise(p: ir.Program, graph: str, values: dict[str, int], name: str) -> 
 
     Static sizes let lowering pick kernels for the shape at hand: a decoder step for one sequence
     and one token is a chain of matrix-vector products, which are memory-bound and lower better
-    than general matrix products (see converter/lower/linear.py).
+    than general matrix products (see converter/passes/kernels.py).
     """
     g = p.graph(graph)
     names = {d.name for d in g.dims}

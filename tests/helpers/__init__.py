@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from whisper_max.converter.lower.target import amx
+from whisper_max.converter.target import amx
 from whisper_max.runtime.manifest import Target
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -21,7 +21,7 @@ needs_bf16 = pytest.mark.skipif(
     not HAS_BF16,
     reason=f"this CPU has no AVX512_BF16 (features: {list(_HOST.features)}); bfloat16 kernels cannot compile here",
 )
-# the kinds of our bfloat16 kernels this CPU runs (converter/lower/target.py): "amx" where it has
+# the kinds of our bfloat16 kernels this CPU runs (converter/target.py): "amx" where it has
 # AMX-BF16 (what conversions here use), "bf16" (VDPBF16PS, what Zen 4/5 use) where it has
 # AVX512_BF16; on an AMX CPU both are tested, the second by lowering for the CPU without AMX
 BF16_TARGETS: dict[str, Target] = {}

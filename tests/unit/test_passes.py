@@ -4,7 +4,7 @@ optimised program with PyTorch is checked by tests/compiled/test_decoder.py, whi
 import numpy as np
 import onnx
 import pytest
-from helpers.tiny_model import TINY_DIMS, optimised_tiny, traced_tiny
+from helpers.tiny_model import TINY_DIMS, optimised_tiny, state_dict_np, tiny_whisper, traced_tiny
 
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.passes import (
@@ -430,3 +430,31 @@ def test_fuse_encoder_attention_replaces_each_blocks_chain():
     assert fuse_encoder_attention(f32, head_dim=64, op=ir.ATTENTION, require=False) is f32
     with pytest.raises(ValueError, match="not an attention op"):
         fuse_encoder_attention(f32, op=ir.LINEAR_PANELS)
+
+
+def test_select_kernels_gives_every_stored_weight_product_to_a_kernel():
+    """Lowering's kernel choice, as a pass on the package's target-neutral IR: every product of
+    a stored weight becomes one of our kernels reading the weight as stored (its cast dropped),
+    the encoder's float32 products stay MAX's, and choosing twice changes nothing."""
+    from whisper_max.converter.passes.kernels import select_kernels
+    from whisper_max.runtime.manifest import Target
+
+    avx2 = Target("cpu", "x86_64", ("avx2", "fma"))
+    names = frozenset(state_dict_np(tiny_whisper()))
+    program = store_weights(optimised_tiny(), "float16", exact=names)  # the step matrices stored as float16
+    chose = set()
+    for g in program.graphs:
+        chosen = select_kernels(g, avx2)
+        weights = {w.name: w.type.dtype for w in g.weights}
+        producers = {n.name: n for n in chosen.nodes}
+        for n in chosen.nodes:
+            chose.add((g.name, n.op))
+            if n.op in ("aten.linear.default", "aten.matmul.default"):  # no product reads a stored weight
+                src = producers.get(n.inputs[1])
+                assert not (src is not None and src.op == ir.CAST), (g.name, n.name)
+            if n.op == ir.LINEAR_ROWS:
+                assert n.inputs[1] in weights, (g.name, n.name)
+        assert ir.format_graph(select_kernels(chosen, avx2)) == ir.format_graph(chosen)
+    assert {("decoder_step", ir.LINEAR_ROWS), ("decoder_rows", ir.LINEAR_ROWS)} <= chose  # the tied vocabulary
+    assert ("encoder", "aten.linear.default") in chose  # many rows, float32: MAX's matmul
+    assert not {op for _, op in chose} & {ir.LINEAR_ROWS_AMX, ir.LINEAR_AMX, ir.LINEAR_BF16, ir.ATTENTION_AMX}

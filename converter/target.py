@@ -4,7 +4,7 @@ MAX compiles a graph for the host CPU, and so do our kernels: the package record
 features (runtime.manifest.Target.host) and runs only where they are all present. Mojo cannot
 always tell which instructions the host has (under KVM a Sapphire Rapids reports a Rocket Lake
 model number and Mojo enables neither AVX512_BF16 nor AMX), so the choice between kernel kinds
-is made here, from /proc/cpuinfo's flags, and the lowering names the kernel it wants:
+is made here, from /proc/cpuinfo's flags, and passes.select_kernels names the kernel each op runs:
 
 | kind of CPU | products of many rows with a bfloat16 weight, bfloat16 attention |
 |---|---|
@@ -17,7 +17,7 @@ float32 programs run the same kernels everywhere (MAX's, and ours for the decode
 
 from __future__ import annotations
 
-from ...runtime.manifest import Target
+from ..runtime.manifest import Target
 
 __all__ = ["Target", "amx", "bfloat16", "bfloat16_kernels"]
 

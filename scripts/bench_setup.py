@@ -45,7 +45,7 @@ def machine() -> dict:
         "cpu": model,
         "kind": kind,
         "cores": len(os.sched_getaffinity(0)),
-        "isa": sorted(flags & {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
+        "isa": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}),
         "read_gb_s": read_bandwidth(),
     }
 

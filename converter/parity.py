@@ -133,50 +133,76 @@ def check(
     tokens: list[int],
     dtype: str = "float32",
 ) -> list[Entry]:
-    """Every tapped module, graph output and decoding route against the reference, within
-    `dtype`'s tolerances (golden/tolerances.json)."""
-
-    def compare_(name: str, got, ref) -> Entry:
-        return compare(name, got, ref, dtype)
-
-    enc_g, xkv_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.CROSS_KV), program.graph(Role.DECODER)
-    entries: list[Entry] = []
+    """Every tapped module (the probe's layer outputs), and every graph output and decoding route
+    of the program the runtime loads (end_to_end), against the reference, within `dtype`'s
+    tolerances (golden/tolerances.json)."""
     t0 = time.perf_counter()
+    cross = _cross_kv(program, models, ref)
+    entries = layer_outputs(program, probe, taps, ref, mel, tokens, cross, dtype)
+    entries += end_to_end(program, models, ref, mel, tokens, cross, dtype)
+    log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
+    return entries
 
-    enc_out, _ = run(models[Role.ENCODER], enc_g, {MEL: mel})
+
+def _cross_kv(program: ir.Program, models: dict, ref: dict[str, np.ndarray]) -> dict:
+    """cross_kv's outputs for the reference encoder output, so that what reads them measures
+    itself alone."""
+    xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
+    return run(models[Role.CROSS_KV], program.graph(Role.CROSS_KV), {AUDIO_FEATURES: xa_ref})[0]
+
+
+def layer_outputs(
+    program: ir.Program, probe: dict, taps: dict[str, list[str]], ref: dict, mel: np.ndarray, tokens, cross, dtype
+) -> list[Entry]:
+    """The probe graphs' tapped modules (every encoder and decoder layer) against the reference:
+    what names the first layer that diverges."""
+    enc_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.DECODER)
+    entries = []
     _, enc_taps = run(probe["encoder_probe"], enc_g, {MEL: mel}, len(taps[Role.ENCODER]))
     for name, val in zip(taps[Role.ENCODER], enc_taps):
-        entries.append(compare_(name, host(val), ref[name]))
-    entries.append(compare_("encoder.ln_post", host(enc_out[AUDIO_FEATURES]), ref["encoder.ln_post"]))
-
-    # cross K/V from the reference encoder output, so these entries measure cross_kv alone; the
-    # values hoisted out of the decoder (head-split, scaled) have no module of their own
-    xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
-    cross, _ = run(models[Role.CROSS_KV], xkv_g, {AUDIO_FEATURES: xa_ref})
-    for name, val in cross.items():
-        if name in ref:
-            entries.append(compare_(name, host(val), ref[name]))
-
-    # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
-    tok = np.array([tokens], np.int64)
-    dec_in = {TOKENS: tok, **empty_cache(dec_g, 1), **cross}
-    dec_out, _ = run(models[Role.DECODER], dec_g, dec_in)
+        entries.append(compare(name, host(val), ref[name], dtype))
+    dec_in = {TOKENS: np.array([tokens], np.int64), **empty_cache(dec_g, 1), **cross}
     _, dec_taps = run(probe["decoder_probe"], dec_g, dec_in, len(taps[Role.DECODER]))
     for name, val in zip(taps[Role.DECODER], dec_taps):
-        entries.append(compare_(name, host(val), ref[name]))
+        entries.append(compare(name, host(val), ref[name], dtype))
+    return entries
+
+
+def end_to_end(program: ir.Program, models: dict, ref: dict, mel: np.ndarray, tokens, cross, dtype) -> list[Entry]:
+    """The outputs of the graphs the runtime loads against the reference: the encoder's, cross
+    K/V, the decoder's prompt (its caches and logits), the logits of every decoding route
+    (incremental_routes), and the alignment graph's."""
+    enc_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.DECODER)
+    enc_out, _ = run(models[Role.ENCODER], enc_g, {MEL: mel})
+    entries = [compare("encoder.ln_post", host(enc_out[AUDIO_FEATURES]), ref["encoder.ln_post"], dtype)]
+    # the values hoisted out of the decoder (head-split, scaled) have no module of their own
+    entries += [compare(name, host(val), ref[name], dtype) for name, val in cross.items() if name in ref]
+    # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
+    tok = np.array([tokens], np.int64)
+    dec_out, _ = run(models[Role.DECODER], dec_g, {TOKENS: tok, **empty_cache(dec_g, 1), **cross})
     for name, val in dec_out.items():
         if name != LOGITS:
-            entries.append(compare_(name, host(val), cache_form(dec_g, name, ref[name])))
-    entries.append(compare_("logits", host(dec_out[LOGITS]), ref["logits"]))
+            entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name]), dtype))
+    entries.append(compare("logits", host(dec_out[LOGITS]), ref["logits"], dtype))
+    entries += incremental_routes(program, models, ref, tok, cross, dtype)
+    # alignment (word timestamps): every position's logits and each layer's cross-attention scores
+    xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
+    align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})
+    entries.append(compare("logits.all", host(align[LOGITS])[0], ref["logits.all"], dtype))
+    entries += [compare(name, host(val), ref[name], dtype) for name, val in align.items() if name != LOGITS]
+    return entries
 
-    # incremental: 1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time;
-    # logits of each call's last position against the reference at that position. Once through
-    # the general decoder alone (what batches of windows run), once as the runtime calls one row
-    # (single tokens through the specialised decoder_step when the program has one), and once as
-    # it calls the rows of one window (beams: after the prompt, ROWS rows sharing the window's
-    # cross K/V through decoder_rows, every row against the reference).
-    bounds = [0, 1, 3] + list(range(4, len(tokens) + 1))
-    bounds = [b for b in bounds if b <= len(tokens)]
+
+def incremental_routes(program: ir.Program, models: dict, ref: dict, tok: np.ndarray, cross, dtype) -> list[Entry]:
+    """1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time; logits of
+    each call's last position against the reference at that position. Once through the general
+    decoder alone (what batches of windows run), once as the runtime calls one row (single
+    tokens through the specialised decoder_step when the program has one), and once as it calls
+    the rows of one window (beams: after the prompt, ROWS rows sharing the window's cross K/V
+    through decoder_rows, every row against the reference)."""
+    dec_g = program.graph(Role.DECODER)
+    n = tok.shape[1]
+    bounds = [b for b in [0, 1, 3, *range(4, n + 1)] if b <= n]
     positions = [hi - 1 for hi in bounds[1:]]
     graphs = {g.name for g in program.graphs}
     steps = {g: state_specs(ir.graph_signature(program.graph(g))) for g in STEP_GRAPHS if g in graphs}
@@ -189,6 +215,7 @@ def check(
     def by_name(gname: str, inputs: dict) -> dict:
         return run(models[gname], program.graph(gname), inputs)[0]
 
+    entries = []
     for entry_name, (route, rows) in routes.items():
         cache = empty_cache(dec_g, 1)
         got = []
@@ -198,14 +225,6 @@ def check(
             got.append(np.broadcast_to(logits, (rows, logits.shape[-1])))
         want = ref["logits.all"][positions][:, None]
         entries.append(
-            compare_(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1])))
+            compare(entry_name, np.stack(got), np.broadcast_to(want, (len(positions), rows, want.shape[-1])), dtype)
         )
-
-    # alignment (word timestamps): every position's logits and each layer's cross-attention scores
-    align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})
-    entries.append(compare_("logits.all", host(align[LOGITS])[0], ref["logits.all"]))
-    for name, val in align.items():
-        if name != LOGITS:
-            entries.append(compare_(name, host(val), ref[name]))
-    log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
     return entries

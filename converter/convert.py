@@ -20,7 +20,7 @@ from ..runtime.program import WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, report
 from .lower import compile_with_kernels, lower_graph
-from .recipes import RECIPES, Context, Recipe, RecipeError, recipe_for
+from .recipes import Context, Recipe, RecipeError, recipe_for
 from .target import amx, bfloat16
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,6 @@ def mel_assets(n_mels: int) -> dict[str, bytes]:
     buf = io.BytesIO()
     np.save(buf, filters, allow_pickle=False)
     return {"assets/mel_filters.npy": buf.getvalue()}
-
-
-DTYPES = tuple(precision for family, precision in RECIPES if family == "whisper")
 
 
 def stored_as(w: np.ndarray, dtype: str):

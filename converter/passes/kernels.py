@@ -24,10 +24,9 @@ from dataclasses import replace
 from ...runtime.manifest import Target
 from .. import ir
 from ..target import amx, bfloat16_kernels
+from .weights import LAYER_MATRICES, STORED_DTYPES
 
 _MATMULS = ("aten.matmul.default", "aten.bmm.default", "aten.mm.default")
-_STORED = ("bfloat16", "float16")
-_LAYER_MATRICES = (2, 4, 5, 7, 11, 13, 17, 19)  # decoder_layer's wq wk wv wo wcq wco w1 w2, after its first 4 inputs
 
 
 class KernelChoiceError(ValueError):
@@ -46,7 +45,12 @@ def select_kernels(g: ir.Graph, target: Target) -> ir.Graph:
         if name in weights:
             return name
         src = producers.get(name)
-        if src is not None and src.op == ir.CAST and src.inputs[0] in weights and types[src.inputs[0]].dtype in _STORED:
+        if (
+            src is not None
+            and src.op == ir.CAST
+            and src.inputs[0] in weights
+            and types[src.inputs[0]].dtype in STORED_DTYPES
+        ):
             return src.inputs[0]
         return None
 
@@ -66,7 +70,7 @@ def select_kernels(g: ir.Graph, target: Target) -> ir.Graph:
         elif n.op == ir.ATTENTION_BF16 and bfloat16_kernels(target) == "amx":
             n = replace(n, op=ir.ATTENTION_AMX)
         elif n.op == ir.DECODER_LAYER:
-            matrices = [types[n.inputs[4 + i]] for i in _LAYER_MATRICES]
+            matrices = [types[n.inputs[i]] for i in LAYER_MATRICES]
             tiles = on_amx and all(
                 len(t.shape) == 2 and t.dtype == "bfloat16" and t.shape[1] % 32 == 0 and t.shape[0] % 32 == 0
                 for t in matrices

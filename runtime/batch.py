@@ -8,7 +8,7 @@ one that exists is complete), so a re-run after an interruption or a deleted out
 what is missing. A file that cannot be read is recorded in `<out>/summary.json` (status,
 duration, error) and the others go on; the exit code is 1 when any file failed.
 
-With `--ray` (a local Ray instance started for the job) or `--ray-address ADDR` (an existing
+With `--ray` (a local Ray instance started for the job) or `--ray_address ADDR` (an existing
 cluster), files go in groups of `--batch_size` to a pool of actors, each of which loads the model
 once and decodes its group on its own engine; this process writes the outputs and the summary,
 so the files are the same as a local run's. On a cluster, every node must see the input paths
@@ -28,9 +28,11 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import ModelDir, Trust, flag_optional, run_app
+from .cliutil import ModelDir, Trust, run_app
 from .extras import require
 from .files import atomic_open
+from .flags import transcribe_options, with_flags
+from .options import fallback_temperatures
 
 AUDIO_EXTENSIONS = frozenset(
     ".wav .flac .mp3 .m4a .ogg .oga .opus .webm .mp4 .mkv .aac .wma .aif .aiff .au .caf".split()
@@ -239,8 +241,7 @@ def _transcribe(
     from .audio import AudioError
     from .transcribe import transcribe_many
 
-    if not model.is_multilingual:
-        options = options.english_only()
+    options, _ = options.for_model(model.is_multilingual)
     durations: dict[int, float] = {}
     for i, result in transcribe_many(
         model, audios, batch_size=batch_size, options=options, engine=model.engine, keep_going=True, durations=durations
@@ -291,7 +292,7 @@ def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, mode
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise BatchError(f"--ray-address {address}: cannot connect to a Ray cluster there ({e})") from e
+            raise BatchError(f"--ray_address {address}: cannot connect to a Ray cluster there ({e})") from e
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         per_actor = min(cpus, int(os.environ.get("WHISPER_MAX_RAY_CPUS_PER_WORKER", "2")))
@@ -324,6 +325,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 @app.command()
+@with_flags(("language", "task", "beam_size", "word_timestamps", "vad_filter", "seed"), seed="0")
 def batch_cmd(
     model: str = typer.Argument(
         ..., help="a model name (tiny.en, base, ...), a .pt checkpoint, a CTranslate2 folder, or a .maxpkg"
@@ -333,45 +335,18 @@ def batch_cmd(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the outputs and summary.json"),
     output_format: str = typer.Option("all", "--output_format", "-f", help="txt, vtt, srt, tsv, json or all"),
-    language: str | None = typer.Option(None, "--language", help="language spoken; None detects it per file"),
-    task: str = typer.Option("transcribe", "--task", help="transcribe, or translate to English"),
-    beam_size: str = typer.Option(
-        "5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"
-    ),
-    word_timestamps: bool = typer.Option(False, "--word_timestamps/--no_word_timestamps", help="word-level timestamps"),
-    vad_filter: bool = typer.Option(
-        False,
-        "--vad_filter/--no_vad_filter",
-        help="transcribe only the speech Silero VAD finds (no text invented over silence); not openai-whisper's tokens",
-    ),
-    seed: int = typer.Option(
-        0,
-        "--seed",
-        help="seed of the sampling at fallback temperatures: a file gives the same text in every run, here or on Ray",
-    ),
     batch_size: int = typer.Option(8, "--batch_size", min=1, help="files decoded together on one engine"),
     model_dir: ModelDir = None,
     trust: Trust = False,
     ray: bool = typer.Option(False, "--ray", help="run on a local Ray instance started for this job"),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"
+        None, "--ray_address", help="run on the Ray cluster at this address (e.g. ray://head:10001 or auto)"
     ),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Ray actors (default: the cluster's CPUs / 2)"),
+    flags: dict | None = None,
 ) -> None:
-    from .options import TranscribeOptions, fallback_temperatures
-
-    beams = flag_optional(beam_size, int)
-    options = TranscribeOptions.from_kwargs(
-        verbose=None,
-        temperature=fallback_temperatures(0.0, 0.2),
-        language=language,
-        task=task,
-        beam_size=beams,
-        best_of=5,
-        word_timestamps=word_timestamps,
-        seed=seed,
-        vad_filter=vad_filter,
-    )
+    # openai-whisper's fallback schedule, quiet, and seeded so that a file gives the same text here and on Ray
+    options = transcribe_options(flags, verbose=None, temperature=fallback_temperatures(0.0, 0.2), best_of=5)
     counts = run_batch(
         model,
         inputs,

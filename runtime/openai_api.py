@@ -180,8 +180,7 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
         beam_size=settings.beam_size,
         best_of=settings.best_of,
     )
-    if not model.is_multilingual:
-        options = options.english_only()
+    options, _ = options.for_model(model.is_multilingual)  # a translation was refused above
     return options, fmt, granularities
 
 

@@ -86,6 +86,17 @@ class TranscribeOptions:
             decode["suppress_tokens"] = tuple(decode["suppress_tokens"])
         return cls(**own, decode=DecodingOptions(**decode))
 
+    def for_model(self, multilingual: bool) -> tuple[TranscribeOptions, str | None]:
+        """These options for a model, the one English-only policy of every client: unchanged for a
+        multilingual model; English, transcribed, for an English-only one, with a note (for the
+        user) when something else was asked."""
+        if multilingual:
+            return self, None
+        d = self.decode
+        asked = d.language not in (None, "en", "English") or d.task == "translate"
+        note = f"an English-only model but received language {d.language!r} / task {d.task!r}; using English."
+        return self.english_only(), note if asked else None
+
     def english_only(self) -> TranscribeOptions:
         """These options for an English-only model: English, transcribed, whatever was asked
         (openai-whisper's CLI does the same)."""

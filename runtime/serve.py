@@ -16,8 +16,9 @@ from pathlib import Path
 
 import typer
 
-from .cliutil import ModelDir, Trust, flag_optional, run_app
+from .cliutil import ModelDir, Trust, run_app
 from .extras import require
+from .flags import with_flags
 
 
 def serve(
@@ -73,6 +74,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 @app.command()
+@with_flags(("beam_size", "best_of"))
 def serve_cmd(
     package: str = typer.Argument(
         ...,
@@ -85,7 +87,7 @@ def serve_cmd(
     port: int = typer.Option(8000, "--port", help="port to listen on"),
     api_key: str | None = typer.Option(
         None,
-        "--api-key",
+        "--api_key",
         envvar="WHISPER_MAX_API_KEY",
         help="require Authorization: Bearer KEY on /v1/ (also WHISPER_MAX_API_KEY)",
     ),
@@ -102,17 +104,14 @@ def serve_cmd(
         32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"
     ),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
-    beam_size: str = typer.Option(
-        "5", "--beam_size", help="beams at temperature 0 (whisper-run's default); None: greedy"
-    ),
-    best_of: str = typer.Option("5", "--best_of", help="samples at temperature > 0; None: one"),
     model_dir: ModelDir = None,
     trust: Trust = False,
     log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
+    flags: dict | None = None,
 ) -> None:
-    beams, best = (flag_optional(v, int) for v in (beam_size, best_of))
+    beams, best = flags["beam_size"], flags["best_of"]
     if any(v is not None and v < 1 for v in (beams, best)):
-        raise typer.BadParameter(f"--beam_size {beam_size} / --best_of {best_of}: a positive integer or None")
+        raise typer.BadParameter(f"--beam_size {beams} / --best_of {best}: a positive integer or None")
     from .openai_api import Settings  # MissingExtra without the server extra
 
     settings = Settings(

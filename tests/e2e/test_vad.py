@@ -314,5 +314,5 @@ def test_whisper_run_and_whisper_batch_vad_filter(tiny_en, tmp_path):
     assert json.loads((out / "silence.json").read_text())["segments"] == []
     assert "ask not what your country can do for you" in json.loads((out / "jfk.json").read_text())["text"]
     out = tmp_path / "batch"
-    assert batch.main([str(tiny_en.path), str(silence), "--out", str(out), "-f", "txt", "--vad_filter"]) == 0
+    assert batch.main([str(tiny_en.path), str(silence), "--out", str(out), "-f", "txt", "--vad_filter", "True"]) == 0
     assert (out / "silence.txt").read_text() == ""

@@ -21,7 +21,7 @@ def test_cli_reference_is_generated_from_the_commands():
     cli_docs = _cli_docs()
     text = cli_docs.render()
     assert (ROOT / "docs" / "cli.md").read_text() == text, "docs/cli.md is stale: run python scripts/cli_docs.py"
-    for flag in ("--beam_size", "--vad_filter", "--max_upload_mb", "--ray-address", "--dtype"):
+    for flag in ("--beam_size", "--vad_filter", "--max_upload_mb", "--ray_address", "--dtype"):
         assert f"`{flag}" in text or f", {flag}" in text, flag
 
 

@@ -101,3 +101,15 @@ def test_from_keywords_cli_or_json():
 def test_bad_options_are_refused_once(options, error, match):
     with pytest.raises(error, match=match):
         TranscribeOptions.from_kwargs(**options)
+
+
+def test_one_english_only_policy():
+    """Every client's policy for an English-only model: English, transcribed, and a note when the
+    user asked for something else; a multilingual model keeps what was asked."""
+    asked = TranscribeOptions.from_kwargs(language="de", task="translate")
+    assert asked.for_model(True) == (asked, None)
+    options, note = asked.for_model(False)
+    assert (options.decode.language, options.decode.task) == ("en", "transcribe")
+    assert note == "an English-only model but received language 'de' / task 'translate'; using English."
+    assert TranscribeOptions.from_kwargs(language="English").for_model(False)[1] is None
+    assert TranscribeOptions().for_model(False) == (TranscribeOptions.from_kwargs(language="en"), None)

@@ -110,78 +110,117 @@ def to_ir(
     output_names: list[str],
     dim_ranges: dict[str, tuple[int, int | None]],
 ) -> Graph:
-    from torch.export.graph_signature import InputKind, OutputKind
+    from torch.export.graph_signature import OutputKind
 
-    namer = _Namer()
-    gm = ep.graph_module
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    env: dict[str, str] = {}  # fx node name -> IR value name
-    inputs, weights, constants = [], [], []
+    t = _Translator(name)
+    inputs, weights, constants = t.signature_inputs(ep, input_names, dim_names)
+    calls = (t.node(n) for n in ep.graph_module.graph.nodes if n.op == "call_function")
+    nodes = [node for node in calls if node is not None]
+    outs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if len(outs) != len(output_names):
+        raise TraceError(f"{name}: {len(outs)} outputs traced, {len(output_names)} names given")
+    outputs = tuple((o_name, t.env[s.arg.name]) for s, o_name in zip(outs, output_names))
 
-    user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
-    if len(user) != len(input_names):
-        raise TraceError(f"{name}: {len(user)} user inputs traced, {len(input_names)} names given")
-    for spec, dnames in zip(user, dim_names):
-        val = placeholders[spec.arg.name].meta["val"]
-        for axis, dname in dnames.items():
-            namer.bind(val.shape[axis], dname)
-    for spec in ep.graph_signature.input_specs:
-        val = placeholders[spec.arg.name].meta["val"]
-        if spec.kind == InputKind.USER_INPUT:
-            ir_name = input_names[user.index(spec)]
-            inputs.append(Value(ir_name, TensorType(_np_dtype(val.dtype), namer.shape(val))))
-        elif spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
-            ir_name = spec.target
-            weights.append(Value(ir_name, TensorType(_np_dtype(val.dtype), namer.shape(val))))
-        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            ir_name = spec.target
-            data = ep.constants[spec.target]
-            constants.append(Constant(ir_name, data.detach().numpy().copy()))
-        else:
-            raise TraceError(f"{name}: unsupported input kind {spec.kind} for {spec.arg.name}")
-        env[spec.arg.name] = ir_name
+    # drop weights/constants/inputs nothing uses (e.g. an input only read for its shape)
+    used = {i for nd in nodes for i in nd.inputs} | {v for _, v in outputs}
+    weights = [w for w in weights if w.name in used]
+    constants = [c for c in constants if c.name in used]
+    dims = tuple(SymDim(d, *dim_ranges[d]) for d in sorted({d for dn in dim_names for d in dn.values()}))
+    g = Graph(name, tuple(inputs), tuple(weights), tuple(constants), tuple(nodes), outputs, dims)
+    g.validate()
+    return g
 
-    nodes: list[Node] = []
-    used_names: dict[str, int] = {}
 
-    def value_of(a: Any) -> str:
+class _Translator:
+    """torch.export's FX graph of `name` into IR values and nodes: `env` maps an FX node's name to
+    its IR value; node names are `scope/op` with a counter for repeats."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.namer = _Namer()
+        self.env: dict[str, str] = {}
+        self.used_names: dict[str, int] = {}
+
+    def signature_inputs(self, ep, input_names: list[str], dim_names: list[dict[int, str]]):
+        """The graph's inputs (named `input_names`, dims bound to `dim_names`), weights and constants."""
+        from torch.export.graph_signature import InputKind
+
+        placeholders = {n.name: n for n in ep.graph_module.graph.nodes if n.op == "placeholder"}
+        inputs, weights, constants = [], [], []
+        user = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        if len(user) != len(input_names):
+            raise TraceError(f"{self.name}: {len(user)} user inputs traced, {len(input_names)} names given")
+        for spec, dnames in zip(user, dim_names):
+            val = placeholders[spec.arg.name].meta["val"]
+            for axis, dname in dnames.items():
+                self.namer.bind(val.shape[axis], dname)
+        for spec in ep.graph_signature.input_specs:
+            val = placeholders[spec.arg.name].meta["val"]
+            if spec.kind == InputKind.USER_INPUT:
+                ir_name = input_names[user.index(spec)]
+                inputs.append(Value(ir_name, TensorType(_np_dtype(val.dtype), self.namer.shape(val))))
+            elif spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
+                ir_name = spec.target
+                weights.append(Value(ir_name, TensorType(_np_dtype(val.dtype), self.namer.shape(val))))
+            elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+                ir_name = spec.target
+                constants.append(Constant(ir_name, ep.constants[spec.target].detach().numpy().copy()))
+            else:
+                raise TraceError(f"{self.name}: unsupported input kind {spec.kind} for {spec.arg.name}")
+            self.env[spec.arg.name] = ir_name
+        return inputs, weights, constants
+
+    def value_of(self, a: Any) -> str:
         if isinstance(a, torch.fx.Node):
-            return env[a.name]
-        raise TraceError(f"{name}: expected a tensor, got {a!r}")
+            return self.env[a.name]
+        raise TraceError(f"{self.name}: expected a tensor, got {a!r}")
 
-    def attr_of(a: Any, op: str) -> Any:
+    def attr_of(self, a: Any, op: str) -> Any:
         if isinstance(a, torch.fx.Node):
             v = a.meta.get("val")
             if isinstance(v, (torch.SymInt, int)):
-                return namer.dim(v)
-            raise TraceError(f"{name}: op {op} has a tensor where an attribute was expected")
+                return self.namer.dim(v)
+            raise TraceError(f"{self.name}: op {op} has a tensor where an attribute was expected")
         if isinstance(a, (list, tuple)):
-            return tuple(attr_of(x, op) for x in a)
+            return tuple(self.attr_of(x, op) for x in a)
         if isinstance(a, torch.SymInt):
-            return namer.dim(a)
+            return self.namer.dim(a)
         if isinstance(a, torch.dtype):
             return _np_dtype(a)
         if a is None or isinstance(a, (bool, int, float, str)):
             return a
         if isinstance(a, (torch.memory_format, torch.layout, torch.device)):
             return str(a)
-        raise TraceError(f"{name}: op {op} has an attribute {a!r} of type {type(a).__name__}")
+        raise TraceError(f"{self.name}: op {op} has an attribute {a!r} of type {type(a).__name__}")
 
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
+    def node(self, n) -> Node | None:
+        """The IR node of call `n`, or None where it becomes no node (size arithmetic, asserts,
+        aliases and same-dtype casts, which map to their input)."""
         val = n.meta.get("val")
         if not isinstance(val, torch.Tensor):
             if isinstance(val, (torch.SymInt, int, type(None))) or str(n.target) in _DROPPED:
-                continue  # size arithmetic is inlined where it is used; asserts are dropped
-            raise TraceError(f"{name}: node {n.name} ({n.target}) produces {type(val).__name__}")
+                return None  # size arithmetic is inlined where it is used; asserts are dropped
+            raise TraceError(f"{self.name}: node {n.name} ({n.target}) produces {type(val).__name__}")
         op = str(n.target)
         if op in _ALIASES or (op in _CASTS and n.args[0].meta["val"].dtype == val.dtype):
-            env[n.name] = value_of(n.args[0])
-            continue
+            self.env[n.name] = self.value_of(n.args[0])
+            return None
         schema = getattr(n.target, "_schema", None)
         if schema is None:
-            raise TraceError(f"{name}: {op} at {_scope(n, name)} is not an aten op")
+            raise TraceError(f"{self.name}: {op} at {_scope(n, self.name)} is not an aten op")
+        ins, attrs = self.operands(n, schema, op)
+        scope = _scope(n, self.name)
+        base = f"{scope}/{op.split('.')[1]}"
+        k = self.used_names.get(base, 0)
+        self.used_names[base] = k + 1
+        node_name = base if k == 0 else f"{base}.{k}"
+        self.env[n.name] = node_name
+        kind = TensorType(_np_dtype(val.dtype), self.namer.shape(val))
+        return Node(node_name, op, tuple(ins), tuple(attrs), kind, scope)
+
+    def operands(self, n, schema, op: str) -> tuple[list[str], list[tuple[str, Any]]]:
+        """The call's tensor inputs (in the schema's order; "" for a missing optional one) and its
+        attributes (the other arguments, defaults filled in)."""
         ins: list[str] = []
         attrs: list[tuple[str, Any]] = []
         for i, arg in enumerate(schema.arguments):
@@ -192,40 +231,17 @@ def to_ir(
             elif arg.has_default_value():
                 a = arg.default_value
             else:
-                raise TraceError(f"{name}: {op} lacks argument {arg.name}")
+                raise TraceError(f"{self.name}: {op} lacks argument {arg.name}")
             kind = _tensor_arg(arg)
             if kind is not None and isinstance(a, (bool, int, float)):
                 attrs.append((arg.name, a))  # a Python scalar in a tensor slot (`q * scale`)
             elif kind == "list":
-                ins.extend(value_of(x) for x in a)
+                ins.extend(self.value_of(x) for x in a)
             elif kind is not None:
-                ins.append("" if a is None else value_of(a))
+                ins.append("" if a is None else self.value_of(a))
             else:
-                attrs.append((arg.name, attr_of(a, op)))
-        scope = _scope(n, name)
-        short = op.split(".")[1]
-        base = f"{scope}/{short}"
-        k = used_names.get(base, 0)
-        used_names[base] = k + 1
-        node_name = base if k == 0 else f"{base}.{k}"
-        nodes.append(
-            Node(node_name, op, tuple(ins), tuple(attrs), TensorType(_np_dtype(val.dtype), namer.shape(val)), scope)
-        )
-        env[n.name] = node_name
-
-    outs = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
-    if len(outs) != len(output_names):
-        raise TraceError(f"{name}: {len(outs)} outputs traced, {len(output_names)} names given")
-    outputs = tuple((o_name, env[s.arg.name]) for s, o_name in zip(outs, output_names))
-
-    # drop weights/constants/inputs nothing uses (e.g. an input only read for its shape)
-    used = {i for nd in nodes for i in nd.inputs} | {v for _, v in outputs}
-    weights = [w for w in weights if w.name in used]
-    constants = [c for c in constants if c.name in used]
-    dims = tuple(SymDim(d, *dim_ranges[d]) for d in sorted({d for dn in dim_names for d in dn.values()}))
-    g = Graph(name, tuple(inputs), tuple(weights), tuple(constants), tuple(nodes), outputs, dims)
-    g.validate()
-    return g
+                attrs.append((arg.name, self.attr_of(a, op)))
+        return ins, attrs
 
 
 def _offset_qkv_attention(self: MultiHeadAttention, q, k, v, mask=None):

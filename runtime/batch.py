@@ -163,23 +163,7 @@ def run_batch(
     from .writers import output_formats, write_result
 
     formats = output_formats(output_format)  # checked before any work
-    jobs = collect(inputs)
-    if not jobs:
-        raise BatchError(
-            f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BatchError(f"--out {out}: cannot create it ({e.strerror or e})") from e
-    summary = Summary(out / SUMMARY, jobs, {"model": model_arg, "output_format": output_format})
-    todo = []
-    for job in jobs:
-        if all(p.is_file() for p in job.outputs(out, formats)):
-            summary.set(job, "skipped")
-        else:
-            todo.append(job)
-    summary.write()
+    summary, jobs, todo = _plan(model_arg, inputs, out, output_format, formats)
     bar = tqdm(
         total=len(jobs),
         initial=len(jobs) - len(todo),
@@ -188,30 +172,7 @@ def run_batch(
         disable=not progress,
         dynamic_ncols=True,
     )
-    audio_s, started = 0.0, time.perf_counter()
-
-    def record(job: Job, result, duration: float | None, error: str | None) -> None:
-        nonlocal audio_s
-        if error is None:
-            try:
-                (out / job.rel.parent).mkdir(parents=True, exist_ok=True)
-                write_result(result, job.audio, out / job.rel.parent, output_format, stem=job.rel.name)
-            except OSError as e:  # the disk: no later file could be written either
-                summary.set(job, "failed", duration, f"cannot write outputs: {e}")
-                summary.write()
-                raise BatchError(
-                    f"{e.filename}: cannot write ({e.strerror or e}); stopped; re-run the same command to go on"
-                ) from e
-            summary.set(job, "done", duration)
-            audio_s += duration or 0.0
-        else:
-            summary.set(job, "failed", duration, error)
-        elapsed = time.perf_counter() - started
-        bar.set_postfix_str(
-            f"{audio_s / 3600:.2f} h audio, RTF {elapsed / audio_s:.3f}" if audio_s else "", refresh=False
-        )
-        bar.update(1)
-
+    record = _Recorder(out, output_format, summary, bar, write_result)
     try:
         if todo and (ray or ray_address):
             _run_on_ray(
@@ -231,6 +192,58 @@ def run_batch(
         bar.close()
         summary.write()
     return summary.counts()
+
+
+def _plan(model_arg: str, inputs: list[Path], out: Path, output_format: str, formats) -> tuple[Summary, list, list]:
+    """The summary, every job and the jobs still to do (those whose outputs are not all there)."""
+    jobs = collect(inputs)
+    if not jobs:
+        raise BatchError(
+            f"no audio files in {', '.join(map(str, inputs))} (extensions: {' '.join(sorted(AUDIO_EXTENSIONS))})"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BatchError(f"--out {out}: cannot create it ({e.strerror or e})") from e
+    summary = Summary(out / SUMMARY, jobs, {"model": model_arg, "output_format": output_format})
+    todo = []
+    for job in jobs:
+        if all(p.is_file() for p in job.outputs(out, formats)):
+            summary.set(job, "skipped")
+        else:
+            todo.append(job)
+    summary.write()
+    return summary, jobs, todo
+
+
+class _Recorder:
+    """Called with each finished job: writes its outputs, records it in the summary, moves the bar."""
+
+    def __init__(self, out: Path, output_format: str, summary: Summary, bar, write_result) -> None:
+        self.out, self.output_format, self.summary, self.bar = out, output_format, summary, bar
+        self.write_result = write_result
+        self.audio_s, self.started = 0.0, time.perf_counter()
+
+    def __call__(self, job: Job, result, duration: float | None, error: str | None) -> None:
+        if error is None:
+            folder = self.out / job.rel.parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self.write_result(result, job.audio, folder, self.output_format, stem=job.rel.name)
+            except OSError as e:  # the disk: no later file could be written either
+                self.summary.set(job, "failed", duration, f"cannot write outputs: {e}")
+                self.summary.write()
+                raise BatchError(
+                    f"{e.filename}: cannot write ({e.strerror or e}); stopped; re-run the same command to go on"
+                ) from e
+            self.summary.set(job, "done", duration)
+            self.audio_s += duration or 0.0
+        else:
+            self.summary.set(job, "failed", duration, error)
+        elapsed = time.perf_counter() - self.started
+        rate = f"{self.audio_s / 3600:.2f} h audio, RTF {elapsed / self.audio_s:.3f}" if self.audio_s else ""
+        self.bar.set_postfix_str(rate, refresh=False)
+        self.bar.update(1)
 
 
 def _transcribe(

@@ -61,9 +61,8 @@ def run_cmd(
     flags: dict | None = None,
 ) -> None:
     from . import load
-    from .audio import AudioError
     from .transcribe import transcribe_many
-    from .writers import WRITERS, write_result
+    from .writers import WRITERS
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if output_format not in (*WRITERS, "all"):
@@ -91,13 +90,7 @@ def run_cmd(
         if is_batched
         else transcribe_many(model, audio, batch_size=batch_size, options=options, keep_going=True)
     )
-    failed = []
-    for i, result in results:
-        if isinstance(result, AudioError):
-            print(f"whisper-run: error: {result}", file=sys.stderr)
-            failed.append(result)
-            continue
-        _write(result, audio[i], output_dir, output_format, writer_options, write_result)
+    failed = _write_all(results, audio, output_dir, output_format, writer_options)
     if failed:
         if len(audio) > 1:
             print(f"whisper-run: {len(failed)} of {len(audio)} files failed, the others were written:", file=sys.stderr)
@@ -123,6 +116,21 @@ def _writer_options(words: bool, highlight_words: bool, max_line_width, max_line
     if max_words_per_line and max_line_width:
         print("--max_words_per_line has no effect with --max_line_width", file=sys.stderr)
     return writer_options
+
+
+def _write_all(results, audio: list[Path], output_dir: Path, output_format: str, writer_options: dict) -> list:
+    """Write each (index, result) as it comes; returns the files' AudioErrors, each said at once."""
+    from .audio import AudioError
+    from .writers import write_result
+
+    failed = []
+    for i, result in results:
+        if isinstance(result, AudioError):
+            print(f"whisper-run: error: {result}", file=sys.stderr)
+            failed.append(result)
+        else:
+            _write(result, audio[i], output_dir, output_format, writer_options, write_result)
+    return failed
 
 
 def _write(result, path: Path, output_dir: Path, output_format: str, writer_options: dict, write_result) -> None:

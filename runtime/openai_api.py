@@ -229,6 +229,45 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
 
     app = FastAPI(title="whisper-serve", lifespan=lifespan)
     app.state.scheduler = scheduler
+    _error_handlers(app)
+    app.add_middleware(_Guard, settings=settings)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(model_id)]}
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str):
+        _check_model(name, model_id)
+        return _model_card(name)
+
+    async def audio(request: Request, task: str):
+        form = await _form(request, settings.max_upload_bytes)
+        _check_model(form.get("model"), model_id)
+        options, fmt, granularities = options_for(model, settings, task, form)
+        samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
+        result = await _wait(request, scheduler, _submit(scheduler, samples, options), settings.timeout)
+        task = "translate" if task == "translate" else "transcribe"
+        body = render(model, result, fmt, granularities, task, len(samples) / SAMPLE_RATE)
+        return JSONResponse(body) if isinstance(body, dict) else PlainTextResponse(body)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        return await audio(request, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(request: Request):
+        return await audio(request, "translate")
+
+    return app
+
+
+def _error_handlers(app) -> None:
+    """Every error as OpenAI's error object: ours, FastAPI's HTTP errors and validation errors."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -247,76 +286,37 @@ def create_app(model, settings: Settings = Settings(), model_id: str | None = No
     async def _invalid(request, e: RequestValidationError):
         return _error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
 
-    app.add_middleware(_Guard, settings=settings)
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": model_id, **scheduler.stats()}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(model_id)]}
-
-    @app.get("/v1/models/{name}")
-    async def one_model(name: str):
-        if name not in (model_id, *ALIASES):
-            raise ApiError(
-                404,
-                f"model {name!r} is not served here; this server serves {model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-        return _model_card(name)
-
-    async def audio(request: Request, task: str):
-        form = await _form(request, settings.max_upload_bytes)
-        name = form.get("model")
-        if not name:
-            raise ApiError(
-                400,
-                "the form has no 'model' field; send the served model's id (see GET /v1/models) or whisper-1",
-                param="model",
-            )
-        if name not in (model_id, *ALIASES):
-            raise ApiError(
-                404,
-                f"model {name!r} is not served here; this server serves {model_id!r} (or whisper-1)",
-                param="model",
-                code="model_not_found",
-            )
-        options, fmt, granularities = options_for(model, settings, task, form)
-        samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
-        try:
-            job = scheduler.submit(samples, options)
-        except Busy:
-            retry = max(1, math.ceil(scheduler.latency))
-            raise ApiError(
-                429,
-                f"the server is busy ({scheduler.capacity} requests admitted); retry in {retry} s",
-                "rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(retry)},
-            ) from None
-        result = await _wait(request, scheduler, job, settings.timeout)
-        body = render(
-            model,
-            result,
-            fmt,
-            granularities,
-            "translate" if task == "translate" else "transcribe",
-            len(samples) / SAMPLE_RATE,
+def _check_model(name: str | None, model_id: str) -> None:
+    """A request's model: the served one or an alias (whisper-1), else 400 (none) or 404."""
+    if not name:
+        raise ApiError(
+            400,
+            "the form has no 'model' field; send the served model's id (see GET /v1/models) or whisper-1",
+            param="model",
         )
-        return JSONResponse(body) if isinstance(body, dict) else PlainTextResponse(body)
+    if name not in (model_id, *ALIASES):
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here; this server serves {model_id!r} (or whisper-1)",
+            param="model",
+            code="model_not_found",
+        )
 
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request):
-        return await audio(request, "transcribe")
 
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request):
-        return await audio(request, "translate")
-
-    return app
+def _submit(scheduler: Scheduler, samples, options):
+    """The scheduler's job for a request, or 429 with Retry-After when it is full."""
+    try:
+        return scheduler.submit(samples, options)
+    except Busy:
+        retry = max(1, math.ceil(scheduler.latency))
+        raise ApiError(
+            429,
+            f"the server is busy ({scheduler.capacity} requests admitted); retry in {retry} s",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(retry)},
+        ) from None
 
 
 class _Guard:

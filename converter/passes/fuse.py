@@ -76,154 +76,16 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
         region = [n for n in nodes if n.scope == prefix or n.scope.startswith(prefix + ".")]
         if not region:
             break
-        where = f"{graph}: {prefix}"
+        block = _Block(f"{graph}: {prefix}", prefix, region)
         if tuple(n.op for n in region) != _BLOCK_OPS:
             raise ValueError(
-                f"{where} is not the residual attention block fuse_decoder_layers knows: ops "
+                f"{block.where} is not the residual attention block fuse_decoder_layers knows: ops "
                 f"{[n.op.split('.', 1)[-1] for n in region]}"
             )
-        by = {n.name: n for n in region}
-
-        def node(local: str) -> ir.Node:
-            n = by.get(prefix + local)
-            if n is None:
-                raise ValueError(f"{where}: no node {prefix + local}")
-            return n
-
-        def expect(ok: bool, what: str) -> None:
-            if not ok:
-                raise ValueError(f"{where}: {what}; not fused")
-
-        ln1, ln2, ln3 = node(".attn_ln/layer_norm"), node(".cross_attn_ln/layer_norm"), node(".mlp_ln/layer_norm")
-        q, k, v, o = (node(f".attn.{m}/linear") for m in ("query", "key", "value", "out"))
-        cq, co = node(".cross_attn.query/linear"), node(".cross_attn.out/linear")
-        fc1, gelu, fc2 = node(".mlp.0/linear"), node(".mlp.1/gelu"), node(".mlp.2/linear")
-        add0, add1, add2 = node("/add"), node("/add.1"), node("/add.2")
-        kcat, vcat = node(".attn.key/cat"), node(".attn.value/cat")
-        x = ln1.inputs[0]
-        expect(
-            add0.inputs[:2] == (x, o.name)
-            and ln2.inputs[0] == add0.name
-            and add1.inputs[:2] == (add0.name, co.name)
-            and ln3.inputs[0] == add1.name
-            and add2.inputs[:2] == (add1.name, fc2.name),
-            "residual wiring differs",
-        )
-        expect(all(a.attr("alpha") == 1 for a in (add0, add1, add2)), "a residual add has alpha != 1")
-        expect(
-            q.inputs[0] == k.inputs[0] == v.inputs[0] == ln1.name
-            and cq.inputs[0] == ln2.name
-            and fc1.inputs[0] == ln3.name
-            and gelu.inputs[0] == fc1.name
-            and fc2.inputs[0] == gelu.name
-            and gelu.attr("approximate") == "none",
-            "products wired differently",
-        )
-        expect(
-            all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2],
-            "biases differ (key has none, the rest have one)",
-        )
-        expect(all(ln.inputs[1] and ln.inputs[2] for ln in (ln1, ln2, ln3)), "a layer norm lacks weight or bias")
-        eps = {ln.attr("eps") for ln in (ln1, ln2, ln3)}
-        scales = {node(m).attr("other") for m in (".attn/mul", ".attn/mul.1", ".cross_attn/mul")}
-        expect(len(eps) == 1 and len(scales) == 1, f"layer norms' eps {eps} or attention scales {scales} differ")
-        expect(
-            node(".attn/mul").inputs[0] == node(".attn/permute").name
-            and node(".attn/permute").inputs[0] == node(".attn/view").name
-            and node(".attn/view").inputs[0] == q.name,
-            "q is not scaled after its product",
-        )
-        expect(
-            kcat.inputs[1] == node(".attn/mul.1").name
-            and node(".attn/mul.1").inputs[0] == node(".attn/permute.1").name
-            and node(".attn/permute.1").inputs[0] == node(".attn/view.1").name
-            and node(".attn/view.1").inputs[0] == k.name,
-            "the key cache does not store the scaled key",
-        )
-        expect(
-            vcat.inputs[1] == node(".attn/permute.2").name
-            and node(".attn/permute.2").inputs[0] == node(".attn/view.2").name
-            and node(".attn/view.2").inputs[0] == v.name,
-            "the value cache does not store the value",
-        )
-        position = kcat.inputs[2]
-        expect(
-            vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs,
-            "the caches are written elsewhere",
-        )
-        expect(
-            node(".attn/transpose").inputs[0] == kcat.name
-            and node(".attn/matmul").inputs == (node(".attn/mul").name, node(".attn/transpose").name)
-            and node(".attn/matmul.1").inputs == (node(".attn/softmax").name, vcat.name),
-            "self-attention reads other values",
-        )
-        mask_add, row, cols = node(".attn/add"), node(".attn/slice"), node(".attn/slice.1")
-        expect(
-            mask_add.inputs[:2] == (node(".attn/matmul").name, cols.name)
-            and cols.inputs[0] == row.name
-            and _causal_mask(consts.get(row.inputs[0]))
-            and row.attr("dim") == 0
-            and row.attr("start") == position
-            and cols.attr("dim") == 1
-            and cols.attr("start") in (None, 0)
-            and cols.attr("end") == f"{position} + 1",
-            "the mask added is not row `position` of a causal mask up to that position",
-        )
-        ckt, cv = node(".cross_attn/matmul").inputs[1], node(".cross_attn/matmul.1").inputs[1]
-        expect(
-            ckt in inputs
-            and cv in inputs
-            and node(".cross_attn/matmul").inputs[0] == node(".cross_attn/mul").name
-            and node(".cross_attn/mul").inputs[0] == node(".cross_attn/permute").name
-            and node(".cross_attn/permute").inputs[0] == node(".cross_attn/view").name
-            and node(".cross_attn/view").inputs[0] == cq.name,
-            "cross-attention reads other values",
-        )
-        outside = {i for n in nodes if n.name not in by for i in n.inputs} | {val for _, val in g.outputs}
-        expect(
-            outside & set(by) == {add2.name},
-            f"values inside the block are read outside it: {sorted(outside & set(by) - {add2.name})}",
-        )
-        heads = node(".attn/view").type.shape[2]
-        operands = (
-            x,
-            kcat.inputs[0],
-            vcat.inputs[0],
-            position,
-            ln1.inputs[1],
-            ln1.inputs[2],
-            q.inputs[1],
-            q.inputs[2],
-            k.inputs[1],
-            v.inputs[1],
-            v.inputs[2],
-            o.inputs[1],
-            o.inputs[2],
-            ln2.inputs[1],
-            ln2.inputs[2],
-            cq.inputs[1],
-            cq.inputs[2],
-            co.inputs[1],
-            co.inputs[2],
-            ln3.inputs[1],
-            ln3.inputs[2],
-            fc1.inputs[1],
-            fc1.inputs[2],
-            fc2.inputs[1],
-            fc2.inputs[2],
-            ckt,
-            cv,
-        )
-        layer = ir.Node(
-            add2.name,
-            ir.DECODER_LAYER,
-            operands,
-            (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop())),
-            add2.type,
-            prefix,
-        )
+        outside = {i for n in nodes if n.name not in block.by for i in n.inputs} | {val for _, val in g.outputs}
+        layer = _decoder_layer(block, inputs, consts, outside)
         at = nodes.index(region[0])
-        nodes = [n for n in nodes if n.name not in by]
+        nodes = [n for n in nodes if n.name not in block.by]
         nodes.insert(at, layer)
         fused += 1
     if not fused:
@@ -240,6 +102,165 @@ def fuse_decoder_layers(p: ir.Program, graph: str) -> ir.Program:
     )
     log.info("%s: %d decoder blocks fused into decoder_layer kernels", graph, fused)
     return replace_graph(p, out)
+
+
+class _Block:
+    """One traced residual attention block: its nodes by local name (`.attn.query/linear`), and
+    `expect`, which refuses the fusion naming the block and what differs."""
+
+    def __init__(self, where: str, prefix: str, region: list[ir.Node]) -> None:
+        self.where, self.prefix = where, prefix
+        self.by = {n.name: n for n in region}
+
+    def __getitem__(self, local: str) -> ir.Node:
+        n = self.by.get(self.prefix + local)
+        if n is None:
+            raise ValueError(f"{self.where}: no node {self.prefix + local}")
+        return n
+
+    def expect(self, ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.where}: {what}; not fused")
+
+
+def _decoder_layer(b: _Block, inputs: dict, consts: dict, outside: set[str]) -> ir.Node:
+    """The decoder_layer node replacing block `b`, once every check of fuse_decoder_layers holds."""
+    ln1, ln2, ln3 = b[".attn_ln/layer_norm"], b[".cross_attn_ln/layer_norm"], b[".mlp_ln/layer_norm"]
+    q, k, v, o = (b[f".attn.{m}/linear"] for m in ("query", "key", "value", "out"))
+    cq, co = b[".cross_attn.query/linear"], b[".cross_attn.out/linear"]
+    fc1, fc2 = b[".mlp.0/linear"], b[".mlp.2/linear"]
+    kcat, vcat = b[".attn.key/cat"], b[".attn.value/cat"]
+    _check_block_wiring(b)
+    eps = {ln.attr("eps") for ln in (ln1, ln2, ln3)}
+    scales = {b[m].attr("other") for m in (".attn/mul", ".attn/mul.1", ".cross_attn/mul")}
+    b.expect(len(eps) == 1 and len(scales) == 1, f"layer norms' eps {eps} or attention scales {scales} differ")
+    position = _check_self_attention(b, inputs, consts)
+    ckt, cv = _check_cross_attention(b, inputs)
+    add2 = b["/add.2"]
+    b.expect(
+        outside & set(b.by) == {add2.name},
+        f"values inside the block are read outside it: {sorted(outside & set(b.by) - {add2.name})}",
+    )
+    heads = b[".attn/view"].type.shape[2]
+    operands = (
+        ln1.inputs[0],
+        kcat.inputs[0],
+        vcat.inputs[0],
+        position,
+        *ln1.inputs[1:3],
+        *q.inputs[1:3],
+        k.inputs[1],
+        *v.inputs[1:3],
+        *o.inputs[1:3],
+        *ln2.inputs[1:3],
+        *cq.inputs[1:3],
+        *co.inputs[1:3],
+        *ln3.inputs[1:3],
+        *fc1.inputs[1:3],
+        *fc2.inputs[1:3],
+        ckt,
+        cv,
+    )
+    attrs = (("axis", 2), ("heads", heads), ("scale", scales.pop()), ("eps", eps.pop()))
+    return ir.Node(add2.name, ir.DECODER_LAYER, operands, attrs, add2.type, b.prefix)
+
+
+def _check_block_wiring(b: _Block) -> None:
+    """Pre-norm residuals, the products fed by their norms, exact GELU, biases as traced."""
+    ln1, ln2, ln3 = b[".attn_ln/layer_norm"], b[".cross_attn_ln/layer_norm"], b[".mlp_ln/layer_norm"]
+    q, k, v, o = (b[f".attn.{m}/linear"] for m in ("query", "key", "value", "out"))
+    cq, co = b[".cross_attn.query/linear"], b[".cross_attn.out/linear"]
+    fc1, gelu, fc2 = b[".mlp.0/linear"], b[".mlp.1/gelu"], b[".mlp.2/linear"]
+    add0, add1, add2 = b["/add"], b["/add.1"], b["/add.2"]
+    x = ln1.inputs[0]
+    b.expect(
+        add0.inputs[:2] == (x, o.name)
+        and ln2.inputs[0] == add0.name
+        and add1.inputs[:2] == (add0.name, co.name)
+        and ln3.inputs[0] == add1.name
+        and add2.inputs[:2] == (add1.name, fc2.name),
+        "residual wiring differs",
+    )
+    b.expect(all(a.attr("alpha") == 1 for a in (add0, add1, add2)), "a residual add has alpha != 1")
+    b.expect(
+        q.inputs[0] == k.inputs[0] == v.inputs[0] == ln1.name
+        and cq.inputs[0] == ln2.name
+        and fc1.inputs[0] == ln3.name
+        and gelu.inputs[0] == fc1.name
+        and fc2.inputs[0] == gelu.name
+        and gelu.attr("approximate") == "none",
+        "products wired differently",
+    )
+    b.expect(
+        all(n.inputs[2] for n in (q, v, o, cq, co, fc1, fc2)) and not k.inputs[2],
+        "biases differ (key has none, the rest have one)",
+    )
+    b.expect(all(ln.inputs[1] and ln.inputs[2] for ln in (ln1, ln2, ln3)), "a layer norm lacks weight or bias")
+
+
+def _check_self_attention(b: _Block, inputs: dict, consts: dict) -> str:
+    """q scaled after its product; the caches store the scaled key and the value at one position
+    (an input, returned); the scores read them; the mask is a causal row that changes nothing."""
+    q, k, v = (b[f".attn.{m}/linear"] for m in ("query", "key", "value"))
+    kcat, vcat = b[".attn.key/cat"], b[".attn.value/cat"]
+    b.expect(
+        b[".attn/mul"].inputs[0] == b[".attn/permute"].name
+        and b[".attn/permute"].inputs[0] == b[".attn/view"].name
+        and b[".attn/view"].inputs[0] == q.name,
+        "q is not scaled after its product",
+    )
+    b.expect(
+        kcat.inputs[1] == b[".attn/mul.1"].name
+        and b[".attn/mul.1"].inputs[0] == b[".attn/permute.1"].name
+        and b[".attn/permute.1"].inputs[0] == b[".attn/view.1"].name
+        and b[".attn/view.1"].inputs[0] == k.name,
+        "the key cache does not store the scaled key",
+    )
+    b.expect(
+        vcat.inputs[1] == b[".attn/permute.2"].name
+        and b[".attn/permute.2"].inputs[0] == b[".attn/view.2"].name
+        and b[".attn/view.2"].inputs[0] == v.name,
+        "the value cache does not store the value",
+    )
+    position = kcat.inputs[2]
+    b.expect(
+        vcat.inputs[2] == position and kcat.attr("axis") == vcat.attr("axis") == 2 and position in inputs,
+        "the caches are written elsewhere",
+    )
+    b.expect(
+        b[".attn/transpose"].inputs[0] == kcat.name
+        and b[".attn/matmul"].inputs == (b[".attn/mul"].name, b[".attn/transpose"].name)
+        and b[".attn/matmul.1"].inputs == (b[".attn/softmax"].name, vcat.name),
+        "self-attention reads other values",
+    )
+    mask_add, row, cols = b[".attn/add"], b[".attn/slice"], b[".attn/slice.1"]
+    b.expect(
+        mask_add.inputs[:2] == (b[".attn/matmul"].name, cols.name)
+        and cols.inputs[0] == row.name
+        and _causal_mask(consts.get(row.inputs[0]))
+        and row.attr("dim") == 0
+        and row.attr("start") == position
+        and cols.attr("dim") == 1
+        and cols.attr("start") in (None, 0)
+        and cols.attr("end") == f"{position} + 1",
+        "the mask added is not row `position` of a causal mask up to that position",
+    )
+    return position
+
+
+def _check_cross_attention(b: _Block, inputs: dict) -> tuple[str, str]:
+    """The cross keys and values the block reads: graph inputs, read by the scaled query."""
+    ckt, cv = b[".cross_attn/matmul"].inputs[1], b[".cross_attn/matmul.1"].inputs[1]
+    b.expect(
+        ckt in inputs
+        and cv in inputs
+        and b[".cross_attn/matmul"].inputs[0] == b[".cross_attn/mul"].name
+        and b[".cross_attn/mul"].inputs[0] == b[".cross_attn/permute"].name
+        and b[".cross_attn/permute"].inputs[0] == b[".cross_attn/view"].name
+        and b[".cross_attn/view"].inputs[0] == b[".cross_attn.query/linear"].name,
+        "cross-attention reads other values",
+    )
+    return ckt, cv
 
 
 def fuse_encoder_attention(
@@ -261,88 +282,17 @@ def fuse_encoder_attention(
     if op not in (ir.ATTENTION_BF16, ir.ATTENTION):
         raise ValueError(f"fuse_encoder_attention: {op!r} is not an attention op")
     g = p.graph(graph)
-    prod = {n.name: n for n in g.nodes}
-    users = consumers(g)
-    types = g.types()
-    outputs = {v for _, v in g.outputs}
-
-    def only(name: str, op: str, **attrs) -> ir.Node | None:
-        n = prod.get(name)
-        if n is None or n.op != op or any(n.attr(k) != v for k, v in attrs.items()):
-            return None
-        if len(users.get(name, [])) != 1 or name in outputs:
-            return None
-        return n
-
-    def head_view(name: str) -> tuple[ir.Node, ir.Node] | None:
-        perm = only(name, "aten.permute.default", dims=(0, 2, 1, 3))
-        view = perm and only(perm.inputs[0], "aten.view.default")
-        if view is None:
-            return None
-        size = view.attr("size")
-        if len(size) != 4 or size[3] != -1 or perm.type.shape[3] != head_dim:
-            return None
-        return view, perm
-
+    chain = _AttentionChain(g, head_dim)
     replace: dict[str, ir.Node] = {}  # the flatten's name -> the fused node
     drop: set[str] = set()
     for sm in g.nodes:
-        if sm.op != "aten.softmax.int" or sm.attr("dim") != -1 or sm.attr("dtype") is not None:
-            continue
-        qk = only(sm.inputs[0], "aten.matmul.default")
-        pv = users.get(sm.name, [])
-        if (
-            qk is None
-            or len(pv) != 1
-            or pv[0].op != "aten.matmul.default"
-            or pv[0].inputs[0] != sm.name
-            or sm.name in outputs
-        ):
-            continue
-        pv = pv[0]
-        mq = only(qk.inputs[0], "aten.mul.Tensor")
-        tr = only(qk.inputs[1], "aten.transpose.int")
-        mk = tr and only(tr.inputs[0], "aten.mul.Tensor")
-        if mq is None or mk is None or {tr.attr("dim0"), tr.attr("dim1")} != {-1, -2}:
-            continue
-        scale = mq.attr("other")
-        if not isinstance(scale, float) or mk.attr("other") != scale:
-            continue
-        q, k, v = head_view(mq.inputs[0]), head_view(mk.inputs[0]), head_view(pv.inputs[1])
-        after = users.get(pv.name, [])
-        back = (
-            only(after[0].name, "aten.permute.default", dims=(0, 2, 1, 3))
-            if len(after) == 1 and pv.name not in outputs
-            else None
-        )
-        flat = users.get(back.name, []) if back is not None else []
-        if q is None or k is None or v is None or len(flat) != 1:
-            continue
-        flat = flat[0]
-        if flat.op != "aten.flatten.using_ints" or flat.attr("start_dim") != 2 or flat.attr("end_dim") != -1:
-            continue
-        heads = q[1].type.shape[1]
-        sources = (q[0].inputs[0], k[0].inputs[0], v[0].inputs[0])
-        if not isinstance(heads, int) or any(types[x] != flat.type for x in sources):
-            continue
-        replace[flat.name] = ir.Node(
-            flat.name, op, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope
-        )
-        drop |= {
-            q[0].name,
-            q[1].name,
-            k[0].name,
-            k[1].name,
-            v[0].name,
-            v[1].name,
-            mq.name,
-            mk.name,
-            tr.name,
-            qk.name,
-            sm.name,
-            pv.name,
-            back.name,
-        }
+        found = chain.match(sm)
+        if found is not None:
+            flat, sources, heads, scale, inner = found
+            replace[flat.name] = ir.Node(
+                flat.name, op, sources, (("heads", heads), ("scale", scale)), flat.type, flat.scope
+            )
+            drop |= inner
     if not replace:
         why = (
             f"{graph}: no attention matched openai-whisper's unmasked qkv_attention (view, permute, scale, "
@@ -355,3 +305,70 @@ def fuse_encoder_attention(
     nodes = [replace.get(n.name, n) for n in g.nodes if n.name not in drop]
     log.info("%s: %d attentions fused (%s)", graph, len(replace), op)
     return replace_graph(p, ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
+
+
+class _AttentionChain:
+    """Matches openai-whisper's unmasked qkv_attention in a graph, from its softmax (see
+    fuse_encoder_attention): every value of the chain with one reader and not an output."""
+
+    def __init__(self, g: ir.Graph, head_dim: int) -> None:
+        self.prod = {n.name: n for n in g.nodes}
+        self.users = consumers(g)
+        self.types = g.types()
+        self.outputs = {v for _, v in g.outputs}
+        self.head_dim = head_dim
+
+    def only(self, name: str, op: str, **attrs) -> ir.Node | None:
+        n = self.prod.get(name)
+        if n is None or n.op != op or any(n.attr(k) != v for k, v in attrs.items()):
+            return None
+        if len(self.users.get(name, [])) != 1 or name in self.outputs:
+            return None
+        return n
+
+    def head_view(self, name: str) -> tuple[ir.Node, ir.Node] | None:
+        perm = self.only(name, "aten.permute.default", dims=(0, 2, 1, 3))
+        view = perm and self.only(perm.inputs[0], "aten.view.default")
+        if view is None:
+            return None
+        size = view.attr("size")
+        if len(size) != 4 or size[3] != -1 or perm.type.shape[3] != self.head_dim:
+            return None
+        return view, perm
+
+    def match(self, sm: ir.Node):
+        """(the flatten, (q, k, v) sources, heads, scale, the chain's inner names) or None."""
+        if sm.op != "aten.softmax.int" or sm.attr("dim") != -1 or sm.attr("dtype") is not None:
+            return None
+        qk = self.only(sm.inputs[0], "aten.matmul.default")
+        pv = self.users.get(sm.name, [])
+        if qk is None or len(pv) != 1 or pv[0].op != "aten.matmul.default" or pv[0].inputs[0] != sm.name:
+            return None
+        if sm.name in self.outputs:
+            return None
+        pv = pv[0]
+        mq = self.only(qk.inputs[0], "aten.mul.Tensor")
+        tr = self.only(qk.inputs[1], "aten.transpose.int")
+        mk = tr and self.only(tr.inputs[0], "aten.mul.Tensor")
+        if mq is None or mk is None or {tr.attr("dim0"), tr.attr("dim1")} != {-1, -2}:
+            return None
+        scale = mq.attr("other")
+        if not isinstance(scale, float) or mk.attr("other") != scale:
+            return None
+        q, k, v = self.head_view(mq.inputs[0]), self.head_view(mk.inputs[0]), self.head_view(pv.inputs[1])
+        after = self.users.get(pv.name, [])
+        back = None
+        if len(after) == 1 and pv.name not in self.outputs:
+            back = self.only(after[0].name, "aten.permute.default", dims=(0, 2, 1, 3))
+        flat = self.users.get(back.name, []) if back is not None else []
+        if q is None or k is None or v is None or len(flat) != 1:
+            return None
+        flat = flat[0]
+        if flat.op != "aten.flatten.using_ints" or flat.attr("start_dim") != 2 or flat.attr("end_dim") != -1:
+            return None
+        heads = q[1].type.shape[1]
+        sources = (q[0].inputs[0], k[0].inputs[0], v[0].inputs[0])
+        if not isinstance(heads, int) or any(self.types[x] != flat.type for x in sources):
+            return None
+        inner = {n.name for n in (*q, *k, *v, mq, mk, tr, qk, sm, pv, back)}
+        return flat, sources, heads, scale, inner

@@ -48,97 +48,92 @@ def store_weights(
             "store_weights: float16 storage takes `exact`, the weights a float16 holds exactly; bfloat16 takes none"
         )
     step_only = dtype == "float16"  # only step reads read the stored weight; the rest are widened
-
-    def reads_stored(g: ir.Graph, users: dict, shapes: dict, n: ir.Node, w: str) -> bool:
-        if n.op == "aten.linear.default":
-            return n.inputs[1] == w and (
-                ir.one_position_per_row(g, n.inputs[0]) or (not step_only and ir.bfloat16_product_fits(shapes[w]))
-            )
-        if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
-            after = users.get(n.name, [])
-            return bool(after) and all(
-                m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0])
-                for m in after
-            )
-        return False
-
-    def matrices(g: ir.Graph) -> set[str]:
-        return {
-            w.name
-            for w in g.weights
-            if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None
-        }
-
     chosen = None  # every matrix for bfloat16; for float16 the exact ones some step reads stored
     if step_only:
         chosen = set()
         for g in p.graphs:
-            shapes, users, candidates = {w.name: w.type.shape for w in g.weights}, consumers(g), matrices(g) & exact
+            shapes, users, candidates = {w.name: w.type.shape for w in g.weights}, consumers(g), _matrices(g, min_rank)
+            candidates &= exact
             for n in g.nodes:
                 chosen.update(
                     i
                     for i in n.inputs
-                    if i in candidates and (n.op == ir.DECODER_LAYER or reads_stored(g, users, shapes, n, i))
+                    if i in candidates
+                    and (n.op == ir.DECODER_LAYER or _reads_stored(g, users, shapes, n, i, step_only))
                 )
     graphs = []
     for g in p.graphs:
-        stored = matrices(g) if chosen is None else matrices(g) & chosen
-        if not stored:
-            graphs.append(g)
-            continue
-        shapes = {w.name: w.type.shape for w in g.weights}
-        users = consumers(g)
-        casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
-        read: dict[str, str] = {}  # weight -> the dtype a graph weight of that name is bound as
-        nodes: list[ir.Node] = []
-        for n in g.nodes:
-            if n.op == "aten.embedding.default" and n.inputs[0] in stored:
-                rows = ir.Node(
-                    f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope
-                )
-                nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
-                read[n.inputs[0]] = dtype
-                continue
-            if n.op == ir.DECODER_LAYER:  # its kernel reads stored weights as they are
-                read.update((i, dtype) for i in n.inputs if i in stored)
-                nodes.append(n)
-                continue
-            inputs = []
-            for i in n.inputs:
-                if i not in stored:
-                    inputs.append(i)
-                elif reads_stored(g, users, shapes, n, i):
-                    if i not in casts:
-                        casts[i] = ir.Node(
-                            f"{i}/float32",
-                            ir.CAST,
-                            (i,),
-                            (("dtype", "float32"),),
-                            ir.TensorType("float32", shapes[i]),
-                            n.scope,
-                        )
-                        nodes.append(casts[i])
-                        read[i] = dtype
-                    inputs.append(casts[i].name)
-                else:
-                    read[i + WIDENED] = "float32"
-                    inputs.append(i + WIDENED)
-            nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
-        weights = [w for w in g.weights if w.name not in stored]
-        weights += [
-            ir.Value(name, ir.TensorType(dt, shapes[name.removesuffix(WIDENED)])) for name, dt in sorted(read.items())
-        ]
-        out = ir.Graph(g.name, g.inputs, tuple(weights), g.constants, tuple(nodes), g.outputs, g.dims)
-        out.validate()
-        log.info(
-            "%s: %d weights stored as %s (%d read widened)",
-            g.name,
-            len(stored),
-            dtype,
-            sum(dt == "float32" for dt in read.values()),
-        )
-        graphs.append(out)
+        stored = _matrices(g, min_rank) if chosen is None else _matrices(g, min_rank) & chosen
+        graphs.append(_store(g, stored, dtype, step_only) if stored else g)
     return ir.Program(tuple(graphs), p.dims)
+
+
+def _matrices(g: ir.Graph, min_rank: int) -> set[str]:
+    """The float32 weights of rank >= min_rank that are not a widened copy."""
+    return {
+        w.name
+        for w in g.weights
+        if w.type.dtype == "float32" and len(w.type.shape) >= min_rank and widened_source(w.name) is None
+    }
+
+
+def _reads_stored(g: ir.Graph, users: dict, shapes: dict, n: ir.Node, w: str, step_only: bool) -> bool:
+    """Whether node `n` reads weight `w` as stored (through a cast our kernels fuse) rather than widened."""
+    if n.op == "aten.linear.default":
+        return n.inputs[1] == w and (
+            ir.one_position_per_row(g, n.inputs[0]) or (not step_only and ir.bfloat16_product_fits(shapes[w]))
+        )
+    if n.op == "aten.transpose.int" and len(shapes[w]) == 2:  # x @ Wᵀ (the tied vocabulary product)
+        after = users.get(n.name, [])
+        return bool(after) and all(
+            m.op == "aten.matmul.default" and m.inputs[1] == n.name and ir.one_position_per_row(g, m.inputs[0])
+            for m in after
+        )
+    return False
+
+
+def _store(g: ir.Graph, stored: set[str], dtype: str, step_only: bool) -> ir.Graph:
+    """Graph `g` with the weights `stored` bound as `dtype`: each read through a gather, a cast, a
+    decoder_layer, or the widened copy (see store_weights)."""
+    shapes = {w.name: w.type.shape for w in g.weights}
+    users = consumers(g)
+    casts: dict[str, ir.Node] = {}  # weight -> its float32 view, made before its first use
+    read: dict[str, str] = {}  # weight -> the dtype a graph weight of that name is bound as
+    nodes: list[ir.Node] = []
+    for n in g.nodes:
+        if n.op == "aten.embedding.default" and n.inputs[0] in stored:
+            rows = ir.Node(f"{n.name}/{dtype}", n.op, n.inputs, n.attrs, ir.TensorType(dtype, n.type.shape), n.scope)
+            nodes += [rows, ir.Node(n.name, ir.CAST, (rows.name,), (("dtype", n.type.dtype),), n.type, n.scope)]
+            read[n.inputs[0]] = dtype
+            continue
+        if n.op == ir.DECODER_LAYER:  # its kernel reads stored weights as they are
+            read.update((i, dtype) for i in n.inputs if i in stored)
+            nodes.append(n)
+            continue
+        inputs = []
+        for i in n.inputs:
+            if i not in stored:
+                inputs.append(i)
+            elif _reads_stored(g, users, shapes, n, i, step_only):
+                if i not in casts:
+                    float32 = ir.TensorType("float32", shapes[i])
+                    casts[i] = ir.Node(f"{i}/float32", ir.CAST, (i,), (("dtype", "float32"),), float32, n.scope)
+                    nodes.append(casts[i])
+                    read[i] = dtype
+                inputs.append(casts[i].name)
+            else:
+                read[i + WIDENED] = "float32"
+                inputs.append(i + WIDENED)
+        nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
+    weights = [w for w in g.weights if w.name not in stored]
+    weights += [
+        ir.Value(name, ir.TensorType(dt, shapes[name.removesuffix(WIDENED)])) for name, dt in sorted(read.items())
+    ]
+    out = ir.Graph(g.name, g.inputs, tuple(weights), g.constants, tuple(nodes), g.outputs, g.dims)
+    out.validate()
+    widened = sum(dt == "float32" for dt in read.values())
+    log.info("%s: %d weights stored as %s (%d read widened)", g.name, len(stored), dtype, widened)
+    return out
 
 
 PANEL_DTYPES = ("float32", "float16")  # and bfloat16 where its products do not run on AMX

@@ -47,31 +47,11 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
     new_inputs = {v.name: v for v in g.inputs}
     changed = 0
     for c in g.inputs:
-        cat_users = users.get(c.name, [])
-        if len(c.type.shape) != 3 or len(cat_users) != 1:
+        found = _row_local_chain(c, users, output_of)
+        if found is None:
             continue
-        cat = cat_users[0]
-        if (
-            cat.op != "aten.cat.default"
-            or cat.inputs[0] != c.name
-            or len(cat.inputs) != 2
-            or cat.attr("dim") % 3 != 1
-            or cat.name not in output_of
-        ):
-            continue
+        cat, chain, axis = found
         new = cat.inputs[1]
-        axis, chain, cur_type, cur = 1, [], cat.type, cat.name
-        while True:
-            nxt = users.get(cur, [])
-            if len(nxt) != 1:
-                break
-            moved_axis = _row_local(nxt[0], cur_type, axis)
-            if moved_axis is None:
-                break
-            chain.append(nxt[0])
-            axis, cur_type, cur = moved_axis, nxt[0].type, nxt[0].name
-        if not chain:
-            continue
         total, part = cat.type.shape[1], types[new].shape[1]
         past = c.type.shape[1]
         # the new rows go through the chain; the concatenation moves to its end
@@ -96,14 +76,10 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
             if n.name in chain_names:
                 continue
             if n.name == cat.name:
-                rebuilt.extend(moved)
-                rebuilt.append(new_cat)
+                rebuilt += [*moved, new_cat]
                 continue
-            rebuilt.append(
-                ir.Node(
-                    n.name, n.op, tuple(cat.name if i == last.name else i for i in n.inputs), n.attrs, n.type, n.scope
-                )
-            )
+            inputs = tuple(cat.name if i == last.name else i for i in n.inputs)
+            rebuilt.append(ir.Node(n.name, n.op, inputs, n.attrs, n.type, n.scope))
         nodes = rebuilt
         users = consumers(ir.Graph(g.name, g.inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
         changed += 1
@@ -112,6 +88,35 @@ def sink_cache_layout(p: ir.Program, graph: str = Role.DECODER) -> ir.Program:
     log.info("cache layout in %s: %d caches stored in the form attention reads", graph, changed)
     inputs = tuple(new_inputs[v.name] for v in g.inputs)
     return replace_graph(p, ir.Graph(g.name, inputs, g.weights, g.constants, tuple(nodes), g.outputs, g.dims))
+
+
+def _row_local_chain(c: ir.Value, users: dict, output_of: dict):
+    """For a cache input `c` read once by `cat(c, new)` on its positions' axis (a graph output):
+    the cat, the chain of position-wise ops after it (head split, permute, scale) and the axis
+    of the positions at its end; None when there is no such chain."""
+    cat_users = users.get(c.name, [])
+    if len(c.type.shape) != 3 or len(cat_users) != 1:
+        return None
+    cat = cat_users[0]
+    if (
+        cat.op != "aten.cat.default"
+        or cat.inputs[0] != c.name
+        or len(cat.inputs) != 2
+        or cat.attr("dim") % 3 != 1
+        or cat.name not in output_of
+    ):
+        return None
+    axis, chain, cur_type, cur = 1, [], cat.type, cat.name
+    while True:
+        nxt = users.get(cur, [])
+        if len(nxt) != 1:
+            break
+        moved_axis = _row_local(nxt[0], cur_type, axis)
+        if moved_axis is None:
+            break
+        chain.append(nxt[0])
+        axis, cur_type, cur = moved_axis, nxt[0].type, nxt[0].name
+    return (cat, chain, axis) if chain else None
 
 
 def in_place_cache(

@@ -83,34 +83,12 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
     window in the same order. Beams are rows of one window whose lineages share a prefix."""
     g = p.graph(graph)
     inputs = {v.name: v for v in g.inputs}
-    if WINDOW in inputs or any(d.name in ("pool", "windows") for d in g.dims):
-        raise ValueError(f"{graph}: already has per-row windows or slots")
-    layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
-    if not layers or any(len(n.inputs) != 28 or n.inputs[-1] != LINEAGE for n in layers):
-        raise ValueError(
-            f"{graph}: expected decoder_layer nodes with a lineage (run fuse_decoder_layers and row_lineage first)"
-        )
-    if inputs.get(position) is None or inputs[position].type.shape != ():
-        raise ValueError(f"{graph}: no scalar input {position!r} (the position every row writes at)")
+    layers, e = _check_engine_rows(g, inputs, position)
     caches = {n.inputs[i] for n in layers for i in (1, 2)}
     cross = {n.inputs[i] for n in layers for i in (25, 26)}
     if any(inputs[c].type.shape[0] != 1 for c in cross):
         raise ValueError(f"{graph}: cross keys/values not shared by all rows (leading dim 1; run share_window first)")
     rows = g.types()[layers[0].inputs[0]].shape[0]
-    embed = [n for n in g.nodes if n.op == "aten.slice.Tensor" and n.inputs[0] == "decoder.positional_embedding"]
-    if (
-        len(embed) != 1
-        or embed[0].attr("start") != position
-        or embed[0].attr("end") != f"{position} + 1"
-        or embed[0].attr("dim") != 0
-    ):
-        raise ValueError(f"{graph}: the positional embedding is not one slice at {position!r}")
-    users = [n for n in g.nodes if position in n.inputs or position in ir.dim_symbols(str(n.attrs))]
-    if {n.name for n in users} != {n.name for n in layers} | {embed[0].name}:
-        raise ValueError(
-            f"{graph}: {position!r} is read by {[n.name for n in users if n.op != ir.DECODER_LAYER]} as well; only "
-            "the layers and the positional embedding may"
-        )
 
     def retype(v: ir.Value) -> ir.Value:
         if v.name == position:
@@ -121,24 +99,7 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
             return ir.Value(v.name, ir.TensorType(v.type.dtype, ("windows",) + tuple(v.type.shape[1:])))
         return v
 
-    e = embed[0]
-    d = e.type.shape[-1]
-    at = ir.Node(
-        f"{e.name}/rows",
-        "aten.view.default",
-        (position,),
-        (("size", [-1, 1]),),
-        ir.TensorType("int64", (rows, 1)),
-        e.scope,
-    )
-    looked_up = ir.Node(
-        e.name,
-        "aten.embedding.default",
-        ("decoder.positional_embedding", at.name),
-        (("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)),
-        ir.TensorType(e.type.dtype, (rows, 1, d)),
-        e.scope,
-    )
+    at, looked_up = _position_lookup(e, position, rows)
     nodes = []
     for n in g.nodes:
         if n is e:
@@ -159,3 +120,53 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
     out.validate()
     log.info("%s: per-row positions, %d cache slots and windows by index", graph, len(caches))
     return replace_graph(p, out)
+
+
+def _check_engine_rows(g: ir.Graph, inputs: dict, position: str) -> tuple[list[ir.Node], ir.Node]:
+    """The decoder_layer nodes (with a lineage) and the one positional-embedding slice at
+    `position`, which with the layers alone read it; else the error says what engine_rows needs."""
+    if WINDOW in inputs or any(d.name in ("pool", "windows") for d in g.dims):
+        raise ValueError(f"{g.name}: already has per-row windows or slots")
+    layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+    if not layers or any(len(n.inputs) != 28 or n.inputs[-1] != LINEAGE for n in layers):
+        raise ValueError(
+            f"{g.name}: expected decoder_layer nodes with a lineage (run fuse_decoder_layers and row_lineage first)"
+        )
+    if inputs.get(position) is None or inputs[position].type.shape != ():
+        raise ValueError(f"{g.name}: no scalar input {position!r} (the position every row writes at)")
+    embed = [n for n in g.nodes if n.op == "aten.slice.Tensor" and n.inputs[0] == "decoder.positional_embedding"]
+    if (
+        len(embed) != 1
+        or embed[0].attr("start") != position
+        or embed[0].attr("end") != f"{position} + 1"
+        or embed[0].attr("dim") != 0
+    ):
+        raise ValueError(f"{g.name}: the positional embedding is not one slice at {position!r}")
+    users = [n for n in g.nodes if position in n.inputs or position in ir.dim_symbols(str(n.attrs))]
+    if {n.name for n in users} != {n.name for n in layers} | {embed[0].name}:
+        raise ValueError(
+            f"{g.name}: {position!r} is read by {[n.name for n in users if n.op != ir.DECODER_LAYER]} as well; only "
+            "the layers and the positional embedding may"
+        )
+    return layers, embed[0]
+
+
+def _position_lookup(e: ir.Node, position: str, rows) -> tuple[ir.Node, ir.Node]:
+    """The slice `e` of the positional embedding at one position, as a lookup of each row's."""
+    at = ir.Node(
+        f"{e.name}/rows",
+        "aten.view.default",
+        (position,),
+        (("size", [-1, 1]),),
+        ir.TensorType("int64", (rows, 1)),
+        e.scope,
+    )
+    looked_up = ir.Node(
+        e.name,
+        "aten.embedding.default",
+        ("decoder.positional_embedding", at.name),
+        (("padding_idx", -1), ("scale_grad_by_freq", False), ("sparse", False)),
+        ir.TensorType(e.type.dtype, (rows, 1, e.type.shape[-1])),
+        e.scope,
+    )
+    return at, looked_up

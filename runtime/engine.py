@@ -2,7 +2,7 @@
 all of them in one decoder call per token (continuous batching).
 
     engine = Engine(model)
-    engine.submit(stream, on_done=lambda s: print(s.result["text"]))   # any time, any number
+    engine.submit(stream, on_done=lambda s: print(s.result.text))   # any time, any number
     while engine.busy:
         engine.step()
 

@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException  # noqa: E402
 
 from .audio import SAMPLE_RATE, AudioError, read_audio  # noqa: E402
 from .options import TEMPERATURES, TranscribeOptions  # noqa: E402
+from .results import TranscriptionResult  # noqa: E402
 from .scheduler import Busy, Job, Scheduler  # noqa: E402
-from .stream import SEGMENT_KEYS  # noqa: E402
 from .writers import write_srt, write_vtt  # noqa: E402
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -184,30 +184,26 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
     return options, fmt, granularities
 
 
-def render(model, result: dict, fmt: str, granularities: set[str], task: str, duration: float):
+def render(model, result: TranscriptionResult, fmt: str, granularities: set[str], task: str, duration: float):
     """The response body for `fmt`: a dict (JSON) or text."""
     if fmt == "json":
-        return {"text": result["text"]}
+        return {"text": result.text}
     if fmt == "text":
-        return result["text"]
+        return result.text
     if fmt in ("srt", "vtt"):
         out = io.StringIO()
-        (write_srt if fmt == "srt" else write_vtt)(result, out)
+        (write_srt if fmt == "srt" else write_vtt)(result.as_openai_dict(), out)
         return out.getvalue()
     body = {
         "task": task,
-        "language": model.tokenizer.languages.get(result["language"], result["language"]),
+        "language": model.tokenizer.languages.get(result.language, result.language),
         "duration": duration,
-        "text": result["text"],
+        "text": result.text,
     }
     if not granularities or "segment" in granularities:
-        body["segments"] = [{k: s[k] for k in SEGMENT_KEYS} for s in result["segments"]]
+        body["segments"] = [{k: v for k, v in s.as_openai_dict().items() if k != "words"} for s in result.segments]
     if "word" in granularities:
-        body["words"] = [
-            {"word": w["word"], "start": w["start"], "end": w["end"], "probability": w["probability"]}
-            for s in result["segments"]
-            for w in s.get("words", [])
-        ]
+        body["words"] = [w.as_openai_dict() for s in result.segments for w in s.words or ()]
     return body
 
 

@@ -4,7 +4,7 @@ the result fed back, events instead of printing.
     stream = TranscriptionStream(model, "audio.wav", TranscribeOptions(), on_event=print)
     while (window := stream.next_window()) is not None:
         stream.feed(decode(model, window.mel, window.options))
-    stream.result  # openai-whisper's result dict
+    stream.result  # a TranscriptionResult (as_openai_dict(): openai-whisper's result dict)
 
 A caller may decode the windows of many streams together (runtime.transcribe.transcribe_many
 batches equal options); each stream's tokens are the ones it gets alone.
@@ -22,6 +22,7 @@ from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel,
 from .decoding import DecodingOptions, DecodingResult, detect_language
 from .model import WhisperModel
 from .options import TranscribeOptions
+from .results import TranscriptionResult
 from .timing import add_word_timestamps, get_end
 from .vad import Speech, VadOptions, speech_regions
 
@@ -70,8 +71,9 @@ class Window:
 class TranscriptionStream:
     """The long-form transcription of one audio (a path or 16 kHz mono samples). The audio is
     read and its log-mel computed here, so a bad file fails at once; then `next_window()` and
-    `feed(result)` alternate until `next_window()` returns None and `result` is openai-whisper's
-    dict. `on_event` gets Progress, DetectingLanguage, LanguageDetected and SegmentDone events.
+    `feed(result)` alternate until `next_window()` returns None and `result` is the
+    TranscriptionResult (openai-whisper's dict through as_openai_dict()). `on_event` gets
+    Progress, DetectingLanguage, LanguageDetected and SegmentDone events.
 
     With `options.vad_filter`, or when `audio` is a runtime.vad.Speech, only the speech is
     transcribed (joined end to end); events and the result are in the audio's own timeline."""
@@ -85,7 +87,7 @@ class TranscriptionStream:
     ):
         self._steps = _steps(model, audio, options or TranscribeOptions(), on_event or (lambda event: None))
         self._window: Window | None = None
-        self._result: dict | None = None
+        self._result: TranscriptionResult | None = None
         self._advance(None)
 
     def _advance(self, result: DecodingResult | None) -> None:
@@ -93,7 +95,7 @@ class TranscriptionStream:
             mel, options = self._steps.send(result) if result is not None else next(self._steps)
             self._window = Window(mel, options)
         except StopIteration as done:
-            self._window, self._result = None, done.value
+            self._window, self._result = None, TranscriptionResult.from_openai_dict(done.value)
 
     def next_window(self) -> Window | None:
         """The window to decode next; None when the audio is done."""
@@ -110,7 +112,7 @@ class TranscriptionStream:
         return self._window is None
 
     @property
-    def result(self) -> dict:
+    def result(self) -> TranscriptionResult:
         if self._result is None:
             raise RuntimeError("result: the stream still has windows to decode")
         return self._result
@@ -173,22 +175,6 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
         emit(event)
 
     return mapped
-
-
-# The fields of a segment of the result, in openai-whisper's order (`id` is added last, when
-# segments are numbered): what JSON writers and the OpenAI API's verbose_json return.
-SEGMENT_KEYS = (
-    "id",
-    "seek",
-    "start",
-    "end",
-    "text",
-    "tokens",
-    "temperature",
-    "avg_logprob",
-    "compression_ratio",
-    "no_speech_prob",
-)
 
 
 def spoken_language(model: WhisperModel, mel: LogMel) -> str:

@@ -14,6 +14,7 @@ from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, samples
 from .engine import Engine
 from .model import WhisperModel
 from .options import TranscribeOptions
+from .results import TranscriptionResult
 from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream, spoken_language
 from .vad import BATCHED, Speech, speech_regions
 
@@ -40,14 +41,14 @@ def transcribe(model: WhisperModel, audio, **options) -> dict:
         options.setdefault("without_timestamps", True)
         return transcribe_batched(
             model, audio, batch_size=batch_size, options=TranscribeOptions.from_kwargs(**options), engine=engine
-        )
+        ).as_openai_dict()
     if "batch_size" in options:
         raise TypeError(
             "batch_size: a transcribe() option only with batched=True (transcribe_many takes files in flight)"
         )
     return next(
         transcribe_many(model, [audio], batch_size=1, options=TranscribeOptions.from_kwargs(**options), engine=engine)
-    )[1]
+    )[1].as_openai_dict()
 
 
 def _say(line: str) -> None:
@@ -99,7 +100,7 @@ def transcribe_many(
     durations: dict | None = None,
     **kwargs,
 ):
-    """Transcribe several files at once, yielding (index, result) in input order as each is done.
+    """Transcribe several files at once, yielding (index, TranscriptionResult) in input order as each is done.
     With `keep_going`, a file that cannot be read yields (index, AudioError) in its turn and the
     others go on; without, its AudioError is raised. `durations`, when given, receives each
     transcribed file's audio length in seconds (index -> s) before its result is yielded.
@@ -169,7 +170,7 @@ def transcribe_batched(
     options: TranscribeOptions | None = None,
     engine: Engine | None = None,
     say=_say,
-) -> dict:
+) -> TranscriptionResult:
     """faster-whisper's batched mode on the engine: Silero VAD finds the speech (`vad_parameters`,
     default vad.BATCHED; spans are split at 30 s whatever is asked), consecutive spans are joined
     into chunks of at most 30 s, and each chunk is transcribed as a stream of its own, up to
@@ -225,17 +226,12 @@ def transcribe_batched(
     try:
         for i, result in transcribe_many(model, chunks, batch_size=batch_size, say=say, options=each, engine=engine):
             seek = chunks[i].regions[0][0] // HOP_LENGTH
-            segments.extend(
-                {**segment, "id": len(segments) + n, "seek": seek} for n, segment in enumerate(result["segments"])
-            )
-            texts.append(result["text"])
+            segments.extend(replace(s, id=len(segments) + n, seek=seek) for n, s in enumerate(result.segments))
+            texts.append(result.text)
             if bar is not None:
                 bar.update(round(chunks[i].seconds, 2))
     finally:
         if bar is not None:
             bar.close()
-    return {
-        "text": "".join(texts),
-        "segments": segments,
-        "language": language,
-    }  # None: multilingual, no speech, none given
+    # language None: multilingual, no speech, none given
+    return TranscriptionResult("".join(texts), tuple(segments), language)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .files import atomic_open
+from .results import TranscriptionResult
 from .transcribe import format_timestamp
 
 
@@ -132,7 +133,7 @@ def output_formats(output_format: str) -> list[str]:
 
 
 def write_result(
-    result: dict,
+    result: TranscriptionResult,
     audio_path: str | Path,
     output_dir: str | Path,
     output_format: str = "all",
@@ -141,7 +142,7 @@ def write_result(
 ) -> list[Path]:
     """Write `<audio basename>.<ext>` files (or `<stem>.<ext>`) into output_dir, each atomically; returns their paths.
     `options`: max_line_width, max_line_count, max_words_per_line, highlight_words (word-level subtitles)."""
-    written = []
+    written, result = [], result.as_openai_dict()
     for fmt in output_formats(output_format):
         path = Path(output_dir) / f"{stem or Path(audio_path).stem}.{fmt}"
         try:

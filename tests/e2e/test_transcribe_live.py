@@ -120,7 +120,8 @@ def test_files_decoded_in_one_batch_match_openai_whisper(tiny, reference_model, 
     )
     torch.set_num_threads(2)
     for (_, result), audio in zip(ours, audios):
-        compare(result, whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options))
+        ref = whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options)
+        compare(result.as_openai_dict(), ref)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +144,7 @@ def test_dev_set_eight_at_a_time(tiny, reference_model, options):
     for (_, result), audio, clip in zip(ours, audios, ENGLISH):
         ref = whisper.transcribe(reference_model("tiny.en"), audio, fp16=False, language="en", **options)
         try:
-            compare(result, ref)
+            compare(result.as_openai_dict(), ref)
         except AssertionError as e:
             raise AssertionError(f"{clip}: {e}") from e
 
@@ -211,6 +212,7 @@ def test_hallucination_silence_threshold(tiny, reference_model):
 def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
     import whisper.utils as wu
 
+    from whisper_max.runtime.results import TranscriptionResult
     from whisper_max.runtime.writers import write_result
 
     result = tiny.transcribe(load_audio(shared_audio("jfk.wav")), temperature=0.0, word_timestamps=True)
@@ -219,7 +221,7 @@ def test_word_level_subtitles_match_openai_whisper(tiny, tmp_path):
     ):
         ours, ref = tmp_path / f"ours{i}", tmp_path / f"ref{i}"
         ref.mkdir()
-        write_result(result, "jfk.wav", ours, "all", options)
+        write_result(TranscriptionResult.from_openai_dict(result), "jfk.wav", ours, "all", options)
         wu.get_writer("all", str(ref))(result, "jfk.wav", options)
         for fmt in ("srt", "vtt", "txt", "tsv", "json"):
             assert (ours / f"jfk.{fmt}").read_text() == (ref / f"jfk.{fmt}").read_text(), (fmt, options)
@@ -253,11 +255,11 @@ def test_stream_is_transcribe_with_events(tiny):
         stream.feed(decode(tiny, window.mel, window.options))
         windows += 1
     assert stream.done and windows >= 3
-    assert stream.result == transcribe(tiny, audio, language="en")
+    assert stream.result.as_openai_dict() == transcribe(tiny, audio, language="en")
     progress = [e for e in events if isinstance(e, Progress)]
     assert progress[0].frames == 0 and progress[-1].frames == progress[0].total
     assert [e.frames for e in progress] == sorted(e.frames for e in progress) and len(progress) <= windows + 1
     lines = [(e.start, e.end, e.text) for e in events if isinstance(e, SegmentDone)]
-    assert lines == [(s["start"], s["end"], s["text"]) for s in stream.result["segments"]]
+    assert lines == [(s.start, s.end, s.text) for s in stream.result.segments]
     with pytest.raises(RuntimeError, match="the stream is done"):
         stream.feed(None)

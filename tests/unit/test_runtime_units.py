@@ -13,6 +13,7 @@ from helpers import shared_audio
 
 from whisper_max.converter.convert import mel_assets, tokenizer_assets
 from whisper_max.runtime.audio import N_SAMPLES, AudioError, load_audio, log_mel_spectrogram
+from whisper_max.runtime.results import TranscriptionResult
 from whisper_max.runtime.tokenizer import Tokenizer
 from whisper_max.runtime.writers import WRITERS, write_result
 
@@ -90,7 +91,6 @@ def test_load_audio_formats(tmp_path):
 def test_writers_match_openai_whisper(tmp_path):
     result = {
         "text": " Hello --> world. Second\tline.",
-        "language": "en",
         "segments": [
             {
                 "id": 0,
@@ -117,8 +117,9 @@ def test_writers_match_openai_whisper(tmp_path):
                 "no_speech_prob": 0.02,
             },
         ],
+        "language": "en",  # openai-whisper's order: text, segments, language
     }
-    written = write_result(result, "clip.wav", tmp_path / "ours", "all")
+    written = write_result(TranscriptionResult.from_openai_dict(result), "clip.wav", tmp_path / "ours", "all")
     assert sorted(p.name for p in written) == sorted(f"clip.{f}" for f in WRITERS)
     (tmp_path / "ref").mkdir()
     wu.get_writer("all", str(tmp_path / "ref"))(result, "clip.wav", {})

@@ -93,7 +93,7 @@ def write_docs(table: str, command: str, block: str = "results", marker: str | N
     tmp.replace(page)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", required=True)
     ap.add_argument(
@@ -142,7 +142,12 @@ def main() -> None:
         ),
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _choose_engines(args: argparse.Namespace) -> tuple[str, str]:
+    """Complete args.engines for the mode (batched, corpus, a bfloat16 package, peers); returns
+    the names of our float32 and bfloat16 engines in it."""
     if args.batched and not args.child:
         args.beam_size = args.beam_size or 5  # BatchedInferencePipeline's default
         if args.engines == ",".join(ENGINES):
@@ -166,27 +171,30 @@ def main() -> None:
         args.engines = ",".join(
             [*args.engines.split(","), *(e for e in PEER_ENGINES if e not in args.engines.split(","))]
         )
-    if args.child:
-        if args.child == "machine":
-            print(json.dumps(machine()))
-        else:
-            print(
-                json.dumps(
-                    startup(args.package)
-                    if args.child == "startup"
-                    else run_engine(args.child, args.package, args.audio, args.beam_size)
-                )
-            )
-        return
+    return ours, ours_bf16
 
-    engines = args.engines.split(",")
-    runs: dict[str, list[dict]] = {e: [] for e in engines}
-    startups: list[dict] = []
-    env = dict(os.environ, OMP_NUM_THREADS="2")
 
-    def child(name: str, audio: str | None = None) -> dict:
-        """One run in a new process; its clock starts just before the spawn."""
-        env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
+def _child(args: argparse.Namespace) -> None:
+    """In a child process: one measurement, printed as JSON."""
+    if args.child == "machine":
+        result = machine()
+    elif args.child == "startup":
+        result = startup(args.package)
+    else:
+        result = run_engine(args.child, args.package, args.audio, args.beam_size)
+    print(json.dumps(result))
+
+
+class _Spawner:
+    """Runs one measurement in a new process; its clock starts just before the spawn."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def __call__(self, name: str, audio: str | None = None) -> dict:
+        args = self.args
+        self.env["WHISPER_MAX_BENCH_SPAWN"] = repr(time.time())
         package = args.package_bf16 if "bfloat16" in name else args.package
         if package is None:
             raise SystemExit(f"{name}: give its package with --package-bf16")
@@ -196,45 +204,35 @@ def main() -> None:
             [sys.executable, __file__, "--child", name, "--package", package, "--audio", audio or args.audio, *beam],
             capture_output=True,
             text=True,
-            env=env,
+            env=self.env,
         )
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
         # the whole process, its bench bookkeeping included (one more log-mel of the audio, timing)
         return {**json.loads(proc.stdout.strip().splitlines()[-1]), "process_s": time.time() - t}
 
-    # in a child: the 1 GiB it reads would otherwise count in every later child's peak RSS (Linux
-    # keeps ru_maxrss across exec)
-    host = child("machine")
-    print(
-        f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s",
-        file=sys.stderr,
-        flush=True,
-    )
-    for r in range(args.repeats):
-        for e in engines:  # interleaved: machine noise hits every engine alike
-            runs[e].append(run_peer(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
-            print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
-        if "whisper-max" in engines and not args.corpus and args.beam_size is None:
-            startups.append(child("startup"))
 
-    wer: dict[str, dict[str, float]] = {}
-    if args.batched:
-        timed_refs = references(args.audio.split(","))
-        dev = [str(SHARED / e["file"]) for e in dev_set()]
-        dev_refs = references(dev)
-        for e in engines:
-            wer[e] = {
-                "timed": word_error_rate(timed_refs, runs[e][0]["texts"]),
-                "dev": word_error_rate(dev_refs, child(e, ",".join(dev))["texts"]),
-            }
-            print(
-                f"{e}: WER {wer[e]['timed']:.2f} % on the timed audio, {wer[e]['dev']:.2f} % on the dev set",
-                file=sys.stderr,
-                flush=True,
-            )
+def _wer(args, engines: list[str], runs: dict, child: _Spawner) -> tuple[dict, list[str]]:
+    """Each engine's WER on the timed audio and, in one more run, on the English dev set."""
+    timed_refs = references(args.audio.split(","))
+    dev = [str(SHARED / e["file"]) for e in dev_set()]
+    dev_refs = references(dev)
+    wer = {}
+    for e in engines:
+        wer[e] = {
+            "timed": word_error_rate(timed_refs, runs[e][0]["texts"]),
+            "dev": word_error_rate(dev_refs, child(e, ",".join(dev))["texts"]),
+        }
+        print(
+            f"{e}: WER {wer[e]['timed']:.2f} % on the timed audio, {wer[e]['dev']:.2f} % on the dev set",
+            file=sys.stderr,
+            flush=True,
+        )
+    return wer, dev
 
-    duration = runs[engines[0]][0]["duration_s"]
+
+def _summary(runs: dict[str, list[dict]], startups: list[dict]) -> dict:
+    duration = runs[next(iter(runs))][0]["duration_s"]
     summary = {}
     for e, rs in runs.items():
         walls = [x["wall_s"] for x in rs]
@@ -250,8 +248,10 @@ def main() -> None:
         summary["whisper-run start-up"] = {
             k: statistics.median(x[k] for x in startups) for k in ("first_token_s", "end_to_end_s")
         }
-    ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
-    bf = summary.get(ours_bf16)
+    return summary
+
+
+def _header(args, host: dict, duration: float, ours: str, ours_bf16: str, bf, wer: dict, dev: list[str]) -> list[str]:
     files = [Path(p).name for p in args.audio.split(",")]
     together = "each batched in turn" if args.batched else "whisper-max: in flight together, batch 8"
     what = (
@@ -283,11 +283,17 @@ def main() -> None:
             f"WER: EnglishTextNormalizer, word edits over reference words; dev set: {len(dev)} English clips "
             f"({', '.join(Path(d).name for d in dev)})."
         )
-    mx = summary.get(ours)
+    return lines
+
+
+def _engine_rows(runs: dict, summary: dict, wer: dict, ours: str, ours_bf16: str) -> list[str]:
+    ref_tokens = runs.get("openai-whisper", [{}])[0].get("tokens")
+    mx, bf = summary.get(ours), summary.get(ours_bf16)
 
     def ratio(s: dict, base: dict | None, own: bool) -> str:
         return f"{s['median_s'] / base['median_s']:.2f}x" if base and not own else "—"
 
+    lines = []
     for e, s in summary.items():
         if e not in runs:
             continue
@@ -302,31 +308,41 @@ def main() -> None:
             f"| {e} | {s['min_s']:.2f} | {s['median_s']:.2f} | {s['rtf']:.3f} | {s['load_s']:.2f} | "
             f"{s['process_s']:.2f} | {s['peak_rss_mb']:.0f} | {ratio(s, mx, e == ours)} |{bf_col}{last}"
         )
-    if any(e in runs for e in PEER_ENGINES):
-        lines += [
-            "",
-            "median s: transcription, load excluded, as each engine reports it (OpenVINO GenAI: ov_transcribe.py's "
-            "`transcribe wall`; "
-            "whisper.cpp: whisper_print_timings' total minus load); whole process s: spawn to exit, imports, load and "
-            "audio decoding included "
-            "(whisper-max's and faster-whisper's include this benchmark's bookkeeping). OpenVINO GenAI does not "
-            "condition on previous text.",
-        ]
-        for own in (ours, ours_bf16):
-            if own in summary:
-                lines.append(
-                    f"{own} speed-up by whole process (median): "
-                    + ", ".join(
-                        f"{e} {summary[e]['process_s'] / summary[own]['process_s']:.2f}x"
-                        for e in runs
-                        if e != own and not e.startswith("whisper-max")
-                    )
-                    + "."
+    return lines
+
+
+def _peer_notes(runs: dict, summary: dict, ours: str, ours_bf16: str) -> list[str]:
+    if not any(e in runs for e in PEER_ENGINES):
+        return []
+    lines = [
+        "",
+        "median s: transcription, load excluded, as each engine reports it (OpenVINO GenAI: ov_transcribe.py's "
+        "`transcribe wall`; "
+        "whisper.cpp: whisper_print_timings' total minus load); whole process s: spawn to exit, imports, load and "
+        "audio decoding included "
+        "(whisper-max's and faster-whisper's include this benchmark's bookkeeping). OpenVINO GenAI does not "
+        "condition on previous text.",
+    ]
+    for own in (ours, ours_bf16):
+        if own in summary:
+            lines.append(
+                f"{own} speed-up by whole process (median): "
+                + ", ".join(
+                    f"{e} {summary[e]['process_s'] / summary[own]['process_s']:.2f}x"
+                    for e in runs
+                    if e != own and not e.startswith("whisper-max")
                 )
-        for e in PEER_ENGINES:
-            c = runs.get(e, [{}])[-1].get("components")
-            if c:
-                lines.append(f"{e} reports (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in c.items()) + ".")
+                + "."
+            )
+    for e in PEER_ENGINES:
+        c = runs.get(e, [{}])[-1].get("components")
+        if c:
+            lines.append(f"{e} reports (last run): " + ", ".join(f"{k} {v:.2f} s" for k, v in c.items()) + ".")
+    return lines
+
+
+def _components(args, host: dict, runs: dict, summary: dict) -> list[str]:
+    lines = []
     for e in ("whisper-max", "whisper-max-bfloat16", "whisper-max-batched", "whisper-max-bfloat16-batched"):
         if e not in runs:
             continue
@@ -343,8 +359,7 @@ def main() -> None:
             f"outside the graphs {c['outside_graphs_s']:.2f} s of {runs[e][-1]['wall_s']:.2f} s; "
             f"memory in 2 MiB pages after load {huge} MB (each run).",
         ]
-        package = args.package_bf16 if "bfloat16" in e else args.package
-        manifest = package_manifest(package)
+        manifest = package_manifest(args.package_bf16 if "bfloat16" in e else args.package)
         nbytes = step_bytes(manifest)
         floor_ms = nbytes / host["read_gb_s"] / 1e6
         medians = [
@@ -353,7 +368,7 @@ def main() -> None:
             if x["components"].get("decoder_rows_calls", 0) >= 20
         ]
         if medians:
-            ms, c = statistics.median(medians), runs[e][-1]["components"]
+            ms = statistics.median(medians)
             lines.append(
                 f"{e} decoder_rows (one token for each row in flight): median {ms:.2f} ms per call of "
                 f"{c['rows_per_call']:.1f} rows on average "
@@ -367,15 +382,54 @@ def main() -> None:
             f"{sum(timings.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; "
             "the compile times depend on MAX's cache being cold or warm)."
         )
-    if startups:
-        st = summary["whisper-run start-up"]
-        lines += [
-            "",
-            f"whisper-run start-up, `whisper-run PACKAGE {CLIP.name}` with its default options (medians of "
-            f"{len(startups)}): "
-            f"process start to the first token's logits {st['first_token_s']:.2f} s; to the written outputs "
-            f"{st['end_to_end_s']:.2f} s.",
-        ]
+    return lines
+
+
+def _startup_lines(summary: dict, startups: list[dict]) -> list[str]:
+    if not startups:
+        return []
+    st = summary["whisper-run start-up"]
+    return [
+        "",
+        f"whisper-run start-up, `whisper-run PACKAGE {CLIP.name}` with its default options (medians of "
+        f"{len(startups)}): "
+        f"process start to the first token's logits {st['first_token_s']:.2f} s; to the written outputs "
+        f"{st['end_to_end_s']:.2f} s.",
+    ]
+
+
+def main() -> None:
+    args = _arguments()
+    ours, ours_bf16 = _choose_engines(args)
+    if args.child:
+        _child(args)
+        return
+    engines = args.engines.split(",")
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    startups: list[dict] = []
+    child = _Spawner(args)
+    # in a child: the 1 GiB it reads would otherwise count in every later child's peak RSS (Linux
+    # keeps ru_maxrss across exec)
+    host = child("machine")
+    print(
+        f"machine: {host['cpu']}, kind {host['kind']}, {host['cores']} cores, read {host['read_gb_s']:.1f} GB/s",
+        file=sys.stderr,
+        flush=True,
+    )
+    for r in range(args.repeats):
+        for e in engines:  # interleaved: machine noise hits every engine alike
+            runs[e].append(run_peer(e, args.audio, args.beam_size, args.peers) if e in PEER_ENGINES else child(e))
+            print(f"repeat {r + 1}/{args.repeats} {e}: {runs[e][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+        if "whisper-max" in engines and not args.corpus and args.beam_size is None:
+            startups.append(child("startup"))
+    wer, dev = _wer(args, engines, runs, child) if args.batched else ({}, [])
+    summary = _summary(runs, startups)
+    duration = runs[engines[0]][0]["duration_s"]
+    lines = _header(args, host, duration, ours, ours_bf16, summary.get(ours_bf16), wer, dev)
+    lines += _engine_rows(runs, summary, wer, ours, ours_bf16)
+    lines += _peer_notes(runs, summary, ours, ours_bf16)
+    lines += _components(args, host, runs, summary)
+    lines += _startup_lines(summary, startups)
     table = "\n".join(lines)
     print(table)
     if args.docs:

@@ -55,47 +55,41 @@ def timed(model, inputs, repeats: int) -> float:
     return best
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--package", help="read the encoder's dims from this package (default: tiny.en's)")
-    ap.add_argument("--windows", type=int, default=1, help="30 s windows in one call (rows = windows * n_audio_ctx)")
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", help="write the results as JSON here")
-    args = ap.parse_args(argv)
+class _Setup:
+    """What every part of the run shares: the shapes, the kernels this CPU runs, the workers."""
 
-    from max.driver import Buffer
+    def __init__(self, args) -> None:
+        from whisper_max.converter.target import Target, amx
+        from whisper_max.runtime.package import Package
+
+        self.args = args
+        self.dims = Package.open(args.package).manifest.model.dims if args.package else TINY_EN
+        self.d, self.heads, self.ctx = (self.dims[k] for k in ("n_audio_state", "n_audio_head", "n_audio_ctx"))
+        self.m = args.windows * self.ctx
+        self.target = Target.host()
+        self.amx = amx(self.target)
+        bf16 = ["bf16"] if "avx512_bf16" in self.target.features else []
+        self.kinds = ["fp32", "panels"] + (["amx"] if self.amx else []) + bf16
+        self.workers = os.cpu_count()
+        self.peak_lib = ROOT / "scripts" / "peak"
+        d = self.d
+        self.shapes = {"qkv": (d, 3 * d), "out": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
+        t = self.dims["n_text_state"]
+        self.steps = {"vocab": (t, self.dims["n_vocab"]), "fc1": (t, 4 * t), "fc2": (4 * t, t)}  # a step's (k, n)
+        self.iters = {"fma": 2_000_000, "amx": 200_000} if self.amx else {"fma": 2_000_000}
+
+
+def _peak_graphs(s: _Setup, mod) -> None:
     from max.dtype import DType
-    from max.engine import InferenceSession
-    from max.graph import DeviceRef, Graph, Module, TensorType, Weight, ops
+    from max.graph import DeviceRef, Graph, TensorType, ops
 
-    from whisper_max.converter import ir
-    from whisper_max.converter.lower.custom import ATTENTION_AMX, LINEAR_AMX, LINEAR_BF16, kernel_library
-    from whisper_max.converter.target import Target, amx
-    from whisper_max.runtime.package import Package
-    from whisper_max.runtime.weights import to_bfloat16, to_panels
-
-    dims = Package.open(args.package).manifest.model.dims if args.package else TINY_EN
-    d, heads, ctx = dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_ctx"]
-    m = args.windows * ctx
-    target = Target.host()
-    kinds = (
-        ["fp32", "panels"] + (["amx"] if amx(target) else []) + (["bf16"] if "avx512_bf16" in target.features else [])
-    )
-    workers = os.cpu_count()
     dev = DeviceRef.CPU()
-    peak_lib = ROOT / "scripts" / "peak"
-    shapes = {"qkv": (d, 3 * d), "out": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
-
-    mod = Module()
-    iters = {"fma": 2_000_000, "amx": 200_000}
-    for name, it in iters.items():
-        if name == "amx" and not amx(target):
-            continue
-        for w in (1, workers):
+    for name, it in s.iters.items():
+        for w in (1, s.workers):
             with Graph(
                 f"peak_{name}_{w}",
                 input_types=[TensorType(DType.float32, [1], dev)],
-                custom_extensions=[peak_lib],
+                custom_extensions=[s.peak_lib],
                 module=mod,
             ) as g:
                 out = ops.custom(
@@ -106,8 +100,18 @@ def main(argv=None) -> int:
                     parameters={"iters": it},
                 )
                 g.output(out[0].tensor)
-    for label, (k, n) in shapes.items():
-        for kind in kinds:
+
+
+def _product_graphs(s: _Setup, mod) -> None:
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType, Weight, ops
+
+    from whisper_max.converter import ir
+    from whisper_max.converter.lower.custom import LINEAR_AMX, LINEAR_BF16, kernel_library
+
+    dev = DeviceRef.CPU()
+    for label, (k, n) in s.shapes.items():
+        for kind in s.kinds:
             wdt = DType.float32 if kind in ("fp32", "panels") else DType.bfloat16
             with Graph(
                 f"{label}_{kind}",
@@ -120,23 +124,26 @@ def main(argv=None) -> int:
                     Weight(f"{label}.{kind}.weight", wdt, [-(-n // 64), k, 64] if kind == "panels" else [n, k], dev)
                 )
                 b = g.add_weight(Weight(f"{label}.{kind}.bias", DType.float32, [n], dev))
-                if kind == "panels":  # float32 weight panels (whisper_max.linear_panels)
-                    y = ops.custom(
-                        ir.LINEAR_PANELS,
-                        device=dev,
-                        values=[x, w, b],
-                        out_types=[TensorType(DType.float32, [x.shape[0], n], dev)],
-                    )[0].tensor
-                elif kind == "fp32":
+                out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
+                if kind == "fp32":
                     y = x @ ops.transpose(w, 0, 1) + b
-                else:
-                    op = LINEAR_AMX if kind == "amx" else LINEAR_BF16
-                    y = ops.custom(
-                        op, device=dev, values=[x, w, b], out_types=[TensorType(DType.float32, [x.shape[0], n], dev)]
-                    )[0].tensor
+                else:  # "panels": float32 weight panels (whisper_max.linear_panels)
+                    op = {"panels": ir.LINEAR_PANELS, "amx": LINEAR_AMX, "bf16": LINEAR_BF16}[kind]
+                    y = ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor
                 g.output(y)
-    qkv_type = TensorType(DType.float32, [args.windows, ctx, d], dev)
-    for kind in kinds:  # "panels": our float32 kernel (whisper_max.attention)
+
+
+def _attention_graphs(s: _Setup, mod) -> None:
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType, ops
+
+    from whisper_max.converter import ir
+    from whisper_max.converter.lower.custom import ATTENTION_AMX, kernel_library
+
+    dev = DeviceRef.CPU()
+    windows, ctx, d, heads = s.args.windows, s.ctx, s.d, s.heads
+    qkv_type = TensorType(DType.float32, [windows, ctx, d], dev)
+    for kind in s.kinds:  # "panels": our float32 kernel (whisper_max.attention)
         with Graph(
             f"attention_{kind}", input_types=[qkv_type] * 3, custom_extensions=[kernel_library()], module=mod
         ) as g:
@@ -145,10 +152,10 @@ def main(argv=None) -> int:
             if kind == "fp32":
 
                 def split(t):
-                    return ops.permute(ops.reshape(t, [args.windows, ctx, heads, d // heads]), [0, 2, 1, 3])
+                    return ops.permute(ops.reshape(t, [windows, ctx, heads, d // heads]), [0, 2, 1, 3])
 
-                s = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
-                y = ops.reshape(ops.permute(ops.softmax(s) @ split(v), [0, 2, 1, 3]), [args.windows, ctx, d])
+                scores = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
+                y = ops.reshape(ops.permute(ops.softmax(scores) @ split(v), [0, 2, 1, 3]), [windows, ctx, d])
             else:
                 op = {"amx": ATTENTION_AMX, "bf16": ir.ATTENTION_BF16, "panels": ir.ATTENTION}[kind]
                 y = ops.custom(
@@ -156,9 +163,16 @@ def main(argv=None) -> int:
                 )[0].tensor
             g.output(y)
 
-    dt_ = dims["n_text_state"]
-    steps = {"vocab": (dt_, dims["n_vocab"]), "fc1": (dt_, 4 * dt_), "fc2": (4 * dt_, dt_)}  # a decoder step's (k, n)
-    for label, (k, n) in steps.items():
+
+def _step_graphs(s: _Setup, mod) -> None:
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType, Weight, ops
+
+    from whisper_max.converter import ir
+    from whisper_max.converter.lower.custom import kernel_library
+
+    dev = DeviceRef.CPU()
+    for label, (k, n) in s.steps.items():
         with Graph(
             f"step_{label}",
             input_types=[TensorType(DType.float32, ["m", k], dev)],
@@ -168,62 +182,56 @@ def main(argv=None) -> int:
             w = g.add_weight(Weight(f"step.{label}.panels", DType.float16, [-(-n // 64), k, 64], dev))
             b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
             x = g.inputs[0].tensor
-            g.output(
-                ops.custom(
-                    ir.LINEAR_PANELS,
-                    device=dev,
-                    values=[x, w, b],
-                    out_types=[TensorType(DType.float32, [x.shape[0], n], dev)],
-                )[0].tensor
-            )
+            out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
+            g.output(ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=out_types)[0].tensor)
 
-    rng = np.random.default_rng(0)
+
+def _weights(s: _Setup, rng) -> dict:
+    from whisper_max.runtime.weights import to_bfloat16, to_panels
+
     registry = {}
-    for label, (k, n) in steps.items():
+    for label, (k, n) in s.steps.items():
         registry[f"step.{label}.panels"] = to_panels(rng.standard_normal((n, k), dtype=np.float32).astype(np.float16))
         registry[f"step.{label}.bias"] = rng.standard_normal(n, dtype=np.float32)
-    for label, (k, n) in shapes.items():
+    for label, (k, n) in s.shapes.items():
         w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
-        for kind in kinds:
+        for kind in s.kinds:
             registry[f"{label}.{kind}.weight"] = (
                 w if kind == "fp32" else to_panels(w) if kind == "panels" else to_bfloat16(w)
             )
             registry[f"{label}.{kind}.bias"] = rng.standard_normal(n, dtype=np.float32)
-    session = InferenceSession()
-    print(f"CPU: {cpu_name()}, {workers} workers; kernels: {', '.join(kinds)}; compiling ...", flush=True)
-    t = time.perf_counter()
-    compiled = session.compile(mod, custom_extensions=[kernel_library(), peak_lib])
-    print(f"compiled in {time.perf_counter() - t:.0f} s", flush=True)
-    results: dict = {
-        "cpu": cpu_name(),
-        "features": sorted(target.features),
-        "workers": workers,
-        "rows": m,
-        "peaks": {},
-        "products": [],
-    }
-    models = session.init_all(compiled, weights_registry=registry)
+    return registry
+
+
+def _peaks(s: _Setup, models, results: dict) -> dict:
+    from max.driver import Buffer
+
     seed = Buffer.from_numpy(np.ones(1, np.float32))
     peaks = {}
-    for name, it in iters.items():
-        if name == "amx" and not amx(target):
-            continue
-        lanes = 16 if "avx512f" in target.features else 8  # scripts/peak's V: simd_width_of[float32]
+    for name, it in s.iters.items():
+        lanes = 16 if "avx512f" in s.target.features else 8  # scripts/peak's V: simd_width_of[float32]
         chains = 24 if lanes == 16 else 12  # scripts/peak's CHAINS
         per_call = 2 * chains * lanes * it if name == "fma" else 4 * 16 * 16 * 32 * 2 * it  # flops per worker
-        for w in (1, workers):
+        for w in (1, s.workers):
             sec = timed(models[f"peak_{name}_{w}"], [seed], 3)
             rate = per_call * w / sec / 1e9
-            peaks[(name, w)] = rate
+            peaks[("amx" if name == "amx" else "fma", w)] = rate
             results["peaks"][f"{name}_{w}"] = rate
             print(f"peak {name:4s} {w} worker{'s' if w > 1 else ' '}: {rate:8.0f} GFLOP/s")
-    x = {k: Buffer.from_numpy(rng.standard_normal((m, k), dtype=np.float32)) for k in {k for k, _ in shapes.values()}}
-    print(f"\nproducts of {m} rows ({args.windows} window{'s' if args.windows > 1 else ''}), min of {args.repeats}:")
-    for label, (k, n) in shapes.items():
-        for kind in kinds:
-            sec = timed(models[f"{label}_{kind}"], [x[k]], args.repeats)
+    return peaks
+
+
+def _encoder_products(s: _Setup, models, peaks: dict, rng, results: dict) -> None:
+    from max.driver import Buffer
+
+    m, repeats = s.m, s.args.repeats
+    x = {k: Buffer.from_numpy(rng.standard_normal((m, k), dtype=np.float32)) for k in {k for k, _ in s.shapes.values()}}
+    print(f"\nproducts of {m} rows ({s.args.windows} window{'s' if s.args.windows > 1 else ''}), min of {repeats}:")
+    for label, (k, n) in s.shapes.items():
+        for kind in s.kinds:
+            sec = timed(models[f"{label}_{kind}"], [x[k]], repeats)
             rate = 2 * m * k * n / sec / 1e9
-            peak = peaks[("amx" if kind == "amx" else "fma", workers)]
+            peak = peaks[("amx" if kind == "amx" else "fma", s.workers)]
             # VDPBF16PS: the share of the FMA peak it could reach at its own rate is not measured
             # here; its row is read against the FMA peak
             print(
@@ -231,23 +239,16 @@ def main(argv=None) -> int:
                 f"{100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak"
             )
             results["products"].append(
-                {
-                    "name": label,
-                    "m": m,
-                    "k": k,
-                    "n": n,
-                    "kernel": kind,
-                    "ms": sec * 1e3,
-                    "gflops": rate,
-                    "share_of_peak": rate / peak,
-                }
+                {"name": label, "m": m, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3, "gflops": rate}
+                | {"share_of_peak": rate / peak}
             )
-    q = [Buffer.from_numpy(rng.standard_normal((args.windows, ctx, d), dtype=np.float32)) for _ in range(3)]
-    flops = 4 * args.windows * heads * ctx * ctx * (d // heads)
-    for kind in kinds:
-        sec = timed(models[f"attention_{kind}"], q, args.repeats)
+    windows, ctx, d, heads = s.args.windows, s.ctx, s.d, s.heads
+    q = [Buffer.from_numpy(rng.standard_normal((windows, ctx, d), dtype=np.float32)) for _ in range(3)]
+    flops = 4 * windows * heads * ctx * ctx * (d // heads)
+    for kind in s.kinds:
+        sec = timed(models[f"attention_{kind}"], q, repeats)
         rate = flops / sec / 1e9
-        peak = peaks[("amx" if kind == "amx" else "fma", workers)]
+        peak = peaks[("amx" if kind == "amx" else "fma", s.workers)]
         print(
             f"  attention {heads} heads x {ctx} x {ctx} {kind:5s} {sec * 1e3:7.2f} ms {rate:7.0f} GFLOP/s  "
             f"{100 * rate / peak:5.1f}% of the {'AMX' if kind == 'amx' else 'FMA'} peak"
@@ -255,37 +256,68 @@ def main(argv=None) -> int:
         results["products"].append(
             {"name": "attention", "kernel": kind, "ms": sec * 1e3, "gflops": rate, "share_of_peak": rate / peak}
         )
+
+
+def _step_products(s: _Setup, models, peaks: dict, rng, results: dict) -> None:
+    from max.driver import Buffer
+
     print(
         "\ndecoder-step products (whisper_max.linear_panels, float16 weight panels), rows "
-        f"{', '.join(map(str, STEP_ROWS))}, min of {args.repeats}:"
+        f"{', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
     )
-    for label, (k, n) in steps.items():
+    for label, (k, n) in s.steps.items():
         for rows in STEP_ROWS:
-            sec = timed(
-                models[f"step_{label}"],
-                [Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))],
-                args.repeats,
-            )
+            x = Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))
+            sec = timed(models[f"step_{label}"], [x], s.args.repeats)
             rate = 2 * rows * k * n / sec / 1e9
             gbs = 2 * k * n / sec / 1e9  # the weight's bytes, read once per call
-            share = rate / peaks[("fma", workers)]
+            share = rate / peaks[("fma", s.workers)]
             print(
                 f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  {100 * share:5.1f}% "
                 f"of the FMA peak  weight read at {gbs:5.1f} GB/s"
             )
             results["products"].append(
-                {
-                    "name": f"step_{label}",
-                    "m": rows,
-                    "k": k,
-                    "n": n,
-                    "kernel": "panels_f16",
-                    "ms": sec * 1e3,
-                    "gflops": rate,
-                    "share_of_peak": share,
-                    "weight_gb_per_s": gbs,
-                }
+                {"name": f"step_{label}", "m": rows, "k": k, "n": n, "kernel": "panels_f16", "ms": sec * 1e3}
+                | {"gflops": rate, "share_of_peak": share, "weight_gb_per_s": gbs}
             )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--package", help="read the encoder's dims from this package (default: tiny.en's)")
+    ap.add_argument("--windows", type=int, default=1, help="30 s windows in one call (rows = windows * n_audio_ctx)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    from max.engine import InferenceSession
+    from max.graph import Module
+
+    from whisper_max.converter.lower.custom import kernel_library
+
+    s = _Setup(args)
+    mod = Module()
+    for build in (_peak_graphs, _product_graphs, _attention_graphs, _step_graphs):
+        build(s, mod)
+    rng = np.random.default_rng(0)
+    registry = _weights(s, rng)
+    session = InferenceSession()
+    print(f"CPU: {cpu_name()}, {s.workers} workers; kernels: {', '.join(s.kinds)}; compiling ...", flush=True)
+    t = time.perf_counter()
+    compiled = session.compile(mod, custom_extensions=[kernel_library(), s.peak_lib])
+    print(f"compiled in {time.perf_counter() - t:.0f} s", flush=True)
+    results: dict = {
+        "cpu": cpu_name(),
+        "features": sorted(s.target.features),
+        "workers": s.workers,
+        "rows": s.m,
+        "peaks": {},
+        "products": [],
+    }
+    models = session.init_all(compiled, weights_registry=registry)
+    peaks = _peaks(s, models, results)
+    _encoder_products(s, models, peaks, rng, results)
+    _step_products(s, models, peaks, rng, results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     return 0

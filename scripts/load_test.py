@@ -103,31 +103,10 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("package")
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--beam_size", default="5", help="the server's --beam_size (None: greedy)")
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
-    clips = dev_clips()
-    work = [clips[i % len(clips)] for i in range(args.requests)]
-    report: dict = {
-        "machine": machine(),
-        "requests": args.requests,
-        "clients": args.clients,
-        "clips": [c.name for c in clips],
-    }
-    failures: list[str] = []
-    print(
-        f"CPU: {report['machine']['cpu']} ({report['machine']['kind']}), {len(os.sched_getaffinity(0))} cores",
-        flush=True,
-    )
-
-    flags = ("--beam_size", args.beam_size)
-    report["beam_size"] = args.beam_size
-    server = Server(args.package, *flags)
+def _throughput(package: str, flags: tuple, work: list[Path], clients: int, report: dict, failures: list) -> dict:
+    """One request at a time, then `clients` at once: the same texts, and the throughput ratio;
+    returns each clip's text alone."""
+    server = Server(package, *flags)
     try:
         ask(server.client, work[0])  # warm-up
         t0 = time.perf_counter()
@@ -136,38 +115,43 @@ def main() -> int:
         want = {c.name: text for c, (text, _) in zip(work, alone)}
         before = server.health()
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
+        with ThreadPoolExecutor(clients) as pool:
             together = list(pool.map(lambda c: ask(server.client, c), work))
         concurrent = time.perf_counter() - t0
         after = server.health()
-        wrong = [c.name for c, (text, _) in zip(work, together) if text != want[c.name]]
-        if wrong:
-            failures.append(f"concurrent answers differ from one-at-a-time ones: {wrong}")
-        latencies = [t for _, t in together]
-        calls = after["decoder_calls"] - before["decoder_calls"]
-        rows = after["rows_decoded"] - before["rows_decoded"]
-        report["one_at_a_time"] = {
-            "seconds": round(sequential, 2),
-            "requests_per_s": round(args.requests / sequential, 3),
-            "p50_s": round(percentile([t for _, t in alone], 50), 3),
-        }
-        report["concurrent"] = {
-            "seconds": round(concurrent, 2),
-            "requests_per_s": round(args.requests / concurrent, 3),
-            "p50_s": round(percentile(latencies, 50), 3),
-            "p95_s": round(percentile(latencies, 95), 3),
-            "all_correct": not wrong,
-            "rows_per_decoder_call": round(rows / calls, 2),
-        }
-        speedup = sequential / concurrent
-        report["throughput_ratio"] = round(speedup, 2)
-        if speedup < 1.5:
-            failures.append(f"concurrent throughput is {speedup:.2f}x one at a time (target 1.5x)")
-        print(json.dumps({k: report[k] for k in ("one_at_a_time", "concurrent", "throughput_ratio")}), flush=True)
     finally:
         server.stop()
+    wrong = [c.name for c, (text, _) in zip(work, together) if text != want[c.name]]
+    if wrong:
+        failures.append(f"concurrent answers differ from one-at-a-time ones: {wrong}")
+    latencies = [t for _, t in together]
+    calls = after["decoder_calls"] - before["decoder_calls"]
+    rows = after["rows_decoded"] - before["rows_decoded"]
+    report["one_at_a_time"] = {
+        "seconds": round(sequential, 2),
+        "requests_per_s": round(len(work) / sequential, 3),
+        "p50_s": round(percentile([t for _, t in alone], 50), 3),
+    }
+    report["concurrent"] = {
+        "seconds": round(concurrent, 2),
+        "requests_per_s": round(len(work) / concurrent, 3),
+        "p50_s": round(percentile(latencies, 50), 3),
+        "p95_s": round(percentile(latencies, 95), 3),
+        "all_correct": not wrong,
+        "rows_per_decoder_call": round(rows / calls, 2),
+    }
+    speedup = sequential / concurrent
+    report["throughput_ratio"] = round(speedup, 2)
+    if speedup < 1.5:
+        failures.append(f"concurrent throughput is {speedup:.2f}x one at a time (target 1.5x)")
+    print(json.dumps({k: report[k] for k in ("one_at_a_time", "concurrent", "throughput_ratio")}), flush=True)
+    return want
 
-    flood = Server(args.package, *flags, "--max_active", "2", "--queue_size", "2")
+
+def _flood(package: str, flags: tuple, work: list[Path], want: dict, report: dict, failures: list) -> None:
+    """16 clients against 2 active and 2 queued: 429s with Retry-After, and every request answered
+    right once retried."""
+    flood = Server(package, *flags, "--max_active", "2", "--queue_size", "2")
     try:
 
         def attempt(clip):
@@ -200,27 +184,30 @@ def main() -> int:
                 wrong.append(clip.name)
             else:
                 retried += 1
-        report["flood"] = {
-            "answered_first_time": len(ok),
-            "refused_429": len(refused),
-            "other_errors": bad,
-            "wrong": wrong,
-            "answered_on_retry": retried,
-        }
-        if not refused:
-            failures.append("the flood got no 429: the admission queue did not fill")
-        if bad or wrong or pending or len(ok) + retried != len(work):
-            failures.append(f"flood: {report['flood']}, {len(pending)} never answered")
-        print(json.dumps({"flood": report["flood"]}), flush=True)
     finally:
         flood.stop()
+    report["flood"] = {
+        "answered_first_time": len(ok),
+        "refused_429": len(refused),
+        "other_errors": bad,
+        "wrong": wrong,
+        "answered_on_retry": retried,
+    }
+    if not refused:
+        failures.append("the flood got no 429: the admission queue did not fill")
+    if bad or wrong or pending or len(ok) + retried != len(work):
+        failures.append(f"flood: {report['flood']}, {len(pending)} never answered")
+    print(json.dumps({"flood": report["flood"]}), flush=True)
 
-    server = Server(args.package, *flags)
+
+def _sigterm(package: str, flags: tuple, work: list[Path], clients: int, want: dict, report: dict, failures) -> None:
+    """SIGTERM with requests in flight: each is answered right and the server exits 0."""
+    server = Server(package, *flags)
     try:
-        with ThreadPoolExecutor(args.clients) as pool:
-            futures = [pool.submit(ask, server.client, c) for c in work[: args.clients]]
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(ask, server.client, c) for c in work[:clients]]
             deadline = time.monotonic() + 120
-            while server.health()["active"] < min(4, args.clients) and time.monotonic() < deadline:
+            while server.health()["active"] < min(4, clients) and time.monotonic() < deadline:
                 time.sleep(0.02)
             in_flight = server.health()["admitted"]
             server.proc.send_signal(signal.SIGTERM)
@@ -231,18 +218,45 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001 - reported below
                     answers.append(repr(e))
         code = server.proc.wait(120)
-        report["sigterm"] = {
-            "in_flight_at_signal": in_flight,
-            "answered_correctly": sum(a is True for a in answers),
-            "errors": [a for a in answers if a is not True],
-            "exit_code": code,
-        }
-        if code != 0 or any(a is not True for a in answers):
-            failures.append(f"SIGTERM under load: {report['sigterm']}")
-        print(json.dumps({"sigterm": report["sigterm"]}), flush=True)
     finally:
         server.stop()
+    report["sigterm"] = {
+        "in_flight_at_signal": in_flight,
+        "answered_correctly": sum(a is True for a in answers),
+        "errors": [a for a in answers if a is not True],
+        "exit_code": code,
+    }
+    if code != 0 or any(a is not True for a in answers):
+        failures.append(f"SIGTERM under load: {report['sigterm']}")
+    print(json.dumps({"sigterm": report["sigterm"]}), flush=True)
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("package")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--beam_size", default="5", help="the server's --beam_size (None: greedy)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    clips = dev_clips()
+    work = [clips[i % len(clips)] for i in range(args.requests)]
+    report: dict = {
+        "machine": machine(),
+        "requests": args.requests,
+        "clients": args.clients,
+        "clips": [c.name for c in clips],
+        "beam_size": args.beam_size,
+    }
+    failures: list[str] = []
+    print(
+        f"CPU: {report['machine']['cpu']} ({report['machine']['kind']}), {len(os.sched_getaffinity(0))} cores",
+        flush=True,
+    )
+    flags = ("--beam_size", args.beam_size)
+    want = _throughput(args.package, flags, work, args.clients, report, failures)
+    _flood(args.package, flags, work, want, report, failures)
+    _sigterm(args.package, flags, work, args.clients, want, report, failures)
     report["failures"] = failures
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

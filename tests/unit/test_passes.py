@@ -55,7 +55,8 @@ def _whole_cache_ops(g: ir.Graph) -> set[str]:
     return {n.op for n in g.nodes if "n + past" in map(str, n.type.shape)}
 
 
-def test_optimise_pipeline():
+def test_optimise_decoder_logits_and_caches():
+    """passes.optimise on the traced tiny model: the decoder graph."""
     before = hoist_invariants(traced_tiny())
     after = optimised_tiny()
     dec, d0 = after.graph("decoder"), before.graph("decoder")
@@ -81,6 +82,14 @@ def test_optimise_pipeline():
         "aten.softmax.int",
         "aten.slice.Tensor",
     }
+
+
+def test_optimise_step_graph():
+    """The one-row step graph: decoder_layer kernels and the token choice in one graph."""
+    after = optimised_tiny()
+    dec = after.graph("decoder")
+    h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
+    caches = [x for x in dec.inputs if "past" in x.type.shape]
     # the step graph: the decoder with batch = n = 1, its caches grown in place
     step = after.graph("decoder_step")
     assert [dm.name for dm in step.dims] == ["past", "kv_len", "n_suppress", "k"]
@@ -100,6 +109,16 @@ def test_optimise_pipeline():
     assert step.nodes[-1].inputs == (dict(step.outputs)["logits"], "rules", "suppress", "sampling", "slots")
     assert not any(s in str(dim) for n in step.nodes for dim in n.type.shape for s in ("batch", "n ", "past"))
     assert LINEAGE not in inputs and all(len(n.inputs) == 27 for n in blocks)  # one row: its own cache row
+
+
+def test_optimise_rows_graph():
+    """The engine's rows graph: pool slots, per-row positions and windows, lineage."""
+    after = optimised_tiny()
+    dec = after.graph("decoder")
+    h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
+    caches = [x for x in dec.inputs if "past" in x.type.shape]
+    step = after.graph("decoder_step")
+    blocks = [n for n in step.nodes if n.op == ir.DECODER_LAYER]
     # the rows graph (the engine's): the decoder with n = 1 for any rows, caches grown in place
     # in slots of a pool, each row at its own position, reading its own window's cross K/V
     rows = after.graph("decoder_rows")
@@ -124,6 +143,12 @@ def test_optimise_pipeline():
     assert [n.op for n in embed] == ["aten.embedding.default"] and not any(
         n.op == "aten.slice.Tensor" for n in rows.nodes
     )
+
+
+def test_optimise_graph_list_and_select():
+    """The program's graphs, the select graph, and the passes applied once."""
+    before = hoist_invariants(traced_tiny())
+    after = optimised_tiny()
     with pytest.raises(ValueError, match="already has per-row windows"):
         engine_rows(after)
     assert [g.name for g in after.graphs] == [

@@ -21,6 +21,14 @@ def convert_cmd(
     skip_check: bool = typer.Option(
         False, "--skip-check", help="write without the parity check (recorded in the manifest)"
     ),
+    parity: str = typer.Option(
+        "outputs",
+        "--parity",
+        help=(
+            "outputs: check the runtime graphs' outputs against openai-whisper (one compile; the per-layer probe is "
+            "compiled only to name the first layer that diverges when they disagree); layers: check every layer too"
+        ),
+    ),
     report: str = typer.Option("md", "--report", help="parity report format: md or html"),
     dtype: str = typer.Option(
         "float32",
@@ -77,16 +85,16 @@ def convert_cmd(
         return
     from .convert import convert
 
-    result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype, stage=stage)
+    result = convert(model, out, skip_check=skip_check, report_format=report, dtype=dtype, stage=stage, parity=parity)
     p = result.manifest.parity
     t = result.timings
-    parity = (
-        f"parity ok: {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"
+    checked = (
+        f"parity ok ({p['check']}): {p['entries']} tensors, worst max_rel_err {p['worst_rel_err']:.2g}"
         if p["checked"]
         else "parity NOT checked (--skip-check)"
     )
     typer.echo(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {parity}; "
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {checked}; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
     )
 

@@ -1,14 +1,14 @@
-"""Per-layer parity: MAX program vs PyTorch reference tensors, by module path.
+"""Parity: the MAX program against PyTorch reference tensors, by module path.
 
-Intermediate tensors come from a probe build of the same IR graphs with module outputs as extra
-outputs (one compile, not one per layer); graph outputs (encoder, cross K/V, caches, logits) come
-from the compiled artifact that goes into the package.
+end_to_end checks what the runtime's graphs compute (encoder, cross K/V, caches, every decoding
+route's logits, alignment) from the compiled artifact that goes into the package; layer_outputs
+checks every layer through a probe build of the same IR graphs with module outputs as extra
+outputs (a second compile, not one per layer), to name the first layer that diverges.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -123,28 +123,7 @@ def cache_form(g: ir.Graph, cache_output: str, ref: np.ndarray) -> np.ndarray:
 ROWS = 3  # rows (beams) the decoder_rows route decodes
 
 
-def check(
-    program: ir.Program,
-    models: dict,
-    probe: dict,
-    taps: dict[str, list[str]],
-    ref: dict[str, np.ndarray],
-    mel: np.ndarray,
-    tokens: list[int],
-    dtype: str = "float32",
-) -> list[Entry]:
-    """Every tapped module (the probe's layer outputs), and every graph output and decoding route
-    of the program the runtime loads (end_to_end), against the reference, within `dtype`'s
-    tolerances (golden/tolerances.json)."""
-    t0 = time.perf_counter()
-    cross = _cross_kv(program, models, ref)
-    entries = layer_outputs(program, probe, taps, ref, mel, tokens, cross, dtype)
-    entries += end_to_end(program, models, ref, mel, tokens, cross, dtype)
-    log.info("parity: %d entries in %.2f s", len(entries), time.perf_counter() - t0)
-    return entries
-
-
-def _cross_kv(program: ir.Program, models: dict, ref: dict[str, np.ndarray]) -> dict:
+def cross_kv(program: ir.Program, models: dict, ref: dict[str, np.ndarray]) -> dict:
     """cross_kv's outputs for the reference encoder output, so that what reads them measures
     itself alone."""
     xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)

@@ -9,10 +9,10 @@ from whisper_max.runtime.package import Package
 def test_base_converts_with_every_layer_in_parity(tmp_path):
     from whisper_max.converter.convert import convert
 
-    result = convert("base", tmp_path / "base.maxpkg")
+    result = convert("base", tmp_path / "base.maxpkg", parity="layers")  # the probe too: every layer
     pkg = Package.open(result.path)
     m = pkg.manifest
-    assert m.model.multilingual and m.model.dims["n_vocab"] == 51865
+    assert m.model.multilingual and m.model.dims["n_vocab"] == 51865 and m.parity["check"] == "layers"
     entries = pkg.json("parity.json")
     names = {e["name"] for e in entries}
     dims = m.model.dims

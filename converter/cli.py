@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -47,14 +46,23 @@ def convert_cmd(
     force: bool = typer.Option(False, "--force", help="replace an existing package at --out"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log each stage's details"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print no stage lines (errors and the result line only)"),
+    progress_file: Path | None = typer.Option(
+        None,
+        "--progress_file",
+        help="also append each stage line (and a line every 30 s of a long stage) to this file",
+    ),
 ) -> None:
+    from .progress import Stages
+
+    stage = Stages(quiet, progress_file)  # stderr: stdout keeps the one result line
+    try:
+        _convert_cmd(model, out, skip_check, parity, report, dtype, print_ir, rebuild, force, verbose, stage)
+    finally:
+        stage.close()
+
+
+def _convert_cmd(model, out, skip_check, parity, report, dtype, print_ir, rebuild, force, verbose, stage) -> None:
     from .convert import ConvertError
-
-    started = time.perf_counter()
-
-    def stage(message: str) -> None:  # stderr: stdout keeps the one result line
-        if not quiet:
-            print(f"whisper-convert [{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     if out is None and not rebuild:

@@ -18,7 +18,7 @@ from ..runtime import package, trust
 from ..runtime.manifest import GraphSignature, Manifest, ModelInfo, Rebuilt, Source, Target
 from ..runtime.program import WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
-from . import ir, onnx_io, passes, report
+from . import ir, onnx_io, passes, progress, report
 from .lower import compile_with_kernels, lower_graph
 from .recipes import Context, Recipe, RecipeError, recipe_for
 from .target import amx, bfloat16
@@ -133,8 +133,8 @@ def convert(
     bfloat16 (half the bytes; passes.store_weights); parity uses that dtype's tolerances.
     `parity` "outputs" checks what the runtime's graphs compute, from the one compile, and
     compiles the per-layer probe only to name the first layer that diverges when that fails;
-    "layers" checks every layer too. `stage(str)` is told as each stage starts (whisper-convert
-    prints it with the time)."""
+    "layers" checks every layer too. `stage(str, expect=None)` is told as each stage starts, with
+    the seconds a long one is expected to take (whisper-convert prints it with the time)."""
     if parity not in PARITY_CHECKS:
         raise ConvertError(f"--parity {parity!r}: use {' or '.join(PARITY_CHECKS)}")
     from max.engine import InferenceSession
@@ -175,13 +175,16 @@ def convert(
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
     session = InferenceSession()
+    key = progress.compile_key(package.max_version(), recipe.precision, src.name)
+    expect = progress.expected_compile(key)
     stage(
-        f"compiling {len(program.graphs)} graphs for this CPU (minutes the first time on a machine; MAX caches the "
-        "result)"
+        f"compiling {len(program.graphs)} graphs for this CPU ({progress.about(expect)}; MAX caches the result)",
+        expect,
     )
     t = time.perf_counter()
     mef = export_mef(compile_module(program, session))
     timings["compile"] = time.perf_counter() - t
+    progress.record_compile(key, timings["compile"])
     entries: list = []
     parity_info: dict = {"checked": False}
     if not skip_check:
@@ -307,7 +310,7 @@ def _manifest(
     )
 
 
-def _quiet(message: str) -> None:
+def _quiet(message: str, expect: float | None = None) -> None:
     pass
 
 
@@ -341,13 +344,15 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
         program = passes.engine_rows(program)
     program = passes.panel_products(passes.token_selection(program), bfloat16=not amx(Target.host()))
     require_cpu_features(program)
+    key = progress.compile_key(package.max_version(), pkg.manifest.dtype, pkg.manifest.model.name)
+    expect = progress.expected_compile(key)
     (stage or _quiet)(
-        f"compiling {len(program.graphs)} graphs for this CPU from the package's IR (minutes the first time on a "
-        "machine)"
+        f"compiling {len(program.graphs)} graphs for this CPU from the package's IR ({progress.about(expect)})", expect
     )
     t = time.perf_counter()
     mef = export_mef(compile_module(program, InferenceSession()))
     elapsed = time.perf_counter() - t
+    progress.record_compile(key, elapsed)
     files = {n: pkg.read(n) for n in pkg.names()}
     files["model.mef"] = mef
     files["ir.txt"] = ir.format_program(program).encode()

@@ -112,8 +112,8 @@ def resolve(model: str | os.PathLike, model_dir: str | os.PathLike | None = None
         raise PackageError(f"--model_dir {folder}: cannot create it ({e.strerror or e})") from e
     lock = FileLock(str(target) + ".lock")
     if not _try_acquire(lock):
-        log(f"whisper-max: another process is preparing {model} ({target}); waiting for it")
-        lock.acquire()
+        log(f"whisper-max: another process is preparing {model} ({target}); waiting for it, its progress:")
+        _follow(_progress_file(target), lock, log)
     try:
         source = model if model in NAMES else str(Path(model).resolve())
         if not target.is_file():
@@ -150,8 +150,45 @@ def _convert(source: str, target: Path, log) -> None:
         "machine compiles for minutes)"
     )
     t = time.perf_counter()
-    _whisper_convert([source, "--out", str(target), "--force"], f"converting {source}")
+    progress = _progress_file(target)
+    try:
+        progress.write_text("")  # what a process waiting on the lock shows (_follow)
+        _whisper_convert(
+            [source, "--out", str(target), "--force", "--progress_file", str(progress)], f"converting {source}"
+        )
+    finally:
+        progress.unlink(missing_ok=True)
     log(f"whisper-max: converted {source} in {time.perf_counter() - t:.0f} s; later uses load {target}")
+
+
+def _progress_file(target: Path) -> Path:
+    return Path(str(target) + ".progress")
+
+
+def _follow(progress: Path, lock: FileLock, log) -> None:
+    """Wait for `lock`, showing each line the converting process adds to its progress file."""
+    from filelock import Timeout
+
+    offset = 0
+    while True:
+        try:
+            lock.acquire(timeout=1.0)
+        except Timeout:
+            acquired = False
+        else:
+            acquired = True
+        try:
+            with open(progress, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:  # not started yet, or done and removed
+            data = b""
+        complete = data[: data.rfind(b"\n") + 1]  # whole lines only
+        offset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
+            log(line)
+        if acquired:
+            return
 
 
 def _whisper_convert(args: list[str], what: str) -> None:

@@ -49,6 +49,23 @@ def require_cpu_features(program: ir.Program) -> None:
         )
 
 
+def _compile(program: ir.Program, session, stage, source: str, dtype: str, model: str) -> tuple[bytes, float]:
+    """The program compiled and exported (MEF bytes) and the seconds it took; `stage` is told how
+    long the compile takes on this machine, and a cold compile's time is recorded for next time."""
+    key = progress.compile_key(package.max_version(), dtype, model)
+    expect = progress.expected_compile(key)
+    stage(
+        f"compiling {len(program.graphs)} graphs for this CPU{source} ({progress.about(expect)}; MAX caches the "
+        "result)",
+        expect,
+    )
+    t = time.perf_counter()
+    mef = export_mef(compile_module(program, session))
+    elapsed = time.perf_counter() - t
+    progress.record_compile(key, elapsed)
+    return mef, elapsed
+
+
 def compile_module(program: ir.Program, session):
     """Lower and compile the program's graphs as one MAX module."""
     from max.graph import Module
@@ -175,16 +192,7 @@ def convert(
         model = trace.model_from_state_dict(src.dims, widened, src.alignment_heads, src.location)
 
     session = InferenceSession()
-    key = progress.compile_key(package.max_version(), recipe.precision, src.name)
-    expect = progress.expected_compile(key)
-    stage(
-        f"compiling {len(program.graphs)} graphs for this CPU ({progress.about(expect)}; MAX caches the result)",
-        expect,
-    )
-    t = time.perf_counter()
-    mef = export_mef(compile_module(program, session))
-    timings["compile"] = time.perf_counter() - t
-    progress.record_compile(key, timings["compile"])
+    mef, timings["compile"] = _compile(program, session, stage, "", recipe.precision, src.name)
     entries: list = []
     parity_info: dict = {"checked": False}
     if not skip_check:
@@ -344,20 +352,13 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
         program = passes.engine_rows(program)
     program = passes.panel_products(passes.token_selection(program), bfloat16=not amx(Target.host()))
     require_cpu_features(program)
-    key = progress.compile_key(package.max_version(), pkg.manifest.dtype, pkg.manifest.model.name)
-    expect = progress.expected_compile(key)
-    (stage or _quiet)(
-        f"compiling {len(program.graphs)} graphs for this CPU from the package's IR ({progress.about(expect)})", expect
-    )
-    t = time.perf_counter()
-    mef = export_mef(compile_module(program, InferenceSession()))
-    elapsed = time.perf_counter() - t
-    progress.record_compile(key, elapsed)
+    old = pkg.manifest
+    session, stage = InferenceSession(), stage or _quiet
+    mef, elapsed = _compile(program, session, stage, " from the package's IR", old.dtype, old.model.name)
     files = {n: pkg.read(n) for n in pkg.names()}
     files["model.mef"] = mef
     files["ir.txt"] = ir.format_program(program).encode()
     files.update(onnx_io.to_onnx_files(program))
-    old = pkg.manifest
     manifest = replace(
         old,
         graphs=_signatures(program),

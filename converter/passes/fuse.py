@@ -122,6 +122,11 @@ class _Block:
         if not ok:
             raise ValueError(f"{self.where}: {what}; not fused")
 
+    def chain(self, *locals_: str, source: str) -> bool:
+        """Whether each of these nodes reads the next one first, and the last reads `source`."""
+        nodes = [self[local] for local in locals_]
+        return all(n.inputs[0] == m.name for n, m in zip(nodes, nodes[1:])) and nodes[-1].inputs[0] == source
+
 
 def _decoder_layer(b: _Block, inputs: dict, consts: dict, outside: set[str]) -> ir.Node:
     """The decoder_layer node replacing block `b`, once every check of fuse_decoder_layers holds."""
@@ -203,23 +208,14 @@ def _check_self_attention(b: _Block, inputs: dict, consts: dict) -> str:
     (an input, returned); the scores read them; the mask is a causal row that changes nothing."""
     q, k, v = (b[f".attn.{m}/linear"] for m in ("query", "key", "value"))
     kcat, vcat = b[".attn.key/cat"], b[".attn.value/cat"]
-    b.expect(
-        b[".attn/mul"].inputs[0] == b[".attn/permute"].name
-        and b[".attn/permute"].inputs[0] == b[".attn/view"].name
-        and b[".attn/view"].inputs[0] == q.name,
-        "q is not scaled after its product",
-    )
+    b.expect(b.chain(".attn/mul", ".attn/permute", ".attn/view", source=q.name), "q is not scaled after its product")
     b.expect(
         kcat.inputs[1] == b[".attn/mul.1"].name
-        and b[".attn/mul.1"].inputs[0] == b[".attn/permute.1"].name
-        and b[".attn/permute.1"].inputs[0] == b[".attn/view.1"].name
-        and b[".attn/view.1"].inputs[0] == k.name,
+        and b.chain(".attn/mul.1", ".attn/permute.1", ".attn/view.1", source=k.name),
         "the key cache does not store the scaled key",
     )
     b.expect(
-        vcat.inputs[1] == b[".attn/permute.2"].name
-        and b[".attn/permute.2"].inputs[0] == b[".attn/view.2"].name
-        and b[".attn/view.2"].inputs[0] == v.name,
+        vcat.inputs[1] == b[".attn/permute.2"].name and b.chain(".attn/permute.2", ".attn/view.2", source=v.name),
         "the value cache does not store the value",
     )
     position = kcat.inputs[2]
@@ -251,13 +247,11 @@ def _check_self_attention(b: _Block, inputs: dict, consts: dict) -> str:
 def _check_cross_attention(b: _Block, inputs: dict) -> tuple[str, str]:
     """The cross keys and values the block reads: graph inputs, read by the scaled query."""
     ckt, cv = b[".cross_attn/matmul"].inputs[1], b[".cross_attn/matmul.1"].inputs[1]
+    query = b[".cross_attn.query/linear"].name
     b.expect(
         ckt in inputs
         and cv in inputs
-        and b[".cross_attn/matmul"].inputs[0] == b[".cross_attn/mul"].name
-        and b[".cross_attn/mul"].inputs[0] == b[".cross_attn/permute"].name
-        and b[".cross_attn/permute"].inputs[0] == b[".cross_attn/view"].name
-        and b[".cross_attn/view"].inputs[0] == b[".cross_attn.query/linear"].name,
+        and b.chain(".cross_attn/matmul", ".cross_attn/mul", ".cross_attn/permute", ".cross_attn/view", source=query),
         "cross-attention reads other values",
     )
     return ckt, cv

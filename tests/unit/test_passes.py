@@ -84,12 +84,17 @@ def test_optimise_decoder_logits_and_caches():
     }
 
 
-def test_optimise_step_graph():
-    """The one-row step graph: decoder_layer kernels and the token choice in one graph."""
+def _optimised_decoder():
+    """The optimised tiny program, its general decoder, its heads and width, and its caches."""
     after = optimised_tiny()
     dec = after.graph("decoder")
-    h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
     caches = [x for x in dec.inputs if "past" in x.type.shape]
+    return after, dec, TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"], caches
+
+
+def test_optimise_step_graph():
+    """The one-row step graph: decoder_layer kernels and the token choice in one graph."""
+    after, dec, h, d, caches = _optimised_decoder()
     # the step graph: the decoder with batch = n = 1, its caches grown in place
     step = after.graph("decoder_step")
     assert [dm.name for dm in step.dims] == ["past", "kv_len", "n_suppress", "k"]
@@ -113,12 +118,8 @@ def test_optimise_step_graph():
 
 def test_optimise_rows_graph():
     """The engine's rows graph: pool slots, per-row positions and windows, lineage."""
-    after = optimised_tiny()
-    dec = after.graph("decoder")
-    h, d = TINY_DIMS["n_text_head"], TINY_DIMS["n_text_state"]
-    caches = [x for x in dec.inputs if "past" in x.type.shape]
-    step = after.graph("decoder_step")
-    blocks = [n for n in step.nodes if n.op == ir.DECODER_LAYER]
+    after, dec, h, d, caches = _optimised_decoder()
+    blocks = [n for n in after.graph("decoder_step").nodes if n.op == ir.DECODER_LAYER]
     # the rows graph (the engine's): the decoder with n = 1 for any rows, caches grown in place
     # in slots of a pool, each row at its own position, reading its own window's cross K/V
     rows = after.graph("decoder_rows")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import cached_property
 from os import PathLike
 
+import numpy as np
+
 from . import models
 from .decoding import DecodingOptions
 from .engine import Engine, decode
@@ -28,6 +30,17 @@ class Whisper(WhisperModel):
     def transcribe(self, audio, **options) -> dict:
         """openai-whisper's `model.transcribe`: a path or 16 kHz samples -> result dict."""
         return transcribe(self, audio, engine=self.engine, **options)
+
+    def detect_language(self, mel) -> tuple[np.ndarray, dict[str, float] | list[dict[str, float]]]:
+        """openai-whisper's `model.detect_language`: a log-mel window (n_mels, 3000) or a batch of
+        them -> the most likely language token(s) and every language's probability, decoded on
+        this model's engine (<|startoftranscript|> alone)."""
+        single = np.ndim(mel) == 2
+        mels = np.asarray(mel)[None] if single else mel
+        results = decode(self, mels, DecodingOptions(task="lang_id"), engine=self.engine)
+        tokens = np.array([self.tokenizer.to_language_token(r.language) for r in results])
+        probs = [r.language_probs for r in results]
+        return (tokens[0], probs[0]) if single else (tokens, probs)
 
     def decode(self, mel, options: DecodingOptions | None = None, **kwargs):
         """openai-whisper's `model.decode`: a log-mel window (or a batch) -> DecodingResult(s)."""

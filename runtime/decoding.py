@@ -304,20 +304,6 @@ class Rows(Protocol):
     def close(self) -> None: ...
 
 
-def detect_language(
-    model: WhisperModel, audio_features, tokenizer: Tokenizer, cross: dict | None = None
-) -> tuple[np.ndarray, list[dict[str, float]]]:
-    """Most likely language token per audio and the probability of every language.
-    `cross`: the window's cross_kv outputs, when the caller has them already."""
-    if not tokenizer.multilingual:
-        raise ValueError("this model doesn't have language tokens so it can't perform lang id")
-    if cross is None:
-        cross = model.cross_kv(audio_features)
-    n = int(audio_features.shape[0])
-    logits, _ = model.decoder_step(np.full((n, 1), tokenizer.sot, np.int64), model.empty_cache(n), cross)
-    return language_probs(logits, tokenizer)
-
-
 def language_probs(logits: np.ndarray, tokenizer: Tokenizer) -> tuple[np.ndarray, list[dict[str, float]]]:
     """The language tokens' choice from the logits (n, n_vocab) at <|startoftranscript|>."""
     lang_tokens = np.array(tokenizer.all_language_tokens)
@@ -341,7 +327,10 @@ class DecodingTask:
         self.model = model
         self.options = self._verify(options)
         language = options.language or "en"
-        self.tokenizer = model.tokenizer.with_language(language, options.task)
+        task = "transcribe" if options.task == "lang_id" else options.task  # lang_id: <|startoftranscript|> alone
+        if options.task == "lang_id" and not model.tokenizer.multilingual:
+            raise ValueError("this model doesn't have language tokens so it can't perform lang id")
+        self.tokenizer = model.tokenizer.with_language(language, task)
         self.n_group = options.beam_size or options.best_of or 1
         self.n_ctx = model.dims["n_text_ctx"]
         self.sample_len = options.sample_len or self.n_ctx // 2

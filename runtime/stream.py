@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, pad_or_trim, samples
-from .decoding import DecodingOptions, DecodingResult, detect_language
+from .decoding import DecodingOptions, DecodingResult
 from .model import WhisperModel
 from .options import TranscribeOptions
 from .results import TranscriptionResult
@@ -177,13 +177,6 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
     return mapped
 
 
-def spoken_language(model: WhisperModel, mel: LogMel) -> str:
-    """The most likely language of the first 30 s of `mel` (a multilingual model's)."""
-    features = model.embed_audio(pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)[None])
-    _, probs = detect_language(model, features, model.tokenizer)
-    return max(probs[0], key=probs[0].get)
-
-
 def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Callable[[object], None]):
     o = options
     (
@@ -211,7 +204,10 @@ def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Ca
             language = "en"
         else:
             emit(DetectingLanguage())
-            language = spoken_language(model, mel)
+            # a window of its own, decoded where the others are (the engine): openai-whisper's
+            # detect_language on the first 30 s
+            detected = yield pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES), DecodingOptions(task="lang_id")
+            language = detected.language
             emit(LanguageDetected(language, model.tokenizer.languages[language]))
     o = replace(o, decode=replace(o.decode, language=language))
     tokenizer = model.tokenizer.with_language(language, o.decode.task)

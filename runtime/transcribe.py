@@ -10,12 +10,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from .audio import CHUNK_LENGTH, HOP_LENGTH, SAMPLE_RATE, AudioError, samples
-from .engine import Engine
+from .audio import CHUNK_LENGTH, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, AudioError, pad_or_trim, samples
+from .decoding import DecodingOptions
+from .engine import Engine, decode
 from .model import WhisperModel
 from .options import TranscribeOptions
 from .results import TranscriptionResult
-from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream, spoken_language
+from .stream import DetectingLanguage, LanguageDetected, Progress, SegmentDone, TranscriptionStream
 from .vad import BATCHED, Speech, speech_regions
 
 
@@ -189,6 +190,7 @@ def transcribe_batched(
     vad = replace(options.vad_parameters or BATCHED, max_speech_duration_s=CHUNK_LENGTH)
     chunks = Speech.cut(audio, speech_regions(audio, vad), max_seconds=CHUNK_LENGTH)
     language = options.decode.language
+    engine = engine or Engine(model)
     if language is None:
         if not model.is_multilingual:
             language = "en"
@@ -200,9 +202,10 @@ def transcribe_batched(
                 )
             mel = model.features(chunks[0].samples)
             try:
-                language = spoken_language(model, mel)
+                first = pad_or_trim(mel.read(0, N_FRAMES), N_FRAMES)
             finally:
                 mel.close()
+            language = decode(model, first, DecodingOptions(task="lang_id"), engine=engine).language
             if options.verbose is not None:
                 say(f"Detected language: {model.tokenizer.languages[language].title()}")
     each = replace(
@@ -212,7 +215,6 @@ def transcribe_batched(
         vad_filter=False,
         decode=replace(options.decode, language=language),
     )
-    engine = engine or Engine(model)
     d = options.decode
     engine.pool.reserve(
         rows=min(len(chunks), batch_size) * max(d.beam_size or 1, d.best_of or 1), windows=min(len(chunks), batch_size)

@@ -152,6 +152,22 @@ class FakeRows:
         self.history = []
 
 
+class FakeStreamModel(FakeEngine):
+    """FakeEngine with what runtime.stream asks of a model besides: the log-mel of audio (real,
+    with openai-whisper's filters `mel_filters`) and whether it is multilingual. The window's
+    id, the value the scripted logits depend on, is the first value of its log-mel."""
+
+    def __init__(self, tokenizer, mel_filters: np.ndarray):
+        super().__init__(tokenizer)
+        self.mel_filters = mel_filters
+        self.is_multilingual = tokenizer.multilingual
+
+    def features(self, audio):  # the stream's, not FakeEngine.features(ids)
+        from whisper_max.runtime.audio import LogMel
+
+        return LogMel([np.asarray(audio, np.float32)], self.mel_filters)
+
+
 def torch_model(tokenizer, multilingual: bool = False):
     """A stand-in for openai-whisper's Whisper model with the same scripted logits, for its
     DecodingTask: features pass through (shape (n, 1500, 384)), and the decoder keeps each row's

@@ -10,16 +10,20 @@ that outweigh text, the pairing and monotonic rules).
 
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
 import whisper
-from helpers.fake_engine import FakeEngine, torch_model
+from helpers.fake_engine import FakeEngine, FakeStreamModel, scripted_logits, torch_model
 
-from whisper_max.converter.convert import tokenizer_assets
+from whisper_max.converter.convert import mel_assets, tokenizer_assets
 from whisper_max.runtime.decoding import DecodingOptions
 from whisper_max.runtime.engine import Engine, decode
+from whisper_max.runtime.options import TranscribeOptions
+from whisper_max.runtime.stream import DetectingLanguage, LanguageDetected, TranscriptionStream
 from whisper_max.runtime.tokenizer import Tokenizer
 
 TOL = 1e-5
@@ -138,3 +142,33 @@ def test_best_of_sampling(tokenizer):
         assert not banned & set(r.tokens)
     with pytest.raises(ValueError, match="best_of with greedy sampling"):
         decode(engine, features, DecodingOptions(language="en", temperature=0.0, best_of=5))
+
+
+def test_language_detection_is_a_window_on_the_engine():
+    """A multilingual stream without a language asks the engine to decode a lang_id window (the
+    first 30 s, <|startoftranscript|> alone) before its first transcription window: the model has
+    no other way to run its decoder here. The language is the most likely language token of the
+    logits at <|startoftranscript|>, as openai-whisper's detect_language picks it."""
+    assets = tokenizer_assets(True, 99)
+    tokenizer = Tokenizer(assets["assets/multilingual.tiktoken"], json.loads(assets["assets/tokenizer.json"]))
+    filters = np.load(io.BytesIO(mel_assets(80)["assets/mel_filters.npy"]))
+    model = FakeStreamModel(tokenizer, filters)
+    engine = Engine(model)
+    audio = np.random.default_rng(3).standard_normal(16000 * 3).astype(np.float32) * 0.1
+    events: list = []
+    stream = TranscriptionStream(model, audio, TranscribeOptions(condition_on_previous_text=False), events.append)
+    first = stream.next_window()
+    assert first.options.task == "lang_id" and first.options.language is None
+    engine.submit(stream)
+    engine.run()
+    window = float(first.mel[0, 0])  # the fake's window id: the first log-mel value
+    sot_logits = scripted_logits(window, [tokenizer.sot], tokenizer)
+    languages = list(tokenizer.all_language_tokens)
+    expected = tokenizer.all_language_codes[int(np.argmax(sot_logits[languages]))]
+    assert stream.result.language == expected
+    detected = [e for e in events if isinstance(e, LanguageDetected)]
+    assert [type(e) for e in events if isinstance(e, (DetectingLanguage, LanguageDetected))] == [
+        DetectingLanguage,
+        LanguageDetected,
+    ]
+    assert detected[0].code == expected

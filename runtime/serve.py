@@ -1,11 +1,12 @@
-"""whisper-serve: OpenAI's audio transcription API on one engine.
+"""whisper-serve: OpenAI's audio transcription API, one engine per model.
 
-    whisper-serve tiny.en.maxpkg --port 8000
-    curl -F file=@jfk.wav -F model=whisper-1 http://127.0.0.1:8000/v1/audio/transcriptions
+    whisper-serve tiny.en base --port 8000
+    curl -F file=@jfk.wav -F model=base http://127.0.0.1:8000/v1/audio/transcriptions
 
-The app is runtime.openai_api's, its request scheduler runtime.scheduler's; this is the command
-that loads a model and runs the app on uvicorn until SIGTERM. Needs the `server` extra: without
-it the command says which package is missing and how to install it, in one line.
+The app is runtime.serving's (its registry serves the models by id; whisper-1 names the first);
+this is the command that resolves the models, loads them and runs the app on uvicorn until
+SIGTERM. Needs the `server` extra: without it the command says which package is missing and how
+to install it, in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .flags import with_flags
 
 
 def serve(
-    package: str | Path,
+    packages,
     host: str = "127.0.0.1",
     port: int = 8000,
     settings=None,
@@ -30,11 +31,13 @@ def serve(
     log_level: str = "info",
     model_dir: str | Path | None = None,
 ) -> int:
-    """Load `package` and serve it until SIGTERM or SIGINT: stop accepting, finish the requests in
-    flight, exit. Returns the exit code: 0 after SIGTERM, 130 after Ctrl-C. `settings`: an
-    openai_api.Settings (its defaults if None)."""
-    from . import load
-    from .openai_api import Settings, create_app  # MissingExtra without the server extra
+    """Serve `packages` (one, or a list: names, checkpoints or .maxpkg paths; a model's id is its
+    package's name) until SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit.
+    Every package is resolved (converted once if named) and vouched for at start; the first
+    `settings.max_models` are loaded then, the rest on first use. Returns the exit code: 0 after
+    SIGTERM, 130 after Ctrl-C. `settings`: a serving.protocol.Settings (its defaults if None)."""
+    from .api import load
+    from .serving.app import Registry, Settings, create_app  # MissingExtra without the server extra
 
     uvicorn = require("uvicorn", "server", "whisper-serve")
     settings = Settings() if settings is None else settings
@@ -55,9 +58,16 @@ def serve(
             self.signals.append(sig)
             self.handle_exit(sig, frame)  # a second Ctrl-C forces the exit
 
-    model = load(package, trust=trust, model_dir=model_dir)
+    registry = Registry(
+        _resolve(packages if isinstance(packages, (list, tuple)) else [packages], trust, model_dir),
+        lambda path: load(path, trust=True),  # vouched for above
+        max_resident=settings.max_models,
+        max_active=settings.max_active,
+        queue_size=settings.queue_size,
+    )
+    registry.preload()
     config = uvicorn.Config(
-        create_app(model, settings),
+        create_app(registry, settings),
         host=host,
         port=port,
         log_level=log_level,
@@ -70,17 +80,35 @@ def serve(
     return 130 if signal.SIGINT in server.signals else 0
 
 
+def _resolve(models: list, trust: bool, model_dir) -> dict[str, Path]:
+    """Model id -> package for each model given: converted once if named (runtime.models), its
+    compiled program vouched for (runtime.trust). Two models of one id are refused."""
+    from .models import resolve
+    from .package import Package
+
+    out: dict[str, Path] = {}
+    for model in models:
+        path = resolve(model, model_dir)
+        model_id = path.name.removesuffix(".maxpkg")
+        if model_id in out:
+            raise ValueError(f"{model}: a second model with the id {model_id!r} ({out[model_id]}); serve each once")
+        Package.open(path).check_trusted(trust)
+        out[model_id] = path
+    return out
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
 
 
 @app.command()
 @with_flags(("beam_size", "best_of"))
 def serve_cmd(
-    package: str = typer.Argument(
+    models: list[str] = typer.Argument(
         ...,
         help=(
-            "a model name (tiny.en, base, ...; converted once into the cache), a .pt checkpoint, a CTranslate2 "
-            "folder, or a .maxpkg"
+            "one or more models: names (tiny.en, base, ...; converted once into the cache), .pt checkpoints, "
+            "CTranslate2 folders or .maxpkg files; a request's `model` field picks one by its package's name "
+            "(whisper-1: the first)"
         ),
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default)"),
@@ -104,6 +132,14 @@ def serve_cmd(
         32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"
     ),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
+    max_models: int | None = typer.Option(
+        None,
+        "--max_models",
+        min=1,
+        help=(
+            "models loaded at once (default: all); others load on first use, unloading the least recently used idle one"
+        ),
+    ),
     model_dir: ModelDir = None,
     trust: Trust = False,
     log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
@@ -112,7 +148,7 @@ def serve_cmd(
     beams, best = flags["beam_size"], flags["best_of"]
     if any(v is not None and v < 1 for v in (beams, best)):
         raise typer.BadParameter(f"--beam_size {beams} / --best_of {best}: a positive integer or None")
-    from .openai_api import Settings  # MissingExtra without the server extra
+    from .serving.protocol import Settings
 
     settings = Settings(
         max_upload_bytes=int(max_upload_mb * 2**20),
@@ -120,11 +156,12 @@ def serve_cmd(
         max_active=max_active,
         queue_size=queue_size,
         timeout=timeout,
+        max_models=max_models,
         api_key=api_key or None,
         beam_size=beams,
         best_of=best,
     )
-    raise typer.Exit(serve(package, host, port, settings, trust, log_level, model_dir))
+    raise typer.Exit(serve(models, host, port, settings, trust, log_level, model_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

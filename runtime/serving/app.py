@@ -1,27 +1,24 @@
-"""OpenAI's audio transcription API as an ASGI app (FastAPI) on one engine: whisper-serve's.
+"""OpenAI's audio API as an ASGI app (FastAPI): whisper-serve's.
 
-The app reads and checks uploads, hands each request to the scheduler (runtime.scheduler: one
-thread owns the model and its engine, and the windows of concurrent requests decode in the same
-decoder calls) and waits for it; a request that times out or whose client goes away is cancelled
-and its rows are freed. Admission is bounded: past `max_active + queue_size` requests a 429 with
-Retry-After. Needs FastAPI and python-multipart (the `server` extra); any ASGI server runs it.
+The app reads and checks uploads (serving.protocol), finds the model a request names in the
+registry (serving.registry: several models, each loaded on first use, its own engine and request
+scheduler), hands the request to that model's scheduler (serving.scheduler: the windows of
+concurrent requests decode in the same decoder calls) and waits for it; a request that times out
+or whose client goes away is cancelled and its rows are freed. Admission is bounded: past
+`max_active + queue_size` requests on a model, a 429 with Retry-After. Needs FastAPI and
+python-multipart (the `server` extra); any ASGI server runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 import os
-import tempfile
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .extras import require
+from ..extras import require
 
 require("fastapi", "server", "whisper-serve")
 require("python_multipart", "server", "whisper-serve (uploads)")
@@ -31,222 +28,55 @@ from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
-from .audio import SAMPLE_RATE, AudioError, read_audio  # noqa: E402
-from .options import TEMPERATURES, TranscribeOptions  # noqa: E402
-from .results import TranscriptionResult  # noqa: E402
+from ..audio import SAMPLE_RATE, AudioError  # noqa: E402
+from .protocol import FIELDS, ApiError, Settings, error_body, model_card, options_for, read_upload, render  # noqa: E402
+from .registry import AllBusy, Registry, UnknownModel  # noqa: E402
 from .scheduler import Busy, Job, Scheduler  # noqa: E402
-from .writers import write_srt, write_vtt  # noqa: E402
-
-FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-FIELDS = {
-    "file",
-    "model",
-    "language",
-    "prompt",
-    "response_format",
-    "temperature",
-    "timestamp_granularities[]",
-    "timestamp_granularities",
-}
-ALIASES = ("whisper-1",)  # the model name OpenAI's examples use; it means the loaded package here
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The server's limits and decoding defaults (whisper-run's: beam 5, best of 5, fallback)."""
-
-    max_upload_bytes: int = 100 * 2**20
-    max_audio_seconds: float = 3600.0
-    max_active: int = 8  # requests decoding at once on the engine
-    queue_size: int = 32  # admitted requests waiting for a place; beyond: 429
-    timeout: float = 600.0  # seconds from admission to answer; beyond: 504, and the request is dropped
-    api_key: str | None = None
-    beam_size: int | None = 5
-    best_of: int | None = 5
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-            headers,
-        )
-
-
-# --- requests -----------------------------------------------------------------------------------
-
-
-def read_upload(data: bytes, filename: str, max_seconds: float) -> np.ndarray:
-    """The upload's samples (16 kHz mono), read as whisper-run reads a file; ApiError 400 when it
-    is not audio, empty or longer than `max_seconds`. They are kept as the int16 values
-    read_audio divides by 32768 (exactly), half the memory of float32 while a request waits."""
-    suffix = Path(filename or "").suffix.lower()
-    if not data:
-        raise ApiError(400, f"{filename or 'file'}: the upload is empty", param="file")
-    with tempfile.TemporaryDirectory(prefix="whisper-serve-") as tmp:
-        path = Path(tmp) / f"upload{suffix or _sniff(data)}"
-        path.write_bytes(data)
-        limit = int(max_seconds * SAMPLE_RATE)
-        blocks, total = [], 0
-        try:
-            for block in read_audio(path):
-                total += len(block)
-                if total > limit:
-                    raise ApiError(
-                        400,
-                        f"{filename}: the audio is longer than this server takes ({max_seconds:g} s, "
-                        "--max_audio_seconds)",
-                        param="file",
-                    )
-                blocks.append(np.rint(block * np.float32(32768)).astype(np.int16))
-        except AudioError as e:
-            raise ApiError(400, str(e).replace(str(path), filename or "file"), param="file") from None
-    return np.concatenate(blocks)
-
-
-def _sniff(data: bytes) -> str:
-    """A suffix for an upload sent without a file name: libsndfile's formats by their magic."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return ".wav"
-    return {b"fLaC": ".flac", b"OggS": ".ogg", b"FORM": ".aiff"}.get(data[:4], ".bin")
-
-
-def options_for(model, settings: Settings, task: str, form: dict) -> tuple[TranscribeOptions, str, set[str]]:
-    """TranscribeOptions for one request's form fields; also its response_format and
-    timestamp granularities. ApiError 400 names a bad field."""
-    fmt = form.get("response_format") or "json"
-    if fmt not in FORMATS:
-        raise ApiError(400, f"response_format {fmt!r}: use one of {', '.join(FORMATS)}", param="response_format")
-    granularities = set(form.get("timestamp_granularities") or [])
-    if granularities - {"segment", "word"}:
-        raise ApiError(
-            400,
-            f"timestamp_granularities {sorted(granularities)}: use segment and/or word",
-            param="timestamp_granularities[]",
-        )
-    if granularities and fmt != "verbose_json":
-        raise ApiError(
-            400, "timestamp_granularities needs response_format verbose_json", param="timestamp_granularities[]"
-        )
-    language = form.get("language") or None
-    if not model.is_multilingual:
-        if task == "translate":
-            raise ApiError(
-                400,
-                "this server's model is English-only: it cannot translate; serve a multilingual package (base, small, "
-                "...) for translations",
-                param="model",
-            )
-        if language not in (None, "en", "english"):
-            raise ApiError(400, f"language {language!r}: this server's model is English-only", param="language")
-    elif language is not None:
-        try:
-            language = model.tokenizer.language_code(language)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="language") from None
-    temperature = TEMPERATURES  # OpenAI's 0 and openai-whisper's default: fallback
-    if form.get("temperature") not in (None, ""):
-        try:
-            t = float(form["temperature"])
-        except ValueError:
-            raise ApiError(
-                400, f"temperature {form['temperature']!r}: a number between 0 and 1", param="temperature"
-            ) from None
-        if not 0 <= t <= 1:
-            raise ApiError(400, f"temperature {t}: between 0 and 1", param="temperature")
-        if t > 0:
-            temperature = (t,)
-    options = TranscribeOptions.from_kwargs(
-        temperature=temperature,
-        task=task,
-        language=language,
-        initial_prompt=form.get("prompt") or None,
-        word_timestamps="word" in granularities,
-        beam_size=settings.beam_size,
-        best_of=settings.best_of,
-    )
-    options, _ = options.for_model(model.is_multilingual)  # a translation was refused above
-    return options, fmt, granularities
-
-
-def render(model, result: TranscriptionResult, fmt: str, granularities: set[str], task: str, duration: float):
-    """The response body for `fmt`: a dict (JSON) or text."""
-    if fmt == "json":
-        return {"text": result.text}
-    if fmt == "text":
-        return result.text
-    if fmt in ("srt", "vtt"):
-        out = io.StringIO()
-        (write_srt if fmt == "srt" else write_vtt)(result.as_openai_dict(), out)
-        return out.getvalue()
-    body = {
-        "task": task,
-        "language": model.tokenizer.languages.get(result.language, result.language),
-        "duration": duration,
-        "text": result.text,
-    }
-    if not granularities or "segment" in granularities:
-        body["segments"] = [{k: v for k, v in s.as_openai_dict().items() if k != "words"} for s in result.segments]
-    if "word" in granularities:
-        body["words"] = [w.as_openai_dict() for s in result.segments for w in s.words or ()]
-    return body
-
 
 # --- the app ------------------------------------------------------------------------------------
 
 
-def create_app(model, settings: Settings = Settings(), model_id: str | None = None):
-    """The ASGI app serving `model` (a runtime.api.Whisper or WhisperModel)."""
-    model_id = model_id or Path(str(model.package.path)).name.removesuffix(".maxpkg")
-    scheduler = Scheduler(model, settings.max_active, settings.queue_size)
+def create_app(models, settings: Settings = Settings(), model_id: str | None = None):
+    """The ASGI app serving `models`: a serving.registry.Registry, or one loaded model (a
+    runtime.api.Whisper or WhisperModel; `model_id` names it, by default its package's name)."""
+    if isinstance(models, Registry):
+        registry = models
+    else:
+        model_id = model_id or Path(str(models.package.path)).name.removesuffix(".maxpkg")
+        registry = Registry.of(models, model_id, max_active=settings.max_active, queue_size=settings.queue_size)
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
         try:
             yield
         finally:  # uvicorn has waited for in-flight requests (graceful shutdown)
-            await asyncio.to_thread(scheduler.stop)
+            await asyncio.to_thread(registry.stop)
 
     app = FastAPI(title="whisper-serve", lifespan=lifespan)
-    app.state.scheduler = scheduler
+    app.state.registry = registry
     _error_handlers(app)
     app.add_middleware(_Guard, settings=settings)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, **scheduler.stats()}
+        return {"status": "ok", **registry.stats()}
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(model_id)]}
+    async def models_list():
+        return {"object": "list", "data": [model_card(i) for i in registry.ids]}
 
     @app.get("/v1/models/{name}")
     async def one_model(name: str):
-        _check_model(name, model_id)
-        return _model_card(name)
+        return model_card(_model_id(registry, name))
 
     async def audio(request: Request, task: str):
         form = await _form(request, settings.max_upload_bytes)
-        _check_model(form.get("model"), model_id)
+        model_id = _model_id(registry, form.get("model"))
+        model = await asyncio.to_thread(_loaded, registry, model_id)
         options, fmt, granularities = options_for(model, settings, task, form)
         samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
-        result = await _wait(request, scheduler, _submit(scheduler, samples, options), settings.timeout)
+        job, scheduler = await asyncio.to_thread(_submit, registry, model_id, samples, options)
+        result = await _wait(request, scheduler, job, settings.timeout)
         task = "translate" if task == "translate" else "transcribe"
         body = render(model, result, fmt, granularities, task, len(samples) / SAMPLE_RATE)
         return JSONResponse(body) if isinstance(body, dict) else PlainTextResponse(body)
@@ -283,36 +113,62 @@ def _error_handlers(app) -> None:
         return _error(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
 
 
-def _check_model(name: str | None, model_id: str) -> None:
-    """A request's model: the served one or an alias (whisper-1), else 400 (none) or 404."""
+def _model_id(registry: Registry, name: str | None) -> str:
+    """The served model a request names (an id or an alias: whisper-1), else 400 (none) or 404."""
     if not name:
         raise ApiError(
             400,
-            "the form has no 'model' field; send the served model's id (see GET /v1/models) or whisper-1",
+            "the form has no 'model' field; send a served model's id (see GET /v1/models) or whisper-1",
             param="model",
         )
-    if name not in (model_id, *ALIASES):
+    try:
+        return registry.resolve(name)
+    except UnknownModel:
+        served = ", ".join(repr(i) for i in registry.ids)
         raise ApiError(
             404,
-            f"model {name!r} is not served here; this server serves {model_id!r} (or whisper-1)",
+            f"model {name!r} is not served here; this server serves {served} (or whisper-1 for the first)",
             param="model",
             code="model_not_found",
-        )
+        ) from None
 
 
-def _submit(scheduler: Scheduler, samples, options):
-    """The scheduler's job for a request, or 429 with Retry-After when it is full."""
+def _loaded(registry: Registry, model_id: str):
+    """The model (loaded now if it is not resident), or 503 when it cannot be loaded now."""
     try:
-        return scheduler.submit(samples, options)
-    except Busy:
-        retry = max(1, math.ceil(scheduler.latency))
+        return registry.model(model_id)
+    except AllBusy as e:
+        raise _all_busy(e, model_id) from None
+    except Exception as e:  # a package that no longer loads (moved, not trusted, ...), or shutting down
+        raise ApiError(503, f"{model_id} cannot be loaded: {e}", "server_error", code="model_unavailable") from None
+
+
+def _submit(registry: Registry, model_id: str, samples, options) -> tuple[Job, Scheduler]:
+    """The request admitted on its model's scheduler, or 429 with Retry-After when that is full."""
+    try:
+        return registry.submit(model_id, samples, options)
+    except Busy as e:
+        retry = max(1, math.ceil(e.latency))
         raise ApiError(
             429,
-            f"the server is busy ({scheduler.capacity} requests admitted); retry in {retry} s",
+            f"the server is busy ({e.capacity} requests admitted on {model_id}); retry in {retry} s",
             "rate_limit_error",
             code="queue_full",
             headers={"Retry-After": str(retry)},
         ) from None
+    except AllBusy as e:
+        raise _all_busy(e, model_id) from None
+
+
+def _all_busy(e: AllBusy, model_id: str) -> ApiError:
+    return ApiError(
+        503,
+        f"{model_id} is not loaded and the {len(e.resident)} models resident ({', '.join(e.resident)}) all have "
+        "requests in flight (--max_models); retry shortly",
+        "server_error",
+        code="models_busy",
+        headers={"Retry-After": "5"},
+    )
 
 
 class _Guard:
@@ -344,15 +200,7 @@ class _Guard:
 def _error(
     status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}},
-        status_code=status,
-        headers=headers,
-    )
-
-
-def _model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "whisper-max"}
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 async def _form(request, max_bytes: int) -> dict:

@@ -1,11 +1,11 @@
-"""The request scheduler of whisper-serve: one thread owns the model and its engine.
+"""The request scheduler of whisper-serve: one thread owns a model and its engine.
 
 Every admitted request is a long-form stream (runtime.stream) on that engine, so the windows of
 concurrent requests decode their next token in the same decoder call (continuous batching),
 each getting the tokens it gets alone. `submit()` is thread-safe and bounded (Busy beyond
 `max_active + queue_size`); `cancel()` frees a request's rows before the engine's next step.
-Nothing here is HTTP: the server (runtime.serve) and anything else that queues requests on
-one engine use it.
+Nothing here is HTTP: the server (serving.app, one scheduler per resident model of its
+registry) and anything else that queues requests on one engine use it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import Engine
-from .options import TranscribeOptions
-from .stream import TranscriptionStream
+from ..engine import Engine
+from ..options import TranscribeOptions
+from ..stream import TranscriptionStream
 
 
 class Busy(Exception):
-    """The admission queue is full."""
+    """The admission queue is full: `capacity` requests are admitted; one takes about `latency` s."""
+
+    def __init__(self, capacity: int, latency: float):
+        super().__init__(f"{capacity} requests admitted")
+        self.capacity, self.latency = capacity, latency
 
 
 @dataclass(eq=False)
@@ -74,7 +78,7 @@ class Scheduler:
         `max_active + queue_size` requests are admitted already."""
         with self._lock:
             if self._admitted >= self.capacity:
-                raise Busy()
+                raise Busy(self.capacity, self.latency)
             self._admitted += 1
         request = Job(samples, options, Future(), admitted=time.monotonic())
         self._inbox.put(("start", request))

@@ -23,7 +23,7 @@ from helpers import OPENAI_SEGMENT_KEYS, shared_audio
 
 from whisper_max import golden, runtime
 from whisper_max.runtime.cli import main as whisper_run
-from whisper_max.runtime.openai_api import Settings, create_app
+from whisper_max.runtime.serving.app import Settings, create_app
 
 JFK = Path(golden.JFK_WAV)
 
@@ -90,9 +90,9 @@ def whisper_run_jfk(tiny_en, tmp_path_factory):
     return out
 
 
-def transcribe(client, path: Path, **kwargs):
+def transcribe(client, path: Path, model: str = "whisper-1", **kwargs):
     with open(path, "rb") as f:
-        return client.audio.transcriptions.create(file=(path.name, f.read()), model="whisper-1", **kwargs)
+        return client.audio.transcriptions.create(file=(path.name, f.read()), model=model, **kwargs)
 
 
 def test_every_response_format_is_whisper_runs(served, whisper_run_jfk):
@@ -379,10 +379,40 @@ def test_translations_and_languages_on_base(base_pkg, tmp_path):
         s.close()
 
 
+@pytest.mark.slow
+def test_two_models_in_one_server_chosen_by_the_request(model, base_pkg):
+    """tiny.en and base behind one app, at most one resident: each request is answered by the
+    model it names (the text each gives alone), the other being unloaded and loaded back."""
+    from whisper_max.runtime.serving.registry import Registry
+
+    base = runtime.load(base_pkg)
+    german = shared_audio("pv_test_de.wav")
+    expected = {
+        ("tiny.en", JFK): model.transcribe(str(JFK), beam_size=5, best_of=5)["text"],
+        ("base", JFK): base.transcribe(str(JFK), beam_size=5, best_of=5)["text"],
+        ("base", german): base.transcribe(str(german), beam_size=5, best_of=5)["text"],
+    }
+    del base
+    registry = Registry({"tiny.en": model.package.path, "base": base_pkg}, runtime.load, max_resident=1)
+    s = Served(create_app(registry))
+    try:
+        assert [m.id for m in s.client.models.list()] == ["tiny.en", "base"]
+        for name, clip in [("tiny.en", JFK), ("base", german), ("base", JFK), ("whisper-1", JFK)]:
+            model_id = "tiny.en" if name == "whisper-1" else name
+            assert transcribe(s.client, clip, model=name).text == expected[model_id, clip], (name, clip.name)
+        health = s.health()
+        assert (health["loads"], health["evictions"]) == (3, 2), health
+        assert [m for m, h in health["models"].items() if h["loaded"]] == ["tiny.en"]
+        with pytest.raises(openai.NotFoundError, match="serves 'tiny.en', 'base'"):
+            transcribe(s.client, JFK, model="small")
+    finally:
+        s.close()
+
+
 def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
     s = Served(create_app(model))
     try:
-        scheduler = s.app.state.scheduler
+        scheduler = s.app.state.registry.scheduler("tiny.en")
         engine = scheduler.engine
 
         def broken():
@@ -400,7 +430,7 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
 @pytest.mark.parametrize("name", ["jfk.wav", "jfk_8k.wav", "jfk_22k_s24.wav", "jfk_48k.flac"])
 def test_uploads_wait_as_16_bit_values_without_loss(name):
     from whisper_max.runtime.audio import load_audio
-    from whisper_max.runtime.openai_api import read_upload
+    from whisper_max.runtime.serving.protocol import read_upload
 
     path = JFK.with_name(name)
     held = read_upload(path.read_bytes(), name, 60.0)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..runtime import package, trust
 from ..runtime.manifest import GraphSignature, Manifest, ModelInfo, Rebuilt, Source, Target
-from ..runtime.program import WINDOW, Role
+from ..runtime.program import LOGIT_ROWS, RUNTIME_GRAPHS, WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, progress, report
 from .lower import compile_with_kernels, lower_graph
@@ -54,6 +54,7 @@ def _compile(program: ir.Program, session, stage, source: str, dtype: str, model
     long the compile takes on this machine, and a cold compile's time is recorded for next time."""
     key = progress.compile_key(package.max_version(), dtype, model)
     expect = progress.expected_compile(key)
+    program = runtime_program(program)
     stage(
         f"compiling {len(program.graphs)} graphs for this CPU{source} ({progress.about(expect)}; MAX caches the "
         "result)",
@@ -64,6 +65,13 @@ def _compile(program: ir.Program, session, stage, source: str, dtype: str, model
     elapsed = time.perf_counter() - t
     progress.record_compile(key, elapsed)
     return mef, elapsed
+
+
+def runtime_program(program: ir.Program) -> ir.Program:
+    """The graphs a package compiles (program.RUNTIME_GRAPHS), in the program's order; the IR it
+    ships keeps the others (the general decoder and decoder_step: decoder_rows' sources, and what
+    the per-layer parity probe compiles)."""
+    return ir.Program(tuple(g for g in program.graphs if g.name in RUNTIME_GRAPHS), program.dims)
 
 
 def compile_module(program: ir.Program, session):
@@ -343,14 +351,17 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
 
     pkg = package.Package.open(pkg_path)
     program = onnx_io.from_onnx_files({n: pkg.read(n) for n in pkg.names() if n.startswith("ir/")})
-    if {g.name for g in program.graphs} != set(pkg.manifest.graphs):
-        raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} do not match the manifest's")
+    if set(pkg.manifest.graphs) - {g.name for g in program.graphs}:
+        raise ConvertError(f"{pkg_path}: IR graphs {[g.name for g in program.graphs]} lack some of the manifest's")
     weights = pkg.weights()
     pkg.check_weights(weights)
     # what later converters add that needs no source model (a package made before them gets it)
     if any(g.name == Role.DECODER_ROWS and WINDOW not in {v.name for v in g.inputs} for g in program.graphs):
         program = passes.engine_rows(program)
-    program = passes.panel_products(passes.token_selection(program), bfloat16=not amx(Target.host()))
+    program = passes.token_selection(program)
+    if LOGIT_ROWS not in {v.name for v in program.graph(Role.DECODER_ROWS).inputs}:
+        program = passes.logit_rows(program)
+    program = passes.panel_products(program, bfloat16=not amx(Target.host()))
     require_cpu_features(program)
     old = pkg.manifest
     session, stage = InferenceSession(), stage or _quiet
@@ -379,4 +390,4 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
 
 def _signatures(program: ir.Program) -> dict[str, GraphSignature]:
     """Each graph's signature as the manifest records it (ir.graph_signature)."""
-    return {g.name: ir.graph_signature(g) for g in program.graphs}
+    return {g.name: ir.graph_signature(g) for g in runtime_program(program).graphs}

@@ -21,6 +21,7 @@ from ..runtime.program import (
     STEP_GRAPHS,
     TOKENS,
     Role,
+    StepCache,
     decoder_call,
     empty_cache_shape,
     host,
@@ -148,21 +149,25 @@ def layer_outputs(
 
 
 def end_to_end(program: ir.Program, models: dict, ref: dict, mel: np.ndarray, tokens, cross, dtype) -> list[Entry]:
-    """The outputs of the graphs the runtime loads against the reference: the encoder's, cross
-    K/V, the decoder's prompt (its caches and logits), the logits of every decoding route
-    (incremental_routes), and the alignment graph's."""
+    """The outputs of the graphs the runtime loads (`models`) against the reference: the
+    encoder's, cross K/V, the prompt's caches and logits (decoded as the runtime decodes a prompt:
+    the general decoder where the program compiles one, else decoder_rows, a row per token), the
+    logits of every decoding route (incremental_routes), and the alignment graph's."""
     enc_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.DECODER)
     enc_out, _ = run(models[Role.ENCODER], enc_g, {MEL: mel})
     entries = [compare("encoder.ln_post", host(enc_out[AUDIO_FEATURES]), ref["encoder.ln_post"], dtype)]
     # the values hoisted out of the decoder (head-split, scaled) have no module of their own
     entries += [compare(name, host(val), ref[name], dtype) for name, val in cross.items() if name in ref]
-    # decoder, whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
+    # the whole prompt at once (past = 0), on cross_kv's outputs for the reference encoder output
     tok = np.array([tokens], np.int64)
-    dec_out, _ = run(models[Role.DECODER], dec_g, {TOKENS: tok, **empty_cache(dec_g, 1), **cross})
-    for name, val in dec_out.items():
-        if name != LOGITS:
-            entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name]), dtype))
-    entries.append(compare("logits", host(dec_out[LOGITS]), ref["logits"], dtype))
+    general = Role.DECODER in models
+    logits, cache, _ = decoder_call(
+        _by_name(program, models), _steps(program, models), tok, empty_cache(dec_g, 1), cross, general=general
+    )
+    cache = cache.as_cache() if isinstance(cache, StepCache) else cache
+    for name, val in cache.items():
+        entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name]), dtype))
+    entries.append(compare("logits", logits, ref["logits"], dtype))
     entries += incremental_routes(program, models, ref, tok, cross, dtype)
     # alignment (word timestamps): every position's logits and each layer's cross-attention scores
     xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
@@ -172,35 +177,45 @@ def end_to_end(program: ir.Program, models: dict, ref: dict, mel: np.ndarray, to
     return entries
 
 
+def _by_name(program: ir.Program, models: dict):
+    def by_name(gname: str, inputs: dict) -> dict:
+        return run(models[gname], program.graph(gname), inputs)[0]
+
+    return by_name
+
+
+def _steps(program: ir.Program, models: dict) -> dict:
+    """The in-place graphs among the compiled ones, with their state inputs (decoder_call's `steps`)."""
+    return {g: state_specs(ir.graph_signature(program.graph(g))) for g in STEP_GRAPHS if g in models}
+
+
 def incremental_routes(program: ir.Program, models: dict, ref: dict, tok: np.ndarray, cross, dtype) -> list[Entry]:
     """1 token (past 0), 2 tokens (past 1: the offset causal mask), then 1 at a time; logits of
-    each call's last position against the reference at that position. Once through the general
-    decoder alone (what batches of windows run), once as the runtime calls one row (single
-    tokens through the specialised decoder_step when the program has one), and once as it calls
-    the rows of one window (beams: after the prompt, ROWS rows sharing the window's cross K/V
-    through decoder_rows, every row against the reference)."""
+    each call's last position against the reference at that position. Through each decoder the
+    program compiles: the general decoder alone (`.decoder`), one row as the runtime called it
+    with decoder_step (no suffix), and the rows of one window (`.rows`: beams: after the prompt,
+    ROWS rows sharing the window's cross K/V through decoder_rows, every row against the
+    reference; without a general decoder the prompt's calls are decoder_rows too, a row per
+    token)."""
     dec_g = program.graph(Role.DECODER)
     n = tok.shape[1]
     bounds = [b for b in [0, 1, 3, *range(4, n + 1)] if b <= n]
     positions = [hi - 1 for hi in bounds[1:]]
-    graphs = {g.name for g in program.graphs}
-    steps = {g: state_specs(ir.graph_signature(program.graph(g))) for g in STEP_GRAPHS if g in graphs}
-    routes = {"logits.incremental.decoder": ({}, 1)}
+    steps = _steps(program, models)
+    general = Role.DECODER in models
+    routes = {"logits.incremental.decoder": ({}, 1)} if general else {}
     if Role.DECODER_STEP in steps:
         routes["logits.incremental"] = ({Role.DECODER_STEP: steps[Role.DECODER_STEP]}, 1)
     if Role.DECODER_ROWS in steps:
         routes["logits.incremental.rows"] = (steps, ROWS)
-
-    def by_name(gname: str, inputs: dict) -> dict:
-        return run(models[gname], program.graph(gname), inputs)[0]
-
+    by_name = _by_name(program, models)
     entries = []
     for entry_name, (route, rows) in routes.items():
         cache = empty_cache(dec_g, 1)
         got = []
         for lo, hi in zip(bounds, bounds[1:]):
             part = tok[:, lo:hi] if lo < bounds[2] else np.repeat(tok[:, lo:hi], rows, axis=0)
-            logits, cache, _ = decoder_call(by_name, route, part, cache, cross)
+            logits, cache, _ = decoder_call(by_name, route, part, cache, cross, general=general)
             got.append(np.broadcast_to(logits, (rows, logits.shape[-1])))
         want = ref["logits.all"][positions][:, None]
         entries.append(

@@ -6,10 +6,13 @@ Torch-free and MAX-free; the converter builds a `Manifest`, the runtime reads on
 history (`FORMAT_VERSION`): 2 decoder_step grows its caches in place (state inputs); 3 bfloat16
 weights; 4 widened weights; 5 the select graph; 6 decoder_rows for rows of many windows; 7
 float16 weights (exact ones) in float32 packages; 8 panel weights (`X/panels`, made at load); 9
-`target` (device, arch, features) instead of `target_cpu` (arch, features). A format 2 package
+`target` (device, arch, features) instead of `target_cpu` (arch, features); 10 decoder_rows takes
+LOGIT_ROWS and prefills prompts, and the MEF holds the runtime's graphs only (no general decoder,
+no decoder_step; the IR keeps them). A format 2 package
 is a format 3 one whose weights are all float32; before 5 there is no select graph, before 6
 decoder_rows takes the rows of one window: those open, the runtime refuses them with the hint,
-and `whisper-convert --rebuild` makes them anew.
+and `whisper-convert --rebuild` makes them anew; so does it a format 6-9 package, whose
+decoder_rows has no LOGIT_ROWS.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Any
 from .weights import PackageError
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 9
-READS = (2, 3, 4, 5, 6, 7, 8, 9)
+FORMAT_VERSION = 10
+READS = (2, 3, 4, 5, 6, 7, 8, 9, 10)
 _TARGET_FIELD = 9  # the first format with `target`; older ones say `target_cpu`
 
 # CPU features a MEF compiled for this host may use; a package built where one is present

@@ -15,22 +15,19 @@ from .audio import N_FRAMES, LogMel, is_path, log_mel_spectrogram, read_audio
 from .package import Package, PackageError
 from .program import (
     AUDIO_FEATURES,
+    LOGIT_ROWS,
     LOGITS,
     MEL,
     RULES,
     SAMPLING,
     SLOTS,
-    STEP_GRAPHS,
     SUPPRESS,
     TOKENS,
     WINDOW,
     Role,
     StepCache,
-    decoder_call,
-    empty_cache_shape,
     host,
     select_call,
-    state_specs,
 )
 from .tokenizer import Tokenizer
 
@@ -83,17 +80,15 @@ class WhisperModel:
             self._models = pkg.load_models(weights=weights, trust=trust)
             self.tokenizer = tokenizer.result()
         self._slots: dict[int, np.ndarray] = {}
-        self._decoder_inputs = set(self._sig[Role.DECODER].input_names())
-        # the in-place graphs' caches (a package may have neither: then all calls are general)
-        self._steps = {g: state_specs(self._sig[g]) for g in STEP_GRAPHS if g in self._sig}
         self.num_languages: int = len(self.tokenizer.languages)
         rows = self._sig.get(Role.DECODER_ROWS)
-        if rows is None or WINDOW not in rows.input_names():
+        if rows is None or not {WINDOW, LOGIT_ROWS} <= set(rows.input_names()):
             raise PackageError(
-                f"{pkg.path}: its decoder_rows graph decodes the rows of one window only (made by an older "
-                "whisper-convert); "
+                f"{pkg.path}: its decoder_rows graph decodes the rows of one window only, or cannot prefill a prompt "
+                "(made by an older whisper-convert); "
                 f"`whisper-convert --rebuild {pkg.path}` makes the one this runtime's engine needs"
             )
+        self._decoder_inputs = set(rows.input_names())
 
     def pool(self) -> RowPool:
         """Decoder state for the rows of many windows (an engine holds one; a fake model in the
@@ -102,11 +97,12 @@ class WhisperModel:
 
         return RowPool(self)
 
-    def _run(self, graph: str, inputs: dict) -> dict:
+    def _run(self, graph: str, inputs: dict, counted_as: str | None = None) -> dict:
+        """Execute `graph`; its time is counted under `counted_as` (default: the graph's name)."""
         sig = self._sig[graph]
         t = time.perf_counter()
         outs = self._models[graph].execute(*[inputs[i.name] for i in sig.inputs])
-        self.stats.add(graph, time.perf_counter() - t)
+        self.stats.add(counted_as or graph, time.perf_counter() - t)
         return dict(zip(sig.output_names(), outs))
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
@@ -132,30 +128,6 @@ class WhisperModel:
         that parity compares, are dropped: beam search copies what it is given per beam)."""
         out = self._run(Role.CROSS_KV, {AUDIO_FEATURES: audio_features})
         return {k: v for k, v in out.items() if k in self._decoder_inputs}
-
-    def self_cache_names(self) -> list[str]:
-        return [o for o in self._sig[Role.DECODER].output_names() if o != LOGITS]
-
-    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length self-attention caches, in the layout the decoder declares for them
-        (the converter may store them head-major; the runtime treats them as opaque state)."""
-        specs = {i.name: i for i in self._sig[Role.DECODER].inputs}
-        cache = {}
-        for name in self.self_cache_names():
-            spec = specs[name]
-            cache[name] = np.zeros(empty_cache_shape(spec.shape, batch), np.dtype(spec.dtype))
-        return cache
-
-    def decoder_step(self, tokens: np.ndarray, cache: dict, cross: dict) -> tuple[np.ndarray, dict]:
-        """Logits (batch, n_vocab) for the last of `tokens` and the cache grown by len(tokens).
-
-        One token of one sequence runs `decoder_step`, the graph specialised to that shape, when
-        the package has it; one token for each of several rows whose `cross` has one row (the
-        window's values, shared) runs `decoder_rows`; anything else runs the
-        general `decoder`. The general decoder returns caches grown by concatenation; the
-        in-place graphs grow them in a StepCache. All hold the same layout, and each takes the
-        others' form."""
-        return decoder_call(self._run, self._steps, tokens, cache, cross)[:2]
 
     def selection(self, rules: np.ndarray, suppress: np.ndarray, sampling: np.ndarray, k: int) -> dict:
         """The inputs of a next-token choice besides the logits: each row's `rules` and the

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .manifest import Target
+from .manifest import FORMAT_VERSION, Target
 from .package import Package, PackageError, max_version
 from .trust import cache_dir, is_trusted
 
@@ -88,6 +88,8 @@ def stale_reason(path: Path) -> str | None:
     here = Target.host()
     if m.target.arch != here.arch or sorted(m.target.features) != sorted(here.features):
         return f"it was compiled for {m.target}, this CPU is {here}"
+    if m.format_version < FORMAT_VERSION:
+        return f"it is package format {m.format_version}, from an older whisper-convert (this one's: {FORMAT_VERSION})"
     if not is_trusted(m.files["model.mef"].sha256 if "model.mef" in m.files else ""):
         return "its compiled program was not made on this machine (not in the trust list)"
     return None

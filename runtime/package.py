@@ -119,7 +119,15 @@ class Package:
             z = zipfile.ZipFile(path)
             _check_entries(path, z)
             raw = json.loads(z.read("manifest.json"))
-        except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+        except (
+            zipfile.BadZipFile,
+            KeyError,
+            json.JSONDecodeError,
+            UnicodeDecodeError,
+            OSError,
+            EOFError,
+            NotImplementedError,  # a central directory asking for a zip version or method zipfile lacks
+        ) as e:
             raise PackageError(f"{path}: not a whisper-max package ({e})") from e
         try:
             manifest = Manifest.from_json(raw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .manifest import TensorSpec
-from .program import CHOICE, LINEAGE, TOKENS, WINDOW, Role, StepCache, host
+from .program import CHOICE, LINEAGE, LOGIT_ROWS, LOGITS, TOKENS, WINDOW, Role, host, no_selection
 
 
 def _pool_zeros(shape, dtype) -> np.ndarray:
@@ -36,6 +36,9 @@ def _grown(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+PROMPT = "decoder_rows.prompt"  # how GraphStats counts decoder_rows calls that prefill a prompt
+
+
 class RowPool:
     """decoder_rows' state for rows of many windows, so that one call decodes them all: cache
     slots (each row's positions are in the slots its lineage names) and windows' cross-attention
@@ -55,6 +58,7 @@ class RowPool:
         self._buffers: dict = {}
         self._free_slots: list[int] = []
         self._free_windows: list[int] = []
+        self._rows_index = np.zeros(0, np.int64)  # 0, 1, ...: every row's logits (LOGIT_ROWS)
 
     def _grow(self, arrays: dict, specs: list[TensorSpec], free: list[int], need: int, exact: bool = False) -> None:
         from max.driver import Buffer
@@ -103,6 +107,11 @@ class RowPool:
                 out[j] = choice
         return out
 
+    def _every_row(self, n: int) -> np.ndarray:
+        if len(self._rows_index) < n:
+            self._rows_index = np.arange(max(n, 2 * len(self._rows_index)), dtype=np.int64)
+        return self._rows_index[:n]
+
     def _call(self, items: list) -> list[np.ndarray]:
         steps = [st for _, st in items]
         k = max(st.slots for st in steps)
@@ -112,6 +121,7 @@ class RowPool:
             self.position: np.concatenate([np.full(c, rows.length, np.int64) for (rows, _), c in zip(items, counts)]),
             LINEAGE: np.ascontiguousarray(np.concatenate([rows.lineage[st.rows] for rows, st in items])),
             WINDOW: np.concatenate([np.full(c, rows.window, np.int32) for (rows, _), c in zip(items, counts)]),
+            LOGIT_ROWS: self._every_row(sum(counts)),
             **self._buffers,
             **self.model.selection(
                 np.concatenate([st.rules for st in steps]),
@@ -130,41 +140,58 @@ class RowPool:
 
 
 class PoolRows:
-    """A window's rows in a RowPool (decoding.Rows): the prompt is prefilled by the general
-    decoder into one slot that every row's lineage shares; then each row writes its own slot."""
+    """A window's rows in a RowPool (decoding.Rows): the prompt is prefilled by decoder_rows,
+    one row per token at consecutive positions of one slot (each row's keys and values are
+    written before any row attends, so the rows see each other causally); that slot becomes the
+    first row's and every row's lineage shares its prompt positions; then each row writes its own slot."""
 
     def __init__(self, pool: RowPool, window: int, cross: dict):
         self.pool, self.window, self.cross = pool, window, cross
-        self.cache: dict | StepCache | None = None  # the prompt's, while prefilling
-        self.own = np.zeros(0, np.int32)  # each row's slot
+        self.own = np.zeros(0, np.int32)  # each row's slot (the prompt's first)
         self.lineage = np.zeros((0, pool.capacity), np.int32)
         self.length = 0
 
+    def _prompt(self, slot: int, start: int, tokens: np.ndarray) -> np.ndarray:
+        """decoder_rows on (1, n) tokens at positions start.. of `slot`: the last one's logits (1, n_vocab)."""
+        pool = self.pool
+        n = tokens.shape[1]
+        if start + n > pool.capacity:
+            raise ValueError(f"the text context is full ({pool.capacity} positions)")
+        feeds = {
+            TOKENS: np.ascontiguousarray(tokens.reshape(n, 1), np.int64),
+            pool.position: np.arange(start, start + n, dtype=np.int64),
+            LINEAGE: np.full((n, pool.capacity), slot, np.int32),
+            WINDOW: np.full(n, self.window, np.int32),
+            LOGIT_ROWS: np.array([n - 1], np.int64),
+            **pool._buffers,
+            **no_selection(1),
+        }
+        return pool.model._run(Role.DECODER_ROWS, feeds, counted_as=PROMPT)[LOGITS].to_numpy()
+
     def prefill(self, tokens: np.ndarray) -> np.ndarray:
-        model = self.pool.model
-        cache = model.empty_cache(1) if self.cache is None else self.cache
-        logits, self.cache = model.decoder_step(tokens, cache, self.cross)
+        pool = self.pool
+        if not len(self.own):
+            self.own = np.array(pool._take(pool.slots, pool._caches, pool._free_slots, 1), np.int32)
+        logits = self._prompt(int(self.own[0]), self.length, tokens)
         self.length += tokens.shape[1]
         return logits
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
-        model = self.pool.model
-        return model.decoder_step(tokens, model.empty_cache(1), self.cross)[0]
+        pool = self.pool
+        (slot,) = pool._take(pool.slots, pool._caches, pool._free_slots, 1)
+        try:
+            return self._prompt(slot, 0, tokens)
+        finally:
+            pool._free_slots.append(slot)
 
     def spread(self, n: int) -> None:
         pool = self.pool
         if self.length >= pool.capacity:
             raise ValueError(f"the text context is full ({pool.capacity} positions)")
-        self.own = np.array(pool._take(pool.slots, pool._caches, pool._free_slots, n), np.int32)
-        cache = self.cache.as_cache() if isinstance(self.cache, StepCache) else self.cache
-        first = self.own[0]
-        for name, a in pool.slots.items():
-            idx = [first] + [slice(None)] * (a.ndim - 1)
-            idx[pool.axis[name]] = slice(0, self.length)
-            a[tuple(idx)] = host(cache[name])[0]
-        self.cache = None
+        more = pool._take(pool.slots, pool._caches, pool._free_slots, n - len(self.own))
+        self.own = np.array([*self.own, *more], np.int32)
         self.lineage = np.repeat(self.own[:, None], pool.capacity, axis=1)
-        self.lineage[:, : self.length] = first  # every row continues the one prompt
+        self.lineage[:, : self.length] = self.own[0]  # every row continues the one prompt
 
     def reorder(self, sources) -> None:
         sources = np.asarray(sources)
@@ -178,4 +205,4 @@ class PoolRows:
     def close(self) -> None:
         self.pool._free_slots.extend(int(s) for s in self.own)
         self.pool._free_windows.append(self.window)
-        self.own, self.cache, self.cross = np.zeros(0, np.int32), None, None
+        self.own, self.cross = np.zeros(0, np.int32), None

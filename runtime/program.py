@@ -41,12 +41,19 @@ class Role(StrEnum):
 MEL, AUDIO_FEATURES, TOKENS, LOGITS, CHOICE = "mel", "encoder", "tokens", "logits", "choice"
 RULES, SUPPRESS, SAMPLING, SLOTS = "rules", "suppress", "sampling", "slots"  # the choice's inputs besides the logits
 STEP_GRAPHS = (Role.DECODER_STEP, Role.DECODER_ROWS)  # the graphs that grow their caches in place
+# The graphs a package compiles and the runtime runs (format 10 on). The program's IR keeps the
+# general decoder and decoder_step, the sources decoder_rows is made from and what the per-layer
+# parity probe compiles; decoder_rows prefills prompts itself (a row per token, LOGIT_ROWS).
+RUNTIME_GRAPHS = (Role.ENCODER, Role.CROSS_KV, Role.DECODER_ROWS, Role.ALIGNMENT, Role.SELECT)
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (StepCache).
 LINEAGE = "lineage"
 # The input of decoder_rows naming the window each row reads, (rows,) int32 into the cross K/V
 # inputs' leading dim (passes.engine_rows).
 WINDOW = "window"
+# The input of decoder_rows naming the rows whose logits and choice it computes, (picked,) int64
+# (passes.logit_rows): every row for a decoding step, the last for a prompt prefilled as rows.
+LOGIT_ROWS = "logit_rows"
 # The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
 # token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
 SELECT_RANGES = 4
@@ -72,7 +79,7 @@ def state_specs(signature: GraphSignature) -> list[TensorSpec]:
     them, as StepCache takes them."""
     inputs = signature.inputs
     positions = {i.state.position for i in inputs if i.state is not None}
-    return [i for i in inputs if i.state is not None or i.name in (LINEAGE, WINDOW) or i.name in positions]
+    return [i for i in inputs if i.state is not None or i.name in (LINEAGE, WINDOW, LOGIT_ROWS) or i.name in positions]
 
 
 class StepCache:
@@ -89,7 +96,7 @@ class StepCache:
         from max.driver import Buffer
 
         by_name = {s.name: s for s in specs}
-        lineage, window = LINEAGE in by_name, WINDOW in by_name
+        lineage, window, picked = LINEAGE in by_name, WINDOW in by_name, LOGIT_ROWS in by_name
         caches = [s for s in specs if s.state is not None]
         positions = {s.state.position for s in caches}
         if len(positions) != 1:
@@ -114,6 +121,8 @@ class StepCache:
             self.buffers[LINEAGE] = Buffer.from_numpy(self.lineage)
         if window:  # every row reads window 0: the one the caller gives
             self.buffers[WINDOW] = np.zeros(rows, np.int32)
+        if picked:  # every row's logits
+            self.buffers[LOGIT_ROWS] = np.arange(rows, dtype=np.int64)
 
     @classmethod
     def holding(cls, specs: list[TensorSpec], cache: dict, rows: int = 1, graph: str = Role.DECODER_STEP) -> StepCache:
@@ -198,16 +207,26 @@ def select_call(run, logits, select: dict) -> np.ndarray:
     return run(Role.SELECT, {LOGITS: logits, **select})[CHOICE].to_numpy()
 
 
-def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, cross: dict, select: dict | None = None):
+def decoder_call(
+    run,
+    steps: dict[str, list[dict]],
+    tokens: np.ndarray,
+    cache,
+    cross: dict,
+    select: dict | None = None,
+    general: bool = True,
+):
     """One decoder call as the runtime routes it (WhisperModel.decoder_step; parity replays it).
 
     `run(graph, inputs)` executes a graph by name; `steps` maps the in-place graphs the program
     has (decoder_step, decoder_rows) to their state inputs. One token of one row runs
     decoder_step; one token for each of several rows that share the window's values runs
-    decoder_rows; anything else runs the general decoder. `select`: the select graph's inputs
-    but the logits (rules, suppress, sampling, slots): the step graphs choose the next tokens in
-    the same call, after the general decoder the select graph does. Returns the logits, the
-    grown cache and the choice (None without `select`)."""
+    decoder_rows; `general`: anything else runs the general decoder, else (a program without one)
+    the tokens of one row run decoder_rows as rows at consecutive positions of its slot, the last
+    one's logits picked (`prompt_rows`). `select`: the select graph's inputs but the logits
+    (rules, suppress, sampling, slots): the step graphs choose the next tokens in the same call,
+    after the general decoder the select graph does. Returns the logits, the grown cache and the
+    choice (None without `select`)."""
     tokens = np.ascontiguousarray(tokens, np.int64)
     rows, n = tokens.shape
     graph = None
@@ -217,6 +236,14 @@ def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, c
         if Role.DECODER_ROWS not in steps:
             raise ValueError("rows sharing one window's values need the decoder_rows graph; this package has none")
         graph = Role.DECODER_ROWS
+    elif not general:
+        if rows != 1 or Role.DECODER_ROWS not in steps:
+            raise ValueError(f"{rows} rows of {n} tokens: this program decodes a prompt of one row (decoder_rows)")
+        if not isinstance(cache, StepCache) or cache.graph != Role.DECODER_ROWS or cache.rows != 1:
+            cache = StepCache.holding(steps[Role.DECODER_ROWS], cache, 1, Role.DECODER_ROWS)
+        out = run(Role.DECODER_ROWS, {**prompt_rows(cache, tokens[0]), **cross, **(select or no_selection(1))})
+        cache.length += n
+        return out[LOGITS].to_numpy(), cache, out[CHOICE].to_numpy() if select else None
     if graph is not None:
         if not isinstance(cache, StepCache) or cache.graph != graph or cache.rows != rows:
             cache = StepCache.holding(steps[graph], cache, rows, graph)
@@ -229,3 +256,19 @@ def decoder_call(run, steps: dict[str, list[dict]], tokens: np.ndarray, cache, c
     logits = out.pop(LOGITS).to_numpy()
     choice = select_call(run, logits, select) if select else None
     return logits, out, choice
+
+
+def prompt_rows(cache: StepCache, tokens: np.ndarray) -> dict:
+    """decoder_rows' inputs (but the window's values and the choice's) for the n `tokens` of
+    the one row of `cache` (a decoder_rows StepCache) as n rows at its next positions, all in
+    its slot, the last one's logits picked: each row's keys and values are written before any
+    row attends, so the rows see each other causally, as the general decoder's prompt."""
+    n = len(tokens)
+    if cache.length + n > cache.capacity:
+        raise ValueError(f"the text context is full ({cache.capacity} positions)")
+    feeds = {**cache.feeds(), TOKENS: np.ascontiguousarray(tokens.reshape(n, 1), np.int64)}
+    feeds[cache.position] = np.arange(cache.length, cache.length + n, dtype=np.int64)
+    feeds[LINEAGE] = np.repeat(cache.lineage[:1], n, axis=0)  # every position of the row's slot
+    feeds[WINDOW] = np.zeros(n, np.int32)
+    feeds[LOGIT_ROWS] = np.array([n - 1], np.int64)
+    return feeds

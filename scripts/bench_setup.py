@@ -81,14 +81,14 @@ def package_manifest(path):
 
 
 def step_bytes(manifest) -> int:
-    """Bytes one single-row decoder step must read: the weights decoder_step binds (one row of
+    """Bytes one single-row decoder step must read: the weights decoder_rows binds (one row of
     the positional table, and of the token table where the vocabulary product reads its panels)
     and the window's cross-attention keys and values; the self-attention caches (under 1 MB on
     average here) are left out, which makes the floor lower, not higher."""
     import numpy as np
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
-    sig = manifest.graphs["decoder_step"]
+    sig = manifest.graphs["decoder_rows"]
     per_window = set(manifest.graphs["cross_kv"].output_names())
     names = {w.name for w in sig.weights}
     gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}

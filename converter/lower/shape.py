@@ -57,6 +57,11 @@ def slice_(ctx, node, x, dim=0, start=None, end=None, step=1):
     return x[tuple(idx)]
 
 
+@register("aten.index_select.default")
+def index_select(ctx, node, x, index, dim):
+    return ops.gather(x, index, axis=dim % x.rank)
+
+
 @register("aten.select.int")
 def select(ctx, node, x, dim, index):
     idx = [slice(None)] * x.rank

@@ -1,13 +1,13 @@
-"""share_window, row_lineage, engine_rows: the decoder_rows graph the engine calls, rows of many
-windows and lineages in one call."""
+"""share_window, row_lineage, engine_rows, logit_rows: the decoder_rows graph the engine calls,
+rows of many windows and lineages in one call, logits for the rows that need them."""
 
 from __future__ import annotations
 
 import logging
 
-from ...runtime.program import LINEAGE, WINDOW, Role
+from ...runtime.program import LINEAGE, LOGIT_ROWS, RULES, SAMPLING, WINDOW, Role
 from .. import ir
-from .rewrite import replace_graph
+from .rewrite import replace_graph, subst
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,52 @@ def engine_rows(p: ir.Program, graph: str = Role.DECODER_ROWS, position: str = "
     out = ir.Graph(g.name, new_inputs, g.weights, g.constants, tuple(nodes), g.outputs, dims)
     out.validate()
     log.info("%s: per-row positions, %d cache slots and windows by index", graph, len(caches))
+    return replace_graph(p, out)
+
+
+def logit_rows(p: ir.Program, graph: str = Role.DECODER_ROWS) -> ir.Program:
+    """Compute the logits, and the choice after them, for the rows LOGIT_ROWS (picked,) int64
+    names, not for every row: a prompt prefilled as rows, one per token at consecutive positions,
+    needs the last one's, while the vocabulary product (n_vocab x d per row) is most of a long
+    prompt's work; a decoding step names every row. The rows are gathered before the final layer
+    norm; what follows it, and the choice's per-row inputs, are per picked row."""
+    g = p.graph(graph)
+    norms = [n for n in g.nodes if n.op == "aten.layer_norm.default"]
+    if not norms or any(n.op == ir.DECODER_LAYER for n in g.nodes[g.nodes.index(norms[-1]) :]):
+        raise ValueError(f"{graph}: no final layer norm after the decoder layers to pick rows before")
+    norm = norms[-1]
+    at = g.nodes.index(norm)
+    x = g.types()[norm.inputs[0]]
+    rows = x.shape[0]
+    gather = ir.Node(
+        f"{norm.inputs[0]}/picked",
+        "aten.index_select.default",
+        (norm.inputs[0], LOGIT_ROWS),
+        (("dim", 0),),
+        ir.TensorType(x.dtype, ("picked", *x.shape[1:])),
+        norm.scope,
+    )
+
+    def picked(t: ir.TensorType) -> ir.TensorType:
+        return ir.TensorType(t.dtype, subst(tuple(t.shape), rows, "picked"))
+
+    tail = [
+        ir.Node(
+            n.name,
+            n.op,
+            tuple(gather.name if i == norm.inputs[0] else i for i in n.inputs),
+            n.attrs,
+            picked(n.type),
+            n.scope,
+        )
+        for n in g.nodes[at:]
+    ]
+    inputs = tuple(ir.Value(v.name, picked(v.type)) if v.name in (RULES, SAMPLING) else v for v in g.inputs) + (
+        ir.Value(LOGIT_ROWS, ir.TensorType("int64", ("picked",))),
+    )
+    dims = g.dims + (ir.SymDim("picked", 1, None),)
+    out = ir.Graph(g.name, inputs, g.weights, g.constants, (*g.nodes[:at], gather, *tail), g.outputs, dims)
+    out.validate()
     return replace_graph(p, out)
 
 

@@ -154,6 +154,7 @@ def test_rows_of_many_windows_in_one_call(compiled):
             "suppress": np.zeros(0, np.int32),
             "sampling": np.zeros((len(members), 2), np.float32),
             "slots": np.zeros(1, np.int32),
+            "logit_rows": np.arange(len(members), dtype=np.int64),
         }
         return run("decoder_rows", feeds)["logits"].to_numpy()
 

@@ -27,8 +27,6 @@ def test_parity_covers_every_runtime_output_and_passes(tiny_en):
         [
             "encoder.ln_post",
             "logits",
-            "logits.incremental",
-            "logits.incremental.decoder",
             "logits.incremental.rows",
             "logits.all",
         ]
@@ -69,7 +67,9 @@ def test_a_wrong_lowering_is_refused_naming_its_layer(tiny_en, tmp_path, monkeyp
         convert("tiny.en", out)
     message = str(refused.value)
     assert "no package written; the first layer that diverges: encoder.conv2:" in message, message
-    assert "  encoder.conv1:" not in message and "  encoder.conv2:" in message and "  logits:" in message
+    assert "  encoder.conv1:" not in message and "  encoder.conv2:" in message
+    # the outputs that read a GELU lowering fail (decoder_rows' blocks are a kernel with its own GELU)
+    assert "  encoder.ln_post:" in message and "  logits.all:" in message
     assert list(tmp_path.iterdir()) == []
 
 
@@ -79,10 +79,11 @@ def test_manifest_describes_the_package(tiny_en):
     assert m.model.dims["n_vocab"] == 51864 and not m.model.multilingual
     assert m.source.kind == "ctranslate2" and len(m.source.sha256) == 64
     assert m.max_version.startswith("26.7")
-    assert set(m.graphs) == {"encoder", "cross_kv", "decoder", "decoder_rows", "decoder_step", "alignment", "select"}
-    # the one-token graphs choose the next tokens in the same call; beams carry a lineage
-    assert all(m.graphs[g].output_names() == ["logits", "choice"] for g in ("decoder_step", "decoder_rows"))
-    assert "lineage" in set(m.graphs["decoder_rows"].input_names()) - set(m.graphs["decoder_step"].input_names())
+    # the runtime's graphs are compiled; the IR keeps the general decoder and decoder_step (sources)
+    assert set(m.graphs) == {"encoder", "cross_kv", "decoder_rows", "alignment", "select"}
+    # decoder_rows chooses the next tokens in the same call; rows carry a lineage, prompts pick their last row
+    assert m.graphs["decoder_rows"].output_names() == ["logits", "choice"]
+    assert {"lineage", "window", "logit_rows"} <= set(m.graphs["decoder_rows"].input_names())
     assert {
         "model.mef",
         "weights.bin",

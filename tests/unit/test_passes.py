@@ -14,6 +14,7 @@ from whisper_max.converter.passes import (
     fuse_encoder_attention,
     hoist_invariants,
     in_place_cache,
+    logit_rows,
     optimise,
     panel_products,
     share_window,
@@ -21,7 +22,7 @@ from whisper_max.converter.passes import (
     store_weights,
     token_selection,
 )
-from whisper_max.runtime.program import LINEAGE, WINDOW
+from whisper_max.runtime.program import LINEAGE, LOGIT_ROWS, WINDOW
 from whisper_max.runtime.weights import PANELS, panels_source, widened_source
 
 
@@ -123,7 +124,7 @@ def test_optimise_rows_graph():
     # the rows graph (the engine's): the decoder with n = 1 for any rows, caches grown in place
     # in slots of a pool, each row at its own position, reading its own window's cross K/V
     rows = after.graph("decoder_rows")
-    assert [dm.name for dm in rows.dims] == ["batch", "pool", "windows", "n_suppress", "k"]
+    assert [dm.name for dm in rows.dims] == ["batch", "pool", "windows", "n_suppress", "k", "picked"]
     inputs = dict((x.name, x.type.shape) for x in rows.inputs)
     assert (
         inputs["tokens"] == ("batch", 1)
@@ -144,6 +145,16 @@ def test_optimise_rows_graph():
     assert [n.op for n in embed] == ["aten.embedding.default"] and not any(
         n.op == "aten.slice.Tensor" for n in rows.nodes
     )
+    # passes.logit_rows: the final norm, the vocabulary product and the choice for the picked rows
+    # only (a prompt decoded a row per token needs its last row's)
+    types = rows.types()
+    assert inputs[LOGIT_ROWS] == ("picked",) and inputs["rules"][0] == inputs["sampling"][0] == "picked"
+    assert types[dict(rows.outputs)["logits"]].shape == ("picked", TINY_DIMS["n_vocab"])
+    assert types[dict(rows.outputs)["choice"]].shape[0] == "picked"
+    picked = [n for n in rows.nodes if LOGIT_ROWS in n.inputs]
+    assert len(picked) == 1 and picked[0].inputs[0] == layers[-1].name
+    with pytest.raises(ValueError, match="no final layer norm after the decoder layers"):
+        logit_rows(after, "select")
 
 
 def test_optimise_graph_list_and_select():

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..runtime import package, trust
 from ..runtime.manifest import GraphSignature, Manifest, ModelInfo, Rebuilt, Source, Target
-from ..runtime.program import LOGIT_ROWS, RUNTIME_GRAPHS, WINDOW, Role
+from ..runtime.program import LOGIT_ROWS, QUERIES, RUNTIME_GRAPHS, WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
 from . import ir, onnx_io, passes, progress, report
 from .lower import compile_with_kernels, lower_graph
@@ -69,8 +69,8 @@ def _compile(program: ir.Program, session, stage, source: str, dtype: str, model
 
 def runtime_program(program: ir.Program) -> ir.Program:
     """The graphs a package compiles (program.RUNTIME_GRAPHS), in the program's order; the IR it
-    ships keeps the others (the general decoder and decoder_step: decoder_rows' sources, and what
-    the per-layer parity probe compiles)."""
+    ships keeps the others (the general decoder, decoder_step and alignment: decoder_rows'
+    sources, and what the per-layer parity probe compiles)."""
     return ir.Program(tuple(g for g in program.graphs if g.name in RUNTIME_GRAPHS), program.dims)
 
 
@@ -361,6 +361,8 @@ def rebuild(pkg_path: Path, out: Path | None = None, stage=None) -> ConvertResul
     program = passes.token_selection(program)
     if LOGIT_ROWS not in {v.name for v in program.graph(Role.DECODER_ROWS).inputs}:
         program = passes.logit_rows(program)
+    if not any(name.endswith(QUERIES) for name, _ in program.graph(Role.DECODER_ROWS).outputs):
+        program = passes.cross_queries(program)
     program = passes.panel_products(program, bfloat16=not amx(Target.host()))
     require_cpu_features(program)
     old = pkg.manifest

@@ -45,6 +45,10 @@ CAST = f"{OWN_DOMAIN}.cast"
 # decoder for rows of one position each (passes.fuse_decoder_layers documents the operands);
 # writes the new token's key and value into the two caches at `position` along `axis`.
 DECODER_LAYER = f"{OWN_DOMAIN}.decoder_layer"
+# `cross_queries(layer)`: the rows' cross-attention queries (rows, d), scaled as the keys are, of
+# the decoder_layer node `layer` (its kernel's second output); passes.cross_queries returns them,
+# so word timestamps take the alignment heads' scores from them and the window's keys.
+CROSS_QUERIES = f"{OWN_DOMAIN}.cross_queries"
 # `select_tokens(logits, rules, suppress, sampling, slots)`: the next-token choice of each row of
 # logits (rows, n_vocab) after openai-whisper's logit filters -> (rows, k, 2) float32 (token,
 # log-probability) pairs, k the length of `slots` (its values are not read). The kernel

@@ -18,10 +18,12 @@ from ..runtime.program import (
     AUDIO_FEATURES,
     LOGITS,
     MEL,
+    QUERIES,
     STEP_GRAPHS,
     TOKENS,
     Role,
     StepCache,
+    alignment_call,
     decoder_call,
     empty_cache_shape,
     host,
@@ -152,7 +154,8 @@ def end_to_end(program: ir.Program, models: dict, ref: dict, mel: np.ndarray, to
     """The outputs of the graphs the runtime loads (`models`) against the reference: the
     encoder's, cross K/V, the prompt's caches and logits (decoded as the runtime decodes a prompt:
     the general decoder where the program compiles one, else decoder_rows, a row per token), the
-    logits of every decoding route (incremental_routes), and the alignment graph's."""
+    logits of every decoding route (incremental_routes), and word timestamps' inputs
+    (alignment_outputs)."""
     enc_g, dec_g = program.graph(Role.ENCODER), program.graph(Role.DECODER)
     enc_out, _ = run(models[Role.ENCODER], enc_g, {MEL: mel})
     entries = [compare("encoder.ln_post", host(enc_out[AUDIO_FEATURES]), ref["encoder.ln_post"], dtype)]
@@ -169,12 +172,25 @@ def end_to_end(program: ir.Program, models: dict, ref: dict, mel: np.ndarray, to
         entries.append(compare(name, host(val), cache_form(dec_g, name, ref[name]), dtype))
     entries.append(compare("logits", logits, ref["logits"], dtype))
     entries += incremental_routes(program, models, ref, tok, cross, dtype)
-    # alignment (word timestamps): every position's logits and each layer's cross-attention scores
-    xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
-    align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})
-    entries.append(compare("logits.all", host(align[LOGITS])[0], ref["logits.all"], dtype))
-    entries += [compare(name, host(val), ref[name], dtype) for name, val in align.items() if name != LOGITS]
-    return entries
+    return entries + alignment_outputs(program, models, ref, tok, cross, dtype)
+
+
+def alignment_outputs(program: ir.Program, models: dict, ref: dict, tok: np.ndarray, cross, dtype) -> list[Entry]:
+    """Word timestamps' inputs: every position's logits and each layer's cross-attention scores,
+    as the runtime takes them (decoder_rows' queries and the window's keys, alignment_call; or
+    the alignment graph of a program that compiles one)."""
+    if Role.ALIGNMENT in models:
+        xa_ref = np.ascontiguousarray(ref["encoder.ln_post"], np.float32)
+        align, _ = run(models[Role.ALIGNMENT], program.graph(Role.ALIGNMENT), {TOKENS: tok, AUDIO_FEATURES: xa_ref})
+        entries = [compare("logits.all", host(align[LOGITS])[0], ref["logits.all"], dtype)]
+        return entries + [compare(name, host(val), ref[name], dtype) for name, val in align.items() if name != LOGITS]
+    rows = program.graph(Role.DECODER_ROWS)
+    queries = [name for name, _ in rows.outputs if name.endswith(QUERIES)]
+    specs = state_specs(ir.graph_signature(rows))
+    logits, scores = alignment_call(_by_name(program, models), specs, tok, cross, queries)
+    entries = [compare("logits.all", logits[0], ref["logits.all"], dtype)]
+    names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(len(scores))]
+    return entries + [compare(name, got, ref[name], dtype) for name, got in zip(names, scores)]
 
 
 def _by_name(program: ir.Program, models: dict):

@@ -18,6 +18,7 @@ from .program import (
     LOGIT_ROWS,
     LOGITS,
     MEL,
+    QUERIES,
     RULES,
     SAMPLING,
     SLOTS,
@@ -26,8 +27,10 @@ from .program import (
     WINDOW,
     Role,
     StepCache,
+    alignment_call,
     host,
     select_call,
+    state_specs,
 )
 from .tokenizer import Tokenizer
 
@@ -144,17 +147,23 @@ class WhisperModel:
         return select_call(self._run, logits, select)
 
     def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)."""
-        if Role.ALIGNMENT not in self._sig:
-            raise ValueError(
-                f"{self.package.path} has no alignment graph (made by an older whisper-convert); convert it again for "
-                "word timestamps"
+        """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)
+        of (1, n) `tokens` on one window's encoder output: one decoder_rows call (alignment_call),
+        or the alignment graph of a package that compiled one."""
+        tokens = np.ascontiguousarray(tokens, np.int64)
+        if Role.ALIGNMENT in self._sig:
+            out = self._run(Role.ALIGNMENT, {TOKENS: tokens, AUDIO_FEATURES: audio_features})
+            n_layer = self.dims["n_text_layer"]
+            return out[LOGITS].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
+        queries = [o for o in self._sig[Role.DECODER_ROWS].output_names() if o.endswith(QUERIES)]
+        if len(queries) != self.dims["n_text_layer"]:
+            raise PackageError(
+                f"{self.package.path}: neither an alignment graph nor decoder_rows' cross-attention queries (made by "
+                f"an older whisper-convert); `whisper-convert --rebuild {self.package.path}` adds them"
             )
-        out = self._run(
-            Role.ALIGNMENT, {TOKENS: np.ascontiguousarray(tokens, np.int64), AUDIO_FEATURES: audio_features}
-        )
-        n_layer = self.dims["n_text_layer"]
-        return out[LOGITS].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
+        rows = state_specs(self._sig[Role.DECODER_ROWS])
+        run = lambda graph, inputs: self._run(graph, inputs, counted_as="decoder_rows.alignment")  # noqa: E731
+        return alignment_call(run, rows, tokens, self.cross_kv(audio_features), queries)
 
     @staticmethod
     def select(state, index):

@@ -42,9 +42,10 @@ MEL, AUDIO_FEATURES, TOKENS, LOGITS, CHOICE = "mel", "encoder", "tokens", "logit
 RULES, SUPPRESS, SAMPLING, SLOTS = "rules", "suppress", "sampling", "slots"  # the choice's inputs besides the logits
 STEP_GRAPHS = (Role.DECODER_STEP, Role.DECODER_ROWS)  # the graphs that grow their caches in place
 # The graphs a package compiles and the runtime runs (format 10 on). The program's IR keeps the
-# general decoder and decoder_step, the sources decoder_rows is made from and what the per-layer
-# parity probe compiles; decoder_rows prefills prompts itself (a row per token, LOGIT_ROWS).
-RUNTIME_GRAPHS = (Role.ENCODER, Role.CROSS_KV, Role.DECODER_ROWS, Role.ALIGNMENT, Role.SELECT)
+# general decoder, decoder_step and alignment, the sources decoder_rows is made from and what the
+# per-layer parity probe compiles; decoder_rows prefills prompts itself (a row per token,
+# LOGIT_ROWS) and gives word timestamps' scores (QUERIES, alignment_call).
+RUNTIME_GRAPHS = (Role.ENCODER, Role.CROSS_KV, Role.DECODER_ROWS, Role.SELECT)
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (StepCache).
 LINEAGE = "lineage"
@@ -54,6 +55,10 @@ WINDOW = "window"
 # The input of decoder_rows naming the rows whose logits and choice it computes, (picked,) int64
 # (passes.logit_rows): every row for a decoding step, the last for a prompt prefilled as rows.
 LOGIT_ROWS = "logit_rows"
+# decoder_rows' outputs `<a layer's cross keys input>` + QUERIES: that layer's cross-attention
+# queries (rows, d), scaled as the keys are, in layer order (passes.cross_queries): word
+# timestamps' scores are the alignment heads' queries times the keys (alignment_call).
+QUERIES = "/queries"
 # The width of the select inputs' per-row `rules` (kernel whisper_max.select_tokens): four banned
 # token ranges (lo, hi), then timestamp_begin (0: no timestamp rule).
 SELECT_RANGES = 4
@@ -272,3 +277,24 @@ def prompt_rows(cache: StepCache, tokens: np.ndarray) -> dict:
     feeds[WINDOW] = np.zeros(n, np.int32)
     feeds[LOGIT_ROWS] = np.array([n - 1], np.int64)
     return feeds
+
+
+def alignment_call(run, specs: list[TensorSpec], tokens: np.ndarray, cross: dict, queries: list[str]):
+    """Word timestamps' inputs for (1, n) `tokens` on one window (`cross`: its decoder_rows values):
+    every position's logits (1, n, n_vocab) and each layer's cross-attention scores (1, heads, n,
+    frames), as openai-whisper's alignment pass takes them. One decoder_rows call (`specs`: its
+    state inputs), a row per token from an empty slot with every row's logits; the scores are the
+    layer's queries (the outputs `queries`, in layer order) times its keys, summed here in float32."""
+    tokens = np.ascontiguousarray(tokens, np.int64)
+    n = tokens.shape[1]
+    cache = StepCache(specs, 1, Role.DECODER_ROWS)
+    feeds = {**prompt_rows(cache, tokens[0]), **cross, **no_selection(n)}
+    feeds[LOGIT_ROWS] = np.arange(n, dtype=np.int64)
+    out = run(Role.DECODER_ROWS, feeds)
+    scores = []
+    for name in queries:
+        keys = host(cross[name.removesuffix(QUERIES)])[0]  # (heads, hd, frames), scaled
+        heads, hd, _ = keys.shape
+        q = host(out[name]).reshape(n, heads, hd).transpose(1, 0, 2)  # (heads, n, hd), scaled
+        scores.append(np.matmul(q, keys)[None])
+    return host(out[LOGITS])[None], scores

@@ -109,7 +109,8 @@ def linear_panels(ctx, node, x, panels, bias=None):
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps, amx=False):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)
-    -> (rows, 1, d); writes the new key and value into the caches (slots, heads, capacity, hd).
+    -> (rows, 1, d), and the rows' cross-attention queries (rows, d) beside (cross_queries);
+    writes the new key and value into the caches (slots, heads, capacity, hd).
     After the block's 23 operands may come the rows' lineage (passes.row_lineage) and then
     their windows (passes.engine_rows); the kernel takes both, empty when absent. `position` is
     a scalar (every row's) or one per row. `amx` (passes.select_kernels: bfloat16 weight
@@ -127,10 +128,18 @@ def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axi
     values = [key_cache, value_cache, flat, position, *operands]
     out_type = TensorType(DType.float32, [flat.shape[0], d], ctx.device)
     parameters = {"heads": int(heads), "scale": float(scale), "eps": float(eps), "amx": bool(amx)}
-    y = ops.inplace_custom(
-        ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type], parameters=parameters
-    )[0].tensor
-    return ops.reshape(y, x.shape)
+    y, queries = ops.inplace_custom(
+        ir.DECODER_LAYER, device=ctx.device, values=values, out_types=[out_type, out_type], parameters=parameters
+    )
+    ctx.env[f"{node.name}/{ir.CROSS_QUERIES}"] = queries.tensor  # the kernel's second output (cross_queries)
+    return ops.reshape(y.tensor, x.shape)
+
+
+@register(ir.CROSS_QUERIES)
+def cross_queries(ctx, node, layer):
+    """The rows' cross-attention queries (rows, d) of the decoder_layer node `layer`: its kernel's
+    second output (passes.cross_queries)."""
+    return ctx.env[f"{node.inputs[0]}/{ir.CROSS_QUERIES}"]
 
 
 @register(ir.ATTENTION_BF16, ir.ATTENTION_AMX)

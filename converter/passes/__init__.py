@@ -10,7 +10,7 @@ from .cache import in_place_cache, sink_cache_layout
 from .fuse import fuse_decoder_layers, fuse_encoder_attention
 from .hoist import hoist_invariants
 from .logits import last_position_logits
-from .rows import engine_rows, logit_rows, row_lineage, share_window
+from .rows import cross_queries, engine_rows, logit_rows, row_lineage, share_window
 from .select import token_selection
 from .specialise import specialise
 from .weights import LAYER_MATRICES, PANEL_DTYPES, STORED_DTYPES, panel_products, store_weights
@@ -19,6 +19,7 @@ __all__ = [
     "LAYER_MATRICES",
     "PANEL_DTYPES",
     "STORED_DTYPES",
+    "cross_queries",
     "engine_rows",
     "logit_rows",
     "fuse_decoder_layers",
@@ -56,5 +57,5 @@ def optimise(p: ir.Program, fuse: bool = True) -> ir.Program:
             p = fuse_decoder_layers(p, g)
         p = row_lineage(p, Role.DECODER_ROWS)
         p = engine_rows(p, Role.DECODER_ROWS)
-        return logit_rows(token_selection(p), Role.DECODER_ROWS)
+        return cross_queries(logit_rows(token_selection(p), Role.DECODER_ROWS), Role.DECODER_ROWS)
     return token_selection(p)

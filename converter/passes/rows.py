@@ -1,11 +1,12 @@
-"""share_window, row_lineage, engine_rows, logit_rows: the decoder_rows graph the engine calls,
-rows of many windows and lineages in one call, logits for the rows that need them."""
+"""share_window, row_lineage, engine_rows, logit_rows, cross_queries: the decoder_rows graph the
+engine calls, rows of many windows and lineages in one call, logits for the rows that need them,
+and each layer's cross-attention queries for word timestamps."""
 
 from __future__ import annotations
 
 import logging
 
-from ...runtime.program import LINEAGE, LOGIT_ROWS, RULES, SAMPLING, WINDOW, Role
+from ...runtime.program import LINEAGE, LOGIT_ROWS, QUERIES, RULES, SAMPLING, WINDOW, Role
 from .. import ir
 from .rewrite import replace_graph, subst
 
@@ -164,6 +165,30 @@ def logit_rows(p: ir.Program, graph: str = Role.DECODER_ROWS) -> ir.Program:
     )
     dims = g.dims + (ir.SymDim("picked", 1, None),)
     out = ir.Graph(g.name, inputs, g.weights, g.constants, (*g.nodes[:at], gather, *tail), g.outputs, dims)
+    out.validate()
+    return replace_graph(p, out)
+
+
+def cross_queries(p: ir.Program, graph: str = Role.DECODER_ROWS) -> ir.Program:
+    """Return each decoder_layer's cross-attention queries (rows, d), scaled as its keys are, as
+    the output `<its cross keys input>` + QUERIES, in layer order: a prompt decoded a row per
+    token then gives word timestamps' alignment scores (those heads' queries times the window's
+    keys, on the host) and every position's logits (LOGIT_ROWS all rows) in one call, where a
+    graph of its own (alignment) would be compiled for them."""
+    g = p.graph(graph)
+    layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+    if not layers or any(len(n.inputs) < 27 for n in layers):
+        raise ValueError(f"{graph}: no decoder_layer nodes with cross keys to return the queries of")
+    types = g.types()
+    nodes, outputs = [], []
+    for n in layers:
+        x = types[n.inputs[0]]
+        name = n.inputs[25] + QUERIES
+        nodes.append(
+            ir.Node(name, ir.CROSS_QUERIES, (n.name,), (), ir.TensorType("float32", (x.shape[0], x.shape[-1])), n.scope)
+        )
+        outputs.append((name, name))
+    out = ir.Graph(g.name, g.inputs, g.weights, g.constants, g.nodes + tuple(nodes), g.outputs + tuple(outputs), g.dims)
     out.validate()
     return replace_graph(p, out)
 

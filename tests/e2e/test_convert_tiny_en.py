@@ -18,7 +18,7 @@ from whisper_max.runtime.package import Package
 
 def test_parity_covers_every_runtime_output_and_passes(tiny_en):
     """The default check (one compile): every output of the graphs the runtime loads, every
-    decoding route's logits and the alignment graph's, against openai-whisper."""
+    decoding route's logits and word timestamps' inputs, against openai-whisper."""
     pkg = Package.open(tiny_en.path)
     entries = pkg.json("parity.json")
     names = [e["name"] for e in entries]
@@ -79,10 +79,12 @@ def test_manifest_describes_the_package(tiny_en):
     assert m.model.dims["n_vocab"] == 51864 and not m.model.multilingual
     assert m.source.kind == "ctranslate2" and len(m.source.sha256) == 64
     assert m.max_version.startswith("26.7")
-    # the runtime's graphs are compiled; the IR keeps the general decoder and decoder_step (sources)
-    assert set(m.graphs) == {"encoder", "cross_kv", "decoder_rows", "alignment", "select"}
-    # decoder_rows chooses the next tokens in the same call; rows carry a lineage, prompts pick their last row
-    assert m.graphs["decoder_rows"].output_names() == ["logits", "choice"]
+    # the runtime's graphs are compiled; the IR keeps the general decoder, decoder_step and alignment
+    assert set(m.graphs) == {"encoder", "cross_kv", "decoder_rows", "select"}
+    # decoder_rows chooses the next tokens in the same call; rows carry a lineage, prompts pick their
+    # last row; each layer's cross-attention queries give word timestamps' scores
+    queries = [f"decoder.blocks.{i}.cross_attn/transpose/queries" for i in range(m.model.dims["n_text_layer"])]
+    assert m.graphs["decoder_rows"].output_names() == ["logits", "choice", *queries]
     assert {"lineage", "window", "logit_rows"} <= set(m.graphs["decoder_rows"].input_names())
     assert {
         "model.mef",

@@ -9,6 +9,7 @@ from helpers.tiny_model import TINY_DIMS, optimised_tiny, state_dict_np, tiny_wh
 from whisper_max.converter import ir, onnx_io
 from whisper_max.converter.passes import (
     LAYER_MATRICES,
+    cross_queries,
     engine_rows,
     fuse_decoder_layers,
     fuse_encoder_attention,
@@ -22,7 +23,7 @@ from whisper_max.converter.passes import (
     store_weights,
     token_selection,
 )
-from whisper_max.runtime.program import LINEAGE, LOGIT_ROWS, WINDOW
+from whisper_max.runtime.program import LINEAGE, LOGIT_ROWS, QUERIES, WINDOW
 from whisper_max.runtime.weights import PANELS, panels_source, widened_source
 
 
@@ -155,6 +156,14 @@ def test_optimise_rows_graph():
     assert len(picked) == 1 and picked[0].inputs[0] == layers[-1].name
     with pytest.raises(ValueError, match="no final layer norm after the decoder layers"):
         logit_rows(after, "select")
+    # passes.cross_queries: each layer's cross-attention queries, named after its cross keys, for
+    # word timestamps (the alignment graph is not compiled)
+    queries = [(name, v) for name, v in rows.outputs if name.endswith(QUERIES)]
+    assert [name for name, _ in queries] == [n.inputs[25] + QUERIES for n in layers]
+    assert all(types[v].shape == ("batch", d) for _, v in queries)
+    assert [rows.nodes[[n.name for n in rows.nodes].index(v)].inputs for _, v in queries] == [(n.name,) for n in layers]
+    with pytest.raises(ValueError, match="no decoder_layer nodes with cross keys"):
+        cross_queries(after, "encoder")
 
 
 def test_optimise_graph_list_and_select():

@@ -133,6 +133,8 @@ struct DecoderLayer:
                                                    the caches (slots, heads, capacity, hd) first
         x2 = x1 + cross_out(cross_attention(ln2(x1)))   over the row's window's keys and values
         y  = x2 + fc2(gelu(fc1(ln3(x2))))
+    and `cq`, the rows' cross-attention queries (scaled, as the keys are): the alignment heads'
+    scores of word timestamps are cq's heads times the window's keys, taken on the host.
 
     as openai-whisper computes it: q and k scaled by `scale` (hd ** -0.25) after their
     products, keys stored scaled; exact GELU; float32 throughout.
@@ -151,6 +153,7 @@ struct DecoderLayer:
     @staticmethod
     def execute[target: StaticString, heads: Int, scale: Float64, eps: Float64, amx: Bool](
         y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        cq: OutputTensor[dtype=DType.float32, rank=2, ...],
         kc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
         vc: MutableInputTensor[dtype=DType.float32, rank=4, ...],
         x: InputTensor[dtype=DType.float32, rank=2, ...],
@@ -204,6 +207,8 @@ struct DecoderLayer:
         var has_window = window.dim_size(0) != 0
         if hd * heads != d:
             raise Error("whisper_max.decoder_layer: heads * head width != d")
+        if cq.dim_size(0) != rows or cq.dim_size(1) != d:
+            raise Error("whisper_max.decoder_layer: the cross queries output is not (rows, d)")
         if kc.dim_size(1) != heads or kc.dim_size(3) != hd or vc.dim_size(0) != slots or vc.dim_size(2) != cap:
             raise Error("whisper_max.decoder_layer: the caches are not (slots, heads, capacity, head width)")
         if not has_lineage and slots != rows:
@@ -318,6 +323,9 @@ struct DecoderLayer:
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
         _linear[amx, panels, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        var cqp = cq.unsafe_ptr()  # the rows' scaled cross-attention queries: word timestamps' scores
+        for i in range(rd):
+            cqp.unsafe_store(i, q.unsafe_load(i))
         cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), order, starts, wins, groups, heads, hd, frames)
         _linear[amx, panels, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 

@@ -69,8 +69,8 @@ def _compile(program: ir.Program, session, stage, source: str, dtype: str, model
 
 def runtime_program(program: ir.Program) -> ir.Program:
     """The graphs a package compiles (program.RUNTIME_GRAPHS), in the program's order; the IR it
-    ships keeps the others (the general decoder, decoder_step and alignment: decoder_rows'
-    sources, and what the per-layer parity probe compiles)."""
+    ships keeps the others (the general decoder and decoder_step: decoder_rows' sources, and what
+    the per-layer parity probe compiles; an older package's IR also has an alignment graph)."""
     return ir.Program(tuple(g for g in program.graphs if g.name in RUNTIME_GRAPHS), program.dims)
 
 

@@ -1,7 +1,7 @@
 """Parity: the MAX program against PyTorch reference tensors, by module path.
 
 end_to_end checks what the runtime's graphs compute (encoder, cross K/V, caches, every decoding
-route's logits, alignment) from the compiled artifact that goes into the package; layer_outputs
+route's logits, word timestamps' inputs) from the compiled artifact that goes into the package; layer_outputs
 checks every layer through a probe build of the same IR graphs with module outputs as extra
 outputs (a second compile, not one per layer), to name the first layer that diverges.
 """

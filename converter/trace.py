@@ -1,12 +1,12 @@
 """Trace openai-whisper's modules with torch.export into whisper-max IR.
 
 Three graphs, each traced from the real openai-whisper modules so that every node is scoped by
-its PyTorch module path and every weight keeps its state-dict name:
+its PyTorch module path and every weight keeps its state-dict name (word timestamps need no
+graph of their own: decoder_rows returns each layer's cross-attention queries,
+passes.cross_queries):
 
 - `encoder`:  mel (batch, n_mels, 2 * n_audio_ctx) -> `encoder` (batch, n_audio_ctx, d)
 - `cross_kv`: `encoder` -> `decoder.blocks.{i}.cross_attn.{key,value}`, once per audio window
-- `alignment`: tokens (batch, n) and `encoder` -> logits at every position and each layer's
-  cross-attention scores `decoder.blocks.{i}.cross_attn.qk`, for word timestamps
 - `decoder`:  one incremental step: tokens (batch, n), the self-attention cache
   `decoder.blocks.{i}.attn.{key,value}` (batch, past, d) and the cross K/V -> `logits` for the
   last position (batch, n_vocab) and the grown cache (batch, past + n, d). The position offset
@@ -332,28 +332,6 @@ class DecoderStepModule(nn.Module):
         return [logits[:, -1]] + [cache[m] for b in blocks for m in (b.attn.key, b.attn.value)]
 
 
-class AlignmentModule(nn.Module):
-    """One full decoder pass (past = 0) as openai-whisper's find_alignment runs it: logits at
-    every position and each layer's cross-attention scores `qk` (batch, head, n, n_audio_ctx)."""
-
-    def __init__(self, model: Whisper):
-        super().__init__()
-        self.decoder = model.decoder
-
-    def forward(self, tokens, xa):
-        qks: list = [None] * len(self.decoder.blocks)
-        hooks = [
-            b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[1]))
-            for i, b in enumerate(self.decoder.blocks)
-        ]
-        try:
-            logits = self.decoder(tokens, xa)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [logits] + qks
-
-
 def cache_names(dims: dict, kind: str) -> list[str]:
     """`attn` (self) or `cross_attn` K/V names, interleaved key, value per block."""
     return [f"decoder.blocks.{i}.{kind}.{kv}" for i in range(dims["n_text_layer"]) for kv in ("key", "value")]
@@ -397,17 +375,7 @@ def trace_program(model: Whisper) -> Program:
         in_dims = [{0: "batch", 1: "n"}] + [{0: "batch", 1: "past"}] * (2 * L) + [{0: "batch"}] * (2 * L)
         dec = to_ir(ep, Role.DECODER, in_names, in_dims, [LOGITS] + self_names, ranges)
 
-        ep = export(AlignmentModule(model), (tokens, xa), dynamic_shapes=({0: batch, 1: n}, {0: batch}))
-        qk_names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(L)]
-        align = to_ir(
-            ep,
-            Role.ALIGNMENT,
-            [TOKENS, AUDIO_FEATURES],
-            [{0: "batch", 1: "n"}, {0: "batch"}],
-            [LOGITS] + qk_names,
-            ranges,
-        )
-    return Program((enc, xkv, dec, align), dims)
+    return Program((enc, xkv, dec), dims)
 
 
 def model_from_state_dict(

@@ -146,6 +146,27 @@ def _check(choice: np.ndarray) -> np.ndarray:
     return choice
 
 
+class TokenDecoder(Protocol):
+    """openai-whisper's TokenDecoder as a window's decoding uses it: how many (token,
+    log-probability) pairs each row's choice needs (`slots`), the (temperature, u) each row is
+    sampled with, and the bookkeeping of sequences from one step's choice to the ranked
+    candidates. GreedyDecoder (greedy and sampling) and BeamSearchDecoder implement it."""
+
+    slots: int
+
+    def reset(self) -> None: ...
+
+    def sampling(self, rows: int) -> np.ndarray:
+        """(rows, 2) float32: each row's temperature and uniform draw for this step."""
+
+    def update(self, tokens: np.ndarray, choice: np.ndarray, sum_logprobs: np.ndarray):
+        """The sequences grown by `choice` (rows, slots, 2): (tokens, completed, the rows each new
+        row continues (beam search) or None)."""
+
+    def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray):
+        """The candidates per audio and their summed log-probabilities."""
+
+
 class GreedyDecoder:
     def __init__(self, temperature: float, eot: int, rng: np.random.Generator):
         self.temperature, self.eot, self.rng = temperature, eot, rng
@@ -341,6 +362,7 @@ class DecodingTask:
         self.sample_begin = len(self.initial_tokens)
         self.sot_index = self.initial_tokens.index(self.tokenizer.sot)
         rng = np.random.default_rng(options.seed)
+        self.decoder: TokenDecoder
         if options.beam_size is not None:
             self.decoder = BeamSearchDecoder(options.beam_size, self.tokenizer.eot, options.patience)
         else:

@@ -42,9 +42,10 @@ MEL, AUDIO_FEATURES, TOKENS, LOGITS, CHOICE = "mel", "encoder", "tokens", "logit
 RULES, SUPPRESS, SAMPLING, SLOTS = "rules", "suppress", "sampling", "slots"  # the choice's inputs besides the logits
 STEP_GRAPHS = (Role.DECODER_STEP, Role.DECODER_ROWS)  # the graphs that grow their caches in place
 # The graphs a package compiles and the runtime runs (format 10 on). The program's IR keeps the
-# general decoder, decoder_step and alignment, the sources decoder_rows is made from and what the
-# per-layer parity probe compiles; decoder_rows prefills prompts itself (a row per token,
-# LOGIT_ROWS) and gives word timestamps' scores (QUERIES, alignment_call).
+# general decoder and decoder_step, the sources decoder_rows is made from and what the per-layer
+# parity probe compiles (an older package's IR also an alignment graph); decoder_rows prefills
+# prompts itself (a row per token, LOGIT_ROWS) and gives word timestamps' scores (QUERIES,
+# alignment_call).
 RUNTIME_GRAPHS = (Role.ENCODER, Role.CROSS_KV, Role.DECODER_ROWS, Role.SELECT)
 # The input of a step graph that maps each row's cached positions to the cache rows holding
 # them, (rows, capacity) int32 (passes.row_lineage); the runtime keeps it (StepCache).

@@ -10,7 +10,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.ffi import external_call
 from std.math import exp
@@ -127,7 +126,6 @@ struct LinearAMX:
         b: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.linear_amx: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var m = x.dim_size(0)
         var n = w.dim_size(0)
         var k = w.dim_size(1)

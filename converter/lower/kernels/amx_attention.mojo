@@ -3,7 +3,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.math import exp
 from std.runtime import parallelism_level
@@ -37,7 +36,6 @@ struct AttentionAMX:
         v: InputTensor[dtype=DType.float32, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.attention_amx: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var b = q.dim_size(0)
         var t = q.dim_size(1)
         var d = q.dim_size(2)

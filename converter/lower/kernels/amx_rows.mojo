@@ -4,7 +4,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.runtime import parallelism_level
 from std.memory import stack_allocation
@@ -180,7 +179,6 @@ struct LinearRowsAMX:
         b: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.linear_rows_amx: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var rows = x.dim_size(0)
         var n = w.dim_size(0)
         var k = w.dim_size(1)

@@ -3,7 +3,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.math import exp
 from std.runtime import parallelism_level
@@ -105,7 +104,6 @@ struct LinearBF16:
         b: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.linear_bf16: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var m = x.dim_size(0)
         var n = w.dim_size(0)
         var k = w.dim_size(1)
@@ -168,7 +166,6 @@ struct AttentionBF16:
         v: InputTensor[dtype=DType.float32, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.attention_bf16: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var b = q.dim_size(0)
         var t = q.dim_size(1)
         var d = q.dim_size(2)

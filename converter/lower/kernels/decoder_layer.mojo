@@ -2,7 +2,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.math import sqrt
 from std.runtime import parallelism_level
@@ -186,7 +185,6 @@ struct DecoderLayer:
         window: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.decoder_layer: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var rows = x.dim_size(0)
         var d = x.dim_size(1)
         var hd = d // heads

@@ -2,7 +2,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.math import erf
 from std.memory import stack_allocation
@@ -28,7 +27,6 @@ struct LinearRows:
         b: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.linear_rows: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var rows = x.dim_size(0)
         var n = w.dim_size(0)
         var k = w.dim_size(1)
@@ -317,7 +315,6 @@ struct LinearPanels:
         b: InputTensor[dtype=DType.float32, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.linear_panels: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var rows = x.dim_size(0)
         var k = x.dim_size(1)
         var n = b.dim_size(0)

@@ -2,7 +2,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.math import exp, log
 from std.utils.numerics import neg_inf
@@ -158,7 +157,6 @@ struct SelectTokens:
         sampling: InputTensor[dtype=DType.float32, rank=2, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.select_tokens: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var rows = logits.dim_size(0)
         var n = logits.dim_size(1)
         var k = choice.dim_size(1)

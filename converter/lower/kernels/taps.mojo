@@ -3,7 +3,6 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.gpu.host.info import is_cpu
 from max.algorithm import parallelize
 from std.runtime import parallelism_level
 
@@ -26,7 +25,6 @@ struct ConvTaps:
         x: InputTensor[dtype=DType.float32, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
-        comptime assert is_cpu[target](), "whisper_max.conv_taps: a CPU kernel (host SIMD, AMX tiles, the host's workers)"
         var b = x.dim_size(0)
         var c = x.dim_size(2) if channels_last else x.dim_size(1)
         var t = x.dim_size(1) if channels_last else x.dim_size(2)

@@ -89,16 +89,16 @@ def step_bytes(manifest) -> int:
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
     sig = manifest.graphs["decoder_rows"]
-    per_window = set(manifest.graphs["cross_kv"].output_names())
+    # one window's cross keys and values: cross_kv's outputs without their batch dimension
+    per_window = {o.name: o for o in manifest.graphs["cross_kv"].outputs}
     names = {w.name for w in sig.weights}
     gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}
     total = 0
     for w in sig.weights:
         shape = w.shape[1:] if w.name in gathered else w.shape
         total += int(np.prod(shape)) * size[w.dtype]
-    for i in sig.inputs:
-        if i.name in per_window:
-            total += int(np.prod(i.shape)) * size[i.dtype]
+    for o in per_window.values():
+        total += int(np.prod(o.shape[1:])) * size[o.dtype]
     return total
 
 

@@ -107,7 +107,7 @@ def _product_graphs(s: _Setup, mod) -> None:
     from max.graph import DeviceRef, Graph, TensorType, Weight, ops
 
     from whisper_max.converter import ir
-    from whisper_max.converter.lower.custom import LINEAR_AMX, LINEAR_BF16, kernel_library
+    from whisper_max.converter.lower.custom import kernel_library
 
     dev = DeviceRef.CPU()
     for label, (k, n) in s.shapes.items():
@@ -128,7 +128,7 @@ def _product_graphs(s: _Setup, mod) -> None:
                 if kind == "fp32":
                     y = x @ ops.transpose(w, 0, 1) + b
                 else:  # "panels": float32 weight panels (whisper_max.linear_panels)
-                    op = {"panels": ir.LINEAR_PANELS, "amx": LINEAR_AMX, "bf16": LINEAR_BF16}[kind]
+                    op = {"panels": ir.LINEAR_PANELS, "amx": ir.LINEAR_AMX, "bf16": ir.LINEAR_BF16}[kind]
                     y = ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor
                 g.output(y)
 
@@ -138,7 +138,7 @@ def _attention_graphs(s: _Setup, mod) -> None:
     from max.graph import DeviceRef, Graph, TensorType, ops
 
     from whisper_max.converter import ir
-    from whisper_max.converter.lower.custom import ATTENTION_AMX, kernel_library
+    from whisper_max.converter.lower.custom import kernel_library
 
     dev = DeviceRef.CPU()
     windows, ctx, d, heads = s.args.windows, s.ctx, s.d, s.heads
@@ -157,7 +157,7 @@ def _attention_graphs(s: _Setup, mod) -> None:
                 scores = (split(q) * scale) @ ops.permute(split(k_) * scale, [0, 1, 3, 2])
                 y = ops.reshape(ops.permute(ops.softmax(scores) @ split(v), [0, 2, 1, 3]), [windows, ctx, d])
             else:
-                op = {"amx": ATTENTION_AMX, "bf16": ir.ATTENTION_BF16, "panels": ir.ATTENTION}[kind]
+                op = {"amx": ir.ATTENTION_AMX, "bf16": ir.ATTENTION_BF16, "panels": ir.ATTENTION}[kind]
                 y = ops.custom(
                     op, device=dev, values=[q, k_, v], out_types=[qkv_type], parameters={"heads": heads, "scale": scale}
                 )[0].tensor

@@ -1,5 +1,5 @@
-"""store_weights (matrices stored in bfloat16 or exact float16) and panel_products (products of one
-position per row read weight panels)."""
+"""store_weights (matrices stored in bfloat16 or exact float16) and panel_products (products with a
+float32 or float16 weight, and those of one position per row, read weight panels)."""
 
 from __future__ import annotations
 
@@ -141,12 +141,14 @@ LAYER_MATRICES = (6, 8, 9, 11, 15, 17, 21, 23)  # a decoder_layer node's wq wk w
 
 
 def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
-    """Give each product of one position per row (the vocabulary projection of decoder steps,
-    beams and the engine's rows, tied or not; any linear layer outside the fused blocks) with a
-    weight W stored in float32 or float16 its own op, `linear_panels(x, W/panels, bias)`, which
-    reads W in panels of 64 output columns (runtime.weights.to_panels, made at load); and have
-    each fused decoder block read its eight matrices in panels (its kernel then runs its
-    products as linear_panels does).
+    """Give each linear layer with a weight W stored in float32 or float16 (the encoder's, cross
+    K/V's, any outside the fused blocks) and each product of one position per row (the
+    vocabulary projection of decoder steps, beams and the engine's rows, tied or not) its own op,
+    `linear_panels(x, W/panels, bias)`, which reads W in panels of 64 output columns
+    (runtime.weights.to_panels, made at load); and have each fused decoder block read its eight
+    matrices in panels (its kernel then runs its products as linear_panels does). Every float32
+    product of a package is then our kernel, each row's result the same bits whatever the rows
+    beside it (MAX's matmul, which it replaces, also costs the module ~11 s of compile).
 
     The kernel it lowers to sums, for every row, 64 outputs in registers from one contiguous pass
     over each panel, several rows at a time: the weight is read once per call and every load
@@ -177,8 +179,11 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
         nodes, panels = [], {}
         for n in g.nodes:
             src, bias = None, ""
-            if n.op == "aten.linear.default" and ir.one_position_per_row(g, n.inputs[0]):
+            if n.op == "aten.linear.default":
                 src, bias = source(n.inputs[1]), (n.inputs[2] if len(n.inputs) > 2 else "")
+                many = not ir.one_position_per_row(g, n.inputs[0])
+                if src is not None and many and weights[src].dtype not in PANEL_DTYPES:
+                    src = None  # many rows of a bfloat16 weight: its bfloat16 kernels (VDPBF16PS or AMX)
             elif n.op == "aten.matmul.default" and ir.one_position_per_row(g, n.inputs[0]):
                 t = producers.get(n.inputs[1])
                 if (
@@ -217,6 +222,6 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
             g.name, g.inputs, kept, tuple(c for c in g.constants if c.name in read), tuple(nodes), g.outputs, g.dims
         )
         out.validate()
-        log.info("%s: %d products of one position per row read weights in panels", g.name, len(panels))
+        log.info("%s: %d products read weights in panels", g.name, len(panels))
         graphs.append(out)
     return ir.Program(tuple(graphs), p.dims)

@@ -66,12 +66,21 @@ def test_bfloat16_rows_are_the_same_in_any_batch(compiled, kind):
 def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
     """whisper_max.linear_panels (products of one position per row, the weight in panels): a
     row's result is bit-identical for M = 1..64 and in any place among the rows (one instruction
-    path and one k order for every M, tiles of rows and their rest), a float16 or bfloat16
-    weight gives the float32 one's bits, and the sums are the exact ones within float32 rounding."""
+    path and one k order for every M, tiles of rows and their rest), also among the many rows of
+    an encoder's product, which the kernel takes in chunks of 96 (rows.CHUNK_ROWS); a float16 or
+    bfloat16 weight gives the float32 one's bits, and the sums are the exact ones within float32
+    rounding."""
     *_, models, weights = compiled
     model = models[f"panels_{dtype}"]
-    x = np.random.default_rng(16).standard_normal((64, 1, 72)).astype(np.float32)
+    many = np.random.default_rng(16).standard_normal((250, 1, 72)).astype(np.float32)
+    x = many[:64]
     full = same_bits_in_any_batch(model, x, seed=17)
+    rows = model.execute(many)[0].to_numpy()
+    assert np.array_equal(rows[:64], full)
+    for m in (95, 96, 97, 192, 193):
+        assert np.array_equal(model.execute(np.ascontiguousarray(many[:m]))[0].to_numpy(), rows[:m]), f"{m} rows"
+    perm = np.random.default_rng(18).permutation(250)
+    assert np.array_equal(model.execute(np.ascontiguousarray(many[perm]))[0].to_numpy(), rows[perm])
     assert np.array_equal(full, models["panels_float32"].execute(x)[0].to_numpy())
     w = weights["w_float32"].astype(np.float64)
     as_array = lambda a: from_bfloat16(a) if dtype == "bfloat16" else a  # noqa: E731

@@ -311,9 +311,11 @@ def test_panel_products_give_the_step_products_weight_panels():
     """Each product of one position per row outside the fused blocks (the tied vocabulary
     projection of the step graphs) becomes linear_panels on `W/panels`, and each fused block
     reads its eight matrices as panels, in float32 and float16 packages alike (one float32
-    matrix among float16 ones here); the stored weights are the same (panels
-    are made at load), nothing of many rows changes, and the IR round-trips through ONNX;
-    bfloat16 weights keep their kernels unless asked (targets without AMX), then panels too."""
+    matrix among float16 ones here); so does each linear layer of many rows with a float32
+    weight (the encoder's, cross K/V's), so no float32 product is left to MAX's matmul; the
+    stored weights are the same (panels are made at load), and the IR round-trips through ONNX;
+    bfloat16 weights keep their kernels unless asked (targets without AMX), then panels too,
+    except the encoder's products of many rows, which keep their bfloat16 kernels."""
     base = optimised_tiny()
     vocab, d = "decoder.token_embedding.weight", TINY_DIMS["n_text_state"]
     f16 = store_weights(
@@ -343,7 +345,17 @@ def test_panel_products_give_the_step_products_weight_panels():
                 and panels[fc1].dtype == before.stored_weights()[fc1.removesuffix(PANELS)]
             )
             assert products[0].type == next(n for n in before.graph(name).nodes if n.name == products[0].name).type
-        assert ir.format_graph(after.graph("encoder")) == ir.format_graph(before.graph("encoder"))
+        for name in ("encoder", "cross_kv"):
+            linears = [n for n in before.graph(name).nodes if n.op == "aten.linear.default"]
+            g = after.graph(name)
+            types = g.types()
+            products = {n.name: n for n in g.nodes if n.op == ir.LINEAR_PANELS}
+            assert linears and set(products) == {n.name for n in linears}, name
+            assert not any(n.op == "aten.linear.default" for n in g.nodes)
+            for n in linears:
+                w = products[n.name].inputs[1]
+                assert w == n.inputs[1] + PANELS and types[w].dtype == "float32"
+                assert before.graph(name).types()[n.inputs[1]].dtype == "float32"
         assert ir.format_program(panel_products(after)) == ir.format_program(after)
         assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
     bf16 = store_weights(base)  # on AMX targets bfloat16 weights keep their kernels; elsewhere panels

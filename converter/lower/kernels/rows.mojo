@@ -186,7 +186,10 @@ comptime PANEL = 64  # output columns of one panel of a weight in panels (runtim
 # broadcast held in registers. MR rows at most: 6 x 4 (29 of AVX-512's 32), or 6 x 2 on AVX2
 # (15 of its 16; a 3 x 4 tile there needs 17 and spills one every step).
 comptime MR = 6
-comptime STACK_ROWS = 64  # rows whose sums of one panel linear_panels keeps on the stack (16 KB)
+# rows whose sums of one panel linear_panels keeps on the stack (24 KB) while the blocks of k
+# add to them; more rows (an encoder's 1500 a window) are done in chunks of this many, each
+# over the whole panel, which stays in L2
+comptime CHUNK_ROWS = 96
 
 
 def tile_vectors(rows: Int) -> Int:
@@ -271,31 +274,37 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
     workers; for each block of PANEL values of k, every tile of rows multiplies the block while
     it is in L1, its sums in registers. Each output is summed in one order whatever the number of
     rows and its place among them: the products of a block in k order, the blocks' sums added in
-    k order, then the bias; so a row's result is the same bits alone or among others."""
+    k order, then the bias; so a row's result is the same bits alone or among others, and
+    whichever chunk of CHUNK_ROWS rows holds it."""
     var panels = (n + PANEL - 1) // PANEL
-    var tasks = max(1, min(parallelism_level(), panels))
+    var chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    # tasks of whole panels; many rows (an encoder's) also split by chunks of rows, so both
+    # workers have work when a product has fewer panels than workers have multiples of
+    var tasks = max(1, min(parallelism_level(), panels * chunks))
 
-    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var tasks}:
-        # the sums of one panel: on the stack up to STACK_ROWS rows (an allocation per task and
-        # call costs more than a one-row product of a small matrix here)
-        var stack = stack_allocation[STACK_ROWS * PANEL, Float32, alignment=64]()
-        var tot = stack if rows <= STACK_ROWS else alloc[Float32](rows * PANEL)
-        for pn in range(t * panels // tasks, (t + 1) * panels // tasks):
+    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var chunks, var tasks}:
+        # the sums of one panel for one chunk of rows, on the stack (an allocation per task and
+        # call costs more than a one-row product of a small matrix here; a chunk's sums stay in
+        # L1/L2 while every block of k adds to them)
+        var tot = stack_allocation[CHUNK_ROWS * PANEL, Float32, alignment=64]()
+        for job in range(t * panels * chunks // tasks, (t + 1) * panels * chunks // tasks):
+            var pn = job // chunks
+            var r0 = (job % chunks) * CHUNK_ROWS
+            var m = min(CHUNK_ROWS, rows - r0)
             var panel = w + pn * k * PANEL
             for kb in range(0, k, PANEL):
-                block_product(tot, PANEL, x, k, rows, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
+                block_product(tot, PANEL, x + r0 * k, k, m, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
             var c0 = pn * PANEL
             var valid = min(PANEL, n - c0)
             var whole = valid - valid % V  # columns done V at a time, the same for every row
-            for r in range(rows):
+            for i in range(m):
+                var r = r0 + i
                 for c in range(0, whole, V):
                     var bias = b.unsafe_load[width=V](c0 + c) if has_bias else SIMD[F32, V](0)
-                    store_at[mode, V](y, res, r * n + c0 + c, tot.unsafe_load[width=V](r * PANEL + c) + bias, scale)
+                    store_at[mode, V](y, res, r * n + c0 + c, tot.unsafe_load[width=V](i * PANEL + c) + bias, scale)
                 for c in range(whole, valid):
                     var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
-                    store[mode](y, res, r, c0 + c, n, tot.unsafe_load(r * PANEL + c) + bias, scale)
-        if rows > STACK_ROWS:
-            tot.free()
+                    store[mode](y, res, r, c0 + c, n, tot.unsafe_load(i * PANEL + c) + bias, scale)
 
     parallelize(work, tasks)
 

@@ -18,7 +18,7 @@ from ..runtime import package, trust
 from ..runtime.manifest import GraphSignature, Manifest, ModelInfo, Rebuilt, Source, Target
 from ..runtime.program import LOGIT_ROWS, QUERIES, RUNTIME_GRAPHS, WINDOW, Role
 from ..runtime.weights import from_bfloat16, pack_weights, to_bfloat16, with_derived
-from . import ir, onnx_io, passes, progress, report
+from . import ir, ir_cache, onnx_io, passes, progress, report
 from .lower import compile_with_kernels, lower_graph
 from .recipes import Context, Recipe, RecipeError, recipe_for
 from .target import amx, bfloat16
@@ -179,9 +179,8 @@ def convert(
     model = trace.model_from_state_dict(src.dims, src.state_dict, src.alignment_heads, src.location)
     timings["resolve"] = time.perf_counter() - t
 
-    stage("tracing with torch.export, optimising the IR")
     t = time.perf_counter()
-    program = recipe.apply(trace.trace_program(model), Context(target, src.state_dict))
+    program = _optimised(model, src, recipe, target, stage)
     timings["trace"] = time.perf_counter() - t
     stored = program.stored_weights()
     unused = sorted(set(src.state_dict) - set(stored))
@@ -219,6 +218,24 @@ def convert(
     trust.record(written.files["model.mef"].sha256, out)  # this machine compiled it
     log.info("wrote %s (%.1f MB)", out, Path(out).stat().st_size / 1e6)
     return ConvertResult(Path(out), written, entries, timings)
+
+
+def _optimised(model, src, recipe: Recipe, target: Target, stage) -> ir.Program:
+    """The checkpoint's program after the recipe's passes: from the IR cache when this
+    architecture, recipe and target were traced before by this build (ir_cache), else traced
+    with torch.export, optimised, and cached."""
+    from . import trace
+
+    ctx = Context(target, src.state_dict)
+    name = ir_cache.key(src.dims, src.state_dict, recipe, target, ctx.exact if recipe.reads_exact else None)
+    program = ir_cache.load(name)
+    if program is not None:
+        stage(f"reading the optimised IR from the cache ({ir_cache.directory() / name}.zip)")
+        return program
+    stage("tracing with torch.export, optimising the IR")
+    program = recipe.apply(trace.trace_program(model), ctx)
+    ir_cache.store(name, program)
+    return program
 
 
 def _check_parity(

@@ -39,7 +39,8 @@ def jfk_txt(tiny_en, tmp_path_factory) -> str:
 
 def test_a_name_converts_once_for_concurrent_first_uses_then_is_reused(tiny_en, jfk_txt, tmp_path):
     """`whisper-run tiny.en` twice at once on an empty model dir: one converts, the other waits
-    for it; both transcribe as the explicit package does; a third run converts nothing."""
+    for it; both transcribe as the explicit package does; a third run converts nothing; with the
+    package deleted, a fourth converts from the cached IR, tracing nothing, to the same program."""
     model_dir = tmp_path / "models"
     runs = [
         _whisper_run(
@@ -74,6 +75,16 @@ def test_a_name_converts_once_for_concurrent_first_uses_then_is_reused(tiny_en, 
     assert rc == 0 and "convert" not in err and "rebuild" not in err, err
     assert (tmp_path / "out2" / "jfk.txt").read_text() == jfk_txt
     assert pkg.stat().st_mtime_ns == made
+    # a deleted package converts again from the optimised IR the first conversion cached (no trace)
+    ir_text = Package.open(pkg).read("ir.txt")
+    pkg.unlink()
+    again = _whisper_run(
+        "tiny.en", golden.JFK_WAV, "--model_dir", model_dir, "-o", tmp_path / "out3", "-f", "txt", "--verbose", "False"
+    )
+    rc, _, err = again.wait(timeout=600), *again.communicate()
+    assert rc == 0 and "reading the optimised IR from the cache" in err and "torch.export" not in err, err
+    assert (tmp_path / "out3" / "jfk.txt").read_text() == jfk_txt
+    assert Package.open(pkg).read("ir.txt") == ir_text
 
 
 @pytest.mark.parametrize(

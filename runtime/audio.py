@@ -215,41 +215,71 @@ def pad_or_trim(array: np.ndarray, length: int, axis: int = -1) -> np.ndarray:
 _MEL_BLOCK = 2048  # frames per block (20 s of audio; ~3 MB of spectrum)
 
 
-def _log10_mel_blocks(blocks: Iterable[np.ndarray], filters: np.ndarray, padding: int) -> Iterator[np.ndarray]:
+def _hann() -> np.ndarray:
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+
+
+class MelFrames:
     """log10 of the mel power (clamped at 1e-10), (frames, n_mels) float32 per block of
-    _MEL_BLOCK frames, of the samples in `blocks` followed by `padding` zeros: openai-whisper's
-    STFT (periodic Hann, centre reflect-padded, the last frame dropped) computed as the samples
-    arrive. Frame f is samples [f*HOP - N_FFT/2, f*HOP + N_FFT/2) of the padded signal, reflected
-    at both ends. The blocks, and so every float operation, are the ones of the whole signal at once."""
-    half = N_FFT // 2
-    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
-    step = _MEL_BLOCK * HOP_LENGTH  # samples between block starts
+    _MEL_BLOCK frames, computed as samples arrive: openai-whisper's STFT (periodic Hann, centre
+    reflect-padded, the last frame dropped). Frame f is samples [f*HOP - N_FFT/2, f*HOP + N_FFT/2)
+    of the padded signal, reflected at both ends.
 
-    def padded() -> Iterator[np.ndarray]:
-        yield from blocks
-        yield np.zeros(padding, np.float32)
+    `push(samples)` returns the blocks no later sample can change; `end(padding)` the rest, as
+    if the audio ended there and `padding` zeros followed; `tail(padding)` the same without
+    ending (more samples may follow). A block's every float operation depends only on its own
+    samples and its frame count, not on how the samples were cut into pushes, so the frames are
+    the bits of the whole signal computed at once (LiveMel relies on it)."""
 
-    x = np.zeros(0, np.float32)  # the reflect-padded signal from the current block's first frame
-    head: np.ndarray | None = np.zeros(0, np.float32)  # the signal's start, until it can be reflected
-    for block in padded():
-        block = np.asarray(block, np.float32).reshape(-1)
-        if head is not None:
-            head = np.concatenate([head, block])
+    def __init__(self, filters: np.ndarray):
+        self._filters = filters
+        self._window = _hann()
+        self._x = np.zeros(0, np.float32)  # the reflect-padded signal from the next block's first frame
+        self._head: np.ndarray | None = np.zeros(0, np.float32)  # the signal's start, until it can be reflected
+
+    def push(self, samples: np.ndarray) -> list[np.ndarray]:
+        half, step = N_FFT // 2, _MEL_BLOCK * HOP_LENGTH  # samples between block starts
+        block = np.asarray(samples, np.float32).reshape(-1)
+        if self._head is not None:
+            head = np.concatenate([self._head, block])
             if len(head) <= half:
-                continue
-            block, head = np.concatenate([head[half:0:-1], head]), None  # x[half - i] = signal[i]
-        x = np.concatenate([x, block])
+                self._head = head
+                return []
+            block, self._head = np.concatenate([head[half:0:-1], head]), None  # x[half - i] = signal[i]
+        x, out = np.concatenate([self._x, block]), []
         while len(x) >= step + N_FFT - HOP_LENGTH:  # a whole block's frames, and more frames after
-            yield _mel_block(x, _MEL_BLOCK, window, filters)
+            out.append(_mel_block(x, _MEL_BLOCK, self._window, self._filters))
             x = x[step:]
-    if head is not None:
-        raise ValueError(f"{len(head)} samples with their padding: too short for a {N_FFT}-point STFT")
-    x = np.concatenate([x, x[-2 : -2 - half : -1]])  # x[half + n - 1 + i] = signal[n - 1 - i]
-    remaining = (len(x) - N_FFT) // HOP_LENGTH  # openai-whisper drops the last frame
-    while remaining > 0:
-        count = min(_MEL_BLOCK, remaining)
-        yield _mel_block(x, count, window, filters)
-        x, remaining = x[step:], remaining - count
+        self._x = x
+        return out
+
+    def end(self, padding: int = 0) -> list[np.ndarray]:
+        half, step = N_FFT // 2, _MEL_BLOCK * HOP_LENGTH
+        out = self.push(np.zeros(padding, np.float32))
+        if self._head is not None:
+            raise ValueError(f"{len(self._head)} samples with their padding: too short for a {N_FFT}-point STFT")
+        x = np.concatenate([self._x, self._x[-2 : -2 - half : -1]])  # x[half + n - 1 + i] = signal[n - 1 - i]
+        remaining = (len(x) - N_FFT) // HOP_LENGTH  # openai-whisper drops the last frame
+        while remaining > 0:
+            count = min(_MEL_BLOCK, remaining)
+            out.append(_mel_block(x, count, self._window, self._filters))
+            x, remaining = x[step:], remaining - count
+        self._x = x[:0]
+        return out
+
+    def tail(self, padding: int = 0) -> list[np.ndarray]:
+        """What end(padding) would return now, leaving this object able to take more samples."""
+        other = MelFrames.__new__(MelFrames)
+        other._filters, other._window, other._x, other._head = self._filters, self._window, self._x, self._head
+        return other.end(padding)
+
+
+def _log10_mel_blocks(blocks: Iterable[np.ndarray], filters: np.ndarray, padding: int) -> Iterator[np.ndarray]:
+    """MelFrames' blocks of the samples in `blocks` followed by `padding` zeros."""
+    frames = MelFrames(filters)
+    for block in blocks:
+        yield from frames.push(block)
+    yield from frames.end(padding)
 
 
 def _mel_block(x: np.ndarray, count: int, window: np.ndarray, filters: np.ndarray) -> np.ndarray:
@@ -301,6 +331,61 @@ class LogMel:
 
     def close(self) -> None:
         self._store.close()
+
+
+class MelArray:
+    """A log-mel already in memory, read as LogMel is: (n_mels, frames), of which the first
+    `content_frames` are the audio's (the rest its padding)."""
+
+    def __init__(self, mel: np.ndarray, content_frames: int):
+        self._mel, self.frames, self.content_frames = mel, mel.shape[1], content_frames
+        self.n_mels = mel.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._mel[:, max(0, start) : min(stop, self.frames)].copy()
+
+    def close(self) -> None:
+        pass
+
+
+class LiveMel:
+    """The log-mel spectrogram of audio that is still arriving (a live stream's buffer):
+    `extend(samples)` as they come; `mel()` at any moment is what
+    `log_mel_spectrogram(every sample so far, padding=padding)` gives, bit for bit. The frames of
+    whole blocks no later sample reaches are computed once (MelFrames.push); only the ones since
+    the last whole block, which the audio's end and its padding reach, are computed again on
+    each `mel()`; the floor (maximum - 8) is over them all, as in the batch computation."""
+
+    def __init__(self, filters: np.ndarray, padding: int = N_SAMPLES):
+        self.n_mels, self.padding = filters.shape[0], padding
+        self._frames = MelFrames(filters)
+        self._blocks: list[np.ndarray] = []
+        self._top = -np.inf
+        self.samples = 0  # samples taken so far
+
+    def extend(self, samples: np.ndarray) -> None:
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if not np.isfinite(samples).all():
+            raise AudioError("live audio: NaN or infinite samples")
+        for block in self._frames.push(samples):
+            self._blocks.append(block)
+            self._top = max(self._top, float(block.max()))
+        self.samples += len(samples)
+
+    def features(self) -> MelArray:
+        """mel() as the long-form loop reads a log-mel (runtime.stream takes it for audio)."""
+        mel = self.mel()
+        return MelArray(mel, mel.shape[1] - self.padding // HOP_LENGTH)
+
+    def mel(self) -> np.ndarray:
+        """(n_mels, frames) float32 of every sample so far and the padding."""
+        tail = self._frames.tail(self.padding)
+        top = max([self._top, *(float(b.max()) for b in tail)])
+        mel = np.concatenate([*self._blocks, *tail]).T.copy()
+        np.maximum(mel, np.float32(top) - np.float32(8.0), out=mel)
+        mel += np.float32(4.0)
+        mel /= np.float32(4.0)
+        return mel
 
 
 def log_mel_spectrogram(audio: np.ndarray, filters: np.ndarray, padding: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, pad_or_trim, samples
+from .audio import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, SAMPLE_RATE, LogMel, MelArray, pad_or_trim, samples
 from .decoding import DecodingOptions, DecodingResult
 from .model import WhisperModel
 from .options import TranscribeOptions
@@ -69,7 +69,8 @@ class Window:
 
 
 class TranscriptionStream:
-    """The long-form transcription of one audio (a path or 16 kHz mono samples). The audio is
+    """The long-form transcription of one audio (a path, 16 kHz mono samples, or an
+    audio.MelArray: a log-mel computed as the audio arrived, runtime.live's seam). The audio is
     read and its log-mel computed here, so a bad file fails at once; then `next_window()` and
     `feed(result)` alternate until `next_window()` returns None and `result` is the
     TranscriptionResult (openai-whisper's dict through as_openai_dict()). `on_event` gets
@@ -134,10 +135,15 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
     """openai-whisper's long-form loop as a generator: it yields each window it needs decoded,
     (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
     What openai-whisper prints becomes events given to `emit`."""
-    speech = audio if isinstance(audio, Speech) else _speech(audio, options) if options.vad_filter else None
-    mel = model.features(
-        audio if speech is None else speech.samples
-    )  # read and transformed here, so a bad file fails at once
+    if isinstance(audio, MelArray):  # a log-mel computed as the audio arrived (runtime.live)
+        if options.vad_filter:
+            raise ValueError("vad_filter: a log-mel given as the audio has no samples for VAD to look at")
+        mel, speech = audio, None
+    else:
+        speech = audio if isinstance(audio, Speech) else _speech(audio, options) if options.vad_filter else None
+        mel = model.features(
+            audio if speech is None else speech.samples
+        )  # read and transformed here, so a bad file fails at once
     try:
         if speech is None:
             return (yield from _loop(model, mel, options, emit))
@@ -177,7 +183,7 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
     return mapped
 
 
-def _loop(model: WhisperModel, mel: LogMel, options: TranscribeOptions, emit: Callable[[object], None]):
+def _loop(model: WhisperModel, mel: LogMel | MelArray, options: TranscribeOptions, emit: Callable[[object], None]):
     o = options
     (
         compression_ratio_threshold,

@@ -13,7 +13,7 @@ from helpers import shared_audio
 
 from whisper_max import golden
 from whisper_max.converter.convert import mel_assets
-from whisper_max.runtime.audio import AudioError, LogMel, load_audio, log_mel_spectrogram, read_audio
+from whisper_max.runtime.audio import AudioError, LiveMel, LogMel, load_audio, log_mel_spectrogram, read_audio
 
 RNG = np.random.default_rng(7)
 
@@ -115,6 +115,35 @@ def test_log_mel_is_the_same_read_whole_or_a_block_at_a_time():
         assert log_mel_spectrogram(x, filters, padding=0).shape == (80, n // 160)
     with pytest.raises(ValueError, match="too short"):
         log_mel_spectrogram(np.zeros(100, np.float32), filters)
+
+
+def test_live_mel_is_the_batch_log_mel_of_what_arrived_so_far():
+    """Samples arriving in chunks of any size (one sample, under a hop, under the STFT's half
+    window, a block and more): at every point LiveMel's spectrogram is the batch one of the same
+    samples with the same padding, bit for bit, across the 2048-frame blocks the whole frames are
+    kept in; with no padding the first 200 samples make no frame yet, as in the batch."""
+    filters = np.load(io.BytesIO(mel_assets(80)["assets/mel_filters.npy"]))
+    audio = load_audio(shared_audio("longform_lj001_0001-0032.wav"))[: 16000 * 45]
+    sizes = iter(np.random.default_rng(3).choice([1, 7, 150, 160, 199, 401, 3000, 16000, 70000], 10_000))
+    live, at, checked = LiveMel(filters), 0, 0
+    while at < len(audio):
+        n = int(next(sizes))
+        live.extend(audio[at : at + n])
+        at = min(len(audio), at + n)
+        if at < 2000 or checked < at // 96_000:  # every few seconds, and often at the start
+            checked = max(checked, at // 96_000)
+            assert live.samples == at
+            np.testing.assert_array_equal(live.mel(), log_mel_spectrogram(audio[:at], filters, padding=480000), f"{at}")
+    assert at > 2 * 2048 * 160  # past two whole blocks
+    np.testing.assert_array_equal(live.mel(), log_mel_spectrogram(audio, filters, padding=480000))
+    bare = LiveMel(filters, padding=0)
+    bare.extend(audio[:200])
+    with pytest.raises(ValueError, match="too short"):
+        bare.mel()
+    bare.extend(audio[200:5000])
+    np.testing.assert_array_equal(bare.mel(), log_mel_spectrogram(audio[:5000], filters))
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        bare.extend(np.array([0.0, np.nan], np.float32))
 
 
 def test_read_audio_streams_blocks():

@@ -47,6 +47,15 @@ def run_cmd(
             "between them (and --without_timestamps True unless given)"
         ),
     ),
+    live: str = typer.Option(
+        "False",
+        "--live",
+        help=(
+            "transcribe audio as it arrives and print the text as it is confirmed; AUDIO is - for 16 kHz mono "
+            "16-bit PCM on standard input (ffmpeg -i talk.mp3 -f s16le -ar 16000 -ac 1 - | whisper-run tiny.en - "
+            "--live True) or one file"
+        ),
+    ),
     model_dir: ModelDir = None,
     trust: Trust = False,
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error"),
@@ -78,12 +87,18 @@ def run_cmd(
         raise typer.BadParameter(
             "--clip_timestamps: --batched transcribes the speech the VAD finds; give one or the other"
         )
-    _check_writable(output_dir)  # before any work
+    is_live = flag_bool(live)
+    if is_live and (len(audio) != 1 or is_batched):
+        raise typer.BadParameter("--live: one audio (- for standard input), without --batched")
+    if not is_live:
+        _check_writable(output_dir)  # before any work
     package = model
     model = load(package, trust=trust, model_dir=model_dir)
     options, note = options.for_model(model.is_multilingual)
     if note:
         print(f"{package} is {note}", file=sys.stderr)
+    if is_live:
+        return _live(model, audio[0], options)
     # each file is read when it starts (transcribe_many keeps at most batch_size in flight)
     results = (
         _batched(model, audio, batch_size, options)
@@ -97,6 +112,41 @@ def run_cmd(
             for e in failed:
                 print(f"  {e}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _live(model, audio: Path, options) -> None:
+    """--live: confirmed text printed as it comes (stdout), from standard input or one file."""
+    import threading
+
+    from .audio import read_audio
+    from .engine import Engine
+    from .live import Confirmed, LiveOptions, LiveTranscription, read_pcm16, run_live
+
+    def show(event) -> None:
+        if isinstance(event, Confirmed):
+            print(event.text, end="", flush=True)
+
+    stream = LiveTranscription(model, LiveOptions(transcribe=options), on_event=show)
+
+    def feed() -> None:
+        try:
+            if str(audio) == "-":
+                read_pcm16(sys.stdin.buffer, stream)
+            else:
+                for block in read_audio(audio):
+                    stream.append(block)
+                stream.finish()
+        except BaseException as e:  # the main thread reports it; the stream ends with what came
+            errors.append(e)
+            stream.finish()
+
+    errors: list[BaseException] = []
+    reader = threading.Thread(target=feed, name="whisper-run-live-audio", daemon=True)
+    reader.start()
+    run_live(Engine(model), [stream])
+    print(flush=True)
+    if errors:
+        raise errors[0]
 
 
 def _writer_options(words: bool, highlight_words: bool, max_line_width, max_line_count, max_words_per_line) -> dict:

@@ -64,6 +64,7 @@ def serve(
         max_resident=settings.max_models,
         max_active=settings.max_active,
         queue_size=settings.queue_size,
+        max_live=settings.max_live,
     )
     registry.preload()
     config = uvicorn.Config(
@@ -131,6 +132,9 @@ def serve_cmd(
     queue_size: int = typer.Option(
         32, "--queue_size", min=0, help="requests waiting for a place; beyond, 429 with Retry-After"
     ),
+    max_live: int = typer.Option(
+        8, "--max_live", min=1, help="live streams (Realtime transcription items) at once per model; beyond, refused"
+    ),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
     max_models: int | None = typer.Option(
         None,
@@ -155,6 +159,7 @@ def serve_cmd(
         max_audio_seconds=max_audio_seconds,
         max_active=max_active,
         queue_size=queue_size,
+        max_live=max_live,
         timeout=timeout,
         max_models=max_models,
         api_key=api_key or None,

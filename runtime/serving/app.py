@@ -22,14 +22,29 @@ from ..extras import require
 
 require("fastapi", "server", "whisper-serve")
 require("python_multipart", "server", "whisper-serve (uploads)")
-from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import FastAPI, Request, WebSocket  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from ..audio import SAMPLE_RATE, AudioError  # noqa: E402
-from .protocol import FIELDS, ApiError, Settings, error_body, model_card, options_for, read_upload, render  # noqa: E402
+from ..stream import SegmentDone  # noqa: E402
+from .protocol import (  # noqa: E402
+    FIELDS,
+    ApiError,
+    Settings,
+    delta_event,
+    done_event,
+    error_body,
+    model_card,
+    options_for,
+    read_upload,
+    render,
+    sse,
+    wants_stream,
+)
+from .realtime import serve_session  # noqa: E402
 from .registry import AllBusy, Registry, UnknownModel  # noqa: E402
 from .scheduler import Busy, Job, Scheduler  # noqa: E402
 
@@ -43,7 +58,13 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
         registry = models
     else:
         model_id = model_id or Path(str(models.package.path)).name.removesuffix(".maxpkg")
-        registry = Registry.of(models, model_id, max_active=settings.max_active, queue_size=settings.queue_size)
+        registry = Registry.of(
+            models,
+            model_id,
+            max_active=settings.max_active,
+            queue_size=settings.queue_size,
+            max_live=settings.max_live,
+        )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -74,7 +95,10 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
         model_id = _model_id(registry, form.get("model"))
         model = await asyncio.to_thread(_loaded, registry, model_id)
         options, fmt, granularities = options_for(model, settings, task, form)
+        streamed = wants_stream(form, fmt, task)
         samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
+        if streamed:
+            return await _streamed(registry, model_id, samples, options, settings.timeout)
         job, scheduler = await asyncio.to_thread(_submit, registry, model_id, samples, options)
         result = await _wait(request, scheduler, job, settings.timeout)
         task = "translate" if task == "translate" else "transcribe"
@@ -88,6 +112,10 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
     @app.post("/v1/audio/translations")
     async def translations(request: Request):
         return await audio(request, "translate")
+
+    @app.websocket("/v1/realtime")
+    async def realtime(websocket: WebSocket):
+        await serve_session(websocket, registry, settings)
 
     return app
 
@@ -143,10 +171,10 @@ def _loaded(registry: Registry, model_id: str):
         raise ApiError(503, f"{model_id} cannot be loaded: {e}", "server_error", code="model_unavailable") from None
 
 
-def _submit(registry: Registry, model_id: str, samples, options) -> tuple[Job, Scheduler]:
+def _submit(registry: Registry, model_id: str, samples, options, on_event=None) -> tuple[Job, Scheduler]:
     """The request admitted on its model's scheduler, or 429 with Retry-After when that is full."""
     try:
-        return registry.submit(model_id, samples, options)
+        return registry.submit(model_id, samples, options, on_event)
     except Busy as e:
         retry = max(1, math.ceil(e.latency))
         raise ApiError(
@@ -245,6 +273,55 @@ async def _form(request, max_bytes: int) -> dict:
         return out
     finally:
         await form.close()
+
+
+async def _streamed(registry: Registry, model_id: str, samples, options, timeout: float) -> StreamingResponse:
+    """stream=true: the request is admitted (a 429 or 503 is still an HTTP error), then answered
+    with server-sent events, OpenAI's: a transcript.text.delta per segment as the long-form loop
+    decodes it, then transcript.text.done with the whole text; an error after the first byte
+    is an `error` event. A client that goes away, or the timeout, cancels the request (its rows
+    are freed)."""
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue = asyncio.Queue()
+
+    def on_event(event) -> None:  # the scheduler's thread
+        if isinstance(event, SegmentDone) and event.text.strip() and event.start != event.end:
+            loop.call_soon_threadsafe(deltas.put_nowait, event.text)
+
+    job, scheduler = await asyncio.to_thread(_submit, registry, model_id, samples, options, on_event)
+
+    async def body():
+        future = asyncio.wrap_future(job.future)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                get = asyncio.ensure_future(deltas.get())
+                done, _ = await asyncio.wait(
+                    {get, future}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                )
+                if get in done:
+                    yield sse(delta_event(get.result()))
+                    continue
+                get.cancel()
+                if future not in done:
+                    message = f"the transcription took longer than {timeout:g} s (--timeout); it was stopped"
+                    yield sse({"type": "error", **error_body(message, "timeout_error", None, "timeout")})
+                    return
+                while not deltas.empty():
+                    yield sse(delta_event(deltas.get_nowait()))
+                try:
+                    result = future.result()
+                except Exception as e:  # noqa: BLE001 - after the first byte an error is an event
+                    kind = "invalid_request_error" if isinstance(e, AudioError) else "server_error"
+                    yield sse({"type": "error", **error_body(str(e), kind, None, None)})
+                    return
+                yield sse(done_event(result))
+                return
+        finally:
+            if not job.future.done():
+                scheduler.cancel(job)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _wait(request, scheduler: Scheduler, job: Job, timeout: float) -> dict:

@@ -6,6 +6,7 @@ shape. The app (serving.app) maps routes onto these; nothing here needs FastAPI.
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ FIELDS = {
     "language",
     "prompt",
     "response_format",
+    "stream",
     "temperature",
     "timestamp_granularities[]",
     "timestamp_granularities",
@@ -39,6 +41,7 @@ class Settings:
     max_audio_seconds: float = 3600.0
     max_active: int = 8  # requests decoding at once on a model's engine
     queue_size: int = 32  # admitted requests waiting for a place, per model; beyond: 429
+    max_live: int = 8  # live streams (Realtime sessions' items) decoding at once, per model; beyond: refused
     max_models: int | None = None  # models resident at once (None: every one served)
     timeout: float = 600.0  # seconds from admission to answer; beyond: 504, and the request is dropped
     api_key: str | None = None
@@ -174,6 +177,34 @@ def options_for(model, settings: Settings, task: str, form: dict) -> tuple[Trans
     )
     options, _ = options.for_model(model.is_multilingual)  # a translation was refused above
     return options, fmt, granularities
+
+
+def wants_stream(form: dict, fmt: str, task: str) -> bool:
+    """The form's `stream` (OpenAI's: server-sent transcript.text.delta events, then
+    transcript.text.done); for transcriptions in json or text. ApiError 400 otherwise."""
+    value = (form.get("stream") or "false").strip().lower()
+    if value not in ("true", "false"):
+        raise ApiError(400, f"stream {form.get('stream')!r}: true or false", param="stream")
+    if value == "false":
+        return False
+    if task != "transcribe":
+        raise ApiError(400, "stream: translations are not streamed; send stream=false", param="stream")
+    if fmt not in ("json", "text"):
+        raise ApiError(400, f"stream: response_format {fmt!r} is not streamed; use json or text", param="stream")
+    return True
+
+
+def sse(event: dict) -> bytes:
+    """One server-sent event carrying `event` as JSON."""
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+
+
+def delta_event(text: str) -> dict:
+    return {"type": "transcript.text.delta", "delta": text}
+
+
+def done_event(result: TranscriptionResult) -> dict:
+    return {"type": "transcript.text.done", "text": result.text}
 
 
 def render(model, result: TranscriptionResult, fmt: str, granularities: set[str], task: str, duration: float):

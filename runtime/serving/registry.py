@@ -47,8 +47,8 @@ class Resident:
 class Registry:
     """Models by id (`sources`: id -> what `load` takes, e.g. a package path; the first id is the
     default, which OpenAI's alias whisper-1 names). `load(source)` returns a loaded model
-    (runtime.load); `max_resident` (None: all) caps the models loaded at once; `max_active` and
-    `queue_size` are each model's scheduler's."""
+    (runtime.load); `max_resident` (None: all) caps the models loaded at once; `max_active`,
+    `queue_size` and `max_live` (live streams) are each model's scheduler's."""
 
     def __init__(
         self,
@@ -58,6 +58,7 @@ class Registry:
         max_resident: int | None = None,
         max_active: int = 8,
         queue_size: int = 32,
+        max_live: int = 8,
         aliases: tuple[str, ...] = ("whisper-1",),
     ):
         if not sources:
@@ -67,7 +68,7 @@ class Registry:
         self._sources = dict(sources)
         self._load = load
         self.max_resident = max_resident or len(self._sources)
-        self.max_active, self.queue_size = max_active, queue_size
+        self.max_active, self.queue_size, self.max_live = max_active, queue_size, max_live
         self.aliases = aliases
         self._lock = threading.Lock()
         self._resident: dict[str, Resident] = {}
@@ -104,17 +105,31 @@ class Registry:
         """The loaded model `model_id` (loading it now if it is not resident)."""
         return self._resident_for(model_id).model
 
-    def submit(self, model_id: str, samples: np.ndarray, options: TranscribeOptions) -> tuple[Job, Scheduler]:
+    def submit(
+        self, model_id: str, samples: np.ndarray, options: TranscribeOptions, on_event=None
+    ) -> tuple[Job, Scheduler]:
         """Admit a request on `model_id`'s scheduler (loading the model if needed): its Job and
         the scheduler that runs it. Busy (serving.scheduler) when that model's queue is full,
-        AllBusy when it must be loaded and nothing may be unloaded."""
+        AllBusy when it must be loaded and nothing may be unloaded. `on_event` gets the
+        request's stream events (runtime.stream), in the scheduler's thread."""
         while True:
             resident = self._resident_for(model_id)
             with self._lock:
                 if self._resident.get(model_id) is not resident:
                     continue  # unloaded between the two: load it again
                 resident.used = time.monotonic()
-                return resident.scheduler.submit(samples, options), resident.scheduler
+                return resident.scheduler.submit(samples, options, on_event), resident.scheduler
+
+    def open_live(self, model_id: str, options, on_event):
+        """A live stream (runtime.live) on `model_id`'s engine (loading the model if needed), and
+        that model's scheduler. Busy when it has its `max_live` streams, AllBusy as submit."""
+        while True:
+            resident = self._resident_for(model_id)
+            with self._lock:
+                if self._resident.get(model_id) is not resident:
+                    continue
+                resident.used = time.monotonic()
+                return resident.scheduler.open_live(options, on_event), resident.scheduler
 
     def scheduler(self, model_id: str) -> Scheduler | None:
         """The scheduler of `model_id` if it is resident."""
@@ -167,7 +182,7 @@ class Registry:
             r.scheduler.stop()  # idle: nothing admitted, nothing fails
         try:
             model = self._load(self._sources[model_id])
-            scheduler = Scheduler(model, self.max_active, self.queue_size)
+            scheduler = Scheduler(model, self.max_active, self.queue_size, max_live=self.max_live)
             scheduler.start()
         except BaseException as e:
             with self._lock:
@@ -188,12 +203,15 @@ class Registry:
         over = len(self._resident) + len(self._loading) + 1 - self.max_resident
         if over <= 0:
             return []
-        idle = sorted(
-            (r for r in self._resident.values() if r.scheduler.stats()["admitted"] == 0), key=lambda r: r.used
-        )
+        idle = sorted((r for r in self._resident.values() if _idle(r.scheduler.stats())), key=lambda r: r.used)
         if len(idle) < over:
             raise AllBusy(sorted(self._resident))
         for r in idle[:over]:
             del self._resident[r.id]
             self.evictions += 1
         return idle[:over]
+
+
+def _idle(stats: dict) -> bool:
+    """No request admitted and no live stream open on a model's scheduler: it may be unloaded."""
+    return stats["admitted"] == 0 and stats.get("live_streams", 0) == 0

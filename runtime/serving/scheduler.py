@@ -15,12 +15,14 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..engine import Engine
+from ..live import LiveOptions, LiveTranscription
 from ..options import TranscribeOptions
 from ..stream import TranscriptionStream
 
@@ -42,15 +44,21 @@ class Job:
     future: Future
     stream: TranscriptionStream | None = None
     admitted: float = 0.0
+    on_event: Callable[[object], None] | None = None  # the stream's events, in the scheduler's thread
 
 
 class Scheduler:
     """Runs admitted requests on one engine in its own thread. `submit()` is thread-safe and
     returns a Future of the result dict; `cancel()` drops a request (its rows are freed before
-    the engine's next step)."""
+    the engine's next step). Live streams (runtime.live) opened with `open_live()` decode their
+    updates on the same engine, beside the requests."""
 
-    def __init__(self, model, max_active: int = 8, queue_size: int = 32, max_rows: int = 64):
+    def __init__(self, model, max_active: int = 8, queue_size: int = 32, max_rows: int = 64, max_live: int = 8):
         self.model, self.max_active, self.capacity = model, max_active, max_active + queue_size
+        self.max_live = max_live
+        self._lives: dict[LiveTranscription, TranscriptionStream | None] = {}  # the thread's: update in flight
+        self._live_count = 0  # opened and not closed (under the lock)
+        self._recheck = False  # a live stream's update ended: look at its audio before waiting
         self.engine = Engine(model, max_rows=max_rows)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -73,24 +81,47 @@ class Scheduler:
         self._inbox.put(None)
         self._thread.join()
 
-    def submit(self, samples: np.ndarray, options: TranscribeOptions) -> Job:
+    def submit(
+        self, samples: np.ndarray, options: TranscribeOptions, on_event: Callable[[object], None] | None = None
+    ) -> Job:
         """Admit 16 kHz mono samples (float32, or int16 values to divide by 32768); Busy when
-        `max_active + queue_size` requests are admitted already."""
+        `max_active + queue_size` requests are admitted already. `on_event` gets the stream's
+        events (runtime.stream: SegmentDone as each segment is decoded, ...) in this scheduler's
+        thread."""
         with self._lock:
             if self._admitted >= self.capacity:
                 raise Busy(self.capacity, self.latency)
             self._admitted += 1
-        request = Job(samples, options, Future(), admitted=time.monotonic())
+        request = Job(samples, options, Future(), admitted=time.monotonic(), on_event=on_event)
         self._inbox.put(("start", request))
         return request
 
     def cancel(self, request: Job) -> None:
         self._inbox.put(("cancel", request))
 
+    def open_live(self, options: LiveOptions, on_event: Callable[[object], None]) -> LiveTranscription:
+        """A live stream decoded on this engine; `on_event` gets its events in this scheduler's
+        thread, and an Exception event if it fails. Busy when `max_live` are open. Call
+        `wake()` after appending audio and `close_live()` when its client is gone."""
+        with self._lock:
+            if self._live_count >= self.max_live:
+                raise Busy(self.max_live, self.latency)
+            self._live_count += 1
+        live = LiveTranscription(self.model, options, on_event)
+        self._inbox.put(("live", live))
+        return live
+
+    def close_live(self, live: LiveTranscription) -> None:
+        self._inbox.put(("close_live", live))
+
+    def wake(self) -> None:
+        """New audio for a live stream: look at it before waiting again."""
+        self._inbox.put(("wake", None))
+
     def stats(self) -> dict:
         """Counts as of the scheduler's last step (the engine is only read in its own thread)."""
         with self._lock:
-            return {"admitted": self._admitted, **self._stats}
+            return {"admitted": self._admitted, "live_streams": self._live_count, **self._stats}
 
     def _publish(self) -> None:
         e = self.engine
@@ -108,8 +139,9 @@ class Scheduler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take(block=not self.engine.busy and not self._waiting)
+            self._take(block=not self.engine.busy and not self._waiting and not self._recheck)
             self._admit()
+            self._live_updates()
             if self.engine.busy:
                 try:
                     self.engine.step()
@@ -129,8 +161,12 @@ class Scheduler:
                     kind, request = item
                     if kind == "start":
                         self._waiting.append(request)
-                    else:
+                    elif kind == "cancel":
                         self._drop(request)
+                    elif kind == "live":
+                        self._lives[request] = None
+                    elif kind == "close_live":
+                        self._close_live(request)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -142,13 +178,48 @@ class Scheduler:
                 samples = request.samples
                 if samples.dtype == np.int16:  # read_upload's: 16-bit values, as read_audio's / 32768
                     samples = samples.astype(np.float32) / np.float32(32768)
-                stream = TranscriptionStream(self.model, samples, request.options)
+                stream = TranscriptionStream(self.model, samples, request.options, request.on_event)
             except Exception as e:
                 self._done(request, error=e)
                 continue
             request.samples = None  # the stream holds its log-mel
             self._active[request] = stream
             self.engine.submit(stream, lambda s, r=request: self._done(r, result=s.result))
+
+    def _live_updates(self) -> None:
+        """Each live stream's next update, on the engine, when it has enough new audio."""
+        self._recheck = False
+        for live, in_flight in list(self._lives.items()):
+            if in_flight is not None:
+                continue
+            try:
+                update = live.next_update()
+            except Exception as e:  # its audio (NaN samples): that stream alone ends
+                live._emit(e)
+                self._close_live(live)
+                continue
+            if live.finished:
+                self._close_live(live)
+            elif update is not None:
+                self._lives[live] = update
+                self.engine.submit(update, lambda s, live=live: self._live_done(live, s))
+
+    def _live_done(self, live: LiveTranscription, stream: TranscriptionStream) -> None:
+        if live in self._lives:
+            self._lives[live] = None
+            self._recheck = True  # audio that came meanwhile may make its next update
+            live.update(stream)
+            if live.finished:
+                self._close_live(live)
+
+    def _close_live(self, live: LiveTranscription) -> None:
+        if live not in self._lives:
+            return
+        in_flight = self._lives.pop(live)
+        if in_flight is not None:
+            self.engine.cancel(in_flight)
+        with self._lock:
+            self._live_count -= 1
 
     def _drop(self, request: Job) -> None:
         if request in self._waiting:

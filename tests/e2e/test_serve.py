@@ -154,6 +154,163 @@ def test_a_prompt_is_whisper_runs_initial_prompt(served, tiny_en, tmp_path):
     assert transcribe(served.client, clip, prompt=prompt, temperature=0.0).text == ref["text"]
 
 
+def test_stream_true_sends_a_delta_per_segment_then_the_whole_text(served):
+    """OpenAI's streamed transcription through the openai client: transcript.text.delta events as
+    the segments are decoded, then transcript.text.done; together the text of the unstreamed
+    answer. A format that is not streamed, or a bad value, is a 400 before any event."""
+    clip = shared_audio("ls_1221-135766-0001.wav")
+    for path in (JFK, clip):
+        events = list(transcribe(served.client, path, stream=True))
+        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+        assert [e.type for e in events[-1:]] == ["transcript.text.done"] and len(deltas) == len(events) - 1
+        assert len(deltas) >= 2 and "".join(deltas) == events[-1].text == transcribe(served.client, path).text
+    with pytest.raises(openai.BadRequestError, match="'srt' is not streamed"):
+        transcribe(served.client, JFK, stream=True, response_format="srt")
+    r = httpx.post(
+        f"{served.url}/v1/audio/transcriptions",
+        files={"file": ("jfk.wav", JFK.read_bytes())},
+        data={"model": "whisper-1", "stream": "maybe"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+def test_a_streamed_request_whose_client_goes_away_frees_its_rows(served):
+    clip = shared_audio("longform_lj001_0001-0032.wav")  # 231 s: many windows, many segments
+    with httpx.stream(
+        "POST",
+        f"{served.url}/v1/audio/transcriptions",
+        files={"file": (clip.name, clip.read_bytes())},
+        data={"model": "whisper-1", "stream": "true"},
+        timeout=120,
+    ) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(r.iter_lines())
+        assert json.loads(first.removeprefix("data: "))["type"] == "transcript.text.delta"
+    _idle(served, within=10.0)
+
+
+def _pcm(path: Path, rate: int = 24000) -> bytes:
+    """The clip as 16-bit PCM at `rate` (OpenAI's audio/pcm is 24 kHz)."""
+    import soxr
+
+    audio = runtime.audio.load_audio(path)
+    if rate != 16000:
+        audio = soxr.resample(audio, 16000, rate)
+    return np.round(np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _realtime_item(conn, pcm: bytes, rate: int, pace: float = 0.0) -> list:
+    """Append `pcm` in 0.2 s pieces (sleeping `pace` s between them), commit, and return the
+    server's events up to the item's completion."""
+    import base64
+
+    step = int(0.2 * rate) * 2
+    for i in range(0, len(pcm), step):
+        conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + step]).decode()})
+        time.sleep(pace)
+    conn.send({"type": "input_audio_buffer.commit"})
+    events = []
+    while not events or events[-1].type != "conversation.item.input_audio_transcription.completed":
+        events.append(conn.recv())
+        assert events[-1].type != "error", events[-1]
+    return events
+
+
+def _session(conn, rate: int = 24000, language: str | None = "en") -> None:
+    assert conn.recv().type == "session.created"
+    audio = {"format": {"type": "audio/pcm", "rate": rate}, "transcription": {"model": "whisper-1"}}
+    if language:
+        audio["transcription"]["language"] = language
+    conn.send({"type": "session.update", "session": {"type": "transcription", "audio": {"input": audio}}})
+    updated = conn.recv()
+    assert updated.type == "session.updated" and updated.session.audio.input.format.rate == rate
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def _wer(hypothesis: str, reference: str) -> float:
+    """Word error rate of `hypothesis` against `reference` (edit distance over words)."""
+    h, r = _words(hypothesis), _words(reference)
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[-1] / max(1, len(r))
+
+
+def test_a_realtime_transcription_session_through_the_openai_client(served, model):
+    """OpenAI's Realtime transcription protocol over the WebSocket, with the openai client: two
+    items (24 kHz at real-time pace, then 16 kHz as fast as it goes), each its deltas as words are
+    confirmed, then committed and completed: the deltas make the transcript, and it has the
+    clip's words (streamed text may differ from the offline decode; the dev-set WER is
+    scripts/live_bench.py's); a bad event is an error event and the session goes on; a cleared
+    buffer drops its audio."""
+    clip = shared_audio("ls_1221-135766-0002.wav")
+    with served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+        _session(conn)
+        events = _realtime_item(conn, _pcm(JFK), 24000, pace=0.2)
+        kinds = [e.type for e in events]
+        assert (
+            "input_audio_buffer.committed" in kinds
+            and kinds.count("conversation.item.input_audio_transcription.delta") >= 2
+        )
+        done = events[-1]
+        deltas = [e.delta for e in events if e.type.endswith(".delta")]
+        assert {e.item_id for e in events if e.type != "input_audio_buffer.committed"} == {done.item_id}
+        assert _words("".join(deltas)) == _words(done.transcript)
+        assert _wer(done.transcript, model.transcribe(str(JFK))["text"]) <= 0.15, done.transcript
+        conn.send({"type": "no.such.event"})
+        error = conn.recv()
+        assert error.type == "error" and error.error.code == "unknown_event"
+        conn.send({"type": "input_audio_buffer.append", "audio": "not base64!"})
+        assert conn.recv().error.code == "invalid_audio"
+        conn.send({"type": "input_audio_buffer.append", "audio": "AAAAAA=="})
+        conn.send({"type": "input_audio_buffer.clear"})
+        assert conn.recv().type == "input_audio_buffer.cleared"
+        conn.send(
+            {
+                "type": "session.update",
+                "session": {
+                    "type": "transcription",
+                    "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}},
+                },
+            }
+        )
+        assert conn.recv().type == "session.updated"
+        second = _realtime_item(conn, _pcm(clip, 16000), 16000)
+        assert second[-1].item_id != done.item_id
+        # as fast as it goes, an update may end inside a word: "Hester Prin" -> "has to print"
+        assert _words("".join(e.delta for e in second if e.type.endswith(".delta"))) == _words(second[-1].transcript)
+        assert _wer(second[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, second[-1].transcript
+    _idle(served, within=10.0)
+    assert served.health()["live_streams"] == 0
+
+
+def test_realtime_sessions_beyond_max_live_are_refused_and_others_go_on(model):
+    s = Served(create_app(model, Settings(max_live=1)))
+    try:
+        import base64
+
+        first = s.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}).enter()
+        _session(first)
+        first.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(_pcm(JFK)[:48000]).decode()})
+        with s.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as second:
+            _session(second)
+            second.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 4800).decode()})
+            refused = second.recv()
+            assert refused.type == "error" and refused.error.code == "server_busy"
+        events = _realtime_item(first, _pcm(JFK)[48000:], 24000)
+        assert _wer(events[-1].transcript, model.transcribe(str(JFK))["text"]) <= 0.4, events[-1].transcript
+        first.close()
+    finally:
+        s.close()
+
+
 def test_concurrent_requests_decode_in_the_same_calls(served):
     clips = [
         JFK,

@@ -1,0 +1,251 @@
+"""OpenAI's Realtime transcription over a WebSocket (`/v1/realtime?intent=transcription`).
+
+A session takes OpenAI's client events: `session.update` (the audio's rate, 24 kHz as OpenAI's
+`audio/pcm` or 16 kHz; the transcription's language and prompt), `input_audio_buffer.append`
+(base64 PCM16 mono), `.commit` and `.clear`. The audio since the last commit is one item: a
+live stream (runtime.live) on the model's engine, decoded beside the server's other requests and
+streams. As its words are confirmed they are sent as
+`conversation.item.input_audio_transcription.delta` events; the commit ends the item, answered by
+`input_audio_buffer.committed` and, once the rest is decoded, `...completed` with the whole
+transcript (each delta also carries `words`, their start and end in the item's audio: not
+OpenAI's, and ignored by its clients). Turn detection is the client's (its commits): the session reports `turn_detection`
+null whatever it asked. Errors are OpenAI's `error` events and leave the session open, except a
+server at its live-stream capacity, which says so and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import itertools
+import json
+import uuid
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
+from ..live import Confirmed, Finished, LiveOptions
+from .protocol import Settings, options_for
+from .registry import AllBusy, Registry, UnknownModel
+from .scheduler import Busy
+
+RATES = (24000, 16000)  # OpenAI's audio/pcm rate, and Whisper's own
+
+
+def _event(kind: str, **fields) -> dict:
+    return {"type": kind, "event_id": f"event_{uuid.uuid4().hex[:20]}", **fields}
+
+
+def _error(message: str, code: str, client_event: str | None = None, param: str | None = None) -> dict:
+    error = {"type": "invalid_request_error", "code": code, "message": message, "param": param}
+    return _event("error", error={**error, "event_id": client_event})
+
+
+class Session:
+    """One WebSocket session: client events in, server events out (`send`, a coroutine)."""
+
+    def __init__(self, registry: Registry, model_id: str, settings: Settings, send):
+        self.registry, self.model_id, self.settings, self._send = registry, model_id, settings, send
+        self.id = f"sess_{uuid.uuid4().hex[:20]}"
+        self.rate, self.language, self.prompt = RATES[0], None, None
+        self.loop = asyncio.get_running_loop()
+        self._items = (f"item_{uuid.uuid4().hex[:12]}_{i}" for i in itertools.count())
+        self._item: str | None = None  # the item the audio since the last commit belongs to
+        self._previous: str | None = None
+        self._live = None
+        self._scheduler = None
+        self._resampler = None
+        self._closed = False
+
+    def description(self) -> dict:
+        return {
+            "type": "transcription",
+            "object": "realtime.transcription_session",
+            "id": self.id,
+            "audio": {
+                "input": {
+                    "format": {"type": "audio/pcm", "rate": self.rate},
+                    "transcription": {"model": self.model_id, "language": self.language, "prompt": self.prompt or ""},
+                    "turn_detection": None,
+                    "noise_reduction": None,
+                }
+            },
+        }
+
+    async def send(self, event: dict) -> None:
+        if not self._closed:
+            await self._send(event)
+
+    # --- client events ---
+
+    async def handle(self, text: str) -> bool:
+        """One client event; False when the session must end."""
+        try:
+            event = json.loads(text)
+            kind = event["type"] if isinstance(event, dict) else None
+        except (ValueError, KeyError):
+            await self.send(_error("a client event is a JSON object with a 'type'", "invalid_json"))
+            return True
+        client_id = event.get("event_id")
+        if kind in ("session.update", "transcription_session.update"):
+            return await self._update(event.get("session") or {}, client_id, kind.replace(".update", ".updated"))
+        if kind == "input_audio_buffer.append":
+            return await self._append(event.get("audio"), client_id)
+        if kind == "input_audio_buffer.commit":
+            return await self._commit(client_id)
+        if kind == "input_audio_buffer.clear":
+            self._end_item(cancel=True)
+            await self.send(_event("input_audio_buffer.cleared"))
+            return True
+        await self.send(_error(f"unknown or unsupported client event {kind!r}", "unknown_event", client_id, "type"))
+        return True
+
+    async def _update(self, session: dict, client_id, reply: str) -> bool:
+        audio = (session.get("audio") or {}).get("input") or {}
+        fmt = audio.get("format") or {}
+        transcription = audio.get("transcription") or session.get("input_audio_transcription") or {}
+        rate = fmt.get("rate", self.rate) if isinstance(fmt, dict) else self.rate
+        if session.get("input_audio_format") not in (None, "pcm16") or (
+            isinstance(fmt, dict) and fmt.get("type", "audio/pcm") != "audio/pcm"
+        ):
+            await self.send(_error("audio formats: audio/pcm (pcm16) only", "unsupported_format", client_id, "format"))
+            return True
+        if rate not in RATES:
+            await self.send(_error(f"rate {rate}: 24000 or 16000", "unsupported_rate", client_id, "rate"))
+            return True
+        if self._live is not None and rate != self.rate:
+            await self.send(_error("the rate cannot change within an item; commit first", "item_open", client_id))
+            return True
+        language, prompt = transcription.get("language") or None, transcription.get("prompt") or None
+        try:
+            model = await asyncio.to_thread(self.registry.model, self.model_id)
+            form = {"language": language or "", "prompt": prompt or ""}
+            options_for(model, self.settings, "transcribe", form)  # the HTTP endpoint's checks
+        except Exception as e:  # noqa: BLE001 - ApiError (a bad language), or a model that cannot load
+            await self.send(_error(getattr(e, "message", str(e)), "invalid_value", client_id, "language"))
+            return True
+        self.rate, self.language, self.prompt = rate, language, prompt
+        await self.send(_event(reply, session=self.description()))
+        return True
+
+    async def _append(self, audio, client_id) -> bool:
+        try:
+            data = base64.b64decode(audio or "", validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            await self.send(_error("audio: base64 of 16-bit little-endian PCM", "invalid_audio", client_id, "audio"))
+            return True
+        if len(data) % 2:
+            await self.send(_error("audio: a whole number of 16-bit samples", "invalid_audio", client_id, "audio"))
+            return True
+        if self._live is None and not await self._start_item():
+            return False
+        samples = np.frombuffer(data, "<i2").astype(np.float32) / np.float32(32768)
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(samples)
+        self._live.append(samples)
+        self._scheduler.wake()
+        return True
+
+    async def _start_item(self) -> bool:
+        model = await asyncio.to_thread(self.registry.model, self.model_id)
+        options, _, _ = options_for(
+            model, self.settings, "transcribe", {"language": self.language or "", "prompt": self.prompt or ""}
+        )
+        item = next(self._items)
+        try:
+            self._live, self._scheduler = await asyncio.to_thread(
+                self.registry.open_live,
+                self.model_id,
+                LiveOptions(transcribe=options),
+                lambda event: self._on_live(item, event),
+            )
+        except (Busy, AllBusy) as e:
+            await self.send(_error(f"the server is at capacity for live sessions ({e}); retry later", "server_busy"))
+            return False
+        self._item = item
+        if self.rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        return True
+
+    async def _commit(self, client_id) -> bool:
+        if self._live is None:
+            await self.send(_error("the audio buffer is empty: nothing to commit", "input_audio_buffer_commit_empty"))
+            return True
+        if self._resampler is not None:
+            self._live.append(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        self._live.finish()
+        self._scheduler.wake()
+        await self.send(_event("input_audio_buffer.committed", item_id=self._item, previous_item_id=self._previous))
+        self._previous = self._item
+        self._live = self._scheduler = self._resampler = None  # the next append opens the next item
+        return True
+
+    def _end_item(self, cancel: bool) -> None:
+        if self._live is not None and cancel:
+            self._scheduler.close_live(self._live)
+        self._live = self._scheduler = self._resampler = None
+        self._item = None
+
+    def close(self) -> None:
+        self._closed = True
+        self._end_item(cancel=True)
+
+    # --- the live stream's events (the scheduler's thread) ---
+
+    def _on_live(self, item: str, event) -> None:
+        if isinstance(event, Confirmed):
+            kind = "conversation.item.input_audio_transcription.delta"
+            # `words` is ours (OpenAI's delta has none): each word's times in the item's audio
+            words = [{"word": w.word, "start": w.start, "end": w.end} for w in event.words]
+            out = _event(kind, item_id=item, content_index=0, delta=event.text, words=words)
+        elif isinstance(event, Finished):
+            out = _event(
+                "conversation.item.input_audio_transcription.completed",
+                item_id=item,
+                content_index=0,
+                transcript=event.text,
+            )
+        elif isinstance(event, Exception):
+            out = _error(f"the audio cannot be transcribed: {event}", "invalid_audio")
+        else:
+            return
+        asyncio.run_coroutine_threadsafe(self.send(out), self.loop)
+
+
+async def serve_session(websocket, registry: Registry, settings: Settings) -> None:
+    """The WebSocket endpoint: a Session until the client goes away (its item is dropped then)."""
+    from starlette.websockets import WebSocketDisconnect
+
+    await websocket.accept()
+    lock = asyncio.Lock()
+    if settings.api_key and websocket.headers.get("authorization") != f"Bearer {settings.api_key}":
+        message = "missing or wrong API key: send Authorization: Bearer <key>"
+        await websocket.send_json(_error(message, "invalid_api_key"))
+        await websocket.close(code=1008)
+        return
+
+    async def send(event: dict) -> None:
+        async with lock:
+            await websocket.send_json(event)
+
+    try:
+        model_id = registry.resolve(websocket.query_params.get("model") or registry.ids[0])
+    except UnknownModel:
+        await send(_error(f"model {websocket.query_params.get('model')!r} is not served here", "model_not_found"))
+        await websocket.close()
+        return
+    session = Session(registry, model_id, settings, send)
+    await session.send(_event("session.created", session=session.description()))
+    try:
+        while True:
+            text = await websocket.receive_text()
+            if not await session.handle(text):
+                await websocket.close()
+                break
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.close()

@@ -8,9 +8,10 @@ streams. As its words are confirmed they are sent as
 `conversation.item.input_audio_transcription.delta` events; the commit ends the item, answered by
 `input_audio_buffer.committed` and, once the rest is decoded, `...completed` with the whole
 transcript (each delta also carries `words`, their start and end in the item's audio: not
-OpenAI's, and ignored by its clients). Turn detection is the client's (its commits): the session reports `turn_detection`
-null whatever it asked. Errors are OpenAI's `error` events and leave the session open, except a
-server at its live-stream capacity, which says so and closes.
+OpenAI's, and ignored by its clients). Turn detection is the client's (its commits): the
+session reports `turn_detection` null whatever it asked. Errors are OpenAI's `error` events
+and leave the session open, except a server at its live-stream capacity, which says so and
+closes.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ the end of a confirmed segment once it is long, so a decode stays within one win
     live.finish()                         # no more audio: the next update is the last, then all is confirmed
 
 Events: `Partial` (the unconfirmed hypothesis after each update), `Confirmed` (words newly
-confirmed), `Finished` (the whole confirmed text). Word times are in the stream's time (seconds
+confirmed), `Behind` (decodes do not keep up with the audio), `Finished` (the whole confirmed
+text). Word times are in the stream's time (seconds
 since its first sample). `append` may be called from another thread than the rest.
 """
 
@@ -39,12 +40,14 @@ from .stream import TranscriptionStream
 class LiveOptions:
     """min_chunk: seconds of new audio before the buffer is decoded again (whisper_streaming's
     --min-chunk-size); trim: seconds of buffer past which it is cut at the end of a confirmed
-    segment (its --buffer_trimming_sec); max_buffer: seconds of buffer past which it is cut at
+    segment (its --buffer_trimming_sec); behind: seconds of new audio a decode may start with
+    before the stream is told it is Behind; max_buffer: seconds of buffer past which it is cut at
     the last confirmed word even without a segment end (a decode must stay within a window);
     prompt_chars: confirmed text before the buffer given as the prompt (its 200 characters);
     transcribe: the decoding options (word timestamps are always on)."""
 
     min_chunk: float = 1.0
+    behind: float = 5.0
     trim: float = 15.0
     max_buffer: float = 25.0
     prompt_chars: int = 200
@@ -81,6 +84,16 @@ class Confirmed:
 
 
 @dataclass(frozen=True)
+class Behind:
+    """A decode starts with more than LiveOptions.behind seconds of audio that came since the
+    last one: the decodes do not keep up with the audio (the machine is too busy for real time,
+    or the audio comes faster than real time). Said once a stream."""
+
+    seconds: float
+    audio_time: float
+
+
+@dataclass(frozen=True)
 class Finished:
     """The stream ended and everything is confirmed: its whole text."""
 
@@ -113,6 +126,7 @@ class LiveTranscription:
         self._decoded_at = 0  # samples received when the last update was made
         self._in_flight = False
         self._final = False  # the update in flight is the last (the stream had ended)
+        self._warned = False  # Behind was said
         self._language = self.options.transcribe.decode.language  # the first update's, when not given
         self.confirmed: list[Word] = []
         self._hypothesis: list[Word] = []  # the last update's unconfirmed words
@@ -156,6 +170,9 @@ class LiveTranscription:
         if ended and (new == 0 or len(self._buffer) == 0):
             self._finish()
             return None
+        if new > self.options.behind * SAMPLE_RATE and not self._warned:
+            self._warned = True
+            self._emit(Behind(round(new / SAMPLE_RATE, 2), self.received / SAMPLE_RATE))
         self._in_flight, self._decoded_at = True, self.received
         self._final = ended
         o = self.options.transcribe

@@ -9,7 +9,9 @@ streams. As its words are confirmed they are sent as
 `input_audio_buffer.committed` and, once the rest is decoded, `...completed` with the whole
 transcript (each delta also carries `words`, their start and end in the item's audio: not
 OpenAI's, and ignored by its clients). Turn detection is the client's (its commits): the
-session reports `turn_detection` null whatever it asked. Errors are OpenAI's `error` events
+session reports `turn_detection` null whatever it asked. An item whose decode starts with more
+than 5 s of audio that came since the last is told it is behind, once (`whisper_max.live.behind`,
+ours: the server does not keep up with its audio). Errors are OpenAI's `error` events
 and leave the session open, except a server at its live-stream capacity, which says so and
 closes.
 """
@@ -26,7 +28,7 @@ import uuid
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..live import Confirmed, Finished, LiveOptions
+from ..live import Behind, Confirmed, Finished, LiveOptions
 from .protocol import Settings, options_for
 from .registry import AllBusy, Registry, UnknownModel
 from .scheduler import Busy
@@ -209,6 +211,8 @@ class Session:
                 content_index=0,
                 transcript=event.text,
             )
+        elif isinstance(event, Behind):  # ours, not OpenAI's: the text will come, later
+            out = _event("whisper_max.live.behind", item_id=item, seconds=event.seconds)
         elif isinstance(event, Exception):
             out = _error(f"the audio cannot be transcribed: {event}", "invalid_audio")
         else:

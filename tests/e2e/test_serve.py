@@ -291,6 +291,52 @@ def test_a_realtime_transcription_session_through_the_openai_client(served, mode
     assert served.health()["live_streams"] == 0
 
 
+def _append(conn, pcm: bytes, rate: int = 24000) -> None:
+    import base64
+
+    step = int(0.2 * rate) * 2
+    for i in range(0, len(pcm), step):
+        conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + step]).decode()})
+
+
+def test_a_realtime_session_that_floods_or_vanishes_costs_another_nothing(served, model):
+    """While one session speaks at real-time pace, another sends 27 s of audio at once (it is told
+    it fell behind, then gets its transcript) and a third goes away in the middle of an item: the
+    first gets its words, and nothing is left live afterwards."""
+    clip = shared_audio("mfa_acoustic_corpus_spontaneous.wav")  # 26.7 s
+    steady: dict = {}
+
+    def speak() -> None:
+        with served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+            _session(conn)
+            steady["transcript"] = _realtime_item(conn, _pcm(JFK), 24000, pace=0.2)[-1].transcript
+
+    speaker = threading.Thread(target=speak)
+    speaker.start()
+    gone = served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}).enter()
+    _session(gone)
+    _append(gone, _pcm(clip)[: 24000 * 2 * 3])
+    gone.close()
+    with served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as flood:
+        _session(flood)
+        pcm = _pcm(clip)
+        _append(flood, pcm[: 24000 * 2 * 2])
+        time.sleep(0.5)  # its first decode may start on 2 s; then the rest arrives at once
+        _append(flood, pcm[24000 * 2 * 2 :])
+        flood.send({"type": "input_audio_buffer.commit"})
+        events = []
+        while not events or events[-1].type != "conversation.item.input_audio_transcription.completed":
+            events.append(flood.recv())
+            assert events[-1].type != "error", events[-1]
+        behind = [e for e in events if e.type == "whisper_max.live.behind"]
+        assert len(behind) == 1 and behind[0].seconds > 5, [e.type for e in events]
+        assert _wer(events[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, events[-1].transcript
+    speaker.join(300)
+    assert _wer(steady["transcript"], model.transcribe(str(JFK))["text"]) <= 0.15, steady
+    _idle(served, within=10.0)
+    assert served.health()["live_streams"] == 0
+
+
 def test_realtime_sessions_beyond_max_live_are_refused_and_others_go_on(model):
     s = Served(create_app(model, Settings(max_live=1)))
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from whisper_max.converter.convert import mel_assets
 from whisper_max.runtime import live as live_mod
-from whisper_max.runtime.live import Confirmed, Finished, LiveOptions, LiveTranscription, Partial
+from whisper_max.runtime.live import Behind, Confirmed, Finished, LiveOptions, LiveTranscription, Partial
 from whisper_max.runtime.results import Segment, TranscriptionResult, Word
 
 SR = 16000
@@ -169,3 +169,18 @@ def test_a_confirmed_tail_said_again_with_earlier_times_is_dropped_through_its_m
     # no match of "what" ("what?" is another word): "what?" ends before the confirmed end (5.2)
     # and its middle is before it too, so it goes; "your" agrees
     assert texts(events, Confirmed)[-1] == "your"
+
+
+def test_a_decode_starting_on_more_than_behind_seconds_of_new_audio_says_so_once(made):
+    live, events = made(behind=5.0)
+    live.append(np.zeros(5 * SR, np.float32))
+    s1 = live.next_update()
+    assert not [e for e in events if isinstance(e, Behind)]  # 5 s is not more than 5 s
+    live.append(np.zeros(6 * SR, np.float32))
+    live.update(decoded(s1))
+    s2 = live.next_update()
+    assert [e for e in events if isinstance(e, Behind)] == [Behind(6.0, 11.0)]
+    live.append(np.zeros(7 * SR, np.float32))
+    live.update(decoded(s2))
+    live.next_update()
+    assert len([e for e in events if isinstance(e, Behind)]) == 1

@@ -135,6 +135,12 @@ def serve_cmd(
     max_live: int = typer.Option(
         8, "--max_live", min=1, help="live streams (Realtime transcription items) at once per model; beyond, refused"
     ),
+    live_min_chunk: float = typer.Option(
+        1.0,
+        "--live_min_chunk",
+        min=0.1,
+        help="seconds of new audio before a live item is decoded again (lower: sooner text, more work)",
+    ),
     timeout: float = typer.Option(600.0, "--timeout", min=1, help="seconds a request may take (504 beyond)"),
     max_models: int | None = typer.Option(
         None,
@@ -160,6 +166,7 @@ def serve_cmd(
         max_active=max_active,
         queue_size=queue_size,
         max_live=max_live,
+        live_min_chunk=live_min_chunk,
         timeout=timeout,
         max_models=max_models,
         api_key=api_key or None,

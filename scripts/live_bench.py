@@ -1,6 +1,7 @@
 """Live transcription through whisper-serve's Realtime WebSocket: latency and WER on the dev set.
 
-    python scripts/live_bench.py --package tiny.en.maxpkg [--streams 6] [--speed 1.0] [--clips N] [--json out.json]
+    python scripts/live_bench.py --package tiny.en.maxpkg [--streams 6] [--speed 1.0] [--clips N] [--min_chunk 1.0]
+                                 [--json out.json]
 
 Starts whisper-serve's app in this process (uvicorn on a loopback port) and replays the English
 dev set's short clips (bench_setup.dev_set, the 231 s long-form file left out unless --long) through
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--speed", type=float, default=1.0, help="times real time (CI: faster)")
     ap.add_argument("--clips", type=int, default=None, help="the first N dev clips only")
     ap.add_argument("--long", action="store_true", help="also the 231 s long-form file")
+    ap.add_argument("--min_chunk", type=float, default=1.0, help="whisper-serve's --live_min_chunk")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -106,7 +108,7 @@ def main() -> None:
     clips = [(p, pcm24(p)) for p in paths]
     model = runtime.load(args.package)
     offline = {str(p): model.transcribe(str(p), language="en")["text"] for p in paths}
-    app = create_app(model, Settings(max_live=max(8, args.streams)))
+    app = create_app(model, Settings(max_live=max(8, args.streams), live_min_chunk=args.min_chunk))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -143,6 +145,7 @@ def main() -> None:
         "package": args.package,
         "streams": args.streams,
         "speed": args.speed,
+        "min_chunk": args.min_chunk,
         "clips": len(paths),
         "audio_seconds_per_stream": audio_seconds,
         "wall_seconds": wall,
@@ -155,7 +158,10 @@ def main() -> None:
         "decoder_calls": calls,
     }
     m = result["machine"]
-    print(f"CPU: {m['cpu']} ({m['kind']}); {args.streams} streams at {args.speed}x real time, {len(paths)} clips each")
+    print(
+        f"CPU: {m['cpu']} ({m['kind']}); {args.streams} streams at {args.speed}x real time, "
+        f"{len(paths)} clips each, a decode per {args.min_chunk:g} s of new audio"
+    )
     print(
         f"latency, end of word to its confirmation: median {result['latency_median']:.2f} s, "
         f"p90 {result['latency_p90']:.2f} s; each stream's median " + ", ".join(f"{x:.2f}" for x in per_stream) + " s"

@@ -42,6 +42,7 @@ class Settings:
     max_active: int = 8  # requests decoding at once on a model's engine
     queue_size: int = 32  # admitted requests waiting for a place, per model; beyond: 429
     max_live: int = 8  # live streams (Realtime sessions' items) decoding at once, per model; beyond: refused
+    live_min_chunk: float = 1.0  # seconds of new audio before a live item is decoded again
     max_models: int | None = None  # models resident at once (None: every one served)
     timeout: float = 600.0  # seconds from admission to answer; beyond: 504, and the request is dropped
     api_key: str | None = None

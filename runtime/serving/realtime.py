@@ -24,6 +24,7 @@ import binascii
 import itertools
 import json
 import uuid
+from dataclasses import replace
 
 import numpy as np
 
@@ -152,15 +153,18 @@ class Session:
 
     async def _start_item(self) -> bool:
         model = await asyncio.to_thread(self.registry.model, self.model_id)
+        # live decodes are greedy (with temperature fallback): a decode runs every second or so
+        # per item, and beams cost rows the other streams need (the dev set's WER is no worse)
+        greedy = replace(self.settings, beam_size=None, best_of=None)
         options, _, _ = options_for(
-            model, self.settings, "transcribe", {"language": self.language or "", "prompt": self.prompt or ""}
+            model, greedy, "transcribe", {"language": self.language or "", "prompt": self.prompt or ""}
         )
         item = next(self._items)
         try:
             self._live, self._scheduler = await asyncio.to_thread(
                 self.registry.open_live,
                 self.model_id,
-                LiveOptions(transcribe=options),
+                LiveOptions(min_chunk=self.settings.live_min_chunk, transcribe=options),
                 lambda event: self._on_live(item, event),
             )
         except (Busy, AllBusy) as e:

@@ -11,7 +11,7 @@ holding the graphs: a deleted package, another checkpoint of the same shape) rea
 under a second.
 
 Entries are zip files in `ir/` of whisper-max's cache directory (runtime.trust.cache_dir),
-written under a temporary name and renamed. An entry that cannot be read is traced again and
+written under a temporary name and renamed (runtime.files.atomic_open). An entry that cannot be read is traced again and
 replaced, with a warning: it is a cache, and what it holds is checked like any traced program
 (the conversion's parity check runs on every conversion).
 """
@@ -19,11 +19,8 @@ replaced, with a warning: it is a cache, and what it holds is checked like any t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import os
-import tempfile
 import zipfile
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.files import atomic_open
 from ..runtime.trust import cache_dir
 from . import ir, onnx_io
 
@@ -97,14 +95,8 @@ def store(name: str, program: ir.Program) -> None:
     """Keep `program` under `name`; a cache that cannot be written is logged, not an error."""
     d = directory()
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        with atomic_open(d / f"{name}.zip") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
             for n, data in onnx_io.to_onnx_files(program).items():
                 z.writestr(n, data)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=d)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, d / f"{name}.zip")
     except OSError as e:
         log.warning("cannot cache the IR in %s (%s); the next conversion traces again", d, e)

@@ -99,7 +99,7 @@ class Session:
         if kind == "input_audio_buffer.commit":
             return await self._commit(client_id)
         if kind == "input_audio_buffer.clear":
-            self._end_item(cancel=True)
+            self._drop_item()
             await self.send(_event("input_audio_buffer.cleared"))
             return True
         await self.send(_error(f"unknown or unsupported client event {kind!r}", "unknown_event", client_id, "type"))
@@ -190,15 +190,16 @@ class Session:
         self._live = self._scheduler = self._resampler = None  # the next append opens the next item
         return True
 
-    def _end_item(self, cancel: bool) -> None:
-        if self._live is not None and cancel:
+    def _drop_item(self) -> None:
+        """The audio since the last commit is dropped, its live stream closed."""
+        if self._live is not None:
             self._scheduler.close_live(self._live)
         self._live = self._scheduler = self._resampler = None
         self._item = None
 
     def close(self) -> None:
         self._closed = True
-        self._end_item(cancel=True)
+        self._drop_item()
 
     # --- the live stream's events (the scheduler's thread) ---
 

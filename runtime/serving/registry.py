@@ -112,24 +112,23 @@ class Registry:
         the scheduler that runs it. Busy (serving.scheduler) when that model's queue is full,
         AllBusy when it must be loaded and nothing may be unloaded. `on_event` gets the
         request's stream events (runtime.stream), in the scheduler's thread."""
+        return self._on_scheduler(model_id, lambda s: s.submit(samples, options, on_event))
+
+    def open_live(self, model_id: str, options, on_event):
+        """A live stream (runtime.live) on `model_id`'s engine (loading the model if needed), and
+        that model's scheduler. Busy when it has its `max_live` streams, AllBusy as submit."""
+        return self._on_scheduler(model_id, lambda s: s.open_live(options, on_event))
+
+    def _on_scheduler(self, model_id: str, call):
+        """(call(scheduler), scheduler) for `model_id`'s scheduler, under the lock so the model
+        cannot be unloaded between its loading and the call; it counts as used now."""
         while True:
             resident = self._resident_for(model_id)
             with self._lock:
                 if self._resident.get(model_id) is not resident:
                     continue  # unloaded between the two: load it again
                 resident.used = time.monotonic()
-                return resident.scheduler.submit(samples, options, on_event), resident.scheduler
-
-    def open_live(self, model_id: str, options, on_event):
-        """A live stream (runtime.live) on `model_id`'s engine (loading the model if needed), and
-        that model's scheduler. Busy when it has its `max_live` streams, AllBusy as submit."""
-        while True:
-            resident = self._resident_for(model_id)
-            with self._lock:
-                if self._resident.get(model_id) is not resident:
-                    continue
-                resident.used = time.monotonic()
-                return resident.scheduler.open_live(options, on_event), resident.scheduler
+                return call(resident.scheduler), resident.scheduler
 
     def scheduler(self, model_id: str) -> Scheduler | None:
         """The scheduler of `model_id` if it is resident."""
@@ -214,4 +213,4 @@ class Registry:
 
 def _idle(stats: dict) -> bool:
     """No request admitted and no live stream open on a model's scheduler: it may be unloaded."""
-    return stats["admitted"] == 0 and stats.get("live_streams", 0) == 0
+    return stats["admitted"] == 0 and stats["live_streams"] == 0

@@ -291,6 +291,20 @@ def _mel_block(x: np.ndarray, count: int, window: np.ndarray, filters: np.ndarra
     return np.ascontiguousarray(mel.T)
 
 
+def _floor(top: float) -> np.float32:
+    """openai-whisper's floor of a log-mel: 8 below its maximum `top`."""
+    return np.float32(top) - np.float32(8.0)
+
+
+def _scaled(mel: np.ndarray, floor: np.float32) -> np.ndarray:
+    """log10 mel frames (a float32 array of our own) floored at `floor` and scaled to (x + 4) / 4,
+    in place, as openai-whisper's log_mel_spectrogram ends."""
+    np.maximum(mel, floor, out=mel)
+    mel += np.float32(4.0)
+    mel /= np.float32(4.0)
+    return mel
+
+
 class LogMel:
     """The log-mel spectrogram of an audio and N_SAMPLES of padding, as openai-whisper's
     `log_mel_spectrogram(audio, padding=N_SAMPLES)`, computed once as the audio is read and kept
@@ -312,7 +326,7 @@ class LogMel:
         except BaseException:
             self._store.close()
             raise
-        self._floor = np.float32(top) - np.float32(8.0)
+        self._floor = _floor(top)
         self.content_frames = self.frames - padding // HOP_LENGTH
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -323,11 +337,7 @@ class LogMel:
         data = self._store.read(count * self.n_mels * 4)
         if len(data) != count * self.n_mels * 4:
             raise OSError(f"log-mel store: frames {start}..{stop} could not be read back")
-        mel = np.frombuffer(data, np.float32).reshape(count, self.n_mels).T.copy()
-        np.maximum(mel, self._floor, out=mel)
-        mel += np.float32(4.0)
-        mel /= np.float32(4.0)
-        return mel
+        return _scaled(np.frombuffer(data, np.float32).reshape(count, self.n_mels).T.copy(), self._floor)
 
     def close(self) -> None:
         self._store.close()
@@ -381,11 +391,7 @@ class LiveMel:
         """(n_mels, frames) float32 of every sample so far and the padding."""
         tail = self._frames.tail(self.padding)
         top = max([self._top, *(float(b.max()) for b in tail)])
-        mel = np.concatenate([*self._blocks, *tail]).T.copy()
-        np.maximum(mel, np.float32(top) - np.float32(8.0), out=mel)
-        mel += np.float32(4.0)
-        mel /= np.float32(4.0)
-        return mel
+        return _scaled(np.concatenate([*self._blocks, *tail]).T.copy(), _floor(top))
 
 
 def log_mel_spectrogram(audio: np.ndarray, filters: np.ndarray, padding: int = 0) -> np.ndarray:

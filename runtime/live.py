@@ -154,8 +154,9 @@ class LiveTranscription:
             pending, self._pending, ended = self._pending, [], self._ended
         for block in pending:
             self._mel.extend(block)  # refuses NaN and infinities
-            self._buffer = np.concatenate([self._buffer, block])
             self.received += len(block)
+        if pending:
+            self._buffer = np.concatenate([self._buffer, *pending])  # one copy of the buffer a take
         return ended
 
     def next_update(self) -> TranscriptionStream | None:

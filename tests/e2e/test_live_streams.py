@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from helpers import words_of
 
 from whisper_max import golden
 from whisper_max.runtime import load
 from whisper_max.runtime.audio import SAMPLE_RATE, load_audio
 from whisper_max.runtime.engine import Engine
 from whisper_max.runtime.live import Confirmed, Finished, LiveTranscription, Partial, run_live
-
-
-def words_of(text: str) -> list[str]:
-    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
 
 
 @pytest.fixture(scope="module")

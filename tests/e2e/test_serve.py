@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from helpers import OPENAI_SEGMENT_KEYS, shared_audio
+from helpers import OPENAI_SEGMENT_KEYS, shared_audio, wer, words_of
 
 from whisper_max import golden, runtime
 from whisper_max.runtime.cli import main as whisper_run
@@ -202,12 +202,7 @@ def _pcm(path: Path, rate: int = 24000) -> bytes:
 def _realtime_item(conn, pcm: bytes, rate: int, pace: float = 0.0) -> list:
     """Append `pcm` in 0.2 s pieces (sleeping `pace` s between them), commit, and return the
     server's events up to the item's completion."""
-    import base64
-
-    step = int(0.2 * rate) * 2
-    for i in range(0, len(pcm), step):
-        conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + step]).decode()})
-        time.sleep(pace)
+    _append(conn, pcm, rate, pace)
     conn.send({"type": "input_audio_buffer.commit"})
     events = []
     while not events or events[-1].type != "conversation.item.input_audio_transcription.completed":
@@ -224,23 +219,6 @@ def _session(conn, rate: int = 24000, language: str | None = "en") -> None:
     conn.send({"type": "session.update", "session": {"type": "transcription", "audio": {"input": audio}}})
     updated = conn.recv()
     assert updated.type == "session.updated" and updated.session.audio.input.format.rate == rate
-
-
-def _words(text: str) -> list[str]:
-    import re
-
-    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
-
-
-def _wer(hypothesis: str, reference: str) -> float:
-    """Word error rate of `hypothesis` against `reference` (edit distance over words)."""
-    h, r = _words(hypothesis), _words(reference)
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[-1] / max(1, len(r))
 
 
 def test_a_realtime_transcription_session_through_the_openai_client(served, model):
@@ -262,8 +240,8 @@ def test_a_realtime_transcription_session_through_the_openai_client(served, mode
         done = events[-1]
         deltas = [e.delta for e in events if e.type.endswith(".delta")]
         assert {e.item_id for e in events if e.type != "input_audio_buffer.committed"} == {done.item_id}
-        assert _words("".join(deltas)) == _words(done.transcript)
-        assert _wer(done.transcript, model.transcribe(str(JFK))["text"]) <= 0.15, done.transcript
+        assert words_of("".join(deltas)) == words_of(done.transcript)
+        assert wer(done.transcript, model.transcribe(str(JFK))["text"]) <= 0.15, done.transcript
         conn.send({"type": "no.such.event"})
         error = conn.recv()
         assert error.type == "error" and error.error.code == "unknown_event"
@@ -285,18 +263,21 @@ def test_a_realtime_transcription_session_through_the_openai_client(served, mode
         second = _realtime_item(conn, _pcm(clip, 16000), 16000)
         assert second[-1].item_id != done.item_id
         # as fast as it goes, an update may end inside a word: "Hester Prin" -> "has to print"
-        assert _words("".join(e.delta for e in second if e.type.endswith(".delta"))) == _words(second[-1].transcript)
-        assert _wer(second[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, second[-1].transcript
+        second_deltas = "".join(e.delta for e in second if e.type.endswith(".delta"))
+        assert words_of(second_deltas) == words_of(second[-1].transcript)
+        assert wer(second[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, second[-1].transcript
     _idle(served, within=10.0)
     assert served.health()["live_streams"] == 0
 
 
-def _append(conn, pcm: bytes, rate: int = 24000) -> None:
+def _append(conn, pcm: bytes, rate: int = 24000, pace: float = 0.0) -> None:
+    """Send `pcm` in input_audio_buffer.append events of 0.2 s, sleeping `pace` s after each."""
     import base64
 
     step = int(0.2 * rate) * 2
     for i in range(0, len(pcm), step):
         conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm[i : i + step]).decode()})
+        time.sleep(pace)
 
 
 def test_a_realtime_session_that_floods_or_vanishes_costs_another_nothing(served, model):
@@ -330,9 +311,9 @@ def test_a_realtime_session_that_floods_or_vanishes_costs_another_nothing(served
             assert events[-1].type != "error", events[-1]
         behind = [e for e in events if e.type == "whisper_max.live.behind"]
         assert len(behind) == 1 and behind[0].seconds > 5, [e.type for e in events]
-        assert _wer(events[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, events[-1].transcript
+        assert wer(events[-1].transcript, model.transcribe(str(clip))["text"]) <= 0.4, events[-1].transcript
     speaker.join(300)
-    assert _wer(steady["transcript"], model.transcribe(str(JFK))["text"]) <= 0.15, steady
+    assert wer(steady["transcript"], model.transcribe(str(JFK))["text"]) <= 0.15, steady
     _idle(served, within=10.0)
     assert served.health()["live_streams"] == 0
 
@@ -351,7 +332,7 @@ def test_realtime_sessions_beyond_max_live_are_refused_and_others_go_on(model):
             refused = second.recv()
             assert refused.type == "error" and refused.error.code == "server_busy"
         events = _realtime_item(first, _pcm(JFK)[48000:], 24000)
-        assert _wer(events[-1].transcript, model.transcribe(str(JFK))["text"]) <= 0.4, events[-1].transcript
+        assert wer(events[-1].transcript, model.transcribe(str(JFK))["text"]) <= 0.4, events[-1].transcript
         first.close()
     finally:
         s.close()

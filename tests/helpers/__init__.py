@@ -78,3 +78,18 @@ def typed(doc: dict):
     from whisper_max.runtime.manifest import Manifest
 
     return Manifest.from_json(doc)
+
+
+def words_of(text: str) -> list[str]:
+    """The words of a transcript, lower case, without punctuation (to compare live and offline text)."""
+    import re
+
+    return re.sub(r"[^a-z' ]", " ", text.lower()).split()
+
+
+def wer(hypothesis: str, reference: str) -> float:
+    """Word error rate of `hypothesis` against `reference` over words_of (golden.word_edits)."""
+    from whisper_max.golden import word_edits
+
+    ref = words_of(reference)
+    return word_edits(ref, words_of(hypothesis)) / max(1, len(ref))

@@ -51,6 +51,7 @@ class DecodingResult:
     no_speech_prob: float = np.nan
     temperature: float = np.nan
     compression_ratio: float = np.nan
+    cross: dict | None = field(default=None, repr=False)  # the window's cross_kv values (word timestamps reuse them)
 
 
 def compression_ratio(text: str) -> float:
@@ -413,9 +414,10 @@ class DecodingTask:
         s += [tk.transcribe, tk.translate, tk.sot, tk.sot_prev, tk.sot_lm, tk.no_speech]
         return tuple(sorted(set(s)))
 
-    def window(self, rows: Rows, features) -> Generator[Step, np.ndarray, DecodingResult]:
+    def window(self, rows: Rows, features, cross: dict | None = None) -> Generator[Step, np.ndarray, DecodingResult]:
         """Decode one window whose decoder state `rows` holds (`features`: its encoder output,
-        kept in the result for word timestamps): yields a Step per token, is sent the choice."""
+        `cross` its cross_kv values, both kept in the result for word timestamps): yields a Step
+        per token, is sent the choice."""
         self.decoder.reset()
         tk, n = self.tokenizer, self.n_group
         tokens = np.array([self.initial_tokens], np.int64)
@@ -432,7 +434,7 @@ class DecodingTask:
             if self.options.language is None:
                 tokens[:, split] = lang_tokens[0]
         if self.options.task == "lang_id":
-            return DecodingResult(audio_features=features, language=language, language_probs=lang_probs)
+            return DecodingResult(audio_features=features, language=language, language_probs=lang_probs, cross=cross)
         logits = rows.prefill(tokens[:, split:]) if split < tokens.shape[1] else logits_sot
         no_speech = float(np.exp(log_softmax(logits_sot))[0, tk.no_speech])
 
@@ -466,6 +468,7 @@ class DecodingTask:
         text = tk.decode(toks).strip()
         return DecodingResult(
             audio_features=features,
+            cross=cross,
             language=language,
             language_probs=lang_probs,
             tokens=toks,

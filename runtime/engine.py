@@ -126,8 +126,9 @@ class Engine:
 
     def _start(self, job: _Job) -> None:
         features = self.model.embed_audio(job.mel[None])
-        job.rows = self.pool.open(self.model.cross_kv(features))
-        job.steps = job.task.window(job.rows, features)
+        cross = self.model.cross_kv(features)
+        job.rows = self.pool.open(cross)
+        job.steps = job.task.window(job.rows, features, cross)
         self._running.append(job)
         self._advance(job, None)
 

@@ -185,7 +185,7 @@ class LiveTranscription:
             vad_filter=False,
             decode=replace(o.decode, language=self._language),
         )
-        return TranscriptionStream(self.model, self._mel.features(), options)
+        return TranscriptionStream(self.model, self._mel.features(), options, one_window=True)
 
     def _prompt(self) -> str | None:
         before = "".join(w.word for w in self.confirmed if w.end <= self.offset)

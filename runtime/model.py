@@ -146,15 +146,20 @@ class WhisperModel:
         first. `select`: from `selection`."""
         return select_call(self._run, logits, select)
 
-    def alignment(self, tokens: np.ndarray, audio_features) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits at every position and each layer's cross-attention scores (batch, head, n, frames)
-        of (1, n) `tokens` on one window's encoder output: one decoder_rows call (alignment_call),
-        or the alignment graph of a package that compiled one."""
+    def alignment(
+        self, tokens: np.ndarray, audio_features, frames: int, cross: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits at every position (1, n, n_vocab) of (1, n) `tokens` on one window's encoder
+        output, and the cross-attention scores of the alignment heads over its first `frames`
+        frames (alignment heads, n, frames): one decoder_rows call (alignment_call), or the
+        alignment graph of a package that compiled one. `cross`: the window's cross_kv values when
+        the caller has them (else they are computed again from `audio_features`)."""
         tokens = np.ascontiguousarray(tokens, np.int64)
         if Role.ALIGNMENT in self._sig:
             out = self._run(Role.ALIGNMENT, {TOKENS: tokens, AUDIO_FEATURES: audio_features})
-            n_layer = self.dims["n_text_layer"]
-            return out[LOGITS].to_numpy(), [out[f"decoder.blocks.{i}.cross_attn.qk"].to_numpy() for i in range(n_layer)]
+            qks = {layer: out[f"decoder.blocks.{layer}.cross_attn.qk"].to_numpy() for layer, _ in self.alignment_heads}
+            scores = np.stack([qks[layer][0, head, :, :frames] for layer, head in self.alignment_heads])
+            return out[LOGITS].to_numpy(), scores
         queries = [o for o in self._sig[Role.DECODER_ROWS].output_names() if o.endswith(QUERIES)]
         if len(queries) != self.dims["n_text_layer"]:
             raise PackageError(
@@ -163,7 +168,8 @@ class WhisperModel:
             )
         rows = state_specs(self._sig[Role.DECODER_ROWS])
         run = lambda graph, inputs: self._run(graph, inputs, counted_as="decoder_rows.alignment")  # noqa: E731
-        return alignment_call(run, rows, tokens, self.cross_kv(audio_features), queries)
+        cross = self.cross_kv(audio_features) if cross is None else cross
+        return alignment_call(run, rows, tokens, cross, queries, self.alignment_heads, frames)
 
     @staticmethod
     def select(state, index):

@@ -10,6 +10,7 @@ decoder: which graph a call runs (`decoder_call`), the in-place caches of the st
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -280,22 +281,32 @@ def prompt_rows(cache: StepCache, tokens: np.ndarray) -> dict:
     return feeds
 
 
-def alignment_call(run, specs: list[TensorSpec], tokens: np.ndarray, cross: dict, queries: list[str]):
+def alignment_call(
+    run,
+    specs: list[TensorSpec],
+    tokens: np.ndarray,
+    cross: dict,
+    queries: list[str],
+    heads: Sequence[tuple[int, int]],
+    frames: int,
+):
     """Word timestamps' inputs for (1, n) `tokens` on one window (`cross`: its decoder_rows values):
-    every position's logits (1, n, n_vocab) and each layer's cross-attention scores (1, heads, n,
-    frames), as openai-whisper's alignment pass takes them. One decoder_rows call (`specs`: its
-    state inputs), a row per token from an empty slot with every row's logits; the scores are the
-    layer's queries (the outputs `queries`, in layer order) times its keys, summed here in float32."""
+    every position's logits (1, n, n_vocab) and the cross-attention scores of `heads` ((layer,
+    head) pairs) over the first `frames` frames, (len(heads), n, frames), as openai-whisper's
+    alignment pass takes them. One decoder_rows call (`specs`: its state inputs), a row per token
+    from an empty slot with every row's logits; a head's scores are its queries (the layer's
+    output in `queries`, in layer order) times its keys, summed here in float32."""
     tokens = np.ascontiguousarray(tokens, np.int64)
     n = tokens.shape[1]
     cache = StepCache(specs, 1, Role.DECODER_ROWS)
     feeds = {**prompt_rows(cache, tokens[0]), **cross, **no_selection(n)}
     feeds[LOGIT_ROWS] = np.arange(n, dtype=np.int64)
     out = run(Role.DECODER_ROWS, feeds)
-    scores = []
-    for name in queries:
+    scores = np.empty((len(heads), n, frames), np.float32)
+    for i, (layer, head) in enumerate(heads):
+        name = queries[layer]
         keys = host(cross[name.removesuffix(QUERIES)])[0]  # (heads, hd, frames), scaled
-        heads, hd, _ = keys.shape
-        q = host(out[name]).reshape(n, heads, hd).transpose(1, 0, 2)  # (heads, n, hd), scaled
-        scores.append(np.matmul(q, keys)[None])
+        hd = keys.shape[1]
+        q = host(out[name]).reshape(n, -1, hd)[:, head]  # (n, hd), scaled
+        np.matmul(q, keys[head, :, :frames], out=scores[i])
     return host(out[LOGITS])[None], scores

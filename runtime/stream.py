@@ -85,8 +85,9 @@ class TranscriptionStream:
         audio,
         options: TranscribeOptions | None = None,
         on_event: Callable[[object], None] | None = None,
+        one_window: bool = False,
     ):
-        self._steps = _steps(model, audio, options or TranscribeOptions(), on_event or (lambda event: None))
+        self._steps = _steps(model, audio, options or TranscribeOptions(), on_event or (lambda event: None), one_window)
         self._window: Window | None = None
         self._result: TranscriptionResult | None = None
         self._advance(None)
@@ -131,7 +132,9 @@ def _clips(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
     return list(zip(points[::2], points[1::2]))
 
 
-def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callable[[object], None]):
+def _steps(
+    model: WhisperModel, audio, options: TranscribeOptions, emit: Callable[[object], None], one_window: bool = False
+):
     """openai-whisper's long-form loop as a generator: it yields each window it needs decoded,
     (mel segment, DecodingOptions), is sent the DecodingResult, and returns the result dict.
     What openai-whisper prints becomes events given to `emit`."""
@@ -146,8 +149,8 @@ def _steps(model: WhisperModel, audio, options: TranscribeOptions, emit: Callabl
         )  # read and transformed here, so a bad file fails at once
     try:
         if speech is None:
-            return (yield from _loop(model, mel, options, emit))
-        result = yield from _loop(model, mel, options, _in_original_time(speech, emit))
+            return (yield from _loop(model, mel, options, emit, one_window))
+        result = yield from _loop(model, mel, options, _in_original_time(speech, emit), one_window)
         return speech.restore(result)
     finally:
         mel.close()
@@ -183,7 +186,18 @@ def _in_original_time(speech: Speech, emit: Callable[[object], None]) -> Callabl
     return mapped
 
 
-def _loop(model: WhisperModel, mel: LogMel | MelArray, options: TranscribeOptions, emit: Callable[[object], None]):
+def _loop(
+    model: WhisperModel,
+    mel: LogMel | MelArray,
+    options: TranscribeOptions,
+    emit: Callable[[object], None],
+    one_window: bool = False,
+):
+    """openai-whisper's transcribe() loop over the windows. With `one_window` (runtime.live: audio
+    of at most a window whose end is still being spoken) only the first window is decoded, and the
+    text after its last pair of timestamps, which openai-whisper leaves for the next window, is
+    kept as a last segment ending where the audio ends: the next window would cost a second
+    encoder run on the same seconds that the next live update decodes again anyway."""
     o = options
     (
         compression_ratio_threshold,
@@ -318,6 +332,16 @@ def _loop(model: WhisperModel, mel: LogMel | MelArray, options: TranscribeOption
                     )
                 )
                 last_slice = current
+            tail = tokens[last_slice:]
+            if one_window and not single_timestamp_ending and any(t < tokenizer.eot for t in tail):
+                current_segments.append(
+                    new_segment(
+                        start=time_offset + (tail[0] - tokenizer.timestamp_begin) * time_precision,
+                        end=time_offset + segment_duration,
+                        tokens=tail,
+                        result=result,
+                    )
+                )
             if single_timestamp_ending:
                 seek += segment_size  # no speech after the last timestamp: go to the window's end
             else:
@@ -338,6 +362,7 @@ def _loop(model: WhisperModel, mel: LogMel | MelArray, options: TranscribeOption
                 model=model,
                 tokenizer=tokenizer,
                 audio_features=result.audio_features,
+                cross=result.cross,
                 num_frames=segment_size,
                 prepend_punctuations=o.prepend_punctuations,
                 append_punctuations=o.append_punctuations,
@@ -379,6 +404,8 @@ def _loop(model: WhisperModel, mel: LogMel | MelArray, options: TranscribeOption
         if not o.condition_on_previous_text or result.temperature > 0.5:
             prompt_reset_since = len(all_tokens)  # don't condition on a text that needed a high temperature
         emit(Progress(min(content_frames, seek), content_frames))
+        if one_window:
+            break
     log.debug("transcribed %.1f s of audio", content_duration)
     return {
         "text": tokenizer.decode(all_tokens[len(initial_prompt_tokens) :]),

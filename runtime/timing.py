@@ -33,7 +33,17 @@ def median_filter(x: np.ndarray, width: int) -> np.ndarray:
         return x  # reflect padding needs more samples than this
     padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, pad)], mode="reflect")
     windows = np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1)
-    return np.sort(windows, axis=-1)[..., pad]
+    return np.partition(windows, pad, axis=-1)[..., pad]
+
+
+def token_probabilities(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """softmax(logits[i])[tokens[i]] for each row i, as exp(log_softmax) there, without the
+    exponential of every logit of the row twice."""
+    x = logits.astype(np.float32, copy=False)
+    m = np.max(x, axis=-1, keepdims=True)
+    total = np.sum(np.exp(x - m), axis=-1)
+    picked = x[np.arange(len(tokens)), tokens] - m[:, 0]
+    return np.exp(picked - np.log(total))
 
 
 def dtw(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,18 +90,16 @@ def find_alignment(
     num_frames: int,
     medfilt_width: int = 7,
     qk_scale: float = 1.0,
+    cross: dict | None = None,
 ) -> list[WordTiming]:
     if not text_tokens:
         return []
     tokens = np.array([[*tokenizer.sot_sequence, tokenizer.no_timestamps, *text_tokens, tokenizer.eot]], np.int64)
-    logits, qks = model.alignment(tokens, audio_features)
+    logits, weights = model.alignment(tokens, audio_features, num_frames // 2, cross)  # weights: heads, tokens, frames
     sampled = logits[0, len(tokenizer.sot_sequence) :, : tokenizer.eot]
-    probs = np.exp(log_softmax(sampled))
-    text_token_probs = probs[np.arange(len(text_tokens)), text_tokens].tolist()
+    text_token_probs = token_probabilities(sampled[: len(text_tokens)], text_tokens).tolist()
 
-    weights = np.stack([qks[layer][0, head] for layer, head in model.alignment_heads])  # heads, tokens, frames
-    weights = weights[:, :, : num_frames // 2] * qk_scale
-    weights = np.exp(log_softmax(weights))
+    weights = np.exp(log_softmax(weights * qk_scale))
     mean = weights.mean(axis=-2, keepdims=True)
     std = weights.std(axis=-2, keepdims=True)
     weights = median_filter((weights - mean) / std, medfilt_width)
@@ -144,12 +152,15 @@ def add_word_timestamps(
     prepend_punctuations: str,
     append_punctuations: str,
     last_speech_timestamp: float,
+    cross: dict | None = None,
 ) -> None:
     """Fill each segment's "words" (word, start, end, probability), adjusting segment bounds."""
     if not segments:
         return
     per_segment = [[t for t in s["tokens"] if t < tokenizer.eot] for s in segments]
-    alignment = find_alignment(model, tokenizer, [t for ts in per_segment for t in ts], audio_features, num_frames)
+    alignment = find_alignment(
+        model, tokenizer, [t for ts in per_segment for t in ts], audio_features, num_frames, cross=cross
+    )
     durations = np.array([t.end - t.start for t in alignment])
     durations = durations[durations.nonzero()]
     median_duration = min(0.7, float(np.median(durations))) if len(durations) else 0.0

@@ -20,7 +20,7 @@ import whisper
 from helpers.fake_engine import FakeEngine, FakeStreamModel, scripted_logits, torch_model
 
 from whisper_max.converter.convert import mel_assets, tokenizer_assets
-from whisper_max.runtime.decoding import DecodingOptions
+from whisper_max.runtime.decoding import DecodingOptions, DecodingResult
 from whisper_max.runtime.engine import Engine, decode
 from whisper_max.runtime.options import TranscribeOptions
 from whisper_max.runtime.stream import DetectingLanguage, LanguageDetected, TranscriptionStream
@@ -172,3 +172,38 @@ def test_language_detection_is_a_window_on_the_engine():
         LanguageDetected,
     ]
     assert detected[0].code == expected
+
+
+@pytest.mark.parametrize("one_window", [False, True])
+def test_one_window_keeps_the_text_after_the_last_timestamps(one_window):
+    """openai-whisper leaves the text after a window's last pair of timestamps to a next window
+    that starts there; a live update (one_window) decodes its buffer once and keeps that text as
+    a last segment ending where the audio ends (the next update decodes those seconds again)."""
+    assets = tokenizer_assets(True, 99)
+    tokenizer = Tokenizer(assets["assets/multilingual.tiktoken"], json.loads(assets["assets/tokenizer.json"]))
+    filters = np.load(io.BytesIO(mel_assets(80)["assets/mel_filters.npy"]))
+    model = FakeStreamModel(tokenizer, filters)
+    audio = np.random.default_rng(4).standard_normal(16000 * 20).astype(np.float32) * 0.1
+    options = TranscribeOptions(decode=DecodingOptions(language="en"))
+    stream = TranscriptionStream(model, audio, options, one_window=one_window)
+    tb = tokenizer.timestamp_begin
+    first, rest = tokenizer.encode(" Said and done."), tokenizer.encode(" And then")
+    tokens = [tb, *first, tb + 100, tb + 100, *rest]  # 0.00-2.00, then text with no closing timestamp
+    window = stream.next_window()
+    stream.feed(DecodingResult(None, "en", tokens=tokens, avg_logprob=-0.1, no_speech_prob=0.0, temperature=0.0))
+    if not one_window:
+        assert stream.next_window() is not None  # openai-whisper's next window, from 2.00 s
+        assert [s.text for s in _fed_segments(stream, tokenizer)] == [" Said and done.", " And then"]
+        return
+    assert window.mel.shape[-1] == 3000 and stream.done
+    segments = stream.result.segments
+    assert [(s.start, s.end, s.text) for s in segments] == [(0.0, 2.0, " Said and done."), (2.0, 20.0, " And then")]
+
+
+def _fed_segments(stream, tokenizer):
+    """Feed the second window a closed segment (0.00-1.00 of it) and return the result's segments."""
+    tb = tokenizer.timestamp_begin
+    tokens = [tb, *tokenizer.encode(" And then"), tb + 50]
+    stream.feed(DecodingResult(None, "en", tokens=tokens, avg_logprob=-0.1, no_speech_prob=0.0, temperature=0.0))
+    assert stream.done
+    return stream.result.segments

@@ -24,7 +24,9 @@ def made(monkeypatch):
     filters = np.load(io.BytesIO(mel_assets(80)["assets/mel_filters.npy"]))
     model = SimpleNamespace(mel_filters=filters)
     monkeypatch.setattr(
-        live_mod, "TranscriptionStream", lambda m, mel, options: SimpleNamespace(mel=mel, options=options)
+        live_mod,
+        "TranscriptionStream",
+        lambda m, mel, options, one_window: SimpleNamespace(mel=mel, options=options, one_window=one_window),
     )
 
     def make(**options):
@@ -59,7 +61,7 @@ def test_words_are_confirmed_when_two_decodes_agree(made):
     assert live.next_update() is None  # under min_chunk of new audio
     live.append(np.zeros(SR // 2, np.float32))
     s1 = live.next_update()
-    assert s1 is not None and s1.options.word_timestamps and s1.options.initial_prompt is None
+    assert s1 is not None and s1.options.word_timestamps and s1.options.initial_prompt is None and s1.one_window
     assert s1.mel.content_frames == SR // 160  # the buffer's log-mel, as LiveMel computes it
     live.append(np.zeros(2 * SR, np.float32))
     assert live.next_update() is None  # one update in flight at a time

@@ -187,10 +187,15 @@ def alignment_outputs(program: ir.Program, models: dict, ref: dict, tok: np.ndar
     rows = program.graph(Role.DECODER_ROWS)
     queries = [name for name, _ in rows.outputs if name.endswith(QUERIES)]
     specs = state_specs(ir.graph_signature(rows))
-    logits, scores = alignment_call(_by_name(program, models), specs, tok, cross, queries)
+    n_head, _, frames = host(cross[queries[0].removesuffix(QUERIES)]).shape[1:]
+    heads = [
+        (layer, head) for layer in range(len(queries)) for head in range(n_head)
+    ]  # every head, not only the alignment's
+    logits, scores = alignment_call(_by_name(program, models), specs, tok, cross, queries, heads, frames)
+    scores = scores.reshape(len(queries), n_head, *scores.shape[1:])
     entries = [compare("logits.all", logits[0], ref["logits.all"], dtype)]
-    names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(len(scores))]
-    return entries + [compare(name, got, ref[name], dtype) for name, got in zip(names, scores)]
+    names = [f"decoder.blocks.{i}.cross_attn.qk" for i in range(len(queries))]
+    return entries + [compare(name, got[None], ref[name], dtype) for name, got in zip(names, scores)]
 
 
 def _by_name(program: ir.Program, models: dict):

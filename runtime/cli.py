@@ -53,7 +53,7 @@ def run_cmd(
         help=(
             "transcribe audio as it arrives and print the text as it is confirmed; AUDIO is - for 16 kHz mono "
             "16-bit PCM on standard input (ffmpeg -i talk.mp3 -f s16le -ar 16000 -ac 1 - | whisper-run tiny.en - "
-            "--live True) or one file"
+            "--live True) or one file; with --vad_filter True silence is not decoded and each turn is a line"
         ),
     ),
     model_dir: ModelDir = None,
@@ -120,11 +120,13 @@ def _live(model, audio: Path, options) -> None:
 
     from .audio import read_audio
     from .engine import Engine
-    from .live import Confirmed, LiveOptions, LiveTranscription, read_pcm16, run_live
+    from .live import Confirmed, LiveOptions, LiveTranscription, Turn, read_pcm16, run_live
 
     def show(event) -> None:
         if isinstance(event, Confirmed):
             print(event.text, end="", flush=True)
+        elif isinstance(event, Turn) and event.words:  # --vad_filter: a line a turn
+            print(flush=True)
 
     stream = LiveTranscription(model, LiveOptions(transcribe=options), on_event=show)
 

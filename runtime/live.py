@@ -18,6 +18,13 @@ Events: `Partial` (the unconfirmed hypothesis after each update), `Confirmed` (w
 confirmed), `Behind` (decodes do not keep up with the audio), `Finished` (the whole confirmed
 text). Word times are in the stream's time (seconds
 since its first sample). `append` may be called from another thread than the rest.
+
+With `vad_filter` in the transcription options, Silero VAD (runtime.vad.LiveVad, with
+`vad_parameters`) watches the audio as it comes: silence is not decoded (the buffer keeps only
+the pad before the next speech), and a turn ends after `min_silence_duration_ms` of silence: its
+last update confirms every word it has, without waiting for a second decode to agree. Events
+`SpeechStarted`, `SpeechStopped` and `Turn` (a turn's confirmed text) mark the turns; they are
+what whisper-serve's server_vad turn detection sends.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from .model import WhisperModel
 from .options import TranscribeOptions
 from .results import TranscriptionResult, Word
 from .stream import TranscriptionStream
+from .vad import LiveVad, VadOptions
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,34 @@ class Behind:
 
 
 @dataclass(frozen=True)
+class SpeechStarted:
+    """The VAD heard speech begin at `audio_time` (stream seconds, the pad before it included)."""
+
+    audio_time: float
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """The speech that began at the last SpeechStarted ended at `audio_time` (the pad after it
+    included): its turn's last update is due."""
+
+    audio_time: float
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A turn's words, all confirmed: the speech from `start` to `end` (stream seconds)."""
+
+    words: tuple[Word, ...]
+    start: float
+    end: float
+
+    @property
+    def text(self) -> str:
+        return "".join(w.word for w in self.words).strip()
+
+
+@dataclass(frozen=True)
 class Finished:
     """The stream ended and everything is confirmed: its whole text."""
 
@@ -131,6 +167,11 @@ class LiveTranscription:
         self.confirmed: list[Word] = []
         self._hypothesis: list[Word] = []  # the last update's unconfirmed words
         self.finished = False
+        t = self.options.transcribe
+        self._vad = LiveVad(t.vad_parameters or VadOptions()) if t.vad_filter else None
+        self._turns: list[list[float]] = []  # [start, end or inf] of turns not yet done (VAD)
+        self._turn_words = 0  # confirmed words before the oldest open turn
+        self._turn_end: float | None = None  # the update in flight ends the oldest turn, at this time
 
     # --- the audio side (any thread) ---
 
@@ -148,6 +189,12 @@ class LiveTranscription:
 
     # --- the decoding side ---
 
+    def fail(self, error: Exception) -> None:
+        """The stream cannot go on (its audio, or its decoding, failed): `error` is its last event."""
+        self._in_flight = False
+        self.finished = True
+        self._emit(error)
+
     def _take(self) -> bool:
         """Moves appended samples into the buffer; True once the stream has ended."""
         with self._lock:
@@ -155,6 +202,13 @@ class LiveTranscription:
         for block in pending:
             self._mel.extend(block)  # refuses NaN and infinities
             self.received += len(block)
+            for kind, at in self._vad.push(block) if self._vad is not None else ():
+                if kind == "start":
+                    self._turns.append([at / SAMPLE_RATE, np.inf])
+                    self._emit(SpeechStarted(at / SAMPLE_RATE))
+                else:
+                    self._turns[-1][1] = at / SAMPLE_RATE
+                    self._emit(SpeechStopped(at / SAMPLE_RATE))
         if pending:
             self._buffer = np.concatenate([self._buffer, *pending])  # one copy of the buffer a take
         return ended
@@ -166,7 +220,14 @@ class LiveTranscription:
         if self._in_flight or self.finished:
             return None
         new = self.received - self._decoded_at
-        if not ended and new < self.options.min_chunk * SAMPLE_RATE:
+        turn_over = self._vad is not None and bool(self._turns) and self._turns[0][1] < np.inf
+        if self._vad is not None and not self._turns:  # silence: nothing to decode
+            if ended:
+                self._finish()
+            else:
+                self._drop_silence()
+            return None
+        if not ended and not turn_over and new < self.options.min_chunk * SAMPLE_RATE:
             return None
         if ended and (new == 0 or len(self._buffer) == 0):
             self._finish()
@@ -176,6 +237,7 @@ class LiveTranscription:
             self._emit(Behind(round(new / SAMPLE_RATE, 2), self.received / SAMPLE_RATE))
         self._in_flight, self._decoded_at = True, self.received
         self._final = ended
+        self._turn_end = self._turns[0][1] if turn_over and not ended else None
         o = self.options.transcribe
         options = replace(
             o,
@@ -208,6 +270,8 @@ class LiveTranscription:
             agreed += 1
         if self._final:
             agreed = len(words)
+        elif self._turn_end is not None:  # the turn is over: what it said is confirmed
+            agreed = sum(1 for w in words if w.start < self._turn_end)
         confirmed, self._hypothesis = words[:agreed], words[agreed:]
         if confirmed:
             self.confirmed.extend(confirmed)
@@ -215,6 +279,9 @@ class LiveTranscription:
         self._emit(Partial(tuple(self._hypothesis), at))
         if self._final:
             self._finish()
+        elif self._turn_end is not None:
+            self._end_turn()
+            self._cut(max(self.offset, self._turn_end))
         else:
             self._trim([self.offset + s.end for s in result.segments])
 
@@ -258,12 +325,29 @@ class LiveTranscription:
         self._mel.extend(self._buffer)
         self._hypothesis = [w for w in self._hypothesis if w.start >= self.offset]
 
+    def _end_turn(self) -> None:
+        """The oldest open turn is decoded to its end: Turn with its words."""
+        start, end = self._turns.pop(0)
+        end = min(end, self.received / SAMPLE_RATE)
+        words, self._turn_words = self.confirmed[self._turn_words :], len(self.confirmed)
+        self._emit(Turn(tuple(words), start, end))
+
+    def _drop_silence(self) -> None:
+        """Between turns: the buffer keeps only the VAD's pad before what comes next, once it
+        holds a second more than that."""
+        pad = self._vad.options.speech_pad_ms / 1000
+        if len(self._buffer) / SAMPLE_RATE > pad + 1:
+            self._cut(self.received / SAMPLE_RATE - pad)
+            self._decoded_at = self.received  # silence is not new audio to decode
+
     def _finish(self) -> None:
         """Confirm what the last update left unconfirmed (the audio ended with it), and end."""
         if self._hypothesis:
             rest, self._hypothesis = self._hypothesis, []
             self.confirmed.extend(rest)
             self._emit(Confirmed(tuple(rest), self.received / SAMPLE_RATE))
+        while self._turns:  # the audio ended in a turn (or one the last update did not end)
+            self._end_turn()
         self.finished = True
         self._emit(Finished("".join(w.word for w in self.confirmed).strip()))
 

@@ -5,6 +5,7 @@ cut out of an audio with the map back to the audio's own timeline.
     speech = Speech.join(samples, regions)                # the spans end to end, one audio
     speech.original_time(12.3)                            # seconds in `speech` -> in `samples`
     chunks = Speech.cut(samples, regions, max_seconds=30) # consecutive spans in <= 30 s pieces
+    vad = LiveVad(VadOptions()); vad.push(block)          # audio as it arrives: [("start"|"stop", sample)]
 
 The options, the algorithm that turns per-window probabilities into spans, and the model file
 are faster-whisper's (runtime/assets/README.md), so both find the same speech in the same audio.
@@ -90,6 +91,21 @@ def _session():
     return onnxruntime.InferenceSession(str(MODEL_PATH), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _run(windows: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model over (n, CONTEXT + WINDOW) windows in order, from LSTM state (h, c): the
+    probabilities (n,) and the state after the last window."""
+    session = _session()
+    out = []
+    for i in range(0, len(windows), _RUN_WINDOWS):
+        probs, h, c = session.run(None, {"input": windows[i : i + _RUN_WINDOWS], "h": h, "c": c})
+        out.append(probs.reshape(-1))
+    return np.concatenate(out), h, c
+
+
+def _state() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32)
+
+
 def speech_probabilities(samples: np.ndarray) -> np.ndarray:
     """Silero's speech probability of each 512-sample window of 16 kHz mono `samples`: (windows,).
     The audio is zero-padded to one window more than whole windows, as faster-whisper pads it."""
@@ -100,14 +116,7 @@ def speech_probabilities(samples: np.ndarray) -> np.ndarray:
     windows = np.zeros((n, CONTEXT + WINDOW), np.float32)
     windows[:, CONTEXT:] = padded.reshape(n, WINDOW)
     windows[1:, :CONTEXT] = windows[:-1, -CONTEXT:]  # each window's context: the end of the one before
-    session = _session()
-    h = np.zeros((1, 1, 128), np.float32)
-    c = np.zeros((1, 1, 128), np.float32)
-    out = []
-    for i in range(0, n, _RUN_WINDOWS):
-        probs, h, c = session.run(None, {"input": windows[i : i + _RUN_WINDOWS], "h": h, "c": c})
-        out.append(probs.reshape(-1))
-    return np.concatenate(out)
+    return _run(windows, *_state())[0]
 
 
 def speech_regions(
@@ -180,6 +189,64 @@ def speech_regions(
         else:
             span[1] = min(total, span[1] + pad)
     return [(s, e) for s, e in spans]
+
+
+class LiveVad:
+    """Speech starts and stops in audio that arrives in pieces (runtime.live): Silero's
+    probability of each whole 512-sample window as it completes (the values speech_probabilities
+    gives for the same windows of the whole audio), and speech_regions' hysteresis over them:
+    speech from `threshold` up, until `min_silence_duration_ms` below `neg_threshold`. A start is
+    reported `speech_pad_ms` before its first window; a stop where the silence began, plus the
+    pad. Spans are not split or dropped by length: the caller decides what a turn is."""
+
+    def __init__(self, options: VadOptions):
+        self.options = options
+        self._h, self._c = _state()
+        self._context = np.zeros(CONTEXT, np.float32)
+        self._rest = np.zeros(0, np.float32)  # samples of the window not yet whole
+        self.windows = 0  # windows seen
+        self.speaking = False
+        self._silence_from: int | None = None  # where the silence inside the open span began
+        ms = SAMPLE_RATE // 1000
+        self._pad, self._min_silence = options.speech_pad_ms * ms, options.min_silence_duration_ms * ms
+        t = options.threshold
+        self._low = options.neg_threshold if options.neg_threshold is not None else max(t - 0.15, 0.01)
+
+    def probabilities(self, samples: np.ndarray) -> np.ndarray:
+        """The probabilities of the windows `samples` completes (the rest waits for more)."""
+        data = np.concatenate([self._rest, np.asarray(samples, np.float32).reshape(-1)])
+        n = len(data) // WINDOW
+        self._rest = data[n * WINDOW :]
+        if n == 0:
+            return np.zeros(0, np.float32)
+        windows = np.empty((n, CONTEXT + WINDOW), np.float32)
+        windows[:, CONTEXT:] = data[: n * WINDOW].reshape(n, WINDOW)
+        windows[0, :CONTEXT] = self._context
+        windows[1:, :CONTEXT] = windows[:-1, -CONTEXT:]
+        self._context = windows[-1, -CONTEXT:].copy()
+        probs, self._h, self._c = _run(windows, self._h, self._c)
+        return probs
+
+    def push(self, samples: np.ndarray) -> list[tuple[str, int]]:
+        """The ("start" | "stop", sample) transitions in the windows `samples` completes, sample
+        positions counted from the first sample pushed."""
+        out: list[tuple[str, int]] = []
+        for p in self.probabilities(samples):
+            at = self.windows * WINDOW
+            self.windows += 1
+            if p >= self.options.threshold:
+                self._silence_from = None
+                if not self.speaking:
+                    self.speaking = True
+                    out.append(("start", max(0, at - self._pad)))
+            elif self.speaking and p < self._low:
+                if self._silence_from is None:
+                    self._silence_from = at
+                if at - self._silence_from >= self._min_silence:
+                    self.speaking = False
+                    out.append(("stop", self._silence_from + self._pad))
+                    self._silence_from = None
+        return out
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,8 +8,12 @@ streams. As its words are confirmed they are sent as
 `conversation.item.input_audio_transcription.delta` events; the commit ends the item, answered by
 `input_audio_buffer.committed` and, once the rest is decoded, `...completed` with the whole
 transcript (each delta also carries `words`, their start and end in the item's audio: not
-OpenAI's, and ignored by its clients). Turn detection is the client's (its commits): the
-session reports `turn_detection` null whatever it asked. An item whose decode starts with more
+OpenAI's, and ignored by its clients). Turn detection is the client's (its commits) unless the
+session asks for `turn_detection` `server_vad` (threshold, prefix_padding_ms,
+silence_duration_ms): then one live stream with Silero VAD (runtime.live's vad_filter) takes the
+whole session's audio, silence is not decoded, and each turn is an item: `speech_started`,
+`speech_stopped`, `committed`, its deltas and `completed`, as OpenAI's server sends them (the
+server commits; a client's commit is an error). An item whose decode starts with more
 than 5 s of audio that came since the last is told it is behind, once (`whisper_max.live.behind`,
 ours: the server does not keep up with its audio). Errors are OpenAI's `error` events
 and leave the session open, except a server at its live-stream capacity, which says so and
@@ -29,12 +33,14 @@ from dataclasses import replace
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..live import Behind, Confirmed, Finished, LiveOptions
+from ..live import Behind, Confirmed, Finished, LiveOptions, SpeechStarted, SpeechStopped, Turn
+from ..vad import VadOptions
 from .protocol import Settings, options_for
 from .registry import AllBusy, Registry, UnknownModel
 from .scheduler import Busy
 
 RATES = (24000, 16000)  # OpenAI's audio/pcm rate, and Whisper's own
+SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}  # OpenAI's
 
 
 def _event(kind: str, **fields) -> dict:
@@ -61,6 +67,7 @@ class Session:
         self._scheduler = None
         self._resampler = None
         self._closed = False
+        self.turn_detection: dict | None = None  # SERVER_VAD's keys when the server detects turns
 
     def description(self) -> dict:
         return {
@@ -71,7 +78,7 @@ class Session:
                 "input": {
                     "format": {"type": "audio/pcm", "rate": self.rate},
                     "transcription": {"model": self.model_id, "language": self.language, "prompt": self.prompt or ""},
-                    "turn_detection": None,
+                    "turn_detection": self.turn_detection,
                     "noise_reduction": None,
                 }
             },
@@ -122,6 +129,15 @@ class Session:
             await self.send(_error("the rate cannot change within an item; commit first", "item_open", client_id))
             return True
         language, prompt = transcription.get("language") or None, transcription.get("prompt") or None
+        turns = audio.get("turn_detection", session.get("turn_detection", self.turn_detection))
+        try:
+            turns = _turn_detection(turns)
+        except ValueError as e:
+            await self.send(_error(str(e), "invalid_value", client_id, "turn_detection"))
+            return True
+        if self._live is not None and turns != self.turn_detection:
+            await self.send(_error("turn detection cannot change within an item; commit first", "item_open", client_id))
+            return True
         try:
             model = await asyncio.to_thread(self.registry.model, self.model_id)
             form = {"language": language or "", "prompt": prompt or ""}
@@ -129,7 +145,7 @@ class Session:
         except Exception as e:  # noqa: BLE001 - ApiError (a bad language), or a model that cannot load
             await self.send(_error(getattr(e, "message", str(e)), "invalid_value", client_id, "language"))
             return True
-        self.rate, self.language, self.prompt = rate, language, prompt
+        self.rate, self.language, self.prompt, self.turn_detection = rate, language, prompt, turns
         await self.send(_event(reply, session=self.description()))
         return True
 
@@ -159,13 +175,23 @@ class Session:
         options, _, _ = options_for(
             model, greedy, "transcribe", {"language": self.language or "", "prompt": self.prompt or ""}
         )
-        item = next(self._items)
+        if self.turn_detection is None:
+            item = next(self._items)
+            on_event = lambda event: self._on_live(item, event)  # noqa: E731
+        else:  # items are the VAD's turns: ids given as each starts, the oldest open first
+            t = self.turn_detection
+            vad = VadOptions(t["threshold"], min_silence_duration_ms=t["silence_duration_ms"])
+            options = replace(
+                options, vad_filter=True, vad_parameters=replace(vad, speech_pad_ms=t["prefix_padding_ms"])
+            )
+            item, turns = None, []
+            on_event = lambda event: self._on_turn(turns, event)  # noqa: E731
         try:
             self._live, self._scheduler = await asyncio.to_thread(
                 self.registry.open_live,
                 self.model_id,
                 LiveOptions(min_chunk=self.settings.live_min_chunk, transcribe=options),
-                lambda event: self._on_live(item, event),
+                on_event,
             )
         except (Busy, AllBusy) as e:
             await self.send(_error(f"the server is at capacity for live sessions ({e}); retry later", "server_busy"))
@@ -178,6 +204,10 @@ class Session:
         return True
 
     async def _commit(self, client_id) -> bool:
+        if self.turn_detection is not None:
+            message = "turn detection is the server's (server_vad): it commits each turn itself"
+            await self.send(_error(message, "server_vad_commit", client_id))
+            return True
         if self._live is None:
             await self.send(_error("the audio buffer is empty: nothing to commit", "input_audio_buffer_commit_empty"))
             return True
@@ -223,6 +253,58 @@ class Session:
         else:
             return
         asyncio.run_coroutine_threadsafe(self.send(out), self.loop)
+
+    def _on_turn(self, turns: list[str], event) -> None:
+        """A server_vad stream's events (the scheduler's thread): `turns` holds the ids of the
+        turns begun and not yet completed, oldest first; deltas belong to the oldest."""
+        outs = []
+        if isinstance(event, SpeechStarted):
+            turns.append(next(self._items))
+            outs.append(_event("input_audio_buffer.speech_started", audio_start_ms=_ms(event), item_id=turns[-1]))
+        elif isinstance(event, SpeechStopped):
+            item = turns[-1]
+            outs.append(_event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(event), item_id=item))
+            outs.append(_event("input_audio_buffer.committed", item_id=item, previous_item_id=self._previous))
+            self._previous = item
+        elif isinstance(event, Turn):
+            outs.append(
+                _event(
+                    "conversation.item.input_audio_transcription.completed",
+                    item_id=turns.pop(0),
+                    content_index=0,
+                    transcript=event.text,
+                )
+            )
+        elif isinstance(event, (Confirmed, Behind, Exception)) and turns:
+            return self._on_live(turns[0], event)
+        for out in outs:
+            asyncio.run_coroutine_threadsafe(self.send(out), self.loop)
+
+
+def _ms(event) -> int:
+    return round(event.audio_time * 1000)
+
+
+def _turn_detection(value) -> dict | None:
+    """A session's `turn_detection`: None (the client commits) or server_vad with OpenAI's
+    defaults for what it leaves out."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type", "server_vad") != "server_vad":
+        raise ValueError("turn_detection: null or {'type': 'server_vad', ...}; semantic_vad is not supported")
+    out = {**SERVER_VAD, **{k: v for k, v in value.items() if k in SERVER_VAD and v is not None}}
+    try:
+        VadOptions(float(out["threshold"]), min_silence_duration_ms=int(out["silence_duration_ms"]))
+        if int(out["prefix_padding_ms"]) < 0:
+            raise ValueError("prefix_padding_ms: >= 0 expected")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"turn_detection: {e}") from None
+    return {
+        **out,
+        "threshold": float(out["threshold"]),
+        "prefix_padding_ms": int(out["prefix_padding_ms"]),
+        "silence_duration_ms": int(out["silence_duration_ms"]),
+    }
 
 
 async def serve_session(websocket, registry: Registry, settings: Settings) -> None:

@@ -4,6 +4,7 @@ decodes must agree on, what it confirms at the end, where it cuts the buffer."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,8 +12,21 @@ import pytest
 
 from whisper_max.converter.convert import mel_assets
 from whisper_max.runtime import live as live_mod
-from whisper_max.runtime.live import Behind, Confirmed, Finished, LiveOptions, LiveTranscription, Partial
+from whisper_max.runtime.audio import load_audio
+from whisper_max.runtime.live import (
+    Behind,
+    Confirmed,
+    Finished,
+    LiveOptions,
+    LiveTranscription,
+    Partial,
+    SpeechStarted,
+    SpeechStopped,
+    Turn,
+)
+from whisper_max.runtime.options import TranscribeOptions
 from whisper_max.runtime.results import Segment, TranscriptionResult, Word
+from whisper_max.runtime.vad import LiveVad, VadOptions, speech_probabilities, speech_regions
 
 SR = 16000
 
@@ -186,3 +200,57 @@ def test_a_decode_starting_on_more_than_behind_seconds_of_new_audio_says_so_once
     live.update(decoded(s2))
     live.next_update()
     assert len([e for e in events if isinstance(e, Behind)]) == 1
+
+
+def test_with_vad_silence_is_not_decoded_and_a_turn_ends_confirmed(made):
+    """jfk.wav after a second of silence, then 3 s of silence: Silero (min silence 1.5 s) hears
+    speech from 1.044 s to 11.852 s. Nothing is decoded before the speech or in the silence
+    after; the update that follows the stop confirms every word the turn said (no second decode
+    to agree with), the words after its end stay unconfirmed, and the silence leaves the buffer."""
+    vad = VadOptions(min_silence_duration_ms=1500, speech_pad_ms=300)
+    live, events = made(transcribe=TranscribeOptions(vad_filter=True, vad_parameters=vad))
+    speech = load_audio(Path(__file__).parents[2] / "golden" / "data" / "jfk.wav")
+    live.append(np.zeros(SR, np.float32))
+    assert live.next_update() is None and events == []  # silence
+    live.append(speech[: 2 * SR])
+    s1 = live.next_update()
+    assert events == [SpeechStarted(1.044)] and s1 is not None
+    live.update(decoded(s1, (2.0, words(("and", 1.2, 1.5)))))
+    live.append(speech[2 * SR :])
+    live.append(np.zeros(3 * SR, np.float32))
+    s2 = live.next_update()  # the turn's last update, whatever min_chunk says
+    assert SpeechStopped(11.852) in events
+    said = words(("and", 1.2, 1.5), ("so", 1.6, 1.9), ("my", 2.0, 2.3), ("late", 12.5, 12.8))
+    live.update(decoded(s2, (13.0, said)))
+    assert texts(events, Confirmed) == ["and so my"] and texts(events, Partial)[-1] == "late"
+    turn = next(e for e in events if isinstance(e, Turn))
+    assert (turn.text, turn.start, turn.end) == ("and so my", 1.044, 11.852)
+    assert live.next_update() is None  # silence: no decode, the buffer keeps the pad only
+    assert live.offset == pytest.approx(15.0 - 0.3, abs=0.01) and len(live._buffer) < 0.31 * SR
+    live.finish()
+    assert live.next_update() is None
+    assert events[-1] == Finished("and so my") and live.finished
+
+
+def test_live_vad_hears_what_speech_regions_hears_in_pieces():
+    """LiveVad over pieces of any size: Silero's probabilities bit for bit as over the whole
+    audio, and the spans speech_regions finds (the last one still open)."""
+    speech = load_audio(Path(__file__).parents[2] / "golden" / "data" / "jfk.wav")
+    audio = np.concatenate([np.zeros(SR, np.float32), speech, np.zeros(3 * SR, np.float32), speech])
+    options = VadOptions(min_silence_duration_ms=500, speech_pad_ms=0)  # spans as found, not widened
+    rng = np.random.default_rng(0)
+    vad, probs, transitions, i = LiveVad(options), [], [], 0
+    while i < len(audio):
+        n = int(rng.integers(1, 4000))
+        probs.append(vad.probabilities(audio[i : i + n]))
+        i += n
+    probs = np.concatenate(probs)
+    assert np.array_equal(probs, speech_probabilities(audio)[: len(probs)])
+    vad, i = LiveVad(options), 0
+    while i < len(audio):
+        n = int(rng.integers(1, 4000))
+        transitions += vad.push(audio[i : i + n])
+        i += n
+    spans = speech_regions(audio, options)
+    assert transitions[::2] == [("start", s) for s, _ in spans]
+    assert transitions[1::2] == [("stop", e) for _, e in spans[:-1]]

@@ -12,6 +12,12 @@ positions, with different prompts and options. Beams and best-of samples of one 
 its cross-attention values. Each row computes exactly what it computes alone: the decoder_rows
 graph (passes.engine_rows) runs every row's sums over its own positions and window in the
 same order whatever else is in the call.
+
+A window that fails (its encoder, its decoding, what its stream does with the result) fails
+alone: its stream's `on_error` gets the exception and the others go on. When the shared decoder
+call itself raises, each window's step runs again alone (a row computes the same either way),
+so only the windows that fail alone fail. Without an `on_error` the exception leaves step(),
+after every other window has had its step.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class _Job:
     task: DecodingTask
     on_done: Callable[[DecodingResult], None]
     owner: object = None  # what cancel(owner) drops: the stream it decodes for
+    on_error: Callable[[Exception], None] | None = None
     rows: Rows | None = None
     steps: object = None  # the task's window generator
     step: Step | None = None
@@ -54,20 +61,35 @@ class Engine:
         self._running: list[_Job] = []
         self.calls = 0  # decoder calls made for running rows
         self.rows_decoded = 0  # rows those calls decoded (rows per call = rows_decoded / calls)
+        self.failed = 0  # windows that failed
+        self._errors: list[Exception] = []  # failures without an on_error, raised by step()
 
     # --- submitting ---
 
     def submit_window(
-        self, mel: np.ndarray, options: DecodingOptions, on_done: Callable[[DecodingResult], None], owner: object = None
+        self,
+        mel: np.ndarray,
+        options: DecodingOptions,
+        on_done: Callable[[DecodingResult], None],
+        owner: object = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         """Decode one (n_mels, 3000) log-mel window with `options`; `on_done(result)` is called
-        from step() when it is done (it may submit more). `owner` tags it for cancel()."""
+        from step() when it is done (it may submit more); `on_error(exception)` if it fails.
+        `owner` tags it for cancel()."""
         task = DecodingTask(self.model, options)  # checks the options now, not at its turn
-        self._waiting.append(_Job(np.asarray(mel, np.float32), task, on_done, owner))
+        self._waiting.append(_Job(np.asarray(mel, np.float32), task, on_done, owner, on_error))
 
-    def submit(self, stream, on_done: Callable[[object], None] | None = None) -> None:
+    def submit(
+        self,
+        stream,
+        on_done: Callable[[object], None] | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
         """Transcribe a runtime.stream.TranscriptionStream: each window it needs is decoded here
-        and fed back, until it is done; then `on_done(stream)`."""
+        and fed back, until it is done; then `on_done(stream)`. If a window fails, or the stream
+        fails on its result, `on_error(exception)` and the stream is dropped (without `on_error`
+        the exception leaves step())."""
 
         def fed(result: DecodingResult) -> None:
             stream.feed(result)
@@ -79,7 +101,7 @@ class Engine:
                 if on_done is not None:
                     on_done(stream)
             else:
-                self.submit_window(window.mel, window.options, fed, owner=stream)
+                self.submit_window(window.mel, window.options, fed, owner=stream, on_error=on_error)
 
         follow()
 
@@ -115,19 +137,36 @@ class Engine:
     def step(self) -> None:
         while self._waiting and (not self._running or self.live_rows + self._waiting[0].task.n_group <= self.max_rows):
             self._start(self._waiting.popleft())
-        if not self._running:
-            return
-        jobs = list(self._running)
+        if self._running:
+            jobs = list(self._running)
+            for job, choice in zip(jobs, self._choices(jobs)):
+                if isinstance(choice, Exception):
+                    self._fail(job, choice)
+                else:
+                    self._advance(job, choice)
+        if self._errors:
+            error, self._errors = self._errors[0], []
+            raise error
+
+    def _choices(self, jobs: list[_Job]) -> list:
+        """One decoder call for the jobs' rows (pool.step); the jobs of a call that raised run
+        their step again alone: each gets its choice or the exception it raises alone."""
         choices = self.pool.step([(j.rows, j.step) for j in jobs])
         self.calls += 1
-        self.rows_decoded += sum(len(j.step.rows) for j in jobs)
-        for job, choice in zip(jobs, choices):
-            self._advance(job, choice)
+        if len(jobs) > 1:
+            for i, job in enumerate(jobs):
+                if isinstance(choices[i], Exception):
+                    choices[i] = self.pool.step([(job.rows, job.step)])[0]
+        self.rows_decoded += sum(len(j.step.rows) for j, c in zip(jobs, choices) if not isinstance(c, Exception))
+        return choices
 
     def _start(self, job: _Job) -> None:
-        features = self.model.embed_audio(job.mel[None])
-        cross = self.model.cross_kv(features)
-        job.rows = self.pool.open(cross)
+        try:
+            features = self.model.embed_audio(job.mel[None])
+            cross = self.model.cross_kv(features)
+            job.rows = self.pool.open(cross)
+        except Exception as e:
+            return self._fail(job, e)
         job.steps = job.task.window(job.rows, features, cross)
         self._running.append(job)
         self._advance(job, None)
@@ -137,10 +176,27 @@ class Engine:
             job.step = next(job.steps) if choice is None else job.steps.send(choice)
         except StopIteration as done:
             self._finish(job)
-            job.on_done(done.value)
+            try:
+                job.on_done(done.value)
+            except Exception as e:  # the stream failed on the result: its error, not the engine's
+                self._fail(job, e)
+        except Exception as e:
+            self._fail(job, e)
         except BaseException:
             self._finish(job)
             raise
+
+    def _fail(self, job: _Job, error: Exception) -> None:
+        """The job's window failed: its rows are freed, and its on_error told (or step() raises)."""
+        self.failed += 1
+        if job in self._running:
+            self._finish(job)
+        if job.steps is not None:
+            job.steps.close()
+        if job.on_error is not None:
+            job.on_error(error)
+        else:
+            self._errors.append(error)
 
     def _finish(self, job: _Job) -> None:
         self._running.remove(job)

@@ -97,13 +97,18 @@ class RowPool:
     def step(self, items: list) -> list[np.ndarray]:
         """One decoder_rows call for the live rows of many windows: `items` (PoolRows,
         decoding.Step) pairs; each window's choice. Windows whose tokens every row suppresses
-        differ (other options) are called apart."""
+        differ (other options) are called apart; a call that raises gives its exception as the
+        choice of each of its windows (their rows stay where they were)."""
         out: list = [None] * len(items)
         groups: dict[bytes, list[int]] = {}
         for j, (_, st) in enumerate(items):
             groups.setdefault(np.asarray(st.suppress, np.int32).tobytes(), []).append(j)
         for members in groups.values():
-            for j, choice in zip(members, self._call([items[j] for j in members])):
+            try:
+                got = self._call([items[j] for j in members])
+            except Exception as e:
+                got = [e] * len(members)
+            for j, choice in zip(members, got):
                 out[j] = choice
         return out
 

@@ -4,8 +4,10 @@ Every admitted request is a long-form stream (runtime.stream) on that engine, so
 concurrent requests decode their next token in the same decoder call (continuous batching),
 each getting the tokens it gets alone. `submit()` is thread-safe and bounded (Busy beyond
 `max_active + queue_size`); `cancel()` frees a request's rows before the engine's next step.
-Nothing here is HTTP: the server (serving.app, one scheduler per resident model of its
-registry) and anything else that queues requests on one engine use it.
+A request whose window fails (its audio, or a bug its decoding meets) fails alone, with the
+error, and the others go on (runtime.engine). Nothing here is HTTP: the server (serving.app, one
+scheduler per resident model of its registry) and anything else that queues requests on one
+engine use it.
 """
 
 from __future__ import annotations
@@ -145,9 +147,11 @@ class Scheduler:
             if self.engine.busy:
                 try:
                     self.engine.step()
-                except Exception as e:  # a bug in decoding: fail what was running, keep serving
+                except Exception as e:  # not any one window's (each has its on_error): fail all, keep serving
                     for request in list(self._active):
                         self._done(request, error=RuntimeError(f"decoding failed: {e!r}"))
+                    for live in list(self._lives):
+                        self._live_failed(live, RuntimeError(f"decoding failed: {e!r}"))
                     self.engine = Engine(self.model, max_rows=self.engine.max_rows)
             self._publish()
         for request in [*self._active, *self._waiting]:
@@ -184,7 +188,11 @@ class Scheduler:
                 continue
             request.samples = None  # the stream holds its log-mel
             self._active[request] = stream
-            self.engine.submit(stream, lambda s, r=request: self._done(r, result=s.result))
+            self.engine.submit(
+                stream,
+                lambda s, r=request: self._done(r, result=s.result),
+                lambda e, r=request: self._done(r, error=RuntimeError(f"decoding failed: {e!r}")),
+            )
 
     def _live_updates(self) -> None:
         """Each live stream's next update, on the engine, when it has enough new audio."""
@@ -195,14 +203,17 @@ class Scheduler:
             try:
                 update = live.next_update()
             except Exception as e:  # its audio (NaN samples): that stream alone ends
-                live._emit(e)
-                self._close_live(live)
+                self._live_failed(live, e)
                 continue
             if live.finished:
                 self._close_live(live)
             elif update is not None:
                 self._lives[live] = update
-                self.engine.submit(update, lambda s, live=live: self._live_done(live, s))
+                self.engine.submit(
+                    update,
+                    lambda s, live=live: self._live_done(live, s),
+                    lambda e, live=live: self._live_failed(live, RuntimeError(f"decoding failed: {e!r}")),
+                )
 
     def _live_done(self, live: LiveTranscription, stream: TranscriptionStream) -> None:
         if live in self._lives:
@@ -211,6 +222,14 @@ class Scheduler:
             live.update(stream)
             if live.finished:
                 self._close_live(live)
+
+    def _live_failed(self, live: LiveTranscription, error: Exception) -> None:
+        """That live stream alone ends, its client told."""
+        if live not in self._lives:
+            return  # closed meanwhile
+        self._lives[live] = None  # its update is over (failed), nothing to cancel
+        live.fail(error)
+        self._close_live(live)
 
     def _close_live(self, live: LiveTranscription) -> None:
         if live not in self._lives:

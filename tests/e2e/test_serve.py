@@ -270,6 +270,68 @@ def test_a_realtime_transcription_session_through_the_openai_client(served, mode
     assert served.health()["live_streams"] == 0
 
 
+def test_server_vad_makes_each_turn_an_item_and_skips_the_silence(served, model):
+    """turn_detection server_vad: the server hears the turns (Silero VAD, 1.5 s of silence ends
+    one) in jfk.wav, 3 s of silence, a LibriSpeech clip and 3 s of silence sent at 4x real
+    time: each turn is an item, speech_started, speech_stopped and committed in that order, its
+    deltas, then completed with the turn's words; a client's commit is an error; semantic_vad is
+    refused."""
+    clip = shared_audio("ls_1221-135766-0002.wav")
+    silence = bytes(2 * 24000 * 3)
+    with served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+        _session(conn)
+        turns = {"type": "server_vad", "silence_duration_ms": 1500}
+        conn.send(
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"turn_detection": turns}}},
+            }
+        )
+        updated = conn.recv()
+        assert updated.type == "session.updated", updated
+        detection = updated.session.audio.input.turn_detection
+        assert (detection.type, detection.silence_duration_ms, detection.prefix_padding_ms) == ("server_vad", 1500, 300)
+        _append(conn, _pcm(JFK) + silence + _pcm(clip) + silence, pace=0.05)
+        conn.send({"type": "input_audio_buffer.commit"})
+        events = []
+        while sum(e.type.endswith("transcription.completed") for e in events) < 2:
+            events.append(conn.recv())
+        errors = [e for e in events if e.type == "error"]
+        assert [e.error.code for e in errors] == ["server_vad_commit"]
+        conn.send(
+            {
+                "type": "session.update",
+                "session": {"type": "transcription", "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+            }
+        )
+        refused = conn.recv()
+        assert refused.type == "error" and refused.error.code == "invalid_value"
+    events = [e for e in events if e.type != "error" and not e.type.startswith("whisper_max.")]
+    items = list(dict.fromkeys(e.item_id for e in events))
+    assert len(items) == 2
+    # an update that ends inside a word may hear "Hester Prin" as "has to print" (as above)
+    for item, audio, bound in zip(items, (JFK, clip), (0.2, 0.4)):
+        mine = [e for e in events if e.item_id == item]
+        kinds = [e.type for e in mine]
+        head = [
+            "input_audio_buffer.speech_started",
+            "input_audio_buffer.speech_stopped",
+            "input_audio_buffer.committed",
+        ]
+        assert [k for k in kinds if k.startswith("input_audio_buffer.")] == head, kinds
+        assert kinds[-1] == "conversation.item.input_audio_transcription.completed"
+        deltas = "".join(e.delta for e in mine if e.type.endswith(".delta"))
+        assert words_of(deltas) == words_of(mine[-1].transcript)
+        assert wer(mine[-1].transcript, model.transcribe(str(audio))["text"]) <= bound, mine[-1].transcript
+    starts = [e for e in events if e.type == "input_audio_buffer.speech_started"]
+    stops = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    assert (
+        0 < starts[0].audio_start_ms < stops[0].audio_end_ms < 14000 < starts[1].audio_start_ms < stops[1].audio_end_ms
+    )
+    _idle(served, within=10.0)
+    assert served.health()["live_streams"] == 0
+
+
 def _append(conn, pcm: bytes, rate: int = 24000, pace: float = 0.0) -> None:
     """Send `pcm` in input_audio_buffer.append events of 0.2 s, sleeping `pace` s after each."""
     import base64
@@ -607,6 +669,44 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
             transcribe(s.client, JFK)
         assert transcribe(s.client, JFK).text.endswith("for your country.")
         _idle(s)
+    finally:
+        s.close()
+
+
+def test_a_window_that_fails_inside_decoding_fails_its_request_alone(model):
+    """16 concurrent requests on one engine; the decoder calls that hold the rows of one of them
+    (the only one sampling at temperature 0.3) raise. That request gets a 500 with the error;
+    the engine runs the others' steps alone after each failed call, and the 15 get exactly the
+    text each gets alone."""
+    s = Served(create_app(model))
+    try:
+        pool = s.app.state.registry.scheduler("tiny.en").engine.pool
+        real = pool._call
+
+        def call(items):
+            if any((st.sampling[:, 0] == np.float32(0.3)).any() for _, st in items):
+                raise RuntimeError("simulated fault in a decoder call")
+            return real(items)
+
+        pool._call = call
+        names = ("ls_1089-134686-0001.wav", "ls_1221-135766-0002.wav", "lj_LJ050-0131.wav", "ls_2412-153948-0000.wav")
+        clips = [JFK, *(shared_audio(n) for n in names)]
+        alone = {c: transcribe(s.client, c).text for c in clips}
+        order = [clips[i % len(clips)] for i in range(15)]
+        order.insert(7, None)  # the failing request, among the others
+
+        def send(clip):
+            if clip is not None:
+                return transcribe(s.client, clip).text
+            with pytest.raises(openai.InternalServerError, match="simulated fault in a decoder call"):
+                transcribe(s.client, JFK, temperature=0.3)
+            return None
+
+        with ThreadPoolExecutor(16) as threads:
+            got = list(threads.map(send, order))
+        assert [t for t, c in zip(got, order) if c is not None] == [alone[c] for c in order if c is not None]
+        assert s.app.state.registry.scheduler("tiny.en").engine.failed >= 1
+        _idle(s, within=10.0)
     finally:
         s.close()
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import whisper
-from helpers.fake_engine import FakeEngine, FakeStreamModel, scripted_logits, torch_model
+from helpers.fake_engine import FakeEngine, FakePool, FakeStreamModel, scripted_logits, torch_model
 
 from whisper_max.converter.convert import mel_assets, tokenizer_assets
 from whisper_max.runtime.decoding import DecodingOptions, DecodingResult
@@ -118,6 +118,47 @@ def test_windows_join_and_leave_at_any_time(tokenizer):
     engine.run()
     assert got == alone
     assert 1 < model.widest <= 8
+
+
+class _PoisonedPool(FakePool):
+    """A decoder call that holds window 9's rows raises, as a bug one request meets would (the
+    real pool gives each window of a call that raised its exception, its rows unchanged)."""
+
+    def step(self, items) -> list:
+        if any(rows.window == 9 for rows, _ in items):
+            return [RuntimeError("the call with window 9 failed")] * len(items)
+        return super().step(items)
+
+
+class _Poisoned(FakeEngine):
+    def pool(self) -> FakePool:
+        return _PoisonedPool(self)
+
+
+def test_a_failing_window_fails_alone(tokenizer):
+    """Four windows decode together; the calls that hold window 9 raise. The engine runs each
+    window's step alone when a call raises: window 9 fails (its on_error), and 1, 2 and 3 give
+    the tokens they give alone. A window whose on_done raises fails the same way. Without an
+    on_error the failure leaves step(), after the others have had their step."""
+    options = DecodingOptions(language="en")
+    alone = {i: decode(FakeEngine(tokenizer), FakeEngine.features([i]), options)[0].tokens for i in (1, 2, 3)}
+    engine = Engine(_Poisoned(tokenizer))
+    got, errors = {}, {}
+    for i in (1, 2, 9, 3):
+        on_done = (lambda r: 1 / 0) if i == 3 else (lambda r, i=i: got.__setitem__(i, r.tokens))
+        engine.submit_window(
+            FakeEngine.features([i])[0], options, on_done, on_error=lambda e, i=i: errors.__setitem__(i, e)
+        )
+    engine.run()
+    assert got == {1: alone[1], 2: alone[2]}
+    assert sorted(errors) == [3, 9] and isinstance(errors[3], ZeroDivisionError)
+    assert str(errors[9]) == "the call with window 9 failed" and engine.failed == 2 and engine.live_rows == 0
+    engine.submit_window(FakeEngine.features([9])[0], options, lambda r: None)
+    engine.submit_window(FakeEngine.features([1])[0], options, lambda r: got.__setitem__("again", r.tokens))
+    with pytest.raises(RuntimeError, match="window 9"):
+        engine.run()
+    engine.run()
+    assert got["again"] == alone[1]
 
 
 def test_best_of_sampling(tokenizer):

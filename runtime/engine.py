@@ -61,6 +61,7 @@ class Engine:
         self._running: list[_Job] = []
         self.calls = 0  # decoder calls made for running rows
         self.rows_decoded = 0  # rows those calls decoded (rows per call = rows_decoded / calls)
+        self.windows = 0  # windows started (encoder runs)
         self.failed = 0  # windows that failed
         self._errors: list[Exception] = []  # failures without an on_error, raised by step()
 
@@ -161,6 +162,7 @@ class Engine:
         return choices
 
     def _start(self, job: _Job) -> None:
+        self.windows += 1
         try:
             features = self.model.embed_audio(job.mel[None])
             cross = self.model.cross_kv(features)

@@ -11,6 +11,7 @@ to install it, in one line.
 
 from __future__ import annotations
 
+import logging
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,15 @@ def serve(
     trust: bool = False,
     log_level: str = "info",
     model_dir: str | Path | None = None,
+    log_json: bool = False,
 ) -> int:
     """Serve `packages` (one, or a list: names, checkpoints or .maxpkg paths; a model's id is its
     package's name) until SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit.
     Every package is resolved (converted once if named) and vouched for at start; the first
     `settings.max_models` are loaded then, the rest on first use. Returns the exit code: 0 after
-    SIGTERM, 130 after Ctrl-C. `settings`: a serving.protocol.Settings (its defaults if None)."""
+    SIGTERM, 130 after Ctrl-C. `settings`: a serving.protocol.Settings (its defaults if None).
+    Each request is a log line with its id (serving.observe), instead of uvicorn's access log;
+    `log_json`: every line of the log a JSON object."""
     from .api import load
     from .serving.app import Registry, Settings, create_app  # MissingExtra without the server extra
 
@@ -66,12 +70,21 @@ def serve(
         queue_size=settings.queue_size,
         max_live=settings.max_live,
     )
+    if log_json:
+        from .serving.observe import json_logs
+
+        json_logs()
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # uvicorn's look
+    logging.getLogger("whisper_max").setLevel(log_level.upper())
     registry.preload()
     config = uvicorn.Config(
         create_app(registry, settings),
         host=host,
         port=port,
         log_level=log_level,
+        log_config=None if log_json else uvicorn.config.LOGGING_CONFIG,
+        access_log=False,  # serving.observe logs each request, with its id
         timeout_graceful_shutdown=int(settings.timeout) + 5,
     )
     server = Server(config)
@@ -152,7 +165,8 @@ def serve_cmd(
     ),
     model_dir: ModelDir = None,
     trust: Trust = False,
-    log_level: str = typer.Option("info", "--log_level", help="uvicorn's log level"),
+    log_level: str = typer.Option("info", "--log_level", help="uvicorn's and the request log's level"),
+    log_json: bool = typer.Option(False, "--log_json", help="every log line a JSON object (request lines too)"),
     flags: dict | None = None,
 ) -> None:
     beams, best = flags["beam_size"], flags["best_of"]
@@ -173,7 +187,7 @@ def serve_cmd(
         beam_size=beams,
         best_of=best,
     )
-    raise typer.Exit(serve(models, host, port, settings, trust, log_level, model_dir))
+    raise typer.Exit(serve(models, host, port, settings, trust, log_level, model_dir, log_json))
 
 
 def main(argv: list[str] | None = None) -> int:

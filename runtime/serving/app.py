@@ -6,7 +6,8 @@ scheduler), hands the request to that model's scheduler (serving.scheduler: the 
 concurrent requests decode in the same decoder calls) and waits for it; a request that times out
 or whose client goes away is cancelled and its rows are freed. Admission is bounded: past
 `max_active + queue_size` requests on a model, a 429 with Retry-After. Needs FastAPI and
-python-multipart (the `server` extra); any ASGI server runs it.
+python-multipart (the `server` extra); any ASGI server runs it. `/metrics` is Prometheus', and
+every HTTP request gets an id and a log line (serving.observe).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ require("fastapi", "server", "whisper-serve")
 require("python_multipart", "server", "whisper-serve (uploads)")
 from fastapi import FastAPI, Request, WebSocket  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 
 from ..audio import SAMPLE_RATE, AudioError  # noqa: E402
 from ..stream import SegmentDone  # noqa: E402
+from .observe import Metrics, Observe  # noqa: E402
 from .protocol import (  # noqa: E402
     FIELDS,
     ApiError,
@@ -75,12 +77,19 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
 
     app = FastAPI(title="whisper-serve", lifespan=lifespan)
     app.state.registry = registry
+    app.state.metrics = metrics = Metrics(registry)
     _error_handlers(app)
     app.add_middleware(_Guard, settings=settings)
+    app.add_middleware(Observe, metrics=metrics)  # outermost: it sees the guard's answers too
 
     @app.get("/health")
     async def health():
         return {"status": "ok", **registry.stats()}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = await asyncio.to_thread(metrics.scrape)
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models_list():
@@ -93,10 +102,12 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
     async def audio(request: Request, task: str):
         form = await _form(request, settings.max_upload_bytes)
         model_id = _model_id(registry, form.get("model"))
+        request.state.model = model_id
         model = await asyncio.to_thread(_loaded, registry, model_id)
         options, fmt, granularities = options_for(model, settings, task, form)
         streamed = wants_stream(form, fmt, task)
         samples = await asyncio.to_thread(read_upload, form["file"][1], form["file"][0], settings.max_audio_seconds)
+        request.state.audio_seconds = len(samples) / SAMPLE_RATE
         if streamed:
             return await _streamed(registry, model_id, samples, options, settings.timeout)
         job, scheduler = await asyncio.to_thread(_submit, registry, model_id, samples, options)
@@ -125,10 +136,12 @@ def _error_handlers(app) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
+        request.state.error_code = e.code or e.type
         return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
+        request.state.error_code = "http_error"
         return _error(
             e.status_code,
             str(e.detail),
@@ -213,12 +226,14 @@ class _Guard:
             key, limit = self.settings.api_key, self.settings.max_upload_bytes
             length = headers.get("content-length", "")
             if key and scope["path"].startswith("/v1/") and headers.get("authorization") != f"Bearer {key}":
+                scope.setdefault("state", {})["error_code"] = "invalid_api_key"
                 response = _error(
                     401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key"
                 )
                 return await response(scope, receive, send)
             if length.isdigit() and int(length) > limit:
                 message = f"the upload is {int(length)} bytes; this server takes at most {limit} (--max_upload_mb)"
+                scope.setdefault("state", {})["error_code"] = "upload_too_large"
                 return await _error(413, message, code="upload_too_large", headers={"Connection": "close"})(
                     scope, receive, send
                 )

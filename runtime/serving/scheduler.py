@@ -28,6 +28,14 @@ from ..live import LiveOptions, LiveTranscription
 from ..options import TranscribeOptions
 from ..stream import TranscriptionStream
 
+# the engine's counts a scheduler publishes (stats() name: Engine attribute), summed over its engines
+_ENGINE_COUNTS = {
+    "decoder_calls": "calls",
+    "rows_decoded": "rows_decoded",
+    "windows": "windows",
+    "failed_windows": "failed",
+}
+
 
 class Busy(Exception):
     """The admission queue is full: `capacity` requests are admitted; one takes about `latency` s."""
@@ -71,6 +79,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="whisper-engine", daemon=True)
         self.latency = 5.0  # seconds a request takes, smoothed: the Retry-After estimate
         self.served = 0
+        self.failed = 0  # requests and live streams answered with an error
+        self._retired = dict.fromkeys(_ENGINE_COUNTS, 0)  # the counts of engines replaced after a failure
         self._stats: dict = {}
         self._publish()
 
@@ -129,10 +139,11 @@ class Scheduler:
         e = self.engine
         stats = {
             "active": len(self._active),
+            "waiting": len(self._waiting),
             "live_rows": e.live_rows,
-            "decoder_calls": e.calls,
-            "rows_decoded": e.rows_decoded,
+            **{name: getattr(e, attr) + self._retired[name] for name, attr in _ENGINE_COUNTS.items()},
             "served": self.served,
+            "failed": self.failed,
         }
         with self._lock:
             self._stats = stats
@@ -152,6 +163,8 @@ class Scheduler:
                         self._done(request, error=RuntimeError(f"decoding failed: {e!r}"))
                     for live in list(self._lives):
                         self._live_failed(live, RuntimeError(f"decoding failed: {e!r}"))
+                    for name, attr in _ENGINE_COUNTS.items():
+                        self._retired[name] += getattr(self.engine, attr)
                     self.engine = Engine(self.model, max_rows=self.engine.max_rows)
             self._publish()
         for request in [*self._active, *self._waiting]:
@@ -228,6 +241,7 @@ class Scheduler:
         if live not in self._lives:
             return  # closed meanwhile
         self._lives[live] = None  # its update is over (failed), nothing to cancel
+        self.failed += 1
         live.fail(error)
         self._close_live(live)
 
@@ -258,4 +272,6 @@ class Scheduler:
             self.latency = 0.8 * self.latency + 0.2 * (time.monotonic() - request.admitted)
             request.future.set_result(result)
         elif not request.future.done():
+            if not isinstance(error, asyncio.CancelledError):
+                self.failed += 1
             request.future.set_exception(error)

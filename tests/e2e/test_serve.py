@@ -4,6 +4,7 @@ outputs for the same file and options, batching across requests, limits and bad 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -673,6 +674,73 @@ def test_a_decoding_failure_answers_500_and_the_server_goes_on(model):
         s.close()
 
 
+def test_metrics_count_the_requests_sent_and_each_request_has_an_id_and_a_log_line(model, caplog):
+    """/metrics (Prometheus' text format, read with prometheus-client's parser) after 3
+    transcriptions of jfk.wav, an unreadable upload and an unknown model: the request counters,
+    audio seconds and real-time factors of exactly those, the engine's counts; each answer
+    carries an X-Request-Id (the client's when it sent one) and the log has its line."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = Served(create_app(model))
+    try:
+        with caplog.at_level(logging.INFO, logger="whisper_max.serve.access"):
+            for _ in range(2):
+                transcribe(s.client, JFK)
+            files = {"file": ("jfk.wav", JFK.read_bytes())}
+            r = httpx.post(
+                f"{s.url}/v1/audio/transcriptions",
+                files=files,
+                data={"model": "whisper-1"},
+                headers={"x-request-id": "client-id-7"},
+                timeout=120,
+            )
+            assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-7"
+            with pytest.raises(openai.BadRequestError):
+                s.client.audio.transcriptions.create(file=("x.wav", b"not audio"), model="whisper-1")
+            with pytest.raises(openai.NotFoundError):
+                transcribe(s.client, JFK, model="large-v3")
+            generated = httpx.get(f"{s.url}/health").headers["x-request-id"]
+            scraped = httpx.get(f"{s.url}/metrics")
+        assert scraped.headers["content-type"].startswith("text/plain") and len(generated) == 32
+        samples = {}
+        for family in text_string_to_metric_families(scraped.text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+        def value(name, **labels):
+            return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+        path = "/v1/audio/transcriptions"
+        assert value("whisper_requests_total", endpoint=path, model="tiny.en", status="200") == 3
+        assert value("whisper_requests_total", endpoint=path, model="tiny.en", status="400") == 1
+        assert value("whisper_requests_total", endpoint=path, model="", status="404") == 1
+        assert value("whisper_request_errors_total", endpoint=path, model="", code="model_not_found") == 1
+        assert value("whisper_request_audio_seconds_count", model="tiny.en") == 3
+        assert value("whisper_request_audio_seconds_sum", model="tiny.en") == pytest.approx(3 * 11.0, abs=0.01)
+        assert value("whisper_request_real_time_factor_count", model="tiny.en") == 3
+        assert value("whisper_request_duration_seconds_count", endpoint=path, model="tiny.en") == 4
+        assert (
+            value("whisper_served_total", model="tiny.en") == 3 and value("whisper_model_loaded", model="tiny.en") == 1
+        )
+        assert value("whisper_encoder_windows_total", model="tiny.en") == 3
+        assert (
+            value("whisper_decoder_rows_total", model="tiny.en")
+            > value("whisper_decoder_calls_total", model="tiny.en")
+            > 0
+        )
+        assert (
+            value("whisper_rows_in_flight", model="tiny.en") == 0 and value("whisper_queue_depth", model="tiny.en") == 0
+        )
+        lines = [r.getMessage() for r in caplog.records if r.name == "whisper_max.serve.access"]
+        assert any(
+            line.startswith("client-id-7 POST /v1/audio/transcriptions 200 ") and "audio=11.00" in line
+            for line in lines
+        )
+        assert any(line.startswith(f"{generated} GET /health 200 ") for line in lines)
+    finally:
+        s.close()
+
+
 def test_a_window_that_fails_inside_decoding_fails_its_request_alone(model):
     """16 concurrent requests on one engine; the decoder calls that hold the rows of one of them
     (the only one sampling at temperature 0.3) raise. That request gets a 500 with the error;
@@ -720,3 +788,16 @@ def test_uploads_wait_as_16_bit_values_without_loss(name):
     held = read_upload(path.read_bytes(), name, 60.0)
     assert held.dtype == np.int16
     np.testing.assert_array_equal(held.astype(np.float32) / np.float32(32768), load_audio(path))
+
+
+def test_log_json_makes_each_line_a_json_object():
+    """--log_json: a request's line, with its fields, as one JSON object (python-json-logger)."""
+    code = (
+        "import logging; from whisper_max.runtime.serving.observe import json_logs; json_logs(); "
+        "logging.getLogger('whisper_max.serve.access').info('r1 GET /health 200', "
+        "extra={'request_id': 'r1', 'status': 200, 'duration_s': 0.01})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    line = json.loads(out.stderr.strip())
+    assert line["message"] == "r1 GET /health 200" and line["request_id"] == "r1" and line["status"] == 200
+    assert line["name"] == "whisper_max.serve.access" and line["levelname"] == "INFO"

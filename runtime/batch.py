@@ -11,7 +11,9 @@ duration, error) and the others go on; the exit code is 1 when any file failed.
 With `--ray` (a local Ray instance started for the job) or `--ray_address ADDR` (an existing
 cluster), files go in groups of `--batch_size` to a pool of actors, each of which loads the model
 once and decodes its group on its own engine; this process writes the outputs and the summary,
-so the files are the same as a local run's. On a cluster, every node must see the input paths
+so the files are the same as a local run's. An actor that dies (killed, out of memory, its node
+lost) is restarted and its group decoded again, up to RAY_RETRIES times; the outputs of a group
+are written when it returns, so each once. On a cluster, every node must see the input paths
 (a shared filesystem) and have whisper-max installed; each node's actors make or reuse the
 package for a model name in that node's cache (compiled for its CPU).
 """
@@ -39,6 +41,7 @@ AUDIO_EXTENSIONS = frozenset(
 )
 LIST_EXTENSIONS = frozenset((".txt", ".lst", ".list"))
 SUMMARY = "summary.json"
+RAY_RETRIES = 3  # restarts of a dead actor, and retries of the group it was decoding
 
 
 class BatchError(RuntimeError):
@@ -310,7 +313,7 @@ def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, mode
         cpus = int(ray.cluster_resources().get("CPU", 1))
         per_actor = min(cpus, int(os.environ.get("WHISPER_MAX_RAY_CPUS_PER_WORKER", "2")))
         count = workers or max(1, cpus // per_actor)
-        actor = ray.remote(num_cpus=per_actor)(_Worker)
+        actor = ray.remote(num_cpus=per_actor, max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)(_Worker)
         pool = ActorPool(
             [
                 actor.remote(model_arg, str(model_dir) if model_dir else None, trust, options, batch_size)
@@ -325,9 +328,10 @@ def _run_on_ray(model_arg, todo: list[Job], options, record, *, batch_size, mode
             for rows in pool.map_unordered(lambda a, g: a.transcribe.remote(*g), groups):
                 for i, result, duration, error in rows:
                     record(todo[i], result, duration, error)
-        except ray.exceptions.RayError as e:  # an actor could not load the model, or died
+        except ray.exceptions.RayError as e:  # an actor could not load the model, or died RAY_RETRIES times
             raise BatchError(
-                f"a Ray worker failed ({type(e).__name__}): {e}; files finished before it are written, re-run to go on"
+                f"a Ray worker failed ({type(e).__name__}, after {RAY_RETRIES} restarts): {e}; files finished before "
+                "it are written, re-run to go on"
             ) from e
     finally:
         if owns:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,50 @@ def test_the_same_job_on_a_local_ray_gives_the_same_files(local_run, dev, tiny_e
         for f in _summary(out)["files"]
     }
     assert {f["input"]: (f["status"], f["duration"], f["error"]) for f in _summary(ray_out)["files"]} == local
+
+
+def test_a_ray_actor_killed_mid_job_is_restarted_and_the_job_finishes(local_run, dev, tiny_en, tmp_path):
+    """SIGKILL to the Ray actor while it decodes a group (as the OOM killer would): Ray restarts
+    it and decodes that group again; every output is written once and is the local run's, and
+    summary.json is the local run's."""
+    _, out = local_run
+    ray_out = tmp_path / "ray"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_a_busy_actor() -> None:
+        while not stop.wait(0.2) and not killed:
+            if not any(ray_out.glob("*.txt")):  # mid-job: after the first group is written
+                continue
+            for proc in Path("/proc").iterdir():
+                try:
+                    title = (proc / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if title.startswith(b"ray::_Worker.transcribe"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+                    return
+
+    killer = threading.Thread(target=kill_a_busy_actor, daemon=True)
+    killer.start()
+    try:
+        rc = main(
+            [str(tiny_en.path), str(dev), "--out", str(ray_out), "--beam_size", "None", "--ray", "--batch_size", "2"]
+        )
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no actor was decoding after the first group was written: nothing was killed"
+    assert rc == 1  # the corrupt file
+    assert _outputs(ray_out) == _outputs(out)
+    local = {
+        f["input"]: (f["status"] if f["status"] != "skipped" else "done", f["duration"], f["error"])
+        for f in _summary(out)["files"]
+    }
+    files = _summary(ray_out)["files"]
+    assert len(files) == len(local)
+    assert {f["input"]: (f["status"], f["duration"], f["error"]) for f in files} == local
 
 
 def test_inputs_files_folders_and_lists(tmp_path):

@@ -528,6 +528,32 @@ def test_timeouts_and_clients_that_go_away_free_their_rows(model):
         s.close()
 
 
+def test_a_slow_upload_holds_no_engine_and_one_cut_mid_upload_leaves_nothing(served):
+    """A client that sends half its upload and stalls is not admitted (the engine never sees it)
+    while another request is answered; when it goes away mid-upload nothing is
+    left admitted."""
+    boundary = "slow-upload"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="jfk.wav"\r\n\r\n'
+    ).encode()
+    body = head + JFK.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    host, port = served.url.removeprefix("http://").split(":")
+    alone = transcribe(served.client, JFK).text
+    with socket.create_connection((host, int(port))) as slow:
+        slow.sendall(
+            (
+                f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[: len(body) // 2]
+        )
+        time.sleep(0.5)
+        assert transcribe(served.client, JFK).text == alone  # answered while the other upload stalls
+        assert served.health()["admitted"] == 0  # the stalled upload is not a request yet
+    _idle(served)  # it went away mid-upload: nothing admitted, no rows
+
+
 def _cut(path: Path, seconds: float) -> bytes:
     import io
 

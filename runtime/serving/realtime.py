@@ -47,8 +47,14 @@ def _event(kind: str, **fields) -> dict:
     return {"type": kind, "event_id": f"event_{uuid.uuid4().hex[:20]}", **fields}
 
 
-def _error(message: str, code: str, client_event: str | None = None, param: str | None = None) -> dict:
-    error = {"type": "invalid_request_error", "code": code, "message": message, "param": param}
+def _error(
+    message: str,
+    code: str,
+    client_event: str | None = None,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+) -> dict:
+    error = {"type": kind, "code": code, "message": message, "param": param}
     return _event("error", error={**error, "event_id": client_event})
 
 
@@ -248,6 +254,10 @@ class Session:
             )
         elif isinstance(event, Behind):  # ours, not OpenAI's: the text will come, later
             out = _event("whisper_max.live.behind", item_id=item, seconds=event.seconds)
+        elif isinstance(event, Exception) and str(event).startswith(
+            "decoding failed"
+        ):  # the scheduler's: not the audio
+            out = _error(f"the item's decoding failed; it ends here: {event}", "decoding_failed", kind="server_error")
         elif isinstance(event, Exception):
             out = _error(f"the audio cannot be transcribed: {event}", "invalid_audio")
         else:

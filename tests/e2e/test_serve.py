@@ -767,6 +767,49 @@ def test_metrics_count_the_requests_sent_and_each_request_has_an_id_and_a_log_li
         s.close()
 
 
+def test_a_live_stream_whose_decoding_fails_ends_alone(served, model, monkeypatch):
+    """Two Realtime sessions on one engine; every update of the one whose prompt is "poison"
+    raises as its result comes back. That session gets an error event and its item ends; the
+    other's item is transcribed as it is alone, and nothing is left live."""
+    from whisper_max.runtime import live as live_mod
+
+    update = live_mod.LiveTranscription.update
+
+    def poisoned(self, stream):
+        if self.options.transcribe.initial_prompt == "poison":
+            raise RuntimeError("simulated fault in a live update")
+        return update(self, stream)
+
+    monkeypatch.setattr(live_mod.LiveTranscription, "update", poisoned)
+    results = {}
+
+    def session(prompt: str | None) -> None:
+        with served.client.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+            _session(conn)
+            if prompt:
+                input_ = {"transcription": {"model": "whisper-1", "language": "en", "prompt": prompt}}
+                conn.send({"type": "session.update", "session": {"type": "transcription", "audio": {"input": input_}}})
+                assert conn.recv().type == "session.updated"
+            _append(conn, _pcm(JFK), pace=0.05)
+            conn.send({"type": "input_audio_buffer.commit"})
+            events = []
+            while not events or events[-1].type not in (
+                "error",
+                "conversation.item.input_audio_transcription.completed",
+            ):
+                events.append(conn.recv())
+            results[prompt] = events[-1]
+
+    with ThreadPoolExecutor(2) as threads:
+        list(threads.map(session, ["poison", None]))
+    failed = results["poison"]
+    assert failed.type == "error" and failed.error.code == "decoding_failed" and failed.error.type == "server_error"
+    assert "simulated fault in a live update" in failed.error.message
+    assert wer(results[None].transcript, model.transcribe(str(JFK))["text"]) <= 0.15, results[None].transcript
+    _idle(served, within=10.0)
+    assert served.health()["live_streams"] == 0
+
+
 def test_a_window_that_fails_inside_decoding_fails_its_request_alone(model):
     """16 concurrent requests on one engine; the decoder calls that hold the rows of one of them
     (the only one sampling at temperature 0.3) raise. That request gets a 500 with the error;

@@ -156,6 +156,10 @@ def main() -> None:
         "wer_offline": offline_wer,
         "rows_per_call": rows / max(1, calls),
         "decoder_calls": calls,
+        "transcripts": {
+            str(p): {"reference": r, "offline": offline[str(p)], "live": [o["transcripts"][str(p)] for o in outs]}
+            for p, r in zip(paths, refs)
+        },
     }
     m = result["machine"]
     print(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def serve(
     log_json: bool = False,
 ) -> int:
     """Serve `packages` (one, or a list: names, checkpoints or .maxpkg paths; a model's id is its
-    package's name) until SIGTERM or SIGINT: stop accepting, finish the requests in flight, exit.
+    package's name) until SIGTERM or SIGINT: drain (new requests and sessions get 503, /health
+    says draining), finish the requests and live sessions in flight (at most `settings.timeout` +
+    5 s), exit; a second signal exits at once.
     Every package is resolved (converted once if named) and vouched for at start; the first
     `settings.max_models` are loaded then, the rest on first use. Returns the exit code: 0 after
     SIGTERM, 130 after Ctrl-C. `settings`: a serving.protocol.Settings (its defaults if None).
@@ -60,7 +64,17 @@ def serve(
 
         def _stop(self, sig, frame):
             self.signals.append(sig)
-            self.handle_exit(sig, frame)  # a second Ctrl-C forces the exit
+            if len(self.signals) > 1:  # a second signal: exit now
+                self.should_exit = self.force_exit = True
+            elif not registry.draining:
+                registry.drain()
+                threading.Thread(target=self._drained, args=(sig,), name="whisper-serve-drain", daemon=True).start()
+
+        def _drained(self, sig) -> None:
+            deadline = time.monotonic() + settings.timeout + 5
+            while not registry.idle and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.handle_exit(sig, None)  # uvicorn's graceful shutdown: nothing is in flight now
 
     registry = Registry(
         _resolve(packages if isinstance(packages, (list, tuple)) else [packages], trust, model_dir),

@@ -79,11 +79,13 @@ def create_app(models, settings: Settings = Settings(), model_id: str | None = N
     app.state.registry = registry
     app.state.metrics = metrics = Metrics(registry)
     _error_handlers(app)
-    app.add_middleware(_Guard, settings=settings)
+    app.add_middleware(_Guard, settings=settings, registry=registry)
     app.add_middleware(Observe, metrics=metrics)  # outermost: it sees the guard's answers too
 
     @app.get("/health")
     async def health():
+        if registry.draining:  # a load balancer takes the server out of rotation
+            return JSONResponse({"status": "draining", **registry.stats()}, status_code=503)
         return {"status": "ok", **registry.stats()}
 
     @app.get("/metrics")
@@ -214,17 +216,23 @@ def _all_busy(e: AllBusy, model_id: str) -> ApiError:
 
 class _Guard:
     """Plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from
-    the endpoint): the API key on /v1/, and a declared upload size over the limit, answered
-    before the body is read."""
+    the endpoint): a server that is draining (SIGTERM), the API key on /v1/, and a declared
+    upload size over the limit, answered before the body is read."""
 
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings: Settings, registry: Registry):
+        self.app, self.settings, self.registry = app, settings, registry
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             key, limit = self.settings.api_key, self.settings.max_upload_bytes
             length = headers.get("content-length", "")
+            if self.registry.draining and scope["path"].startswith("/v1/"):
+                scope.setdefault("state", {})["error_code"] = "shutting_down"
+                message = "the server is shutting down: it finishes the requests in flight and takes no more"
+                return await _error(503, message, "server_error", code="shutting_down", headers={"Retry-After": "1"})(
+                    scope, receive, send
+                )
             if key and scope["path"].startswith("/v1/") and headers.get("authorization") != f"Bearer {key}":
                 scope.setdefault("state", {})["error_code"] = "invalid_api_key"
                 response = _error(

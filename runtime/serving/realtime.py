@@ -339,6 +339,10 @@ async def serve_session(websocket, registry: Registry, settings: Settings) -> No
         await send(_error(f"model {websocket.query_params.get('model')!r} is not served here", "model_not_found"))
         await websocket.close()
         return
+    if registry.draining:
+        await send(_error("the server is shutting down: no new sessions", "shutting_down", kind="server_error"))
+        await websocket.close(code=1012)  # service restart
+        return
     session = Session(registry, model_id, settings, send)
     await session.send(_event("session.created", session=session.description()))
     try:

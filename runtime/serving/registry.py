@@ -74,6 +74,7 @@ class Registry:
         self._resident: dict[str, Resident] = {}
         self._loading: dict[str, Future] = {}
         self._stopped = False
+        self.draining = False  # drain(): new requests and sessions are refused, those in flight finish
         self.loads = 0  # models loaded so far (the first use of each, and again after an eviction)
         self.evictions = 0
 
@@ -150,6 +151,16 @@ class Registry:
                 if key != "loaded":
                     totals[key] = totals.get(key, 0) + value
         return {**totals, "loads": self.loads, "evictions": self.evictions, "models": models}
+
+    def drain(self) -> None:
+        """From now on the app refuses new requests and live sessions (503); those admitted go on."""
+        self.draining = True
+
+    @property
+    def idle(self) -> bool:
+        """No request admitted and no live stream open on any resident model."""
+        stats = self.stats()
+        return not stats.get("admitted", 0) and not stats.get("live_streams", 0)
 
     def stop(self) -> None:
         """Stop every resident model's scheduler (requests still admitted fail); no more loads."""

@@ -580,6 +580,8 @@ def _idle(s: Served, within: float = 5.0) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
+    """SIGTERM while a request decodes: /health answers 503 draining, a new request gets a 503,
+    the one in flight is answered in full, then the server exits 0."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -619,6 +621,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(tiny_en, model):
                 assert not pending.done(), pending.result()
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while (health := httpx.get(f"{url}/health")).status_code != 503:  # draining: out of rotation
+                assert time.monotonic() < deadline and not pending.done(), "no draining /health after SIGTERM"
+                time.sleep(0.02)
+            assert health.json()["status"] == "draining" and health.json()["active"] == 1
+            with pytest.raises(openai.InternalServerError, match="shutting down") as refused:
+                transcribe(client, JFK)  # a new request while the one in flight finishes
+            assert refused.value.status_code == 503
+            assert not pending.done() or pending.result().text  # the refusal came while it decoded
             text = pending.result(timeout=300).text
         assert proc.wait(60) == 0, proc.stderr.read()
         assert text == model.transcribe(str(clip), beam_size=5, best_of=5)["text"]

@@ -37,7 +37,7 @@ from ..live import Behind, Confirmed, Finished, LiveOptions, SpeechStarted, Spee
 from ..vad import VadOptions
 from .protocol import Settings, options_for
 from .registry import AllBusy, Registry, UnknownModel
-from .scheduler import Busy
+from .scheduler import Busy, DecodingFailed
 
 RATES = (24000, 16000)  # OpenAI's audio/pcm rate, and Whisper's own
 SERVER_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}  # OpenAI's
@@ -254,9 +254,7 @@ class Session:
             )
         elif isinstance(event, Behind):  # ours, not OpenAI's: the text will come, later
             out = _event("whisper_max.live.behind", item_id=item, seconds=event.seconds)
-        elif isinstance(event, Exception) and str(event).startswith(
-            "decoding failed"
-        ):  # the scheduler's: not the audio
+        elif isinstance(event, DecodingFailed):  # not the audio's fault
             out = _error(f"the item's decoding failed; it ends here: {event}", "decoding_failed", kind="server_error")
         elif isinstance(event, Exception):
             out = _error(f"the audio cannot be transcribed: {event}", "invalid_audio")

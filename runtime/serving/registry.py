@@ -159,8 +159,9 @@ class Registry:
     @property
     def idle(self) -> bool:
         """No request admitted and no live stream open on any resident model."""
-        stats = self.stats()
-        return not stats.get("admitted", 0) and not stats.get("live_streams", 0)
+        with self._lock:
+            residents = list(self._resident.values())
+        return all(_idle(r.scheduler.stats()) for r in residents)
 
     def stop(self) -> None:
         """Stop every resident model's scheduler (requests still admitted fail); no more loads."""

@@ -37,6 +37,14 @@ _ENGINE_COUNTS = {
 }
 
 
+class DecodingFailed(RuntimeError):
+    """A request's or live stream's decoding raised `cause` (a bug it met, not its audio)."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"decoding failed: {cause!r}")
+        self.cause = cause
+
+
 class Busy(Exception):
     """The admission queue is full: `capacity` requests are admitted; one takes about `latency` s."""
 
@@ -160,9 +168,9 @@ class Scheduler:
                     self.engine.step()
                 except Exception as e:  # not any one window's (each has its on_error): fail all, keep serving
                     for request in list(self._active):
-                        self._done(request, error=RuntimeError(f"decoding failed: {e!r}"))
+                        self._done(request, error=DecodingFailed(e))
                     for live in list(self._lives):
-                        self._live_failed(live, RuntimeError(f"decoding failed: {e!r}"))
+                        self._live_failed(live, DecodingFailed(e))
                     for name, attr in _ENGINE_COUNTS.items():
                         self._retired[name] += getattr(self.engine, attr)
                     self.engine = Engine(self.model, max_rows=self.engine.max_rows)
@@ -204,7 +212,7 @@ class Scheduler:
             self.engine.submit(
                 stream,
                 lambda s, r=request: self._done(r, result=s.result),
-                lambda e, r=request: self._done(r, error=RuntimeError(f"decoding failed: {e!r}")),
+                lambda e, r=request: self._done(r, error=DecodingFailed(e)),
             )
 
     def _live_updates(self) -> None:
@@ -225,7 +233,7 @@ class Scheduler:
                 self.engine.submit(
                     update,
                     lambda s, live=live: self._live_done(live, s),
-                    lambda e, live=live: self._live_failed(live, RuntimeError(f"decoding failed: {e!r}")),
+                    lambda e, live=live: self._live_failed(live, DecodingFailed(e)),
                 )
 
     def _live_done(self, live: LiveTranscription, stream: TranscriptionStream) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..runtime import manifest
 from ..runtime.manifest import GraphSignature, State, TensorSpec
-from ..runtime.weights import panels_source, widened_source
+from ..runtime.weights import pairs_source, panels_source, widened_source
 
 Dim = int | str
 
@@ -68,6 +68,11 @@ ATTENTION = f"{OWN_DOMAIN}.attention"
 # (ceil(n / 64), k, 64), float32, float16 or bfloat16): passes.panel_products makes it; the kernel
 # whisper_max.linear_panels sums each output in the same order whatever the number of rows.
 LINEAR_PANELS = f"{OWN_DOMAIN}.linear_panels"
+# `linear_pairs(x, w, bias)`: the same product with a bfloat16 W given as `W/pairs`
+# (runtime.weights.to_pairs: (ceil(n / 64), k / 2, 64, 2)), on AVX512_BF16 (VDPBF16PS: x rounded to
+# bfloat16, pair products summed in float32); panel_products makes it for bfloat16 weights on such
+# targets without AMX. Each output summed in one order whatever the number of rows.
+LINEAR_PAIRS = f"{OWN_DOMAIN}.linear_pairs"
 # The products and attention passes.select_kernels picks for a target (the package's IR holds
 # none of them: it is the same for every CPU, and each compile chooses for its own):
 # `linear_rows(x, w[, bias])`: x (..., k) of one position per row @ w^T (+ bias), w (n, k) a graph
@@ -318,17 +323,18 @@ class Program:
 
     def stored_weights(self) -> dict[str, str]:
         """The weights a package stores, each with its stored dtype: every graph weight, except
-        that a derived one stands for its source X: `X/panels` (runtime.weights.PANELS) for X
-        stored in its own dtype, `X/widened` (runtime.weights.WIDENED) for X stored as a graph
+        that a derived one stands for its source X: `X/panels` (runtime.weights.PANELS) and
+        `X/pairs` (PAIRS) for X stored in its own dtype, `X/widened` (runtime.weights.WIDENED) for X stored as a graph
         that reads X binds it (or panels it), or as bfloat16 where only widened copies are read."""
         out: dict[str, str] = {}
         weights = [w for g in self.graphs for w in g.weights]
 
         def order(w: Value) -> int:  # direct reads first, then panels, then widened copies
-            return 2 if widened_source(w.name) is not None else 1 if panels_source(w.name) is not None else 0
+            packed = panels_source(w.name) or pairs_source(w.name)
+            return 2 if widened_source(w.name) is not None else 1 if packed is not None else 0
 
         for w in sorted(weights, key=order):
-            widened, panels = widened_source(w.name), panels_source(w.name)
+            widened, panels = widened_source(w.name), panels_source(w.name) or pairs_source(w.name)
             if panels is not None:
                 name, dtype = panels, w.type.dtype
             elif widened is not None:

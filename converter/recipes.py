@@ -89,9 +89,12 @@ def float16_exact(state_dict: dict) -> frozenset[str]:
 
 
 def _panels(program: ir.Program, ctx: Context) -> ir.Program:
-    # the products of a few rows read weight panels; bfloat16 ones too, except on AMX, whose row
-    # kernels read the stored bfloat16 weight as the tiles' operand
-    return passes.panel_products(program, bfloat16=not amx(ctx.target))
+    # the products of a few rows read weight panels; bfloat16 ones in pair panels (VDPBF16PS)
+    # where the target has AVX512_BF16 without AMX, whose row kernels read the stored bfloat16
+    # weight as the tiles' operand
+    return passes.panel_products(
+        program, bfloat16=not amx(ctx.target), pairs=bfloat16(ctx.target) and not amx(ctx.target)
+    )
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {

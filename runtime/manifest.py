@@ -9,7 +9,8 @@ float16 weights (exact ones) in float32 packages; 8 panel weights (`X/panels`, m
 `target` (device, arch, features) instead of `target_cpu` (arch, features); 10 decoder_rows takes
 LOGIT_ROWS, prefills prompts and returns each layer's cross-attention queries (word
 timestamps), and the MEF holds the runtime's graphs only (no general decoder, decoder_step or
-alignment graph; the IR keeps the first two). A format 2 package
+alignment graph; the IR keeps the first two); 11 pair weights (`X/pairs`, made at load: the
+bfloat16 steps' products on VDPBF16PS). A format 2 package
 is a format 3 one whose weights are all float32; before 5 there is no select graph, before 6
 decoder_rows takes the rows of one window: those open, the runtime refuses them with the hint,
 and `whisper-convert --rebuild` makes them anew; so does it a format 6-9 package, whose
@@ -26,8 +27,8 @@ from typing import Any
 from .weights import PackageError
 
 FORMAT = "whisper-max"
-FORMAT_VERSION = 10
-READS = (2, 3, 4, 5, 6, 7, 8, 9, 10)
+FORMAT_VERSION = 11
+READS = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
 _TARGET_FIELD = 9  # the first format with `target`; older ones say `target_cpu`
 
 # CPU features a MEF compiled for this host may use; a package built where one is present

@@ -1,6 +1,6 @@
 """Weights as a package stores and the graphs bind them: weights.json + weights.bin (each tensor
 64-byte aligned, read zero-copy), bfloat16 as its bits, and the weights made from stored ones at
-load (`X/widened`, `X/panels`), once however many graphs bind them."""
+load (`X/widened`, `X/panels`, `X/pairs`), once however many graphs bind them."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ WIDENED = "/widened"
 # A graph weight named `X/panels` is the stored matrix X (n, k) in panels of PANEL output columns
 # (to_panels), made once at load like a widened one: what the products of a few rows read.
 PANELS = "/panels"
+# A graph weight named `X/pairs` is the stored bfloat16 matrix X (n, k) in pair panels (to_pairs),
+# made once at load: what the bfloat16 products of a few rows on VDPBF16PS read.
+PAIRS = "/pairs"
 PANEL = 64
 _ALIGN = 64
 
@@ -78,9 +81,15 @@ def panels_source(name: str) -> str | None:
     return name[: -len(PANELS)] if name.endswith(PANELS) else None
 
 
+def pairs_source(name: str) -> str | None:
+    """X for a pair-packed weight's name `X/pairs`; None for any other name."""
+    return name[: -len(PAIRS)] if name.endswith(PAIRS) else None
+
+
 def derived_source(name: str) -> str | None:
-    """The stored weight a derived one (`X/widened`, `X/panels`) is made from; None for others."""
-    return widened_source(name) or panels_source(name)
+    """The stored weight a derived one (`X/widened`, `X/panels`, `X/pairs`) is made from; None
+    for others."""
+    return widened_source(name) or panels_source(name) or pairs_source(name)
 
 
 def to_panels(w: np.ndarray) -> np.ndarray:
@@ -96,11 +105,27 @@ def to_panels(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(panels, PANEL, k).transpose(0, 2, 1))
 
 
+def to_pairs(bits: np.ndarray) -> np.ndarray:
+    """bits (n, k) (a bfloat16 matrix's uint16 bits, k even) as (ceil(n / PANEL), k / 2, PANEL, 2):
+    panel p holds columns p * PANEL ... of w^T as k / 2 rows of PANEL pairs, the values of a
+    column at k = 2i and 2i + 1 adjacent (the operand layout of VDPBF16PS, which multiplies pairs
+    and adds both products into one float32 sum), the last panel padded with zero columns."""
+    bits = np.asarray(bits)
+    n, k = bits.shape
+    if k % 2:
+        raise ValueError(f"to_pairs: a matrix of {k} columns; pairs need an even number")
+    panels = -(-n // PANEL)
+    out = np.zeros((panels * PANEL, k), bits.dtype)
+    out[:n] = bits
+    return np.ascontiguousarray(out.reshape(panels, PANEL, k // 2, 2).transpose(0, 2, 1, 3))
+
+
 def with_derived(weights: dict, names) -> dict:
     """`weights` plus each derived weight among `names`, made from its stored source once
     however many graphs bind it: `X/widened`, X's values as float32 (exact: a bfloat16 is a
     float32's top 16 bits, a float16 widens exactly too); `X/panels`, X in panels (to_panels)
-    in X's own dtype, float32, float16 or bfloat16."""
+    in X's own dtype, float32, float16 or bfloat16; `X/pairs`, a bfloat16 X in pair panels
+    (to_pairs)."""
     out = dict(weights)
     for name in names:
         if name in out:
@@ -110,7 +135,18 @@ def with_derived(weights: dict, names) -> dict:
             continue
         w = weights.get(src)
         kind = getattr(getattr(w, "dtype", None), "name", None)
-        if panels_source(name) is not None:
+        if pairs_source(name) is not None:
+            rank = len(getattr(w, "shape", ()))
+            if kind != "bfloat16" or rank != 2 or w.shape[1] % 2:
+                raise PackageError(
+                    f"pair weight {name!r}: its source {src!r} is "
+                    f"{'missing' if w is None else f'{kind} of shape {list(w.shape)}'}, not a stored bfloat16 matrix "
+                    "of an even number of columns"
+                )
+            from max.dtype import DType
+
+            out[name] = _bfloat16_buffer(to_pairs(w.view(DType.uint16).to_numpy()))
+        elif panels_source(name) is not None:
             rank = len(getattr(w, "shape", ()))  # a numpy array, or a MAX Buffer (bfloat16)
             if kind not in ("float32", "float16", "bfloat16") or rank != 2:
                 raise PackageError(

@@ -76,6 +76,10 @@ class _Setup:
         self.shapes = {"qkv": (d, 3 * d), "out": (d, d), "fc1": (d, 4 * d), "fc2": (4 * d, d)}
         t = self.dims["n_text_state"]
         self.steps = {"vocab": (t, self.dims["n_vocab"]), "fc1": (t, 4 * t), "fc2": (4 * t, t)}  # a step's (k, n)
+        # the steps' weights: float16 panels (float32 packages), bfloat16 panels read in float32 and
+        # bfloat16 pair panels on VDPBF16PS (bfloat16 packages without AMX)
+        bf16_steps = ["panels_bf16", "pairs_bf16"] if "avx512_bf16" in self.target.features else []
+        self.step_kinds = ["panels_f16", *bf16_steps]
         self.iters = {"fma": 2_000_000, "amx": 200_000} if self.amx else {"fma": 2_000_000}
 
 
@@ -173,25 +177,40 @@ def _step_graphs(s: _Setup, mod) -> None:
 
     dev = DeviceRef.CPU()
     for label, (k, n) in s.steps.items():
-        with Graph(
-            f"step_{label}",
-            input_types=[TensorType(DType.float32, ["m", k], dev)],
-            custom_extensions=[kernel_library()],
-            module=mod,
-        ) as g:
-            w = g.add_weight(Weight(f"step.{label}.panels", DType.float16, [-(-n // 64), k, 64], dev))
-            b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
-            x = g.inputs[0].tensor
-            out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
-            g.output(ops.custom(ir.LINEAR_PANELS, device=dev, values=[x, w, b], out_types=out_types)[0].tensor)
+        for kind in s.step_kinds:
+            with Graph(
+                f"step_{label}_{kind}",
+                input_types=[TensorType(DType.float32, ["m", k], dev)],
+                custom_extensions=[kernel_library()],
+                module=mod,
+            ) as g:
+                dt = DType.float16 if kind == "panels_f16" else DType.bfloat16
+                shape = [-(-n // 64), k // 2, 64, 2] if kind == "pairs_bf16" else [-(-n // 64), k, 64]
+                w = g.add_weight(Weight(f"step.{label}.{kind}", dt, shape, dev))
+                b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
+                x = g.inputs[0].tensor
+                out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
+                op = ir.LINEAR_PAIRS if kind == "pairs_bf16" else ir.LINEAR_PANELS
+                g.output(ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor)
 
 
 def _weights(s: _Setup, rng) -> dict:
-    from whisper_max.runtime.weights import to_bfloat16, to_panels
+    from max.driver import Buffer
+    from max.dtype import DType
+
+    from whisper_max.runtime.weights import to_bfloat16, to_pairs, to_panels
 
     registry = {}
     for label, (k, n) in s.steps.items():
-        registry[f"step.{label}.panels"] = to_panels(rng.standard_normal((n, k), dtype=np.float32).astype(np.float16))
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        for kind in s.step_kinds:
+            if kind == "panels_f16":
+                registry[f"step.{label}.{kind}"] = to_panels(w.astype(np.float16))
+            elif kind == "panels_bf16":
+                registry[f"step.{label}.{kind}"] = to_bfloat16(to_panels(w))
+            else:
+                bits = to_bfloat16(w).view(DType.uint16).to_numpy()
+                registry[f"step.{label}.{kind}"] = Buffer.from_numpy(to_pairs(bits)).view(DType.bfloat16)
         registry[f"step.{label}.bias"] = rng.standard_normal(n, dtype=np.float32)
     for label, (k, n) in s.shapes.items():
         w = (rng.standard_normal((n, k), dtype=np.float32) * np.float32(k**-0.5)).astype(np.float32)
@@ -262,24 +281,25 @@ def _step_products(s: _Setup, models, peaks: dict, rng, results: dict) -> None:
     from max.driver import Buffer
 
     print(
-        "\ndecoder-step products (whisper_max.linear_panels, float16 weight panels), rows "
-        f"{', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
+        "\ndecoder-step products (whisper_max.linear_panels on float16 or bfloat16 weight panels; "
+        f"linear_pairs on bfloat16 pair panels), rows {', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
     )
     for label, (k, n) in s.steps.items():
         for rows in STEP_ROWS:
             x = Buffer.from_numpy(rng.standard_normal((rows, k), dtype=np.float32))
-            sec = timed(models[f"step_{label}"], [x], s.args.repeats)
-            rate = 2 * rows * k * n / sec / 1e9
-            gbs = 2 * k * n / sec / 1e9  # the weight's bytes, read once per call
-            share = rate / peaks[("fma", s.workers)]
-            print(
-                f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  {100 * share:5.1f}% "
-                f"of the FMA peak  weight read at {gbs:5.1f} GB/s"
-            )
-            results["products"].append(
-                {"name": f"step_{label}", "m": rows, "k": k, "n": n, "kernel": "panels_f16", "ms": sec * 1e3}
-                | {"gflops": rate, "share_of_peak": share, "weight_gb_per_s": gbs}
-            )
+            for kind in s.step_kinds:
+                sec = timed(models[f"step_{label}_{kind}"], [x], s.args.repeats)
+                rate = 2 * rows * k * n / sec / 1e9
+                gbs = 2 * k * n / sec / 1e9  # the weight's bytes, read once per call
+                share = rate / peaks[("fma", s.workers)]
+                print(
+                    f"  {label:5s} {rows:2d}x{k} @ {k}x{n} {kind:11s} {sec * 1e3:7.3f} ms {rate:7.0f} GFLOP/s  "
+                    f"{100 * share:5.1f}% of the FMA peak  weight read at {gbs:5.1f} GB/s"
+                )
+                results["products"].append(
+                    {"name": f"step_{label}", "m": rows, "k": k, "n": n, "kernel": kind, "ms": sec * 1e3}
+                    | {"gflops": rate, "share_of_peak": share, "weight_gb_per_s": gbs}
+                )
 
 
 def main(argv=None) -> int:

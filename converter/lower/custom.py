@@ -106,6 +106,23 @@ def linear_panels(ctx, node, x, panels, bias=None):
     return _product(ctx, ir.LINEAR_PANELS, x, panels, bias, n)
 
 
+@register(ir.LINEAR_PAIRS)
+def linear_pairs(ctx, node, x, pairs, bias=None):
+    """passes.panel_products' node as the kernel whisper_max.linear_pairs (AVX512_BF16): x (..., k),
+    one position per row, rounded to bfloat16, times a bfloat16 W (n, k) given in pair panels
+    (ceil(n / 64), k / 2, 64, 2), plus bias (n; zeros when absent) -> (..., n) float32."""
+    n = node.type.shape[-1]
+    shape = [int(d) for d in pairs.shape]
+    if not isinstance(n, int) or len(shape) != 4 or shape[0] != -(-n // 64) or shape[2:] != [64, 2]:
+        raise LoweringError(
+            f"{node.name}: weight pair panels of shape {shape} for {n} outputs; expected "
+            f"({-(-n // 64) if isinstance(n, int) else '?'}, k / 2, 64, 2)"
+        )
+    if pairs.dtype != DType.bfloat16:
+        raise LoweringError(f"{node.name}: {pairs.dtype} weight pair panels; whisper_max.linear_pairs takes bfloat16")
+    return _product(ctx, ir.LINEAR_PAIRS, x, pairs, bias, n)
+
+
 @register(ir.DECODER_LAYER)
 def decoder_layer(ctx, node, x, key_cache, value_cache, position, *operands, axis, heads, scale, eps, amx=False):
     """passes.fuse_decoder_layers' block as the kernel whisper_max.decoder_layer: x (rows, 1, d)

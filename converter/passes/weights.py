@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ...runtime.weights import PANEL, PANELS, WIDENED, widened_source
+from ...runtime.weights import PAIRS, PANEL, PANELS, WIDENED, widened_source
 from .. import ir
 from .rewrite import consumers, drop_dead
 
@@ -140,7 +140,7 @@ PANEL_DTYPES = ("float32", "float16")  # and bfloat16 where its products do not 
 LAYER_MATRICES = (6, 8, 9, 11, 15, 17, 21, 23)  # a decoder_layer node's wq wk wv wo wcq wco w1 w2
 
 
-def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
+def panel_products(p: ir.Program, bfloat16: bool = False, pairs: bool = False) -> ir.Program:
     """Give each linear layer with a weight W stored in float32 or float16 (the encoder's, cross
     K/V's, any outside the fused blocks) and each product of one position per row (the
     vocabulary projection of decoder steps, beams and the engine's rows, tied or not) its own op,
@@ -157,8 +157,26 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
     float32 view (a cast of a float16 one, passes.store_weights); the tied vocabulary product
     is `x @ transpose(W)`. A bfloat16 weight is read in panels too when `bfloat16` (a target
     without AMX: VDPBF16PS kernels would round the rows to bfloat16, and a dot product per output
-    is load-bound), else it keeps its AMX kernels (convert passes `not amx(Target.host())`)."""
-    dtypes = (*PANEL_DTYPES, "bfloat16") if bfloat16 else PANEL_DTYPES
+    is load-bound), else it keeps its AMX kernels (convert passes `not amx(Target.host())`).
+
+    With `pairs` (a target with AVX512_BF16 and without AMX) a bfloat16 weight of an even number
+    of columns is read in pair panels instead (`W/pairs`, runtime.weights.to_pairs) by
+    `linear_pairs` and the fused blocks: VDPBF16PS on rows rounded to bfloat16, as the encoder's
+    bfloat16 products and the AMX kernels compute, at twice the multiply-adds per instruction of
+    float32 FMA, which is what a step of many rows is bound by."""
+    dtypes = (*PANEL_DTYPES, "bfloat16") if bfloat16 or pairs else PANEL_DTYPES
+
+    def as_panels(w: str, t: ir.TensorType) -> tuple[str, ir.TensorType, str]:
+        out, k = t.shape
+        return w + PANELS, ir.TensorType(t.dtype, (-(-out // PANEL), k, PANEL)), ir.LINEAR_PANELS
+
+    def packed(w: str, t: ir.TensorType) -> tuple[str, ir.TensorType, str]:
+        """The derived weight (name, type) a product reads stored weight w (of type t) as, and its op."""
+        out, k = t.shape
+        if pairs and t.dtype == "bfloat16" and k % 2 == 0:
+            return w + PAIRS, ir.TensorType(t.dtype, (-(-out // PANEL), k // 2, PANEL, 2)), ir.LINEAR_PAIRS
+        return as_panels(w, t)
+
     graphs = []
     for g in p.graphs:
         weights = {w.name: w.type for w in g.weights}
@@ -198,18 +216,20 @@ def panel_products(p: ir.Program, bfloat16: bool = False) -> ir.Program:
                     nodes.append(n)
                     continue
                 inputs = list(n.inputs)
-                for i, w in zip(LAYER_MATRICES, sources):
-                    out, k = weights[w].shape
-                    panels[w + PANELS] = ir.TensorType(weights[w].dtype, (-(-out // PANEL), k, PANEL))
-                    inputs[i] = w + PANELS
+                forms = [packed(w, weights[w]) for w in sources]
+                if len({op for *_, op in forms}) > 1:  # the kernel takes one layout for all eight
+                    forms = [as_panels(w, weights[w]) for w in sources]
+                for i, (name, t, _) in zip(LAYER_MATRICES, forms):
+                    panels[name] = t
+                    inputs[i] = name
                 nodes.append(ir.Node(n.name, n.op, tuple(inputs), n.attrs, n.type, n.scope))
                 continue
             if src is None:
                 nodes.append(n)
                 continue
-            out, k = weights[src].shape
-            panels[src + PANELS] = ir.TensorType(weights[src].dtype, (-(-out // PANEL), k, PANEL))
-            nodes.append(ir.Node(n.name, ir.LINEAR_PANELS, (n.inputs[0], src + PANELS, bias), (), n.type, n.scope))
+            name, t, op = packed(src, weights[src])
+            panels[name] = t
+            nodes.append(ir.Node(n.name, op, (n.inputs[0], name, bias), (), n.type, n.scope))
         if not panels:
             graphs.append(g)
             continue

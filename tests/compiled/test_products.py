@@ -19,6 +19,7 @@ from helpers.op_module import (
 )
 from helpers.tiny_model import TINY_DIMS, tiny_whisper
 
+from whisper_max.converter import ir
 from whisper_max.converter.lower import compile_with_kernels, lower_graph
 from whisper_max.runtime.manifest import Target
 from whisper_max.runtime.weights import from_bfloat16
@@ -90,6 +91,32 @@ def test_panel_products_rows_are_the_same_in_any_batch(compiled, dtype):
     close(full, x.astype(np.float64) @ w.T + weights["b_panels"])
 
 
+@needs_bf16
+def test_pair_products_rows_are_the_same_in_any_batch(compiled):
+    """whisper_max.linear_pairs (a bfloat16 weight in pair panels, VDPBF16PS: the steps of a
+    bfloat16 package on AVX512_BF16 without AMX): a row's result is bit-identical for M = 1..64,
+    in any place among the rows and in any chunk of 96 rows; x is rounded to bfloat16 (ties to
+    even), the pair products are exact and summed in float32, then the bias."""
+    *_, models, weights = compiled
+    model = models["pairs_bfloat16"]
+    many = np.random.default_rng(19).standard_normal((250, 1, 72)).astype(np.float32)
+    full = same_bits_in_any_batch(model, many[:64], seed=20)
+    rows = model.execute(many)[0].to_numpy()
+    assert np.array_equal(rows[:64], full)
+    for m in (95, 96, 97, 192, 193):
+        assert np.array_equal(model.execute(np.ascontiguousarray(many[:m]))[0].to_numpy(), rows[:m]), f"{m} rows"
+    perm = np.random.default_rng(21).permutation(250)
+    assert np.array_equal(model.execute(np.ascontiguousarray(many[perm]))[0].to_numpy(), rows[perm])
+    w = from_bfloat16(weights["w_bfloat16"]).astype(np.float64)
+    pairs = from_bfloat16(weights["w_bfloat16/pairs"])  # (2, 36, 64, 2): columns 64.. of the second panel
+    np.testing.assert_array_equal(pairs[1, :, :16, :], w[64:].reshape(16, 36, 2).transpose(1, 0, 2))
+    assert not pairs[1, :, 16:].any()  # zero columns after n
+    ref = round_bf16(many).astype(np.float64) @ w.T + weights["b_panels"]
+    close(rows, ref)
+    unrounded = many.astype(np.float64) @ w.T + weights["b_panels"]
+    assert np.abs(rows - unrounded).max() / np.abs(unrounded).max() > 10 * TOL  # x was rounded
+
+
 def test_amx_kernels_compile_on_any_cpu():
     """Our AMX kernels (tile instructions as inline assembly) compile on every CPU the suite runs
     on, so a change to them fails here too; they run, against numpy, only where the CPU has AMX
@@ -129,17 +156,22 @@ def test_float16_stored_weights_give_the_float32_bits(compiled, compiled_float16
 
 @needs_bf16
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
-    """Against openai-whisper on the rounded weights: the single-token step graphs read the
-    stored bfloat16 weights exactly and sum in float32, so they are held to the float32
-    tolerance (the tiny model's width, 16, is not a multiple of 32, so even the AMX kind reads
-    them widened: test_bfloat16_rows_on_amx checks the tile path); the encoder and the general decoder, whose linear
-    layers of many
-    rows run in bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the
-    bfloat16 package tolerances of golden/tolerances.json. Neither is the float32 model: the
-    rounding shows."""
+    """Against openai-whisper on the rounded weights: on AMX the single-token step graphs read
+    the stored bfloat16 weights exactly and sum in float32, so they are held to the float32
+    tolerance (the tiny model's width, 16, is not a multiple of 32, so the AMX kind reads them
+    widened: test_bfloat16_rows_on_amx checks the tile path); on AVX512_BF16 ("bf16") they read
+    pair panels with their rows rounded to bfloat16 (linear_pairs), held to the bfloat16 logits
+    tolerance like the encoder and the general decoder, whose linear layers of many rows run in
+    bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the bfloat16
+    package tolerances of golden/tolerances.json. Neither is the float32 model: the rounding
+    shows."""
     from whisper_max import golden
 
-    _, model, program, models = compiled_bf16
+    kind, model, program, models = compiled_bf16
+    pairs = [n for g in program.graphs for n in g.nodes if n.op == ir.LINEAR_PAIRS]
+    assert bool(pairs) == (kind == "bf16")  # the vocabulary products of the step graphs
+    layers = [n for g in program.graphs for n in g.nodes if n.op == ir.DECODER_LAYER]
+    assert layers and all(n.inputs[6].endswith("/pairs") == (kind == "bf16") for n in layers)  # wq: all eight
     rng = np.random.default_rng(4)
     mel = rng.standard_normal((1, TINY_DIMS["n_mels"], 2 * TINY_DIMS["n_audio_ctx"])).astype(np.float32)
     with torch.no_grad():
@@ -153,5 +185,6 @@ def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
         ref = model.decoder(torch.from_numpy(tokens), xa_ref).numpy()
     for pos, logits in decode_in_chunks(program, models, tokens, xa_ref.numpy(), [2, 3]):
         close(logits, ref[:, pos - 1], golden.tolerance("logits", "bfloat16")[0])
+    step_tol = golden.tolerance("logits", "bfloat16")[0] if kind == "bf16" else TOL
     for pos, logits in decode_in_chunks(program, models, tokens, xa_ref.numpy(), [1, 1, 1, 1, 1], step_graph=True):
-        close(logits, ref[:, pos - 1])
+        close(logits, ref[:, pos - 1], step_tol)

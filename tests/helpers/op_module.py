@@ -8,6 +8,8 @@ catches any wrong op while leaving room for order effects.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,11 @@ def panel_product_graphs():
     stored["b_panels"] = rng.standard_normal(80).astype(np.float32)
     program = panel_products(ir.Program(tuple(graphs), {}), bfloat16=True)
     assert all(g.nodes[-1].op == ir.LINEAR_PANELS for g in program.graphs)
+    # the bfloat16 one in pair panels (VDPBF16PS; compiled everywhere, run where AVX512_BF16 is)
+    bf16 = dataclasses.replace(graphs[-1], name="pairs_bfloat16")
+    pairs = panel_products(ir.Program((bf16,), {}), pairs=True)
+    assert pairs.graphs[0].nodes[-1].op == ir.LINEAR_PAIRS
+    program = ir.Program(program.graphs + pairs.graphs, {})
     return program, with_derived(stored, program.weight_names())
 
 

@@ -242,6 +242,24 @@ def test_panels_are_the_weight_transposed_in_blocks_of_64_columns():
         wt.with_derived(got, ["x/panels"])
 
 
+def test_pairs_are_a_bfloat16_weight_in_pair_panels():
+    """`X/pairs` (made at load): a bfloat16 X (n, k) as (ceil(n / 64), k / 2, 64, 2), the values
+    of a column at k = 2i and 2i + 1 adjacent, zero columns after n, still bfloat16; refused
+    for a source that is not a bfloat16 matrix of an even number of columns, with its name."""
+    w = (np.arange(130 * 4) % 251 - 125).astype(np.float32).reshape(130, 4)  # exact in bfloat16
+    got = wt.with_derived({"w": wt.to_bfloat16(w), "f": w, "odd": wt.to_bfloat16(w[:, :3])}, ["w/pairs"])
+    p = wt.from_bfloat16(got["w/pairs"])
+    assert p.shape == (3, 2, 64, 2)
+    for j in range(192):
+        for i in range(2):
+            np.testing.assert_array_equal(p[j // 64, i, j % 64], w[j, 2 * i : 2 * i + 2] if j < 130 else 0)
+    assert wt.pairs_source("w/pairs") == "w" and wt.derived_source("w/pairs") == "w"
+    with pytest.raises(PackageError, match=r"'f/pairs'.*float32"):
+        wt.with_derived(got, ["f/pairs"])
+    with pytest.raises(PackageError, match=r"'odd/pairs'.*\[130, 3\].*even"):
+        wt.with_derived(got, ["odd/pairs"])
+
+
 def _zip_with(path, entries, compress=zipfile.ZIP_STORED, symlink=None):
     with zipfile.ZipFile(path, "w", compress) as z:
         for name, data in entries:

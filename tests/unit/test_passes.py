@@ -21,7 +21,7 @@ from whisper_max.converter.passes import (
     store_weights,
     token_selection,
 )
-from whisper_max.runtime.weights import PANELS, panels_source, widened_source
+from whisper_max.runtime.weights import PAIRS, PANELS, pairs_source, panels_source, widened_source
 
 
 def test_hoist_moves_cross_kv_preparation_out_of_the_step():
@@ -370,6 +370,19 @@ def test_panel_products_give_the_step_products_weight_panels():
         assert {n.inputs[i] for n in layers for i in LAYER_MATRICES} | {vocab + PANELS} == set(panels)
         assert {t.dtype for t in panels.values()} == {"bfloat16"}
     assert ir.format_graph(after.graph("encoder")) == ir.format_graph(bf16.graph("encoder"))
+    # AVX512_BF16 without AMX: pair panels, the same products on VDPBF16PS
+    paired = panel_products(bf16, bfloat16=True, pairs=True)
+    assert paired.stored_weights() == bf16.stored_weights()
+    for name in ("decoder_step", "decoder_rows"):
+        g = paired.graph(name)
+        pairs = {w.name: w.type for w in g.weights if pairs_source(w.name)}
+        layers = [n for n in g.nodes if n.op == ir.DECODER_LAYER]
+        assert not any(n.op == ir.LINEAR_PANELS or panels_source(w.name) for n in g.nodes for w in g.weights)
+        assert [n.inputs[1] for n in g.nodes if n.op == ir.LINEAR_PAIRS] == [vocab + PAIRS]
+        assert {n.inputs[i] for n in layers for i in LAYER_MATRICES} | {vocab + PAIRS} == set(pairs)
+        assert pairs[vocab + PAIRS] == ir.TensorType("bfloat16", (-(-TINY_DIMS["n_vocab"] // 64), d // 2, 64, 2))
+    assert ir.format_graph(paired.graph("encoder")) == ir.format_graph(bf16.graph("encoder"))
+    assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(paired))) == ir.format_program(paired)
 
 
 def test_fuse_encoder_attention_replaces_each_blocks_chain():

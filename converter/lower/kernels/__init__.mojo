@@ -6,6 +6,7 @@
 #   attention.mojo      whisper_max.attention       the encoder's attention in float32
 #   taps.mojo           whisper_max.conv_taps       a 1-D convolution's windows as rows (im2col)
 #   bf16.mojo           whisper_max.linear_bf16, attention_bf16   bfloat16 on AVX512_BF16
+#   pairs.mojo          whisper_max.linear_pairs    a few rows on AVX512_BF16 (bfloat16 pair panels)
 #   amx.mojo            whisper_max.linear_amx    bfloat16 on Intel AMX tiles (and the tile helpers)
 #   amx_attention.mojo  whisper_max.attention_amx
 #   amx_rows.mojo       whisper_max.linear_rows_amx   a few rows on AMX tiles

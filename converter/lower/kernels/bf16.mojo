@@ -61,7 +61,7 @@ def _tile_bf16[mr: Int, biased: Bool, o: MutOrigin](
                 y.store(i * ldy + j * L, acc.load[width=L]((4 * i + j) * L))
 
 
-def _rows_bf16[biased: Bool, o: MutOrigin](
+def rows_bf16[biased: Bool, o: MutOrigin](
     y: UnsafePointer[Float32, o], ldy: Int, x: UnsafePointer[BFloat16, _], k: Int,
     panel: UnsafePointer[BFloat16, _], bias: UnsafePointer[Float32, _], rows: Int,
 ):
@@ -138,7 +138,7 @@ struct LinearBF16:
                 for c in range(NR):
                     for p in range(kp):
                         p32.store(p * NR + c, w32.load(c * kp + p))
-                _rows_bf16[True](yp + pn * NR, n, xb, k, panel, bp + pn * NR, m)
+                rows_bf16[True](yp + pn * NR, n, xb, k, panel, bp + pn * NR, m)
             panel.free()
 
         parallelize(work, tasks)
@@ -234,7 +234,7 @@ struct AttentionBF16:
                 var rows = min(MR, hi - r0)
                 var qrows = qb + (bh * t + r0) * NR
                 for pn in range(tp // NR):
-                    _rows_bf16[False](scores + pn * NR, tp, qrows, NR, kb + bh * tp * NR + pn * NR * NR, o, rows)
+                    rows_bf16[False](scores + pn * NR, tp, qrows, NR, kb + bh * tp * NR + pn * NR * NR, o, rows)
                 for i in range(rows):
                     var srow = scores + i * tp
                     var prow = probs + i * tp
@@ -253,7 +253,7 @@ struct AttentionBF16:
                     for c in range(t, tp):
                         pbits.store(c, UInt16(0))
                     sums.store(i, total)
-                _rows_bf16[False](o, NR, probs, tp, vb + bh * tp * NR, o, rows)
+                rows_bf16[False](o, NR, probs, tp, vb + bh * tp * NR, o, rows)
                 for i in range(rows):
                     var inv = 1.0 / sums.load(i)
                     var dst = op + (bi * t + r0 + i) * d + h * NR

@@ -11,6 +11,7 @@ from .amx_rows import linear_rows_amx, pack_rows, rows_blocks
 from .rows import GELU, PANEL, PLAIN, RESIDUAL, SCALED, block_product, dot, linear, linear_panels, weight_row
 from .simd import F32, V, softmax
 from .layer_attention import cross_attention, self_attention
+from .pairs import linear_pairs
 
 
 def _layer_norm(
@@ -108,15 +109,18 @@ def _qkv_amx(
     xb.free()
 
 
-def _linear[amx: Bool, panels: Bool, dt: DType, mode: Int, o: MutOrigin](
+def _linear[amx: Bool, panels: Bool, pairs: Bool, dt: DType, mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ) raises:
     """rows.linear, or on AMX (amx.linear_rows_amx, x rounded to bfloat16) when `amx`, or on the
-    weight in panels (rows.linear_panels) when `panels`."""
+    weight in panels (rows.linear_panels) when `panels`, or on bfloat16 pair panels with
+    VDPBF16PS (pairs.linear_pairs, x rounded to bfloat16) when `pairs`."""
     comptime if amx:
         linear_rows_amx[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
+    elif pairs:
+        linear_pairs[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
     elif panels:
         linear_panels[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
     else:
@@ -146,7 +150,9 @@ struct DecoderLayer:
     streams keeps each row's positions in slots of a pool. No two rows may write the same
     (slot, position). Which window a row reads: `window` (rows) int32 names its window in the
     cross keys/values (windows, ...); without it there is one window for all rows or one per row.
-    Weight matrices are float32, float16 or bfloat16 (widened exactly as they are read). One kernel
+    Weight matrices are float32, float16 or bfloat16 (widened exactly as they are read), in
+    panels or not, or bfloat16 in pair panels (VDPBF16PS: each product's rows rounded to
+    bfloat16, pair products summed in float32). One kernel
     instead of ~40 graph ops: the step is bound by reading weights, and each of those ops paid a
     launch."""
 
@@ -192,7 +198,18 @@ struct DecoderLayer:
         var cap = kc.dim_size(2)
         var f = b1.dim_size(0)
         comptime panels = wq.rank == 3  # the matrices in panels (runtime.weights.to_panels)
-        comptime if panels:
+        comptime pairs = wq.rank == 4  # bfloat16 matrices in pair panels (runtime.weights.to_pairs)
+        comptime if pairs:
+            if wq.rank != 4 or wk.rank != 4 or wv.rank != 4 or wo.rank != 4 or wcq.rank != 4 or wco.rank != 4 or w1.rank != 4 or w2.rank != 4:
+                raise Error("whisper_max.decoder_layer: some weight matrices in pair panels and some not")
+            comptime bf = DType.bfloat16
+            if wq.dtype != bf or wk.dtype != bf or wv.dtype != bf or wo.dtype != bf or wcq.dtype != bf or wco.dtype != bf or w1.dtype != bf or w2.dtype != bf:
+                raise Error("whisper_max.decoder_layer: pair panels are bfloat16 only")
+            if amx:
+                raise Error("whisper_max.decoder_layer: amx=True takes bfloat16 matrices, not pair panels")
+            if wq.dim_size(1) * 2 != d or w1.dim_size(0) != (f + 63) // 64 or w2.dim_size(1) * 2 != f or wq.dim_size(2) != 64 or wq.dim_size(3) != 2:
+                raise Error("whisper_max.decoder_layer: weight pair panels are not (ceil(n / 64), k / 2, 64, 2) for the block's widths")
+        elif panels:
             if wq.rank != 3 or wk.rank != 3 or wv.rank != 3 or wo.rank != 3 or wcq.rank != 3 or wco.rank != 3 or w1.rank != 3 or w2.rank != 3:
                 raise Error("whisper_max.decoder_layer: some weight matrices in panels and some not")
             if amx:
@@ -303,7 +320,11 @@ struct DecoderLayer:
 
         for r in range(rows):
             _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
-        comptime if panels:  # three passes (one dispatch each) over the panels of q, k, v
+        comptime if pairs:  # three passes (one dispatch each) over the pair panels of q, k, v
+            linear_pairs[SCALED](q, h, wq.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), xp, True, s, rows, d, d)
+            linear_pairs[SCALED](q + rd, h, wk.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), xp, False, s, rows, d, d)
+            linear_pairs[PLAIN](q + 2 * rd, h, wv.unsafe_ptr().bitcast[BFloat16](), bv.unsafe_ptr(), xp, True, s, rows, d, d)
+        elif panels:  # three passes (one dispatch each) over the panels of q, k, v
             linear_panels[wq.dtype, SCALED](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), xp, True, s, rows, d, d)
             linear_panels[wk.dtype, SCALED](q + rd, h, wk.unsafe_ptr(), bq.unsafe_ptr(), xp, False, s, rows, d, d)
             linear_panels[wv.dtype, PLAIN](q + 2 * rd, h, wv.unsafe_ptr(), bv.unsafe_ptr(), xp, True, s, rows, d, d)
@@ -318,20 +339,20 @@ struct DecoderLayer:
                     (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
                     (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
         self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
-        _linear[amx, panels, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, panels, pairs, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
-        _linear[amx, panels, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
+        _linear[amx, panels, pairs, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
         var cqp = cq.unsafe_ptr()  # the rows' scaled cross-attention queries: word timestamps' scores
         for i in range(rd):
             cqp.unsafe_store(i, q.unsafe_load(i))
         cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), order, starts, wins, groups, heads, hd, frames)
-        _linear[amx, panels, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+        _linear[amx, panels, pairs, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
 
         for r in range(rows):
             _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
-        _linear[amx, panels, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
-        _linear[amx, panels, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+        _linear[amx, panels, pairs, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
+        _linear[amx, panels, pairs, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
         scratch.free()
         ints.free()

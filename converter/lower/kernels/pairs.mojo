@@ -1,0 +1,87 @@
+# Products of a few rows (decoder steps) against a bfloat16 weight in pair panels, on
+# AVX512_BF16's VDPBF16PS: the decoder steps of a bfloat16 package on CPUs without AMX.
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.memory import stack_allocation
+from std.runtime import parallelism_level
+
+from .bf16 import L, NR, rows_bf16
+from .rows import CHUNK_ROWS, PLAIN, store, store_at
+from .simd import round_bf16
+
+
+def linear_pairs[mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[BFloat16, _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+) raises:
+    """rows x (k) times W (n, k)^T into y (rows, n) with the epilogue `mode` (rows.store_at), W
+    bfloat16 in pair panels w (ceil(n / 64), k / 2, 64, 2) (runtime.weights.to_pairs: the two
+    values of a column at k and k + 1 adjacent, VDPBF16PS's operand), k even.
+
+    x is rounded to bfloat16 (to nearest even) once; the panels are split across the workers,
+    and every tile of 6 rows (bf16.rows_bf16) multiplies a whole panel with its 6 x 64 sums in
+    registers: exact pair products, added in float32 in k order from zero, then the bias. Each
+    output is summed in that one order whatever the number of rows and its place among them, so
+    a row's result is the same bits alone or among others. Against the float32 products of
+    weight panels (rows.linear_panels) it does half the instructions per multiply-add: a step
+    of many rows (the engine's rows of many windows, beams) is bound by arithmetic, not by
+    reading the weight."""
+    if k % 2 != 0:
+        raise Error("whisper_max.linear_pairs: k must be even (pairs of k values)")
+    if rows == 0:
+        return
+    var xb = alloc[BFloat16](rows * k)
+    round_bf16(xb, x, rows * k, 1.0)
+    var panels = (n + NR - 1) // NR
+    var chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    var tasks = max(1, min(parallelism_level(), panels * chunks))
+
+    def work(t: Int) {var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var chunks, var tasks}:
+        var tot = stack_allocation[CHUNK_ROWS * NR, Float32, alignment=64]()
+        for job in range(t * panels * chunks // tasks, (t + 1) * panels * chunks // tasks):
+            var pn = job // chunks
+            var r0 = (job % chunks) * CHUNK_ROWS
+            var m = min(CHUNK_ROWS, rows - r0)
+            rows_bf16[False](tot, NR, xb + r0 * k, k, w + pn * k * NR, b, m)
+            var c0 = pn * NR
+            var valid = min(NR, n - c0)
+            var whole = valid - valid % L  # columns done L at a time, the same for every row
+            for i in range(m):
+                var r = r0 + i
+                for c in range(0, whole, L):
+                    var bias = b.load[width=L](c0 + c) if has_bias else SIMD[DType.float32, L](0)
+                    store_at[mode, L](y, res, r * n + c0 + c, tot.load[width=L](i * NR + c) + bias, scale)
+                for c in range(whole, valid):
+                    var bias = b.load(c0 + c) if has_bias else Float32(0)
+                    store[mode](y, res, r, c0 + c, n, tot.load(i * NR + c) + bias, scale)
+
+    parallelize(work, tasks)
+    xb.free()
+
+
+@extensibility.register("whisper_max.linear_pairs")
+struct LinearPairs:
+    """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) bfloat16
+    given in pair panels w (ceil(n / 64), k / 2, 64, 2) (runtime.weights.to_pairs), on AVX512_BF16
+    (VDPBF16PS): x rounded to bfloat16, exact pair products, float32 sums. A row's result is
+    bit-identical whatever the number of rows (linear_pairs)."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        y: OutputTensor[dtype=DType.float32, rank=2, ...],
+        x: InputTensor[dtype=DType.float32, rank=2, ...],
+        w: InputTensor[dtype=DType.bfloat16, rank=4, ...],
+        b: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        var rows = x.dim_size(0)
+        var k = x.dim_size(1)
+        var n = b.dim_size(0)
+        if w.dim_size(0) != (n + NR - 1) // NR or w.dim_size(1) * 2 != k or w.dim_size(2) != NR or w.dim_size(3) != 2:
+            raise Error("whisper_max.linear_pairs: the weight is not (ceil(n / 64), k / 2, 64, 2) pair panels for x's k and the bias's n")
+        if y.dim_size(0) != rows or y.dim_size(1) != n:
+            raise Error("whisper_max.linear_pairs: the output is not (rows, n)")
+        linear_pairs[PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)

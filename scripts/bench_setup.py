@@ -82,17 +82,18 @@ def package_manifest(path):
 
 def step_bytes(manifest) -> int:
     """Bytes one single-row decoder step must read: the weights decoder_rows binds (one row of
-    the positional table, and of the token table where the vocabulary product reads its panels)
+    the positional table, and of the token table where the vocabulary product reads its panels or pairs)
     and the window's cross-attention keys and values; the self-attention caches (under 1 MB on
     average here) are left out, which makes the floor lower, not higher."""
     import numpy as np
 
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
     sig = manifest.graphs["decoder_rows"]
-    # one window's cross keys and values: cross_kv's outputs without their batch dimension
-    per_window = {o.name: o for o in manifest.graphs["cross_kv"].outputs}
+    # one window's cross keys and values: decoder_rows' inputs of many windows, without that
+    # dimension (cross_kv also gives the unsplit K/V, which only word timestamps read)
+    per_window = {i.name: i for i in sig.inputs if i.shape[:1] == ("windows",)}
     names = {w.name for w in sig.weights}
-    gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names}
+    gathered = {"decoder.positional_embedding"} | {n for n in names if n + "/panels" in names or n + "/pairs" in names}
     total = 0
     for w in sig.weights:
         shape = w.shape[1:] if w.name in gathered else w.shape

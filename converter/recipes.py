@@ -122,6 +122,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         "bfloat16",
         (
             Step("store_weights(bfloat16)", lambda p, c: passes.store_weights(p, "bfloat16")),
+            # the cross keys and values the steps read, per window, in half the bytes
+            Step("store_cross_kv(bfloat16)", lambda p, c: passes.store_cross_kv(p, "bfloat16")),
             Step("fuse_encoder_attention(attention_bf16)", lambda p, c: passes.fuse_encoder_attention(p)),
             Step("panel_products", _panels),
         ),

@@ -10,7 +10,8 @@ float16 weights (exact ones) in float32 packages; 8 panel weights (`X/panels`, m
 LOGIT_ROWS, prefills prompts and returns each layer's cross-attention queries (word
 timestamps), and the MEF holds the runtime's graphs only (no general decoder, decoder_step or
 alignment graph; the IR keeps the first two); 11 pair weights (`X/pairs`, made at load: the
-bfloat16 steps' products on VDPBF16PS). A format 2 package
+bfloat16 steps' products on VDPBF16PS) and, in bfloat16 packages, the cross keys and values
+decoder_rows reads in bfloat16. A format 2 package
 is a format 3 one whose weights are all float32; before 5 there is no select graph, before 6
 decoder_rows takes the rows of one window: those open, the runtime refuses them with the hint,
 and `whisper-convert --rebuild` makes them anew; so does it a format 6-9 package, whose

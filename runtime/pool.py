@@ -29,6 +29,22 @@ def _pool_zeros(shape, dtype) -> np.ndarray:
     return np.frombuffer(buf, dtype).reshape(shape)
 
 
+def _storage(dtype: str) -> np.dtype:
+    """The numpy dtype the pool keeps a value of graph dtype `dtype` in: a bfloat16 package's
+    cross keys and values as their bits (numpy has no bfloat16), viewed as bfloat16 again when
+    bound to the graph."""
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _bits(x) -> np.ndarray:
+    """A cross_kv output as the pool stores it: a float32 array, or a bfloat16 buffer's bits."""
+    if getattr(getattr(x, "dtype", None), "name", None) == "bfloat16":
+        from max.dtype import DType
+
+        return x.view(DType.uint16).to_numpy()
+    return host(x)
+
+
 def _grown(a: np.ndarray, n: int) -> np.ndarray:
     """`a` with its leading dim grown to n (the new rows zero)."""
     out = _pool_zeros((n, *a.shape[1:]), a.dtype)
@@ -62,14 +78,16 @@ class RowPool:
 
     def _grow(self, arrays: dict, specs: list[TensorSpec], free: list[int], need: int, exact: bool = False) -> None:
         from max.driver import Buffer
+        from max.dtype import DType
 
         have = len(next(iter(arrays.values()))) if arrays else 0
         n = have + need if exact else max(have * 2, have + need, 4)
         for i in specs:
             shape = [n, *i.shape[1:]]
-            arrays[i.name] = _grown(arrays[i.name], n) if have else _pool_zeros(shape, i.dtype)
-        for name in (i.name for i in specs):
-            self._buffers[name] = Buffer.from_numpy(arrays[name])  # zero-copy views, remade as they grow
+            arrays[i.name] = _grown(arrays[i.name], n) if have else _pool_zeros(shape, _storage(i.dtype))
+        for i in specs:  # zero-copy views, remade as they grow
+            buffer = Buffer.from_numpy(arrays[i.name])
+            self._buffers[i.name] = buffer.view(DType.bfloat16) if i.dtype == "bfloat16" else buffer
         free.extend(range(n - 1, have - 1, -1))
 
     def reserve(self, rows: int, windows: int) -> None:
@@ -91,7 +109,7 @@ class RowPool:
         """Rows for a window whose cross_kv outputs are `cross` (one window, leading dim 1)."""
         (w,) = self._take(self.windows, self._cross, self._free_windows, 1)
         for i in self._cross:
-            self.windows[i.name][w] = host(cross[i.name])[0]
+            self.windows[i.name][w] = _bits(cross[i.name])[0]
         return PoolRows(self, w, cross)
 
     def step(self, items: list) -> list[np.ndarray]:

@@ -76,8 +76,15 @@ def empty_cache_shape(shape, batch: int) -> list[int]:
 
 
 def host(x) -> np.ndarray:
-    """A graph output (max.driver.Buffer) or array as numpy, without copying."""
-    return x.to_numpy() if hasattr(x, "to_numpy") else np.asarray(x)
+    """A graph output (max.driver.Buffer) or array as numpy, without copying; a bfloat16 buffer
+    (a bfloat16 package's cross keys and values) widened to float32, exactly (a copy)."""
+    if not hasattr(x, "to_numpy"):
+        return np.asarray(x)
+    if getattr(x.dtype, "name", None) == "bfloat16":
+        from .weights import from_bfloat16
+
+        return from_bfloat16(x)
+    return x.to_numpy()
 
 
 def state_specs(signature: GraphSignature) -> list[TensorSpec]:
@@ -190,7 +197,7 @@ class StepCache:
 
 def window_shared(cross: dict, rows: int) -> bool:
     """Whether `rows` rows decode against one copy of the window's values (leading dim 1)."""
-    return rows > 1 and all(host(v).shape[0] == 1 for v in cross.values())
+    return rows > 1 and all((v.shape if hasattr(v, "shape") else np.shape(v))[0] == 1 for v in cross.values())
 
 
 _NO_SUPPRESS = np.zeros(0, np.int32)
@@ -303,9 +310,12 @@ def alignment_call(
     feeds[LOGIT_ROWS] = np.arange(n, dtype=np.int64)
     out = run(Role.DECODER_ROWS, feeds)
     scores = np.empty((len(heads), n, frames), np.float32)
+    layer_keys: dict[str, np.ndarray] = {}  # each layer's keys as float32 once (a bfloat16 package's widened)
     for i, (layer, head) in enumerate(heads):
         name = queries[layer]
-        keys = host(cross[name.removesuffix(QUERIES)])[0]  # (heads, hd, frames), scaled
+        if name not in layer_keys:
+            layer_keys[name] = host(cross[name.removesuffix(QUERIES)])[0]
+        keys = layer_keys[name]  # (heads, hd, frames), scaled
         hd = keys.shape[1]
         q = host(out[name]).reshape(n, -1, hd)[:, head]  # (n, hd), scaled
         np.matmul(q, keys[head, :, :frames], out=scores[i])

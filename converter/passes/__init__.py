@@ -7,6 +7,7 @@ from __future__ import annotations
 from ...runtime.program import STEP_GRAPHS, Role
 from .. import ir
 from .cache import in_place_cache, sink_cache_layout
+from .cross import store_cross_kv
 from .fuse import fuse_decoder_layers, fuse_encoder_attention
 from .hoist import hoist_invariants
 from .logits import last_position_logits
@@ -33,6 +34,7 @@ __all__ = [
     "share_window",
     "sink_cache_layout",
     "specialise",
+    "store_cross_kv",
     "store_weights",
     "token_selection",
 ]

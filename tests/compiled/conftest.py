@@ -18,7 +18,7 @@ from torch.export import Dim, export
 
 from whisper_max.converter import ir
 from whisper_max.converter.lower import compile_with_kernels, lower_graph
-from whisper_max.converter.passes import optimise, panel_products, store_weights
+from whisper_max.converter.passes import optimise, panel_products, store_cross_kv, store_weights
 from whisper_max.converter.trace import to_ir, trace_program
 from whisper_max.runtime.weights import from_bfloat16, to_bfloat16, with_derived
 
@@ -60,11 +60,14 @@ def compiled_bf16(request):
     from max.graph import Module
 
     torch.manual_seed(0)
-    # as the bfloat16 recipe leaves it for this kind: the steps' products in pair panels on
-    # VDPBF16PS ("bf16"), the stored weights read by the AMX row kernels ("amx")
+    # as the bfloat16 recipe leaves it for this kind: cross keys and values in bfloat16, the
+    # steps' products in pair panels on VDPBF16PS ("bf16"), the stored weights read by the AMX
+    # row kernels ("amx")
     kind = request.param
     program = panel_products(
-        store_weights(optimise(trace_program(tiny_whisper()))), bfloat16=kind != "amx", pairs=kind == "bf16"
+        store_cross_kv(store_weights(optimise(trace_program(tiny_whisper())))),
+        bfloat16=kind != "amx",
+        pairs=kind == "bf16",
     )
     stored = {k for k, dt in program.stored_weights().items() if dt == "bfloat16"}
     weights = {k: to_bfloat16(v) if k in stored else v for k, v in state_dict_np(tiny_whisper()).items()}

@@ -156,15 +156,15 @@ def test_float16_stored_weights_give_the_float32_bits(compiled, compiled_float16
 
 @needs_bf16
 def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
-    """Against openai-whisper on the rounded weights: on AMX the single-token step graphs read
-    the stored bfloat16 weights exactly and sum in float32, so they are held to the float32
-    tolerance (the tiny model's width, 16, is not a multiple of 32, so the AMX kind reads them
-    widened: test_bfloat16_rows_on_amx checks the tile path); on AVX512_BF16 ("bf16") they read
-    pair panels with their rows rounded to bfloat16 (linear_pairs), held to the bfloat16 logits
-    tolerance like the encoder and the general decoder, whose linear layers of many rows run in
-    bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), to the bfloat16
-    package tolerances of golden/tolerances.json. Neither is the float32 model: the rounding
-    shows."""
+    """Against openai-whisper on the rounded weights, to the bfloat16 package tolerances of
+    golden/tolerances.json: the encoder and the general decoder, whose linear layers of many
+    rows run in bfloat16 where the weight fits the kernel (here the MLPs' (64, 16) fc1), and the
+    single-token step graphs, which read the window's cross keys and values stored in bfloat16
+    (cross_kv rounds them; store_cross_kv) and, on AVX512_BF16 ("bf16"), the weights in pair
+    panels with their rows rounded to bfloat16 (linear_pairs); on AMX the tiny model's width,
+    16, is not a multiple of 32, so the steps read the weights widened
+    (test_bfloat16_rows_on_amx checks the tile path). Neither is the float32 model: the
+    rounding shows."""
     from whisper_max import golden
 
     kind, model, program, models = compiled_bf16
@@ -185,6 +185,7 @@ def test_bfloat16_weights_compute_what_torch_computes_on_them(compiled_bf16):
         ref = model.decoder(torch.from_numpy(tokens), xa_ref).numpy()
     for pos, logits in decode_in_chunks(program, models, tokens, xa_ref.numpy(), [2, 3]):
         close(logits, ref[:, pos - 1], golden.tolerance("logits", "bfloat16")[0])
-    step_tol = golden.tolerance("logits", "bfloat16")[0] if kind == "bf16" else TOL
+    cross = [v for v in program.graph("decoder_rows").inputs if v.type.shape[:1] == ("windows",)]
+    assert cross and all(v.type.dtype == "bfloat16" for v in cross)
     for pos, logits in decode_in_chunks(program, models, tokens, xa_ref.numpy(), [1, 1, 1, 1, 1], step_graph=True):
-        close(logits, ref[:, pos - 1], step_tol)
+        close(logits, ref[:, pos - 1], golden.tolerance("logits", "bfloat16")[0])

@@ -18,6 +18,7 @@ from whisper_max.converter.passes import (
     panel_products,
     share_window,
     specialise,
+    store_cross_kv,
     store_weights,
     token_selection,
 )
@@ -383,6 +384,44 @@ def test_panel_products_give_the_step_products_weight_panels():
         assert pairs[vocab + PAIRS] == ir.TensorType("bfloat16", (-(-TINY_DIMS["n_vocab"] // 64), d // 2, 64, 2))
     assert ir.format_graph(paired.graph("encoder")) == ir.format_graph(bf16.graph("encoder"))
     assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(paired))) == ir.format_program(paired)
+
+
+def test_store_cross_kv_gives_the_steps_bfloat16_keys_and_values():
+    """store_cross_kv: cross_kv rounds the per-window keys and values decoder_rows reads to
+    bfloat16 (a cast at its end, under the same output names); every graph taking them takes
+    them as bfloat16, the fused blocks as they are, any other reader (the general decoder's
+    products) through one cast to float32; cross_kv's unsplit outputs stay float32. Refused
+    twice, and for another dtype."""
+    before = store_weights(optimised_tiny())
+    after = store_cross_kv(before)
+    rows = after.graph("decoder_rows")
+    stored = {v.name for v in rows.inputs if v.type.shape[:1] == ("windows",)}
+    assert stored and all(v.type.dtype == "bfloat16" for v in rows.inputs if v.name in stored)
+    kv = after.graph("cross_kv")
+    types, producers = kv.types(), {n.name: n for n in kv.nodes}
+    for name, value in kv.outputs:
+        if name in stored:
+            cast = producers[value]
+            assert cast.op == ir.CAST and cast.attr("dtype") == "bfloat16" and types[value].dtype == "bfloat16"
+            assert cast.inputs[0] == dict(before.graph("cross_kv").outputs)[name]
+        else:
+            assert types[value].dtype == "float32" and value == dict(before.graph("cross_kv").outputs)[name]
+    for g in after.graphs:
+        if g.name == "cross_kv":  # its own nodes of those names compute them
+            continue
+        takes = {v.name for v in g.inputs} & stored
+        for n in g.nodes:
+            if n.op == ir.DECODER_LAYER:
+                continue
+            assert not set(n.inputs) & stored or (n.op == ir.CAST and n.attr("dtype") == "float32"), (g.name, n.name)
+        if takes and g.name != "decoder_rows":
+            assert all(v.type.dtype == "bfloat16" for v in g.inputs if v.name in takes)
+    assert any(n.op == ir.CAST and n.inputs[0] in stored for n in after.graph("decoder").nodes)
+    assert ir.format_program(onnx_io.from_onnx_files(onnx_io.to_onnx_files(after))) == ir.format_program(after)
+    with pytest.raises(ValueError, match="not float32"):
+        store_cross_kv(after)
+    with pytest.raises(ValueError, match="bfloat16 only"):
+        store_cross_kv(before, "float16")
 
 
 def test_fuse_encoder_attention_replaces_each_blocks_chain():

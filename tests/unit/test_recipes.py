@@ -24,6 +24,7 @@ def test_each_precision_names_its_passes_kernels_and_tolerances():
     assert bf16.pass_names == [
         "optimise",
         "store_weights(bfloat16)",
+        "store_cross_kv(bfloat16)",
         "fuse_encoder_attention(attention_bf16)",
         "panel_products",
     ]

@@ -10,6 +10,7 @@
 #   amx.mojo            whisper_max.linear_amx    bfloat16 on Intel AMX tiles (and the tile helpers)
 #   amx_attention.mojo  whisper_max.attention_amx
 #   amx_rows.mojo       whisper_max.linear_rows_amx   a few rows on AMX tiles
+#   cast.mojo           whisper_max.to_bfloat16    float32 rounded to bfloat16 (cross K/V)
 #   simd.mojo           helpers (vector width, bfloat16 rounding, softmax pieces)
 # The converter lowers graph ops to them (converter/lower/custom.py) and picks the kind for the
 # CPU it compiles for (converter/lower/target.py); their machine code is compiled into the

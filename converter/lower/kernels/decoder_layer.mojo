@@ -150,6 +150,8 @@ struct DecoderLayer:
     streams keeps each row's positions in slots of a pool. No two rows may write the same
     (slot, position). Which window a row reads: `window` (rows) int32 names its window in the
     cross keys/values (windows, ...); without it there is one window for all rows or one per row.
+    The cross keys and values are float32, or bfloat16 (a bfloat16 package's: half the bytes a
+    row reads), widened exactly as they are read.
     Weight matrices are float32, float16 or bfloat16 (widened exactly as they are read), in
     panels or not, or bfloat16 in pair panels (VDPBF16PS: each product's rows rounded to
     bfloat16, pair products summed in float32). One kernel
@@ -185,8 +187,8 @@ struct DecoderLayer:
         b1: InputTensor[dtype=DType.float32, rank=1, ...],
         w2: InputTensor[...],
         b2: InputTensor[dtype=DType.float32, rank=1, ...],
-        ckt: InputTensor[dtype=DType.float32, rank=4, ...],
-        cv: InputTensor[dtype=DType.float32, rank=4, ...],
+        ckt: InputTensor[rank=4, ...],
+        cv: InputTensor[dtype=ckt.dtype, rank=4, ...],
         lineage: InputTensor[dtype=DType.int32, rank=2, ...],
         window: InputTensor[dtype=DType.int32, rank=1, ...],
         ctx: DeviceContext,
@@ -230,6 +232,8 @@ struct DecoderLayer:
             raise Error("whisper_max.decoder_layer: the caches are not (slots, heads, capacity, head width)")
         if not has_lineage and slots != rows:
             raise Error("whisper_max.decoder_layer: caches of another number of rows than x, and no lineage to map rows to them")
+        comptime if ckt.dtype != DType.float32 and ckt.dtype != DType.bfloat16:
+            raise Error("whisper_max.decoder_layer: cross keys/values of float32 or bfloat16 only")
         if ckt.dim_size(2) != hd or cv.dim_size(0) != windows or cv.dim_size(2) != frames:
             raise Error("whisper_max.decoder_layer: cross keys/values are not (windows, heads, hd, frames) / (.., frames, hd)")
         if not has_window and windows != 1 and windows != rows:

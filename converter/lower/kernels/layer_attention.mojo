@@ -4,7 +4,7 @@
 from max.algorithm import parallelize
 
 from .rows import PANEL, block_product, dot
-from .simd import F32, V, softmax
+from .simd import F32, V, softmax, wide
 
 
 def self_attention(
@@ -48,20 +48,21 @@ def self_attention(
     parallelize(work, rows * heads)
 
 
-def padded_block(pad: UnsafePointer[Float32, MutUntrackedOrigin], src: UnsafePointer[Float32, _], ld: Int, rows: Int, cols: Int):
-    """pad (rows, PANEL) = src[0:rows, 0:cols] (rows ld apart), zeros after column cols: a last
-    partial block of a product's operand in the layout rows.block_product reads."""
+def padded_block[dt: DType](pad: UnsafePointer[Float32, MutUntrackedOrigin], src: UnsafePointer[Scalar[dt], _], ld: Int, rows: Int, cols: Int):
+    """pad (rows, PANEL) = src[0:rows, 0:cols] (rows ld apart) as float32 (exactly), zeros after
+    column cols: a last partial block of a product's operand in the layout rows.block_product
+    reads."""
     for i in range(rows):
         for c in range(PANEL):
-            pad.unsafe_store(i * PANEL + c, src.unsafe_load(i * ld + c) if c < cols else Float32(0))
+            pad.unsafe_store(i * PANEL + c, src.unsafe_load(i * ld + c).cast[F32]() if c < cols else Float32(0))
 
 
 comptime STREAM_ROWS = 8  # groups of at most this many rows read the keys as one stream (scores_streamed)
 
 
-def scores_streamed(
+def scores_streamed[dt: DType](
     sg: UnsafePointer[Float32, MutUntrackedOrigin], ld: Int, qg: UnsafePointer[Float32, _], m: Int,
-    kh: UnsafePointer[Float32, _], hd: Int, frames: Int,
+    kh: UnsafePointer[Scalar[dt], _], hd: Int, frames: Int,
 ):
     """sg[j, 0:frames] (rows ld apart) = qg[j, 0:hd] @ kh (hd, frames) for the m rows j, for a
     head width of one block (hd == PANEL): the keys read in memory order, one row of kh at a
@@ -82,14 +83,14 @@ def scores_streamed(
             var s = sg + j * ld
             var a = SIMD[F32, V](qg.unsafe_load(j * hd + c))
             for l in range(0, f16, V):
-                s.unsafe_store(l, a.fma(krow.unsafe_load[width=V](l), s.unsafe_load[width=V](l)))
+                s.unsafe_store(l, a.fma(wide(krow, l), s.unsafe_load[width=V](l)))
             for l in range(f16, frames):
-                s.unsafe_store(l, a[0].fma(krow.unsafe_load(l), s.unsafe_load(l)))
+                s.unsafe_store(l, a[0].fma(krow.unsafe_load(l).cast[F32](), s.unsafe_load(l)))
 
 
-def cross_attention(
+def cross_attention[dt: DType](
     dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
-    kt: UnsafePointer[Float32, _], v: UnsafePointer[Float32, _],
+    kt: UnsafePointer[Scalar[dt], _], v: UnsafePointer[Scalar[dt], _],
     order: UnsafePointer[Int, MutUntrackedOrigin], starts: UnsafePointer[Int, MutUntrackedOrigin], wins: UnsafePointer[Int, MutUntrackedOrigin],
     groups: Int, heads: Int, hd: Int, frames: Int,
 ):
@@ -100,7 +101,8 @@ def cross_attention(
     q (rows, hd) @ kt (hd, frames) in blocks of 64 frames, the output softmax (rows, frames) @
     v (frames, hd) in blocks of 64 frames, so each block of keys and values is read once for all
     the group's rows, its sums kept in registers; a last partial block is copied beside, padded
-    with zeros. A group of at most STREAM_ROWS rows gets its scores from scores_streamed
+    with zeros. Keys and values are float32, or bfloat16 widened exactly as they are read (a
+    bfloat16 package's, half the bytes a row reads). A group of at most STREAM_ROWS rows gets its scores from scores_streamed
     instead, reading the keys in memory order (the same sums). Every row's sums run in one
     order whatever rows it is decoded with."""
     var fp = (frames + PANEL - 1) // PANEL * PANEL  # a row of scores, padded to whole blocks

@@ -4,7 +4,7 @@
 from max.algorithm import parallelize
 
 from .rows import PANEL, block_product, dot
-from .simd import F32, V, softmax, wide
+from .simd import F32, V, softmax, wide, wide1
 
 
 def self_attention(
@@ -54,7 +54,7 @@ def padded_block[dt: DType](pad: UnsafePointer[Float32, MutUntrackedOrigin], src
     reads."""
     for i in range(rows):
         for c in range(PANEL):
-            pad.unsafe_store(i * PANEL + c, src.unsafe_load(i * ld + c).cast[F32]() if c < cols else Float32(0))
+            pad.unsafe_store(i * PANEL + c, wide1(src, i * ld + c) if c < cols else Float32(0))
 
 
 comptime STREAM_ROWS = 8  # groups of at most this many rows read the keys as one stream (scores_streamed)
@@ -85,7 +85,7 @@ def scores_streamed[dt: DType](
             for l in range(0, f16, V):
                 s.unsafe_store(l, a.fma(wide(krow, l), s.unsafe_load[width=V](l)))
             for l in range(f16, frames):
-                s.unsafe_store(l, a[0].fma(krow.unsafe_load(l).cast[F32](), s.unsafe_load(l)))
+                s.unsafe_store(l, a[0].fma(wide1(krow, l), s.unsafe_load(l)))
 
 
 def cross_attention[dt: DType](

@@ -7,7 +7,7 @@ from std.math import erf
 from std.memory import stack_allocation
 from std.runtime import parallelism_level
 
-from .simd import F32, V, wide
+from .simd import F32, V, wide, wide1
 
 
 @extensibility.register("whisper_max.linear_rows")
@@ -53,7 +53,7 @@ def dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _]
         a0 += wide(a, c) * x.unsafe_load[width=V](c)
     var s = ((a0 + a1) + (a2 + a3)).reduce_add()
     for c in range(k16, k):
-        s += a.unsafe_load(c).cast[F32]() * x.unsafe_load(c)
+        s += wide1(a, c) * x.unsafe_load(c)
     return s
 
 
@@ -116,7 +116,7 @@ def _dot4[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, 
     var s2 = ((r0 + r1) + (r2 + r3)).reduce_add()
     var s3 = ((t0 + t1) + (t2 + t3)).reduce_add()
     for c in range(k16, k):
-        var wc = a.unsafe_load(c).cast[F32]()
+        var wc = wide1(a, c)
         s0 += wc * x.unsafe_load(c)
         s1 += wc * x1.unsafe_load(c)
         s2 += wc * x2.unsafe_load(c)

@@ -71,3 +71,12 @@ def wide[dt: DType](a: UnsafePointer[Scalar[dt], _], c: Int) -> SIMD[F32, V]:
         return bitcast[F32, V](bits)
     else:
         return a.unsafe_load[width=V](c).cast[F32]()
+
+
+@always_inline
+def wide1[dt: DType](a: UnsafePointer[Scalar[dt], _], c: Int) -> Float32:
+    """a[c] as float32, exactly: wide's one-element form (a bfloat16 by its bits, as wide does)."""
+    comptime if dt == DType.bfloat16:
+        return bitcast[F32, 1](a.bitcast[UInt16]().unsafe_load(c).cast[DType.uint32]() << 16)[0]
+    else:
+        return a.unsafe_load(c).cast[F32]()

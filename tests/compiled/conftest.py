@@ -12,6 +12,7 @@ from helpers.op_module import (
     bf16_product_graphs,
     float16_exact_tiny_whisper,
     panel_product_graphs,
+    to_bfloat16_graph,
 )
 from helpers.tiny_model import state_dict_np, tiny_whisper
 from torch.export import Dim, export
@@ -37,7 +38,7 @@ def compiled():
     products, product_weights = bf16_product_graphs() if HAS_BF16 else (ir.Program((), {}), {})
     mod = Module()
     panels, panel_weights = panel_product_graphs()
-    for g in program.graphs + (micro_ir,) + panels.graphs + (attention_f32_graph(),):
+    for g in program.graphs + (micro_ir,) + panels.graphs + (attention_f32_graph(), to_bfloat16_graph()):
         lower_graph(g, mod)
     for kind, target in BF16_TARGETS.items():  # each kind of our bfloat16 kernels this CPU runs
         for g in products.graphs:

@@ -18,11 +18,12 @@ from helpers.op_module import (
     same_bits_in_any_batch,
 )
 from helpers.tiny_model import TINY_DIMS, tiny_whisper
+from max.dtype import DType
 
 from whisper_max.converter import ir
 from whisper_max.converter.lower import compile_with_kernels, lower_graph
 from whisper_max.runtime.manifest import Target
-from whisper_max.runtime.weights import from_bfloat16
+from whisper_max.runtime.weights import from_bfloat16, to_bfloat16
 
 
 @needs_bf16
@@ -115,6 +116,24 @@ def test_pair_products_rows_are_the_same_in_any_batch(compiled):
     close(rows, ref)
     unrounded = many.astype(np.float64) @ w.T + weights["b_panels"]
     assert np.abs(rows - unrounded).max() / np.abs(unrounded).max() > 10 * TOL  # x was rounded
+
+
+def test_float32_values_are_rounded_to_bfloat16_to_nearest_even(compiled):
+    """A cast to bfloat16 (a bfloat16 package's cross keys and values, passes.store_cross_kv) is
+    our kernel whisper_max.to_bfloat16: every value rounded to nearest, ties to even, as
+    runtime.weights.to_bfloat16 rounds (VCVTNEPS2BF16's result for finite values), over both
+    workers' shares and a tail shorter than a vector; ties, signs, subnormals and the largest
+    values included."""
+    *_, models, _ = compiled
+    rng = np.random.default_rng(22)
+    special = np.array(
+        [0x3F808000, 0x3F818000, 0xBF808000, 0x3F807FFF, 0x00000001, 0x80400000, 0x7F7FFFFF, 0x7F7F7FFF, 0, 0x80000000],
+        np.uint32,
+    ).view(np.float32)
+    x = np.concatenate([special, rng.standard_normal(200_003).astype(np.float32) * 1e3]).astype(np.float32)
+    got = models["to_bfloat16"].execute(x)[0].view(DType.uint16).to_numpy()
+    np.testing.assert_array_equal(got, to_bfloat16(x).view(DType.uint16).to_numpy())
+    assert list(got[:4]) == [0x3F80, 0x3F82, 0xBF80, 0x3F80]  # ties to even, down and up
 
 
 def test_amx_kernels_compile_on_any_cpu():

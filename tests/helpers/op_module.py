@@ -118,6 +118,14 @@ def attention_f32_graph():
     return ir.Graph("attention_f32", inputs, (), (), (node,), (("att", "attention"),), (ir.SymDim("b", 1, None),))
 
 
+def to_bfloat16_graph():
+    """A graph `to_bfloat16`: a cast of float32 values (n) to bfloat16, as passes.store_cross_kv
+    makes at the end of cross_kv (lowered to our kernel whisper_max.to_bfloat16)."""
+    x = ir.Value("x", ir.TensorType("float32", ("n",)))
+    node = ir.Node("rounded", ir.CAST, ("x",), (("dtype", "bfloat16"),), ir.TensorType("bfloat16", ("n",)), "rounded")
+    return ir.Graph("to_bfloat16", (x,), (), (), (node,), (("y", "rounded"),), (ir.SymDim("n", 1, None),))
+
+
 def attend(q, k, v, rounded=False):
     """softmax((q s)(k s)^T) v per head of 64 (s = 0.125) in float64; `rounded`: q s, k s, v and
     the softmax's numerators rounded to bfloat16 first, as our bfloat16 kernels do."""

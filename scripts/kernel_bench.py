@@ -106,35 +106,44 @@ def _peak_graphs(s: _Setup, mod) -> None:
                 g.output(out[0].tensor)
 
 
-def _product_graphs(s: _Setup, mod) -> None:
+def _linear_graph(mod, name: str, k: int, n: int, weight: str, bias: str, dtype, shape: list, op: str | None) -> None:
+    """A graph `name`: x (m, k) times the weight `weight` (n outputs, of `dtype` and `shape` in
+    the kernel's layout) plus the bias `bias`: our kernel `op`, or MAX's matmul when op is None."""
     from max.dtype import DType
     from max.graph import DeviceRef, Graph, TensorType, Weight, ops
 
-    from whisper_max.converter import ir
     from whisper_max.converter.lower.custom import kernel_library
 
     dev = DeviceRef.CPU()
+    with Graph(
+        name,
+        input_types=[TensorType(DType.float32, ["m", k], dev)],
+        custom_extensions=[kernel_library()],
+        module=mod,
+    ) as g:
+        x = g.inputs[0].tensor
+        w = g.add_weight(Weight(weight, dtype, shape, dev))
+        b = g.add_weight(Weight(bias, DType.float32, [n], dev))
+        if op is None:
+            y = x @ ops.transpose(w, 0, 1) + b
+        else:
+            out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
+            y = ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor
+        g.output(y)
+
+
+def _product_graphs(s: _Setup, mod) -> None:
+    from max.dtype import DType
+
+    from whisper_max.converter import ir
+
+    ops = {"fp32": None, "panels": ir.LINEAR_PANELS, "amx": ir.LINEAR_AMX, "bf16": ir.LINEAR_BF16}
     for label, (k, n) in s.shapes.items():
-        for kind in s.kinds:
-            wdt = DType.float32 if kind in ("fp32", "panels") else DType.bfloat16
-            with Graph(
-                f"{label}_{kind}",
-                input_types=[TensorType(DType.float32, ["m", k], dev)],
-                custom_extensions=[kernel_library()],
-                module=mod,
-            ) as g:
-                x = g.inputs[0].tensor
-                w = g.add_weight(
-                    Weight(f"{label}.{kind}.weight", wdt, [-(-n // 64), k, 64] if kind == "panels" else [n, k], dev)
-                )
-                b = g.add_weight(Weight(f"{label}.{kind}.bias", DType.float32, [n], dev))
-                out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
-                if kind == "fp32":
-                    y = x @ ops.transpose(w, 0, 1) + b
-                else:  # "panels": float32 weight panels (whisper_max.linear_panels)
-                    op = {"panels": ir.LINEAR_PANELS, "amx": ir.LINEAR_AMX, "bf16": ir.LINEAR_BF16}[kind]
-                    y = ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor
-                g.output(y)
+        for kind in s.kinds:  # "panels": float32 weight panels (whisper_max.linear_panels)
+            dtype = DType.float32 if kind in ("fp32", "panels") else DType.bfloat16
+            shape = [-(-n // 64), k, 64] if kind == "panels" else [n, k]
+            weight, bias = f"{label}.{kind}.weight", f"{label}.{kind}.bias"
+            _linear_graph(mod, f"{label}_{kind}", k, n, weight, bias, dtype, shape, ops[kind])
 
 
 def _attention_graphs(s: _Setup, mod) -> None:
@@ -170,28 +179,16 @@ def _attention_graphs(s: _Setup, mod) -> None:
 
 def _step_graphs(s: _Setup, mod) -> None:
     from max.dtype import DType
-    from max.graph import DeviceRef, Graph, TensorType, Weight, ops
 
     from whisper_max.converter import ir
-    from whisper_max.converter.lower.custom import kernel_library
 
-    dev = DeviceRef.CPU()
     for label, (k, n) in s.steps.items():
         for kind in s.step_kinds:
-            with Graph(
-                f"step_{label}_{kind}",
-                input_types=[TensorType(DType.float32, ["m", k], dev)],
-                custom_extensions=[kernel_library()],
-                module=mod,
-            ) as g:
-                dt = DType.float16 if kind == "panels_f16" else DType.bfloat16
-                shape = [-(-n // 64), k // 2, 64, 2] if kind == "pairs_bf16" else [-(-n // 64), k, 64]
-                w = g.add_weight(Weight(f"step.{label}.{kind}", dt, shape, dev))
-                b = g.add_weight(Weight(f"step.{label}.bias", DType.float32, [n], dev))
-                x = g.inputs[0].tensor
-                out_types = [TensorType(DType.float32, [x.shape[0], n], dev)]
-                op = ir.LINEAR_PAIRS if kind == "pairs_bf16" else ir.LINEAR_PANELS
-                g.output(ops.custom(op, device=dev, values=[x, w, b], out_types=out_types)[0].tensor)
+            dtype = DType.float16 if kind == "panels_f16" else DType.bfloat16
+            shape = [-(-n // 64), k // 2, 64, 2] if kind == "pairs_bf16" else [-(-n // 64), k, 64]
+            op = ir.LINEAR_PAIRS if kind == "pairs_bf16" else ir.LINEAR_PANELS
+            weight, bias = f"step.{label}.{kind}", f"step.{label}.bias"
+            _linear_graph(mod, f"step_{label}_{kind}", k, n, weight, bias, dtype, shape, op)
 
 
 def _weights(s: _Setup, rng) -> dict:

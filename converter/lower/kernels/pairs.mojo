@@ -7,8 +7,8 @@ from max.algorithm import parallelize
 from std.memory import stack_allocation
 from std.runtime import parallelism_level
 
-from .bf16 import L, NR, rows_bf16
-from .rows import CHUNK_ROWS, PLAIN, store, store_at
+from .bf16 import NR, rows_bf16
+from .rows import CHUNK_ROWS, PLAIN, store_panel
 from .simd import round_bf16
 
 
@@ -23,9 +23,10 @@ def linear_pairs[mode: Int, o: MutOrigin](
 
     x is rounded to bfloat16 (to nearest even) once; the panels are split across the workers,
     and every tile of 6 rows (bf16.rows_bf16) multiplies a whole panel with its 6 x 64 sums in
-    registers: exact pair products, added in float32 in k order from zero, then the bias. Each
-    output is summed in that one order whatever the number of rows and its place among them, so
-    a row's result is the same bits alone or among others. Against the float32 products of
+    registers: exact pair products, added in float32 in k order from zero, then the bias
+    (rows.store_panel, linear_panels' epilogue). Each output is summed in that one order
+    whatever the number of rows and its place among them, so a row's result is the same bits
+    alone or among others. Against the float32 products of
     weight panels (rows.linear_panels) it does half the instructions per multiply-add: a step
     of many rows (the engine's rows of many windows, beams) is bound by arithmetic, not by
     reading the weight."""
@@ -46,17 +47,7 @@ def linear_pairs[mode: Int, o: MutOrigin](
             var r0 = (job % chunks) * CHUNK_ROWS
             var m = min(CHUNK_ROWS, rows - r0)
             rows_bf16[False](tot, NR, xb + r0 * k, k, w + pn * k * NR, b, m)
-            var c0 = pn * NR
-            var valid = min(NR, n - c0)
-            var whole = valid - valid % L  # columns done L at a time, the same for every row
-            for i in range(m):
-                var r = r0 + i
-                for c in range(0, whole, L):
-                    var bias = b.load[width=L](c0 + c) if has_bias else SIMD[DType.float32, L](0)
-                    store_at[mode, L](y, res, r * n + c0 + c, tot.load[width=L](i * NR + c) + bias, scale)
-                for c in range(whole, valid):
-                    var bias = b.load(c0 + c) if has_bias else Float32(0)
-                    store[mode](y, res, r, c0 + c, n, tot.load(i * NR + c) + bias, scale)
+            store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * NR, n)
 
     parallelize(work, tasks)
     xb.free()

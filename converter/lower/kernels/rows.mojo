@@ -264,6 +264,25 @@ def block_product[dt: DType](
             _tiles[dt, R](tot + r0 * ldt, ldt, x + r0 * ldx, ldx, panel, ldp, kb, kl, first)
 
 
+def store_panel[mode: Int, o: MutOrigin](
+    y: UnsafePointer[Float32, o], res: UnsafePointer[Float32, _], tot: UnsafePointer[Float32, _],
+    b: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32, r0: Int, m: Int, c0: Int, n: Int,
+):
+    """y[r0 + i, c0 + c] = the epilogue `mode` of tot[i, c] (rows PANEL apart) plus the bias, for
+    the m rows of one panel's sums and its columns below n: V columns at a time, the same for
+    every row, then one at a time."""
+    var valid = min(PANEL, n - c0)
+    var whole = valid - valid % V
+    for i in range(m):
+        var r = r0 + i
+        for c in range(0, whole, V):
+            var bias = b.unsafe_load[width=V](c0 + c) if has_bias else SIMD[F32, V](0)
+            store_at[mode, V](y, res, r * n + c0 + c, tot.unsafe_load[width=V](i * PANEL + c) + bias, scale)
+        for c in range(whole, valid):
+            var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
+            store[mode](y, res, r, c0 + c, n, tot.unsafe_load(i * PANEL + c) + bias, scale)
+
+
 def linear_panels[dt: DType, mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
@@ -294,17 +313,7 @@ def linear_panels[dt: DType, mode: Int, o: MutOrigin](
             var panel = w + pn * k * PANEL
             for kb in range(0, k, PANEL):
                 block_product(tot, PANEL, x + r0 * k, k, m, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
-            var c0 = pn * PANEL
-            var valid = min(PANEL, n - c0)
-            var whole = valid - valid % V  # columns done V at a time, the same for every row
-            for i in range(m):
-                var r = r0 + i
-                for c in range(0, whole, V):
-                    var bias = b.unsafe_load[width=V](c0 + c) if has_bias else SIMD[F32, V](0)
-                    store_at[mode, V](y, res, r * n + c0 + c, tot.unsafe_load[width=V](i * PANEL + c) + bias, scale)
-                for c in range(whole, valid):
-                    var bias = b.unsafe_load(c0 + c) if has_bias else Float32(0)
-                    store[mode](y, res, r, c0 + c, n, tot.unsafe_load(i * PANEL + c) + bias, scale)
+            store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * PANEL, n)
 
     parallelize(work, tasks)
 

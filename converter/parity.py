@@ -27,6 +27,7 @@ from ..runtime.program import (
     decoder_call,
     empty_cache_shape,
     host,
+    shape_of,
     state_specs,
 )
 from . import ir
@@ -187,7 +188,7 @@ def alignment_outputs(program: ir.Program, models: dict, ref: dict, tok: np.ndar
     rows = program.graph(Role.DECODER_ROWS)
     queries = [name for name, _ in rows.outputs if name.endswith(QUERIES)]
     specs = state_specs(ir.graph_signature(rows))
-    n_head, _, frames = host(cross[queries[0].removesuffix(QUERIES)]).shape[1:]
+    n_head, _, frames = shape_of(cross[queries[0].removesuffix(QUERIES)])[1:]
     heads = [
         (layer, head) for layer in range(len(queries)) for head in range(n_head)
     ]  # every head, not only the alignment's

@@ -87,6 +87,11 @@ def host(x) -> np.ndarray:
     return x.to_numpy()
 
 
+def shape_of(x) -> tuple:
+    """A graph output's or array's shape, without reading it (host() widens a bfloat16 buffer)."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def state_specs(signature: GraphSignature) -> list[TensorSpec]:
     """A graph signature's state inputs (written in place), and the inputs that say where each
     row is (the position they are written at, the rows' LINEAGE and WINDOW) where it takes
@@ -197,7 +202,7 @@ class StepCache:
 
 def window_shared(cross: dict, rows: int) -> bool:
     """Whether `rows` rows decode against one copy of the window's values (leading dim 1)."""
-    return rows > 1 and all((v.shape if hasattr(v, "shape") else np.shape(v))[0] == 1 for v in cross.values())
+    return rows > 1 and all(shape_of(v)[0] == 1 for v in cross.values())
 
 
 _NO_SUPPRESS = np.zeros(0, np.int32)

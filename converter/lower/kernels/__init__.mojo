@@ -12,6 +12,7 @@
 #   amx_rows.mojo       whisper_max.linear_rows_amx   a few rows on AMX tiles
 #   cast.mojo           whisper_max.to_bfloat16    float32 rounded to bfloat16 (cross K/V)
 #   simd.mojo           helpers (vector width, bfloat16 rounding, softmax pieces)
+#   team.mojo           a kernel's steps as phases of jobs shared by the workers in one dispatch
 # The converter lowers graph ops to them (converter/lower/custom.py) and picks the kind for the
 # CPU it compiles for (converter/lower/target.py); their machine code is compiled into the
 # package's MEF, so loading a package needs neither this source nor a compile.

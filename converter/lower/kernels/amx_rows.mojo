@@ -138,7 +138,7 @@ def linear_rows_amx[mode: Int, o: MutOrigin](
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ) raises:
-    """rows.linear on AMX for a bfloat16 w (n, k), k a multiple of 32: x rounded to bfloat16, the
+    """rows.share_linear on AMX for a bfloat16 w (n, k), k a multiple of 32: x rounded to bfloat16, the
     weight's 32-row blocks split across the workers."""
     if k % STEP != 0:
         raise Error("whisper_max AMX row products: the weight's columns must be a multiple of 32")

@@ -8,10 +8,11 @@ from std.runtime import parallelism_level
 
 from .amx import BLOCK, request_amx, tile_config, tile_release, TILE
 from .amx_rows import linear_rows_amx, pack_rows, rows_blocks
-from .rows import GELU, PANEL, PLAIN, RESIDUAL, SCALED, block_product, dot, linear, linear_panels, weight_row
-from .simd import F32, V, softmax
+from .rows import GELU, PANEL, PLAIN, RESIDUAL, SCALED, share_linear, share_linear_panels
+from .simd import F32, V, round_bf16
 from .layer_attention import cross_attention, self_attention
-from .pairs import linear_pairs
+from .pairs import share_pair_products
+from .team import Crew, team
 
 
 def _layer_norm(
@@ -40,33 +41,6 @@ def _layer_norm(
         y.unsafe_store(c, (x.unsafe_load[width=V](c) - mean) * rstd * w.unsafe_load[width=V](c) + b.unsafe_load[width=V](c))
     for c in range(d16, d):
         y.unsafe_store(c, (x.unsafe_load(c) - mean) * rstd * w.unsafe_load(c) + b.unsafe_load(c))
-
-
-def _qkv[dq: DType, dk: DType, dv: DType](
-    qkv: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _],
-    wq: UnsafePointer[Scalar[dq], _], bq: UnsafePointer[Float32, _], wk: UnsafePointer[Scalar[dk], _],
-    wv: UnsafePointer[Scalar[dv], _], bv: UnsafePointer[Float32, _], scale: Float32, rows: Int, d: Int,
-):
-    """qkv (3, rows, d) = q = (x wq^T + bq) * scale, k = (x wk^T) * scale, v = x wv^T + bv: the
-    three products of the block's input as one pass over the three weights (one dispatch to the
-    workers instead of three)."""
-    var n = 3 * d
-    var tasks = max(1, min(parallelism_level(), n // 64))
-    var chunk = (n + tasks - 1) // tasks
-
-    def work(t: Int) {var qkv, var x, var wq, var bq, var wk, var wv, var bv, var scale, var rows, var d, var n, var chunk}:
-        for jj in range(t * chunk, min(n, (t + 1) * chunk)):
-            var which = jj // d
-            var j = jj % d
-            var dst = qkv + which * rows * d  # q, k or v (rows, d); bq stands in for the unused residual
-            if which == 0:
-                weight_row[dq, SCALED](dst, x, wq + j * d, bq.unsafe_load(j), bq, scale, rows, j, d, d)
-            elif which == 1:
-                weight_row[dk, SCALED](dst, x, wk + j * d, Float32(0), bq, scale, rows, j, d, d)
-            else:
-                weight_row[dv, PLAIN](dst, x, wv + j * d, bv.unsafe_load(j), bq, scale, rows, j, d, d)
-
-    parallelize(work, tasks)
 
 
 def _qkv_amx(
@@ -109,22 +83,47 @@ def _qkv_amx(
     xb.free()
 
 
-def _linear[amx: Bool, panels: Bool, pairs: Bool, dt: DType, mode: Int, o: MutOrigin](
-    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
-    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
-    rows: Int, n: Int, k: Int,
-) raises:
-    """rows.linear, or on AMX (amx.linear_rows_amx, x rounded to bfloat16) when `amx`, or on the
-    weight in panels (rows.linear_panels) when `panels`, or on bfloat16 pair panels with
-    VDPBF16PS (pairs.linear_pairs, x rounded to bfloat16) when `pairs`."""
-    comptime if amx:
-        linear_rows_amx[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
-    elif pairs:
-        linear_pairs[mode](y, x, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
+def _share_norm[pairs: Bool](
+    mut crew: Crew, h: UnsafePointer[Float32, MutUntrackedOrigin], hb: UnsafePointer[BFloat16, MutUntrackedOrigin],
+    x: UnsafePointer[Float32, _], w: UnsafePointer[Float32, _], b: UnsafePointer[Float32, _], rows: Int, d: Int, eps: Float32,
+):
+    """h = layer norm of each row of x, and (`pairs`) h rounded to bfloat16 into hb: one phase
+    of `crew`'s team, a job a row."""
+
+    def job(r: Int) {var h, var hb, var x, var w, var b, var d, var eps}:
+        _layer_norm(h + r * d, x + r * d, w, b, d, eps)
+        comptime if pairs:
+            round_bf16(hb + r * d, h + r * d, d, 1.0)
+
+    crew.share(rows, job)
+
+
+def _share_round(mut crew: Crew, xb: UnsafePointer[BFloat16, MutUntrackedOrigin], x: UnsafePointer[Float32, _], rows: Int, k: Int):
+    """xb = x (rows, k) rounded to bfloat16, the operand of pair products: one phase, a job a row."""
+
+    def job(r: Int) {var xb, var x, var k}:
+        round_bf16(xb + r * k, x + r * k, k, 1.0)
+
+    crew.share(rows, job)
+
+
+def _share_product[panels: Bool, pairs: Bool, dt: DType, mode: Int, o: MutOrigin](
+    mut crew: Crew, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], xb: UnsafePointer[BFloat16, _],
+    w: UnsafePointer[Scalar[dt], _], b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool,
+    scale: Float32, rows: Int, n: Int, k: Int,
+):
+    """rows x (k) times W (n, k)^T into y (rows, n), with the epilogue `mode`, as one phase of
+    `crew`'s team: on bfloat16 pair panels from xb, x already rounded (pairs.share_pair_products), on
+    weight panels (rows.share_linear_panels), or on the plain weight (rows.share_linear)."""
+    comptime if pairs:
+        share_pair_products[mode](crew, y, xb, w.bitcast[BFloat16](), b, res, has_bias, scale, rows, n, k)
     elif panels:
-        linear_panels[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
+        share_linear_panels[dt, mode](crew, y, x, w, b, res, has_bias, scale, rows, n, k)
     else:
-        linear[dt, mode](y, x, w, b, res, has_bias, scale, rows, n, k)
+        share_linear[dt, mode](crew, y, x, w, b, res, has_bias, scale, rows, n, k)
+
+
+comptime _PHASES = 24  # at most, of one block's team (21 with pair panels)
 
 
 @extensibility.register("whisper_max.decoder_layer")
@@ -322,41 +321,111 @@ struct DecoderLayer:
         var vp = vc.unsafe_ptr()
         var xp = x.unsafe_ptr()
 
-        for r in range(rows):
-            _layer_norm(h + r * d, xp + r * d, ln1_w.unsafe_ptr(), ln1_b.unsafe_ptr(), d, e)
-        comptime if pairs:  # three passes (one dispatch each) over the pair panels of q, k, v
-            linear_pairs[SCALED](q, h, wq.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), xp, True, s, rows, d, d)
-            linear_pairs[SCALED](q + rd, h, wk.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), xp, False, s, rows, d, d)
-            linear_pairs[PLAIN](q + 2 * rd, h, wv.unsafe_ptr().bitcast[BFloat16](), bv.unsafe_ptr(), xp, True, s, rows, d, d)
-        elif panels:  # three passes (one dispatch each) over the panels of q, k, v
-            linear_panels[wq.dtype, SCALED](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), xp, True, s, rows, d, d)
-            linear_panels[wk.dtype, SCALED](q + rd, h, wk.unsafe_ptr(), bq.unsafe_ptr(), xp, False, s, rows, d, d)
-            linear_panels[wv.dtype, PLAIN](q + 2 * rd, h, wv.unsafe_ptr(), bv.unsafe_ptr(), xp, True, s, rows, d, d)
-        elif amx:
-            _qkv_amx(q, h, wq.unsafe_ptr().bitcast[BFloat16](), bq.unsafe_ptr(), wk.unsafe_ptr().bitcast[BFloat16](), wv.unsafe_ptr().bitcast[BFloat16](), bv.unsafe_ptr(), s, rows, d)
-        else:
-            _qkv[wq.dtype, wk.dtype, wv.dtype](q, h, wq.unsafe_ptr(), bq.unsafe_ptr(), wk.unsafe_ptr(), wv.unsafe_ptr(), bv.unsafe_ptr(), s, rows, d)
-        for r in range(rows):
+        var yp = y.unsafe_ptr()
+        var cqp = cq.unsafe_ptr()  # the rows' scaled cross-attention queries: word timestamps' scores
+        var ckp = ckt.unsafe_ptr()
+        var cvp = cv.unsafe_ptr()
+        var pln1_w = ln1_w.unsafe_ptr()
+        var pln1_b = ln1_b.unsafe_ptr()
+        var pln2_w = ln2_w.unsafe_ptr()
+        var pln2_b = ln2_b.unsafe_ptr()
+        var pln3_w = ln3_w.unsafe_ptr()
+        var pln3_b = ln3_b.unsafe_ptr()
+        var pwq = wq.unsafe_ptr()
+        var pwk = wk.unsafe_ptr()
+        var pwv = wv.unsafe_ptr()
+        var pwo = wo.unsafe_ptr()
+        var pwcq = wcq.unsafe_ptr()
+        var pwco = wco.unsafe_ptr()
+        var pw1 = w1.unsafe_ptr()
+        var pw2 = w2.unsafe_ptr()
+        var pbq = bq.unsafe_ptr()
+        var pbv = bv.unsafe_ptr()
+        var pbo = bo.unsafe_ptr()
+        var pbcq = bcq.unsafe_ptr()
+        var pbco = bco.unsafe_ptr()
+        var pb1 = b1.unsafe_ptr()
+        var pb2 = b2.unsafe_ptr()
+
+        @always_inline
+        def write_cache(r: Int) {var kp, var vp, var kn, var vn, var dst_slot, var pos, var cap, var hd, var d}:
+            """The new token's keys and values of row r into its cache slot and position."""
             for i in range(heads):
                 var dst = ((dst_slot.unsafe_load(r) * heads + i) * cap + pos.unsafe_load(r)) * hd
                 for c in range(hd):
                     (kp + dst).unsafe_store(c, (kn + r * d + i * hd).unsafe_load(c))
                     (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
-        self_attention(att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
-        _linear[amx, panels, pairs, wo.dtype, RESIDUAL](x1, att, wo.unsafe_ptr(), bo.unsafe_ptr(), xp, True, s, rows, d, d)
 
-        for r in range(rows):
-            _layer_norm(h + r * d, x1 + r * d, ln2_w.unsafe_ptr(), ln2_b.unsafe_ptr(), d, e)
-        _linear[amx, panels, pairs, wcq.dtype, SCALED](q, h, wcq.unsafe_ptr(), bcq.unsafe_ptr(), xp, True, s, rows, d, d)
-        var cqp = cq.unsafe_ptr()  # the rows' scaled cross-attention queries: word timestamps' scores
-        for i in range(rd):
-            cqp.unsafe_store(i, q.unsafe_load(i))
-        cross_attention(att, q, ckt.unsafe_ptr(), cv.unsafe_ptr(), order, starts, wins, groups, heads, hd, frames)
-        _linear[amx, panels, pairs, wco.dtype, RESIDUAL](x2, att, wco.unsafe_ptr(), bco.unsafe_ptr(), x1, True, s, rows, d, d)
+        comptime if amx:
+            # AMX tiles are configured per worker and task (amx_rows): one dispatch a product
+            for r in range(rows):
+                _layer_norm(h + r * d, xp + r * d, pln1_w, pln1_b, d, e)
+            _qkv_amx(q, h, pwq.bitcast[BFloat16](), pbq, pwk.bitcast[BFloat16](), pwv.bitcast[BFloat16](), pbv, s, rows, d)
+            for r in range(rows):
+                write_cache(r)
 
-        for r in range(rows):
-            _layer_norm(h + r * d, x2 + r * d, ln3_w.unsafe_ptr(), ln3_b.unsafe_ptr(), d, e)
-        _linear[amx, panels, pairs, w1.dtype, GELU](hid, h, w1.unsafe_ptr(), b1.unsafe_ptr(), xp, True, s, rows, f, d)
-        _linear[amx, panels, pairs, w2.dtype, RESIDUAL](y.unsafe_ptr(), hid, w2.unsafe_ptr(), b2.unsafe_ptr(), x2, True, s, rows, d, f)
+            def self_attend(mut crew: Crew) {var att, var q, var kp, var vp, var sc, var lp, var has_lineage, var pos, var rows, var hd, var cap}:
+                self_attention(crew, att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
+
+            team(1, self_attend)
+            linear_rows_amx[RESIDUAL](x1, att, pwo.bitcast[BFloat16](), pbo, xp, True, s, rows, d, d)
+            for r in range(rows):
+                _layer_norm(h + r * d, x1 + r * d, pln2_w, pln2_b, d, e)
+            linear_rows_amx[SCALED](q, h, pwcq.bitcast[BFloat16](), pbcq, xp, True, s, rows, d, d)
+            for i in range(rd):
+                cqp.unsafe_store(i, q.unsafe_load(i))
+
+            def cross_attend(mut crew: Crew) {var att, var q, var ckp, var cvp, var order, var starts, var wins, var groups, var hd, var frames}:
+                cross_attention(crew, att, q, ckp, cvp, order, starts, wins, groups, heads, hd, frames)
+
+            team(1, cross_attend)
+            linear_rows_amx[RESIDUAL](x2, att, pwco.bitcast[BFloat16](), pbco, x1, True, s, rows, d, d)
+            for r in range(rows):
+                _layer_norm(h + r * d, x2 + r * d, pln3_w, pln3_b, d, e)
+            linear_rows_amx[GELU](hid, h, pw1.bitcast[BFloat16](), pb1, xp, True, s, rows, f, d)
+            linear_rows_amx[RESIDUAL](yp, hid, pw2.bitcast[BFloat16](), pb2, x2, True, s, rows, d, f)
+        else:
+            # every step of the block as a phase of one team: one dispatch to the workers for the
+            # block instead of ~10 (one row's step is ~10 products and attentions of 10-100 us,
+            # and a dispatch costs ~10 us)
+            var hb = alloc[BFloat16](rows * max(d, f) if pairs else 0)  # pair products' rounded input
+
+            def block(mut crew: Crew) {
+                var rows, var d, var f, var hd, var cap, var frames, var groups, var s, var e, var rd,
+                var h, var hb, var q, var kn, var vn, var att, var x1, var x2, var hid, var sc, var kp, var vp, var xp,
+                var yp, var cqp, var ckp, var cvp, var lp, var has_lineage, var pos, var dst_slot, var order, var starts,
+                var wins, var pln1_w, var pln1_b, var pln2_w, var pln2_b, var pln3_w, var pln3_b, var pwq, var pwk,
+                var pwv, var pwo, var pwcq, var pwco, var pw1, var pw2, var pbq, var pbv, var pbo, var pbcq, var pbco,
+                var pb1, var pb2, ref write_cache
+            }:
+                _share_norm[pairs](crew, h, hb, xp, pln1_w, pln1_b, rows, d, e)
+                _share_product[panels, pairs, wq.dtype, SCALED](crew, q, h, hb, pwq, pbq, xp, True, s, rows, d, d)
+                _share_product[panels, pairs, wk.dtype, SCALED](crew, kn, h, hb, pwk, pbq, xp, False, s, rows, d, d)
+                _share_product[panels, pairs, wv.dtype, PLAIN](crew, vn, h, hb, pwv, pbv, xp, True, s, rows, d, d)
+                crew.share(rows, write_cache)
+                self_attention(crew, att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
+                comptime if pairs:
+                    _share_round(crew, hb, att, rows, d)
+                _share_product[panels, pairs, wo.dtype, RESIDUAL](crew, x1, att, hb, pwo, pbo, xp, True, s, rows, d, d)
+                _share_norm[pairs](crew, h, hb, x1, pln2_w, pln2_b, rows, d, e)
+                _share_product[panels, pairs, wcq.dtype, SCALED](crew, q, h, hb, pwcq, pbcq, xp, True, s, rows, d, d)
+
+                def copy_queries(r: Int) {var cqp, var q, var d}:
+                    for c in range(d):
+                        cqp.unsafe_store(r * d + c, q.unsafe_load(r * d + c))
+
+                crew.share(rows, copy_queries)
+                cross_attention(crew, att, q, ckp, cvp, order, starts, wins, groups, heads, hd, frames)
+                comptime if pairs:
+                    _share_round(crew, hb, att, rows, d)
+                _share_product[panels, pairs, wco.dtype, RESIDUAL](crew, x2, att, hb, pwco, pbco, x1, True, s, rows, d, d)
+                _share_norm[pairs](crew, h, hb, x2, pln3_w, pln3_b, rows, d, e)
+                _share_product[panels, pairs, w1.dtype, GELU](crew, hid, h, hb, pw1, pb1, xp, True, s, rows, f, d)
+                comptime if pairs:
+                    _share_round(crew, hb, hid, rows, f)
+                _share_product[panels, pairs, w2.dtype, RESIDUAL](crew, yp, hid, hb, pw2, pb2, x2, True, s, rows, d, f)
+
+            team(_PHASES, block)
+            hb.free()
         scratch.free()
         ints.free()

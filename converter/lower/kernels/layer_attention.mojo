@@ -1,21 +1,22 @@
 # The attention of the fused decoder block (decoder_layer.mojo) for a few rows: self-attention
 # over each row's cached positions (through its lineage), and cross-attention over each row's
 # window, rows of one window grouped so that its keys and values are read once per group.
-from max.algorithm import parallelize
 
 from .rows import PANEL, block_product, dot
 from .simd import F32, V, softmax, wide, wide1
+from .team import Crew
 
 
 def self_attention(
-    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    mut crew: Crew, dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kc: UnsafePointer[Float32, _], vc: UnsafePointer[Float32, _], scores: UnsafePointer[Float32, MutUntrackedOrigin],
     lineage: UnsafePointer[Int32, _], has_lineage: Bool, pos: UnsafePointer[Int, MutUntrackedOrigin], rows: Int, heads: Int, hd: Int, cap: Int,
 ):
     """Each row r and head attends to the first pos[r] + 1 positions of the caches (slots,
     heads, cap, hd): position i of row r is in cache slot lineage[r, i] (rows, cap) when
     `has_lineage`, else in slot r; q (rows, heads * hd) scaled, keys stored scaled; out (rows,
-    heads * hd), the value rows weighted by the softmax, summed in position order."""
+    heads * hd), the value rows weighted by the softmax, summed in position order. One phase of
+    `crew`'s team, a job for each row and head."""
     def work(t: Int) {var dst, var q, var kc, var vc, var scores, var lineage, var has_lineage, var pos, var heads, var hd, var cap}:
         var r = t // heads
         var h = t % heads
@@ -45,7 +46,7 @@ def self_attention(
             for c in range(hd16, hd):
                 o.unsafe_store(c, o.unsafe_load(c) + w * row.unsafe_load(c))
 
-    parallelize(work, rows * heads)
+    crew.share(rows * heads, work)
 
 
 def padded_block[dt: DType](pad: UnsafePointer[Float32, MutUntrackedOrigin], src: UnsafePointer[Scalar[dt], _], ld: Int, rows: Int, cols: Int):
@@ -89,7 +90,7 @@ def scores_streamed[dt: DType](
 
 
 def cross_attention[dt: DType](
-    dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
+    mut crew: Crew, dst: UnsafePointer[Float32, MutUntrackedOrigin], q: UnsafePointer[Float32, _],
     kt: UnsafePointer[Scalar[dt], _], v: UnsafePointer[Scalar[dt], _],
     order: UnsafePointer[Int, MutUntrackedOrigin], starts: UnsafePointer[Int, MutUntrackedOrigin], wins: UnsafePointer[Int, MutUntrackedOrigin],
     groups: Int, heads: Int, hd: Int, frames: Int,
@@ -104,7 +105,8 @@ def cross_attention[dt: DType](
     with zeros. Keys and values are float32, or bfloat16 widened exactly as they are read (a
     bfloat16 package's, half the bytes a row reads). A group of at most STREAM_ROWS rows gets its scores from scores_streamed
     instead, reading the keys in memory order (the same sums). Every row's sums run in one
-    order whatever rows it is decoded with."""
+    order whatever rows it is decoded with. One phase of `crew`'s team, a job for each group
+    and head."""
     var fp = (frames + PANEL - 1) // PANEL * PANEL  # a row of scores, padded to whole blocks
 
     def work(t: Int) {var dst, var q, var kt, var v, var order, var starts, var wins, var heads, var hd, var frames, var fp}:
@@ -154,4 +156,4 @@ def cross_attention[dt: DType](
                     o.unsafe_store(c, og.unsafe_load(j * PANEL + c))
         buf.free()
 
-    parallelize(work, groups * heads)
+    crew.share(groups * heads, work)

@@ -3,54 +3,55 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.algorithm import parallelize
 from std.memory import stack_allocation
-from std.runtime import parallelism_level
 
 from .bf16 import NR, rows_bf16
-from .rows import CHUNK_ROWS, PLAIN, store_panel
+from .rows import CHUNK_ROWS, PLAIN, share_panels, store_panel
 from .simd import round_bf16
+from .team import Crew, team
 
 
-def linear_pairs[mode: Int, o: MutOrigin](
-    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[BFloat16, _],
-    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
-    rows: Int, n: Int, k: Int,
-) raises:
+def share_linear_pairs[mode: Int, o: MutOrigin](
+    mut crew: Crew, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], xb: UnsafePointer[BFloat16, MutUntrackedOrigin],
+    w: UnsafePointer[BFloat16, _], b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool,
+    scale: Float32, rows: Int, n: Int, k: Int,
+):
     """rows x (k) times W (n, k)^T into y (rows, n) with the epilogue `mode` (rows.store_at), W
     bfloat16 in pair panels w (ceil(n / 64), k / 2, 64, 2) (runtime.weights.to_pairs: the two
-    values of a column at k and k + 1 adjacent, VDPBF16PS's operand), k even.
+    values of a column at k and k + 1 adjacent, VDPBF16PS's operand), k even (the caller
+    checks), as two phases of `crew`'s team.
 
-    x is rounded to bfloat16 (to nearest even) once; the panels are split across the workers,
-    and every tile of 6 rows (bf16.rows_bf16) multiplies a whole panel with its 6 x 64 sums in
-    registers: exact pair products, added in float32 in k order from zero, then the bias
-    (rows.store_panel, linear_panels' epilogue). Each output is summed in that one order
-    whatever the number of rows and its place among them, so a row's result is the same bits
-    alone or among others. Against the float32 products of
-    weight panels (rows.linear_panels) it does half the instructions per multiply-add: a step
-    of many rows (the engine's rows of many windows, beams) is bound by arithmetic, not by
-    reading the weight."""
-    if k % 2 != 0:
-        raise Error("whisper_max.linear_pairs: k must be even (pairs of k values)")
-    if rows == 0:
-        return
-    var xb = alloc[BFloat16](rows * k)
-    round_bf16(xb, x, rows * k, 1.0)
-    var panels = (n + NR - 1) // NR
-    var chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    var tasks = max(1, min(parallelism_level(), panels * chunks))
+    x is rounded to bfloat16 (to nearest even) into xb (rows * k) once, one job a row; then the
+    panels are shared as rows.share_panels' jobs, and every tile of 6 rows (bf16.rows_bf16)
+    multiplies a whole panel with its 6 x 64 sums in registers: exact pair products, added in
+    float32 in k order from zero, then the bias (rows.store_panel, share_linear_panels' epilogue).
+    Each output is summed in that one order whatever the number of rows and its place among
+    them, so a row's result is the same bits alone or among others. Against the float32
+    products of weight panels (rows.share_linear_panels) it does half the instructions per
+    multiply-add: a step of many rows (the engine's rows of many windows, beams) is bound by
+    arithmetic, not by reading the weight."""
 
-    def work(t: Int) {var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var chunks, var tasks}:
+    def round_row(r: Int) {var x, var xb, var k}:
+        round_bf16(xb + r * k, x + r * k, k, 1.0)
+
+    crew.share(rows, round_row)
+    share_pair_products[mode](crew, y, xb, w, b, res, has_bias, scale, rows, n, k)
+
+
+def share_pair_products[mode: Int, o: MutOrigin](
+    mut crew: Crew, y: UnsafePointer[Float32, o], xb: UnsafePointer[BFloat16, _], w: UnsafePointer[BFloat16, _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+):
+    """share_linear_pairs' products, as one phase, from rows xb (rows, k) already rounded to
+    bfloat16 (a decoder block rounds each input once for all the products that read it)."""
+
+    def item(pn: Int, r0: Int, m: Int) {var y, var xb, var w, var b, var res, var has_bias, var scale, var n, var k}:
         var tot = stack_allocation[CHUNK_ROWS * NR, Float32, alignment=64]()
-        for job in range(t * panels * chunks // tasks, (t + 1) * panels * chunks // tasks):
-            var pn = job // chunks
-            var r0 = (job % chunks) * CHUNK_ROWS
-            var m = min(CHUNK_ROWS, rows - r0)
-            rows_bf16[False](tot, NR, xb + r0 * k, k, w + pn * k * NR, b, m)
-            store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * NR, n)
+        rows_bf16[False](tot, NR, xb + r0 * k, k, w + pn * k * NR, b, m)
+        store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * NR, n)
 
-    parallelize(work, tasks)
-    xb.free()
+    share_panels(crew, rows, n, item)
 
 
 @extensibility.register("whisper_max.linear_pairs")
@@ -58,7 +59,7 @@ struct LinearPairs:
     """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) bfloat16
     given in pair panels w (ceil(n / 64), k / 2, 64, 2) (runtime.weights.to_pairs), on AVX512_BF16
     (VDPBF16PS): x rounded to bfloat16, exact pair products, float32 sums. A row's result is
-    bit-identical whatever the number of rows (linear_pairs)."""
+    bit-identical whatever the number of rows (share_linear_pairs)."""
 
     @staticmethod
     def execute[target: StaticString](
@@ -75,4 +76,16 @@ struct LinearPairs:
             raise Error("whisper_max.linear_pairs: the weight is not (ceil(n / 64), k / 2, 64, 2) pair panels for x's k and the bias's n")
         if y.dim_size(0) != rows or y.dim_size(1) != n:
             raise Error("whisper_max.linear_pairs: the output is not (rows, n)")
-        linear_pairs[PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)
+        if k % 2 != 0:
+            raise Error("whisper_max.linear_pairs: k must be even (pairs of k values)")
+        var yp = y.unsafe_ptr()
+        var xp = x.unsafe_ptr()
+        var wp = w.unsafe_ptr()
+        var bp = b.unsafe_ptr()
+        var xb = alloc[BFloat16](max(1, rows * k))
+
+        def run(mut crew: Crew) {var yp, var xp, var xb, var wp, var bp, var rows, var n, var k}:
+            share_linear_pairs[PLAIN](crew, yp, xp, xb, wp, bp, xp, True, 1.0, rows, n, k)
+
+        team(2, run)
+        xb.free()

@@ -2,12 +2,11 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.algorithm import parallelize
 from std.math import erf
 from std.memory import stack_allocation
-from std.runtime import parallelism_level
 
 from .simd import F32, V, wide, wide1
+from .team import Crew, split, team
 
 
 @extensibility.register("whisper_max.linear_rows")
@@ -32,7 +31,15 @@ struct LinearRows:
         var k = w.dim_size(1)
         if x.dim_size(1) != k or b.dim_size(0) != n or y.dim_size(0) != rows or y.dim_size(1) != n:
             raise Error("whisper_max.linear_rows: operand shapes do not agree")
-        linear[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)
+        var yp = y.unsafe_ptr()
+        var xp = x.unsafe_ptr()
+        var wp = w.unsafe_ptr()
+        var bp = b.unsafe_ptr()
+
+        def run(mut crew: Crew) {var yp, var xp, var wp, var bp, var rows, var n, var k}:
+            share_linear[w.dtype, PLAIN](crew, yp, xp, wp, bp, xp, True, 1.0, rows, n, k)
+
+        team(1, run)
 
 
 def dot[dt: DType](a: UnsafePointer[Scalar[dt], _], x: UnsafePointer[Float32, _], k: Int) -> Float32:
@@ -164,21 +171,37 @@ def weight_row[dt: DType, mode: Int, o: MutOrigin](
         store[mode](y, res, r, j, n, dot(row, x + r * k, k) + bias, scale)
 
 
-def linear[dt: DType, mode: Int, o: MutOrigin](
-    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+comptime ROW_JOB = 64  # weight rows of one job of linear_job
+
+
+def linear_jobs(n: Int) -> Int:
+    """The jobs of linear_job for n weight rows."""
+    return (n + ROW_JOB - 1) // ROW_JOB
+
+
+def linear_job[dt: DType, mode: Int, o: MutOrigin](
+    j: Int, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ):
-    """rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`; the weight rows
-    are split across the workers and each is read once for all rows."""
-    var tasks = max(1, min(parallelism_level(), n // 64))
-    var chunk = (n + tasks - 1) // tasks
+    """Job j of rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`: the
+    columns of ROW_JOB weight rows, each weight row read once for all rows (weight_row)."""
+    for jj in range(j * ROW_JOB, min(n, (j + 1) * ROW_JOB)):
+        weight_row[dt, mode](y, x, w + jj * k, b.unsafe_load(jj) if has_bias else Float32(0), res, scale, rows, jj, n, k)
 
-    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var chunk}:
-        for j in range(t * chunk, min(n, (t + 1) * chunk)):
-            weight_row[dt, mode](y, x, w + j * k, b.unsafe_load(j) if has_bias else Float32(0), res, scale, rows, j, n, k)
 
-    parallelize(work, tasks)
+def share_linear[dt: DType, mode: Int, o: MutOrigin](
+    mut crew: Crew, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
+    rows: Int, n: Int, k: Int,
+):
+    """rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`, as one phase of
+    `crew`'s team: jobs of weight rows (linear_job)."""
+
+    def job(j: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k}:
+        linear_job[dt, mode](j, y, x, w, b, res, has_bias, scale, rows, n, k)
+
+    crew.share(linear_jobs(n), job)
 
 
 comptime PANEL = 64  # output columns of one panel of a weight in panels (runtime.package.PANEL)
@@ -186,7 +209,7 @@ comptime PANEL = 64  # output columns of one panel of a weight in panels (runtim
 # broadcast held in registers. MR rows at most: 6 x 4 (29 of AVX-512's 32), or 6 x 2 on AVX2
 # (15 of its 16; a 3 x 4 tile there needs 17 and spills one every step).
 comptime MR = 6
-# rows whose sums of one panel linear_panels keeps on the stack (24 KB) while the blocks of k
+# rows whose sums of one panel share_linear_panels keeps on the stack (24 KB) while the blocks of k
 # add to them; more rows (an encoder's 1500 a window) are done in chunks of this many, each
 # over the whole panel, which stays in L2
 comptime CHUNK_ROWS = 96
@@ -283,39 +306,49 @@ def store_panel[mode: Int, o: MutOrigin](
             store[mode](y, res, r, c0 + c, n, tot.unsafe_load(i * PANEL + c) + bias, scale)
 
 
-def linear_panels[dt: DType, mode: Int, o: MutOrigin](
-    y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
+def share_panels[F: def(Int, Int, Int) -> None](mut crew: Crew, rows: Int, n: Int, item: F):
+    """item(pn, r0, m) for every panel pn of n columns (PANEL each) and chunk of rows r0 ..< r0 + m
+    (CHUNK_ROWS, the last one shorter) of `rows`, as one phase of `crew`'s team: jobs of a few
+    consecutive items (panel-major, so a job reads neighbouring panels). The job split of every
+    product in panels (share_linear_panels, pairs.share_pair_products); which worker does an item changes no
+    bit of it."""
+    var panels = (n + PANEL - 1) // PANEL
+    var chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    var items = panels * chunks
+    var per = split(items, 16)
+
+    def job(j: Int) {var rows, var chunks, var items, var per, ref item}:
+        for it in range(j * per, min(items, (j + 1) * per)):
+            var r0 = (it % chunks) * CHUNK_ROWS
+            item(it // chunks, r0, min(CHUNK_ROWS, rows - r0))
+
+    crew.share((items + per - 1) // per, job)
+
+
+def share_linear_panels[dt: DType, mode: Int, o: MutOrigin](
+    mut crew: Crew, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ):
     """rows x (k) times W (n, k)^T into y (rows, n) with the epilogue `mode`, W given in panels
-    w (ceil(n / PANEL), k, PANEL) (runtime.weights.to_panels). The panels are split across the
-    workers; for each block of PANEL values of k, every tile of rows multiplies the block while
-    it is in L1, its sums in registers. Each output is summed in one order whatever the number of
-    rows and its place among them: the products of a block in k order, the blocks' sums added in
-    k order, then the bias; so a row's result is the same bits alone or among others, and
-    whichever chunk of CHUNK_ROWS rows holds it."""
-    var panels = (n + PANEL - 1) // PANEL
-    var chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
-    # tasks of whole panels; many rows (an encoder's) also split by chunks of rows, so both
-    # workers have work when a product has fewer panels than workers have multiples of
-    var tasks = max(1, min(parallelism_level(), panels * chunks))
+    w (ceil(n / PANEL), k, PANEL) (runtime.weights.to_panels), as one phase of `crew`'s team
+    (share_panels). For each block of PANEL values of k, every tile of rows multiplies the
+    block while it is in L1, its sums in registers. Each output is summed in one order whatever
+    the number of rows and its place among them: the products of a block in k order, the
+    blocks' sums added in k order, then the bias; so a row's result is the same bits alone or
+    among others, and whichever chunk of CHUNK_ROWS rows holds it."""
 
-    def work(t: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var panels, var chunks, var tasks}:
-        # the sums of one panel for one chunk of rows, on the stack (an allocation per task and
-        # call costs more than a one-row product of a small matrix here; a chunk's sums stay in
+    def item(pn: Int, r0: Int, m: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var n, var k}:
+        # the sums of one panel for one chunk of rows, on the stack (an allocation per item
+        # costs more than a one-row product of a small matrix here; a chunk's sums stay in
         # L1/L2 while every block of k adds to them)
         var tot = stack_allocation[CHUNK_ROWS * PANEL, Float32, alignment=64]()
-        for job in range(t * panels * chunks // tasks, (t + 1) * panels * chunks // tasks):
-            var pn = job // chunks
-            var r0 = (job % chunks) * CHUNK_ROWS
-            var m = min(CHUNK_ROWS, rows - r0)
-            var panel = w + pn * k * PANEL
-            for kb in range(0, k, PANEL):
-                block_product(tot, PANEL, x + r0 * k, k, m, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
-            store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * PANEL, n)
+        var panel = w + pn * k * PANEL
+        for kb in range(0, k, PANEL):
+            block_product(tot, PANEL, x + r0 * k, k, m, panel, PANEL, kb, min(PANEL, k - kb), kb == 0)
+        store_panel[mode](y, res, tot, b, has_bias, scale, r0, m, pn * PANEL, n)
 
-    parallelize(work, tasks)
+    share_panels(crew, rows, n, item)
 
 
 @extensibility.register("whisper_max.linear_panels")
@@ -323,7 +356,7 @@ struct LinearPanels:
     """y (rows, n) = x (rows, k) @ W^T + b (n) for a few rows (decoder steps), W (n, k) given in
     panels w (ceil(n / 64), k, 64) (runtime.weights.to_panels), float32, float16 or bfloat16
     (widened exactly as it is read); x, b and the sums float32. A row's result is bit-identical whatever
-    the number of rows (linear_panels)."""
+    the number of rows (share_linear_panels)."""
 
     @staticmethod
     def execute[target: StaticString](
@@ -342,4 +375,12 @@ struct LinearPanels:
             raise Error("whisper_max.linear_panels: the output is not (rows, n)")
         comptime if w.dtype != DType.float32 and w.dtype != DType.float16 and w.dtype != DType.bfloat16:
             raise Error("whisper_max.linear_panels: float32, float16 or bfloat16 panels only")
-        linear_panels[w.dtype, PLAIN](y.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), b.unsafe_ptr(), x.unsafe_ptr(), True, 1.0, rows, n, k)
+        var yp = y.unsafe_ptr()
+        var xp = x.unsafe_ptr()
+        var wp = w.unsafe_ptr()
+        var bp = b.unsafe_ptr()
+
+        def run(mut crew: Crew) {var yp, var xp, var wp, var bp, var rows, var n, var k}:
+            share_linear_panels[w.dtype, PLAIN](crew, yp, xp, wp, bp, xp, True, 1.0, rows, n, k)
+
+        team(1, run)

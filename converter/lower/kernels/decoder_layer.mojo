@@ -8,10 +8,10 @@ from std.runtime import parallelism_level
 
 from .amx import BLOCK, request_amx, tile_config, tile_release, TILE
 from .amx_rows import linear_rows_amx, pack_rows, rows_blocks
-from .rows import GELU, PANEL, PLAIN, RESIDUAL, SCALED, share_linear, share_linear_panels
+from .rows import GELU, PLAIN, RESIDUAL, SCALED, share_linear, share_linear_panels
 from .simd import F32, V, round_bf16
 from .layer_attention import cross_attention, self_attention
-from .pairs import share_pair_products
+from .pairs import share_pair_products, share_round
 from .team import Crew, team
 
 
@@ -94,15 +94,6 @@ def _share_norm[pairs: Bool](
         _layer_norm(h + r * d, x + r * d, w, b, d, eps)
         comptime if pairs:
             round_bf16(hb + r * d, h + r * d, d, 1.0)
-
-    crew.share(rows, job)
-
-
-def _share_round(mut crew: Crew, xb: UnsafePointer[BFloat16, MutUntrackedOrigin], x: UnsafePointer[Float32, _], rows: Int, k: Int):
-    """xb = x (rows, k) rounded to bfloat16, the operand of pair products: one phase, a job a row."""
-
-    def job(r: Int) {var xb, var x, var k}:
-        round_bf16(xb + r * k, x + r * k, k, 1.0)
 
     crew.share(rows, job)
 
@@ -405,7 +396,7 @@ struct DecoderLayer:
                 crew.share(rows, write_cache)
                 self_attention(crew, att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
                 comptime if pairs:
-                    _share_round(crew, hb, att, rows, d)
+                    share_round(crew, hb, att, rows, d)
                 _share_product[panels, pairs, wo.dtype, RESIDUAL](crew, x1, att, hb, pwo, pbo, xp, True, s, rows, d, d)
                 _share_norm[pairs](crew, h, hb, x1, pln2_w, pln2_b, rows, d, e)
                 _share_product[panels, pairs, wcq.dtype, SCALED](crew, q, h, hb, pwcq, pbcq, xp, True, s, rows, d, d)
@@ -417,12 +408,12 @@ struct DecoderLayer:
                 crew.share(rows, copy_queries)
                 cross_attention(crew, att, q, ckp, cvp, order, starts, wins, groups, heads, hd, frames)
                 comptime if pairs:
-                    _share_round(crew, hb, att, rows, d)
+                    share_round(crew, hb, att, rows, d)
                 _share_product[panels, pairs, wco.dtype, RESIDUAL](crew, x2, att, hb, pwco, pbco, x1, True, s, rows, d, d)
                 _share_norm[pairs](crew, h, hb, x2, pln3_w, pln3_b, rows, d, e)
                 _share_product[panels, pairs, w1.dtype, GELU](crew, hid, h, hb, pw1, pb1, xp, True, s, rows, f, d)
                 comptime if pairs:
-                    _share_round(crew, hb, hid, rows, f)
+                    share_round(crew, hb, hid, rows, f)
                 _share_product[panels, pairs, w2.dtype, RESIDUAL](crew, yp, hid, hb, pw2, pb2, x2, True, s, rows, d, f)
 
             team(_PHASES, block)

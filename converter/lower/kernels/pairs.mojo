@@ -31,11 +31,18 @@ def share_linear_pairs[mode: Int, o: MutOrigin](
     multiply-add: a step of many rows (the engine's rows of many windows, beams) is bound by
     arithmetic, not by reading the weight."""
 
-    def round_row(r: Int) {var x, var xb, var k}:
+    share_round(crew, xb, x, rows, k)
+    share_pair_products[mode](crew, y, xb, w, b, res, has_bias, scale, rows, n, k)
+
+
+def share_round(mut crew: Crew, xb: UnsafePointer[BFloat16, MutUntrackedOrigin], x: UnsafePointer[Float32, _], rows: Int, k: Int):
+    """xb = x (rows, k) rounded to bfloat16 (to nearest even), the operand of pair products: one
+    phase of `crew`'s team, a job a row."""
+
+    def job(r: Int) {var xb, var x, var k}:
         round_bf16(xb + r * k, x + r * k, k, 1.0)
 
-    crew.share(rows, round_row)
-    share_pair_products[mode](crew, y, xb, w, b, res, has_bias, scale, rows, n, k)
+    crew.share(rows, job)
 
 
 def share_pair_products[mode: Int, o: MutOrigin](

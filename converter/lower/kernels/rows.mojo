@@ -171,23 +171,7 @@ def weight_row[dt: DType, mode: Int, o: MutOrigin](
         store[mode](y, res, r, j, n, dot(row, x + r * k, k) + bias, scale)
 
 
-comptime ROW_JOB = 64  # weight rows of one job of linear_job
-
-
-def linear_jobs(n: Int) -> Int:
-    """The jobs of linear_job for n weight rows."""
-    return (n + ROW_JOB - 1) // ROW_JOB
-
-
-def linear_job[dt: DType, mode: Int, o: MutOrigin](
-    j: Int, y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[Scalar[dt], _],
-    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
-    rows: Int, n: Int, k: Int,
-):
-    """Job j of rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`: the
-    columns of ROW_JOB weight rows, each weight row read once for all rows (weight_row)."""
-    for jj in range(j * ROW_JOB, min(n, (j + 1) * ROW_JOB)):
-        weight_row[dt, mode](y, x, w + jj * k, b.unsafe_load(jj) if has_bias else Float32(0), res, scale, rows, jj, n, k)
+comptime ROW_JOB = 64  # weight rows of one job of share_linear
 
 
 def share_linear[dt: DType, mode: Int, o: MutOrigin](
@@ -196,12 +180,14 @@ def share_linear[dt: DType, mode: Int, o: MutOrigin](
     rows: Int, n: Int, k: Int,
 ):
     """rows x (k) times w (n, k)^T into y (rows, n), with the epilogue `mode`, as one phase of
-    `crew`'s team: jobs of weight rows (linear_job)."""
+    `crew`'s team: a job is the columns of ROW_JOB weight rows, each weight row read once for all
+    rows (weight_row)."""
 
     def job(j: Int) {var y, var x, var w, var b, var res, var has_bias, var scale, var rows, var n, var k}:
-        linear_job[dt, mode](j, y, x, w, b, res, has_bias, scale, rows, n, k)
+        for jj in range(j * ROW_JOB, min(n, (j + 1) * ROW_JOB)):
+            weight_row[dt, mode](y, x, w + jj * k, b.unsafe_load(jj) if has_bias else Float32(0), res, scale, rows, jj, n, k)
 
-    crew.share(linear_jobs(n), job)
+    crew.share((n + ROW_JOB - 1) // ROW_JOB, job)
 
 
 comptime PANEL = 64  # output columns of one panel of a weight in panels (runtime.package.PANEL)

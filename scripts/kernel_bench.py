@@ -10,8 +10,8 @@ on float32 weight panels (whisper_max.linear_panels; for the attention, whisper_
 our bfloat16 kernels (AVX512_BF16's VDPBF16PS, AMX tiles).
 Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share of the peak of its own
 instruction kind on all workers. Last, the products of a decoder step
-(vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels),
-with the rate the weight is read at. The CPU is printed first; this machine
+(vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels)
+and the bfloat16 kinds this CPU runs, with the rate the weight is read at. The CPU is printed first; this machine
 is shared, so a run is only compared with the peaks of the same run.
 """
 
@@ -79,7 +79,8 @@ class _Setup:
         # the steps' weights: float16 panels (float32 packages), bfloat16 panels read in float32 and
         # bfloat16 pair panels on VDPBF16PS (bfloat16 packages without AMX)
         bf16_steps = ["panels_bf16", "pairs_bf16"] if "avx512_bf16" in self.target.features else []
-        self.step_kinds = ["panels_f16", *bf16_steps]
+        # and the stored bfloat16 weight on AMX tiles (bfloat16 packages on AMX)
+        self.step_kinds = ["panels_f16", *bf16_steps] + (["rows_amx"] if self.amx else [])
         self.iters = {"fma": 2_000_000, "amx": 200_000} if self.amx else {"fma": 2_000_000}
 
 
@@ -185,8 +186,8 @@ def _step_graphs(s: _Setup, mod) -> None:
     for label, (k, n) in s.steps.items():
         for kind in s.step_kinds:
             dtype = DType.float16 if kind == "panels_f16" else DType.bfloat16
-            shape = [-(-n // 64), k // 2, 64, 2] if kind == "pairs_bf16" else [-(-n // 64), k, 64]
-            op = ir.LINEAR_PAIRS if kind == "pairs_bf16" else ir.LINEAR_PANELS
+            shape = {"pairs_bf16": [-(-n // 64), k // 2, 64, 2], "rows_amx": [n, k]}.get(kind, [-(-n // 64), k, 64])
+            op = {"pairs_bf16": ir.LINEAR_PAIRS, "rows_amx": ir.LINEAR_ROWS_AMX}.get(kind, ir.LINEAR_PANELS)
             weight, bias = f"step.{label}.{kind}", f"step.{label}.bias"
             _linear_graph(mod, f"step_{label}_{kind}", k, n, weight, bias, dtype, shape, op)
 
@@ -205,6 +206,8 @@ def _weights(s: _Setup, rng) -> dict:
                 registry[f"step.{label}.{kind}"] = to_panels(w.astype(np.float16))
             elif kind == "panels_bf16":
                 registry[f"step.{label}.{kind}"] = to_bfloat16(to_panels(w))
+            elif kind == "rows_amx":
+                registry[f"step.{label}.{kind}"] = to_bfloat16(w)
             else:
                 bits = to_bfloat16(w).view(DType.uint16).to_numpy()
                 registry[f"step.{label}.{kind}"] = Buffer.from_numpy(to_pairs(bits)).view(DType.bfloat16)
@@ -279,7 +282,7 @@ def _step_products(s: _Setup, models, peaks: dict, rng, results: dict) -> None:
 
     print(
         "\ndecoder-step products (whisper_max.linear_panels on float16 or bfloat16 weight panels; "
-        f"linear_pairs on bfloat16 pair panels), rows {', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
+        f"linear_pairs on bfloat16 pair panels; linear_rows_amx on the bfloat16 weight), rows {', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
     )
     for label, (k, n) in s.steps.items():
         for rows in STEP_ROWS:

@@ -4,41 +4,52 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
-from max.algorithm import parallelize
-from std.runtime import parallelism_level
-from std.memory import stack_allocation
+from std.memory import bitcast
 from std.sys import inlined_assembly
 
 from .amx import BLOCK, STEP, TILE, request_amx, tile_config, tile_release
 from .rows import PLAIN, store
 from .simd import V, bf16_bits
+from .team import Crew, split, team
 
 
-def pack_rows(xb: UnsafePointer[UInt32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], rows: Int, k: Int):
-    """x (rows, k) float32 rounded to bfloat16 as B tiles: chunk c (k / 2 rows of 16 words) holds
-    rows 16 c .. 16 c + 15, word (q, col) the pair (x[16 c + col, 2 q], x[16 c + col, 2 q + 1]);
-    columns past `rows` are zeros."""
-    var pairs = k // 2
-    var chunks = (rows + TILE - 1) // TILE
-    var row = alloc[UInt16](k)
-    var r32 = row.bitcast[UInt32]()
+def pack_row(xb: UnsafePointer[UInt32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], r: Int, k: Int):
+    """Row r of x (its k float32 values at x) rounded to bfloat16 into its column of the B tiles
+    at xb: chunk c (k / 2 rows of 16 words) holds rows 16 c .. 16 c + 15, word (q, col) the pair
+    (x[16 c + col, 2 q], x[16 c + col, 2 q + 1]). A row writes only its own column (the columns of absent rows keep
+    their zeros, alloc_packed), but the 16 rows of a chunk share each 64-byte line of it."""
+    var dst = xb + (r // TILE) * (k // 2) * TILE + r % TILE
     var k16 = k - k % V
-    for c in range(chunks):
-        var dst = xb + c * pairs * TILE
-        for col in range(TILE):
-            var r = c * TILE + col
-            if r < rows:
-                var src = x + r * k
-                for i in range(0, k16, V):
-                    row.store(i, bf16_bits[V](src.load[width=V](i)))
-                for i in range(k16, k):
-                    row.store(i, bf16_bits[1](src.load[width=1](i)))
-                for q in range(pairs):
-                    dst.store(q * TILE + col, r32.load(q))
-            else:
-                for q in range(pairs):
-                    dst.store(q * TILE + col, UInt32(0))
-    row.free()
+    for i in range(0, k16, V):
+        var words = bitcast[DType.uint32, V // 2](bf16_bits[V](x.load[width=V](i)))
+        for p in range(V // 2):
+            dst.store((i // 2 + p) * TILE, words[p])
+    for q in range(k16 // 2, k // 2):
+        var lo = bf16_bits[1](x.load[width=1](2 * q)).cast[DType.uint32]()
+        var hi = bf16_bits[1](x.load[width=1](2 * q + 1)).cast[DType.uint32]()
+        dst.store(q * TILE, (lo | (hi << 16))[0])
+
+
+def alloc_packed(rows: Int, k: Int) -> UnsafePointer[UInt32, MutUntrackedOrigin]:
+    """Zeros for the B tiles of `rows` rows of up to k values (pack_row): the columns past the
+    last row stay zero whatever is packed."""
+    var words = (rows + TILE - 1) // TILE * (k // 2) * TILE
+    var xb = alloc[UInt32](max(1, words), alignment=64)
+    for i in range(words):
+        xb.store(i, UInt32(0))
+    return xb
+
+
+def share_pack(mut crew: Crew, xb: UnsafePointer[UInt32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], rows: Int, k: Int):
+    """x (rows, k) rounded to bfloat16 and packed as B tiles into xb (pack_row): one phase of
+    `crew`'s team, a job a chunk of 16 rows (the rows of a chunk share every cache line of it:
+    one worker writes them all)."""
+
+    def job(c: Int) {var xb, var x, var rows, var k}:
+        for r in range(c * TILE, min(rows, (c + 1) * TILE)):
+            pack_row(xb, x + r * k, r, k)
+
+    crew.share((rows + TILE - 1) // TILE, job)
 
 
 @always_inline
@@ -133,34 +144,63 @@ def rows_blocks[mode: Int, o: MutOrigin](
             _block_rows[mode](y, xb, pad, b, res, has_bias, scale, rows, n, k, j0, tmp)
 
 
+def worker_tiles(k: Int) -> UnsafePointer[Float32, MutUntrackedOrigin]:
+    """A team worker's AMX state, at the start of its body: its tiles configured (tile_config)
+    and a scratch of 4 tiles of sums (rows_blocks' tmp) then a pad for a partial block of 32
+    weight rows of up to k columns; free_tiles(scratch) at the end."""
+    var scratch = alloc[Float32](4 * TILE * TILE + (BLOCK * k + 1) // 2, alignment=64)
+    tile_config()
+    return scratch
+
+
+def free_tiles(scratch: UnsafePointer[Float32, MutUntrackedOrigin]):
+    """The end of worker_tiles: the tiles released (tile_release), the scratch freed."""
+    tile_release()
+    scratch.free()
+
+
+def share_rows_amx[mode: Int, o: MutOrigin](
+    mut crew: Crew, scratch: UnsafePointer[Float32, MutUntrackedOrigin], y: UnsafePointer[Float32, o], xb: UnsafePointer[UInt32, _], w: UnsafePointer[BFloat16, _],
+    b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32, rows: Int, n: Int, k: Int,
+):
+    """y (rows, n) = the rows packed at xb (share_pack) times w (n, k) bfloat16 plus b, through
+    the epilogue `mode` (rows.store), k a multiple of 32: one phase of `crew`'s team, a job a few
+    of the weight's 32-row blocks (rows_blocks) on the worker's tiles. Which worker does a block
+    changes nothing in it, so a row's result is the same whatever the rows beside it. `scratch` is
+    the worker's (worker_tiles), for weights of up to its k columns."""
+    var blocks = (n + BLOCK - 1) // BLOCK
+    var per = split(blocks, 4)
+
+    var tmp = scratch
+    var pad = (scratch + 4 * TILE * TILE).bitcast[BFloat16]()
+
+    def job(j: Int) {var tmp, var pad, var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var blocks, var per}:
+        rows_blocks[mode](y, xb, w, b, res, has_bias, scale, rows, n, k, j * per, min(blocks, (j + 1) * per), pad, tmp)
+
+    crew.share((blocks + per - 1) // per, job)
+
+
 def linear_rows_amx[mode: Int, o: MutOrigin](
     y: UnsafePointer[Float32, o], x: UnsafePointer[Float32, _], w: UnsafePointer[BFloat16, _],
     b: UnsafePointer[Float32, _], res: UnsafePointer[Float32, _], has_bias: Bool, scale: Float32,
     rows: Int, n: Int, k: Int,
 ) raises:
-    """rows.share_linear on AMX for a bfloat16 w (n, k), k a multiple of 32: x rounded to bfloat16, the
-    weight's 32-row blocks split across the workers."""
+    """rows.share_linear on AMX for a bfloat16 w (n, k), k a multiple of 32, as a team of two
+    phases: x rounded to bfloat16 and packed (share_pack); the weight's 32-row blocks shared."""
     if k % STEP != 0:
         raise Error("whisper_max AMX row products: the weight's columns must be a multiple of 32")
     if rows == 0:
         return
     request_amx()
-    var chunks = (rows + TILE - 1) // TILE
-    var xb = alloc[UInt32](chunks * (k // 2) * TILE)
-    pack_rows(xb, x, rows, k)
-    var blocks = (n + BLOCK - 1) // BLOCK
-    var tasks = max(1, min(parallelism_level(), blocks))
+    var xb = alloc_packed(rows, k)
 
-    def work(t: Int) {var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var blocks, var tasks}:
-        var pad = alloc[BFloat16](BLOCK * k if n % BLOCK != 0 else 0)  # for a partial last block only
-        var tmp = alloc[Float32](4 * TILE * TILE)
-        tile_config()
-        rows_blocks[mode](y, xb, w, b, res, has_bias, scale, rows, n, k, t * blocks // tasks, (t + 1) * blocks // tasks, pad, tmp)
-        tile_release()
-        tmp.free()
-        pad.free()
+    def run(mut crew: Crew) {var y, var x, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k}:
+        var scratch = worker_tiles(k)
+        share_pack(crew, xb, x, rows, k)
+        share_rows_amx[mode](crew, scratch, y, xb, w, b, res, has_bias, scale, rows, n, k)
+        free_tiles(scratch)
 
-    parallelize(work, tasks)
+    team(2, run)
     xb.free()
 
 

@@ -2,12 +2,10 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor as MutableInputTensor
 from max.gpu.host import DeviceContext
-from max.algorithm import parallelize
 from std.math import sqrt
-from std.runtime import parallelism_level
 
-from .amx import BLOCK, request_amx, tile_config, tile_release, TILE
-from .amx_rows import linear_rows_amx, pack_rows, rows_blocks
+from .amx import BLOCK, TILE, request_amx
+from .amx_rows import alloc_packed, free_tiles, pack_row, share_pack, share_rows_amx, worker_tiles
 from .rows import GELU, PLAIN, RESIDUAL, SCALED, share_linear, share_linear_panels
 from .simd import F32, V, round_bf16
 from .layer_attention import cross_attention, self_attention
@@ -43,46 +41,6 @@ def _layer_norm(
         y.unsafe_store(c, (x.unsafe_load(c) - mean) * rstd * w.unsafe_load(c) + b.unsafe_load(c))
 
 
-def _qkv_amx(
-    qkv: UnsafePointer[Float32, MutUntrackedOrigin], x: UnsafePointer[Float32, _],
-    wq: UnsafePointer[BFloat16, _], bq: UnsafePointer[Float32, _], wk: UnsafePointer[BFloat16, _],
-    wv: UnsafePointer[BFloat16, _], bv: UnsafePointer[Float32, _], scale: Float32, rows: Int, d: Int,
-) raises:
-    """_qkv on AMX (amx.rows_blocks) for bfloat16 weights: x rounded to bfloat16 and packed
-    once, the 32-row blocks of the three weights split across the workers in one dispatch."""
-    request_amx()
-    var xb = alloc[UInt32]((rows + TILE - 1) // TILE * (d // 2) * TILE)
-    pack_rows(xb, x, rows, d)
-    var per = d // BLOCK
-    var blocks = 3 * per
-    var tasks = max(1, min(parallelism_level(), blocks))
-
-    def work(t: Int) {var qkv, var x, var xb, var wq, var bq, var wk, var wv, var bv, var scale, var rows, var d, var per, var blocks, var tasks}:
-        var pad = alloc[BFloat16](0)  # d is whole blocks (the caller checks): nothing to pad
-        var tmp = alloc[Float32](4 * TILE * TILE)
-        var lo = t * blocks // tasks
-        var hi = (t + 1) * blocks // tasks
-        tile_config()
-        for which in range(3):
-            var a = max(lo, which * per) - which * per
-            var z = min(hi, (which + 1) * per) - which * per
-            if a >= z:
-                continue
-            var dst = qkv + which * rows * d  # x stands in for the unused residual
-            if which == 0:
-                rows_blocks[SCALED](dst, xb, wq, bq, x, True, scale, rows, d, d, a, z, pad, tmp)
-            elif which == 1:
-                rows_blocks[SCALED](dst, xb, wk, bq, x, False, scale, rows, d, d, a, z, pad, tmp)
-            else:
-                rows_blocks[PLAIN](dst, xb, wv, bv, x, True, scale, rows, d, d, a, z, pad, tmp)
-        tile_release()
-        tmp.free()
-        pad.free()
-
-    parallelize(work, tasks)
-    xb.free()
-
-
 def _share_norm[pairs: Bool](
     mut crew: Crew, h: UnsafePointer[Float32, MutUntrackedOrigin], hb: UnsafePointer[BFloat16, MutUntrackedOrigin],
     x: UnsafePointer[Float32, _], w: UnsafePointer[Float32, _], b: UnsafePointer[Float32, _], rows: Int, d: Int, eps: Float32,
@@ -114,7 +72,22 @@ def _share_product[panels: Bool, pairs: Bool, dt: DType, mode: Int, o: MutOrigin
         share_linear[dt, mode](crew, y, x, w, b, res, has_bias, scale, rows, n, k)
 
 
-comptime _PHASES = 24  # at most, of one block's team (it shares 18 with pair panels, 15 without)
+def _share_norm_pack(
+    mut crew: Crew, h: UnsafePointer[Float32, MutUntrackedOrigin], xb: UnsafePointer[UInt32, MutUntrackedOrigin],
+    x: UnsafePointer[Float32, _], w: UnsafePointer[Float32, _], b: UnsafePointer[Float32, _], rows: Int, d: Int, eps: Float32,
+):
+    """h = layer norm of each row of x, rounded to bfloat16 and packed as AMX B tiles into xb
+    (amx_rows.pack_row): one phase of `crew`'s team, a job a chunk of 16 rows (amx_rows.share_pack)."""
+
+    def job(c: Int) {var h, var xb, var x, var w, var b, var rows, var d, var eps}:
+        for r in range(c * TILE, min(rows, (c + 1) * TILE)):
+            _layer_norm(h + r * d, x + r * d, w, b, d, eps)
+            pack_row(xb, h + r * d, r, d)
+
+    crew.share((rows + TILE - 1) // TILE, job)
+
+
+comptime _PHASES = 24  # at most, of one block's team (it shares 18 with pair panels or AMX tiles, 15 on neither)
 
 
 @extensibility.register("whisper_max.decoder_layer")
@@ -348,33 +321,47 @@ struct DecoderLayer:
                     (vp + dst).unsafe_store(c, (vn + r * d + i * hd).unsafe_load(c))
 
         comptime if amx:
-            # AMX tiles are configured per worker and task (amx_rows): one dispatch a product
-            for r in range(rows):
-                _layer_norm(h + r * d, xp + r * d, pln1_w, pln1_b, d, e)
-            _qkv_amx(q, h, pwq.bitcast[BFloat16](), pbq, pwk.bitcast[BFloat16](), pwv.bitcast[BFloat16](), pbv, s, rows, d)
-            for r in range(rows):
-                write_cache(r)
+            # the same phases on AMX tiles: each worker configures its tiles once for the block,
+            # and each input of products is rounded and packed as B tiles once, a job a chunk of 16 rows
+            request_amx()
+            var xb = alloc_packed(rows, max(d, f))
 
-            def self_attend(mut crew: Crew) {var att, var q, var kp, var vp, var sc, var lp, var has_lineage, var pos, var rows, var hd, var cap}:
+            def amx_block(mut crew: Crew) {
+                var rows, var d, var f, var hd, var cap, var frames, var groups, var s, var e,
+                var h, var xb, var q, var kn, var vn, var att, var x1, var x2, var hid, var sc, var kp, var vp, var xp,
+                var yp, var cqp, var ckp, var cvp, var lp, var has_lineage, var pos, var order, var starts,
+                var wins, var pln1_w, var pln1_b, var pln2_w, var pln2_b, var pln3_w, var pln3_b, var pwq, var pwk,
+                var pwv, var pwo, var pwcq, var pwco, var pw1, var pw2, var pbq, var pbv, var pbo, var pbcq, var pbco,
+                var pb1, var pb2, ref write_cache
+            }:
+                var t = worker_tiles(max(d, f))
+                _share_norm_pack(crew, h, xb, xp, pln1_w, pln1_b, rows, d, e)
+                share_rows_amx[SCALED](crew, t, q, xb, pwq.bitcast[BFloat16](), pbq, xp, True, s, rows, d, d)
+                share_rows_amx[SCALED](crew, t, kn, xb, pwk.bitcast[BFloat16](), pbq, xp, False, s, rows, d, d)
+                share_rows_amx[PLAIN](crew, t, vn, xb, pwv.bitcast[BFloat16](), pbv, xp, True, s, rows, d, d)
+                crew.share(rows, write_cache)
                 self_attention(crew, att, q, kp, vp, sc, lp, has_lineage, pos, rows, heads, hd, cap)
+                share_pack(crew, xb, att, rows, d)
+                share_rows_amx[RESIDUAL](crew, t, x1, xb, pwo.bitcast[BFloat16](), pbo, xp, True, s, rows, d, d)
+                _share_norm_pack(crew, h, xb, x1, pln2_w, pln2_b, rows, d, e)
+                share_rows_amx[SCALED](crew, t, q, xb, pwcq.bitcast[BFloat16](), pbcq, xp, True, s, rows, d, d)
 
-            team(1, self_attend)
-            linear_rows_amx[RESIDUAL](x1, att, pwo.bitcast[BFloat16](), pbo, xp, True, s, rows, d, d)
-            for r in range(rows):
-                _layer_norm(h + r * d, x1 + r * d, pln2_w, pln2_b, d, e)
-            linear_rows_amx[SCALED](q, h, pwcq.bitcast[BFloat16](), pbcq, xp, True, s, rows, d, d)
-            for i in range(rd):
-                cqp.unsafe_store(i, q.unsafe_load(i))
+                def copy_queries(r: Int) {var cqp, var q, var d}:
+                    for c in range(d):
+                        cqp.unsafe_store(r * d + c, q.unsafe_load(r * d + c))
 
-            def cross_attend(mut crew: Crew) {var att, var q, var ckp, var cvp, var order, var starts, var wins, var groups, var hd, var frames}:
+                crew.share(rows, copy_queries)
                 cross_attention(crew, att, q, ckp, cvp, order, starts, wins, groups, heads, hd, frames)
+                share_pack(crew, xb, att, rows, d)
+                share_rows_amx[RESIDUAL](crew, t, x2, xb, pwco.bitcast[BFloat16](), pbco, x1, True, s, rows, d, d)
+                _share_norm_pack(crew, h, xb, x2, pln3_w, pln3_b, rows, d, e)
+                share_rows_amx[GELU](crew, t, hid, xb, pw1.bitcast[BFloat16](), pb1, xp, True, s, rows, f, d)
+                share_pack(crew, xb, hid, rows, f)
+                share_rows_amx[RESIDUAL](crew, t, yp, xb, pw2.bitcast[BFloat16](), pb2, x2, True, s, rows, d, f)
+                free_tiles(t)
 
-            team(1, cross_attend)
-            linear_rows_amx[RESIDUAL](x2, att, pwco.bitcast[BFloat16](), pbco, x1, True, s, rows, d, d)
-            for r in range(rows):
-                _layer_norm(h + r * d, x2 + r * d, pln3_w, pln3_b, d, e)
-            linear_rows_amx[GELU](hid, h, pw1.bitcast[BFloat16](), pb1, xp, True, s, rows, f, d)
-            linear_rows_amx[RESIDUAL](yp, hid, pw2.bitcast[BFloat16](), pb2, x2, True, s, rows, d, f)
+            team(_PHASES, amx_block)
+            xb.free()
         else:
             # every step of the block as a phase of one team: one dispatch to the workers for the
             # block instead of ~10 (one row's step is ~10 products and attentions of 10-100 us,

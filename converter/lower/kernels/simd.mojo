@@ -1,5 +1,5 @@
 # Helpers of several kernels: vector width, bfloat16 rounding, softmax pieces.
-from std.math import exp
+from std.math import exp, floor
 from std.memory import bitcast
 from std.sys import simd_width_of
 from std.utils.numerics import neg_inf
@@ -18,6 +18,39 @@ def bf16_bits[w: Int](x: SIMD[DType.float32, w]) -> SIMD[DType.uint16, w]:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).cast[DType.uint16]()
 
 
+# e^x for x <= 0 (exp_neg): x = n ln2 + r, |r| <= ln2 / 2, ln2 in two parts (Cody and Waite),
+# e^r by a polynomial of degree 6 fitted (least maximum relative error) on that range
+comptime _LOG2E = Float32(1.4426950408889634)
+comptime _LN2_HI = Float32(0.693145751953125)  # 16 bits: n * _LN2_HI is exact for |n| < 2^8
+comptime _LN2_LO = Float32(1.428606765330187e-06)
+comptime _EXP_MIN = Float32(-87.33654)  # e^x is below the least normal float32 under this
+comptime _E2 = Float32(0.4999999403953552)
+comptime _E3 = Float32(0.1666652113199234)
+comptime _E4 = Float32(0.04166838899254799)
+comptime _E5 = Float32(0.008368710055947304)
+comptime _E6 = Float32(0.001381461275741458)
+
+
+@always_inline
+def exp_neg[w: Int](x: SIMD[F32, w]) -> SIMD[F32, w]:
+    """The exponential e^x for x <= 0 (a softmax's scores minus their maximum) within 1.2 ulp of
+    float32 (checked against float64 on 3 million points), 0 where e^x is not a normal float32
+    (x < -87.34, -inf included), NaN for NaN. ~15 vector instructions, no branch or table:
+    std.math.exp took ~0.7 ns an element a core in the AMX attention on an Intel Xeon, a third
+    of that kernel's time."""
+    var n = floor(max(x, _EXP_MIN) * _LOG2E + 0.5)
+    var r = n.fma(-_LN2_HI, x)  # from x itself, so that a NaN stays NaN
+    r = n.fma(-_LN2_LO, r)
+    var p = SIMD[F32, w](_E6).fma(r, _E5)
+    p = p.fma(r, _E4)
+    p = p.fma(r, _E3)
+    p = p.fma(r, _E2)
+    p = p.fma(r, 1.0)
+    p = p.fma(r, 1.0)
+    var two_n = bitcast[F32, w]((n.cast[DType.int32]() + 127) << 23)
+    return x.lt(_EXP_MIN).select(SIMD[F32, w](0), p * two_n)
+
+
 def round_bf16[o: MutOrigin](dst: UnsafePointer[BFloat16, o], src: UnsafePointer[Float32, _], n: Int, scale: Float32):
     """dst[0:n] = src[0:n] * scale rounded to bfloat16 (to nearest even)."""
     var bits = dst.bitcast[UInt16]()
@@ -29,12 +62,24 @@ def round_bf16[o: MutOrigin](dst: UnsafePointer[BFloat16, o], src: UnsafePointer
 
 
 def range_max(s: UnsafePointer[Float32, _], lo: Int, hi: Int) -> Float32:
-    """max(s[lo:hi]) (-inf when empty), V lanes at a time."""
-    var v16 = lo + max(0, hi - lo) // V * V
-    var mv = SIMD[F32, V](neg_inf[F32]())
-    for i in range(lo, v16, V):
-        mv = max(mv, s.unsafe_load[width=V](i))
-    var m = mv.reduce_max()
+    """max(s[lo:hi]) (-inf when empty), 4 V lanes at a time: four independent chains of max, as
+    one chain waits for the last max at every vector (a third of an encoder attention's time on
+    an Intel Xeon with one chain)."""
+    var n = max(0, hi - lo)
+    var v64 = lo + n // (4 * V) * (4 * V)
+    var v16 = lo + n // V * V
+    var m0 = SIMD[F32, V](neg_inf[F32]())
+    var m1 = m0
+    var m2 = m0
+    var m3 = m0
+    for i in range(lo, v64, 4 * V):
+        m0 = max(m0, s.unsafe_load[width=V](i))
+        m1 = max(m1, s.unsafe_load[width=V](i + V))
+        m2 = max(m2, s.unsafe_load[width=V](i + 2 * V))
+        m3 = max(m3, s.unsafe_load[width=V](i + 3 * V))
+    for i in range(v64, v16, V):
+        m0 = max(m0, s.unsafe_load[width=V](i))
+    var m = max(max(m0, m1), max(m2, m3)).reduce_max()
     for i in range(v16, hi):
         m = max(m, s.unsafe_load(i))
     return m

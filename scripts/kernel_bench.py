@@ -11,8 +11,8 @@ our bfloat16 kernels (AVX512_BF16's VDPBF16PS, AMX tiles).
 Printed: the minimum time of `--repeats` calls, GFLOP/s, and the share of the peak of its own
 instruction kind on all workers. Last, the products of a decoder step
 (vocabulary, MLP) for 1, 5 and 32 rows against float16 weight panels (whisper_max.linear_panels)
-and the bfloat16 kinds this CPU runs, with the rate the weight is read at. The CPU is printed first; this machine
-is shared, so a run is only compared with the peaks of the same run.
+and the bfloat16 kinds this CPU runs, with the rate the weight is read at. The CPU is printed
+first; this machine is shared, so a run is only compared with the peaks of the same run.
 """
 
 from __future__ import annotations
@@ -282,7 +282,8 @@ def _step_products(s: _Setup, models, peaks: dict, rng, results: dict) -> None:
 
     print(
         "\ndecoder-step products (whisper_max.linear_panels on float16 or bfloat16 weight panels; "
-        f"linear_pairs on bfloat16 pair panels; linear_rows_amx on the bfloat16 weight), rows {', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
+        "linear_pairs on bfloat16 pair panels; linear_rows_amx on the bfloat16 weight), "
+        f"rows {', '.join(map(str, STEP_ROWS))}, min of {s.args.repeats}:"
     )
     for label, (k, n) in s.steps.items():
         for rows in STEP_ROWS:

@@ -178,11 +178,3 @@ def _attend_block[o_: MutOrigin](
         for c in range(0, HD, V):
             dst.store(c, o.load[width=V](i * HD + c) * inv)
 
-
-# Products of a few rows (decoder steps, beams, the engine's rows) with a bfloat16 weight on AMX.
-# The weight is the A operand, read as stored: a tile is 16 weight rows x 32 values of k (64
-# bytes of each row, the row's stride apart), so nothing is repacked and each weight byte is read
-# once per call whatever the number of rows. The rows of x are the B operand, rounded to
-# bfloat16 and packed per call into chunks of 16 (pairs of k down, 16 rows across). A sum is one
-# TDPBF16PS chain over k in ascending steps for every number of rows, M = 1 included: a row's
-# result does not depend on the rows it is computed with (the padding columns are zeros).

@@ -27,20 +27,16 @@ from .team import Crew, split, team
 
 
 def pack_row(xb: UnsafePointer[UInt32, MutUntrackedOrigin], x: UnsafePointer[Float32, _], r: Int, k: Int):
-    """Row r of x (its k float32 values at x) rounded to bfloat16 into its column of the B tiles
-    at xb: chunk c (k / 2 rows of 16 words) holds rows 16 c .. 16 c + 15, word (q, col) the pair
-    (x[16 c + col, 2 q], x[16 c + col, 2 q + 1]). A row writes only its own column (the columns of absent rows keep
-    their zeros, alloc_packed), but the 16 rows of a chunk share each 64-byte line of it."""
+    """Row r of x (its k float32 values at x, k a multiple of V: the AMX products take k in whole
+    32s) rounded to bfloat16 into its column of the B tiles at xb: chunk c (k / 2 rows of 16
+    words) holds rows 16 c .. 16 c + 15, word (q, col) the pair (x[16 c + col, 2 q], x[16 c + col,
+    2 q + 1]). A row writes only its own column (the columns of absent rows keep their zeros,
+    alloc_packed), but the 16 rows of a chunk share each 64-byte line of it."""
     var dst = xb + (r // TILE) * (k // 2) * TILE + r % TILE
-    var k16 = k - k % V
-    for i in range(0, k16, V):
+    for i in range(0, k, V):
         var words = bitcast[DType.uint32, V // 2](bf16_bits[V](x.load[width=V](i)))
         for p in range(V // 2):
             dst.store((i // 2 + p) * TILE, words[p])
-    for q in range(k16 // 2, k // 2):
-        var lo = bf16_bits[1](x.load[width=1](2 * q)).cast[DType.uint32]()
-        var hi = bf16_bits[1](x.load[width=1](2 * q + 1)).cast[DType.uint32]()
-        dst.store(q * TILE, (lo | (hi << 16))[0])
 
 
 def alloc_packed(rows: Int, k: Int) -> UnsafePointer[UInt32, MutUntrackedOrigin]:
@@ -157,11 +153,12 @@ def rows_blocks[mode: Int, o: MutOrigin](
             _block_rows[mode](y, xb, pad, b, res, has_bias, scale, rows, n, k, j0, tmp)
 
 
-def worker_tiles(k: Int) -> UnsafePointer[Float32, MutUntrackedOrigin]:
+def worker_tiles(pad_k: Int) -> UnsafePointer[Float32, MutUntrackedOrigin]:
     """A team worker's AMX state, at the start of its body: its tiles configured (tile_config)
-    and a scratch of 4 tiles of sums (rows_blocks' tmp) then a pad for a partial block of 32
-    weight rows of up to k columns; free_tiles(scratch) at the end."""
-    var scratch = alloc[Float32](4 * TILE * TILE + (BLOCK * k + 1) // 2, alignment=64)
+    and a scratch of 4 tiles of sums (rows_blocks' tmp) then a pad for a partial last block of 32
+    weight rows of up to pad_k columns (0 where every weight is whole blocks); free_tiles(scratch)
+    at the end."""
+    var scratch = alloc[Float32](4 * TILE * TILE + (BLOCK * pad_k + 1) // 2, alignment=64)
     tile_config()
     return scratch
 
@@ -180,15 +177,13 @@ def share_rows_amx[mode: Int, o: MutOrigin](
     the epilogue `mode` (rows.store), k a multiple of 32: one phase of `crew`'s team, a job a few
     of the weight's 32-row blocks (rows_blocks) on the worker's tiles. Which worker does a block
     changes nothing in it, so a row's result is the same whatever the rows beside it. `scratch` is
-    the worker's (worker_tiles), for weights of up to its k columns."""
+    the worker's (worker_tiles), its pad for k columns at least where n is not whole blocks."""
     var blocks = (n + BLOCK - 1) // BLOCK
     var per = split(blocks, 4)
-
-    var tmp = scratch
     var pad = (scratch + 4 * TILE * TILE).bitcast[BFloat16]()
 
-    def job(j: Int) {var tmp, var pad, var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var blocks, var per}:
-        rows_blocks[mode](y, xb, w, b, res, has_bias, scale, rows, n, k, j * per, min(blocks, (j + 1) * per), pad, tmp)
+    def job(j: Int) {var scratch, var pad, var y, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k, var blocks, var per}:
+        rows_blocks[mode](y, xb, w, b, res, has_bias, scale, rows, n, k, j * per, min(blocks, (j + 1) * per), pad, scratch)
 
     crew.share((blocks + per - 1) // per, job)
 
@@ -208,7 +203,7 @@ def linear_rows_amx[mode: Int, o: MutOrigin](
     var xb = alloc_packed(rows, k)
 
     def run(mut crew: Crew) {var y, var x, var xb, var w, var b, var res, var has_bias, var scale, var rows, var n, var k}:
-        var scratch = worker_tiles(k)
+        var scratch = worker_tiles(k if n % BLOCK != 0 else 0)  # a pad for a partial last block only
         share_pack(crew, xb, x, rows, k)
         share_rows_amx[mode](crew, scratch, y, xb, w, b, res, has_bias, scale, rows, n, k)
         free_tiles(scratch)

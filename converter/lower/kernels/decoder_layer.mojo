@@ -334,7 +334,7 @@ struct DecoderLayer:
                 var pwv, var pwo, var pwcq, var pwco, var pw1, var pw2, var pbq, var pbv, var pbo, var pbcq, var pbco,
                 var pb1, var pb2, ref write_cache
             }:
-                var t = worker_tiles(max(d, f))
+                var t = worker_tiles(0)  # d and f are whole blocks (checked above): nothing to pad
                 _share_norm_pack(crew, h, xb, xp, pln1_w, pln1_b, rows, d, e)
                 share_rows_amx[SCALED](crew, t, q, xb, pwq.bitcast[BFloat16](), pbq, xp, True, s, rows, d, d)
                 share_rows_amx[SCALED](crew, t, kn, xb, pwk.bitcast[BFloat16](), pbq, xp, False, s, rows, d, d)

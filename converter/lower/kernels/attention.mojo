@@ -3,10 +3,9 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
-from std.math import exp
 
 from .rows import PANEL, block_product
-from .simd import F32, V, range_max
+from .simd import F32, V, exp_sum, range_max
 
 comptime QUERIES = 48  # queries of one work item: their scores (48 x keys) stay in L2
 # floats added to a row of scores (whole blocks of 64 keys) so that rows are not a multiple of
@@ -30,8 +29,7 @@ struct Attention:
     (64 x 64), zeros after t; v as t rows of 64. A query's result does not depend on the others
     in its item or batch (one order for every sum). On an AMD EPYC (family 23, model 1: AVX2,
     128-bit FMA units; kernel_bench's shape, in-process A/B, same bits) packed blocks and
-    scores rows SKEW apart took 73.3 -> 70.5 ms a layer, and four exponentials at a time
-    70.5 -> 68.4 ms."""
+    scores rows SKEW apart took 73.3 -> 70.5 ms a layer."""
 
     @staticmethod
     def execute[target: StaticString, heads: Int, scale: Float64](
@@ -100,37 +98,9 @@ struct Attention:
             var kh = kt + bh * tp * PANEL
             for l0 in range(0, tp, PANEL):
                 block_product(sc + l0, ts, qrows, PANEL, rows, kh + l0 * PANEL, PANEL, 0, PANEL, True)
-            var t16 = t - t % V
             for i in range(rows):
                 var row = sc + i * ts
-                var m = range_max(row, 0, t)
-                var acc = SIMD[F32, V](0)
-                var t4 = t - t % (4 * V)
-                for c in range(0, t4, 4 * V):
-                    # four independent exponentials in flight (one alone waits on its own
-                    # chain of ~15 dependent operations), added to the sum in order
-                    var e0 = exp(row.load[width=V](c) - m)
-                    var e1 = exp(row.load[width=V](c + V) - m)
-                    var e2 = exp(row.load[width=V](c + 2 * V) - m)
-                    var e3 = exp(row.load[width=V](c + 3 * V) - m)
-                    row.store(c, e0)
-                    row.store(c + V, e1)
-                    row.store(c + 2 * V, e2)
-                    row.store(c + 3 * V, e3)
-                    acc += e0
-                    acc += e1
-                    acc += e2
-                    acc += e3
-                for c in range(t4, t16, V):
-                    var e = exp(row.load[width=V](c) - m)
-                    row.store(c, e)
-                    acc += e
-                var total = acc.reduce_add()
-                for c in range(t16, t):
-                    var e = exp(row.load(c) - m)
-                    row.store(c, e)
-                    total += e
-                sums.store(i, total)
+                sums.store(i, exp_sum[True, False](row, 0, t, range_max(row, 0, t), 0, 0))
             var vh = vs + bh * t * PANEL
             for kb in range(0, t, PANEL):
                 block_product(o, PANEL, sc, ts, rows, vh, PANEL, kb, min(PANEL, t - kb), kb == 0)

@@ -6,7 +6,7 @@ from max.algorithm import parallelize
 from std.math import exp, log
 from std.utils.numerics import neg_inf
 
-from .simd import F32, V, range_max
+from .simd import F32, V, exp_sum, range_max
 
 
 comptime RULES = 9  # per row: four banned ranges [lo, hi), then timestamp_begin (0: no timestamp rule)
@@ -23,30 +23,11 @@ def _fill(s: UnsafePointer[Float32, MutUntrackedOrigin], lo: Int, hi: Int, v: Fl
         i += 1
 
 
-def _log_sum_exp(s: UnsafePointer[Float32, _], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32) -> Float32:
-    """log(sum(exp(((s[lo:hi] - m) - lse) - top))), V lanes at a time: with lse = top = 0 the
-    log of softmax's sum (subtracting 0 is exact); with the log-probabilities' lse and their max
-    `top`, logsumexp of those log-probabilities less `top`."""
-    var v16 = lo + max(0, hi - lo) // V * V
-    var v64 = lo + max(0, hi - lo) // (4 * V) * (4 * V)
-    var tv = SIMD[F32, V](0)
-    for i in range(lo, v64, 4 * V):
-        # four independent exponentials in flight (one alone waits on its own chain of ~15
-        # dependent operations: ~60 % of a row's choice on an AMD EPYC), added in order
-        var e0 = exp(((s.unsafe_load[width=V](i) - m) - lse) - top)
-        var e1 = exp(((s.unsafe_load[width=V](i + V) - m) - lse) - top)
-        var e2 = exp(((s.unsafe_load[width=V](i + 2 * V) - m) - lse) - top)
-        var e3 = exp(((s.unsafe_load[width=V](i + 3 * V) - m) - lse) - top)
-        tv += e0
-        tv += e1
-        tv += e2
-        tv += e3
-    for i in range(v64, v16, V):
-        tv += exp(((s.unsafe_load[width=V](i) - m) - lse) - top)
-    var total = tv.reduce_add()
-    for i in range(v16, hi):
-        total += exp(((s.unsafe_load(i) - m) - lse) - top)
-    return log(total)
+def _log_sum_exp(s: UnsafePointer[Float32, MutUntrackedOrigin], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32) -> Float32:
+    """log(sum(exp(((s[lo:hi] - m) - lse) - top))) (simd.exp_sum): with lse = top = 0 the log of
+    softmax's sum (subtracting 0 is exact); with the log-probabilities' lse and their max `top`,
+    logsumexp of those log-probabilities less `top`."""
+    return log(exp_sum[False, True](s, lo, hi, m, lse, top))
 
 
 @always_inline

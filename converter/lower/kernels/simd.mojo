@@ -85,21 +85,61 @@ def range_max(s: UnsafePointer[Float32, _], lo: Int, hi: Int) -> Float32:
     return m
 
 
+@always_inline
+def _shifted[rescaled: Bool, w: Int](x: SIMD[F32, w], m: Float32, lse: Float32, top: Float32) -> SIMD[F32, w]:
+    """x - m, or ((x - m) - lse) - top when `rescaled`: exp_sum's argument of exp."""
+    comptime if rescaled:
+        return ((x - m) - lse) - top
+    return x - m
+
+
+def exp_sum[store: Bool, rescaled: Bool](
+    s: UnsafePointer[Float32, MutUntrackedOrigin], lo: Int, hi: Int, m: Float32, lse: Float32, top: Float32
+) -> Float32:
+    """The sum of exp(s[i] - m) for lo <= i < hi, or of exp(((s[i] - m) - lse) - top) when
+    `rescaled` (select_tokens' logsumexp of log-probabilities); with `store`, each exponential
+    also written back to s[i]. V lanes at a time, four vectors in flight (one alone waits on its
+    own chain of ~15 dependent operations), added to one vector sum in index order, then its
+    lanes, then the tail one by one: the same bits as one vector at a time. On an AMD EPYC
+    (family 23) four at a time took an encoder attention layer 70.5 -> 68.4 ms and a row's
+    token choice 320 -> 294 us."""
+    var n = max(0, hi - lo)
+    var v64 = lo + n // (4 * V) * (4 * V)
+    var v16 = lo + n // V * V
+    var tv = SIMD[F32, V](0)
+    for i in range(lo, v64, 4 * V):
+        var e0 = exp(_shifted[rescaled, V](s.unsafe_load[width=V](i), m, lse, top))
+        var e1 = exp(_shifted[rescaled, V](s.unsafe_load[width=V](i + V), m, lse, top))
+        var e2 = exp(_shifted[rescaled, V](s.unsafe_load[width=V](i + 2 * V), m, lse, top))
+        var e3 = exp(_shifted[rescaled, V](s.unsafe_load[width=V](i + 3 * V), m, lse, top))
+        comptime if store:
+            s.unsafe_store(i, e0)
+            s.unsafe_store(i + V, e1)
+            s.unsafe_store(i + 2 * V, e2)
+            s.unsafe_store(i + 3 * V, e3)
+        tv += e0
+        tv += e1
+        tv += e2
+        tv += e3
+    for i in range(v64, v16, V):
+        var e = exp(_shifted[rescaled, V](s.unsafe_load[width=V](i), m, lse, top))
+        comptime if store:
+            s.unsafe_store(i, e)
+        tv += e
+    var total = tv.reduce_add()
+    for i in range(v16, hi):
+        var e = exp(_shifted[rescaled, 1](s.unsafe_load[width=1](i), m, lse, top))
+        comptime if store:
+            s.unsafe_store(i, e)
+        total += e[0]
+    return total
+
+
 def softmax(s: UnsafePointer[Float32, MutUntrackedOrigin], n: Int):
     """s[:n] = softmax(s[:n]) in place: exp(s - max) / sum, V lanes at a time (the cross
     attention of a beam step takes ~45k exponentials per layer)."""
     var n16 = n - n % V
-    var m = range_max(s, 0, n)
-    var tv = SIMD[F32, V](0)
-    for i in range(0, n16, V):
-        var e = exp(s.unsafe_load[width=V](i) - m)
-        s.unsafe_store(i, e)
-        tv += e
-    var total = tv.reduce_add()
-    for i in range(n16, n):
-        var e = exp(s.unsafe_load(i) - m)
-        s.unsafe_store(i, e)
-        total += e
+    var total = exp_sum[True, False](s, 0, n, range_max(s, 0, n), 0, 0)
     for i in range(0, n16, V):
         s.unsafe_store(i, s.unsafe_load[width=V](i) / total)
     for i in range(n16, n):
